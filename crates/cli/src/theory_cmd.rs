@@ -1,0 +1,254 @@
+//! `rankstab theory`.
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rankstab_theory::{Activation, Init, Loss, OptimizerKind, Reuse, RunOptions, TheoryConfig};
+use std::path::PathBuf;
+
+/// Options of `rankstab theory`. Every option overrides the config file's value.
+#[derive(Args, Debug, Default)]
+#[command(after_help = "\
+Examples:
+  rankstab theory
+      the default: ranks 4..2048, width 4096, SGD and Adam, lora/rslora/constant,
+      coherent and fresh inputs; about 2 minutes on 2 cores
+  rankstab theory --width 512 --ranks 4,8,16,32,64,128 --trials 8 --out runs/w512
+  rankstab theory --optimizers sgd --betas 0.25,0.5,0.75 --dist mean-shift:1
+  rankstab theory --config my.toml --steps 10
+
+Config file (TOML): any field of the run's manifest.json 'config', e.g.
+  width = 1024
+  ranks = [4, 16, 64, 256]
+  optimizers = [\"sgd\", \"adamw\"]
+  dist = \"student-t:6\"
+
+Writes OUT/manifest.json, moments.csv, metrics.csv, summary.csv, fits.json, checks.json.
+Running the same command again resumes an interrupted run.")]
+pub struct TheoryArgs {
+    /// TOML config file (unknown keys are errors).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Adapter ranks.
+    #[arg(long, value_delimiter = ',', value_name = "R,...")]
+    ranks: Option<Vec<usize>>,
+    /// Width d of every layer.
+    #[arg(long, value_name = "N")]
+    width: Option<usize>,
+    /// Number of adapted layers.
+    #[arg(long, value_name = "N")]
+    layers: Option<usize>,
+    /// Non-linearity: identity, relu, gelu.
+    #[arg(long, value_parser = parse_activation)]
+    activation: Option<Activation>,
+    /// RMSNorm before each layer.
+    #[arg(long)]
+    rmsnorm: bool,
+    /// Residual connection around each layer.
+    #[arg(long)]
+    residual: bool,
+    /// Init of A: kaiming-uniform (PEFT default), gaussian, peft-gaussian (std 1/r).
+    #[arg(long, value_parser = parse_init)]
+    init: Option<Init>,
+    /// Scaling numerator alpha.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Optimizers: sgd, sgd-momentum, adam, adamw.
+    #[arg(long, value_delimiter = ',', value_name = "OPT,...")]
+    optimizers: Option<Vec<OptimizerKind>>,
+    /// Scalings: lora, rslora, constant, or numbers (beta).
+    #[arg(long, value_delimiter = ',', conflicts_with = "betas", value_name = "S,...")]
+    scalings: Option<Vec<String>>,
+    /// Scaling exponents beta (gamma_r = alpha r^-beta).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, value_name = "B,...")]
+    betas: Option<Vec<f64>>,
+    /// Input regimes: coherent (one batch reused), fresh (new batch every step).
+    #[arg(long, value_delimiter = ',', value_name = "REGIME,...")]
+    inputs: Option<Vec<Reuse>>,
+    /// Input distribution: gaussian, rademacher, student-t:NU, mean-shift:MU, low-rank:K.
+    #[arg(long)]
+    dist: Option<String>,
+    /// Training batch size.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Held-out batch size.
+    #[arg(long)]
+    heldout: Option<usize>,
+    /// Loss: mse (random linear teacher) or ce (cross-entropy through a readout).
+    #[arg(long, value_parser = parse_loss)]
+    loss: Option<Loss>,
+    /// Optimisation steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Independent trials (seeds) per cell.
+    #[arg(long)]
+    trials: Option<usize>,
+    /// Base seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Moment orders m.
+    #[arg(long, value_delimiter = ',', value_name = "M,...")]
+    moments: Option<Vec<u32>>,
+    /// Learning rate for every optimizer (overrides --lr-sgd and --lr-adam).
+    #[arg(long, allow_hyphen_values = true)]
+    lr: Option<f64>,
+    /// Learning rate of SGD-family optimizers.
+    #[arg(long, allow_hyphen_values = true)]
+    lr_sgd: Option<f64>,
+    /// Learning rate of Adam-family optimizers.
+    #[arg(long, allow_hyphen_values = true)]
+    lr_adam: Option<f64>,
+    /// Weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Tolerance in exponent units for verdicts and agreement.
+    #[arg(long)]
+    tolerance: Option<f64>,
+    /// Also compute ||gamma B A||_F at the last step (costs 2 d r^2 per cell).
+    #[arg(long)]
+    delta_norm: bool,
+    /// Worker threads (default: all cores). Results do not depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Run directory (default runs/theory-<time>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print fits of every step, not only the last.
+    #[arg(long)]
+    all_steps: bool,
+    /// Print fits.json to stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_activation(s: &str) -> Result<Activation, String> {
+    match s {
+        "identity" => Ok(Activation::Identity),
+        "relu" => Ok(Activation::Relu),
+        "gelu" => Ok(Activation::Gelu),
+        _ => Err(format!("unknown activation '{s}' (allowed: identity, relu, gelu)")),
+    }
+}
+
+fn parse_init(s: &str) -> Result<Init, String> {
+    match s {
+        "kaiming-uniform" => Ok(Init::KaimingUniform),
+        "gaussian" => Ok(Init::Gaussian),
+        "peft-gaussian" => Ok(Init::PeftGaussian),
+        _ => Err(format!("unknown init '{s}' (allowed: kaiming-uniform, gaussian, peft-gaussian)")),
+    }
+}
+
+fn parse_loss(s: &str) -> Result<Loss, String> {
+    match s {
+        "mse" => Ok(Loss::Mse),
+        "ce" => Ok(Loss::Ce),
+        _ => Err(format!("unknown loss '{s}' (allowed: mse, ce)")),
+    }
+}
+
+/// The config file (or defaults) with the command-line overrides applied.
+pub fn resolve_config(a: &TheoryArgs) -> Result<TheoryConfig> {
+    let mut c = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
+            TheoryConfig::from_toml(&text).with_context(|| format!("config file {}", p.display()))?
+        }
+        None => TheoryConfig::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
+    }
+    set!(ranks, width, layers, activation, init, alpha, optimizers, scalings, inputs, dist, batch, heldout, loss, steps, trials, seed, moments, lr_sgd, lr_adam, weight_decay, tolerance);
+    if let Some(b) = &a.betas {
+        c.scalings = b.iter().map(|b| b.to_string()).collect();
+    }
+    if let Some(lr) = a.lr {
+        c.lr_sgd = lr;
+        c.lr_adam = lr;
+    }
+    c.rmsnorm |= a.rmsnorm;
+    c.residual |= a.residual;
+    c.delta_norm |= a.delta_norm;
+    c.validate()?;
+    Ok(c)
+}
+
+struct Bar(ProgressBar);
+
+impl rankstab_theory::Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(0);
+    }
+    fn inc(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn message(&self, msg: &str) {
+        tracing::info!("{msg}");
+        self.0.set_message(msg.to_string());
+    }
+}
+
+pub fn run(a: TheoryArgs) -> Result<()> {
+    let cfg = resolve_config(&a)?;
+    if a.threads == Some(0) {
+        bail!("--threads 0 is not allowed: use >= 1");
+    }
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!("theory-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")))
+    });
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} theory [{elapsed_precise}] {bar:30} {pos}/{len} cells ({eta}) {msg}")
+            .expect("valid template"),
+    );
+    let opts = RunOptions { threads: a.threads, git_revision: crate::git_revision(), max_trials_this_run: None };
+    let t0 = std::time::Instant::now();
+    let outcome = rankstab_theory::run(&cfg, &out, &opts, &Bar(pb.clone()))?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&outcome.fits)?);
+        return Ok(());
+    }
+    print_table(&outcome.fits, cfg.steps as u32, a.all_steps);
+    let agree = outcome.fits.iter().filter(|f| f.agrees).count();
+    println!("\n{agree} of {} fits agree with the prediction (tolerance {}).", outcome.fits.len(), cfg.tolerance);
+    if !outcome.checks.is_empty() {
+        let within = outcome.checks.iter().filter(|c| c.within).count();
+        let worst = outcome.checks.iter().map(|c| c.rel_diff.abs()).fold(0.0, f64::max);
+        println!(
+            "Exact first-step SGD moment: Monte Carlo within the 95% interval of the closed form in {within} of {} cells \
+             (largest relative difference {:.1}%).",
+            outcome.checks.len(),
+            100.0 * worst
+        );
+    }
+    println!("Run directory: {} ({:.1} s)", outcome.dir.display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn print_table(fits: &[rankstab_records::Fit], last: u32, all_steps: bool) {
+    println!(
+        "{:<13} {:<9} {:<9} {:<12} {:<12} {:>2} {:>4} {:>7} {:>17} {:>9} {:>10}  {:<10} {}",
+        "optimizer", "scaling", "inputs", "site", "stat", "m", "step", "slope", "95% CI", "predicted", "asymptotic", "verdict", "agrees"
+    );
+    for f in fits.iter().filter(|f| all_steps || f.step == last) {
+        println!(
+            "{:<13} {:<9} {:<9} {:<12} {:<12} {:>2} {:>4} {:>7.3} [{:>7.3},{:>7.3}] {:>9.3} {:>10.3}  {:<10} {}",
+            f.optimizer,
+            f.scaling,
+            f.inputs,
+            if f.layer > 0 { format!("{}@{}", f.site, f.layer) } else { f.site.clone() },
+            f.stat,
+            f.m,
+            f.step,
+            f.slope,
+            f.ci_low,
+            f.ci_high,
+            f.predicted,
+            f.asymptotic,
+            f.verdict,
+            if f.agrees { "yes" } else { "NO" }
+        );
+    }
+}

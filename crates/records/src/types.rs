@@ -1,0 +1,219 @@
+//! The record types. Column and field names follow the project's axis names: rank, alpha,
+//! beta, scaling, optimizer, width, step, seed, layer, module, site, stat, m.
+use serde::{Deserialize, Serialize};
+
+/// State of a run directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Work in progress (or killed: the run resumes when the command is run again).
+    #[default]
+    Running,
+    /// Every unit of work finished and the outputs are final.
+    Complete,
+}
+
+/// `manifest.json`: everything needed to reproduce and to trust a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`crate::SCHEMA_VERSION`] at write time.
+    pub schema_version: u32,
+    /// Always "rankstab".
+    pub tool: String,
+    /// Version of the rankstab that wrote the run.
+    pub tool_version: String,
+    /// `git rev-parse HEAD` of the source tree, when known.
+    pub git_revision: Option<String>,
+    /// Which tool produced the run: "theory", "train", ...
+    pub command: String,
+    /// The full, resolved configuration (every default filled in).
+    pub config: serde_json::Value,
+    /// Seeds used (one per trial or cell).
+    pub seeds: Vec<u64>,
+    /// Device description, e.g. "cpu (2 threads)".
+    pub device: String,
+    /// Creation time, RFC 3339 UTC.
+    pub created: String,
+    /// Completion time, RFC 3339 UTC, once complete.
+    pub finished: Option<String>,
+    /// Running or complete.
+    pub status: RunStatus,
+}
+
+/// One row of `moments.csv` (long format: one measured number per row).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct MomentRow {
+    /// "theory" (synthetic network) or "train" (real model).
+    pub source: String,
+    /// Model name ("synthetic" for the checker).
+    pub model: String,
+    /// Adapted module ("adapter" in the checker; "q_proj", "fc_in", ... in models).
+    pub module: String,
+    /// Layer index, 0-based.
+    pub layer: u32,
+    /// Adapter rank r.
+    pub rank: u32,
+    /// Scaling numerator alpha.
+    pub alpha: f64,
+    /// Scaling name: lora, rslora, constant or `beta=<b>`.
+    pub scaling: String,
+    /// Scaling exponent: gamma_r = alpha * r^-beta.
+    pub beta: f64,
+    /// Optimizer: sgd, sgd-momentum, adam, adamw.
+    pub optimizer: String,
+    /// Input regime: "coherent" (one batch reused) or "fresh" (new batch per step); data
+    /// set name for training runs.
+    pub inputs: String,
+    /// Input distribution (gaussian, rademacher, student-t(5), ...); "text" for training.
+    pub dist: String,
+    /// Model width d.
+    pub width: u32,
+    /// Seed of the trial or run.
+    pub seed: u64,
+    /// Optimisation step; 0 is initialisation.
+    pub step: u32,
+    /// fwd (adapter output on the training batch), fwd_heldout, bwd (gradient into the
+    /// adapter input through the adapter), grad_out (loss gradient at the adapter output),
+    /// param (norms).
+    pub site: String,
+    /// abs (E|x|^m), raw (E x^m), grad_norm_a, grad_norm_b, delta_norm, closed_form.
+    pub stat: String,
+    /// Moment order m; empty for norms.
+    pub m: Option<u32>,
+    /// The measured value.
+    pub value: f64,
+}
+
+/// One row of `metrics.csv`: per-step scalar metrics (loss, perplexity, lr, timings).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct MetricRow {
+    /// "theory" or "train".
+    pub source: String,
+    /// Model name.
+    pub model: String,
+    /// Adapter rank.
+    pub rank: u32,
+    /// Scaling name.
+    pub scaling: String,
+    /// Scaling exponent.
+    pub beta: f64,
+    /// Optimizer name.
+    pub optimizer: String,
+    /// Input regime or data set.
+    pub inputs: String,
+    /// Seed.
+    pub seed: u64,
+    /// Optimisation step.
+    pub step: u32,
+    /// Metric name: loss, heldout_loss, perplexity, lr, seconds, ...
+    pub metric: String,
+    /// Value.
+    pub value: f64,
+}
+
+/// JSON has no NaN: `serde_json` writes it as `null`; read `null` back as NaN.
+pub mod nan_as_null {
+    use serde::{Deserialize, Deserializer};
+    /// Deserialises a number or `null` (NaN).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
+/// One fitted rank exponent (an element of `fits.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Fit {
+    /// "theory" or "train".
+    pub source: String,
+    /// Model name.
+    pub model: String,
+    /// Module name.
+    pub module: String,
+    /// Layer index.
+    pub layer: u32,
+    /// Optimizer.
+    pub optimizer: String,
+    /// Scaling name.
+    pub scaling: String,
+    /// Scaling exponent.
+    pub beta: f64,
+    /// Input regime.
+    pub inputs: String,
+    /// Input distribution.
+    pub dist: String,
+    /// Site (fwd, fwd_heldout, bwd, param).
+    pub site: String,
+    /// Statistic (abs, grad_norm_a, ...).
+    pub stat: String,
+    /// Moment order (1 for norms).
+    pub m: u32,
+    /// Step.
+    pub step: u32,
+    /// Ranks used in the fit.
+    pub ranks: Vec<u32>,
+    /// Independent trials (seeds) behind each point.
+    pub trials: u32,
+    /// Least-squares slope of log(statistic) against log(rank).
+    #[serde(deserialize_with = "nan_as_null::deserialize")]
+    pub slope: f64,
+    /// Standard error of the slope.
+    #[serde(deserialize_with = "nan_as_null::deserialize")]
+    pub se: f64,
+    /// Lower end of the 95% confidence interval.
+    #[serde(deserialize_with = "nan_as_null::deserialize")]
+    pub ci_low: f64,
+    /// Upper end of the 95% confidence interval.
+    #[serde(deserialize_with = "nan_as_null::deserialize")]
+    pub ci_high: f64,
+    /// Predicted slope over the same ranks (finite-rank law, see proofs/).
+    #[serde(deserialize_with = "nan_as_null::deserialize")]
+    pub predicted: f64,
+    /// Limit of the prediction for large rank with coherent inputs: the paper's law.
+    #[serde(deserialize_with = "nan_as_null::deserialize")]
+    pub asymptotic: f64,
+    /// "coherent" or "incoherent": which term of the prediction dominates at the top rank.
+    pub regime: String,
+    /// stable, collapsing, exploding (from the fitted slope), or diverged.
+    pub verdict: String,
+    /// Verdict implied by the predicted slope.
+    pub predicted_verdict: String,
+    /// Whether the prediction lies within the interval widened by the tolerance.
+    pub agrees: bool,
+}
+
+/// One row of `summary.csv`: a statistic of one cell aggregated over trials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SummaryRow {
+    /// "theory" or "train".
+    pub source: String,
+    /// Optimizer.
+    pub optimizer: String,
+    /// Scaling name.
+    pub scaling: String,
+    /// Scaling exponent.
+    pub beta: f64,
+    /// Input regime.
+    pub inputs: String,
+    /// Layer.
+    pub layer: u32,
+    /// Rank.
+    pub rank: u32,
+    /// Step.
+    pub step: u32,
+    /// Site.
+    pub site: String,
+    /// Statistic.
+    pub stat: String,
+    /// Moment order; empty for norms.
+    pub m: Option<u32>,
+    /// Number of trials.
+    pub trials: u32,
+    /// Mean over trials.
+    pub mean: f64,
+    /// Standard error of the mean.
+    pub se: f64,
+    /// 95% t-interval, lower end.
+    pub ci_low: f64,
+    /// 95% t-interval, upper end.
+    pub ci_high: f64,
+}

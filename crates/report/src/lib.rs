@@ -1,0 +1,1 @@
+//! Reads run directories and writes theory-versus-observation reports (later issue).

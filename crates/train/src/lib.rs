@@ -1,0 +1,30 @@
+//! Training of Llama 2 / GPT-J architectures with LoRA / rsLoRA adapters on libtorch.
+//!
+//! This crate is filled by the training issues; for now it proves that the workspace builds
+//! and links against the libtorch installed by `scripts/setup.sh`.
+
+/// The libtorch device tch would use by default on this machine, as a string.
+///
+/// ```
+/// let d = rankstab_train::default_device_name();
+/// assert!(d == "cpu" || d.starts_with("cuda"));
+/// ```
+pub fn default_device_name() -> String {
+    match tch::Device::cuda_if_available() {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A small matmul through libtorch, checked against a closed form: proves tch links and
+    /// runs (the rpath from build.rs finds libtorch_cpu.so).
+    #[test]
+    fn libtorch_matmul_runs() {
+        let a = tch::Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]);
+        let b = a.matmul(&a);
+        let v: Vec<f32> = Vec::<f32>::try_from(b.flatten(0, 1)).expect("f32 tensor");
+        assert_eq!(v, vec![7., 10., 15., 22.]);
+    }
+}
