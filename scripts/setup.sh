@@ -41,7 +41,7 @@ else
   rm -rf "$LT.tmp" && mkdir -p "$DEPS"
   # The wheel is tagged per Python version, its libtorch is not: ask for the cp311 wheel
   # whatever Python this machine has, so the hashes hold everywhere.
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --require-hashes \
     --only-binary=:all: --implementation cp --python-version 3.11 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_25_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -61,7 +61,7 @@ if ((want_python)); then
     log "python packages already installed in .deps/python"
   else
     log "installing pinned python packages into .deps/python"
-    rm -rf "$PY" && python3 -m pip install --quiet --disable-pip-version-check --target "$PY" -r "$PYREQS"
+    rm -rf "$PY" && python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$PY" -r "$PYREQS"
     echo "$pysum" > "$PY/.installed"
   fi
 fi

@@ -209,76 +209,10 @@ pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Pro
     let budget = opts.max_trials_this_run.unwrap_or(usize::MAX);
     let todo: Vec<usize> = todo.into_iter().take(budget).collect();
     progress.start((todo.len() * cell_list.len()) as u64);
-    let need_fresh = cfg.inputs.contains(&crate::config::Reuse::Fresh);
     let mut trials_run = 0;
     for &trial in &todo {
         progress.message(&format!("trial {}/{}", trial + 1, cfg.trials));
-        let (rows, mrows) = pool.install(|| -> (Vec<MomentRow>, Vec<MetricRow>) {
-            let data = TrialData::draw(cfg, dist, trial, need_fresh);
-            let prep = prepare(cfg, &data);
-            // Largest ranks first so the two workers finish together.
-            let mut order: Vec<usize> = (0..cell_list.len()).collect();
-            order.sort_by_key(|&i| std::cmp::Reverse(cell_list[i].rank));
-            let mut results: Vec<(usize, crate::sim::CellResult)> = order
-                .par_iter()
-                .map(|&i| {
-                    let r = run_cell(cfg, &data, &prep, &cell_list[i]);
-                    progress.inc(1);
-                    (i, r)
-                })
-                .collect();
-            results.sort_by_key(|(i, _)| *i);
-            let mut rows = Vec::new();
-            let mut mrows = Vec::new();
-            for (i, res) in &results {
-                let c = &cell_list[*i];
-                let base = MomentRow {
-                    source: "theory".into(),
-                    model: "synthetic".into(),
-                    module: "adapter".into(),
-                    rank: c.rank as u32,
-                    alpha: cfg.alpha,
-                    scaling: c.scaling.clone(),
-                    beta: c.beta,
-                    optimizer: c.opt.name().into(),
-                    inputs: c.reuse.name().into(),
-                    dist: dist.to_string(),
-                    width: cfg.width as u32,
-                    seed: data.seed,
-                    ..Default::default()
-                };
-                for o in &res.obs {
-                    rows.push(MomentRow {
-                        layer: o.layer,
-                        step: o.step,
-                        site: o.site.name().into(),
-                        stat: o.stat.into(),
-                        m: o.m,
-                        value: o.value,
-                        ..base.clone()
-                    });
-                }
-                for &(step, loss, loss_h) in &res.losses {
-                    for (metric, value) in [("loss", loss), ("heldout_loss", loss_h)] {
-                        mrows.push(MetricRow {
-                            source: "theory".into(),
-                            model: "synthetic".into(),
-                            rank: c.rank as u32,
-                            scaling: c.scaling.clone(),
-                            beta: c.beta,
-                            optimizer: c.opt.name().into(),
-                            inputs: c.reuse.name().into(),
-                            seed: data.seed,
-                            step,
-                            metric: metric.into(),
-                            value,
-                        });
-                    }
-                }
-            }
-            rows.extend(coefficient_rows(cfg, &data, &prep, &cell_list, &dist.to_string()));
-            (rows, mrows)
-        });
+        let (rows, mrows) = pool.install(|| trial_rows_inner(cfg, dist, &cell_list, trial, progress));
         moments.append(&rows)?;
         metrics.append(&mrows)?;
         state.done.push(trial);
@@ -313,6 +247,104 @@ pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Pro
     Ok(RunOutcome { dir: out.to_path_buf(), fits, checks, trials_run, complete })
 }
 
+/// Computes one trial: every cell's moment rows and metric rows, plus the exact first-step
+/// coefficients and closed forms. Pure computation (no I/O); runs on the current rayon pool
+/// and gives bit-identical results whatever its size.
+///
+/// # Errors
+/// An invalid configuration.
+///
+/// ```
+/// let cfg = rankstab_theory::TheoryConfig { width: 32, ranks: vec![2, 4], trials: 1, ..Default::default() };
+/// let (moments, metrics) = rankstab_theory::trial_rows(&cfg, 0).unwrap();
+/// assert!(moments.iter().any(|r| r.site == "fwd" && r.step == 1 && r.value > 0.0));
+/// assert!(metrics.iter().any(|r| r.metric == "loss"));
+/// ```
+pub fn trial_rows(cfg: &TheoryConfig, trial: usize) -> Result<(Vec<MomentRow>, Vec<MetricRow>), TheoryError> {
+    cfg.validate()?;
+    let dist = cfg.input_dist()?;
+    let cell_list = cells(cfg)?;
+    Ok(trial_rows_inner(cfg, dist, &cell_list, trial, &NoProgress))
+}
+
+fn trial_rows_inner(
+    cfg: &TheoryConfig,
+    dist: crate::config::InputDist,
+    cell_list: &[CellSpec],
+    trial: usize,
+    progress: &dyn Progress,
+) -> (Vec<MomentRow>, Vec<MetricRow>) {
+    let need_fresh = cfg.inputs.contains(&crate::config::Reuse::Fresh);
+    let t0 = std::time::Instant::now();
+    let data = TrialData::draw(cfg, dist, trial, need_fresh);
+    let prep = prepare(cfg, &data);
+    tracing::debug!("trial {trial}: data drawn in {:.2} s", t0.elapsed().as_secs_f64());
+    let t0 = std::time::Instant::now();
+    // Largest ranks first so the workers finish together.
+    let mut order: Vec<usize> = (0..cell_list.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(cell_list[i].rank));
+    let mut results: Vec<(usize, crate::sim::CellResult)> = order
+        .par_iter()
+        .map(|&i| {
+            let r = run_cell(cfg, &data, &prep, &cell_list[i]);
+            progress.inc(1);
+            (i, r)
+        })
+        .collect();
+    results.sort_by_key(|(i, _)| *i);
+    tracing::debug!("trial {trial}: cells in {:.2} s", t0.elapsed().as_secs_f64());
+    let mut rows = Vec::new();
+    let mut mrows = Vec::new();
+    for (i, res) in &results {
+        let c = &cell_list[*i];
+        let base = MomentRow {
+            source: "theory".into(),
+            model: "synthetic".into(),
+            module: "adapter".into(),
+            rank: c.rank as u32,
+            alpha: cfg.alpha,
+            scaling: c.scaling.clone(),
+            beta: c.beta,
+            optimizer: c.opt.name().into(),
+            inputs: c.reuse.name().into(),
+            dist: dist.to_string(),
+            width: cfg.width as u32,
+            seed: data.seed,
+            ..Default::default()
+        };
+        for o in &res.obs {
+            rows.push(MomentRow {
+                layer: o.layer,
+                step: o.step,
+                site: o.site.name().into(),
+                stat: o.stat.into(),
+                m: o.m,
+                value: o.value,
+                ..base.clone()
+            });
+        }
+        for &(step, loss, loss_h) in &res.losses {
+            for (metric, value) in [("loss", loss), ("heldout_loss", loss_h)] {
+                mrows.push(MetricRow {
+                    source: "theory".into(),
+                    model: "synthetic".into(),
+                    rank: c.rank as u32,
+                    scaling: c.scaling.clone(),
+                    beta: c.beta,
+                    optimizer: c.opt.name().into(),
+                    inputs: c.reuse.name().into(),
+                    seed: data.seed,
+                    step,
+                    metric: metric.into(),
+                    value,
+                });
+            }
+        }
+    }
+    rows.extend(coefficient_rows(cfg, &data, &prep, cell_list, &dist.to_string()));
+    (rows, mrows)
+}
+
 /// Rows with the exact first-step coefficients (per regime, layer, site) and the closed-form
 /// first-step SGD second moment of every SGD-family cell at layer 0.
 fn coefficient_rows(
@@ -323,17 +355,19 @@ fn coefficient_rows(
     dist: &str,
 ) -> Vec<MomentRow> {
     let mut rows = Vec::new();
-    let heldout_idx = data.batches.len();
-    let (u_train, v_train) = frozen_pass(cfg, data, prep, 0, true);
+    let n = prep.n_train;
+    let (u_stack0, v_train) = frozen_pass(cfg, data, prep, 0);
     for &reuse in &cfg.inputs {
-        let fwd_idx = match reuse {
-            crate::config::Reuse::Coherent => 0,
-            crate::config::Reuse::Fresh => 1,
+        // The training rows the adapter is evaluated on at step 1, and the held-out rows.
+        let fwd_u = match reuse {
+            crate::config::Reuse::Coherent => u_stack0.clone(),
+            crate::config::Reuse::Fresh => frozen_pass(cfg, data, prep, 1).0,
         };
-        for (site, idx) in [("fwd", fwd_idx), ("fwd_heldout", heldout_idx)] {
-            let (u_test, _) = frozen_pass(cfg, data, prep, idx, false);
+        for (site, stack, rows_range) in [("fwd", &fwd_u, 0..n), ("fwd_heldout", &u_stack0, n..u_stack0[0].nrows())] {
             for l in 0..cfg.layers {
-                let c = Coefficients::new(&u_train[l], &v_train[l], &u_test[l], cfg.init.kurtosis());
+                let u_train = u_stack0[l].slice(ndarray::s![..n, ..]).to_owned();
+                let u_test = stack[l].slice(ndarray::s![rows_range.clone(), ..]).to_owned();
+                let c = Coefficients::new(&u_train, &v_train[l], &u_test, cfg.init.kurtosis());
                 let base = MomentRow {
                     source: "theory".into(),
                     model: "synthetic".into(),

@@ -5,6 +5,7 @@
 //! are written out by hand (the network is small and the point is to see every term).
 use crate::config::{Activation, Init, Loss, OptimizerKind, Reuse, TheoryConfig};
 use crate::data::TrialData;
+use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 
 const RMS_EPS: f32 = 1e-6;
@@ -69,14 +70,19 @@ pub struct CellSpec {
     pub rank: usize,
 }
 
-/// Per-trial values shared by every cell: layer-0 inputs and frozen outputs for each batch,
-/// and the targets.
+/// Per-trial values shared by every cell. Each training batch is stacked with the held-out
+/// batch ([train; heldout], so one pass over A and B serves both); for each stack: the
+/// layer-0 adapter input u_0, the frozen layer-0 output u_0 W_0^T, and the targets.
 pub(crate) struct Prepared {
-    /// Layer-0 adapter input u_0 per batch (training batches, then held-out last).
+    /// Rows of the training batch at the top of every stack.
+    pub n_train: usize,
+    /// Stacked network inputs per training batch.
+    pub x: Vec<Array2<f32>>,
+    /// Stacked layer-0 adapter inputs per training batch.
     pub u0: Vec<Array2<f32>>,
-    /// Frozen layer-0 output u_0 W_0^T per batch.
+    /// Stacked frozen layer-0 outputs per training batch.
     pub base0: Vec<Array2<f32>>,
-    /// Targets per batch: MSE targets (n x d) or CE labels.
+    /// Targets of each stack (training rows, then held-out rows).
     pub targets: Vec<Target>,
 }
 
@@ -134,14 +140,13 @@ fn act_grad(a: Activation, z: f32) -> f32 {
 
 /// Prepares the cell-independent per-batch values of a trial.
 pub(crate) fn prepare(cfg: &TheoryConfig, data: &TrialData) -> Prepared {
-    let mut u0 = Vec::new();
-    let mut base0 = Vec::new();
-    let mut targets = Vec::new();
-    for x in data.batches.iter().chain(std::iter::once(&data.heldout)) {
-        let u = if cfg.rmsnorm { rmsnorm(x).0 } else { x.clone() };
-        base0.push(u.dot(&data.weights[0].t()));
-        u0.push(u);
-        targets.push(match cfg.loss {
+    let mut out = Prepared { n_train: cfg.batch, x: Vec::new(), u0: Vec::new(), base0: Vec::new(), targets: Vec::new() };
+    for batch in &data.batches {
+        let x = ndarray::concatenate(Axis(0), &[batch.view(), data.heldout.view()]).expect("same width");
+        let u = if cfg.rmsnorm { rmsnorm(&x).0 } else { x.clone() };
+        out.base0.push(u.dot(&data.weights[0].t()));
+        out.u0.push(u);
+        out.targets.push(match cfg.loss {
             Loss::Mse => Target::Mse(x.dot(&data.teacher.t())),
             Loss::Ce => {
                 let scores = x.dot(&data.teacher.t());
@@ -158,8 +163,9 @@ pub(crate) fn prepare(cfg: &TheoryConfig, data: &TrialData) -> Prepared {
                 )
             }
         });
+        out.x.push(x);
     }
-    Prepared { u0, base0, targets }
+    out
 }
 
 enum OptState {
@@ -169,12 +175,21 @@ enum OptState {
 }
 
 impl OptState {
-    fn new(opt: OptimizerKind, shape: (usize, usize)) -> Self {
+    fn new(opt: OptimizerKind, (r, c): (usize, usize)) -> Self {
         match opt {
             OptimizerKind::Sgd => OptState::Plain,
-            OptimizerKind::SgdMomentum => OptState::Momentum(Array2::zeros(shape)),
-            OptimizerKind::Adam | OptimizerKind::Adamw => {
-                OptState::Adam { m: Array2::zeros(shape), v: Array2::zeros(shape) }
+            OptimizerKind::SgdMomentum => OptState::Momentum(pool::zeros(r, c)),
+            OptimizerKind::Adam | OptimizerKind::Adamw => OptState::Adam { m: pool::zeros(r, c), v: pool::zeros(r, c) },
+        }
+    }
+
+    fn release(self) {
+        match self {
+            OptState::Plain => {}
+            OptState::Momentum(b) => pool::give(b),
+            OptState::Adam { m, v } => {
+                pool::give(m);
+                pool::give(v);
             }
         }
     }
@@ -191,56 +206,174 @@ struct Hyper {
     wd: f32,
 }
 
-/// One optimizer step on `p` (t counts from 1).
-fn update(h: &Hyper, state: &mut OptState, p: &mut Array2<f32>, g: &Array2<f32>, t: i32) {
-    match state {
-        OptState::Plain => Zip::from(p).and(g).for_each(|p, &g| *p -= h.lr * g),
-        OptState::Momentum(buf) => Zip::from(p).and(buf).and(g).for_each(|p, b, &g| {
-            // PyTorch: the first step initialises the buffer with the gradient.
-            *b = if t == 1 { g } else { h.momentum * *b + g };
-            *p -= h.lr * *b;
-        }),
-        OptState::Adam { m, v } => {
+/// One fused pass over an adapter matrix `p` (R x C): the backward product through it and,
+/// optionally, its optimizer step.
+///
+/// * returns `back = coef p` (N x C) with the old `p` (the gradient flowing through it);
+/// * if `step` is given, updates `p` with the gradient `coef^T q` (q: N x C) by `state`.
+///
+/// For B (d x r): coef = v, q = gamma A u, back = v B. For A (r x d): coef = gamma v B,
+/// q = u, back = (gamma v B) A. The gradient is formed one row at a time inside the update
+/// and never stored: the checker is bound by memory traffic, and one read and one write of
+/// each matrix per step is the least it can do.
+fn fused_pass(
+    p: &mut Array2<f32>,
+    coef: ArrayView2<f32>,
+    q: ArrayView2<f32>,
+    step: Option<(&Hyper, &mut OptState, i32)>,
+) -> Array2<f32> {
+    /// Rows of `p` per block: a block and its gradient stay in L2 between the two products
+    /// and the update.
+    const BLOCK: usize = 32;
+    let (rows, cols) = p.dim();
+    let n = coef.nrows();
+    let mut back = Array2::<f32>::zeros((n, cols));
+    let (h, mut state, t) = match step {
+        Some((h, st, t)) => (Some(h), Some(st), t),
+        None => (None, None, 0),
+    };
+    let first = t == 1;
+    // From a zero state a zero gradient changes nothing (unless weight decay acts).
+    let skip_update = h.is_none_or(|h| first && coef.iter().all(|&v| v == 0.0) && (h.wd == 0.0 || !h.opt.is_adaptive()));
+    let (adam_step, bc2_sqrt) = match h {
+        Some(h) => {
             let bc1 = 1.0 - (h.beta1 as f64).powi(t);
             let bc2 = 1.0 - (h.beta2 as f64).powi(t);
-            let step = (h.lr as f64 / bc1) as f32;
-            let bc2_sqrt = bc2.sqrt() as f32;
-            let decoupled = h.opt == OptimizerKind::Adamw;
-            Zip::from(p).and(m).and(v).and(g).for_each(|p, m, v, &g| {
-                let g = if decoupled { g } else { g + h.wd * *p };
-                if decoupled {
-                    *p *= 1.0 - h.lr * h.wd;
-                }
-                *m = h.beta1 * *m + (1.0 - h.beta1) * g;
-                *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;
-                *p -= step * *m / (v.sqrt() / bc2_sqrt + h.eps);
-            });
+            ((h.lr as f64 / bc1) as f32, bc2.sqrt() as f32)
+        }
+        None => (0.0, 1.0),
+    };
+    let mut gbuf = if skip_update { Array2::zeros((0, cols)) } else { Array2::<f32>::zeros((BLOCK, cols)) };
+    for i0 in (0..rows).step_by(BLOCK) {
+        let i1 = (i0 + BLOCK).min(rows);
+        let cblk = coef.slice(s![.., i0..i1]);
+        general_mat_mul(1.0, &cblk, &p.slice(s![i0..i1, ..]), 1.0, &mut back);
+        if skip_update {
+            continue;
+        }
+        let (Some(h), Some(state)) = (h, state.as_deref_mut()) else { continue };
+        let mut g = gbuf.slice_mut(s![..i1 - i0, ..]);
+        general_mat_mul(1.0, &cblk.t(), &q, 0.0, &mut g);
+        let pblk = p.slice_mut(s![i0..i1, ..]);
+        match state {
+            OptState::Plain => Zip::from(pblk).and(&g).for_each(|pj, &gj| *pj -= h.lr * gj),
+            OptState::Momentum(buf) => {
+                Zip::from(pblk).and(buf.slice_mut(s![i0..i1, ..])).and(&g).for_each(|pj, bj, &gj| {
+                    // PyTorch: the first step initialises the buffer with the gradient.
+                    *bj = if first { gj } else { h.momentum * *bj + gj };
+                    *pj -= h.lr * *bj;
+                })
+            }
+            OptState::Adam { m, v } => {
+                let decoupled = h.opt == OptimizerKind::Adamw;
+                Zip::from(pblk)
+                    .and(m.slice_mut(s![i0..i1, ..]))
+                    .and(v.slice_mut(s![i0..i1, ..]))
+                    .and(&g)
+                    .for_each(|pj, mj, vj, &gj| {
+                        let gj = if decoupled { gj } else { gj + h.wd * *pj };
+                        if decoupled {
+                            *pj *= 1.0 - h.lr * h.wd;
+                        }
+                        *mj = h.beta1 * *mj + (1.0 - h.beta1) * gj;
+                        *vj = h.beta2 * *vj + (1.0 - h.beta2) * gj * gj;
+                        *pj -= adam_step * *mj / (vj.sqrt() / bc2_sqrt + h.eps);
+                    })
+            }
         }
     }
+    back
 }
 
-/// Absolute and raw moments of order 1..=max_m of the entries of `y` (f64 accumulation).
+/// Absolute and raw moments of order 1..=max_m (max_m <= 8) of the entries of `y`,
+/// accumulated in f64.
+///
+/// ```
+/// let y = ndarray::array![[1.0f32, -2.0], [0.0, 3.0]];
+/// let (abs, raw) = rankstab_theory::sim::moments(y.view(), 3);
+/// assert_eq!(abs, vec![1.5, 3.5, 9.0]);
+/// assert_eq!(raw, vec![0.5, 3.5, 5.0]);
+/// ```
 pub fn moments(y: ArrayView2<f32>, max_m: u32) -> (Vec<f64>, Vec<f64>) {
-    let mut abs = vec![0.0f64; max_m as usize];
-    let mut raw = vec![0.0f64; max_m as usize];
-    for &v in y.iter() {
-        let a = (v as f64).abs();
-        let neg = v < 0.0;
-        let mut p = a;
-        for k in 0..max_m as usize {
-            abs[k] += p;
-            raw[k] += if neg && k % 2 == 0 { -p } else { p };
-            p *= a;
+    fn acc<const M: usize>(y: ArrayView2<f32>) -> ([f64; M], [f64; M]) {
+        let mut abs = [0.0f64; M];
+        let mut raw = [0.0f64; M];
+        for &v in y.iter() {
+            let v = v as f64;
+            let a = v.abs();
+            // p = |v|^m, q = v |v|^(m-1): raw moments are p for even m, q for odd m.
+            let (mut p, mut q) = (a, v);
+            for k in 0..M {
+                abs[k] += p;
+                raw[k] += if k % 2 == 1 { p } else { q };
+                p *= a;
+                q *= a;
+            }
         }
+        (abs, raw)
     }
     let n = y.len().max(1) as f64;
-    abs.iter_mut().for_each(|v| *v /= n);
-    raw.iter_mut().for_each(|v| *v /= n);
-    (abs, raw)
+    let (abs, raw): (Vec<f64>, Vec<f64>) = if max_m <= 4 {
+        let (a, r) = acc::<4>(y);
+        (a.to_vec(), r.to_vec())
+    } else {
+        let (a, r) = acc::<8>(y);
+        (a.to_vec(), r.to_vec())
+    };
+    let k = max_m as usize;
+    (abs[..k].iter().map(|v| v / n).collect(), raw[..k].iter().map(|v| v / n).collect())
 }
 
-fn fro(a: &Array2<f32>) -> f64 {
-    a.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+/// Per-thread pool of large buffers: a cell's matrices (up to rank x width each) are taken
+/// from it and given back, so the kernel is not asked to map and zero fresh pages for every
+/// cell (that cost more than the arithmetic).
+mod pool {
+    use ndarray::Array2;
+    use std::cell::RefCell;
+
+    thread_local! {
+        static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A zeroed rows x cols matrix.
+    pub fn zeros(rows: usize, cols: usize) -> Array2<f32> {
+        let len = rows * cols;
+        let mut buf = POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let best = p
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i);
+            best.map(|i| p.swap_remove(i)).unwrap_or_default()
+        });
+        buf.clear();
+        buf.resize(len, 0.0);
+        Array2::from_shape_vec((rows, cols), buf).expect("length matches shape")
+    }
+
+    /// Returns a matrix's buffer to the pool.
+    pub fn give(a: Array2<f32>) {
+        let (v, _) = a.into_raw_vec_and_offset();
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            p.push(v);
+            if p.len() > 16 {
+                // keep the largest
+                p.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+                p.truncate(16);
+            }
+        });
+    }
+}
+
+/// Frobenius norm squared of sum_n p_n q_n^T from the Gram matrices of P and Q (rows are
+/// examples): sum over (n, n') of (p_n . p_n')(q_n . q_n'). Costs N^2 (d + r), not d r.
+fn outer_sum_norm_sq(p: ArrayView2<f32>, q: ArrayView2<f32>) -> f64 {
+    let gp = p.dot(&p.t());
+    let gq = q.dot(&q.t());
+    Zip::from(&gp).and(&gq).fold(0.0f64, |acc, &a, &b| acc + (a as f64) * (b as f64))
 }
 
 struct Layer {
@@ -274,9 +407,10 @@ struct Net<'a> {
 }
 
 impl Net<'_> {
+    /// Forward pass of stack `idx` ([train; heldout]) through every layer.
     fn forward(&self, layers: &[Layer], idx: usize) -> (Array2<f32>, Vec<Cache>) {
         let mut caches = Vec::with_capacity(layers.len());
-        let mut h = if idx < self.data.batches.len() { self.data.batches[idx].clone() } else { self.data.heldout.clone() };
+        let mut h = self.prep.x[idx].clone();
         for (l, layer) in layers.iter().enumerate() {
             let (u, rms, base) = if l == 0 {
                 (self.prep.u0[idx].clone(), None, self.prep.base0[idx].clone())
@@ -290,24 +424,32 @@ impl Net<'_> {
                 let base = u.dot(&self.data.weights[l].t());
                 (u, rms, base)
             };
-            let ax = u.dot(&layer.a.t());
-            let mut ad = ax.dot(&layer.b.t());
-            ad.mapv_inplace(|v| v * self.gamma);
+            let mut ax = u.dot(&layer.a.t());
+            // gamma folded into the small factor: ad = (gamma ax) B^T.
+            let gax = ax.mapv(|v| v * self.gamma);
+            let ad = gax.dot(&layer.b.t());
+            ax.assign(&gax);
             let z = &base + &ad;
-            let a = z.mapv(|v| act(self.cfg.activation, v));
-            let next = if self.cfg.residual { &h + &a } else { a };
+            let a = if self.cfg.activation == Activation::Identity {
+                z.clone()
+            } else {
+                z.mapv(|v| act(self.cfg.activation, v))
+            };
+            let next = if self.cfg.residual { h + &a } else { a };
             caches.push(Cache { u, rms, ax, ad, z });
             h = next;
         }
         (h, caches)
     }
 
-    /// Loss and its gradient with respect to the network output.
-    fn loss(&self, f: &Array2<f32>, idx: usize) -> (f64, Array2<f32>) {
-        let n = f.nrows() as f32;
+    /// Loss of `rows` of stack `idx` and its gradient with respect to those rows of the
+    /// output (mean over the rows).
+    fn loss(&self, f: ArrayView2<f32>, idx: usize, rows: std::ops::Range<usize>) -> (f64, Array2<f32>) {
+        let n = rows.len() as f32;
+        let f = f.slice(s![rows.clone(), ..]);
         match &self.prep.targets[idx] {
             Target::Mse(t) => {
-                let diff = f - t;
+                let diff = &f - &t.slice(s![rows, ..]);
                 let loss = diff.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / (2.0 * n as f64);
                 (loss, diff / n)
             }
@@ -315,7 +457,7 @@ impl Net<'_> {
                 let r = self.data.readout.as_ref().expect("readout drawn for cross-entropy");
                 let mut logits = f.dot(&r.t());
                 let mut loss = 0.0f64;
-                for (mut row, &y) in logits.axis_iter_mut(Axis(0)).zip(labels) {
+                for (mut row, &y) in logits.axis_iter_mut(Axis(0)).zip(&labels[rows]) {
                     let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     row.mapv_inplace(|v| (v - mx).exp());
                     let s: f32 = row.sum();
@@ -342,11 +484,15 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
     let mut layers: Vec<Layer> = data
         .adapters
         .iter()
-        .map(|a_max| Layer {
-            a: a_max.slice(s![..r, ..]).mapv(|v| v * std_scale),
-            b: Array2::zeros((d, r)),
-            sa: OptState::new(cell.opt, (r, d)),
-            sb: OptState::new(cell.opt, (d, r)),
+        .map(|a_max| {
+            let mut a = pool::zeros(r, d);
+            Zip::from(&mut a).and(&a_max.slice(s![..r, ..])).for_each(|x, &y| *x = y * std_scale);
+            Layer {
+                a,
+                b: pool::zeros(d, r),
+                sa: OptState::new(cell.opt, (r, d)),
+                sb: OptState::new(cell.opt, (d, r)),
+            }
         })
         .collect();
     let hyper = Hyper {
@@ -360,7 +506,8 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
     };
     let net = Net { cfg, data, prep, gamma };
     let max_m = cfg.moments.iter().copied().max().unwrap_or(1);
-    let heldout_idx = data.batches.len();
+    let n = prep.n_train;
+    let total = prep.x[0].nrows();
     let mut obs = Vec::new();
     let mut losses = Vec::new();
     let push_moments = |obs: &mut Vec<Obs>, l: usize, t: usize, site: Site, y: ArrayView2<f32>, raw_too: bool| {
@@ -379,32 +526,32 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
             Reuse::Fresh => t,
         };
         let (f, caches) = net.forward(&layers, idx);
-        let (loss, mut dh) = net.loss(&f, idx);
-        let (fh, caches_h) = net.forward(&layers, heldout_idx);
-        let (loss_h, _) = net.loss(&fh, heldout_idx);
+        let (loss, mut dh) = net.loss(f.view(), idx, 0..n);
+        let (loss_h, _) = net.loss(f.view(), idx, n..total);
         losses.push((t as u32, loss, loss_h));
-        let mut grads: Vec<(Array2<f32>, Array2<f32>)> = Vec::with_capacity(layers.len());
         for l in (0..layers.len()).rev() {
             let c = &caches[l];
-            let layer = &layers[l];
             let mut v = dh.clone();
             if cfg.activation != Activation::Identity {
-                Zip::from(&mut v).and(&c.z).for_each(|g, &z| *g *= act_grad(cfg.activation, z));
+                Zip::from(&mut v).and(c.z.slice(s![..n, ..])).for_each(|g, &z| *g *= act_grad(cfg.activation, z));
             }
-            let mut grad_b = v.t().dot(&c.ax);
-            grad_b.mapv_inplace(|x| x * gamma);
-            let bv = v.dot(&layer.b);
-            let mut grad_a = bv.t().dot(&c.u);
-            grad_a.mapv_inplace(|x| x * gamma);
-            let mut g_in = bv.dot(&layer.a);
-            g_in.mapv_inplace(|x| x * gamma);
-            push_moments(&mut obs, l, t, Site::Fwd, c.ad.view(), true);
-            push_moments(&mut obs, l, t, Site::FwdHeldout, caches_h[l].ad.view(), true);
+            let ax = c.ax.slice(s![..n, ..]); // gamma A u, training rows
+            let u = c.u.slice(s![..n, ..]);
+            // Measurements first need the old A and B; the fused passes return the backward
+            // products computed before they update. B first: its backward product feeds A's.
+            let step = (t < cfg.steps).then_some(t as i32 + 1);
+            let layer = &mut layers[l];
+            let mut bv = fused_pass(&mut layer.b, v.view(), ax, step.map(|s| (&hyper, &mut layer.sb, s)));
+            bv.mapv_inplace(|x| x * gamma); // gamma v B
+            let g_in = fused_pass(&mut layer.a, bv.view(), u, step.map(|s| (&hyper, &mut layer.sa, s)));
+            push_moments(&mut obs, l, t, Site::Fwd, c.ad.slice(s![..n, ..]), true);
+            push_moments(&mut obs, l, t, Site::FwdHeldout, c.ad.slice(s![n.., ..]), true);
             push_moments(&mut obs, l, t, Site::Bwd, g_in.view(), true);
             push_moments(&mut obs, l, t, Site::GradOut, v.view(), false);
+            // grad_B = v^T (gamma A u) = sum_n v_n ax_n^T;  grad_A = bv^T u.
             let param = |stat, value| Obs { layer: l as u32, step: t as u32, site: Site::Param, stat, m: None, value };
-            obs.push(param("grad_norm_a", fro(&grad_a)));
-            obs.push(param("grad_norm_b", fro(&grad_b)));
+            obs.push(param("grad_norm_a", outer_sum_norm_sq(bv.view(), u).max(0.0).sqrt()));
+            obs.push(param("grad_norm_b", outer_sum_norm_sq(v.view(), ax).max(0.0).sqrt()));
             if cfg.delta_norm && t == cfg.steps {
                 let btb = layer.b.t().dot(&layer.b);
                 let aat = layer.a.dot(&layer.a.t());
@@ -414,34 +561,28 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
             if l > 0 {
                 let mut du = v.dot(&data.weights[l]);
                 du += &g_in;
+                let u_full = c.u.slice(s![..n, ..]).to_owned();
                 let through = match &c.rms {
-                    Some(rms) => rmsnorm_backward(&du, &c.u, rms),
+                    Some(rms) => rmsnorm_backward(&du, &u_full, &rms.slice(s![..n]).to_owned()),
                     None => du,
                 };
                 dh = if cfg.residual { &dh + &through } else { through };
             }
-            grads.push((grad_a, grad_b));
         }
-        grads.reverse();
-        if t < cfg.steps {
-            for (layer, (ga, gb)) in layers.iter_mut().zip(&grads) {
-                update(&hyper, &mut layer.sa, &mut layer.a, ga, t as i32 + 1);
-                update(&hyper, &mut layer.sb, &mut layer.b, gb, t as i32 + 1);
-            }
-        }
+    }
+    for layer in layers {
+        pool::give(layer.a);
+        pool::give(layer.b);
+        layer.sa.release();
+        layer.sb.release();
     }
     CellResult { obs, losses }
 }
 
-/// The frozen network (every B = 0, as at step 0): adapter inputs u_l for batch `idx` and,
-/// with `grads`, the loss gradients v_l at every adapter output. Neither depends on A.
-pub(crate) fn frozen_pass(
-    cfg: &TheoryConfig,
-    data: &TrialData,
-    prep: &Prepared,
-    idx: usize,
-    grads: bool,
-) -> (Vec<Array2<f32>>, Vec<Array2<f32>>) {
+/// The frozen network (every B = 0, as at step 0) on stack `idx`: adapter inputs u_l of all
+/// rows and, for the training rows, the loss gradients v_l at every adapter output.
+/// Neither depends on A.
+pub(crate) fn frozen_pass(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, idx: usize) -> (Vec<Array2<f32>>, Vec<Array2<f32>>) {
     let d = cfg.width;
     let layers: Vec<Layer> = (0..cfg.layers)
         .map(|_| Layer {
@@ -452,27 +593,27 @@ pub(crate) fn frozen_pass(
         })
         .collect();
     let net = Net { cfg, data, prep, gamma: 0.0 };
+    let n = prep.n_train;
     let (f, caches) = net.forward(&layers, idx);
+    let (_, mut dh) = net.loss(f.view(), idx, 0..n);
     let mut vs = Vec::new();
-    if grads {
-        let (_, mut dh) = net.loss(&f, idx);
-        for l in (0..layers.len()).rev() {
-            let c = &caches[l];
-            let mut v = dh.clone();
-            if cfg.activation != Activation::Identity {
-                Zip::from(&mut v).and(&c.z).for_each(|g, &z| *g *= act_grad(cfg.activation, z));
-            }
-            if l > 0 {
-                let du = v.dot(&data.weights[l]);
-                let through = match &c.rms {
-                    Some(rms) => rmsnorm_backward(&du, &c.u, rms),
-                    None => du,
-                };
-                dh = if cfg.residual { &dh + &through } else { through };
-            }
-            vs.push(v);
+    for l in (0..layers.len()).rev() {
+        let c = &caches[l];
+        let mut v = dh.clone();
+        if cfg.activation != Activation::Identity {
+            Zip::from(&mut v).and(c.z.slice(s![..n, ..])).for_each(|g, &z| *g *= act_grad(cfg.activation, z));
         }
-        vs.reverse();
+        if l > 0 {
+            let du = v.dot(&data.weights[l]);
+            let u_full = c.u.slice(s![..n, ..]).to_owned();
+            let through = match &c.rms {
+                Some(rms) => rmsnorm_backward(&du, &u_full, &rms.slice(s![..n]).to_owned()),
+                None => du,
+            };
+            dh = if cfg.residual { &dh + &through } else { through };
+        }
+        vs.push(v);
     }
+    vs.reverse();
     (caches.into_iter().map(|c| c.u).collect(), vs)
 }
