@@ -502,5 +502,12 @@ impl TheoryConfig {
 }
 
 fn toml_from_str(text: &str) -> Result<TheoryConfig, TheoryError> {
-    toml::from_str(text).map_err(|e| TheoryError::Config(e.message().to_string()))
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        TheoryError::Config(match line {
+            Some(l) => format!("line {l}: {msg}"),
+            None => msg,
+        })
+    })
 }

@@ -32,8 +32,15 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// The seed of trial `trial` of a run with base seed `seed` (recorded in every row).
+/// Kept below 2^63 so that tables load as signed 64-bit integers (polars, pandas).
+///
+/// ```
+/// let s = rankstab_theory::trial_seed(0, 3);
+/// assert!(s < 1 << 63);
+/// assert_ne!(s, rankstab_theory::trial_seed(0, 4));
+/// ```
 pub fn trial_seed(seed: u64, trial: usize) -> u64 {
-    mix(seed ^ mix(trial as u64 + 1))
+    mix(seed ^ mix(trial as u64 + 1)) >> 1
 }
 
 fn rng_for(trial_seed: u64, stream: Stream, index: u64, row: u64) -> ChaCha8Rng {

@@ -35,7 +35,7 @@ pub enum TheoryError {
     #[error("{0}")]
     Invalid(String),
     /// The configuration file could not be parsed.
-    #[error("config: {0}")]
+    #[error("{0}")]
     Config(String),
     /// The output directory holds something else.
     #[error("{0}")]
