@@ -593,3 +593,31 @@ pub fn summarize(rows: &[MomentRow]) -> Vec<SummaryRow> {
         })
         .collect()
 }
+
+/// Floating-point operations of the matrix products of one trial of `cfg` (every cell):
+/// per adapter and step, the forward products (2 x 2 M d r for M = batch + heldout rows),
+/// the backward products (2 x 2 N d r) and, on steps that update, the two gradients
+/// (2 x 2 N d r); plus the frozen products of layers above the first. Used by the benchmark
+/// to turn time into GFLOP/s.
+///
+/// ```
+/// let cfg = rankstab_theory::TheoryConfig { width: 8, ranks: vec![2], optimizers: vec![rankstab_theory::OptimizerKind::Sgd],
+///     scalings: vec!["lora".into()], inputs: vec![rankstab_theory::Reuse::Coherent], batch: 1, heldout: 1, steps: 1, ..Default::default() };
+/// // M = 2, N = 1, d = 8, r = 2: forward 4*2*8*2 = 128, backward 64, one update 64, two steps measured.
+/// assert_eq!(rankstab_theory::trial_flops(&cfg), 2.0 * 128.0 + 2.0 * 64.0 + 64.0);
+/// ```
+pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
+    let d = cfg.width as f64;
+    let n = cfg.batch as f64;
+    let m = (cfg.batch + cfg.heldout) as f64;
+    let cells_per_rank = (cfg.inputs.len() * cfg.optimizers.len() * cfg.scalings.len()) as f64;
+    let steps = cfg.steps as f64;
+    let mut total = 0.0;
+    for &r in &cfg.ranks {
+        let r = r as f64;
+        let per_layer = (steps + 1.0) * (4.0 * m * d * r + 4.0 * n * d * r) + steps * 4.0 * n * d * r;
+        let frozen = (cfg.layers.saturating_sub(1)) as f64 * (steps + 1.0) * (2.0 * m * d * d + 2.0 * n * d * d);
+        total += cells_per_rank * (cfg.layers as f64 * per_layer + frozen);
+    }
+    total
+}
