@@ -97,13 +97,29 @@ pub struct TheoryArgs {
     /// Learning rate of Adam-family optimizers.
     #[arg(long, allow_hyphen_values = true)]
     lr_adam: Option<f64>,
-    /// Weight decay.
+    /// Weight decay (L2 for adam, decoupled for adamw; SGD ignores it).
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// Momentum of sgd-momentum.
+    #[arg(long)]
+    momentum: Option<f64>,
+    /// Adam beta1.
+    #[arg(long)]
+    adam_beta1: Option<f64>,
+    /// Adam beta2.
+    #[arg(long)]
+    adam_beta2: Option<f64>,
+    /// Adam epsilon.
+    #[arg(long)]
+    adam_eps: Option<f64>,
+    /// Classes of the cross-entropy readout (--loss ce).
+    #[arg(long)]
+    classes: Option<usize>,
     /// Tolerance in exponent units for verdicts and agreement.
     #[arg(long)]
     tolerance: Option<f64>,
-    /// Also compute ||gamma B A||_F at the last step (costs 2 d r^2 per cell).
+    /// Also compute ||gamma B A||_F at every step (costs 4 d r^2 per cell and step: at width
+    /// 4096 and rank 2048 more than everything else together).
     #[arg(long)]
     delta_norm: bool,
     /// Worker threads (default: all cores). Results do not depend on it.
@@ -158,7 +174,7 @@ pub fn resolve_config(a: &TheoryArgs) -> Result<TheoryConfig> {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
     }
-    set!(ranks, width, layers, activation, init, alpha, optimizers, scalings, inputs, dist, batch, heldout, loss, steps, trials, seed, moments, lr_sgd, lr_adam, weight_decay, tolerance);
+    set!(ranks, width, layers, activation, init, alpha, optimizers, scalings, inputs, dist, batch, heldout, loss, classes, steps, trials, seed, moments, lr_sgd, lr_adam, weight_decay, momentum, adam_beta1, adam_beta2, adam_eps, tolerance);
     if let Some(b) = &a.betas {
         c.scalings = b.iter().map(|b| b.to_string()).collect();
     }

@@ -42,6 +42,14 @@ fn vm_hwm_mb() -> Option<f64> {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: a smoke run only.
+    if !std::env::args().any(|a| a == "--bench") && std::env::var("RANKSTAB_BENCH_MEMORY_CHILD").is_err() {
+        let cfg = TheoryConfig { width: 64, ranks: vec![4, 16], trials: 1, ..Default::default() };
+        let (rows, _) = trial_rows(&cfg, 0).expect("valid config");
+        assert!(trial_flops(&cfg) > 0.0 && !rows.is_empty());
+        println!("theory_speed: smoke run ok (use `cargo bench` to measure)");
+        return;
+    }
     if std::env::var("RANKSTAB_BENCH_MEMORY_CHILD").is_ok() {
         // Child: one trial at width 4096 with only rank 2048 cells, then report VmHWM.
         let cfg = TheoryConfig { ranks: vec![2048], trials: 1, ..Default::default() };

@@ -295,7 +295,7 @@ pub struct TheoryConfig {
     pub moments: Vec<u32>,
     /// Tolerance (in exponent units) for verdicts and agreement.
     pub tolerance: f64,
-    /// Compute ||gamma B A||_F at the last step (costs 2 d r^2 per cell).
+    /// Compute ||gamma B A||_F at every step (costs 4 d r^2 per cell and step).
     pub delta_norm: bool,
 }
 

@@ -615,7 +615,10 @@ pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
     let mut total = 0.0;
     for &r in &cfg.ranks {
         let r = r as f64;
-        let per_layer = (steps + 1.0) * (4.0 * m * d * r + 4.0 * n * d * r) + steps * 4.0 * n * d * r;
+        let mut per_layer = (steps + 1.0) * (4.0 * m * d * r + 4.0 * n * d * r) + steps * 4.0 * n * d * r;
+        if cfg.delta_norm {
+            per_layer += (steps + 1.0) * 4.0 * d * r * r;
+        }
         let frozen = (cfg.layers.saturating_sub(1)) as f64 * (steps + 1.0) * (2.0 * m * d * d + 2.0 * n * d * d);
         total += cells_per_rank * (cfg.layers as f64 * per_layer + frozen);
     }

@@ -552,7 +552,7 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
             let param = |stat, value| Obs { layer: l as u32, step: t as u32, site: Site::Param, stat, m: None, value };
             obs.push(param("grad_norm_a", outer_sum_norm_sq(bv.view(), u).max(0.0).sqrt()));
             obs.push(param("grad_norm_b", outer_sum_norm_sq(v.view(), ax).max(0.0).sqrt()));
-            if cfg.delta_norm && t == cfg.steps {
+            if cfg.delta_norm {
                 let btb = layer.b.t().dot(&layer.b);
                 let aat = layer.a.dot(&layer.a.t());
                 let sq: f64 = Zip::from(&btb).and(&aat).fold(0.0f64, |acc, &x, &y| acc + (x as f64) * (y as f64));
