@@ -10,7 +10,8 @@
 //! 4. Peak memory (VmHWM) of one trial at width 4096, rank 2048, in a child process.
 //!
 //! Run: `cargo bench -p rankstab-theory --bench theory_speed` (or `make bench`).
-//! `RANKSTAB_BENCH_TRIALS` sets the trials timed (default 2).
+//! `RANKSTAB_BENCH_TRIALS` sets the trials timed (default 2); `RANKSTAB_BENCH_BATCH=N,M`
+//! the training and held-out batch sizes (default 16,32).
 use ndarray::Array2;
 use rankstab_theory::{trial_flops, trial_rows, TheoryConfig};
 use rayon::prelude::*;
@@ -67,7 +68,16 @@ fn main() {
     println!("f32 GEMM 2048^3, matrixmultiply, 1 core:        {mm1:7.1} GFLOP/s");
     println!("f32 GEMM 2048^3, matrixmultiply, {threads} cores:       {mm_all:7.1} GFLOP/s");
 
-    let cfg = TheoryConfig { trials, ..Default::default() };
+    let mut cfg = TheoryConfig { trials, ..Default::default() };
+    // RANKSTAB_BENCH_BATCH=N,M times training batch N and held-out batch M instead.
+    if let Some((n, m)) = std::env::var("RANKSTAB_BENCH_BATCH").ok().and_then(|s| {
+        let (a, b) = s.split_once(',')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    }) {
+        cfg.batch = n;
+        cfg.heldout = m;
+        println!("(training batch {n}, held-out batch {m})");
+    }
     // Warm-up (page faults, pools) on a small configuration.
     trial_rows(&TheoryConfig { width: 512, ranks: vec![4, 64], ..Default::default() }, 0).expect("valid");
     let t0 = Instant::now();
