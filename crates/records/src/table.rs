@@ -133,6 +133,15 @@ impl<T: Serialize + DeserializeOwned + Default> TableWriter<T> {
         Ok(self.len()? <= header.len() as u64 + 1)
     }
 
+    /// Drops every row, keeping the header (a resume point before the first row).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn clear(&mut self) -> Result<()> {
+        let header = header_of::<T>(&self.path)?;
+        self.truncate(header.len() as u64 + 1)
+    }
+
     /// Cuts the table back to `len` bytes (rows written after a resume point).
     ///
     /// # Errors
@@ -247,6 +256,19 @@ mod tests {
         let err = TableWriter::<MomentRow>::open(&p).err().expect("must fail");
         assert!(err.to_string().contains("moments.csv"), "{err}");
         assert!(matches!(err, RecordsError::Header { .. }));
+    }
+
+    #[test]
+    fn clear_keeps_only_the_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("m.csv");
+        let mut w = TableWriter::<MomentRow>::open(&p).expect("open");
+        w.append(&[row(0), row(1)]).expect("append");
+        w.clear().expect("clear");
+        assert!(w.is_empty().expect("len"));
+        w.append(&[row(5)]).expect("append");
+        let rows: Vec<MomentRow> = read_table(&p).expect("read");
+        assert_eq!(rows, vec![row(5)]);
     }
 
     #[test]

@@ -202,8 +202,9 @@ pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Pro
         moments.truncate(state.moments_len)?;
         metrics.truncate(state.metrics_len)?;
     } else {
-        state.moments_len = moments.len()?;
-        state.metrics_len = metrics.len()?;
+        // Rows of a first trial killed before it was recorded.
+        moments.clear()?;
+        metrics.clear()?;
     }
     let todo: Vec<usize> = (0..cfg.trials).filter(|t| !state.done.contains(t)).collect();
     let budget = opts.max_trials_this_run.unwrap_or(usize::MAX);
