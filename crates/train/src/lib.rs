@@ -3,6 +3,8 @@
 //! This crate is filled by the training issues; for now it proves that the workspace builds
 //! and links against the libtorch installed by `scripts/setup.sh`.
 
+pub mod lora;
+
 /// The libtorch device tch would use by default on this machine, as a string.
 ///
 /// ```

@@ -1,0 +1,403 @@
+//! LoRA / rsLoRA adapters on libtorch, with PEFT's conventions.
+//!
+//! An adapter wraps a frozen linear map `W` (out x in) and adds `gamma B A x`, with
+//! `A` (r x in) and `B` (out x r), `B` initialised to zero. The scaling `gamma` comes from
+//! the one formula of the project (`rankstab_records::scaling_factor`): `lora` is
+//! `alpha / r`, `rslora` `alpha / sqrt(r)`, any `beta` gives `alpha * r^-beta`.
+//! Merging writes `gamma B A` into `W` after a finite check; unmerging subtracts the same
+//! tensor, so merge then unmerge returns `W` up to the rounding of one addition.
+use rankstab_records::scaling_factor;
+use std::path::Path;
+use tch::{nn, Kind, Tensor};
+
+/// How `A` is initialised (B is always zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoraInit {
+    /// PEFT's default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+    KaimingUniform,
+    /// PEFT's `init_lora_weights="gaussian"`: N(0, 1/r^2).
+    Gaussian,
+}
+
+/// The hyper-parameters of one adapter.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub rank: usize,
+    /// Scaling numerator alpha.
+    pub alpha: f64,
+    /// Scaling exponent: 1 is LoRA, 0.5 rsLoRA.
+    pub beta: f64,
+    /// Init of A.
+    pub init: LoraInit,
+    /// Dropout on the adapter's input (training only).
+    pub dropout: f64,
+}
+
+impl LoraConfig {
+    /// gamma_r.
+    pub fn scaling(&self) -> f64 {
+        scaling_factor(self.alpha, self.beta, self.rank)
+    }
+}
+
+/// Errors of adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    /// A shape or value that does not fit.
+    #[error("{0}")]
+    Invalid(String),
+    /// libtorch failed.
+    #[error("{context}: {source}")]
+    Torch {
+        /// What was being done.
+        context: String,
+        /// libtorch's error.
+        source: tch::TchError,
+    },
+}
+
+fn torch(context: impl Into<String>) -> impl FnOnce(tch::TchError) -> LoraError {
+    let context = context.into();
+    move |source| LoraError::Torch { context, source }
+}
+
+/// One adapter: trainable `A` and `B`, the scaling, and whether it is merged.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// A (r x in).
+    pub a: Tensor,
+    /// B (out x r).
+    pub b: Tensor,
+    /// gamma_r.
+    pub scaling: f64,
+    /// Dropout probability.
+    pub dropout: f64,
+    merged: bool,
+}
+
+impl LoraAdapter {
+    /// Creates `lora_A` and `lora_B` variables under `path` (PEFT's names).
+    ///
+    /// # Errors
+    /// Rank 0 or larger than min(in, out).
+    pub fn new(path: &nn::Path, in_dim: i64, out_dim: i64, cfg: &LoraConfig) -> Result<Self, LoraError> {
+        let r = cfg.rank as i64;
+        if r == 0 || r > in_dim.min(out_dim) {
+            return Err(LoraError::Invalid(format!(
+                "rank {r} is not allowed for a {out_dim} x {in_dim} layer: use 1..={}",
+                in_dim.min(out_dim)
+            )));
+        }
+        let a = match cfg.init {
+            LoraInit::KaimingUniform => {
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                path.var("lora_A", &[r, in_dim], nn::Init::Uniform { lo: -bound, up: bound })
+            }
+            LoraInit::Gaussian => {
+                path.var("lora_A", &[r, in_dim], nn::Init::Randn { mean: 0.0, stdev: 1.0 / r as f64 })
+            }
+        };
+        let b = path.var("lora_B", &[out_dim, r], nn::Init::Const(0.0));
+        Ok(Self { a, b, scaling: cfg.scaling(), dropout: cfg.dropout, merged: false })
+    }
+
+    /// The adapter's contribution `gamma B A dropout(x)` for `x` (..., in); `None` while
+    /// merged (the base weight already carries it).
+    pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
+        if self.merged {
+            return None;
+        }
+        let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
+        Some(x.matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scaling)
+    }
+
+    /// `gamma B A` (out x in).
+    pub fn weight_delta(&self) -> Tensor {
+        self.b.matmul(&self.a) * self.scaling
+    }
+
+    /// Whether the adapter is merged into its base weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// Adds `gamma B A` to `w` in place, after checking it is finite.
+    ///
+    /// # Errors
+    /// Already merged, a shape mismatch, or a non-finite adapter.
+    pub fn merge_into(&mut self, w: &mut Tensor) -> Result<(), LoraError> {
+        if self.merged {
+            return Err(LoraError::Invalid("adapter is already merged".into()));
+        }
+        let d = tch::no_grad(|| self.weight_delta().to_kind(w.kind()));
+        if d.size() != w.size() {
+            return Err(LoraError::Invalid(format!("adapter shape {:?} does not match weight {:?}", d.size(), w.size())));
+        }
+        let finite = tch::no_grad(|| d.isfinite().all().int64_value(&[])) == 1;
+        if !finite {
+            return Err(LoraError::Invalid("adapter has non-finite entries: refusing to merge".into()));
+        }
+        tch::no_grad(|| {
+            let _ = w.g_add_(&d);
+        });
+        self.merged = true;
+        Ok(())
+    }
+
+    /// Subtracts `gamma B A` from `w` again.
+    ///
+    /// # Errors
+    /// Not merged.
+    pub fn unmerge_from(&mut self, w: &mut Tensor) -> Result<(), LoraError> {
+        if !self.merged {
+            return Err(LoraError::Invalid("adapter is not merged".into()));
+        }
+        tch::no_grad(|| {
+            let d = self.weight_delta().to_kind(w.kind());
+            let _ = w.g_sub_(&d);
+        });
+        self.merged = false;
+        Ok(())
+    }
+}
+
+/// PEFT's `adapter_config.json` (the fields rankstab writes and reads).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PeftAdapterConfig {
+    /// Always "LORA".
+    pub peft_type: String,
+    /// Always "CAUSAL_LM".
+    pub task_type: String,
+    /// Rank.
+    pub r: usize,
+    /// alpha.
+    pub lora_alpha: f64,
+    /// Whether the scaling is alpha / sqrt(r).
+    pub use_rslora: bool,
+    /// Adapted module names (q_proj, ...).
+    pub target_modules: Vec<String>,
+    /// Dropout.
+    pub lora_dropout: f64,
+    /// Base model name or path.
+    pub base_model_name_or_path: Option<String>,
+    /// "none".
+    pub bias: String,
+    /// PEFT's init flag: true (Kaiming-uniform) or "gaussian".
+    pub init_lora_weights: serde_json::Value,
+    /// Not used by rankstab; kept for PEFT.
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// rankstab's exponent (PEFT ignores unknown keys); present for beta other than 1, 1/2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rankstab_beta: Option<f64>,
+}
+
+/// Saves adapters as PEFT does: `adapter_config.json` and `adapter_model.safetensors`
+/// with keys `base_model.model.<module path>.lora_A.weight` ([r, in]) and `...lora_B.weight`
+/// ([out, r]).
+///
+/// # Errors
+/// I/O or libtorch errors.
+pub fn save_peft(
+    dir: &Path,
+    cfg: &PeftAdapterConfig,
+    adapters: &[(String, &LoraAdapter)],
+) -> Result<(), LoraError> {
+    std::fs::create_dir_all(dir).map_err(|e| LoraError::Invalid(format!("{}: {e}", dir.display())))?;
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| LoraError::Invalid(e.to_string()))?;
+    std::fs::write(dir.join("adapter_config.json"), json)
+        .map_err(|e| LoraError::Invalid(format!("{}: {e}", dir.join("adapter_config.json").display())))?;
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for (path, ad) in adapters {
+        named.push((format!("base_model.model.{path}.lora_A.weight"), ad.a.detach().to_kind(Kind::Float).contiguous()));
+        named.push((format!("base_model.model.{path}.lora_B.weight"), ad.b.detach().to_kind(Kind::Float).contiguous()));
+    }
+    let file = dir.join("adapter_model.safetensors");
+    Tensor::write_safetensors(&named, &file).map_err(torch(format!("writing {}", file.display())))
+}
+
+/// Reads a PEFT adapter directory: its config and the (A, B) pair of every module path.
+///
+/// # Errors
+/// Missing files, malformed JSON, missing or mis-shaped tensors (named).
+pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, Vec<(String, Tensor, Tensor)>), LoraError> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let cfg: PeftAdapterConfig =
+        serde_json::from_str(&text).map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    if cfg.peft_type != "LORA" {
+        return Err(LoraError::Invalid(format!("{}: peft_type {:?}, expected \"LORA\"", cfg_path.display(), cfg.peft_type)));
+    }
+    let file = dir.join("adapter_model.safetensors");
+    let tensors = Tensor::read_safetensors(&file).map_err(torch(format!("reading {}", file.display())))?;
+    let mut a_map = std::collections::BTreeMap::new();
+    let mut b_map = std::collections::BTreeMap::new();
+    for (name, t) in tensors {
+        let stripped = name.strip_prefix("base_model.model.").unwrap_or(&name).to_string();
+        if let Some(p) = stripped.strip_suffix(".lora_A.weight") {
+            a_map.insert(p.to_string(), t);
+        } else if let Some(p) = stripped.strip_suffix(".lora_B.weight") {
+            b_map.insert(p.to_string(), t);
+        } else {
+            return Err(LoraError::Invalid(format!("{}: unexpected tensor {name}", file.display())));
+        }
+    }
+    let mut out = Vec::new();
+    for (p, a) in a_map {
+        let b = b_map.remove(&p).ok_or_else(|| LoraError::Invalid(format!("{}: {p}.lora_B.weight is missing", file.display())))?;
+        let (asz, bsz) = (a.size(), b.size());
+        if asz.len() != 2 || bsz.len() != 2 || asz[0] != cfg.r as i64 || bsz[1] != cfg.r as i64 {
+            return Err(LoraError::Invalid(format!(
+                "{}: {p}: lora_A {asz:?} / lora_B {bsz:?} do not have rank r = {} ([r, in] and [out, r])",
+                file.display(),
+                cfg.r
+            )));
+        }
+        out.push((p, a, b));
+    }
+    if let Some(p) = b_map.keys().next() {
+        return Err(LoraError::Invalid(format!("{}: {p}.lora_A.weight is missing", file.display())));
+    }
+    Ok((cfg, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn, Device};
+
+    fn cfg(rank: usize, beta: f64) -> LoraConfig {
+        LoraConfig { rank, alpha: 16.0, beta, init: LoraInit::KaimingUniform, dropout: 0.0 }
+    }
+
+    #[test]
+    fn scaling_is_alpha_over_r_or_sqrt_r() {
+        assert_eq!(cfg(8, 1.0).scaling(), 2.0);
+        assert_eq!(cfg(64, 0.5).scaling(), 2.0);
+    }
+
+    #[test]
+    fn init_follows_peft_and_the_adapter_starts_at_zero() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let ad = LoraAdapter::new(&(vs.root() / "q_proj"), 64, 32, &cfg(4, 0.5)).expect("valid");
+        assert_eq!(ad.a.size(), vec![4, 64]);
+        assert_eq!(ad.b.size(), vec![32, 4]);
+        let bound = 1.0 / 8.0;
+        assert!(ad.a.abs().max().double_value(&[]) <= bound);
+        // Uniform(-b, b) has variance b^2 / 3.
+        let var = ad.a.pow_tensor_scalar(2).mean(Kind::Float).double_value(&[]);
+        assert!((var / (bound * bound / 3.0) - 1.0).abs() < 0.2, "variance {var}");
+        assert_eq!(ad.b.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        let x = Tensor::randn([3, 64], (Kind::Float, Device::Cpu));
+        let d = ad.delta(&x, true).expect("not merged");
+        assert_eq!(d.size(), vec![3, 32]);
+        assert_eq!(d.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        let names: Vec<String> = vs.variables().into_keys().collect();
+        assert!(names.contains(&"q_proj.lora_A".to_string()) && names.contains(&"q_proj.lora_B".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn rank_zero_or_too_large_is_refused() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        assert!(LoraAdapter::new(&vs.root(), 8, 8, &cfg(0, 1.0)).is_err());
+        let e = LoraAdapter::new(&vs.root(), 8, 6, &cfg(7, 1.0)).expect_err("too large");
+        assert!(e.to_string().contains("1..=6"), "{e}");
+    }
+
+    #[test]
+    fn merge_equals_adapter_forward_and_unmerge_restores_the_weight() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut ad = LoraAdapter::new(&vs.root(), 16, 12, &cfg(4, 0.5)).expect("valid");
+        tch::no_grad(|| {
+            let _ = ad.b.copy_(&Tensor::randn([12, 4], (Kind::Float, Device::Cpu)));
+        });
+        let w0 = Tensor::randn([12, 16], (Kind::Float, Device::Cpu));
+        let mut w = w0.copy();
+        let x = Tensor::randn([5, 16], (Kind::Float, Device::Cpu));
+        let unmerged = x.matmul(&w.tr()) + ad.delta(&x, false).expect("not merged");
+        ad.merge_into(&mut w).expect("finite");
+        assert!(ad.delta(&x, false).is_none());
+        let merged = x.matmul(&w.tr());
+        assert!((merged - &unmerged).abs().max().double_value(&[]) < 1e-5);
+        assert!(ad.merge_into(&mut w).is_err(), "double merge");
+        ad.unmerge_from(&mut w).expect("merged");
+        assert!((&w - &w0).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn non_finite_adapter_is_not_merged() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut ad = LoraAdapter::new(&vs.root(), 4, 4, &cfg(2, 1.0)).expect("valid");
+        tch::no_grad(|| {
+            let _ = ad.b.fill_(f64::NAN);
+        });
+        let mut w = Tensor::zeros([4, 4], (Kind::Float, Device::Cpu));
+        let e = ad.merge_into(&mut w).expect_err("NaN");
+        assert!(e.to_string().contains("non-finite"));
+        assert_eq!(w.abs().sum(Kind::Float).double_value(&[]), 0.0, "weight untouched");
+    }
+
+    #[test]
+    fn peft_files_round_trip_with_peft_names_and_shapes() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut q = LoraAdapter::new(&(vs.root() / "q"), 8, 6, &cfg(3, 0.5)).expect("valid");
+        let v = LoraAdapter::new(&(vs.root() / "v"), 8, 6, &cfg(3, 0.5)).expect("valid");
+        tch::no_grad(|| {
+            let _ = q.b.copy_(&Tensor::randn([6, 3], (Kind::Float, Device::Cpu)));
+        });
+        let pc = PeftAdapterConfig {
+            peft_type: "LORA".into(),
+            task_type: "CAUSAL_LM".into(),
+            r: 3,
+            lora_alpha: 16.0,
+            use_rslora: true,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            lora_dropout: 0.0,
+            base_model_name_or_path: Some("tiny".into()),
+            bias: "none".into(),
+            init_lora_weights: serde_json::Value::Bool(true),
+            fan_in_fan_out: false,
+            rankstab_beta: None,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = [
+            ("model.layers.0.self_attn.q_proj".to_string(), &q),
+            ("model.layers.0.self_attn.v_proj".to_string(), &v),
+        ];
+        save_peft(dir.path(), &pc, &paths).expect("saved");
+        let raw = Tensor::read_safetensors(dir.path().join("adapter_model.safetensors")).expect("read");
+        let names: Vec<&str> = raw.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), "{names:?}");
+        let (back_cfg, back) = load_peft(dir.path()).expect("loaded");
+        assert_eq!(back_cfg, pc);
+        assert_eq!(back.len(), 2);
+        let (p, a, b) = &back[0];
+        assert_eq!(p, "model.layers.0.self_attn.q_proj");
+        assert_eq!(a.size(), vec![3, 8]);
+        assert_eq!(b.size(), vec![6, 3]);
+        assert_eq!((a - &q.a).abs().max().double_value(&[]), 0.0);
+        assert_eq!((b - &q.b).abs().max().double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn loading_names_the_missing_tensor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("adapter_config.json"),
+            r#"{"peft_type":"LORA","task_type":"CAUSAL_LM","r":2,"lora_alpha":4,"use_rslora":false,
+               "target_modules":["q_proj"],"lora_dropout":0.0,"base_model_name_or_path":null,"bias":"none",
+               "init_lora_weights":true}"#,
+        )
+        .expect("write");
+        let a = Tensor::zeros([2, 4], (Kind::Float, Device::Cpu));
+        Tensor::write_safetensors(&[("base_model.model.m.q_proj.lora_A.weight", &a)], dir.path().join("adapter_model.safetensors"))
+            .expect("write");
+        let e = load_peft(dir.path()).expect_err("B missing");
+        assert!(e.to_string().contains("m.q_proj.lora_B.weight is missing"), "{e}");
+    }
+}
