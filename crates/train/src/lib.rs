@@ -4,6 +4,7 @@
 //! and links against the libtorch installed by `scripts/setup.sh`.
 
 pub mod lora;
+pub mod probe;
 
 /// The libtorch device tch would use by default on this machine, as a string.
 ///
