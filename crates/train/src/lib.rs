@@ -3,8 +3,15 @@
 //! This crate is filled by the training issues; for now it proves that the workspace builds
 //! and links against the libtorch installed by `scripts/setup.sh`.
 
+mod error;
+pub mod gptj;
+pub mod linear;
+pub mod llama;
 pub mod lora;
 pub mod probe;
+pub mod weights;
+
+pub use error::TrainError;
 
 /// The libtorch device tch would use by default on this machine, as a string.
 ///

@@ -1,0 +1,378 @@
+//! The Llama 2 family as transformers' `LlamaForCausalLM`: RMSNorm, rotary embeddings in
+//! the rotate-half layout, grouped-query attention, SwiGLU MLP, tied or untied embeddings.
+//! Weight names are exactly the Hugging Face ones.
+use crate::linear::Linear;
+use crate::weights::Weights;
+use crate::TrainError;
+use serde::Deserialize;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// `config.json` of a Llama checkpoint as written by transformers (4.x or 5.x).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaHfConfig {
+    /// "llama".
+    pub model_type: Option<String>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); defaults to the query heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Head size; defaults to hidden_size / heads.
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: Option<f64>,
+    /// RoPE base (transformers 4).
+    pub rope_theta: Option<f64>,
+    /// RoPE parameters (transformers 5: `{rope_theta, rope_type}`).
+    pub rope_parameters: Option<serde_json::Value>,
+    /// RoPE scaling (only absent / null / type "default" is supported).
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Whether lm_head shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Longest context.
+    pub max_position_embeddings: Option<usize>,
+}
+
+/// Runtime configuration of a Llama model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Width.
+    pub hidden_size: i64,
+    /// MLP width.
+    pub intermediate_size: i64,
+    /// Layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: i64,
+    /// Key/value heads.
+    pub num_kv_heads: i64,
+    /// Head size.
+    pub head_dim: i64,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Tied embeddings.
+    pub tie_word_embeddings: bool,
+    /// Bias on attention projections.
+    pub attention_bias: bool,
+    /// Bias on MLP projections.
+    pub mlp_bias: bool,
+    /// Longest context.
+    pub max_position_embeddings: usize,
+}
+
+impl LlamaHfConfig {
+    /// Checks the values and fills defaults.
+    ///
+    /// # Errors
+    /// Unsupported RoPE scaling, heads that do not divide the width, zero sizes.
+    pub fn into_config(self, path: &Path) -> Result<Config, TrainError> {
+        let bad = |message: String| TrainError::Config { path: path.to_path_buf(), message };
+        if let Some(t) = &self.model_type {
+            if t != "llama" {
+                return Err(bad(format!("model_type {t:?} is not a Llama model")));
+            }
+        }
+        if let Some(s) = &self.rope_scaling {
+            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str());
+            if !s.is_null() && kind != Some("default") {
+                return Err(bad(format!("rope_scaling {s} is not supported (only the default RoPE)")));
+            }
+        }
+        let heads = self.num_attention_heads;
+        let kv = self.num_key_value_heads.unwrap_or(heads);
+        if heads == 0 || kv == 0 || heads % kv != 0 {
+            return Err(bad(format!("num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}")));
+        }
+        let head_dim = match self.head_dim {
+            Some(h) => h,
+            None if self.hidden_size % heads == 0 => self.hidden_size / heads,
+            None => return Err(bad(format!("hidden_size {} is not divisible by {heads} heads", self.hidden_size))),
+        };
+        if head_dim % 2 != 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
+            return Err(bad("head_dim must be even and every size positive".into()));
+        }
+        let rope_theta = self
+            .rope_theta
+            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .unwrap_or(10_000.0);
+        Ok(Config {
+            vocab_size: self.vocab_size as i64,
+            hidden_size: self.hidden_size as i64,
+            intermediate_size: self.intermediate_size as i64,
+            num_layers: self.num_hidden_layers,
+            num_heads: heads as i64,
+            num_kv_heads: kv as i64,
+            head_dim: head_dim as i64,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            tie_word_embeddings: self.tie_word_embeddings,
+            attention_bias: self.attention_bias,
+            mlp_bias: self.mlp_bias,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
+        })
+    }
+}
+
+impl Config {
+    /// Llama-2-7B's shape (random initialisation, for accelerator runs).
+    pub fn llama2_7b() -> Self {
+        Self {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 32,
+            head_dim: 128,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            max_position_embeddings: 4096,
+        }
+    }
+}
+
+/// RMSNorm with a learned gain (computed in f32 as transformers does).
+#[derive(Debug)]
+pub struct RmsNorm {
+    /// Gain.
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let x32 = x.to_kind(Kind::Float);
+        let var = x32.square().mean_dim(-1, true, Kind::Float);
+        let y = x32 * (var + self.eps).rsqrt();
+        y.to_kind(kind) * &self.weight
+    }
+}
+
+/// Self-attention with grouped-query heads and rotary embeddings.
+#[derive(Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+}
+
+/// SwiGLU MLP.
+#[derive(Debug)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+/// One decoder layer.
+#[derive(Debug)]
+pub struct Block {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+/// `LlamaForCausalLM`.
+#[derive(Debug)]
+pub struct Llama {
+    /// Runtime configuration.
+    pub config: Config,
+    /// Token embeddings (vocab x hidden).
+    pub embed_tokens: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<Block>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// Output projection (None when tied to the embeddings).
+    pub lm_head: Option<Tensor>,
+}
+
+/// cos and sin tables (T x head_dim) in HF's rotate-half layout.
+pub(crate) fn rope_tables(theta: f64, head_dim: i64, t: i64, device: Device) -> (Tensor, Tensor) {
+    let half = head_dim / 2;
+    let inv = Tensor::arange(half, (Kind::Float, device)) * (2.0 / head_dim as f64);
+    let inv_freq = (inv * -(theta.ln())).exp();
+    let pos = Tensor::arange(t, (Kind::Float, device));
+    let freqs = pos.outer(&inv_freq);
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    (emb.cos(), emb.sin())
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], -1)
+}
+
+/// Causal attention of q (B, H, T, hd) over k, v (B, H, T, hd), softmax in f32.
+pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let t = q.size()[2];
+    let hd = q.size()[3] as f64;
+    let scores = q.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float) / hd.sqrt();
+    let mask = Tensor::ones([t, t], (Kind::Bool, q.device())).triu(1);
+    let scores = scores.masked_fill(&mask, f64::NEG_INFINITY);
+    scores.softmax(-1, Kind::Float).to_kind(v.kind()).matmul(v)
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, cfg: &Config, cos: &Tensor, sin: &Tensor, train: bool) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let q = self.q_proj.forward(x, train).view([b, t, h, hd]).transpose(1, 2);
+        let k = self.k_proj.forward(x, train).view([b, t, kvh, hd]).transpose(1, 2);
+        let v = self.v_proj.forward(x, train).view([b, t, kvh, hd]).transpose(1, 2);
+        let q = &q * cos + rotate_half(&q) * sin;
+        let k = &k * cos + rotate_half(&k) * sin;
+        let rep = h / kvh;
+        let (k, v) = if rep > 1 {
+            let expand = |z: Tensor| z.unsqueeze(2).expand([b, kvh, rep, t, hd], false).reshape([b, h, t, hd]);
+            (expand(k), expand(v))
+        } else {
+            (k, v)
+        };
+        let y = causal_attention(&q, &k, &v).transpose(1, 2).reshape([b, t, h * hd]);
+        self.o_proj.forward(&y, train)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let g = self.gate_proj.forward(x, train).silu();
+        self.down_proj.forward(&(g * self.up_proj.forward(x, train)), train)
+    }
+}
+
+fn linear(w: &mut Weights, name: &str, out: i64, inp: i64, bias: bool) -> Result<Linear, TrainError> {
+    let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+    let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out])?) } else { None };
+    Ok(Linear::new(weight, bias))
+}
+
+impl Llama {
+    /// Builds the model from checkpoint tensors.
+    ///
+    /// # Errors
+    /// A missing or mis-shaped tensor (named, with both shapes).
+    pub fn load(config: Config, w: &mut Weights) -> Result<Self, TrainError> {
+        let (d, f, hd) = (config.hidden_size, config.intermediate_size, config.head_dim);
+        let (h, kvh) = (config.num_heads, config.num_kv_heads);
+        let embed_tokens = w.take("model.embed_tokens.weight", &[config.vocab_size, d])?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("model.layers.{i}");
+            let ab = config.attention_bias;
+            let mb = config.mlp_bias;
+            layers.push(Block {
+                input_layernorm: RmsNorm { weight: w.take(&format!("{p}.input_layernorm.weight"), &[d])?, eps: config.rms_norm_eps },
+                self_attn: Attention {
+                    q_proj: linear(w, &format!("{p}.self_attn.q_proj"), h * hd, d, ab)?,
+                    k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kvh * hd, d, ab)?,
+                    v_proj: linear(w, &format!("{p}.self_attn.v_proj"), kvh * hd, d, ab)?,
+                    o_proj: linear(w, &format!("{p}.self_attn.o_proj"), d, h * hd, ab)?,
+                },
+                post_attention_layernorm: RmsNorm {
+                    weight: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                    eps: config.rms_norm_eps,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), f, d, mb)?,
+                    up_proj: linear(w, &format!("{p}.mlp.up_proj"), f, d, mb)?,
+                    down_proj: linear(w, &format!("{p}.mlp.down_proj"), d, f, mb)?,
+                },
+            });
+        }
+        let norm = RmsNorm { weight: w.take("model.norm.weight", &[d])?, eps: config.rms_norm_eps };
+        let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(w.take("lm_head.weight", &[config.vocab_size, d])?)
+        };
+        Ok(Self { config, embed_tokens, layers, norm, lm_head })
+    }
+
+    /// Loads a Hugging Face model directory (config.json + safetensors).
+    ///
+    /// # Errors
+    /// See [`Weights::from_dir`], [`LlamaHfConfig::into_config`], [`Llama::load`].
+    pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io { path: cfg_path.clone(), source })?;
+        let hf: LlamaHfConfig = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Config { path: cfg_path.clone(), message: e.to_string() })?;
+        let config = hf.into_config(&cfg_path)?;
+        let mut w = Weights::from_dir(dir, kind, device)?;
+        Self::load(config, &mut w)
+    }
+
+    /// Every adaptable linear layer with its Hugging Face module path.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut b.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut b.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    /// Logits (B, T, vocab) for token ids (B, T).
+    pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
+        let t = ids.size()[1];
+        let mut x = self.embed_tokens.index_select(0, &ids.flatten(0, -1)).view([ids.size()[0], t, -1]);
+        let (cos, sin) = rope_tables(self.config.rope_theta, self.config.head_dim, t, x.device());
+        let (cos, sin) = (cos.to_kind(x.kind()), sin.to_kind(x.kind()));
+        for b in &self.layers {
+            let h = b.self_attn.forward(&b.input_layernorm.forward(&x), &self.config, &cos, &sin, train);
+            x = x + h;
+            let h = b.mlp.forward(&b.post_attention_layernorm.forward(&x), train);
+            x = x + h;
+        }
+        let x = self.norm.forward(&x);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        x.matmul(&head.tr())
+    }
+}

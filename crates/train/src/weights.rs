@@ -1,0 +1,95 @@
+//! Checkpoint tensors by Hugging Face name: `model.safetensors` or sharded files listed in
+//! `model.safetensors.index.json`, in f32, f16 or bf16 (converted to the model's dtype).
+//! Pickle checkpoints (`pytorch_model.bin`) are refused: nothing in them is executed.
+use crate::TrainError;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Tensors of a checkpoint, taken out one by one with shape checks.
+pub struct Weights {
+    source: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+    kind: Kind,
+    device: Device,
+}
+
+impl Weights {
+    /// Reads every safetensors file of the model directory `dir`.
+    ///
+    /// # Errors
+    /// No safetensors file (with advice for pickle checkpoints), unreadable or truncated
+    /// files, a malformed index.
+    pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| TrainError::Io { path: index.clone(), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| TrainError::Config { path: index.clone(), message: e.to_string() })?;
+            let map = v["weight_map"].as_object().ok_or_else(|| TrainError::Config {
+                path: index.clone(),
+                message: "no \"weight_map\" object".into(),
+            })?;
+            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|f| dir.join(f)).collect()
+        } else if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+            return Err(TrainError::Invalid(format!(
+                "{}: pytorch_model.bin is a pickle checkpoint, which rankstab refuses to load (unpickling can run code). \
+                 Convert it once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)",
+                dir.display()
+            )));
+        } else {
+            return Err(TrainError::Invalid(format!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            )));
+        };
+        let mut tensors = BTreeMap::new();
+        for f in &files {
+            let list = Tensor::read_safetensors(f)
+                .map_err(|source| TrainError::Torch { context: format!("reading {} (truncated or not safetensors?)", f.display()), source })?;
+            tensors.extend(list);
+        }
+        Ok(Self { source: dir.to_path_buf(), tensors, kind, device })
+    }
+
+    /// Weights from named tensors already in memory (GGUF loading, tests).
+    pub fn from_tensors(source: PathBuf, tensors: BTreeMap<String, Tensor>, kind: Kind, device: Device) -> Self {
+        Self { source, tensors, kind, device }
+    }
+
+    /// Whether a tensor is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Takes tensor `name`, checking its shape, converted to the model's dtype and device.
+    ///
+    /// # Errors
+    /// Missing tensor or wrong shape (both named).
+    pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor, TrainError> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| TrainError::MissingTensor { path: self.source.clone(), name: name.to_string() })?;
+        if t.size() != shape {
+            return Err(TrainError::Shape {
+                path: self.source.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.size(),
+            });
+        }
+        Ok(t.to_kind(self.kind).to_device(self.device).detach())
+    }
+
+    /// Names left over after loading (tensors the model did not use).
+    pub fn remaining(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+}
