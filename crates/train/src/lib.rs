@@ -8,10 +8,12 @@ pub mod gptj;
 pub mod linear;
 pub mod llama;
 pub mod lora;
+pub mod model;
 pub mod probe;
 pub mod weights;
 
 pub use error::TrainError;
+pub use model::CausalLm;
 
 /// The libtorch device tch would use by default on this machine, as a string.
 ///

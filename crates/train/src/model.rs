@@ -1,0 +1,78 @@
+//! One entry point for every supported architecture: reads `config.json`'s `model_type` and
+//! builds the matching model.
+use crate::gptj::Gptj;
+use crate::linear::Linear;
+use crate::llama::Llama;
+use crate::TrainError;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// A causal language model of a supported architecture.
+#[derive(Debug)]
+pub enum CausalLm {
+    /// Llama 2 family.
+    Llama(Llama),
+    /// GPT-J.
+    Gptj(Gptj),
+}
+
+impl CausalLm {
+    /// Loads a Hugging Face model directory, choosing the architecture by `model_type`.
+    ///
+    /// # Errors
+    /// Missing or malformed config.json, an unknown model_type, and every loading error of
+    /// the architecture (named tensors and shapes, truncated files, pickle checkpoints).
+    pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
+        if !dir.is_dir() {
+            return Err(TrainError::Invalid(format!("{}: not a model directory", dir.display())));
+        }
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io { path: cfg_path.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Config { path: cfg_path.clone(), message: format!("not valid JSON: {e}") })?;
+        match v.get("model_type").and_then(|t| t.as_str()) {
+            Some("llama") => Ok(Self::Llama(Llama::from_dir(dir, kind, device)?)),
+            Some("gptj") => Ok(Self::Gptj(Gptj::from_dir(dir, kind, device)?)),
+            Some(other) => Err(TrainError::Config {
+                path: cfg_path,
+                message: format!("model_type {other:?} is not supported (supported: llama, gptj)"),
+            }),
+            None => Err(TrainError::Config { path: cfg_path, message: "no \"model_type\"".into() }),
+        }
+    }
+
+    /// Logits (B, T, vocab) for token ids (B, T).
+    pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
+        match self {
+            Self::Llama(m) => m.forward(ids, train),
+            Self::Gptj(m) => m.forward(ids, train),
+        }
+    }
+
+    /// Vocabulary size of the embedding.
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            Self::Llama(m) => m.config.vocab_size,
+            Self::Gptj(m) => m.config.vocab_size,
+        }
+    }
+
+    /// Every adaptable linear layer with its Hugging Face module path.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        match self {
+            Self::Llama(m) => m.linears_mut(),
+            Self::Gptj(m) => m.linears_mut(),
+        }
+    }
+
+    /// Mean negative log-likelihood of next-token prediction over `ids` (B, T), in nats,
+    /// and the number of predicted tokens.
+    pub fn nll(&self, ids: &Tensor) -> (f64, i64) {
+        let t = ids.size()[1];
+        let logits = self.forward(ids, false).narrow(1, 0, t - 1).to_kind(Kind::Float);
+        let targets = ids.narrow(1, 1, t - 1);
+        let v = logits.size()[2];
+        let loss = logits.reshape([-1, v]).cross_entropy_for_logits(&targets.reshape([-1]));
+        (loss.double_value(&[]), targets.numel() as i64)
+    }
+}
