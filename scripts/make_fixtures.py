@@ -45,6 +45,27 @@ def tiny_llama():
     save(model, "tiny-llama", cfg.vocab_size)
 
 
+TEXT = """It is a truth universally acknowledged, that a single man in possession of a good
+fortune, must be in want of a wife. However little known the feelings or views of such a man
+may be on his first entering a neighbourhood, this truth is so well fixed in the minds of the
+surrounding families, that he is considered the rightful property of some one or other of
+their daughters."""
+
+
+def tiny_tokenizer(name, vocab):
+    """A character-level BPE tokenizer small enough for the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([TEXT], trainer)
+    assert tok.get_vocab_size() <= vocab
+    tok.save(os.path.join(OUT, name, "tokenizer.json"))
+    ids = tok.encode(TEXT).ids
+    print(name, "tokenizer", tok.get_vocab_size(), "tokens of TEXT:", len(ids), file=sys.stderr)
+
+
 def tiny_gptj():
     torch.manual_seed(0)
     cfg = GPTJConfig(
@@ -63,4 +84,5 @@ def tiny_gptj():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     tiny_llama()
+    tiny_tokenizer("tiny-llama", 97)
     tiny_gptj()

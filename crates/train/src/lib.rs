@@ -10,6 +10,7 @@ pub mod llama;
 pub mod lora;
 pub mod model;
 pub mod probe;
+pub mod text;
 pub mod weights;
 
 pub use error::TrainError;

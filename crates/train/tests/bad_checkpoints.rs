@@ -107,3 +107,22 @@ fn bf16_and_f16_checkpoints_load_and_agree_with_f32() {
         assert!(diff < tol, "{kind:?}: {diff}");
     }
 }
+
+#[test]
+fn tokenizer_larger_than_the_embedding_is_refused() {
+    let tok = rankstab_train::text::TextTokenizer::from_file(&tiny().join("tokenizer.json")).expect("tokenizer");
+    let e = tok.check_fits(&tiny().join("tokenizer.json"), 50).expect_err("97 > 50").to_string();
+    assert!(e.contains("does not fit") && e.contains("50 rows"), "{e}");
+}
+
+#[test]
+fn empty_and_non_utf8_texts_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "  \n").expect("write");
+    assert!(rankstab_train::text::read_text(&empty).expect_err("empty").to_string().contains("empty"));
+    let bin = dir.path().join("bin.txt");
+    std::fs::write(&bin, [0x66u8, 0x6f, 0xff, 0xfe]).expect("write");
+    let e = rankstab_train::text::read_text(&bin).expect_err("binary").to_string();
+    assert!(e.contains("not UTF-8") && e.contains("offset 2"), "{e}");
+}

@@ -44,3 +44,32 @@ fn tiny_gptj_partial_rotary_matches_transformers() {
     eprintln!("{}: max |logit difference| {diff:.3e}", dir.display());
     assert!(diff < 1e-4, "max |logit difference| {diff}");
 }
+
+/// Evaluation windows and batching do not change the numbers: one window of the whole
+/// text equals the mean of the model's own cross-entropy, and batching is exact.
+#[test]
+fn evaluation_matches_a_direct_cross_entropy() {
+    use rankstab_train::text::{evaluate, read_text, TextTokenizer};
+    let dir = fixture("tiny-llama");
+    let model = rankstab_train::CausalLm::from_dir(&dir, Kind::Float, Device::Cpu).expect("loads");
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer");
+    tok.check_fits(&dir.join("tokenizer.json"), model.vocab_size()).expect("fits");
+    let file = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(file.path(), "It is a truth universally acknowledged, that a single man in possession of a good fortune").expect("write");
+    let ids = tok.encode(&read_text(file.path()).expect("text")).expect("ids");
+    assert!(ids.len() > 10);
+    let whole = evaluate(&model, &ids, ids.len(), 1, Device::Cpu).expect("eval");
+    let t = Tensor::from_slice(&ids).view([1, ids.len() as i64]);
+    let logits = tch::no_grad(|| model.forward(&t, false));
+    let n = ids.len() as i64;
+    let lp = logits.narrow(1, 0, n - 1).log_softmax(-1, Kind::Double);
+    let tgt = t.narrow(1, 1, n - 1).unsqueeze(-1);
+    let direct = -lp.gather(-1, &tgt, false).mean(Kind::Double).double_value(&[]);
+    assert_eq!(whole.tokens, n - 1);
+    assert!((whole.nll - direct).abs() < 1e-5, "{} vs {direct}", whole.nll);
+    assert!((whole.perplexity / direct.exp() - 1.0).abs() < 1e-5);
+    let a = evaluate(&model, &ids, 4, 1, Device::Cpu).expect("eval");
+    let b = evaluate(&model, &ids, 4, 3, Device::Cpu).expect("eval");
+    assert_eq!(a.tokens, b.tokens);
+    assert!((a.nll - b.nll).abs() < 1e-6, "batching changed the NLL: {} vs {}", a.nll, b.nll);
+}

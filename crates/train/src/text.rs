@@ -1,0 +1,114 @@
+//! Tokenizers (`tokenizer.json`) and text evaluation: token count, mean NLL, perplexity.
+use crate::{CausalLm, TrainError};
+use std::path::Path;
+use tch::{Device, Tensor};
+
+/// A Hugging Face tokenizer checked against a model's embedding.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`.
+    ///
+    /// # Errors
+    /// Missing or malformed file (named).
+    pub fn from_file(path: &Path) -> Result<Self, TrainError> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| TrainError::Config { path: path.to_path_buf(), message: format!("not a tokenizer.json: {e}") })?;
+        Ok(Self { inner })
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Checks that every id the tokenizer can produce has a row in the embedding.
+    ///
+    /// # Errors
+    /// A vocabulary larger than the embedding (both sizes named).
+    pub fn check_fits(&self, path: &Path, embedding_rows: i64) -> Result<(), TrainError> {
+        let max_id = self.inner.get_vocab(true).values().copied().max().unwrap_or(0) as i64;
+        if max_id >= embedding_rows {
+            return Err(TrainError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the tokenizer's vocabulary ({} tokens, largest id {max_id}) does not fit the model's embedding of {embedding_rows} rows",
+                    self.vocab_size()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Token ids of `text` (no special tokens added).
+    ///
+    /// # Errors
+    /// Tokenizer failures.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>, TrainError> {
+        let enc = self.inner.encode(text, false).map_err(|e| TrainError::Invalid(format!("tokenizing failed: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+}
+
+/// Reads a UTF-8 text file that is not empty.
+///
+/// # Errors
+/// Unreadable, empty or non-UTF-8 files (named).
+pub fn read_text(path: &Path) -> Result<String, TrainError> {
+    let bytes = std::fs::read(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        TrainError::Invalid(format!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))
+    })?;
+    if text.trim().is_empty() {
+        return Err(TrainError::Invalid(format!("{}: the text is empty", path.display())));
+    }
+    Ok(text)
+}
+
+/// Result of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct EvalResult {
+    /// Predicted tokens.
+    pub tokens: i64,
+    /// Mean negative log-likelihood per predicted token (nats).
+    pub nll: f64,
+    /// exp(nll).
+    pub perplexity: f64,
+}
+
+/// Evaluates next-token NLL over `ids` in non-overlapping windows of `context` tokens,
+/// `batch` windows at a time (a final shorter window is evaluated on its own).
+///
+/// # Errors
+/// Fewer than two tokens, context < 2, batch 0.
+pub fn evaluate(model: &CausalLm, ids: &[i64], context: usize, batch: usize, device: Device) -> Result<EvalResult, TrainError> {
+    if context < 2 || batch == 0 {
+        return Err(TrainError::Invalid(format!("context {context} / batch {batch}: use context >= 2 and batch >= 1")));
+    }
+    if ids.len() < 2 {
+        return Err(TrainError::Invalid(format!("the text has {} token(s): at least 2 are needed", ids.len())));
+    }
+    let windows: Vec<&[i64]> = ids.chunks(context).filter(|w| w.len() >= 2).collect();
+    let (full, rest): (Vec<&[i64]>, Vec<&[i64]>) = windows.into_iter().partition(|w| w.len() == context);
+    let mut total = 0.0f64;
+    let mut count = 0i64;
+    tch::no_grad(|| {
+        for group in full.chunks(batch) {
+            let flat: Vec<i64> = group.iter().flat_map(|w| w.iter().copied()).collect();
+            let t = Tensor::from_slice(&flat).view([group.len() as i64, context as i64]).to_device(device);
+            let (nll, n) = model.nll(&t);
+            total += nll * n as f64;
+            count += n;
+        }
+        for w in rest {
+            let t = Tensor::from_slice(w).view([1, w.len() as i64]).to_device(device);
+            let (nll, n) = model.nll(&t);
+            total += nll * n as f64;
+            count += n;
+        }
+    });
+    let nll = total / count as f64;
+    Ok(EvalResult { tokens: count, nll, perplexity: nll.exp() })
+}
