@@ -2,6 +2,7 @@
 //!
 //! Argument parsing, config files, progress and printing live here; the science lives in
 //! the library crates. Every error ends the process with one line and exit code 2.
+mod eval_cmd;
 mod theory_cmd;
 
 use clap::{Parser, Subcommand};
@@ -14,6 +15,7 @@ Examples:
   rankstab theory                                  # the default check (~2 min on 2 cores)
   rankstab theory --width 256 --ranks 4,16,64 --trials 4 --out runs/small
   rankstab theory --config theory.toml --optimizers adamw --scalings rslora,0.75
+  rankstab eval --model path/to/hf-model-dir --text book.txt --json
 
 Logs go to stderr; set RUST_LOG=debug for more.")]
 struct Cli {
@@ -26,6 +28,8 @@ enum Command {
     /// Monte Carlo check of Theorem 3.2 on synthetic networks: moments across ranks,
     /// fitted rank exponents with confidence intervals, verdicts against the prediction.
     Theory(Box<theory_cmd::TheoryArgs>),
+    /// Token count, mean NLL and perplexity of a Llama or GPT-J model on a text.
+    Eval(eval_cmd::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,14 +43,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Theory(args) => theory_cmd::run(*args),
+        Command::Eval(args) => eval_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rankstab: error: {e:#}");
+            eprintln!("rankstab: error: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, without repeating a cause that the message
+/// already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// `git rev-parse HEAD` of the working directory, if it is a git checkout.
