@@ -4,6 +4,7 @@
 //! and links against the libtorch installed by `scripts/setup.sh`.
 
 mod error;
+pub mod gguf;
 pub mod gptj;
 pub mod linear;
 pub mod llama;
@@ -11,6 +12,7 @@ pub mod lora;
 pub mod model;
 pub mod probe;
 pub mod text;
+pub mod trainer;
 pub mod weights;
 
 pub use error::TrainError;

@@ -3,7 +3,19 @@
 //! never look at the adapter, so adapters (and the probes around them) are attached
 //! without touching model code — the `with_tracing` pattern of candle.
 use crate::lora::LoraAdapter;
+use std::cell::RefCell;
 use tch::Tensor;
+
+/// What a probe keeps from the last forward pass of an adapter: its output (detached) and
+/// a zero leaf added to it, whose gradient after `backward` is the loss gradient at the
+/// adapter's output (tch has no hooks and no `retain_grad`).
+#[derive(Debug)]
+pub struct Capture {
+    /// The adapter's output gamma B A x (detached).
+    pub output: Tensor,
+    /// Zero leaf added to the output; its `.grad()` is dL/d(output) after backward.
+    pub probe: Tensor,
+}
 
 /// `y = x W^T + b [+ gamma B A x]`.
 #[derive(Debug)]
@@ -14,12 +26,14 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The adapter, once attached.
     pub adapter: Option<LoraAdapter>,
+    /// When set, forward passes record a [`Capture`] here.
+    pub capture: Option<RefCell<Option<Capture>>>,
 }
 
 impl Linear {
     /// A frozen linear map.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, adapter: None }
+        Self { weight, bias, adapter: None, capture: None }
     }
 
     /// (out, in).
@@ -35,7 +49,14 @@ impl Linear {
             y += b;
         }
         if let Some(d) = self.adapter.as_ref().and_then(|a| a.delta(x, train)) {
-            y += d;
+            match &self.capture {
+                Some(cell) => {
+                    let probe = d.zeros_like().set_requires_grad(true);
+                    y = y + &d + &probe;
+                    *cell.borrow_mut() = Some(Capture { output: d.detach(), probe });
+                }
+                None => y += d,
+            }
         }
         y
     }
