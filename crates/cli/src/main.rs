@@ -4,6 +4,7 @@
 //! the library crates. Every error ends the process with one line and exit code 2.
 mod eval_cmd;
 mod theory_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Command {
     Theory(Box<theory_cmd::TheoryArgs>),
     /// Token count, mean NLL and perplexity of a Llama or GPT-J model on a text.
     Eval(eval_cmd::EvalArgs),
+    /// One instrumented LoRA / rsLoRA fine-tuning run of a Llama or GPT-J model on a text.
+    Train(Box<train_cmd::TrainArgs>),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Theory(args) => theory_cmd::run(*args),
         Command::Eval(args) => eval_cmd::run(args),
+        Command::Train(args) => train_cmd::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
