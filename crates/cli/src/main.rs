@@ -31,6 +31,8 @@ enum Command {
     Theory(Box<theory_cmd::TheoryArgs>),
     /// Token count, mean NLL and perplexity of a Llama or GPT-J model on a text.
     Eval(eval_cmd::EvalArgs),
+    /// Greedy generation from a Llama or GPT-J model (chat template when it has one).
+    Generate(eval_cmd::GenerateArgs),
     /// One instrumented LoRA / rsLoRA fine-tuning run of a Llama or GPT-J model on a text.
     Train(Box<train_cmd::TrainArgs>),
 }
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Theory(args) => theory_cmd::run(*args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Train(args) => train_cmd::run(*args),
+        Command::Generate(args) => eval_cmd::run_generate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

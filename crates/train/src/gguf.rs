@@ -198,7 +198,8 @@ impl TensorInfo {
 
     /// Number of elements.
     pub fn numel(&self) -> u64 {
-        self.dims.iter().product()
+        // Saturating: a corrupt directory must give an error later, not an overflow here.
+        self.dims.iter().fold(1u64, |a, &d| a.saturating_mul(d))
     }
 }
 
@@ -292,7 +293,8 @@ impl<R: Read> Cursor<R> {
                 if n > self.len.saturating_sub(self.pos) {
                     return Err(self.truncated(key));
                 }
-                let mut out = Vec::with_capacity(n as usize);
+                // The capacity is capped: the count is only an upper bound until read.
+                let mut out = Vec::with_capacity(n.min(1 << 16) as usize);
                 for _ in 0..n {
                     out.push(self.value(elem, key, depth + 1)?);
                 }
@@ -345,7 +347,7 @@ impl GgufFile {
             let v = c.value(ty, &key, 0)?;
             metadata.insert(key, v);
         }
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity(n_tensors.min(1 << 16) as usize);
         for _ in 0..n_tensors {
             let name = c.string("a tensor name")?;
             let n_dims = c.u32(&name)?;
@@ -561,11 +563,21 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Vec<f32> {
 }
 
 /// Undoes llama.cpp's rope permutation of q/k rows: llama.cpp stores each head's rows as
-/// (hd/2, 2) interleaved pairs, transformers as two halves (2, hd/2).
-pub fn unpermute_rows(w: &Tensor, heads: i64) -> Tensor {
+/// (hd/2, 2) interleaved pairs, transformers as two halves (2, hd/2). Works on weights
+/// (out, in) and biases (out).
+///
+/// # Errors
+/// Rows that do not split into `heads` heads of an even size.
+pub fn unpermute_rows(w: &Tensor, heads: i64) -> Result<Tensor, tch::TchError> {
     let s = w.size();
-    let (out, inp) = (s[0], s[1]);
-    w.reshape([heads, out / heads / 2, 2, inp]).transpose(1, 2).reshape([out, inp])
+    let out = s.first().copied().unwrap_or(0);
+    let rest: Vec<i64> = s.iter().skip(1).copied().collect();
+    if heads <= 0 || out % (2 * heads) != 0 {
+        return Err(tch::TchError::Shape(format!("{out} rows do not split into {heads} heads of an even size")));
+    }
+    let mut split = vec![heads, out / heads / 2, 2];
+    split.extend(&rest);
+    w.f_reshape(split.as_slice())?.f_transpose(1, 2)?.f_reshape(s.as_slice())
 }
 
 /// The Hugging Face name of a llama.cpp tensor name of the llama architecture.
@@ -661,12 +673,21 @@ impl GgufFile {
             })?;
             let mut w = self.read_f32(t)?;
             // q rows are permuted per query head, k rows per key/value head (llama.cpp's
-            // convert_hf_to_gguf.py `permute`). Biases of q/k would need the same; checked
-            // as a 1-row case by the reshape.
-            if t.name.ends_with("attn_q.weight") {
-                w = unpermute_rows(&w, config.num_heads);
-            } else if t.name.ends_with("attn_k.weight") {
-                w = unpermute_rows(&w, config.num_kv_heads);
+            // convert_hf_to_gguf.py `permute`), biases as the weights' rows.
+            let heads = if t.name.contains("attn_q.") {
+                Some(config.num_heads)
+            } else if t.name.contains("attn_k.") {
+                Some(config.num_kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                w = unpermute_rows(&w, h).map_err(|_| TrainError::Shape {
+                    path: self.path.clone(),
+                    name: t.name.clone(),
+                    expected: vec![h * config.head_dim, config.hidden_size],
+                    found: w.size(),
+                })?;
             }
             out.insert(name, w);
         }
@@ -754,29 +775,16 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
                 .map(|v| v.as_str().map(serde_json::Value::from).ok_or_else(|| bad("GGUF merges hold a non-string".into())))
                 .collect::<Result<_, _>>()?;
             let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-            let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-            let pre_tokenizer = match pre {
-                "default" | "gpt-2" | "gpt2" => byte_level,
-                "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => serde_json::json!({
-                    "type": "Sequence",
-                    "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]
-                }),
+            let digits = match pre {
+                "default" | "gpt-2" | "gpt2" => false,
+                "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => true,
                 other => {
                     return Err(bad(format!(
                         "GGUF tokenizer.ggml.pre {other:?} is not supported (supported: default, gpt-2, smollm, starcoder)"
                     )))
                 }
             };
-            Ok(serde_json::json!({
-                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-                "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
-                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                "model": {
-                    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                    "vocab": vocab, "merges": merges
-                }
-            }))
+            Ok(byte_level_bpe_json(vocab, merges, added, digits))
         }
         "llama" => {
             let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
@@ -816,6 +824,38 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
         }
         other => Err(bad(format!("GGUF tokenizer.ggml.model {other:?} is not supported (supported: gpt2, llama)"))),
     }
+}
+
+/// A byte-level BPE `tokenizer.json` (GPT-2's scheme): GPT-2's pre-tokenization regex,
+/// preceded by splitting digits one by one when `split_digits` (StarCoder/SmolLM style).
+/// `merges` are "a b" strings or [a, b] pairs; `added` are added-token objects.
+pub fn byte_level_bpe_json(
+    vocab: serde_json::Map<String, serde_json::Value>,
+    merges: Vec<serde_json::Value>,
+    added: Vec<serde_json::Value>,
+    split_digits: bool,
+) -> serde_json::Value {
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = if split_digits {
+        serde_json::json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+    } else {
+        byte_level
+    };
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    })
+}
+
+/// An added-token object of `tokenizer.json`.
+pub fn added_token_json(id: usize, content: &str, special: bool) -> serde_json::Value {
+    added_token(id, content, special)
 }
 
 /// Merges of a SentencePiece BPE vocabulary: every split of a normal piece into two normal
@@ -880,7 +920,11 @@ mod tests {
         let w = Tensor::arange(heads * hd * inp, (Kind::Float, Device::Cpu)).reshape([heads * hd, inp]);
         // llama.cpp: reshape(h, 2, hd/2, in).swapaxes(1, 2).
         let permuted = w.reshape([heads, 2, hd / 2, inp]).transpose(1, 2).reshape([heads * hd, inp]);
-        assert!(unpermute_rows(&permuted, heads).equal(&w));
+        assert!(unpermute_rows(&permuted, heads).expect("splits").equal(&w));
+        let b = Tensor::arange(heads * hd, (Kind::Float, Device::Cpu));
+        let pb = b.reshape([heads, 2, hd / 2]).transpose(1, 2).reshape([heads * hd]);
+        assert!(unpermute_rows(&pb, heads).expect("splits").equal(&b));
+        assert!(unpermute_rows(&w.narrow(0, 0, 5), heads).is_err());
     }
 
     #[test]

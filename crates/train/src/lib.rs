@@ -3,14 +3,18 @@
 //! This crate is filled by the training issues; for now it proves that the workspace builds
 //! and links against the libtorch installed by `scripts/setup.sh`.
 
+pub mod device;
 mod error;
+pub mod generate;
 pub mod gguf;
 pub mod gptj;
 pub mod linear;
 pub mod llama;
+pub mod load;
 pub mod lora;
 pub mod model;
 pub mod probe;
+pub mod random;
 pub mod text;
 pub mod trainer;
 pub mod weights;

@@ -241,14 +241,14 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[&x2.neg(), &x1], -1)
 }
 
-/// Causal attention of q (B, H, T, hd) over k, v (B, H, T, hd), softmax in f32.
+/// Causal attention of q (B, H, T, hd) over k, v (B, KVH, T, hd), where KVH divides H
+/// (grouped-query heads are shared without copying k and v). libtorch's fused
+/// scaled-dot-product attention, as transformers' default "sdpa" attention uses: it
+/// accumulates the softmax in f32 and never materialises the T x T scores on CPU, which
+/// keeps long contexts at transformers' speed and memory.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-    let t = q.size()[2];
-    let hd = q.size()[3] as f64;
-    let scores = q.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float) / hd.sqrt();
-    let mask = Tensor::ones([t, t], (Kind::Bool, q.device())).triu(1);
-    let scores = scores.masked_fill(&mask, f64::NEG_INFINITY);
-    scores.softmax(-1, Kind::Float).to_kind(v.kind()).matmul(v)
+    let gqa = q.size()[1] != k.size()[1];
+    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, gqa)
 }
 
 impl Attention {
@@ -260,13 +260,6 @@ impl Attention {
         let v = self.v_proj.forward(x, train).view([b, t, kvh, hd]).transpose(1, 2);
         let q = &q * cos + rotate_half(&q) * sin;
         let k = &k * cos + rotate_half(&k) * sin;
-        let rep = h / kvh;
-        let (k, v) = if rep > 1 {
-            let expand = |z: Tensor| z.unsqueeze(2).expand([b, kvh, rep, t, hd], false).reshape([b, h, t, hd]);
-            (expand(k), expand(v))
-        } else {
-            (k, v)
-        };
         let y = causal_attention(&q, &k, &v).transpose(1, 2).reshape([b, t, h * hd]);
         self.o_proj.forward(&y, train)
     }

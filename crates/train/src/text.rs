@@ -19,6 +19,35 @@ impl TextTokenizer {
         Ok(Self { inner })
     }
 
+    /// A tokenizer from the text of a `tokenizer.json` (e.g. one built from GGUF metadata
+    /// by [`crate::gguf::tokenizer_json`]); `origin` names where it came from in errors.
+    ///
+    /// # Errors
+    /// Malformed JSON or an unknown component (named).
+    pub fn from_json(json: &str, origin: &Path) -> Result<Self, TrainError> {
+        let inner = json
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| TrainError::Config { path: origin.to_path_buf(), message: format!("not a valid tokenizer: {e}") })?;
+        Ok(Self { inner })
+    }
+
+    /// Text of token ids; special tokens are kept when `keep_special`.
+    ///
+    /// # Errors
+    /// An id outside the vocabulary.
+    pub fn decode(&self, ids: &[i64], keep_special: bool) -> Result<String, TrainError> {
+        let ids: Vec<u32> = ids
+            .iter()
+            .map(|&i| u32::try_from(i).map_err(|_| TrainError::Invalid(format!("token id {i} is not a vocabulary id"))))
+            .collect::<Result<_, _>>()?;
+        self.inner.decode(&ids, !keep_special).map_err(|e| TrainError::Invalid(format!("decoding failed: {e}")))
+    }
+
+    /// The id of a token string (including added and special tokens).
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -1,0 +1,160 @@
+//! Randomly initialised models of a given shape — the paper's Llama-2-7B and GPT-J-6B
+//! presets for accelerator runs where the weights are not available, and small shapes for
+//! tests. Weights are created under their Hugging Face names and go through the same
+//! loader as a checkpoint, so names and shapes cannot drift from the real thing.
+//! Initialisation follows transformers' `_init_weights`: normal(0, 0.02) for matrices and
+//! embeddings, ones for norm gains, zeros for biases.
+use crate::gptj::{self, Gptj};
+use crate::llama::{self, Llama};
+use crate::weights::Weights;
+use crate::{CausalLm, TrainError};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+/// transformers' default `initializer_range`.
+pub const INIT_STD: f64 = 0.02;
+
+/// (Hugging Face name, shape) of every tensor of a Llama model.
+pub fn llama_shapes(c: &llama::Config) -> Vec<(String, Vec<i64>)> {
+    let (d, f, hd, h, kv) = (c.hidden_size, c.intermediate_size, c.head_dim, c.num_heads, c.num_kv_heads);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d])];
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        let mut lin = |name: &str, o: i64, inp: i64, bias: bool| {
+            out.push((format!("{p}.{name}.weight"), vec![o, inp]));
+            if bias {
+                out.push((format!("{p}.{name}.bias"), vec![o]));
+            }
+        };
+        lin("self_attn.q_proj", h * hd, d, c.attention_bias);
+        lin("self_attn.k_proj", kv * hd, d, c.attention_bias);
+        lin("self_attn.v_proj", kv * hd, d, c.attention_bias);
+        lin("self_attn.o_proj", d, h * hd, c.attention_bias);
+        lin("mlp.gate_proj", f, d, c.mlp_bias);
+        lin("mlp.up_proj", f, d, c.mlp_bias);
+        lin("mlp.down_proj", d, f, c.mlp_bias);
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![d]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![c.vocab_size, d]));
+    }
+    out
+}
+
+/// (Hugging Face name, shape) of every tensor of a GPT-J model.
+pub fn gptj_shapes(c: &gptj::Config) -> Vec<(String, Vec<i64>)> {
+    let (d, f) = (c.n_embd, c.n_inner);
+    let mut out = vec![("transformer.wte.weight".to_string(), vec![c.vocab_size, d])];
+    for i in 0..c.n_layer {
+        let p = format!("transformer.h.{i}");
+        for n in ["ln_1.weight", "ln_1.bias"] {
+            out.push((format!("{p}.{n}"), vec![d]));
+        }
+        for n in ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"] {
+            out.push((format!("{p}.{n}.weight"), vec![d, d]));
+        }
+        out.push((format!("{p}.mlp.fc_in.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.fc_in.bias"), vec![f]));
+        out.push((format!("{p}.mlp.fc_out.weight"), vec![d, f]));
+        out.push((format!("{p}.mlp.fc_out.bias"), vec![d]));
+    }
+    out.push(("transformer.ln_f.weight".to_string(), vec![d]));
+    out.push(("transformer.ln_f.bias".to_string(), vec![d]));
+    out.push(("lm_head.weight".to_string(), vec![c.vocab_size, d]));
+    out.push(("lm_head.bias".to_string(), vec![c.vocab_size]));
+    out
+}
+
+/// Number of parameters of a shape list.
+pub fn parameter_count(shapes: &[(String, Vec<i64>)]) -> i64 {
+    shapes.iter().map(|(_, s)| s.iter().product::<i64>()).sum()
+}
+
+fn init(shapes: Vec<(String, Vec<i64>)>, kind: Kind, device: Device, seed: i64) -> BTreeMap<String, Tensor> {
+    tch::manual_seed(seed);
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let norm_gain = shape.len() == 1 && (name.contains("norm") || name.contains("ln_")) && name.ends_with(".weight");
+            let t = if norm_gain {
+                Tensor::ones(shape.as_slice(), (kind, device))
+            } else if shape.len() == 1 {
+                Tensor::zeros(shape.as_slice(), (kind, device))
+            } else {
+                Tensor::randn(shape.as_slice(), (kind, device)) * INIT_STD
+            };
+            (name, t)
+        })
+        .collect()
+}
+
+/// A Llama model of shape `config` with random weights (seeded), in `kind` on `device`.
+///
+/// # Errors
+/// Only if the shape list and the loader disagree (a bug), reported like a checkpoint error.
+pub fn llama(config: llama::Config, kind: Kind, device: Device, seed: i64) -> Result<Llama, TrainError> {
+    let tensors = init(llama_shapes(&config), kind, device, seed);
+    let mut w = Weights::from_tensors(PathBuf::from("<random llama>"), tensors, kind, device);
+    Llama::load(config, &mut w)
+}
+
+/// A GPT-J model of shape `config` with random weights (seeded), in `kind` on `device`.
+///
+/// # Errors
+/// Only if the shape list and the loader disagree (a bug), reported like a checkpoint error.
+pub fn gptj(config: gptj::Config, kind: Kind, device: Device, seed: i64) -> Result<Gptj, TrainError> {
+    let tensors = init(gptj_shapes(&config), kind, device, seed);
+    let mut w = Weights::from_tensors(PathBuf::from("<random gptj>"), tensors, kind, device);
+    Gptj::load(config, &mut w)
+}
+
+/// The paper's model shapes by name: `llama-2-7b` or `gpt-j-6b`, randomly initialised.
+/// (About 13.5 GB in bf16 each: for accelerator machines.)
+///
+/// # Errors
+/// An unknown name.
+pub fn preset(name: &str, kind: Kind, device: Device, seed: i64) -> Result<CausalLm, TrainError> {
+    match name {
+        "llama-2-7b" => Ok(CausalLm::Llama(llama(llama::Config::llama2_7b(), kind, device, seed)?)),
+        "gpt-j-6b" => Ok(CausalLm::Gptj(gptj(gptj::Config::gptj_6b(), kind, device, seed)?)),
+        other => Err(TrainError::Invalid(format!("preset {other:?} is not known (known: llama-2-7b, gpt-j-6b)"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The presets have the parameter counts of transformers' models of the same shape
+    /// (`LlamaForCausalLM` of Llama-2-7B's config; `GPTJForCausalLM(GPTJConfig())`, whose
+    /// defaults are GPT-J-6B's), counted there on the meta device.
+    #[test]
+    fn presets_have_the_real_parameter_counts() {
+        assert_eq!(parameter_count(&llama_shapes(&llama::Config::llama2_7b())), 6_738_415_616);
+        assert_eq!(parameter_count(&gptj_shapes(&gptj::Config::gptj_6b())), 6_050_882_784);
+    }
+
+    #[test]
+    fn small_random_models_build_and_run() {
+        let mut c = llama::Config::llama2_7b();
+        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) =
+            (50, 32, 64, 2, 4, 2, 8);
+        c.tie_word_embeddings = true;
+        let m = llama(c, Kind::Float, Device::Cpu, 1).expect("builds");
+        let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
+        assert_eq!(m.forward(&ids, false).size(), [1, 4, 50]);
+        assert!(m.lm_head.is_none());
+        let mut g = gptj::Config::gptj_6b();
+        (g.vocab_size, g.n_embd, g.n_layer, g.n_head, g.head_dim, g.rotary_dim, g.n_inner) = (60, 32, 2, 4, 8, 4, 64);
+        let m = gptj(g, Kind::Float, Device::Cpu, 1).expect("builds");
+        let y = m.forward(&ids, false);
+        assert_eq!(y.size(), [1, 4, 60]);
+        // Random init: logits are small but not all equal.
+        let s = y.std(false).double_value(&[]);
+        assert!(s > 1e-4 && s < 1.0, "{s}");
+        assert!(preset("llama-3", Kind::Float, Device::Cpu, 0).is_err());
+    }
+}
