@@ -3,6 +3,7 @@
 //! Argument parsing, config files, progress and printing live here; the science lives in
 //! the library crates. Every error ends the process with one line and exit code 2.
 mod eval_cmd;
+mod report_cmd;
 mod theory_cmd;
 mod train_cmd;
 
@@ -33,6 +34,8 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Greedy generation from a Llama or GPT-J model (chat template when it has one).
     Generate(eval_cmd::GenerateArgs),
+    /// Theory versus observation: figures, tables and verdicts from run directories.
+    Report(report_cmd::ReportArgs),
     /// One instrumented LoRA / rsLoRA fine-tuning run of a Llama or GPT-J model on a text.
     Train(Box<train_cmd::TrainArgs>),
 }
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval_cmd::run(args),
         Command::Train(args) => train_cmd::run(*args),
         Command::Generate(args) => eval_cmd::run_generate(args),
+        Command::Report(args) => report_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,194 @@
-//! Reads run directories and writes theory-versus-observation reports (later issue).
+//! Theory-versus-observation reports for rank-stabilized LoRA.
+//!
+//! Reads any set of run directories (`rankstab theory` and `rankstab train`, the shared
+//! record format of `rankstab-records`), fits rank exponents with confidence intervals, sets
+//! them against the predictions of `proofs/` and the Monte Carlo, and writes a
+//! self-contained `index.html`, a `report.md`, `exponents.csv` and `figures/` (PNG and SVG).
+//!
+//! The stages are separate modules: [`load`] (files to records, reporting unusable
+//! directories), [`analyse`] (pure statistics and figure data), [`figures`] (plotters, in
+//! memory), [`render`] (templates); [`build_report`] runs them and writes the files.
+//!
+//! ```no_run
+//! use rankstab_report::{build_report, ReportOptions};
+//! let out = build_report(&["runs/theory".into()], std::path::Path::new("reports/x"), &ReportOptions::default()).unwrap();
+//! println!("{}", out.index_html.display());
+//! ```
+
+pub mod analyse;
+mod error;
+pub mod figures;
+pub mod load;
+pub mod render;
+
+pub use analyse::{AnalysisOptions, ExponentRow};
+pub use error::ReportError;
+pub use load::{RunKind, Skipped};
+
+use error::io_err;
+use std::path::{Component, Path, PathBuf};
+
+/// Options of a report.
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    /// Analysis settings (tolerance, step windows, panels).
+    pub analysis: AnalysisOptions,
+    /// The repository's `proofs/` directory, for relative links (plain names when unknown).
+    pub proofs_dir: Option<PathBuf>,
+    /// Page title.
+    pub title: String,
+    /// Revision of the tool writing the report.
+    pub git_revision: Option<String>,
+    /// Generation time to print (RFC 3339); now when `None`. Fixed in tests and examples so
+    /// a committed report does not change when rebuilt.
+    pub generated: Option<String>,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        Self {
+            analysis: AnalysisOptions::default(),
+            proofs_dir: None,
+            title: "rankstab report: rank stabilization, theory versus observation".into(),
+            git_revision: None,
+            generated: None,
+        }
+    }
+}
+
+/// What [`build_report`] wrote.
+#[derive(Debug, Clone)]
+pub struct ReportOutcome {
+    /// `OUT/index.html`.
+    pub index_html: PathBuf,
+    /// `OUT/report.md`.
+    pub report_md: PathBuf,
+    /// `OUT/exponents.csv`.
+    pub exponents_csv: PathBuf,
+    /// Run directories used.
+    pub used: Vec<PathBuf>,
+    /// Directories not used, with reasons.
+    pub skipped: Vec<Skipped>,
+    /// Figures written (each as PNG and SVG).
+    pub figures: usize,
+    /// Exponent rows written.
+    pub exponents: usize,
+}
+
+/// Reads `run_dirs`, analyses them and writes the report into `out` (created if needed;
+/// files of an earlier report there are replaced).
+///
+/// # Errors
+/// [`ReportError::NoUsableRuns`] when none of the directories can be used (the others are
+/// listed in [`ReportOutcome::skipped`]); I/O, plotting or template errors.
+pub fn build_report(run_dirs: &[PathBuf], out: &Path, opts: &ReportOptions) -> Result<ReportOutcome, ReportError> {
+    let (runs, skipped) = load::load_runs(run_dirs)?;
+    let analysis = analyse::analyse(&runs, &skipped, &opts.analysis);
+    let figures: Vec<figures::Figure> = analysis.plots.iter().map(figures::draw).collect::<Result<_, _>>()?;
+
+    std::fs::create_dir_all(out.join("figures")).map_err(io_err(out))?;
+    let out_abs = absolute(out);
+    let (proofs_href, proofs_where) = match &opts.proofs_dir {
+        Some(p) => {
+            let rel = relative_to(&absolute(p), &out_abs);
+            (format!("{}/", rel.display()), format!("links are relative to this report: {}", rel.display()))
+        }
+        None => ("proofs/".into(), "the proofs/ folder of the rankstab repository".into()),
+    };
+    let meta = render::PageMeta {
+        title: opts.title.clone(),
+        generated: opts
+            .generated
+            .clone()
+            .unwrap_or_else(|| chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        tool: format!("rankstab {}", env!("CARGO_PKG_VERSION")),
+        git_revision: opts.git_revision.clone().unwrap_or_else(|| "unknown".into()),
+        inputs: run_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+        proofs_href,
+        proofs_where,
+    };
+    for f in &figures {
+        write(&out.join("figures").join(format!("{}.png", f.name)), &f.png)?;
+        write(&out.join("figures").join(format!("{}.svg", f.name)), f.svg.as_bytes())?;
+    }
+    let rows: Vec<&ExponentRow> = analysis
+        .theory
+        .iter()
+        .flat_map(|s| s.rows.iter())
+        .chain(analysis.train.iter().flat_map(|t| t.rows.iter()))
+        .collect();
+    let exponents_csv = out.join("exponents.csv");
+    write_csv(&exponents_csv, &rows)?;
+    let html = render::html(&meta, &analysis, &figures)?;
+    let md = render::markdown(&meta, &analysis, &figures)?;
+    let index_html = out.join("index.html");
+    let report_md = out.join("report.md");
+    write(&index_html, html.as_bytes())?;
+    write(&report_md, md.as_bytes())?;
+    Ok(ReportOutcome {
+        index_html,
+        report_md,
+        exponents_csv,
+        used: runs.iter().map(|r| r.dir.clone()).collect(),
+        skipped,
+        figures: figures.len(),
+        exponents: rows.len(),
+    })
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+    std::fs::write(path, bytes).map_err(io_err(path))
+}
+
+fn write_csv(path: &Path, rows: &[&ExponentRow]) -> Result<(), ReportError> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for r in rows {
+        w.serialize(r).map_err(|e| ReportError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+    }
+    if rows.is_empty() {
+        w.write_record(["source", "model", "module", "layer", "window", "site", "stat", "m", "slope"])
+            .map_err(|e| ReportError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+    }
+    let bytes = w.into_inner().map_err(|e| ReportError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+    write(path, &bytes)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    let p = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_path_buf()) };
+    // Lexical normalisation (the output directory may not exist yet).
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `target` relative to the directory `base` (both absolute and normalised).
+///
+/// ```
+/// use std::path::Path;
+/// let rel = rankstab_report::relative_to(Path::new("/repo/proofs"), Path::new("/repo/reports/2024"));
+/// assert_eq!(rel, Path::new("../../proofs"));
+/// ```
+pub fn relative_to(target: &Path, base: &Path) -> PathBuf {
+    let t: Vec<Component> = target.components().collect();
+    let b: Vec<Component> = base.components().collect();
+    let common = t.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}

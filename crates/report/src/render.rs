@@ -1,0 +1,263 @@
+//! HTML and Markdown from two small templates (`templates/`) filled by `Serialize` structs.
+//!
+//! The HTML template is auto-escaped (minijinja escapes every `{{ }}` in a `.html`
+//! template); the Markdown template escapes every text field with the `md` filter.
+use crate::analyse::Analysis;
+use crate::figures::Figure;
+use crate::ReportError;
+use base64::Engine as _;
+use minijinja::{Environment, Value};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+const INDEX: &str = include_str!("../templates/index.html");
+const MARKDOWN: &str = include_str!("../templates/report.md");
+
+/// The derivations the report links to (`proofs/` in the repository).
+pub const PROOFS: [(&str, &str); 5] = [
+    ("README.md", "notation and index of the derivations"),
+    ("theorem-3.2-sgd.md", "Theorem 3.2 under SGD: moments scale as r^(m(1-2 beta)); rsLoRA is rank-flat"),
+    ("adam.md", "the Adam counterpart in the sign-like regime: r^(m(1-beta)); standard LoRA is rank-flat"),
+    ("first-step.md", "the exact second moment after one SGD step"),
+    ("finite-rank.md", "finite-rank and incoherent-input corrections: the two-term law and the predicted slopes"),
+];
+
+/// Most training rows shown inline (the rest are in exponents.csv).
+const MAX_INLINE_ROWS: usize = 1500;
+
+/// What the page says about the report itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct PageMeta {
+    /// Page title.
+    pub title: String,
+    /// Generation time (RFC 3339).
+    pub generated: String,
+    /// "rankstab 0.1.0".
+    pub tool: String,
+    /// Revision of the tool, when known.
+    pub git_revision: String,
+    /// The directories given, as text.
+    pub inputs: String,
+    /// Prefix of links to proofs/ files (relative to the report, ends with '/').
+    pub proofs_href: String,
+    /// Where proofs/ is, in words.
+    pub proofs_where: String,
+}
+
+#[derive(Serialize)]
+struct FigureView {
+    name: String,
+    title: String,
+    caption: String,
+    data_uri: String,
+    png_file: String,
+    svg_file: String,
+    width: u32,
+    height: u32,
+}
+
+#[derive(Serialize)]
+struct ProofView {
+    file: &'static str,
+    what: &'static str,
+}
+
+#[derive(Serialize)]
+struct Page<'a> {
+    #[serde(flatten)]
+    meta: &'a PageMeta,
+    analysis: &'a Analysis,
+    figures: BTreeMap<String, FigureView>,
+    proofs: Vec<ProofView>,
+    train_law_choice: &'static str,
+    max_inline_rows: usize,
+}
+
+/// How training predictions are made, in one paragraph (also in `analyse`'s docs).
+pub const TRAIN_LAW_CHOICE: &str = "forward moments use the finite-rank law with the coherence kappa measured in a theory run \
+given to this report (its fresh-input regime when present, as training draws a new batch every step), else the coherent \
+limit m (1 - a beta), which is the paper's law; input gradients use kappa = 1/(d + k4 - 2) with the module's width d; \
+parameter norms use kappa = 0; A is assumed to have PEFT's default Kaiming-uniform init. Exponents are fitted per module \
+and layer and on the mean over layers, within step windows (step 0, then equal-count chunks of the recorded steps).";
+
+/// Escapes text for HTML (what the template engine does to every field, for callers that
+/// build HTML by hand).
+///
+/// ```
+/// assert_eq!(rankstab_report::render::escape_html("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#x27;");
+/// ```
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#x27;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Escapes text for a Markdown table cell or paragraph: no raw HTML, no cell breaks, no
+/// emphasis or link syntax taken from data.
+///
+/// ```
+/// assert_eq!(rankstab_report::render::escape_md("a|b <i>*x*</i>\n[y]"), "a\\|b &lt;i&gt;\\*x\\*&lt;/i&gt; \\[y\\]");
+/// ```
+pub fn escape_md(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\n' | '\r' => out.push(' '),
+            '|' | '*' | '_' | '`' | '[' | ']' | '\\' | '#' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn as_f64(v: &Value) -> Option<f64> {
+    if v.is_none() || v.is_undefined() {
+        return None;
+    }
+    f64::try_from(v.clone()).ok()
+}
+
+/// A slope or other small number: signed, two decimals; missing or NaN as "-".
+fn num(v: Value) -> String {
+    match as_f64(&v) {
+        Some(x) if x.is_finite() => format!("{x:+.2}"),
+        Some(x) if x.is_nan() => "NaN".into(),
+        Some(x) => format!("{x}"),
+        None => "-".into(),
+    }
+}
+
+fn sci(v: Value) -> String {
+    match as_f64(&v) {
+        Some(x) => format!("{x:.4e}"),
+        None => "-".into(),
+    }
+}
+
+fn yesno(v: Value) -> String {
+    if v.is_none() || v.is_undefined() {
+        "-".into()
+    } else if v.is_true() {
+        "yes".into()
+    } else {
+        "no".into()
+    }
+}
+
+fn yesno_class(v: Value) -> String {
+    if v.is_none() || v.is_undefined() {
+        String::new()
+    } else if v.is_true() {
+        "yes".into()
+    } else {
+        "no".into()
+    }
+}
+
+fn md(v: Value) -> String {
+    if v.is_none() || v.is_undefined() {
+        return String::new();
+    }
+    escape_md(&v.as_str().map_or_else(|| v.to_string(), str::to_string))
+}
+
+fn env() -> Result<Environment<'static>, ReportError> {
+    let mut env = Environment::new();
+    env.add_filter("num", num);
+    env.add_filter("sci", sci);
+    env.add_filter("yesno", yesno);
+    env.add_filter("yesno_class", yesno_class);
+    env.add_filter("md", md);
+    env.add_template("index.html", INDEX).map_err(|source| ReportError::Template { name: "index.html", source })?;
+    env.add_template("report.md", MARKDOWN).map_err(|source| ReportError::Template { name: "report.md", source })?;
+    Ok(env)
+}
+
+fn page<'a>(meta: &'a PageMeta, analysis: &'a Analysis, figures: &[Figure], inline: bool) -> Page<'a> {
+    let figures = figures
+        .iter()
+        .map(|f| {
+            let data_uri = if inline {
+                format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&f.png))
+            } else {
+                String::new()
+            };
+            let view = FigureView {
+                name: f.name.clone(),
+                title: f.title.clone(),
+                caption: f.caption.clone(),
+                data_uri,
+                png_file: format!("figures/{}.png", f.name),
+                svg_file: format!("figures/{}.svg", f.name),
+                width: f.size.0,
+                height: f.size.1,
+            };
+            (f.name.clone(), view)
+        })
+        .collect();
+    Page {
+        meta,
+        analysis,
+        figures,
+        proofs: PROOFS.iter().map(|&(file, what)| ProofView { file, what }).collect(),
+        train_law_choice: TRAIN_LAW_CHOICE,
+        max_inline_rows: MAX_INLINE_ROWS,
+    }
+}
+
+/// The self-contained `index.html`: figures inline as base64 PNG.
+///
+/// # Errors
+/// [`ReportError::Template`] if the template fails.
+pub fn html(meta: &PageMeta, analysis: &Analysis, figures: &[Figure]) -> Result<String, ReportError> {
+    let env = env()?;
+    let t = env.get_template("index.html").map_err(|source| ReportError::Template { name: "index.html", source })?;
+    t.render(page(meta, analysis, figures, true)).map_err(|source| ReportError::Template { name: "index.html", source })
+}
+
+/// `report.md`: figures referenced as files under `figures/`.
+///
+/// # Errors
+/// [`ReportError::Template`] if the template fails.
+pub fn markdown(meta: &PageMeta, analysis: &Analysis, figures: &[Figure]) -> Result<String, ReportError> {
+    let env = env()?;
+    let t = env.get_template("report.md").map_err(|source| ReportError::Template { name: "report.md", source })?;
+    t.render(page(meta, analysis, figures, false)).map_err(|source| ReportError::Template { name: "report.md", source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_format_missing_values() {
+        assert_eq!(num(Value::from(())), "-");
+        assert_eq!(num(Value::from(-0.254)), "-0.25");
+        assert_eq!(num(Value::from(f64::NAN)), "NaN");
+        assert_eq!(yesno(Value::from(true)), "yes");
+        assert_eq!(yesno(Value::from(())), "-");
+    }
+
+    #[test]
+    fn every_linked_proof_exists() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proofs");
+        for (file, _) in PROOFS {
+            assert!(dir.join(file).is_file(), "proofs/{file} is linked from the report but missing");
+        }
+    }
+}
