@@ -23,6 +23,9 @@
 //! [`proofs/finite-rank.md`]) and parameter norms kappa = 0. Both limits (coherent and
 //! incoherent) are always shown; `in_band` says whether the interval meets the band between
 //! them. A with PEFT's default Kaiming-uniform init is assumed (kurtosis 9/5).
+// Grouping maps keyed by tuples of axis values read best spelled out where they are built.
+#![allow(clippy::type_complexity)]
+
 use crate::load::{Run, RunKind, Skipped};
 use rankstab_records::{Fit, MetricRow, MomentRow};
 use rankstab_theory::predict::{law, Law};
@@ -728,6 +731,10 @@ fn theory_section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> T
         .filter(|r| (r.stat == "abs" && r.m == order) || r.site == "param")
         .cloned()
         .collect();
+    let mut shown = shown;
+    shown.sort_by(|a, b| {
+        (&a.optimizer, &a.inputs, beta_key(a.beta), &a.site, &a.stat).cmp(&(&b.optimizer, &b.inputs, beta_key(b.beta), &b.site, &b.stat))
+    });
     let total = rows.iter().filter(|r| r.agrees.is_some()).count();
     let agree = rows.iter().filter(|r| r.agrees == Some(true)).count();
     let checks: Vec<CheckRow> = run
@@ -814,8 +821,10 @@ fn theory_section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> T
                 name,
                 title: format!("{} vs rank: {opt}, {inputs} inputs ({})", stat_label(site, stat, m), run.id),
                 caption: format!(
-                    "Theory run {}: mean over trials with 95% intervals, log-log; solid: fitted slope, dashed: predicted \
-                     (finite-rank law). Layer 0, {opt}, {inputs} inputs, one panel per step.",
+                    "Theory run {}: mean over trials with the 95% interval of each mean, log-log; thin solid line: fitted \
+                     slope, thick dashed line: predicted (finite-rank law). Layer 0, {opt}, {inputs} inputs, one panel per \
+                     step. Trials share their random draws across ranks, so the slope is much sharper than the \
+                     intervals of single points.",
                     run.id
                 ),
                 kind: PlotKind::Rank(panels),
@@ -1178,6 +1187,7 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
             combos.insert((k.model.clone(), k.optimizer.clone(), k.beta, k.scaling.clone(), k.site.clone(), k.stat.clone()));
         }
     }
+    let multi_lr = data.keys().map(|k| k.lr.as_str()).collect::<BTreeSet<_>>().len() > 1;
     for (model, opt, bkey, scaling, site, stat) in &combos {
         let m = if stat == "abs" { order } else { 1 };
         let keys: Vec<(&TrainKey, BTreeMap<u32, ByRank>)> = data
@@ -1201,7 +1211,7 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
                 let ranks: Vec<u32> = br.keys().copied().collect();
                 let width = widths.get(&format!("{}/{}/{}", k.model, k.module, k.site)).copied().unwrap_or(0);
                 let predicted = predict_train(opt, site, stat, m, width, beta_of_key(*bkey), &ranks, kappa.as_ref()).predicted;
-                let name = if k.lr.is_empty() { k.module.clone() } else { format!("{} lr {}", k.module, k.lr) };
+                let name = if multi_lr { format!("{} lr {}", k.module, k.lr) } else { k.module.clone() };
                 series.push(RankSeries { label: series_label(&name, fitted, predicted), points, fitted, predicted });
             }
             if !series.is_empty() {
@@ -1242,7 +1252,7 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
                 .collect();
             let predicted = cells.iter().find_map(|r| r.predicted);
             let stat = cells.first().map_or(String::new(), |r| r.stat.clone());
-            let name = slug(&format!("train-{model}-{opt}-{scaling}-{site}-{stat}-heatmap{}", if lr.is_empty() { String::new() } else { format!("-lr{lr}") }));
+            let name = slug(&format!("train-{model}-{opt}-{scaling}-{site}-{stat}-heatmap{}", if multi_lr { format!("-lr{lr}") } else { String::new() }));
             figures.push(name.clone());
             plots.push(Plot {
                 name,
@@ -1375,7 +1385,7 @@ fn describe_factor(slope: f64, ci: (f64, f64)) -> String {
 }
 
 fn fmt_sig(x: f64) -> String {
-    if x >= 100.0 || x < 0.01 {
+    if !(0.01..100.0).contains(&x) {
         format!("{x:.2e}")
     } else {
         format!("{x:.3}")

@@ -47,7 +47,7 @@ fn size_of(plot: &Plot) -> (u32, u32) {
         }
         PlotKind::Step { panels, .. } => (panels.len().clamp(1, 3) as u32 * 520, 440),
         PlotKind::Heat { rows, cols, .. } => (
-            (cols.len() as u32 * 70 + 260).max(520),
+            (cols.len() as u32 * 70 + 260).max(plot.title.chars().count() as u32 * 11 + 40).max(520),
             (rows.len() as u32 * 18 + 150).clamp(300, 1400),
         ),
     }
@@ -111,8 +111,12 @@ where
         PlotKind::Step { y_label, log_y, panels } => {
             let n = panels.len().clamp(1, 3);
             let areas = body.split_evenly((1, n));
+            // One y range for all panels, so LoRA and rsLoRA compare at a glance.
+            let ys = panels.iter().flat_map(|p| p.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+            let ys: Vec<f64> = ys.filter(|y| y.is_finite() && (!*log_y || *y > 0.0)).collect();
+            let range = (ys.iter().copied().fold(f64::INFINITY, f64::min), ys.iter().copied().fold(f64::NEG_INFINITY, f64::max));
             for (area, panel) in areas.iter().zip(panels) {
-                step_panel(area, panel, y_label, *log_y)?;
+                step_panel(area, panel, y_label, *log_y, range)?;
             }
         }
         PlotKind::Heat { rows, cols, values, predicted } => heatmap(&body, rows, cols, values, *predicted)?,
@@ -201,10 +205,12 @@ where
         .configure_mesh()
         .x_desc("rank r")
         .y_desc(panel.y_label.as_str())
+        .x_labels(8)
+        .y_labels(6)
         .x_label_formatter(&|x| sci(*x))
         .y_label_formatter(&|y| sci(*y))
         .label_style((FAMILY, 12))
-        .light_line_style(RGBColor(235, 235, 235))
+        .light_line_style(WHITE)
         .draw()
         .map_err(e)?;
     for (i, s) in panel.series.iter().enumerate() {
@@ -230,15 +236,19 @@ where
             [a, b].iter().map(|&x| (x, (cy + slope * (x.ln() - cx)).exp())).filter(|p| p.1 >= y0 && p.1 <= y1).collect()
         };
         if let Some(f) = s.fitted {
-            chart.draw_series(LineSeries::new(line(f), color.stroke_width(2))).map_err(e)?;
+            chart.draw_series(LineSeries::new(line(f), color.stroke_width(1))).map_err(e)?;
         }
         if let Some(p) = s.predicted {
-            chart.draw_series(DashedLineSeries::new(line(p), 7, 5, color.stroke_width(2))).map_err(e)?;
+            chart.draw_series(DashedLineSeries::new(line(p), 8, 6, color.mix(0.8).stroke_width(3))).map_err(e)?;
         }
     }
+    // Legend where the curves are not: top right when they mostly fall, bottom right when
+    // they rise.
+    let mean_fit = panel.series.iter().filter_map(|s| s.fitted).sum::<f64>();
+    let position = if mean_fit <= 0.0 { SeriesLabelPosition::UpperRight } else { SeriesLabelPosition::LowerRight };
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .label_font((FAMILY, 11))
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(180, 180, 180))
@@ -247,15 +257,15 @@ where
     Ok(())
 }
 
-fn step_panel<DB: DrawingBackend>(area: &Area<DB>, panel: &StepPanel, y_label: &str, log_y: bool) -> Result<(), String>
+fn step_panel<DB: DrawingBackend>(area: &Area<DB>, panel: &StepPanel, y_label: &str, log_y: bool, (ymin, ymax): (f64, f64)) -> Result<(), String>
 where
     DB::ErrorType: 'static,
 {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     let pts = panel.series.iter().flat_map(|s| s.points.iter());
-    let (xmin, xmax, ymin, ymax) = pts.fold((f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY), |acc, &(x, y)| {
+    let (xmin, xmax) = pts.fold((f64::INFINITY, f64::NEG_INFINITY), |acc, &(x, y)| {
         if y.is_finite() && (!log_y || y > 0.0) {
-            (acc.0.min(x), acc.1.max(x), acc.2.min(y), acc.3.max(y))
+            (acc.0.min(x), acc.1.max(x))
         } else {
             acc
         }
@@ -272,6 +282,8 @@ where
         let i = ranks.iter().position(|&r| r == rank).unwrap_or(0);
         viridis(if ranks.len() > 1 { i as f64 / (ranks.len() - 1) as f64 } else { 0.0 })
     };
+    // A log axis shows only powers of ten: use it when the curves span more than a decade.
+    let log_y = log_y && ymin > 0.0 && ymax / ymin > 10.0;
     let mut builder = ChartBuilder::on(area);
     builder.caption(&panel.title, (FAMILY, 16)).margin(8).x_label_area_size(38).y_label_area_size(62);
     macro_rules! finish {
@@ -281,9 +293,12 @@ where
                 .configure_mesh()
                 .x_desc("step")
                 .y_desc(y_label)
+                .x_labels(8)
+                .y_labels(8)
+                .x_label_formatter(&|x| if x1 - x0 >= 5.0 { format!("{x:.0}") } else { sci(*x) })
                 .y_label_formatter(&|y| sci(*y))
                 .label_style((FAMILY, 12))
-                .light_line_style(RGBColor(235, 235, 235))
+                .light_line_style(WHITE)
                 .draw()
                 .map_err(e)?;
             for s in &panel.series {
@@ -335,7 +350,8 @@ where
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .build_cartesian_2d((0..nc).into_segmented(), (0..nr).into_segmented())
+        // 0..=n-1 segmented: n segments, the right (top) edge of the last is SegmentValue::Last.
+        .build_cartesian_2d((0..nc - 1).into_segmented(), (0..nr - 1).into_segmented())
         .map_err(e)?;
     chart
         .configure_mesh()
@@ -353,6 +369,7 @@ where
         .label_style((FAMILY, 11))
         .draw()
         .map_err(e)?;
+    let edge = |i: i32, n: i32| if i >= n { SegmentValue::Last } else { SegmentValue::Exact(i) };
     let cells = rows.len() * cols.len();
     for (ri, row) in values.iter().enumerate() {
         for (ci, v) in row.iter().enumerate() {
@@ -363,7 +380,7 @@ where
             };
             chart
                 .draw_series(std::iter::once(Rectangle::new(
-                    [(SegmentValue::Exact(ci), SegmentValue::Exact(ri)), (SegmentValue::Exact(ci + 1), SegmentValue::Exact(ri + 1))],
+                    [(SegmentValue::Exact(ci), SegmentValue::Exact(ri)), (edge(ci + 1, nc), edge(ri + 1, nr))],
                     color.filled(),
                 )))
                 .map_err(e)?;

@@ -70,10 +70,8 @@ pub struct Skipped {
 /// naming the file (and line).
 pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
     if !dir.is_dir() {
-        return Err(ReportError::Io {
-            path: dir.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
-        });
+        let what = if dir.exists() { "not a directory" } else { "no such directory" };
+        return Err(ReportError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, what) });
     }
     let mpath = dir.join(files::MANIFEST);
     if !mpath.is_file() {
@@ -196,7 +194,7 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<(Vec<Run>, Vec<Skipped>), ReportErr
             match load_run(&dir) {
                 Ok(run) => runs.push(run),
                 Err(e) => {
-                    tracing::warn!("skipping {}: {e}", dir.display());
+                    tracing::debug!("not using {}: {e}", dir.display());
                     skipped.push(Skipped { dir, reason: e.to_string() });
                 }
             }
@@ -358,7 +356,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let err = load_runs(&[d.path().join("a")]).expect_err("must fail");
         assert!(matches!(err, ReportError::NoUsableRuns { given: 1, .. }));
-        assert!(err.to_string().contains("not a directory"), "{err}");
+        assert!(err.to_string().contains("no such directory"), "{err}");
     }
 
     #[test]
