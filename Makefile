@@ -13,7 +13,8 @@ setup:
 audit: setup
 	$(CARGO) build --release -p rankstab-cli
 	./target/release/rankstab theory --out runs/audit-$(STAMP)/theory
-	@echo "audit: theory run in runs/audit-$(STAMP)/theory (fits.json, summary.csv, checks.json)"
+	./target/release/rankstab report runs/audit-$(STAMP) --out reports/audit-$(STAMP)
+	@echo "audit: theory run in runs/audit-$(STAMP)/theory, report in reports/audit-$(STAMP)/index.html"
 
 test: setup
 	RANKSTAB_REQUIRE_PYTHON=1 $(CARGO) test --workspace --all-targets
