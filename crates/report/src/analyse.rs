@@ -50,7 +50,11 @@ pub struct AnalysisOptions {
 
 impl Default for AnalysisOptions {
     fn default() -> Self {
-        Self { tolerance: 0.15, windows: 3, max_panels: 4 }
+        Self {
+            tolerance: 0.15,
+            windows: 3,
+            max_panels: 4,
+        }
     }
 }
 
@@ -175,33 +179,6 @@ pub struct ExponentRow {
     pub in_band: Option<bool>,
 }
 
-/// The first-step closed-form check of a theory run, as shown.
-#[derive(Debug, Clone, Serialize)]
-pub struct CheckRow {
-    /// Optimizer.
-    pub optimizer: String,
-    /// Scaling.
-    pub scaling: String,
-    /// Input regime.
-    pub inputs: String,
-    /// Site.
-    pub site: String,
-    /// Rank.
-    pub rank: u32,
-    /// Monte Carlo E[y^2].
-    pub monte_carlo: f64,
-    /// Closed form.
-    pub closed_form: f64,
-    /// Relative difference.
-    pub rel_diff: f64,
-    /// Its 95% interval, lower end.
-    pub rel_ci_low: f64,
-    /// Its 95% interval, upper end.
-    pub rel_ci_high: f64,
-    /// 0 within the interval.
-    pub within: bool,
-}
-
 /// What the report shows of one theory run.
 #[derive(Debug, Clone, Serialize)]
 pub struct TheorySection {
@@ -218,7 +195,7 @@ pub struct TheorySection {
     /// Fits with a prediction.
     pub total: usize,
     /// Closed-form checks.
-    pub checks: Vec<CheckRow>,
+    pub checks: Vec<rankstab_theory::ClosedFormCheck>,
     /// Checks with 0 in the interval.
     pub checks_within: usize,
     /// Names of this section's figures.
@@ -373,7 +350,11 @@ pub fn step_windows(steps: &[u32], n: usize) -> Vec<Window> {
     let set: BTreeSet<u32> = steps.iter().copied().collect();
     let mut out = Vec::new();
     if set.contains(&0) {
-        out.push(Window { label: "step 0".into(), lo: 0, hi: 0 });
+        out.push(Window {
+            label: "step 0".into(),
+            lo: 0,
+            hi: 0,
+        });
     }
     let rest: Vec<u32> = set.into_iter().filter(|&s| s > 0).collect();
     let n = n.max(1).min(rest.len());
@@ -381,7 +362,11 @@ pub fn step_windows(steps: &[u32], n: usize) -> Vec<Window> {
         let a = k * rest.len() / n;
         let b = (k + 1) * rest.len() / n;
         let (lo, hi) = (rest[a], rest[b - 1]);
-        let label = if lo == hi { format!("step {lo}") } else { format!("steps {lo}-{hi}") };
+        let label = if lo == hi {
+            format!("step {lo}")
+        } else {
+            format!("steps {lo}-{hi}")
+        };
         out.push(Window { label, lo, hi });
     }
     out
@@ -408,19 +393,33 @@ pub type ByRank = BTreeMap<u32, BTreeMap<u64, f64>>;
 /// assert!((fit.slope + 1.0).abs() < 1e-12);
 /// ```
 pub fn fit_by_rank(by_rank: &ByRank) -> Option<(Vec<u32>, u32, SlopeFit)> {
-    let by_rank: BTreeMap<u32, &BTreeMap<u64, f64>> = by_rank.iter().filter(|(_, v)| !v.is_empty()).map(|(r, v)| (*r, v)).collect();
+    let by_rank: BTreeMap<u32, &BTreeMap<u64, f64>> = by_rank
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(r, v)| (*r, v))
+        .collect();
     if by_rank.len() < 2 {
         return None;
     }
     let ranks: Vec<u32> = by_rank.keys().copied().collect();
     let rs: Vec<usize> = ranks.iter().map(|&r| r as usize).collect();
     let first = by_rank.values().next()?;
-    let common: Vec<u64> = first.keys().copied().filter(|s| by_rank.values().all(|v| v.contains_key(s))).collect();
+    let common: Vec<u64> = first
+        .keys()
+        .copied()
+        .filter(|s| by_rank.values().all(|v| v.contains_key(s)))
+        .collect();
     let (values, seeds): (Vec<Vec<f64>>, u32) = if common.is_empty() {
-        let v = by_rank.values().map(|v| vec![v.values().sum::<f64>() / v.len() as f64]).collect();
+        let v = by_rank
+            .values()
+            .map(|v| vec![v.values().sum::<f64>() / v.len() as f64])
+            .collect();
         (v, 1)
     } else {
-        let v = by_rank.values().map(|v| common.iter().map(|s| v[s]).collect()).collect();
+        let v = by_rank
+            .values()
+            .map(|v| common.iter().map(|s| v[s]).collect())
+            .collect();
         (v, common.len() as u32)
     };
     let fit = fit_slope(&rs, &values)?;
@@ -472,7 +471,12 @@ pub fn predict_train(
     ranks: &[u32],
     kappa: Option<&TheoryKappa>,
 ) -> Prediction {
-    let none = |why: String| Prediction { predicted: None, law: why, coherent: None, incoherent: None };
+    let none = |why: String| Prediction {
+        predicted: None,
+        law: why,
+        coherent: None,
+        incoherent: None,
+    };
     let Ok(opt) = optimizer.parse::<OptimizerKind>() else {
         return none(format!("no law for optimizer '{optimizer}'"));
     };
@@ -483,7 +487,12 @@ pub fn predict_train(
         // SGD B's does and A's as gamma^2 sqrt(r), so only a band is predicted.
         let b = 0.5 - beta;
         return if opt.is_adaptive() {
-            Prediction { predicted: Some(b), law: "gradient-norm law: gamma sqrt(r) (Adam)".into(), coherent: Some(b), incoherent: Some(b) }
+            Prediction {
+                predicted: Some(b),
+                law: "gradient-norm law: gamma sqrt(r) (Adam)".into(),
+                coherent: Some(b),
+                incoherent: Some(b),
+            }
         } else {
             Prediction {
                 predicted: None,
@@ -501,8 +510,16 @@ pub fn predict_train(
     let (predicted, law_name) = match site {
         "fwd" | "fwd_heldout" => match kappa {
             Some(k) => (
-                Law { kappa: k.kappa, ..base }.predicted(&rs, beta, 0.0),
-                format!("finite-rank law, kappa {} from {}", fmt_sig(k.kappa), k.from),
+                Law {
+                    kappa: k.kappa,
+                    ..base
+                }
+                .predicted(&rs, beta, 0.0),
+                format!(
+                    "finite-rank law, kappa {} from {}",
+                    fmt_sig(k.kappa),
+                    k.from
+                ),
             ),
             None => (coherent, "coherent limit (the paper's law)".to_string()),
         },
@@ -510,7 +527,10 @@ pub fn predict_train(
             let Some(l) = law(opt, site, stat, m, 0.0, d, PEFT_DEFAULT_KURTOSIS) else {
                 return none(format!("no law for {site}/{stat}"));
             };
-            (l.predicted(&rs, beta, 0.0), format!("finite-rank law, kappa = 1/(d + k4 - 2), d = {d}"))
+            (
+                l.predicted(&rs, beta, 0.0),
+                format!("finite-rank law, kappa = 1/(d + k4 - 2), d = {d}"),
+            )
         }
         _ => {
             let Some(l) = law(opt, site, stat, m, 0.0, d, PEFT_DEFAULT_KURTOSIS) else {
@@ -525,23 +545,39 @@ pub fn predict_train(
         "fwd" | "fwd_heldout" | "bwd" => (coherent, incoherent),
         _ => (predicted, predicted),
     };
-    Prediction { predicted: Some(predicted), law: law_name, coherent: Some(coherent), incoherent: Some(incoherent) }
+    Prediction {
+        predicted: Some(predicted),
+        law: law_name,
+        coherent: Some(coherent),
+        incoherent: Some(incoherent),
+    }
 }
 
 fn finish_row(mut row: ExponentRow, tol: f64) -> ExponentRow {
     row.verdict = verdict(row.slope, tol).into();
-    row.predicted_verdict = row.predicted.map(|p| verdict(p, tol).to_string()).unwrap_or_default();
+    row.predicted_verdict = row
+        .predicted
+        .map(|p| verdict(p, tol).to_string())
+        .unwrap_or_default();
     let finite = row.slope.is_finite();
-    row.agrees = row.predicted.map(|p| finite && p >= row.ci_low - tol && p <= row.ci_high + tol);
+    row.agrees = row
+        .predicted
+        .map(|p| finite && p >= row.ci_low - tol && p <= row.ci_high + tol);
     row.in_band = match (row.coherent_limit, row.incoherent_limit) {
-        (Some(a), Some(b)) if finite => Some(row.ci_high + tol >= a.min(b) && row.ci_low - tol <= a.max(b)),
+        (Some(a), Some(b)) if finite => {
+            Some(row.ci_high + tol >= a.min(b) && row.ci_low - tol <= a.max(b))
+        }
         _ => None,
     };
     row
 }
 
 fn fmt_ranks(ranks: &[u32]) -> String {
-    ranks.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    ranks
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn theory_config(run: &Run) -> Option<TheoryConfig> {
@@ -553,7 +589,12 @@ fn run_info(run: &Run) -> RunInfo {
     let cfg = &m.config;
     let summary = match run.kind {
         RunKind::Theory => {
-            let ranks: BTreeSet<u32> = run.moments.iter().map(|r| r.rank).filter(|&r| r > 0).collect();
+            let ranks: BTreeSet<u32> = run
+                .moments
+                .iter()
+                .map(|r| r.rank)
+                .filter(|&r| r > 0)
+                .collect();
             format!(
                 "theory: width {}, ranks {}, {} trials, optimizers {}, scalings {}, inputs {}",
                 cfg.get("width").map_or("?".into(), |v| v.to_string()),
@@ -569,13 +610,27 @@ fn run_info(run: &Run) -> RunInfo {
             let cells: BTreeSet<(String, u32, String, String)> = run
                 .moments
                 .iter()
-                .map(|r| (r.model.clone(), r.rank, r.scaling.clone(), r.optimizer.clone()))
+                .map(|r| {
+                    (
+                        r.model.clone(),
+                        r.rank,
+                        r.scaling.clone(),
+                        r.optimizer.clone(),
+                    )
+                })
                 .collect();
-            let cells: Vec<String> = cells.into_iter().map(|(mo, r, s, o)| format!("{mo}, rank {r}, {s}, {o}")).collect();
+            let cells: Vec<String> = cells
+                .into_iter()
+                .map(|(mo, r, s, o)| format!("{mo}, rank {r}, {s}, {o}"))
+                .collect();
             let lr = run_lr(run).map(|l| format!(", lr {l}")).unwrap_or_default();
             format!(
                 "train: {}{lr}, data {}",
-                if cells.is_empty() { "no rows".into() } else { cells.join("; ") },
+                if cells.is_empty() {
+                    "no rows".into()
+                } else {
+                    cells.join("; ")
+                },
                 first.map_or("?", |r| r.inputs.as_str())
             )
         }
@@ -592,7 +647,12 @@ fn run_info(run: &Run) -> RunInfo {
         device: m.device.clone(),
         created: m.created.clone(),
         finished: m.finished.clone().unwrap_or_default(),
-        seeds: m.seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+        seeds: m
+            .seeds
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         config_json: serde_json::to_string_pretty(&m.config).unwrap_or_default(),
         moment_rows: run.moments.len(),
         metric_rows: run.metrics.len(),
@@ -602,7 +662,11 @@ fn run_info(run: &Run) -> RunInfo {
 
 fn json_list(v: Option<&serde_json::Value>) -> String {
     match v {
-        Some(serde_json::Value::Array(a)) => a.iter().map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string)).collect::<Vec<_>>().join(","),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(","),
         Some(x) => x.to_string(),
         None => "?".into(),
     }
@@ -611,7 +675,10 @@ fn json_list(v: Option<&serde_json::Value>) -> String {
 /// Learning rate recorded in a run's config (`lr` or `learning_rate`), as text.
 fn run_lr(run: &Run) -> Option<String> {
     let c = &run.manifest.config;
-    c.get("lr").or_else(|| c.get("learning_rate")).filter(|v| !v.is_null()).map(|v| v.to_string())
+    c.get("lr")
+        .or_else(|| c.get("learning_rate"))
+        .filter(|v| !v.is_null())
+        .map(|v| v.to_string())
 }
 
 /// Runs the whole analysis.
@@ -624,7 +691,8 @@ pub fn analyse(runs: &[Run], skipped: &[Skipped], opts: &AnalysisOptions) -> Ana
         .collect();
     let train_runs: Vec<&Run> = runs.iter().filter(|r| r.kind == RunKind::Train).collect();
     let theory_runs: Vec<&Run> = runs.iter().filter(|r| r.kind == RunKind::Theory).collect();
-    let train = (!train_runs.is_empty()).then(|| train_section(&train_runs, &theory_runs, &theory, opts, &mut plots));
+    let train = (!train_runs.is_empty())
+        .then(|| train_section(&train_runs, &theory_runs, &theory, opts, &mut plots));
     let paper = paper_rows(&theory, &train_runs, opts);
     Analysis {
         runs: runs.iter().map(run_info).collect(),
@@ -644,15 +712,22 @@ fn theory_fits(run: &Run) -> Vec<Fit> {
     if let Some(f) = &run.fits {
         return f.clone();
     }
-    theory_config(run).map(|cfg| rankstab_theory::fit_rows(&cfg, &run.moments)).unwrap_or_default()
+    theory_config(run)
+        .map(|cfg| rankstab_theory::fit_rows(&cfg, &run.moments))
+        .unwrap_or_default()
 }
 
 fn fit_to_row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> ExponentRow {
-    let limits = cfg.zip(f.optimizer.parse::<OptimizerKind>().ok()).and_then(|(c, opt)| {
-        let ds = c.init.log_std_rank_slope();
-        let l = law(opt, &f.site, &f.stat, f.m, 1.0, c.width, c.init.kurtosis())?;
-        Some((Law { kappa: 1.0, ..l }.asymptotic(f.beta, ds), Law { kappa: 0.0, ..l }.asymptotic(f.beta, ds)))
-    });
+    let limits = cfg
+        .zip(f.optimizer.parse::<OptimizerKind>().ok())
+        .and_then(|(c, opt)| {
+            let ds = c.init.log_std_rank_slope();
+            let l = law(opt, &f.site, &f.stat, f.m, 1.0, c.width, c.init.kurtosis())?;
+            Some((
+                Law { kappa: 1.0, ..l }.asymptotic(f.beta, ds),
+                Law { kappa: 0.0, ..l }.asymptotic(f.beta, ds),
+            ))
+        });
     let row = ExponentRow {
         source: "theory".into(),
         run: run.id.clone(),
@@ -690,7 +765,11 @@ fn fit_to_row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> Expon
 
 /// The moment order a figure shows: 2 when recorded, else the lowest recorded.
 fn figure_order(rows: &[MomentRow]) -> u32 {
-    let ms: BTreeSet<u32> = rows.iter().filter(|r| r.stat == "abs").filter_map(|r| r.m).collect();
+    let ms: BTreeSet<u32> = rows
+        .iter()
+        .filter(|r| r.stat == "abs")
+        .filter_map(|r| r.m)
+        .collect();
     if ms.contains(&2) {
         2
     } else {
@@ -706,7 +785,9 @@ fn spread<T: Clone>(v: &[T], k: usize) -> Vec<T> {
     if k < 2 {
         return v.iter().rev().take(k).cloned().collect();
     }
-    (0..k).map(|i| v[i * (v.len() - 1) / (k - 1)].clone()).collect()
+    (0..k)
+        .map(|i| v[i * (v.len() - 1) / (k - 1)].clone())
+        .collect()
 }
 
 fn stat_label(site: &str, stat: &str, m: u32) -> String {
@@ -721,8 +802,18 @@ fn theory_section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> T
     let tol = opts.tolerance;
     let cfg = theory_config(run);
     let fits = theory_fits(run);
-    let rows: Vec<ExponentRow> = fits.iter().map(|f| fit_to_row(run, f, cfg.as_ref(), tol)).collect();
-    let last_step = rows.iter().filter_map(|r| r.window.strip_prefix("step ").and_then(|s| s.parse::<u32>().ok())).max();
+    let rows: Vec<ExponentRow> = fits
+        .iter()
+        .map(|f| fit_to_row(run, f, cfg.as_ref(), tol))
+        .collect();
+    let last_step = rows
+        .iter()
+        .filter_map(|r| {
+            r.window
+                .strip_prefix("step ")
+                .and_then(|s| s.parse::<u32>().ok())
+        })
+        .max();
     let order = figure_order(&run.moments);
     let shown: Vec<ExponentRow> = rows
         .iter()
@@ -733,28 +824,18 @@ fn theory_section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> T
         .collect();
     let mut shown = shown;
     shown.sort_by(|a, b| {
-        (&a.optimizer, &a.inputs, beta_key(a.beta), &a.site, &a.stat).cmp(&(&b.optimizer, &b.inputs, beta_key(b.beta), &b.site, &b.stat))
+        (&a.optimizer, &a.inputs, beta_key(a.beta), &a.site, &a.stat).cmp(&(
+            &b.optimizer,
+            &b.inputs,
+            beta_key(b.beta),
+            &b.site,
+            &b.stat,
+        ))
     });
     let total = rows.iter().filter(|r| r.agrees.is_some()).count();
     let agree = rows.iter().filter(|r| r.agrees == Some(true)).count();
-    let checks: Vec<CheckRow> = run
-        .checks
-        .iter()
-        .flatten()
-        .map(|c| CheckRow {
-            optimizer: c.optimizer.clone(),
-            scaling: c.scaling.clone(),
-            inputs: c.inputs.clone(),
-            site: c.site.clone(),
-            rank: c.rank,
-            monte_carlo: c.monte_carlo,
-            closed_form: c.closed_form,
-            rel_diff: c.rel_diff,
-            rel_ci_low: c.rel_ci_low,
-            rel_ci_high: c.rel_ci_high,
-            within: c.within,
-        })
-        .collect();
+    let checks: Vec<rankstab_theory::ClosedFormCheck> =
+        run.checks.iter().flatten().cloned().collect();
     let checks_within = checks.iter().filter(|c| c.within).count();
 
     // Figures: per (optimizer, inputs), the forward, held-out, backward moments and the
@@ -767,55 +848,115 @@ fn theory_section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> T
         .filter(|r| r.optimizer != "any")
         .map(|r| (r.optimizer.clone(), r.inputs.clone()))
         .collect();
-    let fit_index: BTreeMap<(String, String, String, String, String, u32, u32), &ExponentRow> = rows
-        .iter()
-        .filter(|r| r.layer == "0")
-        .filter_map(|r| {
-            let step = r.window.strip_prefix("step ")?.parse::<u32>().ok()?;
-            Some(((r.optimizer.clone(), r.inputs.clone(), r.scaling.clone(), r.site.clone(), r.stat.clone(), r.m, step), r))
-        })
-        .collect();
+    let fit_index: BTreeMap<(String, String, String, String, String, u32, u32), &ExponentRow> =
+        rows.iter()
+            .filter(|r| r.layer == "0")
+            .filter_map(|r| {
+                let step = r.window.strip_prefix("step ")?.parse::<u32>().ok()?;
+                Some((
+                    (
+                        r.optimizer.clone(),
+                        r.inputs.clone(),
+                        r.scaling.clone(),
+                        r.site.clone(),
+                        r.stat.clone(),
+                        r.m,
+                        step,
+                    ),
+                    r,
+                ))
+            })
+            .collect();
     for (opt, inputs) in &combos {
-        for (site, stat, m) in [("fwd", "abs", order), ("fwd_heldout", "abs", order), ("bwd", "abs", order), ("param", "grad_norm_b", 1)] {
+        for (site, stat, m) in [
+            ("fwd", "abs", order),
+            ("fwd_heldout", "abs", order),
+            ("bwd", "abs", order),
+            ("param", "grad_norm_b", 1),
+        ] {
             // scaling -> step -> rank -> values over seeds
-            let mut data: BTreeMap<(u64, String), BTreeMap<u32, BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
+            let mut data: BTreeMap<(u64, String), BTreeMap<u32, BTreeMap<u32, Vec<f64>>>> =
+                BTreeMap::new();
             for r in run.moments.iter().filter(|r| {
-                &r.optimizer == opt && &r.inputs == inputs && r.site == site && r.stat == stat && r.layer == 0 && r.m.unwrap_or(1) == m
+                &r.optimizer == opt
+                    && &r.inputs == inputs
+                    && r.site == site
+                    && r.stat == stat
+                    && r.layer == 0
+                    && r.m.unwrap_or(1) == m
             }) {
                 // Sort scalings by decreasing beta (lora, rslora, constant).
                 let key = (beta_key(r.beta), r.scaling.clone());
-                data.entry(key).or_default().entry(r.step).or_default().entry(r.rank).or_default().push(r.value);
+                data.entry(key)
+                    .or_default()
+                    .entry(r.step)
+                    .or_default()
+                    .entry(r.rank)
+                    .or_default()
+                    .push(r.value);
             }
             if data.is_empty() {
                 continue;
             }
             let steps: BTreeSet<u32> = data
                 .values()
-                .flat_map(|by_step| by_step.iter().filter(|(_, by_rank)| by_rank.values().flatten().any(|v| *v > 0.0)).map(|(s, _)| *s))
+                .flat_map(|by_step| {
+                    by_step
+                        .iter()
+                        .filter(|(_, by_rank)| by_rank.values().flatten().any(|v| *v > 0.0))
+                        .map(|(s, _)| *s)
+                })
                 .collect();
             let steps: Vec<u32> = spread(&steps.into_iter().collect::<Vec<_>>(), opts.max_panels);
             let mut panels = Vec::new();
             for &step in &steps {
                 let mut series = Vec::new();
                 for ((_, scaling), by_step) in &data {
-                    let Some(by_rank) = by_step.get(&step) else { continue };
+                    let Some(by_rank) = by_step.get(&step) else {
+                        continue;
+                    };
                     let points = rank_points(by_rank);
                     if points.is_empty() {
                         continue;
                     }
-                    let fit = fit_index.get(&(opt.clone(), inputs.clone(), scaling.clone(), site.to_string(), stat.to_string(), m, step));
+                    let fit = fit_index.get(&(
+                        opt.clone(),
+                        inputs.clone(),
+                        scaling.clone(),
+                        site.to_string(),
+                        stat.to_string(),
+                        m,
+                        step,
+                    ));
                     let fitted = fit.map(|f| f.slope).filter(|s| s.is_finite());
                     let predicted = fit.and_then(|f| f.predicted);
-                    series.push(RankSeries { label: series_label(scaling, fitted, predicted), points, fitted, predicted });
+                    series.push(RankSeries {
+                        label: series_label(scaling, fitted, predicted),
+                        points,
+                        fitted,
+                        predicted,
+                    });
                 }
                 if !series.is_empty() {
-                    panels.push(RankPanel { title: format!("step {step}"), y_label: stat_label(site, stat, m), series });
+                    panels.push(RankPanel {
+                        title: format!("step {step}"),
+                        y_label: stat_label(site, stat, m),
+                        series,
+                    });
                 }
             }
             if panels.is_empty() {
                 continue;
             }
-            let name = slug(&format!("theory-{}-{opt}-{inputs}-{site}-{stat}{}", run.id, if stat == "abs" { format!("-m{m}") } else { String::new() }));
+            let name = slug(&format!(
+                "theory-{}-{opt}-{inputs}-{site}-{stat}{}",
+                run.id,
+                if stat == "abs" {
+                    format!("-m{m}")
+                } else {
+                    String::new()
+                }
+            ));
             figures.push(name.clone());
             plots.push(Plot {
                 name,
@@ -860,7 +1001,11 @@ fn rank_points(by_rank: &BTreeMap<u32, Vec<f64>>) -> Vec<(f64, f64, f64, f64)> {
             if !(ci.mean.is_finite() && ci.mean > 0.0) {
                 return None;
             }
-            let (lo, hi) = if ci.low.is_finite() && ci.high.is_finite() { (ci.low, ci.high) } else { (ci.mean, ci.mean) };
+            let (lo, hi) = if ci.low.is_finite() && ci.high.is_finite() {
+                (ci.low, ci.high)
+            } else {
+                (ci.mean, ci.mean)
+            };
             Some((f64::from(r), ci.mean, lo, hi))
         })
         .collect()
@@ -919,7 +1064,11 @@ fn theory_kappa(theory_runs: &[&Run]) -> Option<TheoryKappa> {
     for run in theory_runs {
         for inputs in ["fresh", "coherent"] {
             let (mut lin, mut quad) = (0.0, 0.0);
-            for r in run.moments.iter().filter(|r| r.layer == 0 && r.site == "fwd" && r.inputs == inputs) {
+            for r in run
+                .moments
+                .iter()
+                .filter(|r| r.layer == 0 && r.site == "fwd" && r.inputs == inputs)
+            {
                 match r.stat.as_str() {
                     "coef_lin" => lin += r.value,
                     "coef_quad" => quad += r.value,
@@ -927,7 +1076,10 @@ fn theory_kappa(theory_runs: &[&Run]) -> Option<TheoryKappa> {
                 }
             }
             if lin > 0.0 && quad.is_finite() {
-                return Some(TheoryKappa { kappa: quad / lin, from: format!("theory run {}, {inputs} inputs", run.id) });
+                return Some(TheoryKappa {
+                    kappa: quad / lin,
+                    from: format!("theory run {}, {inputs} inputs", run.id),
+                });
             }
         }
     }
@@ -936,17 +1088,37 @@ fn theory_kappa(theory_runs: &[&Run]) -> Option<TheoryKappa> {
 
 /// Monte Carlo slopes (coherent, fresh) of the matching setting in the theory sections:
 /// same optimizer (else same family), beta, site, statistic and order; layer 0; last step.
-fn mc_slopes(theory: &[TheorySection], optimizer: &str, beta: f64, site: &str, stat: &str, m: u32) -> (Option<f64>, Option<f64>) {
-    let adaptive = |o: &str| o.parse::<OptimizerKind>().map(OptimizerKind::is_adaptive).ok();
+fn mc_slopes(
+    theory: &[TheorySection],
+    optimizer: &str,
+    beta: f64,
+    site: &str,
+    stat: &str,
+    m: u32,
+) -> (Option<f64>, Option<f64>) {
+    let adaptive = |o: &str| {
+        o.parse::<OptimizerKind>()
+            .map(OptimizerKind::is_adaptive)
+            .ok()
+    };
     for exact in [true, false] {
         for sec in theory {
-            let last = sec.rows.iter().filter_map(|r| r.window.strip_prefix("step ")?.parse::<u32>().ok()).max();
+            let last = sec
+                .rows
+                .iter()
+                .filter_map(|r| r.window.strip_prefix("step ")?.parse::<u32>().ok())
+                .max();
             let Some(last) = last else { continue };
             let pick = |inputs: &str| {
                 sec.rows
                     .iter()
                     .find(|r| {
-                        let opt_ok = if exact { r.optimizer == optimizer } else { adaptive(&r.optimizer).is_some() && adaptive(&r.optimizer) == adaptive(optimizer) };
+                        let opt_ok = if exact {
+                            r.optimizer == optimizer
+                        } else {
+                            adaptive(&r.optimizer).is_some()
+                                && adaptive(&r.optimizer) == adaptive(optimizer)
+                        };
                         opt_ok
                             && (r.beta - beta).abs() < 1e-9
                             && r.site == site
@@ -989,7 +1161,15 @@ fn train_data(train_runs: &[&Run]) -> (TrainData, BTreeMap<String, u32>) {
                 m: r.m.unwrap_or(1),
             };
             widths.insert(format!("{}/{}/{}", r.model, r.module, r.site), r.width);
-            data.entry(key).or_default().entry(r.layer).or_default().entry(r.step).or_default().entry(r.rank).or_default().insert(r.seed, r.value);
+            data.entry(key)
+                .or_default()
+                .entry(r.layer)
+                .or_default()
+                .entry(r.step)
+                .or_default()
+                .entry(r.rank)
+                .or_default()
+                .insert(r.seed, r.value);
         }
     }
     (data, widths)
@@ -1007,7 +1187,16 @@ fn window_mean(by_step: &BTreeMap<u32, ByRank>, w: &Window) -> ByRank {
             }
         }
     }
-    acc.into_iter().map(|(r, s)| (r, s.into_iter().map(|(k, (sum, n))| (k, sum / n as f64)).collect())).collect()
+    acc.into_iter()
+        .map(|(r, s)| {
+            (
+                r,
+                s.into_iter()
+                    .map(|(k, (sum, n))| (k, sum / n as f64))
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 /// Mean over layers per (step, rank, seed).
@@ -1017,7 +1206,13 @@ fn pool_layers(by_layer: &BTreeMap<u32, BTreeMap<u32, ByRank>>) -> BTreeMap<u32,
         for (&step, by_rank) in by_step {
             for (&r, seeds) in by_rank {
                 for (&s, &v) in seeds {
-                    let e = acc.entry(step).or_default().entry(r).or_default().entry(s).or_insert((0.0, 0));
+                    let e = acc
+                        .entry(step)
+                        .or_default()
+                        .entry(r)
+                        .or_default()
+                        .entry(s)
+                        .or_insert((0.0, 0));
                     e.0 += v;
                     e.1 += 1;
                 }
@@ -1025,7 +1220,21 @@ fn pool_layers(by_layer: &BTreeMap<u32, BTreeMap<u32, ByRank>>) -> BTreeMap<u32,
         }
     }
     acc.into_iter()
-        .map(|(st, br)| (st, br.into_iter().map(|(r, s)| (r, s.into_iter().map(|(k, (sum, n))| (k, sum / n as f64)).collect())).collect()))
+        .map(|(st, br)| {
+            (
+                st,
+                br.into_iter()
+                    .map(|(r, s)| {
+                        (
+                            r,
+                            s.into_iter()
+                                .map(|(k, (sum, n))| (k, sum / n as f64))
+                                .collect(),
+                        )
+                    })
+                    .collect(),
+            )
+        })
         .collect()
 }
 
@@ -1042,8 +1251,18 @@ fn train_row(
 ) -> Option<ExponentRow> {
     let (ranks, seeds, fit) = fit_by_rank(by_rank)?;
     let beta = beta_of_key(key.beta);
-    let p = predict_train(&key.optimizer, &key.site, &key.stat, key.m, width, beta, &ranks, kappa);
-    let (mc_coherent, mc_fresh) = mc_slopes(theory, &key.optimizer, beta, &key.site, &key.stat, key.m);
+    let p = predict_train(
+        &key.optimizer,
+        &key.site,
+        &key.stat,
+        key.m,
+        width,
+        beta,
+        &ranks,
+        kappa,
+    );
+    let (mc_coherent, mc_fresh) =
+        mc_slopes(theory, &key.optimizer, beta, &key.site, &key.stat, key.m);
     let row = ExponentRow {
         source: "train".into(),
         run: "merged".into(),
@@ -1079,7 +1298,13 @@ fn train_row(
     Some(finish_row(row, tol))
 }
 
-fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySection], opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> TrainSection {
+fn train_section(
+    train_runs: &[&Run],
+    theory_runs: &[&Run],
+    theory: &[TheorySection],
+    opts: &AnalysisOptions,
+    plots: &mut Vec<Plot>,
+) -> TrainSection {
     let tol = opts.tolerance;
     let (data, widths) = train_data(train_runs);
     let kappa = theory_kappa(theory_runs);
@@ -1089,7 +1314,11 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
         let steps: Vec<u32> = data
             .iter()
             .filter(|(k, _)| &k.model == model)
-            .flat_map(|(_, by_layer)| by_layer.values().flat_map(|by_step| by_step.keys().copied()))
+            .flat_map(|(_, by_layer)| {
+                by_layer
+                    .values()
+                    .flat_map(|by_step| by_step.keys().copied())
+            })
             .collect();
         windows.insert(model.clone(), step_windows(&steps, opts.windows));
     }
@@ -1097,28 +1326,62 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
     let mut rows = Vec::new();
     let mut single_rank = BTreeSet::new();
     for (key, by_layer) in &data {
-        let width = widths.get(&format!("{}/{}/{}", key.model, key.module, key.site)).copied().unwrap_or(0);
+        let width = widths
+            .get(&format!("{}/{}/{}", key.model, key.module, key.site))
+            .copied()
+            .unwrap_or(0);
         let pooled = pool_layers(by_layer);
         for w in windows.get(&key.model).into_iter().flatten() {
             for (&layer, by_step) in by_layer {
                 let br = window_mean(by_step, w);
                 if br.len() < 2 {
-                    single_rank.insert(format!("{} {} {} (lr {})", key.model, key.optimizer, key.scaling, if key.lr.is_empty() { "?" } else { &key.lr }));
+                    single_rank.insert(format!(
+                        "{} {} {} (lr {})",
+                        key.model,
+                        key.optimizer,
+                        key.scaling,
+                        if key.lr.is_empty() { "?" } else { &key.lr }
+                    ));
                 }
-                rows.extend(train_row(key, layer.to_string(), w, &br, width, kappa.as_ref(), theory, tol));
+                rows.extend(train_row(
+                    key,
+                    layer.to_string(),
+                    w,
+                    &br,
+                    width,
+                    kappa.as_ref(),
+                    theory,
+                    tol,
+                ));
             }
             if by_layer.len() > 1 {
                 let br = window_mean(&pooled, w);
-                rows.extend(train_row(key, "all".into(), w, &br, width, kappa.as_ref(), theory, tol));
+                rows.extend(train_row(
+                    key,
+                    "all".into(),
+                    w,
+                    &br,
+                    width,
+                    kappa.as_ref(),
+                    theory,
+                    tol,
+                ));
             }
         }
     }
     for s in &single_rank {
-        notes.push(format!("{s}: one rank only, so no rank exponent (its curves are still drawn)"));
+        notes.push(format!(
+            "{s}: one rank only, so no rank exponent (its curves are still drawn)"
+        ));
     }
     let shown: Vec<ExponentRow> = rows
         .iter()
-        .filter(|r| r.layer == "all" || !rows.iter().any(|o| o.layer == "all" && o.module == r.module && o.model == r.model))
+        .filter(|r| {
+            r.layer == "all"
+                || !rows
+                    .iter()
+                    .any(|o| o.layer == "all" && o.module == r.module && o.model == r.model)
+        })
         .filter(|r| r.stat == "abs" || r.site == "param")
         .filter(|r| r.window != "step 0")
         .cloned()
@@ -1126,12 +1389,26 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
 
     let mut figures = Vec::new();
     // Gradient norm and perplexity against step, lora vs rslora side by side.
-    let metric_rows: Vec<(&Run, &MetricRow)> = train_runs.iter().flat_map(|r| r.metrics.iter().map(move |m| (*r, m))).collect();
+    let metric_rows: Vec<(&Run, &MetricRow)> = train_runs
+        .iter()
+        .flat_map(|r| r.metrics.iter().map(move |m| (*r, m)))
+        .collect();
     for model in &models {
-        let optimizers: BTreeSet<String> = data.keys().filter(|k| &k.model == model).map(|k| k.optimizer.clone()).collect();
+        let optimizers: BTreeSet<String> = data
+            .keys()
+            .filter(|k| &k.model == model)
+            .map(|k| k.optimizer.clone())
+            .collect();
         for opt in &optimizers {
             let gn = step_curves(&metric_rows, model, opt, &["grad_norm_avg"], |v| v);
-            let (gn, gn_from) = if gn.is_empty() { (grad_norm_from_moments(&data, model, opt), "from moments.csv: mean over adapters of the A and B gradient norms") } else { (gn, "metric grad_norm_avg") };
+            let (gn, gn_from) = if gn.is_empty() {
+                (
+                    grad_norm_from_moments(&data, model, opt),
+                    "from moments.csv: mean over adapters of the A and B gradient norms",
+                )
+            } else {
+                (gn, "metric grad_norm_avg")
+            };
             if !gn.is_empty() {
                 let name = slug(&format!("train-{model}-{opt}-grad-norm"));
                 figures.push(name.clone());
@@ -1157,7 +1434,10 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
                     if !p.is_empty() {
                         (p, "exp(held-out loss)")
                     } else {
-                        (step_curves(&metric_rows, model, opt, &["perplexity"], |v| v), "training perplexity (no held-out metric recorded)")
+                        (
+                            step_curves(&metric_rows, model, opt, &["perplexity"], |v| v),
+                            "training perplexity (no held-out metric recorded)",
+                        )
                     }
                 }
             };
@@ -1180,42 +1460,103 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
     }
     // Moment vs rank (coordinate check with fits): per (model, optimizer, scaling, site),
     // one curve per module (pooled over layers), one panel per step.
-    let order = figure_order(&train_runs.iter().flat_map(|r| r.moments.iter().cloned()).collect::<Vec<_>>());
+    let order = figure_order(
+        &train_runs
+            .iter()
+            .flat_map(|r| r.moments.iter().cloned())
+            .collect::<Vec<_>>(),
+    );
     let mut combos: BTreeSet<(String, String, u64, String, String, String)> = BTreeSet::new();
     for k in data.keys() {
-        if (k.stat == "abs" && k.m == order && k.site != "grad_out") || (k.site == "param" && k.stat == "grad_norm_b") {
-            combos.insert((k.model.clone(), k.optimizer.clone(), k.beta, k.scaling.clone(), k.site.clone(), k.stat.clone()));
+        if (k.stat == "abs" && k.m == order && k.site != "grad_out")
+            || (k.site == "param" && k.stat == "grad_norm_b")
+        {
+            combos.insert((
+                k.model.clone(),
+                k.optimizer.clone(),
+                k.beta,
+                k.scaling.clone(),
+                k.site.clone(),
+                k.stat.clone(),
+            ));
         }
     }
-    let multi_lr = data.keys().map(|k| k.lr.as_str()).collect::<BTreeSet<_>>().len() > 1;
+    let multi_lr = data
+        .keys()
+        .map(|k| k.lr.as_str())
+        .collect::<BTreeSet<_>>()
+        .len()
+        > 1;
     for (model, opt, bkey, scaling, site, stat) in &combos {
         let m = if stat == "abs" { order } else { 1 };
         let keys: Vec<(&TrainKey, BTreeMap<u32, ByRank>)> = data
             .iter()
-            .filter(|(k, _)| &k.model == model && &k.optimizer == opt && k.beta == *bkey && &k.site == site && &k.stat == stat && k.m == m)
+            .filter(|(k, _)| {
+                &k.model == model
+                    && &k.optimizer == opt
+                    && k.beta == *bkey
+                    && &k.site == site
+                    && &k.stat == stat
+                    && k.m == m
+            })
             .map(|(k, bl)| (k, pool_layers(bl)))
             .collect();
-        let steps: BTreeSet<u32> = keys.iter().flat_map(|(_, bs)| bs.iter().filter(|(_, br)| br.len() >= 2).map(|(s, _)| *s)).filter(|&s| s > 0 || site == "param").collect();
+        let steps: BTreeSet<u32> = keys
+            .iter()
+            .flat_map(|(_, bs)| bs.iter().filter(|(_, br)| br.len() >= 2).map(|(s, _)| *s))
+            .filter(|&s| s > 0 || site == "param")
+            .collect();
         let steps = spread(&steps.into_iter().collect::<Vec<_>>(), opts.max_panels);
         let mut panels = Vec::new();
         for &step in &steps {
             let mut series = Vec::new();
             for (k, by_step) in &keys {
-                let Some(br) = by_step.get(&step) else { continue };
-                let as_vec: BTreeMap<u32, Vec<f64>> = br.iter().map(|(r, s)| (*r, s.values().copied().collect())).collect();
+                let Some(br) = by_step.get(&step) else {
+                    continue;
+                };
+                let as_vec: BTreeMap<u32, Vec<f64>> = br
+                    .iter()
+                    .map(|(r, s)| (*r, s.values().copied().collect()))
+                    .collect();
                 let points = rank_points(&as_vec);
                 if points.len() < 2 {
                     continue;
                 }
                 let fitted = fit_by_rank(br).map(|f| f.2.slope);
                 let ranks: Vec<u32> = br.keys().copied().collect();
-                let width = widths.get(&format!("{}/{}/{}", k.model, k.module, k.site)).copied().unwrap_or(0);
-                let predicted = predict_train(opt, site, stat, m, width, beta_of_key(*bkey), &ranks, kappa.as_ref()).predicted;
-                let name = if multi_lr { format!("{} lr {}", k.module, k.lr) } else { k.module.clone() };
-                series.push(RankSeries { label: series_label(&name, fitted, predicted), points, fitted, predicted });
+                let width = widths
+                    .get(&format!("{}/{}/{}", k.model, k.module, k.site))
+                    .copied()
+                    .unwrap_or(0);
+                let predicted = predict_train(
+                    opt,
+                    site,
+                    stat,
+                    m,
+                    width,
+                    beta_of_key(*bkey),
+                    &ranks,
+                    kappa.as_ref(),
+                )
+                .predicted;
+                let name = if multi_lr {
+                    format!("{} lr {}", k.module, k.lr)
+                } else {
+                    k.module.clone()
+                };
+                series.push(RankSeries {
+                    label: series_label(&name, fitted, predicted),
+                    points,
+                    fitted,
+                    predicted,
+                });
             }
             if !series.is_empty() {
-                panels.push(RankPanel { title: format!("step {step}"), y_label: stat_label(site, stat, m), series });
+                panels.push(RankPanel {
+                    title: format!("step {step}"),
+                    y_label: stat_label(site, stat, m),
+                    series,
+                });
             }
         }
         if panels.is_empty() {
@@ -1236,23 +1577,57 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
     }
     // Heatmaps of exponents, layer x module, last window.
     for model in &models {
-        let Some(last) = windows.get(model).and_then(|w| w.last()) else { continue };
-        let mut hm: BTreeMap<(String, u64, String, String, String), Vec<&ExponentRow>> = BTreeMap::new();
-        for r in rows.iter().filter(|r| &r.model == model && r.window == last.label && r.layer != "all") {
-            if (r.stat == "abs" && r.m == order && (r.site == "fwd" || r.site == "bwd")) || (r.site == "param" && r.stat == "grad_norm_b") {
-                hm.entry((r.optimizer.clone(), beta_key(r.beta), r.scaling.clone(), r.site.clone(), r.lr.clone())).or_default().push(r);
+        let Some(last) = windows.get(model).and_then(|w| w.last()) else {
+            continue;
+        };
+        let mut hm: BTreeMap<(String, u64, String, String, String), Vec<&ExponentRow>> =
+            BTreeMap::new();
+        for r in rows
+            .iter()
+            .filter(|r| &r.model == model && r.window == last.label && r.layer != "all")
+        {
+            if (r.stat == "abs" && r.m == order && (r.site == "fwd" || r.site == "bwd"))
+                || (r.site == "param" && r.stat == "grad_norm_b")
+            {
+                hm.entry((
+                    r.optimizer.clone(),
+                    beta_key(r.beta),
+                    r.scaling.clone(),
+                    r.site.clone(),
+                    r.lr.clone(),
+                ))
+                .or_default()
+                .push(r);
             }
         }
         for ((opt, _, scaling, site, lr), cells) in hm {
             let layers: BTreeSet<u32> = cells.iter().filter_map(|r| r.layer.parse().ok()).collect();
-            let modules: Vec<String> = module_order(cells.iter().map(|r| r.module.clone()).collect());
+            let modules: Vec<String> =
+                module_order(cells.iter().map(|r| r.module.clone()).collect());
             let values: Vec<Vec<Option<f64>>> = layers
                 .iter()
-                .map(|l| modules.iter().map(|mo| cells.iter().find(|r| r.layer == l.to_string() && &r.module == mo).map(|r| r.slope)).collect())
+                .map(|l| {
+                    modules
+                        .iter()
+                        .map(|mo| {
+                            cells
+                                .iter()
+                                .find(|r| r.layer == l.to_string() && &r.module == mo)
+                                .map(|r| r.slope)
+                        })
+                        .collect()
+                })
                 .collect();
             let predicted = cells.iter().find_map(|r| r.predicted);
             let stat = cells.first().map_or(String::new(), |r| r.stat.clone());
-            let name = slug(&format!("train-{model}-{opt}-{scaling}-{site}-{stat}-heatmap{}", if multi_lr { format!("-lr{lr}") } else { String::new() }));
+            let name = slug(&format!(
+                "train-{model}-{opt}-{scaling}-{site}-{stat}-heatmap{}",
+                if multi_lr {
+                    format!("-lr{lr}")
+                } else {
+                    String::new()
+                }
+            ));
             figures.push(name.clone());
             plots.push(Plot {
                 name,
@@ -1296,7 +1671,19 @@ fn train_section(train_runs: &[&Run], theory_runs: &[&Run], theory: &[TheorySect
 
 /// Llama then GPT-J module order; unknown modules after, alphabetically.
 fn module_order(mut modules: Vec<String>) -> Vec<String> {
-    const ORDER: [&str; 11] = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc_in", "fc_out", "all"];
+    const ORDER: [&str; 11] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "out_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "fc_in",
+        "fc_out",
+        "all",
+    ];
     modules.sort();
     modules.dedup();
     modules.sort_by_key(|m| ORDER.iter().position(|o| o == m).unwrap_or(ORDER.len()));
@@ -1305,9 +1692,16 @@ fn module_order(mut modules: Vec<String>) -> Vec<String> {
 
 /// Curves of a metric against step, one panel per scaling (decreasing beta), one series per
 /// (rank, learning rate), mean over seeds.
-fn step_curves(rows: &[(&Run, &MetricRow)], model: &str, opt: &str, metrics: &[&str], f: impl Fn(f64) -> f64) -> Vec<StepPanel> {
+fn step_curves(
+    rows: &[(&Run, &MetricRow)],
+    model: &str,
+    opt: &str,
+    metrics: &[&str],
+    f: impl Fn(f64) -> f64,
+) -> Vec<StepPanel> {
     // (beta key, scaling) -> (rank, lr) -> step -> values
-    let mut g: BTreeMap<(u64, String), BTreeMap<(u32, String), BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
+    let mut g: BTreeMap<(u64, String), BTreeMap<(u32, String), BTreeMap<u32, Vec<f64>>>> =
+        BTreeMap::new();
     for (run, r) in rows {
         if r.model != model || r.optimizer != opt || !metrics.contains(&r.metric.as_str()) {
             continue;
@@ -1317,18 +1711,36 @@ fn step_curves(rows: &[(&Run, &MetricRow)], model: &str, opt: &str, metrics: &[&
             continue;
         }
         let lr = run_lr(run).unwrap_or_default();
-        g.entry((beta_key(r.beta), r.scaling.clone())).or_default().entry((r.rank, lr)).or_default().entry(r.step).or_default().push(v);
+        g.entry((beta_key(r.beta), r.scaling.clone()))
+            .or_default()
+            .entry((r.rank, lr))
+            .or_default()
+            .entry(r.step)
+            .or_default()
+            .push(v);
     }
-    let multi_lr = g.values().flat_map(|s| s.keys().map(|(_, lr)| lr.clone())).collect::<BTreeSet<_>>().len() > 1;
+    let multi_lr = g
+        .values()
+        .flat_map(|s| s.keys().map(|(_, lr)| lr.clone()))
+        .collect::<BTreeSet<_>>()
+        .len()
+        > 1;
     g.into_iter()
         .map(|((_, scaling), series)| StepPanel {
             title: scaling,
             series: series
                 .into_iter()
                 .map(|((rank, lr), by_step)| StepSeries {
-                    label: if multi_lr { format!("r={rank} lr {lr}") } else { format!("r={rank}") },
+                    label: if multi_lr {
+                        format!("r={rank} lr {lr}")
+                    } else {
+                        format!("r={rank}")
+                    },
                     rank,
-                    points: by_step.into_iter().map(|(s, v)| (f64::from(s), v.iter().sum::<f64>() / v.len() as f64)).collect(),
+                    points: by_step
+                        .into_iter()
+                        .map(|(s, v)| (f64::from(s), v.iter().sum::<f64>() / v.len() as f64))
+                        .collect(),
                 })
                 .collect(),
         })
@@ -1337,15 +1749,26 @@ fn step_curves(rows: &[(&Run, &MetricRow)], model: &str, opt: &str, metrics: &[&
 
 /// Fallback gradient-norm curves from the param rows: mean over adapters and both factors.
 fn grad_norm_from_moments(data: &TrainData, model: &str, opt: &str) -> Vec<StepPanel> {
-    let mut g: BTreeMap<(u64, String), BTreeMap<(u32, String), BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
+    let mut g: BTreeMap<(u64, String), BTreeMap<(u32, String), BTreeMap<u32, Vec<f64>>>> =
+        BTreeMap::new();
     for (k, by_layer) in data {
-        if k.model != model || k.optimizer != opt || k.site != "param" || !(k.stat == "grad_norm_a" || k.stat == "grad_norm_b") {
+        if k.model != model
+            || k.optimizer != opt
+            || k.site != "param"
+            || !(k.stat == "grad_norm_a" || k.stat == "grad_norm_b")
+        {
             continue;
         }
         for by_step in by_layer.values() {
             for (&step, by_rank) in by_step {
                 for (&rank, seeds) in by_rank {
-                    g.entry((k.beta, k.scaling.clone())).or_default().entry((rank, k.lr.clone())).or_default().entry(step).or_default().extend(seeds.values());
+                    g.entry((k.beta, k.scaling.clone()))
+                        .or_default()
+                        .entry((rank, k.lr.clone()))
+                        .or_default()
+                        .entry(step)
+                        .or_default()
+                        .extend(seeds.values());
                 }
             }
         }
@@ -1358,7 +1781,10 @@ fn grad_norm_from_moments(data: &TrainData, model: &str, opt: &str) -> Vec<StepP
                 .map(|((rank, _), by_step)| StepSeries {
                     label: format!("r={rank}"),
                     rank,
-                    points: by_step.into_iter().map(|(s, v)| (f64::from(s), v.iter().sum::<f64>() / v.len() as f64)).collect(),
+                    points: by_step
+                        .into_iter()
+                        .map(|(s, v)| (f64::from(s), v.iter().sum::<f64>() / v.len() as f64))
+                        .collect(),
                 })
                 .collect(),
         })
@@ -1392,7 +1818,11 @@ fn fmt_sig(x: f64) -> String {
     }
 }
 
-fn paper_rows(theory: &[TheorySection], train_runs: &[&Run], opts: &AnalysisOptions) -> Vec<PaperRow> {
+fn paper_rows(
+    theory: &[TheorySection],
+    train_runs: &[&Run],
+    opts: &AnalysisOptions,
+) -> Vec<PaperRow> {
     let mut out = Vec::new();
     let findings = [
         ("lora", 1.0, "Standard LoRA: the average parameter gradient norm falls with rank", "about two orders of magnitude lower at r=2048 than at r=4 (AdamW; Llama 2 7B, OpenOrca)"),
@@ -1402,35 +1832,74 @@ fn paper_rows(theory: &[TheorySection], train_runs: &[&Run], opts: &AnalysisOpti
         // Training: the grad_norm_avg metric's exponent in the last window (or the B-gradient
         // norm pooled over modules and layers when the metric is absent).
         let mut measured = false;
-        for (model, opt, slope, ci, what, ranks) in train_grad_norm_exponents(train_runs, scaling, beta, opts) {
+        for (model, opt, slope, ci, what, ranks) in
+            train_grad_norm_exponents(train_runs, scaling, beta, opts)
+        {
             measured = true;
-            let same = model.to_lowercase().contains("llama-2-7b") && opt == "adamw" && ranks.first() == Some(&4) && ranks.last() == Some(&2048);
+            let same = model.to_lowercase().contains("llama-2-7b")
+                && opt == "adamw"
+                && ranks.first() == Some(&4)
+                && ranks.last() == Some(&2048);
             out.push(PaperRow {
                 finding: finding.into(),
                 paper: paper.into(),
                 ours: describe_factor(slope, ci),
-                source: format!("training: {model}, {opt}, {what}, ranks {}", fmt_ranks(&ranks)),
-                comparable: if same { "same setup".into() } else { format!("shape only ({model}, ranks {}, not Llama 2 7B at r=4..2048)", fmt_ranks(&ranks)) },
+                source: format!(
+                    "training: {model}, {opt}, {what}, ranks {}",
+                    fmt_ranks(&ranks)
+                ),
+                comparable: if same {
+                    "same setup".into()
+                } else {
+                    format!(
+                        "shape only ({model}, ranks {}, not Llama 2 7B at r=4..2048)",
+                        fmt_ranks(&ranks)
+                    )
+                },
             });
         }
         // Theory: the Monte Carlo B-gradient norm under Adam(W) and SGD.
         for sec in theory {
-            let last = sec.rows.iter().filter_map(|r| r.window.strip_prefix("step ")?.parse::<u32>().ok()).max();
+            let last = sec
+                .rows
+                .iter()
+                .filter_map(|r| r.window.strip_prefix("step ")?.parse::<u32>().ok())
+                .max();
             for r in sec.rows.iter().filter(|r| {
-                r.site == "param" && r.stat == "grad_norm_b" && (r.beta - beta).abs() < 1e-9 && r.layer == "0" && r.inputs == "coherent" && Some(r.window.clone()) == last.map(|l| format!("step {l}"))
+                r.site == "param"
+                    && r.stat == "grad_norm_b"
+                    && (r.beta - beta).abs() < 1e-9
+                    && r.layer == "0"
+                    && r.inputs == "coherent"
+                    && Some(r.window.clone()) == last.map(|l| format!("step {l}"))
             }) {
                 measured = true;
                 out.push(PaperRow {
                     finding: finding.into(),
                     paper: paper.into(),
                     ours: describe_factor(r.slope, (r.ci_low, r.ci_high)),
-                    source: format!("theory run {}: {}, B-gradient norm, {}, ranks {}", sec.run, r.optimizer, r.window, r.ranks),
-                    comparable: format!("shape only (synthetic network; law predicts {})", r.predicted.map_or("-".into(), |p| format!("{p:+.2}, x{}", fmt_sig(factor_4_to_2048(p))))),
+                    source: format!(
+                        "theory run {}: {}, B-gradient norm, {}, ranks {}",
+                        sec.run, r.optimizer, r.window, r.ranks
+                    ),
+                    comparable: format!(
+                        "shape only (synthetic network; law predicts {})",
+                        r.predicted.map_or("-".into(), |p| format!(
+                            "{p:+.2}, x{}",
+                            fmt_sig(factor_4_to_2048(p))
+                        ))
+                    ),
                 });
             }
         }
         if !measured {
-            out.push(PaperRow { finding: finding.into(), paper: paper.into(), ours: "-".into(), source: "no gradient norms in the runs given".into(), comparable: "not measured".into() });
+            out.push(PaperRow {
+                finding: finding.into(),
+                paper: paper.into(),
+                ours: "-".into(),
+                source: "no gradient norms in the runs given".into(),
+                comparable: "not measured".into(),
+            });
         }
     }
     out.push(perplexity_row(train_runs));
@@ -1438,44 +1907,89 @@ fn paper_rows(theory: &[TheorySection], train_runs: &[&Run], opts: &AnalysisOpti
 }
 
 /// (model, optimizer, slope, ci, what, ranks) of the average gradient norm against rank.
-fn train_grad_norm_exponents(train_runs: &[&Run], scaling: &str, beta: f64, opts: &AnalysisOptions) -> Vec<(String, String, f64, (f64, f64), String, Vec<u32>)> {
+fn train_grad_norm_exponents(
+    train_runs: &[&Run],
+    scaling: &str,
+    beta: f64,
+    opts: &AnalysisOptions,
+) -> Vec<(String, String, f64, (f64, f64), String, Vec<u32>)> {
     let mut out = Vec::new();
     // model, optimizer -> step -> rank -> seed -> value
     let mut g: BTreeMap<(String, String), BTreeMap<u32, ByRank>> = BTreeMap::new();
     let mut what = "metric grad_norm_avg";
     for run in train_runs {
-        if run_lr(run).is_some() && train_runs.iter().filter_map(|r| run_lr(r)).collect::<BTreeSet<_>>().len() > 1 {
+        if run_lr(run).is_some()
+            && train_runs
+                .iter()
+                .filter_map(|r| run_lr(r))
+                .collect::<BTreeSet<_>>()
+                .len()
+                > 1
+        {
             // Several learning rates: compare like with like, the most common one only.
             let lrs: Vec<String> = train_runs.iter().filter_map(|r| run_lr(r)).collect();
-            let mode = lrs.iter().max_by_key(|l| lrs.iter().filter(|x| x == l).count()).cloned();
+            let mode = lrs
+                .iter()
+                .max_by_key(|l| lrs.iter().filter(|x| x == l).count())
+                .cloned();
             if run_lr(run) != mode {
                 continue;
             }
         }
-        for r in run.metrics.iter().filter(|r| r.metric == "grad_norm_avg" && r.scaling == scaling && (r.beta - beta).abs() < 1e-9) {
-            g.entry((r.model.clone(), r.optimizer.clone())).or_default().entry(r.step).or_default().entry(r.rank).or_default().insert(r.seed, r.value);
+        for r in run.metrics.iter().filter(|r| {
+            r.metric == "grad_norm_avg" && r.scaling == scaling && (r.beta - beta).abs() < 1e-9
+        }) {
+            g.entry((r.model.clone(), r.optimizer.clone()))
+                .or_default()
+                .entry(r.step)
+                .or_default()
+                .entry(r.rank)
+                .or_default()
+                .insert(r.seed, r.value);
         }
     }
     if g.is_empty() {
         what = "mean B-gradient norm over adapters";
         for run in train_runs {
             let mut acc: BTreeMap<(String, String, u32, u32, u64), (f64, usize)> = BTreeMap::new();
-            for r in run.moments.iter().filter(|r| r.site == "param" && r.stat == "grad_norm_b" && r.scaling == scaling && (r.beta - beta).abs() < 1e-9) {
-                let e = acc.entry((r.model.clone(), r.optimizer.clone(), r.step, r.rank, r.seed)).or_insert((0.0, 0));
+            for r in run.moments.iter().filter(|r| {
+                r.site == "param"
+                    && r.stat == "grad_norm_b"
+                    && r.scaling == scaling
+                    && (r.beta - beta).abs() < 1e-9
+            }) {
+                let e = acc
+                    .entry((r.model.clone(), r.optimizer.clone(), r.step, r.rank, r.seed))
+                    .or_insert((0.0, 0));
                 e.0 += r.value;
                 e.1 += 1;
             }
             for ((model, opt, step, rank, seed), (s, n)) in acc {
-                g.entry((model, opt)).or_default().entry(step).or_default().entry(rank).or_default().insert(seed, s / n as f64);
+                g.entry((model, opt))
+                    .or_default()
+                    .entry(step)
+                    .or_default()
+                    .entry(rank)
+                    .or_default()
+                    .insert(seed, s / n as f64);
             }
         }
     }
     for ((model, opt), by_step) in g {
         let steps: Vec<u32> = by_step.keys().copied().collect();
-        let Some(w) = step_windows(&steps, opts.windows).into_iter().last() else { continue };
+        let Some(w) = step_windows(&steps, opts.windows).into_iter().last() else {
+            continue;
+        };
         let br = window_mean(&by_step, &w);
         if let Some((ranks, _, fit)) = fit_by_rank(&br) {
-            out.push((model, opt, fit.slope, (fit.ci_low, fit.ci_high), format!("{what}, {}", w.label), ranks));
+            out.push((
+                model,
+                opt,
+                fit.slope,
+                (fit.ci_low, fit.ci_high),
+                format!("{what}, {}", w.label),
+                ranks,
+            ));
         }
     }
     out
@@ -1485,40 +1999,90 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
     let finding = "Best perplexity: rsLoRA at high rank beats the best standard LoRA";
     let paper = "best LoRA (r=4, lr x10) 1.863 vs rsLoRA r=2048 1.836 (Llama 2 7B, OpenOrca)";
     // Final held-out perplexity per (model, scaling, rank, lr), mean over seeds.
-    let mut fin: BTreeMap<(String, String, u32, String), BTreeMap<u64, (u32, f64)>> = BTreeMap::new();
+    let mut fin: BTreeMap<(String, String, u32, String), BTreeMap<u64, (u32, f64)>> =
+        BTreeMap::new();
     for run in train_runs {
         let lr = run_lr(run).unwrap_or_default();
-        for r in run.metrics.iter().filter(|r| r.metric == "heldout_perplexity" && r.value.is_finite()) {
-            let e = fin.entry((r.model.clone(), r.scaling.clone(), r.rank, lr.clone())).or_default().entry(r.seed).or_insert((0, f64::NAN));
+        for r in run
+            .metrics
+            .iter()
+            .filter(|r| r.metric == "heldout_perplexity" && r.value.is_finite())
+        {
+            let e = fin
+                .entry((r.model.clone(), r.scaling.clone(), r.rank, lr.clone()))
+                .or_default()
+                .entry(r.seed)
+                .or_insert((0, f64::NAN));
             if r.step >= e.0 {
                 *e = (r.step, r.value);
             }
         }
     }
-    let mean = |m: &BTreeMap<u64, (u32, f64)>| m.values().map(|v| v.1).sum::<f64>() / m.len() as f64;
+    let mean =
+        |m: &BTreeMap<u64, (u32, f64)>| m.values().map(|v| v.1).sum::<f64>() / m.len() as f64;
     let mut parts = Vec::new();
     let models: BTreeSet<String> = fin.keys().map(|k| k.0.clone()).collect();
     for model in &models {
-        let best_lora = fin.iter().filter(|(k, _)| &k.0 == model && k.1 == "lora").map(|(k, v)| (mean(v), k.2, k.3.clone())).min_by(|a, b| a.0.total_cmp(&b.0));
-        let top_rs = fin.iter().filter(|(k, _)| &k.0 == model && k.1 == "rslora").max_by_key(|(k, _)| k.2).map(|(k, v)| (mean(v), k.2, k.3.clone()));
-        let lr = |l: &str| if l.is_empty() { String::new() } else { format!(", lr {l}") };
+        let best_lora = fin
+            .iter()
+            .filter(|(k, _)| &k.0 == model && k.1 == "lora")
+            .map(|(k, v)| (mean(v), k.2, k.3.clone()))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        let top_rs = fin
+            .iter()
+            .filter(|(k, _)| &k.0 == model && k.1 == "rslora")
+            .max_by_key(|(k, _)| k.2)
+            .map(|(k, v)| (mean(v), k.2, k.3.clone()));
+        let lr = |l: &str| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!(", lr {l}")
+            }
+        };
         match (best_lora, top_rs) {
-            (Some(a), Some(b)) => parts.push(format!("{model}: best LoRA (r={}{}) {:.4} vs rsLoRA r={}{} {:.4}", a.1, lr(&a.2), a.0, b.1, lr(&b.2), b.0)),
-            (Some(a), None) => parts.push(format!("{model}: best LoRA (r={}) {:.4}; no rsLoRA runs", a.1, a.0)),
-            (None, Some(b)) => parts.push(format!("{model}: rsLoRA r={} {:.4}; no LoRA runs", b.1, b.0)),
+            (Some(a), Some(b)) => parts.push(format!(
+                "{model}: best LoRA (r={}{}) {:.4} vs rsLoRA r={}{} {:.4}",
+                a.1,
+                lr(&a.2),
+                a.0,
+                b.1,
+                lr(&b.2),
+                b.0
+            )),
+            (Some(a), None) => parts.push(format!(
+                "{model}: best LoRA (r={}) {:.4}; no rsLoRA runs",
+                a.1, a.0
+            )),
+            (None, Some(b)) => parts.push(format!(
+                "{model}: rsLoRA r={} {:.4}; no LoRA runs",
+                b.1, b.0
+            )),
             (None, None) => {}
         }
     }
     if parts.is_empty() {
-        return PaperRow { finding: finding.into(), paper: paper.into(), ours: "-".into(), source: "no held-out perplexity in the runs given".into(), comparable: "not measured".into() };
+        return PaperRow {
+            finding: finding.into(),
+            paper: paper.into(),
+            ours: "-".into(),
+            source: "no held-out perplexity in the runs given".into(),
+            comparable: "not measured".into(),
+        };
     }
-    let same = models.iter().any(|m| m.to_lowercase().contains("llama-2-7b"));
+    let same = models
+        .iter()
+        .any(|m| m.to_lowercase().contains("llama-2-7b"));
     PaperRow {
         finding: finding.into(),
         paper: paper.into(),
         ours: parts.join("; "),
         source: "training: final held-out perplexity, mean over seeds".into(),
-        comparable: if same { "same model (check data and steps)".into() } else { "shape only (other model, data and length)".into() },
+        comparable: if same {
+            "same model (check data and steps)".into()
+        } else {
+            "shape only (other model, data and length)".into()
+        },
     }
 }
 
@@ -1530,7 +2094,10 @@ mod tests {
     fn windows_handle_few_steps_and_no_step_zero() {
         assert_eq!(step_windows(&[], 3), vec![]);
         let w = step_windows(&[5, 5, 7], 3);
-        assert_eq!(w.iter().map(|w| w.label.as_str()).collect::<Vec<_>>(), ["step 5", "step 7"]);
+        assert_eq!(
+            w.iter().map(|w| w.label.as_str()).collect::<Vec<_>>(),
+            ["step 5", "step 7"]
+        );
         let w = step_windows(&[0], 3);
         assert_eq!(w.len(), 1);
     }
@@ -1573,7 +2140,10 @@ mod tests {
         let p = predict_train("adamw", "fwd", "abs", 2, 4096, 1.0, &r, None);
         assert_eq!(p.predicted, Some(0.0));
         // With a theory kappa of 1/d the forward law is near the incoherent limit.
-        let k = TheoryKappa { kappa: 1.0 / 4096.0, from: "t".into() };
+        let k = TheoryKappa {
+            kappa: 1.0 / 4096.0,
+            from: "t".into(),
+        };
         let p = predict_train("sgd", "fwd", "abs", 2, 4096, 0.5, &r, Some(&k));
         assert!(p.predicted.expect("law") < -0.8, "{p:?}");
         assert!(p.law.contains("kappa"), "{}", p.law);
@@ -1581,12 +2151,24 @@ mod tests {
         let p = predict_train("sgd", "bwd", "abs", 2, 4096, 0.5, &r, None);
         assert!((p.predicted.expect("law") + 1.0).abs() < 0.03, "{p:?}");
         // grad_norm_avg under Adam: 1/2 - beta; under SGD only a band.
-        assert_eq!(predict_train("adamw", "param", "grad_norm_avg", 1, 64, 1.0, &r, None).predicted, Some(-0.5));
+        assert_eq!(
+            predict_train("adamw", "param", "grad_norm_avg", 1, 64, 1.0, &r, None).predicted,
+            Some(-0.5)
+        );
         let p = predict_train("sgd", "param", "grad_norm_avg", 1, 64, 1.0, &r, None);
-        assert_eq!((p.predicted, p.coherent, p.incoherent), (None, Some(-1.5), Some(-0.5)));
+        assert_eq!(
+            (p.predicted, p.coherent, p.incoherent),
+            (None, Some(-1.5), Some(-0.5))
+        );
         // No law: grad_out, raw moments, unknown optimizer.
-        assert_eq!(predict_train("sgd", "grad_out", "abs", 2, 64, 1.0, &r, None).predicted, None);
-        assert_eq!(predict_train("adafactor", "fwd", "abs", 2, 64, 1.0, &r, None).predicted, None);
+        assert_eq!(
+            predict_train("sgd", "grad_out", "abs", 2, 64, 1.0, &r, None).predicted,
+            None
+        );
+        assert_eq!(
+            predict_train("adafactor", "fwd", "abs", 2, 64, 1.0, &r, None).predicted,
+            None
+        );
     }
 
     #[test]
@@ -1627,11 +2209,25 @@ mod tests {
         assert_eq!(r.verdict, "stable");
         assert_eq!(r.agrees, Some(true));
         assert_eq!(r.in_band, Some(true));
-        let r = finish_row(ExponentRow { predicted: Some(1.0), coherent_limit: Some(1.0), incoherent_limit: Some(0.5), ..base.clone() }, 0.15);
+        let r = finish_row(
+            ExponentRow {
+                predicted: Some(1.0),
+                coherent_limit: Some(1.0),
+                incoherent_limit: Some(0.5),
+                ..base.clone()
+            },
+            0.15,
+        );
         assert_eq!(r.agrees, Some(false));
         assert_eq!(r.in_band, Some(false));
         assert_eq!(r.predicted_verdict, "exploding");
-        let r = finish_row(ExponentRow { slope: f64::NAN, ..base }, 0.15);
+        let r = finish_row(
+            ExponentRow {
+                slope: f64::NAN,
+                ..base
+            },
+            0.15,
+        );
         assert_eq!(r.verdict, "diverged");
         assert_eq!(r.agrees, Some(false));
     }
@@ -1654,6 +2250,9 @@ mod tests {
 
     #[test]
     fn slugs_are_file_safe() {
-        assert_eq!(slug("train-SmolLM2 135M/q_proj<x>"), "train-SmolLM2-135M-q_proj-x");
+        assert_eq!(
+            slug("train-SmolLM2 135M/q_proj<x>"),
+            "train-SmolLM2-135M-q_proj-x"
+        );
     }
 }

@@ -64,7 +64,10 @@ impl GptjHfConfig {
     /// # Errors
     /// Unsupported activation, heads that do not divide the width, odd rotary_dim.
     pub fn into_config(self, path: &Path) -> Result<Config, TrainError> {
-        let bad = |message: String| TrainError::Config { path: path.to_path_buf(), message };
+        let bad = |message: String| TrainError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
         if let Some(t) = &self.model_type {
             if t != "gptj" {
                 return Err(bad(format!("model_type {t:?} is not a GPT-J model")));
@@ -72,16 +75,23 @@ impl GptjHfConfig {
         }
         if let Some(a) = &self.activation_function {
             if a != "gelu_new" {
-                return Err(bad(format!("activation_function {a:?} is not supported (only gelu_new)")));
+                return Err(bad(format!(
+                    "activation_function {a:?} is not supported (only gelu_new)"
+                )));
             }
         }
         if self.n_head == 0 || self.n_embd % self.n_head != 0 {
-            return Err(bad(format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head)));
+            return Err(bad(format!(
+                "n_embd {} is not divisible by n_head {}",
+                self.n_embd, self.n_head
+            )));
         }
         let head_dim = self.n_embd / self.n_head;
         let rotary_dim = self.rotary_dim.unwrap_or(head_dim);
         if rotary_dim % 2 != 0 || rotary_dim > head_dim {
-            return Err(bad(format!("rotary_dim {rotary_dim} must be even and at most the head size {head_dim}")));
+            return Err(bad(format!(
+                "rotary_dim {rotary_dim} must be even and at most the head size {head_dim}"
+            )));
         }
         Ok(Config {
             vocab_size: self.vocab_size as i64,
@@ -181,11 +191,16 @@ pub struct Gptj {
 
 /// sin and cos (T x rotary_dim) with each frequency repeated twice (interleaved layout).
 fn rope_interleaved(rotary_dim: i64, t: i64, device: Device) -> (Tensor, Tensor) {
-    let inv = Tensor::arange_start_step(0, rotary_dim, 2, (Kind::Float, device)) / rotary_dim as f64;
+    let inv =
+        Tensor::arange_start_step(0, rotary_dim, 2, (Kind::Float, device)) / rotary_dim as f64;
     let inv_freq = (inv * -(10_000f64.ln())).exp();
     let pos = Tensor::arange(t, (Kind::Float, device));
     let freqs = pos.outer(&inv_freq); // T x rot/2
-    let dup = |z: Tensor| z.unsqueeze(-1).expand([t, rotary_dim / 2, 2], false).reshape([t, rotary_dim]);
+    let dup = |z: Tensor| {
+        z.unsqueeze(-1)
+            .expand([t, rotary_dim / 2, 2], false)
+            .reshape([t, rotary_dim])
+    };
     (dup(freqs.sin()), dup(freqs.cos()))
 }
 
@@ -213,14 +228,28 @@ fn apply_rotary(x: &Tensor, rot: i64, sin: &Tensor, cos: &Tensor) -> Tensor {
     }
 }
 
-fn linear(w: &mut Weights, name: &str, out: i64, inp: i64, bias: bool) -> Result<Linear, TrainError> {
+fn linear(
+    w: &mut Weights,
+    name: &str,
+    out: i64,
+    inp: i64,
+    bias: bool,
+) -> Result<Linear, TrainError> {
     let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
-    let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out])?) } else { None };
+    let bias = if bias {
+        Some(w.take(&format!("{name}.bias"), &[out])?)
+    } else {
+        None
+    };
     Ok(Linear::new(weight, bias))
 }
 
 fn layer_norm(w: &mut Weights, name: &str, d: i64, eps: f64) -> Result<LayerNorm, TrainError> {
-    Ok(LayerNorm { weight: w.take(&format!("{name}.weight"), &[d])?, bias: w.take(&format!("{name}.bias"), &[d])?, eps })
+    Ok(LayerNorm {
+        weight: w.take(&format!("{name}.weight"), &[d])?,
+        bias: w.take(&format!("{name}.bias"), &[d])?,
+        eps,
+    })
 }
 
 impl Gptj {
@@ -250,7 +279,13 @@ impl Gptj {
         }
         let ln_f = layer_norm(w, "transformer.ln_f", d, config.eps)?;
         let lm_head = linear(w, "lm_head", config.vocab_size, d, true)?;
-        Ok(Self { config, wte, h, ln_f, lm_head })
+        Ok(Self {
+            config,
+            wte,
+            h,
+            ln_f,
+            lm_head,
+        })
     }
 
     /// Loads a Hugging Face model directory (config.json + safetensors).
@@ -258,10 +293,7 @@ impl Gptj {
     /// # Errors
     /// See [`Weights::from_dir`], [`GptjHfConfig::into_config`], [`Gptj::load`].
     pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io { path: cfg_path.clone(), source })?;
-        let hf: GptjHfConfig = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Config { path: cfg_path.clone(), message: e.to_string() })?;
+        let (hf, cfg_path): (GptjHfConfig, _) = crate::weights::read_hf_config(dir)?;
         let config = hf.into_config(&cfg_path)?;
         let mut w = Weights::from_dir(dir, kind, device)?;
         Self::load(config, &mut w)
@@ -287,18 +319,36 @@ impl Gptj {
         let (b, t) = (ids.size()[0], ids.size()[1]);
         let c = &self.config;
         let (h, hd) = (c.n_head, c.head_dim);
-        let mut x = self.wte.index_select(0, &ids.flatten(0, -1)).view([b, t, -1]);
+        let mut x = self
+            .wte
+            .index_select(0, &ids.flatten(0, -1))
+            .view([b, t, -1]);
         let (sin, cos) = rope_interleaved(c.rotary_dim, t, x.device());
         let (sin, cos) = (sin.to_kind(x.kind()), cos.to_kind(x.kind()));
         for blk in &self.h {
             let y = blk.ln_1.forward(&x);
             let split = |z: Tensor| z.view([b, t, h, hd]).transpose(1, 2);
-            let q = apply_rotary(&split(blk.attn.q_proj.forward(&y, train)), c.rotary_dim, &sin, &cos);
-            let k = apply_rotary(&split(blk.attn.k_proj.forward(&y, train)), c.rotary_dim, &sin, &cos);
+            let q = apply_rotary(
+                &split(blk.attn.q_proj.forward(&y, train)),
+                c.rotary_dim,
+                &sin,
+                &cos,
+            );
+            let k = apply_rotary(
+                &split(blk.attn.k_proj.forward(&y, train)),
+                c.rotary_dim,
+                &sin,
+                &cos,
+            );
             let v = split(blk.attn.v_proj.forward(&y, train));
-            let a = causal_attention(&q, &k, &v).transpose(1, 2).reshape([b, t, h * hd]);
+            let a = causal_attention(&q, &k, &v)
+                .transpose(1, 2)
+                .reshape([b, t, h * hd]);
             let a = blk.attn.out_proj.forward(&a, train);
-            let m = blk.mlp.fc_out.forward(&blk.mlp.fc_in.forward(&y, train).gelu("tanh"), train);
+            let m = blk
+                .mlp
+                .fc_out
+                .forward(&blk.mlp.fc_in.forward(&y, train).gelu("tanh"), train);
             x = x + a + m;
         }
         self.lm_head.forward(&self.ln_f.forward(&x), train)

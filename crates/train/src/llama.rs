@@ -85,16 +85,24 @@ impl LlamaHfConfig {
     /// # Errors
     /// Unsupported RoPE scaling, heads that do not divide the width, zero sizes.
     pub fn into_config(self, path: &Path) -> Result<Config, TrainError> {
-        let bad = |message: String| TrainError::Config { path: path.to_path_buf(), message };
+        let bad = |message: String| TrainError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
         if let Some(t) = &self.model_type {
             if t != "llama" {
                 return Err(bad(format!("model_type {t:?} is not a Llama model")));
             }
         }
         if let Some(s) = &self.rope_scaling {
-            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str());
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|v| v.as_str());
             if !s.is_null() && kind != Some("default") {
-                return Err(bad(format!("rope_scaling {s} is not supported (only the default RoPE)")));
+                return Err(bad(format!(
+                    "rope_scaling {s} is not supported (only the default RoPE)"
+                )));
             }
         }
         let heads = self.num_attention_heads;
@@ -105,14 +113,28 @@ impl LlamaHfConfig {
         let head_dim = match self.head_dim {
             Some(h) => h,
             None if self.hidden_size % heads == 0 => self.hidden_size / heads,
-            None => return Err(bad(format!("hidden_size {} is not divisible by {heads} heads", self.hidden_size))),
+            None => {
+                return Err(bad(format!(
+                    "hidden_size {} is not divisible by {heads} heads",
+                    self.hidden_size
+                )))
+            }
         };
-        if head_dim % 2 != 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
+        if head_dim % 2 != 0
+            || self.vocab_size == 0
+            || self.num_hidden_layers == 0
+            || self.intermediate_size == 0
+        {
             return Err(bad("head_dim must be even and every size positive".into()));
         }
         let rope_theta = self
             .rope_theta
-            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                self.rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .unwrap_or(10_000.0);
         Ok(Config {
             vocab_size: self.vocab_size as i64,
@@ -255,12 +277,26 @@ impl Attention {
     fn forward(&self, x: &Tensor, cfg: &Config, cos: &Tensor, sin: &Tensor, train: bool) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let q = self.q_proj.forward(x, train).view([b, t, h, hd]).transpose(1, 2);
-        let k = self.k_proj.forward(x, train).view([b, t, kvh, hd]).transpose(1, 2);
-        let v = self.v_proj.forward(x, train).view([b, t, kvh, hd]).transpose(1, 2);
+        let q = self
+            .q_proj
+            .forward(x, train)
+            .view([b, t, h, hd])
+            .transpose(1, 2);
+        let k = self
+            .k_proj
+            .forward(x, train)
+            .view([b, t, kvh, hd])
+            .transpose(1, 2);
+        let v = self
+            .v_proj
+            .forward(x, train)
+            .view([b, t, kvh, hd])
+            .transpose(1, 2);
         let q = &q * cos + rotate_half(&q) * sin;
         let k = &k * cos + rotate_half(&k) * sin;
-        let y = causal_attention(&q, &k, &v).transpose(1, 2).reshape([b, t, h * hd]);
+        let y = causal_attention(&q, &k, &v)
+            .transpose(1, 2)
+            .reshape([b, t, h * hd]);
         self.o_proj.forward(&y, train)
     }
 }
@@ -268,13 +304,24 @@ impl Attention {
 impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let g = self.gate_proj.forward(x, train).silu();
-        self.down_proj.forward(&(g * self.up_proj.forward(x, train)), train)
+        self.down_proj
+            .forward(&(g * self.up_proj.forward(x, train)), train)
     }
 }
 
-fn linear(w: &mut Weights, name: &str, out: i64, inp: i64, bias: bool) -> Result<Linear, TrainError> {
+fn linear(
+    w: &mut Weights,
+    name: &str,
+    out: i64,
+    inp: i64,
+    bias: bool,
+) -> Result<Linear, TrainError> {
     let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
-    let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out])?) } else { None };
+    let bias = if bias {
+        Some(w.take(&format!("{name}.bias"), &[out])?)
+    } else {
+        None
+    };
     Ok(Linear::new(weight, bias))
 }
 
@@ -284,7 +331,11 @@ impl Llama {
     /// # Errors
     /// A missing or mis-shaped tensor (named, with both shapes).
     pub fn load(config: Config, w: &mut Weights) -> Result<Self, TrainError> {
-        let (d, f, hd) = (config.hidden_size, config.intermediate_size, config.head_dim);
+        let (d, f, hd) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.head_dim,
+        );
         let (h, kvh) = (config.num_heads, config.num_kv_heads);
         let embed_tokens = w.take("model.embed_tokens.weight", &[config.vocab_size, d])?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -293,7 +344,10 @@ impl Llama {
             let ab = config.attention_bias;
             let mb = config.mlp_bias;
             layers.push(Block {
-                input_layernorm: RmsNorm { weight: w.take(&format!("{p}.input_layernorm.weight"), &[d])?, eps: config.rms_norm_eps },
+                input_layernorm: RmsNorm {
+                    weight: w.take(&format!("{p}.input_layernorm.weight"), &[d])?,
+                    eps: config.rms_norm_eps,
+                },
                 self_attn: Attention {
                     q_proj: linear(w, &format!("{p}.self_attn.q_proj"), h * hd, d, ab)?,
                     k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kvh * hd, d, ab)?,
@@ -311,13 +365,22 @@ impl Llama {
                 },
             });
         }
-        let norm = RmsNorm { weight: w.take("model.norm.weight", &[d])?, eps: config.rms_norm_eps };
+        let norm = RmsNorm {
+            weight: w.take("model.norm.weight", &[d])?,
+            eps: config.rms_norm_eps,
+        };
         let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
             None
         } else {
             Some(w.take("lm_head.weight", &[config.vocab_size, d])?)
         };
-        Ok(Self { config, embed_tokens, layers, norm, lm_head })
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// Loads a Hugging Face model directory (config.json + safetensors).
@@ -325,10 +388,7 @@ impl Llama {
     /// # Errors
     /// See [`Weights::from_dir`], [`LlamaHfConfig::into_config`], [`Llama::load`].
     pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io { path: cfg_path.clone(), source })?;
-        let hf: LlamaHfConfig = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Config { path: cfg_path.clone(), message: e.to_string() })?;
+        let (hf, cfg_path): (LlamaHfConfig, _) = crate::weights::read_hf_config(dir)?;
         let config = hf.into_config(&cfg_path)?;
         let mut w = Weights::from_dir(dir, kind, device)?;
         Self::load(config, &mut w)
@@ -355,13 +415,24 @@ impl Llama {
     /// Logits (B, T, vocab) for token ids (B, T).
     pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
         let t = ids.size()[1];
-        let mut x = self.embed_tokens.index_select(0, &ids.flatten(0, -1)).view([ids.size()[0], t, -1]);
+        let mut x = self
+            .embed_tokens
+            .index_select(0, &ids.flatten(0, -1))
+            .view([ids.size()[0], t, -1]);
         let (cos, sin) = rope_tables(self.config.rope_theta, self.config.head_dim, t, x.device());
         let (cos, sin) = (cos.to_kind(x.kind()), sin.to_kind(x.kind()));
         for b in &self.layers {
-            let h = b.self_attn.forward(&b.input_layernorm.forward(&x), &self.config, &cos, &sin, train);
+            let h = b.self_attn.forward(
+                &b.input_layernorm.forward(&x),
+                &self.config,
+                &cos,
+                &sin,
+                train,
+            );
             x = x + h;
-            let h = b.mlp.forward(&b.post_attention_layernorm.forward(&x), train);
+            let h = b
+                .mlp
+                .forward(&b.post_attention_layernorm.forward(&x), train);
             x = x + h;
         }
         let x = self.norm.forward(&x);

@@ -26,18 +26,31 @@ impl Weights {
         let files: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| TrainError::Io { path: index.clone(), source })?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| TrainError::Config { path: index.clone(), message: e.to_string() })?;
-            let map = v["weight_map"].as_object().ok_or_else(|| TrainError::Config {
+            let text = std::fs::read_to_string(&index).map_err(|source| TrainError::Io {
                 path: index.clone(),
-                message: "no \"weight_map\" object".into(),
+                source,
             })?;
-            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| TrainError::Config {
+                    path: index.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| TrainError::Config {
+                    path: index.clone(),
+                    message: "no \"weight_map\" object".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
             names.sort();
             names.dedup();
             names.into_iter().map(|f| dir.join(f)).collect()
-        } else if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+        } else if dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists()
+        {
             return Err(TrainError::Invalid(format!(
                 "{}: pytorch_model.bin is a pickle checkpoint, which rankstab refuses to load (unpickling can run code). \
                  Convert it once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)",
@@ -51,16 +64,33 @@ impl Weights {
         };
         let mut tensors = BTreeMap::new();
         for f in &files {
-            let list = Tensor::read_safetensors(f)
-                .map_err(|source| TrainError::Torch { context: format!("reading {} (truncated or not safetensors?)", f.display()), source })?;
+            let list = Tensor::read_safetensors(f).map_err(|source| TrainError::Torch {
+                context: format!("reading {} (truncated or not safetensors?)", f.display()),
+                source,
+            })?;
             tensors.extend(list);
         }
-        Ok(Self { source: dir.to_path_buf(), tensors, kind, device })
+        Ok(Self {
+            source: dir.to_path_buf(),
+            tensors,
+            kind,
+            device,
+        })
     }
 
     /// Weights from named tensors already in memory (GGUF loading, tests).
-    pub fn from_tensors(source: PathBuf, tensors: BTreeMap<String, Tensor>, kind: Kind, device: Device) -> Self {
-        Self { source, tensors, kind, device }
+    pub fn from_tensors(
+        source: PathBuf,
+        tensors: BTreeMap<String, Tensor>,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        Self {
+            source,
+            tensors,
+            kind,
+            device,
+        }
     }
 
     /// Whether a tensor is present.
@@ -76,7 +106,10 @@ impl Weights {
         let t = self
             .tensors
             .remove(name)
-            .ok_or_else(|| TrainError::MissingTensor { path: self.source.clone(), name: name.to_string() })?;
+            .ok_or_else(|| TrainError::MissingTensor {
+                path: self.source.clone(),
+                name: name.to_string(),
+            })?;
         if t.size() != shape {
             return Err(TrainError::Shape {
                 path: self.source.clone(),
@@ -92,4 +125,24 @@ impl Weights {
     pub fn remaining(&self) -> Vec<String> {
         self.tensors.keys().cloned().collect()
     }
+}
+
+/// Reads and parses a model directory's `config.json` into `T`; returns it with its path
+/// (for the errors of the config's own checks).
+///
+/// # Errors
+/// Unreadable or malformed file (named).
+pub fn read_hf_config<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+) -> Result<(T, PathBuf), TrainError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let cfg = serde_json::from_str(&text).map_err(|e| TrainError::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok((cfg, path))
 }
