@@ -7,7 +7,11 @@ fn model() -> PathBuf {
 }
 
 fn eval(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rankstab")).arg("eval").args(args).output().expect("runs")
+    Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .arg("eval")
+        .args(args)
+        .output()
+        .expect("runs")
 }
 
 #[test]
@@ -16,7 +20,17 @@ fn eval_prints_tokens_nll_perplexity_as_json() {
     let text = dir.path().join("t.txt");
     std::fs::write(&text, "It is a truth universally acknowledged, that a single man in possession of a good fortune.").expect("write");
     let m = model();
-    let o = eval(&["--model", m.to_str().expect("utf8"), "--text", text.to_str().expect("utf8"), "--context", "8", "--batch", "3", "--json"]);
+    let o = eval(&[
+        "--model",
+        m.to_str().expect("utf8"),
+        "--text",
+        text.to_str().expect("utf8"),
+        "--context",
+        "8",
+        "--batch",
+        "3",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let tokens = v["tokens"].as_i64().expect("tokens");
@@ -46,13 +60,60 @@ fn eval_bad_input_is_one_line_and_exit_2() {
     let m = m.to_str().expect("utf8");
     let s = |p: &Path| p.to_str().expect("utf8").to_string();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--model".into(), m.into(), "--text".into(), s(&empty)], "empty"),
-        (vec!["--model".into(), m.into(), "--text".into(), s(&binary)], "not UTF-8"),
-        (vec!["--model".into(), s(&dir.path().join("nope")), "--text".into(), s(&good)], "not a model directory"),
-        (vec!["--model".into(), s(&pickle), "--text".into(), s(&good)], "pickle"),
-        (vec!["--model".into(), m.into(), "--text".into(), s(&good), "--dtype".into(), "f8".into()], "f32 or bf16"),
-        (vec!["--model".into(), m.into(), "--text".into(), s(&good), "--device".into(), "tpu".into()], "cpu or cuda"),
-        (vec!["--model".into(), m.into(), "--text".into(), s(&good), "--context".into(), "1".into()], "context"),
+        (
+            vec!["--model".into(), m.into(), "--text".into(), s(&empty)],
+            "empty",
+        ),
+        (
+            vec!["--model".into(), m.into(), "--text".into(), s(&binary)],
+            "not UTF-8",
+        ),
+        (
+            vec![
+                "--model".into(),
+                s(&dir.path().join("nope")),
+                "--text".into(),
+                s(&good),
+            ],
+            "not a model directory",
+        ),
+        (
+            vec!["--model".into(), s(&pickle), "--text".into(), s(&good)],
+            "pickle",
+        ),
+        (
+            vec![
+                "--model".into(),
+                m.into(),
+                "--text".into(),
+                s(&good),
+                "--dtype".into(),
+                "f8".into(),
+            ],
+            "f32 or bf16",
+        ),
+        (
+            vec![
+                "--model".into(),
+                m.into(),
+                "--text".into(),
+                s(&good),
+                "--device".into(),
+                "tpu".into(),
+            ],
+            "cpu or cuda",
+        ),
+        (
+            vec![
+                "--model".into(),
+                m.into(),
+                "--text".into(),
+                s(&good),
+                "--context".into(),
+                "1".into(),
+            ],
+            "context",
+        ),
     ];
     for (args, needle) in cases {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -8,13 +8,29 @@ fn bin() -> Command {
 }
 
 fn run(args: &[&str]) -> Output {
-    bin().args(args).env("RUST_LOG", "warn").output().expect("rankstab runs")
+    bin()
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("rankstab runs")
 }
 
 fn small(out: &Path) -> Vec<String> {
     [
-        "theory", "--width", "64", "--ranks", "4,8,16,32", "--trials", "3", "--steps", "2", "--batch", "4",
-        "--heldout", "8", "--out",
+        "theory",
+        "--width",
+        "64",
+        "--ranks",
+        "4,8,16,32",
+        "--trials",
+        "3",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--heldout",
+        "8",
+        "--out",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -33,26 +49,55 @@ fn small_run_writes_a_complete_run_directory() {
     let o = run(&args_ref(&small(&out)));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("fits agree with the prediction"), "{stdout}");
+    assert!(
+        stdout.contains("fits agree with the prediction"),
+        "{stdout}"
+    );
     assert!(stdout.contains("Run directory:"), "{stdout}");
-    for f in ["manifest.json", "moments.csv", "metrics.csv", "summary.csv", "fits.json", "checks.json"] {
+    for f in [
+        "manifest.json",
+        "moments.csv",
+        "metrics.csv",
+        "summary.csv",
+        "fits.json",
+        "checks.json",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).expect("read")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).expect("read"))
+            .expect("json");
     assert_eq!(manifest["status"], "complete");
     assert_eq!(manifest["config"]["width"], 64);
     assert_eq!(manifest["seeds"].as_array().map(Vec::len), Some(3));
     let fits: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(out.join("fits.json")).expect("read")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(out.join("fits.json")).expect("read"))
+            .expect("json");
     assert!(!fits.is_empty());
-    for key in ["optimizer", "beta", "inputs", "site", "m", "step", "slope", "ci_low", "ci_high", "predicted", "verdict", "agrees"] {
+    for key in [
+        "optimizer",
+        "beta",
+        "inputs",
+        "site",
+        "m",
+        "step",
+        "slope",
+        "ci_low",
+        "ci_high",
+        "predicted",
+        "verdict",
+        "agrees",
+    ] {
         assert!(fits[0].get(key).is_some(), "fits.json lacks '{key}'");
     }
     // The default optimizers (SGD and Adam) and scalings (lora, rslora, constant) are all there.
     for opt in ["sgd", "adam"] {
         for s in ["lora", "rslora", "constant"] {
-            assert!(fits.iter().any(|f| f["optimizer"] == opt && f["scaling"] == s), "{opt}/{s}");
+            assert!(
+                fits.iter()
+                    .any(|f| f["optimizer"] == opt && f["scaling"] == s),
+                "{opt}/{s}"
+            );
         }
     }
 }
@@ -67,7 +112,8 @@ fn json_output_matches_fits_file() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let printed: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
     let file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("fits.json")).expect("read")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(out.join("fits.json")).expect("read"))
+            .expect("json");
     assert_eq!(printed, file);
 }
 
@@ -122,7 +168,12 @@ print("ok", len(m))
         .env("PYTHONPATH", deps)
         .output()
         .expect("python runs");
-    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Bad input: one line naming the value, exit code 2, nothing written.
@@ -141,12 +192,35 @@ fn bad_input_is_one_clear_line_and_exit_2_with_no_run_directory() {
         (vec!["--betas".into(), "nan".into()], "beta"),
         (vec!["--lr".into(), "-0.1".into()], "learning rate"),
         (vec!["--moments".into(), "0".into()], "m = 0"),
-        (vec!["--dist".into(), "student-t:3".into()], "no moment of order 4"),
+        (
+            vec!["--dist".into(), "student-t:3".into()],
+            "no moment of order 4",
+        ),
         (vec!["--width".into(), "0".into()], "width 0"),
-        (vec!["--ranks".into(), "4,128".into(), "--width".into(), "64".into()], "rank 128 exceeds the width"),
-        (vec!["--config".into(), dir.path().join("missing.toml").display().to_string()], "missing.toml"),
-        (vec!["--config".into(), bad_toml.display().to_string()], "widht"),
-        (vec!["--config".into(), garbage_toml.display().to_string()], "garbage.toml"),
+        (
+            vec![
+                "--ranks".into(),
+                "4,128".into(),
+                "--width".into(),
+                "64".into(),
+            ],
+            "rank 128 exceeds the width",
+        ),
+        (
+            vec![
+                "--config".into(),
+                dir.path().join("missing.toml").display().to_string(),
+            ],
+            "missing.toml",
+        ),
+        (
+            vec!["--config".into(), bad_toml.display().to_string()],
+            "widht",
+        ),
+        (
+            vec!["--config".into(), garbage_toml.display().to_string()],
+            "garbage.toml",
+        ),
         (vec!["--optimizers".into(), "rmsprop".into()], "rmsprop"),
         (vec!["--scalings".into(), "bogus".into()], "bogus"),
         (vec!["--dist".into(), "cauchy".into()], "cauchy"),
@@ -166,7 +240,10 @@ fn bad_input_is_one_clear_line_and_exit_2_with_no_run_directory() {
         let o = run(&args_ref(&a));
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
-        assert!(err.contains(needle), "{extra:?}: stderr {err:?} lacks {needle:?}");
+        assert!(
+            err.contains(needle),
+            "{extra:?}: stderr {err:?} lacks {needle:?}"
+        );
         let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
         assert!(lines.len() <= 3, "{extra:?}: not a short message: {err}");
         assert!(!out.exists(), "{extra:?}: a run directory was created");
@@ -178,7 +255,10 @@ fn help_shows_examples() {
     let o = run(&["theory", "--help"]);
     assert!(o.status.success());
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("Examples:") && s.contains("rankstab theory --width"), "{s}");
+    assert!(
+        s.contains("Examples:") && s.contains("rankstab theory --width"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -200,7 +280,17 @@ fn kill_then_rerun_resumes_to_identical_results() {
     let dir = tempfile::tempdir().expect("tempdir");
     let args = |out: &Path| -> Vec<String> {
         [
-            "theory", "--width", "256", "--ranks", "4,16,64,256", "--trials", "16", "--steps", "3", "--threads", "1",
+            "theory",
+            "--width",
+            "256",
+            "--ranks",
+            "4,16,64,256",
+            "--trials",
+            "16",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
             "--out",
         ]
         .iter()
@@ -212,7 +302,12 @@ fn kill_then_rerun_resumes_to_identical_results() {
     assert!(run(&args_ref(&args(&whole))).status.success());
 
     let cut = dir.path().join("cut");
-    let mut child = bin().args(args(&cut)).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("spawn");
+    let mut child = bin()
+        .args(args(&cut))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
     let progress = cut.join("progress.json");
     let t0 = std::time::Instant::now();
     let mut killed_mid_run = false;
@@ -232,11 +327,20 @@ fn kill_then_rerun_resumes_to_identical_results() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let _ = child.wait();
-    assert!(killed_mid_run, "the run finished before it could be killed: make it longer");
+    assert!(
+        killed_mid_run,
+        "the run finished before it could be killed: make it longer"
+    );
     assert!(!cut.join("fits.json").exists());
     let o = run(&args_ref(&args(&cut)));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for f in ["fits.json", "checks.json", "moments.csv", "metrics.csv", "summary.csv"] {
+    for f in [
+        "fits.json",
+        "checks.json",
+        "moments.csv",
+        "metrics.csv",
+        "summary.csv",
+    ] {
         let a = std::fs::read(whole.join(f)).expect("read");
         let b = std::fs::read(cut.join(f)).expect("read");
         assert!(a == b, "{f} differs after resume");

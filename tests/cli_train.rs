@@ -22,18 +22,40 @@ fn train_writes_a_run_directory_in_the_shared_format() {
         .arg(model())
         .arg("--data")
         .arg(text(dir.path()))
-        .args(["--rank", "4", "--scaling", "lora", "--optimizer", "sgd", "--lr", "0.1", "--steps", "6", "--context", "16", "--out"])
+        .args([
+            "--rank",
+            "4",
+            "--scaling",
+            "lora",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.1",
+            "--steps",
+            "6",
+            "--context",
+            "16",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .expect("runs");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let m: Vec<rankstab_records::MomentRow> = rankstab_records::read_table(&out.join("moments.csv")).expect("moments");
-    assert!(m.iter().all(|r| r.source == "train" && r.rank == 4 && r.scaling == "lora" && r.optimizer == "sgd"));
-    assert!(m.iter().any(|r| r.site == "bwd" && r.step == 5 && r.value > 0.0));
-    let x: Vec<rankstab_records::MetricRow> = rankstab_records::read_table(&out.join("metrics.csv")).expect("metrics");
+    let m: Vec<rankstab_records::MomentRow> =
+        rankstab_records::read_table(&out.join("moments.csv")).expect("moments");
+    assert!(m.iter().all(|r| r.source == "train"
+        && r.rank == 4
+        && r.scaling == "lora"
+        && r.optimizer == "sgd"));
+    assert!(m
+        .iter()
+        .any(|r| r.site == "bwd" && r.step == 5 && r.value > 0.0));
+    let x: Vec<rankstab_records::MetricRow> =
+        rankstab_records::read_table(&out.join("metrics.csv")).expect("metrics");
     assert!(x.iter().any(|r| r.metric == "heldout_perplexity"));
     assert!(x.iter().any(|r| r.metric == "grad_norm_avg"));
-    let manifest: rankstab_records::Manifest = rankstab_records::read_json(&out.join("manifest.json")).expect("manifest");
+    let manifest: rankstab_records::Manifest =
+        rankstab_records::read_json(&out.join("manifest.json")).expect("manifest");
     assert_eq!(manifest.status, rankstab_records::RunStatus::Complete);
     assert!(out.join("adapters/adapter_model.safetensors").exists());
 }
@@ -46,9 +68,21 @@ fn train_bad_input_is_one_line_exit_2_and_no_directory() {
     std::fs::write(&short, "too short").expect("write");
     let cases: Vec<(Vec<&str>, &Path, &str)> = vec![
         (vec!["--rank", "0"], &t, "rank 0"),
-        (vec!["--rank", "4", "--target-modules", "qkv"], &t, "available: down_proj"),
-        (vec!["--rank", "4", "--optimizer", "lion"], &t, "adamw or sgd"),
-        (vec!["--rank", "4", "--scaling", "weird"], &t, "lora, rslora"),
+        (
+            vec!["--rank", "4", "--target-modules", "qkv"],
+            &t,
+            "available: down_proj",
+        ),
+        (
+            vec!["--rank", "4", "--optimizer", "lion"],
+            &t,
+            "adamw or sgd",
+        ),
+        (
+            vec!["--rank", "4", "--scaling", "weird"],
+            &t,
+            "lora, rslora",
+        ),
         (vec!["--rank", "4"], &short, "window"),
         (vec!["--rank", "99"], &t, "rank 99 is not allowed"),
     ];

@@ -13,13 +13,23 @@ fn every_named_test_exists() {
         let text = std::fs::read_to_string(&path).expect("readable");
         // References look like `crates/x/tests/file.rs::test_name` (in backticks).
         for chunk in text.split('`') {
-            let Some((file, name)) = chunk.split_once(".rs::") else { continue };
-            if file.contains(' ') || name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+            let Some((file, name)) = chunk.split_once(".rs::") else {
+                continue;
+            };
+            if file.contains(' ')
+                || name.is_empty()
+                || !name.chars().all(|c| c.is_alphanumeric() || c == '_')
+            {
                 continue;
             }
             let file = root.join(format!("{file}.rs"));
-            let src = std::fs::read_to_string(&file)
-                .unwrap_or_else(|_| panic!("{}: names {}, which does not exist", path.display(), file.display()));
+            let src = std::fs::read_to_string(&file).unwrap_or_else(|_| {
+                panic!(
+                    "{}: names {}, which does not exist",
+                    path.display(),
+                    file.display()
+                )
+            });
             assert!(
                 src.contains(&format!("fn {name}(")),
                 "{}: names test `{name}`, which {} does not define",

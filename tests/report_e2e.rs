@@ -19,7 +19,25 @@ fn rankstab(args: &[&str], cwd: Option<&Path>) -> Output {
 fn theory(dir: &Path) -> PathBuf {
     let out = dir.join("theory");
     let o = rankstab(
-        &["theory", "--width", "64", "--ranks", "4,8,16,32", "--trials", "3", "--steps", "2", "--batch", "4", "--heldout", "8", "--moments", "1,2", "--out", out.to_str().expect("utf-8")],
+        &[
+            "theory",
+            "--width",
+            "64",
+            "--ranks",
+            "4,8,16,32",
+            "--trials",
+            "3",
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--heldout",
+            "8",
+            "--moments",
+            "1,2",
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
         None,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -27,7 +45,11 @@ fn theory(dir: &Path) -> PathBuf {
 }
 
 fn last_line(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -37,18 +59,34 @@ fn report_of_theory_and_training_runs_prints_index_html() {
     let sweep = tmp.path().join("sweep");
     common::write_train_sweep(&sweep);
     let out = tmp.path().join("report");
-    let o = rankstab(&["report", th.to_str().expect("utf-8"), sweep.to_str().expect("utf-8"), "--out", out.to_str().expect("utf-8")], None);
+    let o = rankstab(
+        &[
+            "report",
+            th.to_str().expect("utf-8"),
+            sweep.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
+        None,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let printed = PathBuf::from(last_line(&o));
     assert_eq!(printed, out.join("index.html"));
     assert!(printed.is_file());
     assert!(out.join("report.md").is_file() && out.join("exponents.csv").is_file());
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("17 run directories used, 0 not used"), "{stdout}");
+    assert!(
+        stdout.contains("17 run directories used, 0 not used"),
+        "{stdout}"
+    );
     let html = std::fs::read_to_string(&printed).expect("html");
     assert!(html.contains("Training runs") && html.contains("Theory run theory"));
     // The repository's proofs/ are found from the binary's location and linked relatively.
-    assert!(html.replace("&#x2f;", "/").contains("proofs/theorem-3.2-sgd.md"), "no proofs link");
+    assert!(
+        html.replace("&#x2f;", "/")
+            .contains("proofs/theorem-3.2-sgd.md"),
+        "no proofs link"
+    );
 }
 
 #[test]
@@ -57,13 +95,26 @@ fn default_output_is_reports_time_and_unusable_dirs_are_listed() {
     let th = theory(tmp.path());
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
-    let o = rankstab(&["report", th.to_str().expect("utf-8"), empty.to_str().expect("utf-8")], Some(tmp.path()));
+    let o = rankstab(
+        &[
+            "report",
+            th.to_str().expect("utf-8"),
+            empty.to_str().expect("utf-8"),
+        ],
+        Some(tmp.path()),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let printed = last_line(&o);
-    assert!(printed.starts_with("reports/") && printed.ends_with("/index.html"), "{printed}");
+    assert!(
+        printed.starts_with("reports/") && printed.ends_with("/index.html"),
+        "{printed}"
+    );
     assert!(tmp.path().join(&printed).is_file());
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("not used") && stderr.contains("empty") && stderr.contains("manifest.json"), "{stderr}");
+    assert!(
+        stderr.contains("not used") && stderr.contains("empty") && stderr.contains("manifest.json"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -72,8 +123,18 @@ fn errors_are_one_line_with_exit_code_2() {
     let missing = tmp.path().join("no-such-run");
     let out = tmp.path().join("out");
     for args in [
-        vec!["report", missing.to_str().expect("utf-8"), "--out", out.to_str().expect("utf-8")],
-        vec!["report", missing.to_str().expect("utf-8"), "--tolerance", "-1"],
+        vec![
+            "report",
+            missing.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
+        vec![
+            "report",
+            missing.to_str().expect("utf-8"),
+            "--tolerance",
+            "-1",
+        ],
     ] {
         let o = rankstab(&args, None);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
@@ -81,7 +142,15 @@ fn errors_are_one_line_with_exit_code_2() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
         assert!(stderr.starts_with("rankstab: error:"), "{stderr}");
     }
-    let o = rankstab(&["report", missing.to_str().expect("utf-8"), "--out", out.to_str().expect("utf-8")], None);
+    let o = rankstab(
+        &[
+            "report",
+            missing.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
+        None,
+    );
     assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-run"));
     assert!(!out.exists(), "nothing is written when nothing is usable");
     // A run of another schema version is named with the reason.

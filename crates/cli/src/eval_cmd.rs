@@ -65,7 +65,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let text = read_text(&a.text)?;
     let loaded = rankstab_train::load::load(&a.model, kind, device)?;
-    let ids = loaded.tokenizer.encode(&text).context("tokenizing the text")?;
+    let ids = loaded
+        .tokenizer
+        .encode(&text)
+        .context("tokenizing the text")?;
     let r = evaluate(&loaded.model, &ids, a.context, a.batch, device)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);

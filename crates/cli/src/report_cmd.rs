@@ -44,7 +44,12 @@ pub struct ReportArgs {
 /// The repository's proofs/ folder: from the current directory upwards, then from the
 /// executable's location upwards (target/release/rankstab sits inside the repository).
 fn find_proofs() -> Option<PathBuf> {
-    let starts = [std::env::current_dir().ok(), std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf))];
+    let starts = [
+        std::env::current_dir().ok(),
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf)),
+    ];
     for start in starts.into_iter().flatten() {
         for dir in start.ancestors() {
             let p = dir.join("proofs");
@@ -59,7 +64,10 @@ fn find_proofs() -> Option<PathBuf> {
 /// Runs `rankstab report`.
 pub fn run(args: ReportArgs) -> Result<()> {
     if !(args.tolerance.is_finite() && args.tolerance >= 0.0) {
-        bail!("--tolerance {} is not allowed: use a number >= 0", args.tolerance);
+        bail!(
+            "--tolerance {} is not allowed: use a number >= 0",
+            args.tolerance
+        );
     }
     if args.windows == 0 || args.max_panels == 0 {
         bail!("--windows and --max-panels must be at least 1");
@@ -68,7 +76,11 @@ pub fn run(args: ReportArgs) -> Result<()> {
         PathBuf::from("reports").join(chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string())
     });
     let mut opts = ReportOptions {
-        analysis: AnalysisOptions { tolerance: args.tolerance, windows: args.windows, max_panels: args.max_panels },
+        analysis: AnalysisOptions {
+            tolerance: args.tolerance,
+            windows: args.windows,
+            max_panels: args.max_panels,
+        },
         proofs_dir: find_proofs(),
         git_revision: crate::git_revision(),
         generated: args.generated,
@@ -77,7 +89,8 @@ pub fn run(args: ReportArgs) -> Result<()> {
     if let Some(t) = args.title {
         opts.title = t;
     }
-    let outcome = build_report(&args.runs, &out, &opts).with_context(|| format!("report into {}", out.display()))?;
+    let outcome = build_report(&args.runs, &out, &opts)
+        .with_context(|| format!("report into {}", out.display()))?;
     for s in &outcome.skipped {
         eprintln!("rankstab: not used: {}: {}", s.dir.display(), s.reason);
     }

@@ -56,10 +56,20 @@ pub struct TheoryArgs {
     #[arg(long, value_delimiter = ',', value_name = "OPT,...")]
     optimizers: Option<Vec<OptimizerKind>>,
     /// Scalings: lora, rslora, constant, or numbers (beta).
-    #[arg(long, value_delimiter = ',', conflicts_with = "betas", value_name = "S,...")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "betas",
+        value_name = "S,..."
+    )]
     scalings: Option<Vec<String>>,
     /// Scaling exponents beta (gamma_r = alpha r^-beta).
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, value_name = "B,...")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        value_name = "B,..."
+    )]
     betas: Option<Vec<f64>>,
     /// Input regimes: coherent (one batch reused), fresh (new batch every step).
     #[arg(long, value_delimiter = ',', value_name = "REGIME,...")]
@@ -141,7 +151,9 @@ fn parse_activation(s: &str) -> Result<Activation, String> {
         "identity" => Ok(Activation::Identity),
         "relu" => Ok(Activation::Relu),
         "gelu" => Ok(Activation::Gelu),
-        _ => Err(format!("unknown activation '{s}' (allowed: identity, relu, gelu)")),
+        _ => Err(format!(
+            "unknown activation '{s}' (allowed: identity, relu, gelu)"
+        )),
     }
 }
 
@@ -150,7 +162,9 @@ fn parse_init(s: &str) -> Result<Init, String> {
         "kaiming-uniform" => Ok(Init::KaimingUniform),
         "gaussian" => Ok(Init::Gaussian),
         "peft-gaussian" => Ok(Init::PeftGaussian),
-        _ => Err(format!("unknown init '{s}' (allowed: kaiming-uniform, gaussian, peft-gaussian)")),
+        _ => Err(format!(
+            "unknown init '{s}' (allowed: kaiming-uniform, gaussian, peft-gaussian)"
+        )),
     }
 }
 
@@ -166,15 +180,44 @@ fn parse_loss(s: &str) -> Result<Loss, String> {
 pub fn resolve_config(a: &TheoryArgs) -> Result<TheoryConfig> {
     let mut c = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
-            TheoryConfig::from_toml(&text).with_context(|| format!("config file {}", p.display()))?
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            TheoryConfig::from_toml(&text)
+                .with_context(|| format!("config file {}", p.display()))?
         }
         None => TheoryConfig::default(),
     };
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
     }
-    set!(ranks, width, layers, activation, init, alpha, optimizers, scalings, inputs, dist, batch, heldout, loss, classes, steps, trials, seed, moments, lr_sgd, lr_adam, weight_decay, momentum, adam_beta1, adam_beta2, adam_eps, tolerance);
+    set!(
+        ranks,
+        width,
+        layers,
+        activation,
+        init,
+        alpha,
+        optimizers,
+        scalings,
+        inputs,
+        dist,
+        batch,
+        heldout,
+        loss,
+        classes,
+        steps,
+        trials,
+        seed,
+        moments,
+        lr_sgd,
+        lr_adam,
+        weight_decay,
+        momentum,
+        adam_beta1,
+        adam_beta2,
+        adam_eps,
+        tolerance
+    );
     if let Some(b) = &a.betas {
         c.scalings = b.iter().map(|b| b.to_string()).collect();
     }
@@ -211,14 +254,23 @@ pub fn run(a: TheoryArgs) -> Result<()> {
         bail!("--threads 0 is not allowed: use >= 1");
     }
     let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("theory-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")))
+        PathBuf::from("runs").join(format!(
+            "theory-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        ))
     });
     let pb = ProgressBar::new(0);
     pb.set_style(
-        ProgressStyle::with_template("{spinner} theory [{elapsed_precise}] {bar:30} {pos}/{len} cells ({eta}) {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} theory [{elapsed_precise}] {bar:30} {pos}/{len} cells ({eta}) {msg}",
+        )
+        .expect("valid template"),
     );
-    let opts = RunOptions { threads: a.threads, git_revision: crate::git_revision(), max_trials_this_run: None };
+    let opts = RunOptions {
+        threads: a.threads,
+        git_revision: crate::git_revision(),
+        max_trials_this_run: None,
+    };
     let t0 = std::time::Instant::now();
     let outcome = rankstab_theory::run(&cfg, &out, &opts, &Bar(pb.clone()))?;
     pb.finish_and_clear();
@@ -228,10 +280,18 @@ pub fn run(a: TheoryArgs) -> Result<()> {
     }
     print_table(&outcome.fits, cfg.steps as u32, a.all_steps);
     let agree = outcome.fits.iter().filter(|f| f.agrees).count();
-    println!("\n{agree} of {} fits agree with the prediction (tolerance {}).", outcome.fits.len(), cfg.tolerance);
+    println!(
+        "\n{agree} of {} fits agree with the prediction (tolerance {}).",
+        outcome.fits.len(),
+        cfg.tolerance
+    );
     if !outcome.checks.is_empty() {
         let within = outcome.checks.iter().filter(|c| c.within).count();
-        let worst = outcome.checks.iter().map(|c| c.rel_diff.abs()).fold(0.0, f64::max);
+        let worst = outcome
+            .checks
+            .iter()
+            .map(|c| c.rel_diff.abs())
+            .fold(0.0, f64::max);
         println!(
             "Exact first-step SGD moment: Monte Carlo within the 95% interval of the closed form in {within} of {} cells \
              (largest relative difference {:.1}%).",
@@ -239,14 +299,30 @@ pub fn run(a: TheoryArgs) -> Result<()> {
             100.0 * worst
         );
     }
-    println!("Run directory: {} ({:.1} s)", outcome.dir.display(), t0.elapsed().as_secs_f64());
+    println!(
+        "Run directory: {} ({:.1} s)",
+        outcome.dir.display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 fn print_table(fits: &[rankstab_records::Fit], last: u32, all_steps: bool) {
     println!(
         "{:<13} {:<9} {:<9} {:<12} {:<12} {:>2} {:>4} {:>7} {:>17} {:>9} {:>10}  {:<10} {}",
-        "optimizer", "scaling", "inputs", "site", "stat", "m", "step", "slope", "95% CI", "predicted", "asymptotic", "verdict", "agrees"
+        "optimizer",
+        "scaling",
+        "inputs",
+        "site",
+        "stat",
+        "m",
+        "step",
+        "slope",
+        "95% CI",
+        "predicted",
+        "asymptotic",
+        "verdict",
+        "agrees"
     );
     for f in fits.iter().filter(|f| all_steps || f.step == last) {
         println!(

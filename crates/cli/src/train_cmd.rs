@@ -1,7 +1,9 @@
 //! `rankstab train`: one instrumented LoRA / rsLoRA fine-tuning run (one sweep cell).
 use anyhow::{bail, Result};
 use clap::Args;
-use rankstab_records::{scaling_name, scaling_preset, write_json_atomic, Manifest, RunStatus, SCHEMA_VERSION};
+use rankstab_records::{
+    scaling_name, scaling_preset, write_json_atomic, Manifest, RunStatus, SCHEMA_VERSION,
+};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::text::{read_text, TextTokenizer};
 use rankstab_train::trainer::{train, Optim, TrainConfig};
@@ -76,7 +78,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Some(b) => bail!("--beta {b} is not allowed: use a finite number"),
         None => match scaling_preset(&a.scaling) {
             Some(b) => b,
-            None => bail!("--scaling {:?} is not allowed: use lora, rslora or constant (or --beta)", a.scaling),
+            None => bail!(
+                "--scaling {:?} is not allowed: use lora, rslora or constant (or --beta)",
+                a.scaling
+            ),
         },
     };
     let optimizer = match a.optimizer.as_str() {
@@ -91,16 +96,30 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("--lr {} is not allowed: use a finite number > 0", a.lr);
     }
     if !a.alpha.is_finite() || a.alpha <= 0.0 {
-        bail!("--alpha {} is not allowed: use a finite number > 0", a.alpha);
+        bail!(
+            "--alpha {} is not allowed: use a finite number > 0",
+            a.alpha
+        );
     }
     if a.steps == 0 || a.batch == 0 || a.context < 2 {
-        bail!("--steps {} / --batch {} / --context {}: use steps >= 1, batch >= 1, context >= 2", a.steps, a.batch, a.context);
+        bail!(
+            "--steps {} / --batch {} / --context {}: use steps >= 1, batch >= 1, context >= 2",
+            a.steps,
+            a.batch,
+            a.context
+        );
     }
     let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("train-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")))
+        PathBuf::from("runs").join(format!(
+            "train-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        ))
     });
     if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
-        bail!("{} exists and is not empty: choose another --out", out.display());
+        bail!(
+            "{} exists and is not empty: choose another --out",
+            out.display()
+        );
     }
     let text = read_text(&a.data)?;
     let device = tch::Device::Cpu;
@@ -109,7 +128,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let tok = TextTokenizer::from_file(&tok_path)?;
     tok.check_fits(&tok_path, model.vocab_size())?;
     let ids = tok.encode(&text)?;
-    let model_name = a.model.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().to_string());
+    let model_name = a
+        .model
+        .file_name()
+        .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().to_string());
     let cfg = TrainConfig {
         model_name,
         rank: a.rank,
@@ -149,7 +171,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     write_json_atomic(&out.join("manifest.json"), &manifest)?;
     let vs = nn::VarStore::new(device);
     let pb = indicatif::ProgressBar::new(a.steps as u64);
-    pb.set_style(indicatif::ProgressStyle::with_template("{spinner} train [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}").expect("valid template"));
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} train [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
+        )
+        .expect("valid template"),
+    );
     let outcome = match train(&mut model, &vs, &ids, &cfg, &out, |_, loss| {
         pb.inc(1);
         pb.set_message(format!("loss {loss:.4}"));
@@ -168,7 +195,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(d) = &outcome.diverged {
         println!("{d}");
     }
-    println!("last training loss {:.4}, held-out loss {:.4} (perplexity {:.3})", outcome.last_loss, outcome.heldout_loss, outcome.heldout_loss.exp());
+    println!(
+        "last training loss {:.4}, held-out loss {:.4} (perplexity {:.3})",
+        outcome.last_loss,
+        outcome.heldout_loss,
+        outcome.heldout_loss.exp()
+    );
     println!("Run directory: {}", out.display());
     Ok(())
 }

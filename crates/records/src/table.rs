@@ -13,14 +13,22 @@ use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RecordsError + '_ {
-    move |source| RecordsError::Io { path: path.to_path_buf(), source }
+    move |source| RecordsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Header line (without newline) of a record type, from its serde field names.
 fn header_of<T: Serialize + Default>(path: &Path) -> Result<String> {
-    let mut w = csv::WriterBuilder::new().has_headers(true).from_writer(Vec::new());
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(true)
+        .from_writer(Vec::new());
     w.serialize(T::default())
-        .map_err(|source| RecordsError::Csv { path: path.to_path_buf(), source })?;
+        .map_err(|source| RecordsError::Csv {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let bytes = w.into_inner().map_err(|e| RecordsError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
@@ -66,7 +74,8 @@ impl<T: Serialize + DeserializeOwned + Default> TableWriter<T> {
         let mut text = String::new();
         file.read_to_string(&mut text).map_err(io_err(path))?;
         if text.is_empty() {
-            file.write_all(format!("{header}\n").as_bytes()).map_err(io_err(path))?;
+            file.write_all(format!("{header}\n").as_bytes())
+                .map_err(io_err(path))?;
         } else {
             let found = text.lines().next().unwrap_or_default();
             if found != header {
@@ -82,7 +91,12 @@ impl<T: Serialize + DeserializeOwned + Default> TableWriter<T> {
                 file.seek(SeekFrom::End(0)).map_err(io_err(path))?;
             }
         }
-        Ok(Self { path: path.to_path_buf(), file, sync: false, _row: PhantomData })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            sync: false,
+            _row: PhantomData,
+        })
     }
 
     /// Also `fsync` after every append (survives power loss, not only a kill).
@@ -99,10 +113,14 @@ impl<T: Serialize + DeserializeOwned + Default> TableWriter<T> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+        let mut w = csv::WriterBuilder::new()
+            .has_headers(false)
+            .from_writer(Vec::new());
         for row in rows {
-            w.serialize(row)
-                .map_err(|source| RecordsError::Csv { path: self.path.clone(), source })?;
+            w.serialize(row).map_err(|source| RecordsError::Csv {
+                path: self.path.clone(),
+                source,
+            })?;
         }
         let bytes = w.into_inner().map_err(|e| RecordsError::Io {
             path: self.path.clone(),
@@ -148,7 +166,9 @@ impl<T: Serialize + DeserializeOwned + Default> TableWriter<T> {
     /// I/O errors.
     pub fn truncate(&mut self, len: u64) -> Result<()> {
         self.file.set_len(len).map_err(io_err(&self.path))?;
-        self.file.seek(SeekFrom::End(0)).map_err(io_err(&self.path))?;
+        self.file
+            .seek(SeekFrom::End(0))
+            .map_err(io_err(&self.path))?;
         Ok(())
     }
 }
@@ -173,9 +193,16 @@ pub fn read_table<T: Serialize + DeserializeOwned + Default>(path: &Path) -> Res
             expected: header.split(',').map(str::to_string).collect(),
         });
     }
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(text.as_bytes());
     rdr.deserialize()
-        .map(|r| r.map_err(|source| RecordsError::Csv { path: path.to_path_buf(), source }))
+        .map(|r| {
+            r.map_err(|source| RecordsError::Csv {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
         .collect()
 }
 
@@ -186,8 +213,10 @@ pub fn read_table<T: Serialize + DeserializeOwned + Default>(path: &Path) -> Res
 /// I/O or serialisation errors.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let mut bytes = serde_json::to_vec_pretty(value)
-        .map_err(|source| RecordsError::Json { path: path.to_path_buf(), source })?;
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| RecordsError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
     bytes.push(b'\n');
     {
         let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -204,7 +233,10 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// I/O or parse errors naming the file.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| RecordsError::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|source| RecordsError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -213,7 +245,12 @@ mod tests {
     use crate::MomentRow;
 
     fn row(i: u32) -> MomentRow {
-        MomentRow { step: i, m: if i % 2 == 0 { Some(2) } else { None }, value: i as f64 * 0.1, ..Default::default() }
+        MomentRow {
+            step: i,
+            m: if i % 2 == 0 { Some(2) } else { None },
+            value: i as f64 * 0.1,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -289,7 +326,11 @@ mod tests {
     fn json_round_trip_is_atomic_and_exact() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("fits.json");
-        let fits = vec![crate::Fit { slope: -0.123456789, ranks: vec![4, 8], ..Default::default() }];
+        let fits = vec![crate::Fit {
+            slope: -0.123456789,
+            ranks: vec![4, 8],
+            ..Default::default()
+        }];
         write_json_atomic(&p, &fits).expect("write");
         assert!(!p.with_extension("json.tmp").exists());
         let back: Vec<crate::Fit> = read_json(&p).expect("read");

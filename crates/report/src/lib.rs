@@ -81,35 +81,58 @@ pub struct ReportOutcome {
 /// # Errors
 /// [`ReportError::NoUsableRuns`] when none of the directories can be used (the others are
 /// listed in [`ReportOutcome::skipped`]); I/O, plotting or template errors.
-pub fn build_report(run_dirs: &[PathBuf], out: &Path, opts: &ReportOptions) -> Result<ReportOutcome, ReportError> {
+pub fn build_report(
+    run_dirs: &[PathBuf],
+    out: &Path,
+    opts: &ReportOptions,
+) -> Result<ReportOutcome, ReportError> {
     let (runs, skipped) = load::load_runs(run_dirs)?;
     let analysis = analyse::analyse(&runs, &skipped, &opts.analysis);
-    let figures: Vec<figures::Figure> = analysis.plots.iter().map(figures::draw).collect::<Result<_, _>>()?;
+    let figures: Vec<figures::Figure> = analysis
+        .plots
+        .iter()
+        .map(figures::draw)
+        .collect::<Result<_, _>>()?;
 
     std::fs::create_dir_all(out.join("figures")).map_err(io_err(out))?;
     let out_abs = absolute(out);
     let (proofs_href, proofs_where) = match &opts.proofs_dir {
         Some(p) => {
             let rel = relative_to(&absolute(p), &out_abs);
-            (format!("{}/", rel.display()), format!("links are relative to this report: {}", rel.display()))
+            (
+                format!("{}/", rel.display()),
+                format!("links are relative to this report: {}", rel.display()),
+            )
         }
-        None => ("proofs/".into(), "the proofs/ folder of the rankstab repository".into()),
+        None => (
+            "proofs/".into(),
+            "the proofs/ folder of the rankstab repository".into(),
+        ),
     };
     let meta = render::PageMeta {
         title: opts.title.clone(),
-        generated: opts
-            .generated
-            .clone()
-            .unwrap_or_else(|| chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        generated: opts.generated.clone().unwrap_or_else(|| {
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        }),
         tool: format!("rankstab {}", env!("CARGO_PKG_VERSION")),
-        git_revision: opts.git_revision.clone().unwrap_or_else(|| "unknown".into()),
-        inputs: run_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+        git_revision: opts
+            .git_revision
+            .clone()
+            .unwrap_or_else(|| "unknown".into()),
+        inputs: run_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         proofs_href,
         proofs_where,
     };
     for f in &figures {
         write(&out.join("figures").join(format!("{}.png", f.name)), &f.png)?;
-        write(&out.join("figures").join(format!("{}.svg", f.name)), f.svg.as_bytes())?;
+        write(
+            &out.join("figures").join(format!("{}.svg", f.name)),
+            f.svg.as_bytes(),
+        )?;
     }
     let rows: Vec<&ExponentRow> = analysis
         .theory
@@ -143,18 +166,35 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
 fn write_csv(path: &Path, rows: &[&ExponentRow]) -> Result<(), ReportError> {
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in rows {
-        w.serialize(r).map_err(|e| ReportError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+        w.serialize(r).map_err(|e| ReportError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     }
     if rows.is_empty() {
-        w.write_record(["source", "model", "module", "layer", "window", "site", "stat", "m", "slope"])
-            .map_err(|e| ReportError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+        w.write_record([
+            "source", "model", "module", "layer", "window", "site", "stat", "m", "slope",
+        ])
+        .map_err(|e| ReportError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     }
-    let bytes = w.into_inner().map_err(|e| ReportError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+    let bytes = w.into_inner().map_err(|e| ReportError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     write(path, &bytes)
 }
 
 fn absolute(p: &Path) -> PathBuf {
-    let p = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_path_buf()) };
+    let p = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|c| c.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
     // Lexical normalisation (the output directory may not exist yet).
     let mut out = PathBuf::new();
     for c in p.components() {

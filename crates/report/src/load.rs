@@ -5,7 +5,9 @@
 //! without `manifest.json` whose sub-directories are runs (a sweep, or `runs/audit-<time>/`)
 //! stands for those runs.
 use crate::error::{io_err, ReportError};
-use rankstab_records::{files, read_json, read_table, Fit, Manifest, MetricRow, MomentRow, RunStatus, SCHEMA_VERSION};
+use rankstab_records::{
+    files, read_json, read_table, Fit, Manifest, MetricRow, MomentRow, RunStatus, SCHEMA_VERSION,
+};
 use rankstab_theory::ClosedFormCheck;
 use std::path::{Path, PathBuf};
 
@@ -70,24 +72,44 @@ pub struct Skipped {
 /// naming the file (and line).
 pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
     if !dir.is_dir() {
-        let what = if dir.exists() { "not a directory" } else { "no such directory" };
-        return Err(ReportError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, what) });
+        let what = if dir.exists() {
+            "not a directory"
+        } else {
+            "no such directory"
+        };
+        return Err(ReportError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, what),
+        });
     }
     let mpath = dir.join(files::MANIFEST);
     if !mpath.is_file() {
-        return Err(ReportError::Missing { dir: dir.to_path_buf(), file: files::MANIFEST });
+        return Err(ReportError::Missing {
+            dir: dir.to_path_buf(),
+            file: files::MANIFEST,
+        });
     }
     // The version first, from the raw JSON: another version may not even parse as Manifest.
     let raw: serde_json::Value = read_json(&mpath)?;
-    let found = raw.get("schema_version").and_then(serde_json::Value::as_u64).ok_or_else(|| ReportError::Invalid {
-        path: mpath.clone(),
-        what: "no numeric schema_version".into(),
-    })?;
+    let found = raw
+        .get("schema_version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| ReportError::Invalid {
+            path: mpath.clone(),
+            what: "no numeric schema_version".into(),
+        })?;
     if found != u64::from(SCHEMA_VERSION) {
-        return Err(ReportError::Schema { path: mpath, found, expected: SCHEMA_VERSION });
+        return Err(ReportError::Schema {
+            path: mpath,
+            found,
+            expected: SCHEMA_VERSION,
+        });
     }
-    let manifest: Manifest = serde_json::from_value(raw)
-        .map_err(|source| rankstab_records::RecordsError::Json { path: mpath.clone(), source })?;
+    let manifest: Manifest =
+        serde_json::from_value(raw).map_err(|source| rankstab_records::RecordsError::Json {
+            path: mpath.clone(),
+            source,
+        })?;
     let kind = match manifest.command.as_str() {
         "theory" => RunKind::Theory,
         "train" => RunKind::Train,
@@ -100,24 +122,45 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
     };
     let mut notes = Vec::new();
     if manifest.status != RunStatus::Complete {
-        notes.push("status 'running': the run is incomplete or was interrupted; its rows so far are used".into());
+        notes.push(
+            "status 'running': the run is incomplete or was interrupted; its rows so far are used"
+                .into(),
+        );
     }
     let moments_path = dir.join(files::MOMENTS);
     if !moments_path.is_file() {
-        return Err(ReportError::Missing { dir: dir.to_path_buf(), file: files::MOMENTS });
+        return Err(ReportError::Missing {
+            dir: dir.to_path_buf(),
+            file: files::MOMENTS,
+        });
     }
     let moments: Vec<MomentRow> = read_table(&moments_path)?;
-    check_source(&moments_path, kind, moments.iter().map(|r| r.source.as_str()))?;
+    check_source(
+        &moments_path,
+        kind,
+        moments.iter().map(|r| r.source.as_str()),
+    )?;
     let metrics_path = dir.join(files::METRICS);
     let metrics: Vec<MetricRow> = if metrics_path.is_file() {
         read_table(&metrics_path)?
     } else {
-        notes.push(format!("no {}: no loss, perplexity or gradient-norm curves from this run", files::METRICS));
+        notes.push(format!(
+            "no {}: no loss, perplexity or gradient-norm curves from this run",
+            files::METRICS
+        ));
         Vec::new()
     };
-    check_source(&metrics_path, kind, metrics.iter().map(|r| r.source.as_str()))?;
+    check_source(
+        &metrics_path,
+        kind,
+        metrics.iter().map(|r| r.source.as_str()),
+    )?;
     let fits_path = dir.join(files::FITS);
-    let fits: Option<Vec<Fit>> = if fits_path.is_file() { Some(read_json(&fits_path)?) } else { None };
+    let fits: Option<Vec<Fit>> = if fits_path.is_file() {
+        Some(read_json(&fits_path)?)
+    } else {
+        None
+    };
     let checks_path = dir.join(rankstab_theory::CHECKS);
     let checks: Option<Vec<ClosedFormCheck>> = if kind == RunKind::Theory && checks_path.is_file() {
         Some(read_json(&checks_path)?)
@@ -125,15 +168,33 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
         None
     };
     if kind == RunKind::Theory && fits.is_none() {
-        notes.push(format!("no {}: exponents are fitted here from {}", files::FITS, files::MOMENTS));
+        notes.push(format!(
+            "no {}: exponents are fitted here from {}",
+            files::FITS,
+            files::MOMENTS
+        ));
     }
     if moments.is_empty() {
         notes.push(format!("{} has no rows yet", files::MOMENTS));
     }
-    Ok(Run { dir: dir.to_path_buf(), id: String::new(), kind, manifest, moments, metrics, fits, checks, notes })
+    Ok(Run {
+        dir: dir.to_path_buf(),
+        id: String::new(),
+        kind,
+        manifest,
+        moments,
+        metrics,
+        fits,
+        checks,
+        notes,
+    })
 }
 
-fn check_source<'a>(path: &Path, kind: RunKind, sources: impl Iterator<Item = &'a str>) -> Result<(), ReportError> {
+fn check_source<'a>(
+    path: &Path,
+    kind: RunKind,
+    sources: impl Iterator<Item = &'a str>,
+) -> Result<(), ReportError> {
     for (i, s) in sources.enumerate() {
         if s != kind.source() {
             return Err(ReportError::Invalid {
@@ -164,7 +225,11 @@ pub fn expand(dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
         .filter(|p| p.join(files::MANIFEST).is_file())
         .collect();
     subs.sort();
-    Ok(if subs.is_empty() { vec![dir.to_path_buf()] } else { subs })
+    Ok(if subs.is_empty() {
+        vec![dir.to_path_buf()]
+    } else {
+        subs
+    })
 }
 
 /// Loads every usable run among `dirs` (each expanded by [`expand`]); the unusable ones are
@@ -180,14 +245,20 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<(Vec<Run>, Vec<Skipped>), ReportErr
         let expanded = match expand(given) {
             Ok(e) => e,
             Err(e) => {
-                skipped.push(Skipped { dir: given.clone(), reason: e.to_string() });
+                skipped.push(Skipped {
+                    dir: given.clone(),
+                    reason: e.to_string(),
+                });
                 continue;
             }
         };
         for dir in expanded {
             let canon = dir.canonicalize().unwrap_or_else(|_| dir.clone());
             if seen.contains(&canon) {
-                skipped.push(Skipped { dir: dir.clone(), reason: "given more than once; used once".into() });
+                skipped.push(Skipped {
+                    dir: dir.clone(),
+                    reason: "given more than once; used once".into(),
+                });
                 continue;
             }
             seen.push(canon);
@@ -195,14 +266,24 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<(Vec<Run>, Vec<Skipped>), ReportErr
                 Ok(run) => runs.push(run),
                 Err(e) => {
                     tracing::debug!("not using {}: {e}", dir.display());
-                    skipped.push(Skipped { dir, reason: e.to_string() });
+                    skipped.push(Skipped {
+                        dir,
+                        reason: e.to_string(),
+                    });
                 }
             }
         }
     }
     if runs.is_empty() {
-        let reasons = skipped.iter().map(|s| s.reason.clone()).collect::<Vec<_>>().join("; ");
-        return Err(ReportError::NoUsableRuns { given: dirs.len(), reasons });
+        let reasons = skipped
+            .iter()
+            .map(|s| s.reason.clone())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(ReportError::NoUsableRuns {
+            given: dirs.len(),
+            reasons,
+        });
     }
     assign_ids(&mut runs);
     Ok((runs, skipped))
@@ -258,9 +339,16 @@ mod tests {
 
     fn write_run(dir: &Path, command: &str, version: u32, source: &str) {
         std::fs::create_dir_all(dir).expect("mkdir");
-        write_json_atomic(&dir.join(files::MANIFEST), &manifest(command, version)).expect("manifest");
+        write_json_atomic(&dir.join(files::MANIFEST), &manifest(command, version))
+            .expect("manifest");
         let mut w = TableWriter::<MomentRow>::open(&dir.join(files::MOMENTS)).expect("open");
-        w.append(&[MomentRow { source: source.into(), rank: 4, value: 1.0, ..Default::default() }]).expect("append");
+        w.append(&[MomentRow {
+            source: source.into(),
+            rank: 4,
+            value: 1.0,
+            ..Default::default()
+        }])
+        .expect("append");
     }
 
     #[test]
@@ -270,7 +358,11 @@ mod tests {
         let run = load_run(d.path()).expect("loads");
         assert_eq!(run.kind, RunKind::Train);
         assert_eq!(run.moments.len(), 1);
-        assert!(run.notes.iter().any(|n| n.contains("metrics.csv")), "{:?}", run.notes);
+        assert!(
+            run.notes.iter().any(|n| n.contains("metrics.csv")),
+            "{:?}",
+            run.notes
+        );
     }
 
     #[test]
@@ -278,14 +370,21 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         write_run(d.path(), "train", SCHEMA_VERSION + 1, "train");
         let err = load_run(d.path()).expect_err("must fail");
-        assert!(matches!(err, ReportError::Schema { found, .. } if found == u64::from(SCHEMA_VERSION) + 1), "{err}");
+        assert!(
+            matches!(err, ReportError::Schema { found, .. } if found == u64::from(SCHEMA_VERSION) + 1),
+            "{err}"
+        );
         assert!(err.to_string().contains("manifest.json"), "{err}");
     }
 
     #[test]
     fn schema_mismatch_is_found_even_when_fields_changed() {
         let d = tempfile::tempdir().expect("tempdir");
-        std::fs::write(d.path().join("manifest.json"), r#"{"schema_version": 7, "brand_new": true}"#).expect("write");
+        std::fs::write(
+            d.path().join("manifest.json"),
+            r#"{"schema_version": 7, "brand_new": true}"#,
+        )
+        .expect("write");
         let err = load_run(d.path()).expect_err("must fail");
         assert!(matches!(err, ReportError::Schema { found: 7, .. }), "{err}");
     }
@@ -295,9 +394,22 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let err = load_run(d.path()).expect_err("no manifest");
         assert!(err.to_string().contains("manifest.json"), "{err}");
-        write_json_atomic(&d.path().join(files::MANIFEST), &manifest("theory", SCHEMA_VERSION)).expect("manifest");
+        write_json_atomic(
+            &d.path().join(files::MANIFEST),
+            &manifest("theory", SCHEMA_VERSION),
+        )
+        .expect("manifest");
         let err = load_run(d.path()).expect_err("no moments");
-        assert!(matches!(err, ReportError::Missing { file: "moments.csv", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ReportError::Missing {
+                    file: "moments.csv",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -306,7 +418,9 @@ mod tests {
         write_run(d.path(), "train", SCHEMA_VERSION, "train");
         let p = d.path().join(files::MOMENTS);
         let mut text = std::fs::read_to_string(&p).expect("read");
-        text.push_str("train,m,q_proj,0,NOT_A_RANK,1,lora,1,adamw,text,text,64,0,1,fwd,abs,2,0.5\n");
+        text.push_str(
+            "train,m,q_proj,0,NOT_A_RANK,1,lora,1,adamw,text,text,64,0,1,fwd,abs,2,0.5\n",
+        );
         std::fs::write(&p, text).expect("write");
         let err = load_run(d.path()).expect_err("must fail");
         let msg = err.to_string();
@@ -331,7 +445,10 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         write_run(d.path(), "train", SCHEMA_VERSION, "theory");
         let err = load_run(d.path()).expect_err("must fail");
-        assert!(err.to_string().contains("moments.csv") && err.to_string().contains("row 1"), "{err}");
+        assert!(
+            err.to_string().contains("moments.csv") && err.to_string().contains("row 1"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -346,9 +463,17 @@ mod tests {
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].id, "good");
         assert_eq!(skipped.len(), 3, "{skipped:?}");
-        assert!(skipped[0].reason.contains("command 'sweep'"), "{:?}", skipped[0]);
+        assert!(
+            skipped[0].reason.contains("command 'sweep'"),
+            "{:?}",
+            skipped[0]
+        );
         assert!(skipped[1].reason.contains("nowhere"), "{:?}", skipped[1]);
-        assert!(skipped[2].reason.contains("more than once"), "{:?}", skipped[2]);
+        assert!(
+            skipped[2].reason.contains("more than once"),
+            "{:?}",
+            skipped[2]
+        );
     }
 
     #[test]

@@ -16,10 +16,22 @@ const MARKDOWN: &str = include_str!("../templates/report.md");
 /// The derivations the report links to (`proofs/` in the repository).
 pub const PROOFS: [(&str, &str); 5] = [
     ("README.md", "notation and index of the derivations"),
-    ("theorem-3.2-sgd.md", "Theorem 3.2 under SGD: moments scale as r^(m(1-2 beta)); rsLoRA is rank-flat"),
-    ("adam.md", "the Adam counterpart in the sign-like regime: r^(m(1-beta)); standard LoRA is rank-flat"),
-    ("first-step.md", "the exact second moment after one SGD step"),
-    ("finite-rank.md", "finite-rank and incoherent-input corrections: the two-term law and the predicted slopes"),
+    (
+        "theorem-3.2-sgd.md",
+        "Theorem 3.2 under SGD: moments scale as r^(m(1-2 beta)); rsLoRA is rank-flat",
+    ),
+    (
+        "adam.md",
+        "the Adam counterpart in the sign-like regime: r^(m(1-beta)); standard LoRA is rank-flat",
+    ),
+    (
+        "first-step.md",
+        "the exact second moment after one SGD step",
+    ),
+    (
+        "finite-rank.md",
+        "finite-rank and incoherent-input corrections: the two-term law and the predicted slopes",
+    ),
 ];
 
 /// Most training rows shown inline (the rest are in exponents.csv).
@@ -183,17 +195,33 @@ fn env() -> Result<Environment<'static>, ReportError> {
     env.add_filter("yesno", yesno);
     env.add_filter("yesno_class", yesno_class);
     env.add_filter("md", md);
-    env.add_template("index.html", INDEX).map_err(|source| ReportError::Template { name: "index.html", source })?;
-    env.add_template("report.md", MARKDOWN).map_err(|source| ReportError::Template { name: "report.md", source })?;
+    env.add_template("index.html", INDEX)
+        .map_err(|source| ReportError::Template {
+            name: "index.html",
+            source,
+        })?;
+    env.add_template("report.md", MARKDOWN)
+        .map_err(|source| ReportError::Template {
+            name: "report.md",
+            source,
+        })?;
     Ok(env)
 }
 
-fn page<'a>(meta: &'a PageMeta, analysis: &'a Analysis, figures: &[Figure], inline: bool) -> Page<'a> {
+fn page<'a>(
+    meta: &'a PageMeta,
+    analysis: &'a Analysis,
+    figures: &[Figure],
+    inline: bool,
+) -> Page<'a> {
     let figures = figures
         .iter()
         .map(|f| {
             let data_uri = if inline {
-                format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&f.png))
+                format!(
+                    "data:image/png;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(&f.png)
+                )
             } else {
                 String::new()
             };
@@ -214,7 +242,10 @@ fn page<'a>(meta: &'a PageMeta, analysis: &'a Analysis, figures: &[Figure], inli
         meta,
         analysis,
         figures,
-        proofs: PROOFS.iter().map(|&(file, what)| ProofView { file, what }).collect(),
+        proofs: PROOFS
+            .iter()
+            .map(|&(file, what)| ProofView { file, what })
+            .collect(),
         train_law_choice: TRAIN_LAW_CHOICE,
         max_inline_rows: MAX_INLINE_ROWS,
     }
@@ -224,20 +255,46 @@ fn page<'a>(meta: &'a PageMeta, analysis: &'a Analysis, figures: &[Figure], inli
 ///
 /// # Errors
 /// [`ReportError::Template`] if the template fails.
-pub fn html(meta: &PageMeta, analysis: &Analysis, figures: &[Figure]) -> Result<String, ReportError> {
+pub fn html(
+    meta: &PageMeta,
+    analysis: &Analysis,
+    figures: &[Figure],
+) -> Result<String, ReportError> {
     let env = env()?;
-    let t = env.get_template("index.html").map_err(|source| ReportError::Template { name: "index.html", source })?;
-    t.render(page(meta, analysis, figures, true)).map_err(|source| ReportError::Template { name: "index.html", source })
+    let t = env
+        .get_template("index.html")
+        .map_err(|source| ReportError::Template {
+            name: "index.html",
+            source,
+        })?;
+    t.render(page(meta, analysis, figures, true))
+        .map_err(|source| ReportError::Template {
+            name: "index.html",
+            source,
+        })
 }
 
 /// `report.md`: figures referenced as files under `figures/`.
 ///
 /// # Errors
 /// [`ReportError::Template`] if the template fails.
-pub fn markdown(meta: &PageMeta, analysis: &Analysis, figures: &[Figure]) -> Result<String, ReportError> {
+pub fn markdown(
+    meta: &PageMeta,
+    analysis: &Analysis,
+    figures: &[Figure],
+) -> Result<String, ReportError> {
     let env = env()?;
-    let t = env.get_template("report.md").map_err(|source| ReportError::Template { name: "report.md", source })?;
-    t.render(page(meta, analysis, figures, false)).map_err(|source| ReportError::Template { name: "report.md", source })
+    let t = env
+        .get_template("report.md")
+        .map_err(|source| ReportError::Template {
+            name: "report.md",
+            source,
+        })?;
+    t.render(page(meta, analysis, figures, false))
+        .map_err(|source| ReportError::Template {
+            name: "report.md",
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -257,7 +314,10 @@ mod tests {
     fn every_linked_proof_exists() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proofs");
         for (file, _) in PROOFS {
-            assert!(dir.join(file).is_file(), "proofs/{file} is linked from the report but missing");
+            assert!(
+                dir.join(file).is_file(),
+                "proofs/{file} is linked from the report but missing"
+            );
         }
     }
 }

@@ -16,7 +16,12 @@ fn chromium() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for name in ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"] {
+    for name in [
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ] {
         for dir in std::env::split_paths(&path) {
             let p = dir.join(name);
             if p.is_file() {
@@ -65,7 +70,11 @@ fn run_chromium(bin: &Path, profile: &Path, args: &[String], limit: Duration) ->
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    Output { status, stdout: std::fs::read(&out_path).unwrap_or_default(), stderr: std::fs::read(&err_path).unwrap_or_default() }
+    Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    }
 }
 
 fn attr(dom: &str, name: &str) -> Option<String> {
@@ -84,23 +93,59 @@ fn report_renders_in_headless_chromium() {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = rankstab_theory::TheoryConfig { width: 64, ranks: vec![4, 8, 16, 32], trials: 3, steps: 2, batch: 4, heldout: 8, moments: vec![2], ..Default::default() };
+    let cfg = rankstab_theory::TheoryConfig {
+        width: 64,
+        ranks: vec![4, 8, 16, 32],
+        trials: 3,
+        steps: 2,
+        batch: 4,
+        heldout: 8,
+        moments: vec![2],
+        ..Default::default()
+    };
     let theory = tmp.path().join("theory");
-    rankstab_theory::run(&cfg, &theory, &rankstab_theory::RunOptions::default(), &rankstab_theory::NoProgress).expect("theory run");
+    rankstab_theory::run(
+        &cfg,
+        &theory,
+        &rankstab_theory::RunOptions::default(),
+        &rankstab_theory::NoProgress,
+    )
+    .expect("theory run");
     let sweep = tmp.path().join("sweep");
     common::write_train_sweep(&sweep);
     let out = tmp.path().join("report");
     let outcome = build_report(&[theory, sweep], &out, &ReportOptions::default()).expect("report");
-    let url = format!("file://{}", outcome.index_html.canonicalize().expect("path").display());
+    let url = format!(
+        "file://{}",
+        outcome.index_html.canonicalize().expect("path").display()
+    );
 
     // 1. The DOM after load: the page's check script counts decoded figures and errors.
-    let o = run_chromium(&bin, &tmp.path().join("profile-dom"), &["--virtual-time-budget=10000".into(), "--dump-dom".into(), url.clone()], Duration::from_secs(180));
+    let o = run_chromium(
+        &bin,
+        &tmp.path().join("profile-dom"),
+        &[
+            "--virtual-time-budget=10000".into(),
+            "--dump-dom".into(),
+            url.clone(),
+        ],
+        Duration::from_secs(180),
+    );
     let dom = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "chromium --dump-dom failed: {stderr}");
-    let total: usize = attr(&dom, "data-figures-total").unwrap_or_else(|| panic!("the page's check script did not run; stderr: {stderr}")).parse().expect("number");
-    let loaded: usize = attr(&dom, "data-figures-loaded").expect("attribute").parse().expect("number");
-    let errors: usize = attr(&dom, "data-errors").expect("attribute").parse().expect("number");
+    let total: usize = attr(&dom, "data-figures-total")
+        .unwrap_or_else(|| panic!("the page's check script did not run; stderr: {stderr}"))
+        .parse()
+        .expect("number");
+    let loaded: usize = attr(&dom, "data-figures-loaded")
+        .expect("attribute")
+        .parse()
+        .expect("number");
+    let errors: usize = attr(&dom, "data-errors")
+        .expect("attribute")
+        .parse()
+        .expect("number");
     assert_eq!(total, outcome.figures, "every figure is an <img>");
     assert_eq!(loaded, total, "only {loaded} of {total} figures decoded");
     assert_eq!(errors, 0, "{errors} script or resource errors");
@@ -113,19 +158,44 @@ fn report_renders_in_headless_chromium() {
     let o = run_chromium(
         &bin,
         &tmp.path().join("profile-shot"),
-        &[format!("--screenshot={}", shot.display()), "--window-size=1200,2000".into(), "--virtual-time-budget=10000".into(), url],
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1200,2000".into(),
+            "--virtual-time-budget=10000".into(),
+            url,
+        ],
         Duration::from_secs(180),
     );
-    assert!(o.status.success() && shot.is_file(), "screenshot failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success() && shot.is_file(),
+        "screenshot failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let bytes = std::fs::read(&shot).expect("screenshot");
-    let mut reader = png::Decoder::new(bytes.as_slice()).read_info().expect("PNG");
+    let mut reader = png::Decoder::new(bytes.as_slice())
+        .read_info()
+        .expect("PNG");
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).expect("frame");
     let px = info.color_type.samples();
     let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
-    let non_white = pixels.iter().filter(|p| p[..3].iter().any(|&c| c < 235)).count();
-    let distinct: std::collections::BTreeSet<[u8; 3]> = pixels.iter().map(|p| [p[0] & 0xF0, p[1] & 0xF0, p[2] & 0xF0]).collect();
+    let non_white = pixels
+        .iter()
+        .filter(|p| p[..3].iter().any(|&c| c < 235))
+        .count();
+    let distinct: std::collections::BTreeSet<[u8; 3]> = pixels
+        .iter()
+        .map(|p| [p[0] & 0xF0, p[1] & 0xF0, p[2] & 0xF0])
+        .collect();
     assert_eq!((info.width, info.height), (1200, 2000));
-    assert!(non_white * 50 > pixels.len(), "screenshot nearly blank: {non_white} of {} pixels drawn", pixels.len());
-    assert!(distinct.len() > 20, "screenshot has only {} colours", distinct.len());
+    assert!(
+        non_white * 50 > pixels.len(),
+        "screenshot nearly blank: {non_white} of {} pixels drawn",
+        pixels.len()
+    );
+    assert!(
+        distinct.len() > 20,
+        "screenshot has only {} colours",
+        distinct.len()
+    );
 }

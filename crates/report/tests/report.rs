@@ -17,7 +17,13 @@ fn theory_run(dir: &Path) -> PathBuf {
         ..Default::default()
     };
     let out = dir.join("theory");
-    rankstab_theory::run(&cfg, &out, &rankstab_theory::RunOptions::default(), &rankstab_theory::NoProgress).expect("theory run");
+    rankstab_theory::run(
+        &cfg,
+        &out,
+        &rankstab_theory::RunOptions::default(),
+        &rankstab_theory::NoProgress,
+    )
+    .expect("theory run");
     out
 }
 
@@ -43,42 +49,91 @@ fn theory_and_training_runs_make_a_full_report() {
     let outcome = build_report(&[theory.clone(), sweep.clone(), bad], &out, &opts).expect("report");
     assert_eq!(outcome.used.len(), 1 + 16, "{:?}", outcome.used);
     assert_eq!(outcome.skipped.len(), 1);
-    assert!(outcome.skipped[0].reason.contains("manifest.json"), "{:?}", outcome.skipped);
+    assert!(
+        outcome.skipped[0].reason.contains("manifest.json"),
+        "{:?}",
+        outcome.skipped
+    );
 
     // Files and figures.
     let html = std::fs::read_to_string(&outcome.index_html).expect("index.html");
     let md = std::fs::read_to_string(&outcome.report_md).expect("report.md");
-    let figs: Vec<PathBuf> = std::fs::read_dir(out.join("figures")).expect("figures/").map(|e| e.expect("entry").path()).collect();
-    let pngs: Vec<&PathBuf> = figs.iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
-    let svgs: Vec<&PathBuf> = figs.iter().filter(|p| p.extension().is_some_and(|e| e == "svg")).collect();
+    let figs: Vec<PathBuf> = std::fs::read_dir(out.join("figures"))
+        .expect("figures/")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    let pngs: Vec<&PathBuf> = figs
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    let svgs: Vec<&PathBuf> = figs
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "svg"))
+        .collect();
     assert_eq!(pngs.len(), outcome.figures);
     assert_eq!(svgs.len(), outcome.figures);
-    assert!(outcome.figures >= 8 + 2 + 4 + 4, "{} figures", outcome.figures);
+    assert!(
+        outcome.figures >= 8 + 2 + 4 + 4,
+        "{} figures",
+        outcome.figures
+    );
     for p in &pngs {
         let bytes = std::fs::read(p).expect("png");
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", p.display());
-        assert!(md.contains(&format!("figures/{}", p.file_name().and_then(|n| n.to_str()).expect("name"))), "report.md lacks {}", p.display());
+        assert!(
+            md.contains(&format!(
+                "figures/{}",
+                p.file_name().and_then(|n| n.to_str()).expect("name")
+            )),
+            "report.md lacks {}",
+            p.display()
+        );
     }
     for p in &svgs {
         let text = std::fs::read_to_string(p).expect("svg");
         roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
-    assert_eq!(html.matches("<img src=\"data:image&#x2f;png;base64,").count() + html.matches("<img src=\"data:image/png;base64,").count(), outcome.figures);
-    for needle in ["How to read this report", "The paper's findings next to ours", "Theory run theory", "Training runs", "Provenance", "finite-rank.md", "0123456789abcdef"] {
+    assert_eq!(
+        html.matches("<img src=\"data:image&#x2f;png;base64,")
+            .count()
+            + html.matches("<img src=\"data:image/png;base64,").count(),
+        outcome.figures
+    );
+    for needle in [
+        "How to read this report",
+        "The paper's findings next to ours",
+        "Theory run theory",
+        "Training runs",
+        "Provenance",
+        "finite-rank.md",
+        "0123456789abcdef",
+    ] {
         assert!(html.contains(needle), "index.html lacks {needle:?}");
     }
     // (minijinja escapes '/' as &#x2f; inside attributes; browsers decode it.)
     let unescaped = html.replace("&#x2f;", "/");
-    assert!(unescaped.contains("href=\"../"), "proofs links should be relative");
-    assert!(unescaped.contains("/proofs/finite-rank.md\""), "no link to proofs/finite-rank.md");
+    assert!(
+        unescaped.contains("href=\"../"),
+        "proofs links should be relative"
+    );
+    assert!(
+        unescaped.contains("/proofs/finite-rank.md\""),
+        "no link to proofs/finite-rank.md"
+    );
     // Escaping: the unusable directory's name is shown, escaped.
     assert!(!html.contains("bad<b>dir"), "unescaped text in index.html");
     assert!(html.contains("bad&lt;b&gt;dir"));
-    assert!(md.contains("bad&lt;b&gt;dir"), "unescaped text in report.md");
+    assert!(
+        md.contains("bad&lt;b&gt;dir"),
+        "unescaped text in report.md"
+    );
 
     // Numbers: the fixture's exponents are recovered, pooled over layers, for every module.
     let rows = csv_rows(&outcome.exponents_csv);
-    let train: Vec<_> = rows.iter().filter(|r| r["source"] == "train" && r["layer"] == "all" && r["window"] != "step 0").collect();
+    let train: Vec<_> = rows
+        .iter()
+        .filter(|r| r["source"] == "train" && r["layer"] == "all" && r["window"] != "step 0")
+        .collect();
     assert!(!train.is_empty());
     let mut checked = 0;
     for r in &train {
@@ -90,16 +145,27 @@ fn theory_and_training_runs_make_a_full_report() {
             assert_eq!(r["predicted"], "", "grad_out has no law: {r:?}");
             continue;
         }
-        assert!((slope - want).abs() < 0.05, "slope {slope} vs {want}: {r:?}");
+        assert!(
+            (slope - want).abs() < 0.05,
+            "slope {slope} vs {want}: {r:?}"
+        );
         if r["stat"] == "abs" || r["stat"].starts_with("grad_norm") {
-            let pred: f64 = r["predicted"].parse().unwrap_or_else(|_| panic!("no prediction: {r:?}"));
+            let pred: f64 = r["predicted"]
+                .parse()
+                .unwrap_or_else(|_| panic!("no prediction: {r:?}"));
             if r["site"] == "fwd" {
                 // With a theory run given, the forward law takes that run's (synthetic,
                 // fresh-input) kappa: the fixture follows the coherent limit, inside the band.
-                assert!(r["law"].contains("kappa") && r["law"].contains("theory run"), "{r:?}");
+                assert!(
+                    r["law"].contains("kappa") && r["law"].contains("theory run"),
+                    "{r:?}"
+                );
                 assert_eq!(r["in_band"], "true", "{r:?}");
             } else {
-                assert!((pred - want).abs() < 0.1, "predicted {pred} vs {want}: {r:?}");
+                assert!(
+                    (pred - want).abs() < 0.1,
+                    "predicted {pred} vs {want}: {r:?}"
+                );
                 assert_eq!(r["agrees"], "true", "{r:?}");
             }
             assert_eq!(r["seeds"], "2");
@@ -110,14 +176,26 @@ fn theory_and_training_runs_make_a_full_report() {
     }
     assert!(checked >= 24, "{checked}");
     // Per-layer rows too.
-    assert!(rows.iter().any(|r| r["source"] == "train" && r["layer"] == "1" && r["module"] == "down_proj"));
+    assert!(rows
+        .iter()
+        .any(|r| r["source"] == "train" && r["layer"] == "1" && r["module"] == "down_proj"));
     // Theory rows as in fits.json.
-    let fits: Vec<rankstab_records::Fit> = rankstab_records::read_json(&theory.join("fits.json")).expect("fits");
-    assert_eq!(rows.iter().filter(|r| r["source"] == "theory").count(), fits.len());
+    let fits: Vec<rankstab_records::Fit> =
+        rankstab_records::read_json(&theory.join("fits.json")).expect("fits");
+    assert_eq!(
+        rows.iter().filter(|r| r["source"] == "theory").count(),
+        fits.len()
+    );
 
     // The paper's gradient-norm finding: LoRA's falls as r^-1/2 here, rsLoRA's is flat.
-    assert!(html.contains("exponent -0.50"), "LoRA grad-norm exponent missing");
-    assert!(html.contains("exponent +0.00") || html.contains("exponent -0.00"), "rsLoRA grad-norm exponent missing");
+    assert!(
+        html.contains("exponent -0.50"),
+        "LoRA grad-norm exponent missing"
+    );
+    assert!(
+        html.contains("exponent +0.00") || html.contains("exponent -0.00"),
+        "rsLoRA grad-norm exponent missing"
+    );
     assert!(html.contains("shape only"));
 }
 
@@ -129,14 +207,25 @@ fn training_runs_alone_use_the_coherent_limit_and_agree() {
     let out = tmp.path().join("r");
     let outcome = build_report(&[sweep], &out, &ReportOptions::default()).expect("report");
     let rows = csv_rows(&outcome.exponents_csv);
-    let fitted: Vec<_> = rows.iter().filter(|r| r["window"] != "step 0" && r["site"] != "grad_out").collect();
+    let fitted: Vec<_> = rows
+        .iter()
+        .filter(|r| r["window"] != "step 0" && r["site"] != "grad_out")
+        .collect();
     assert!(fitted.len() >= 3 * 3 * 4 * 3 * 2, "{}", fitted.len());
     for r in fitted {
         let beta: f64 = r["beta"].parse().expect("beta");
-        let pred: f64 = r["predicted"].parse().unwrap_or_else(|_| panic!("no prediction: {r:?}"));
-        assert!((pred - common::expected(&r["site"], &r["stat"], beta)).abs() < 0.1, "{r:?}");
+        let pred: f64 = r["predicted"]
+            .parse()
+            .unwrap_or_else(|_| panic!("no prediction: {r:?}"));
+        assert!(
+            (pred - common::expected(&r["site"], &r["stat"], beta)).abs() < 0.1,
+            "{r:?}"
+        );
         assert_eq!(r["agrees"], "true", "{r:?}");
-        assert!(r["mc_coherent"].is_empty(), "no theory run, no MC slope: {r:?}");
+        assert!(
+            r["mc_coherent"].is_empty(),
+            "no theory run, no MC slope: {r:?}"
+        );
         if r["site"] == "fwd" {
             assert!(r["law"].contains("coherent limit"), "{r:?}");
         }
@@ -157,14 +246,25 @@ fn a_theory_run_alone_gets_panels_and_tables() {
     assert_eq!(outcome.figures, 16);
     let html = std::fs::read_to_string(&outcome.index_html).expect("html");
     assert!(!html.contains("id=\"train\""));
-    assert!(html.contains("no gradient norms") || html.contains("theory run theory"), "paper table should use the theory run");
+    assert!(
+        html.contains("no gradient norms") || html.contains("theory run theory"),
+        "paper table should use the theory run"
+    );
     assert!(html.contains("no held-out perplexity"));
 }
 
 #[test]
 fn only_unusable_directories_is_an_error_naming_them() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let err = build_report(&[tmp.path().join("missing")], &tmp.path().join("out"), &ReportOptions::default()).expect_err("fails");
+    let err = build_report(
+        &[tmp.path().join("missing")],
+        &tmp.path().join("out"),
+        &ReportOptions::default(),
+    )
+    .expect_err("fails");
     assert!(err.to_string().contains("missing"), "{err}");
-    assert!(!tmp.path().join("out").exists(), "nothing is written when nothing is usable");
+    assert!(
+        !tmp.path().join("out").exists(),
+        "nothing is written when nothing is usable"
+    );
 }

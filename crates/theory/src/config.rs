@@ -95,7 +95,9 @@ impl FromStr for OptimizerKind {
             "sgd-momentum" | "momentum" => Ok(Self::SgdMomentum),
             "adam" => Ok(Self::Adam),
             "adamw" => Ok(Self::Adamw),
-            _ => Err(format!("unknown optimizer '{s}' (allowed: sgd, sgd-momentum, adam, adamw)")),
+            _ => Err(format!(
+                "unknown optimizer '{s}' (allowed: sgd, sgd-momentum, adam, adamw)"
+            )),
         }
     }
 }
@@ -126,7 +128,9 @@ impl FromStr for Reuse {
         match s {
             "coherent" => Ok(Self::Coherent),
             "fresh" => Ok(Self::Fresh),
-            _ => Err(format!("unknown input regime '{s}' (allowed: coherent, fresh)")),
+            _ => Err(format!(
+                "unknown input regime '{s}' (allowed: coherent, fresh)"
+            )),
         }
     }
 }
@@ -180,7 +184,8 @@ impl FromStr for InputDist {
         };
         let num = |default: f64| -> Result<f64, String> {
             arg.map_or(Ok(default), |a| {
-                a.parse::<f64>().map_err(|_| format!("input distribution '{s}': '{a}' is not a number"))
+                a.parse::<f64>()
+                    .map_err(|_| format!("input distribution '{s}': '{a}' is not a number"))
             })
         };
         match name {
@@ -226,12 +231,18 @@ impl FromStr for Scaling {
     /// A preset name (`lora`, `rslora`, `constant`) or a number (beta).
     fn from_str(s: &str) -> Result<Self, String> {
         if let Some(beta) = rankstab_records::scaling_preset(s) {
-            return Ok(Scaling { name: s.to_string(), beta });
+            return Ok(Scaling {
+                name: s.to_string(),
+                beta,
+            });
         }
-        let beta: f64 = s
-            .parse()
-            .map_err(|_| format!("unknown scaling '{s}' (allowed: lora, rslora, constant, or a number for beta)"))?;
-        Ok(Scaling { name: rankstab_records::scaling_name(beta), beta })
+        let beta: f64 = s.parse().map_err(|_| {
+            format!("unknown scaling '{s}' (allowed: lora, rslora, constant, or a number for beta)")
+        })?;
+        Ok(Scaling {
+            name: rankstab_records::scaling_name(beta),
+            beta,
+        })
     }
 }
 
@@ -394,17 +405,25 @@ impl TheoryConfig {
     pub fn validate(&self) -> Result<(), TheoryError> {
         let bad = |msg: String| Err(TheoryError::Invalid(msg));
         if self.width == 0 || self.width > MAX_WIDTH {
-            return bad(format!("width {} is not allowed: use 1..={MAX_WIDTH}", self.width));
+            return bad(format!(
+                "width {} is not allowed: use 1..={MAX_WIDTH}",
+                self.width
+            ));
         }
         if self.ranks.is_empty() {
-            return bad("the rank list is empty: give at least two ranks, e.g. --ranks 4,8,16".into());
+            return bad(
+                "the rank list is empty: give at least two ranks, e.g. --ranks 4,8,16".into(),
+            );
         }
         for &r in &self.ranks {
             if r == 0 {
                 return bad("rank 0 is not allowed: ranks are integers >= 1".into());
             }
             if r > self.width {
-                return bad(format!("rank {r} exceeds the width {}: ranks must be <= width", self.width));
+                return bad(format!(
+                    "rank {r} exceeds the width {}: ranks must be <= width",
+                    self.width
+                ));
             }
         }
         let mut sorted = self.ranks.clone();
@@ -417,7 +436,10 @@ impl TheoryConfig {
             return bad("layers 0 is not allowed: use >= 1".into());
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
-            return bad(format!("alpha {} is not allowed: use a finite number > 0", self.alpha));
+            return bad(format!(
+                "alpha {} is not allowed: use a finite number > 0",
+                self.alpha
+            ));
         }
         let rules = self.scaling_rules()?;
         if rules.is_empty() {
@@ -425,7 +447,10 @@ impl TheoryConfig {
         }
         for s in &rules {
             if !s.beta.is_finite() {
-                return bad(format!("beta {} is not allowed: use a finite number", s.beta));
+                return bad(format!(
+                    "beta {} is not allowed: use a finite number",
+                    s.beta
+                ));
             }
         }
         if self.optimizers.is_empty() {
@@ -433,19 +458,33 @@ impl TheoryConfig {
         }
         for (name, lr) in [("lr_sgd", self.lr_sgd), ("lr_adam", self.lr_adam)] {
             if !lr.is_finite() || lr <= 0.0 {
-                return bad(format!("learning rate {name} = {lr} is not allowed: use a finite number > 0"));
+                return bad(format!(
+                    "learning rate {name} = {lr} is not allowed: use a finite number > 0"
+                ));
             }
         }
-        for (name, v) in [("momentum", self.momentum), ("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+        for (name, v) in [
+            ("momentum", self.momentum),
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
             if !(0.0..1.0).contains(&v) {
-                return bad(format!("{name} = {v} is not allowed: use a number in [0, 1)"));
+                return bad(format!(
+                    "{name} = {v} is not allowed: use a number in [0, 1)"
+                ));
             }
         }
         if !self.adam_eps.is_finite() || self.adam_eps <= 0.0 {
-            return bad(format!("adam_eps = {} is not allowed: use a finite number > 0", self.adam_eps));
+            return bad(format!(
+                "adam_eps = {} is not allowed: use a finite number > 0",
+                self.adam_eps
+            ));
         }
         if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
-            return bad(format!("weight_decay = {} is not allowed: use a finite number >= 0", self.weight_decay));
+            return bad(format!(
+                "weight_decay = {} is not allowed: use a finite number >= 0",
+                self.weight_decay
+            ));
         }
         if self.inputs.is_empty() {
             return bad("the input regime list is empty: use coherent, fresh or both".into());
@@ -458,11 +497,17 @@ impl TheoryConfig {
                 return bad(format!("moment order m = {m} is not allowed: use 1..=8"));
             }
         }
-        let max_m = *self.moments.iter().max().expect("moments checked non-empty");
+        let max_m = *self
+            .moments
+            .iter()
+            .max()
+            .expect("moments checked non-empty");
         match self.input_dist()? {
             InputDist::StudentT { nu } => {
                 if !nu.is_finite() || nu <= 0.0 {
-                    return bad(format!("student-t nu = {nu} is not allowed: use a finite number > 0"));
+                    return bad(format!(
+                        "student-t nu = {nu} is not allowed: use a finite number > 0"
+                    ));
                 }
                 if nu <= max_m as f64 {
                     return bad(format!(
@@ -471,11 +516,15 @@ impl TheoryConfig {
                     ));
                 }
                 if nu <= 2.0 {
-                    return bad(format!("student-t with nu = {nu} has infinite variance: use nu > 2"));
+                    return bad(format!(
+                        "student-t with nu = {nu} has infinite variance: use nu > 2"
+                    ));
                 }
             }
             InputDist::MeanShift { shift } if !shift.is_finite() => {
-                return bad(format!("mean-shift {shift} is not allowed: use a finite number"));
+                return bad(format!(
+                    "mean-shift {shift} is not allowed: use a finite number"
+                ));
             }
             InputDist::LowRank { k } if k > self.width => {
                 return bad(format!("low-rank k = {k} exceeds the width {}", self.width));
@@ -483,19 +532,30 @@ impl TheoryConfig {
             _ => {}
         }
         if self.batch == 0 || self.heldout == 0 {
-            return bad(format!("batch {} / heldout {} not allowed: use >= 1", self.batch, self.heldout));
+            return bad(format!(
+                "batch {} / heldout {} not allowed: use >= 1",
+                self.batch, self.heldout
+            ));
         }
         if self.loss == Loss::Ce && self.classes < 2 {
-            return bad(format!("classes = {} is not allowed for cross-entropy: use >= 2", self.classes));
+            return bad(format!(
+                "classes = {} is not allowed for cross-entropy: use >= 2",
+                self.classes
+            ));
         }
         if self.steps == 0 {
-            return bad("steps 0 is not allowed: use >= 1 (step 0 is initialisation, where B = 0)".into());
+            return bad(
+                "steps 0 is not allowed: use >= 1 (step 0 is initialisation, where B = 0)".into(),
+            );
         }
         if self.trials == 0 {
             return bad("trials 0 is not allowed: use >= 1 (>= 2 for confidence intervals)".into());
         }
         if !self.tolerance.is_finite() || self.tolerance < 0.0 {
-            return bad(format!("tolerance {} is not allowed: use a finite number >= 0", self.tolerance));
+            return bad(format!(
+                "tolerance {} is not allowed: use a finite number >= 0",
+                self.tolerance
+            ));
         }
         Ok(())
     }
@@ -504,7 +564,9 @@ impl TheoryConfig {
 fn toml_from_str(text: &str) -> Result<TheoryConfig, TheoryError> {
     toml::from_str(text).map_err(|e| {
         let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
-        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
         TheoryError::Config(match line {
             Some(l) => format!("line {l}: {msg}"),
             None => msg,

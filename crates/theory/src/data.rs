@@ -44,7 +44,9 @@ pub fn trial_seed(seed: u64, trial: usize) -> u64 {
 }
 
 fn rng_for(trial_seed: u64, stream: Stream, index: u64, row: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(mix(trial_seed ^ mix((stream as u64) << 56 ^ index << 32 ^ row)))
+    ChaCha8Rng::seed_from_u64(mix(
+        trial_seed ^ mix((stream as u64) << 56 ^ index << 32 ^ row)
+    ))
 }
 
 /// A rows x cols matrix whose row i is filled by `fill(rng_i, row_i)`, in parallel.
@@ -58,15 +60,24 @@ fn by_rows(
 ) -> Array2<f32> {
     let mut out = Array2::<f32>::zeros((rows, cols));
     let flat = out.as_slice_mut().expect("a new array is contiguous");
-    flat.par_chunks_mut(cols.max(1)).enumerate().for_each(|(i, row)| {
-        let mut rng = rng_for(trial_seed, stream, index, i as u64);
-        fill(&mut rng, row);
-    });
+    flat.par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            let mut rng = rng_for(trial_seed, stream, index, i as u64);
+            fill(&mut rng, row);
+        });
     out
 }
 
 /// iid N(0, std^2) matrix.
-pub(crate) fn gaussian(rows: usize, cols: usize, std: f64, ts: u64, stream: Stream, index: u64) -> Array2<f32> {
+pub(crate) fn gaussian(
+    rows: usize,
+    cols: usize,
+    std: f64,
+    ts: u64,
+    stream: Stream,
+    index: u64,
+) -> Array2<f32> {
     by_rows(rows, cols, ts, stream, index, |rng, row| {
         for v in row.iter_mut() {
             let z: f64 = StandardNormal.sample(rng);
@@ -77,7 +88,13 @@ pub(crate) fn gaussian(rows: usize, cols: usize, std: f64, ts: u64, stream: Stre
 
 /// The adapter's A (rank x width) at the largest rank; smaller ranks use its first rows,
 /// scaled where the init variance depends on rank (common random numbers across ranks).
-pub(crate) fn adapter_init(init: Init, rank: usize, width: usize, ts: u64, layer: u64) -> Array2<f32> {
+pub(crate) fn adapter_init(
+    init: Init,
+    rank: usize,
+    width: usize,
+    ts: u64,
+    layer: u64,
+) -> Array2<f32> {
     match init {
         Init::KaimingUniform => {
             let bound = 1.0 / (width as f64).sqrt();
@@ -88,7 +105,9 @@ pub(crate) fn adapter_init(init: Init, rank: usize, width: usize, ts: u64, layer
             })
         }
         // Unit variance here; `Init::variance` scales it per rank in the cell.
-        Init::Gaussian | Init::PeftGaussian => gaussian(rank, width, 1.0, ts, Stream::Adapter, layer),
+        Init::Gaussian | Init::PeftGaussian => {
+            gaussian(rank, width, 1.0, ts, Stream::Adapter, layer)
+        }
     }
 }
 
@@ -103,10 +122,22 @@ pub(crate) struct InputSampler {
 impl InputSampler {
     pub(crate) fn new(dist: InputDist, width: usize, ts: u64) -> Self {
         let basis = match dist {
-            InputDist::LowRank { k } => Some(gaussian(width, k, 1.0 / (k as f64).sqrt(), ts, Stream::Basis, 0)),
+            InputDist::LowRank { k } => Some(gaussian(
+                width,
+                k,
+                1.0 / (k as f64).sqrt(),
+                ts,
+                Stream::Basis,
+                0,
+            )),
             _ => None,
         };
-        Self { dist, basis, width, ts }
+        Self {
+            dist,
+            basis,
+            width,
+            ts,
+        }
     }
 
     /// Batch `index` of `stream` (n x width).
@@ -134,7 +165,10 @@ impl InputSampler {
                 }
             }),
             InputDist::LowRank { k } => {
-                let u = self.basis.as_ref().expect("basis drawn for low-rank inputs");
+                let u = self
+                    .basis
+                    .as_ref()
+                    .expect("basis drawn for low-rank inputs");
                 let z = gaussian(n, k, 1.0, self.ts, stream, index);
                 let e = gaussian(n, d, 1.0, self.ts, stream, index + (1 << 20));
                 let mut x = z.dot(&u.t());
@@ -163,13 +197,22 @@ pub(crate) struct TrialData {
 }
 
 impl TrialData {
-    pub(crate) fn draw(cfg: &TheoryConfig, dist: InputDist, trial: usize, need_fresh: bool) -> Self {
+    pub(crate) fn draw(
+        cfg: &TheoryConfig,
+        dist: InputDist,
+        trial: usize,
+        need_fresh: bool,
+    ) -> Self {
         let seed = trial_seed(cfg.seed, trial);
         let d = cfg.width;
         let std_w = 1.0 / (d as f64).sqrt();
-        let weights = (0..cfg.layers).map(|l| gaussian(d, d, std_w, seed, Stream::Weight, l as u64)).collect();
+        let weights = (0..cfg.layers)
+            .map(|l| gaussian(d, d, std_w, seed, Stream::Weight, l as u64))
+            .collect();
         let r_max = *cfg.ranks.iter().max().expect("ranks validated non-empty");
-        let adapters = (0..cfg.layers).map(|l| adapter_init(cfg.init, r_max, d, seed, l as u64)).collect();
+        let adapters = (0..cfg.layers)
+            .map(|l| adapter_init(cfg.init, r_max, d, seed, l as u64))
+            .collect();
         let (teacher, readout) = match cfg.loss {
             Loss::Mse => (gaussian(d, d, std_w, seed, Stream::Teacher, 0), None),
             Loss::Ce => (
@@ -179,8 +222,18 @@ impl TrialData {
         };
         let sampler = InputSampler::new(dist, d, seed);
         let n_batches = if need_fresh { cfg.steps + 1 } else { 1 };
-        let batches = (0..n_batches).map(|i| sampler.batch(cfg.batch, Stream::Batch, i as u64)).collect();
+        let batches = (0..n_batches)
+            .map(|i| sampler.batch(cfg.batch, Stream::Batch, i as u64))
+            .collect();
         let heldout = sampler.batch(cfg.heldout, Stream::Heldout, 0);
-        Self { seed, weights, adapters, teacher, readout, batches, heldout }
+        Self {
+            seed,
+            weights,
+            adapters,
+            teacher,
+            readout,
+            batches,
+            heldout,
+        }
     }
 }

@@ -24,7 +24,10 @@ pub mod stats;
 
 pub use config::{Activation, Init, InputDist, Loss, OptimizerKind, Reuse, Scaling, TheoryConfig};
 pub use data::trial_seed;
-pub use run::{cells, closed_form_checks, fit_rows, run, summarize, trial_flops, trial_rows, ClosedFormCheck, NoProgress, Progress, RunOptions, RunOutcome, CHECKS, SUMMARY};
+pub use run::{
+    cells, closed_form_checks, fit_rows, run, summarize, trial_flops, trial_rows, ClosedFormCheck,
+    NoProgress, Progress, RunOptions, RunOutcome, CHECKS, SUMMARY,
+};
 
 use std::path::PathBuf;
 

@@ -42,15 +42,39 @@ pub fn law(
     let p = m as f64;
     let d = width as f64;
     match (site, stat) {
-        ("fwd" | "fwd_heldout", "abs") => Some(Law { p, a_gamma: q, a_s: q, kappa: kappa_fwd }),
-        ("bwd", "abs") => Some(Law { p, a_gamma: q, a_s: q, kappa: 1.0 / (d + kurtosis - 2.0) }),
-        ("param", "grad_norm_b") => Some(Law { p: 1.0, a_gamma: 1.0, a_s: 1.0, kappa: 0.0 }),
-        ("param", "grad_norm_a") => Some(Law { p: 1.0, a_gamma: q, a_s: q - 1.0, kappa: 0.0 }),
+        ("fwd" | "fwd_heldout", "abs") => Some(Law {
+            p,
+            a_gamma: q,
+            a_s: q,
+            kappa: kappa_fwd,
+        }),
+        ("bwd", "abs") => Some(Law {
+            p,
+            a_gamma: q,
+            a_s: q,
+            kappa: 1.0 / (d + kurtosis - 2.0),
+        }),
+        ("param", "grad_norm_b") => Some(Law {
+            p: 1.0,
+            a_gamma: 1.0,
+            a_s: 1.0,
+            kappa: 0.0,
+        }),
+        ("param", "grad_norm_a") => Some(Law {
+            p: 1.0,
+            a_gamma: q,
+            a_s: q - 1.0,
+            kappa: 0.0,
+        }),
         ("param", "delta_norm") => Some(Law {
             p: 1.0,
             a_gamma: q,
             a_s: q,
-            kappa: if opt.is_adaptive() { 2.0 / std::f64::consts::PI / d } else { 1.0 / d },
+            kappa: if opt.is_adaptive() {
+                2.0 / std::f64::consts::PI / d
+            } else {
+                1.0 / d
+            },
         }),
         _ => None,
     }
@@ -59,7 +83,10 @@ pub fn law(
 impl Law {
     fn log_stat(&self, r: f64, beta: f64, log_s_slope: f64) -> f64 {
         let ln_r = r.ln();
-        self.p * (-self.a_gamma * beta * ln_r + self.a_s * log_s_slope * ln_r + 0.5 * (r + self.kappa * r * r).ln())
+        self.p
+            * (-self.a_gamma * beta * ln_r
+                + self.a_s * log_s_slope * ln_r
+                + 0.5 * (r + self.kappa * r * r).ln())
     }
 
     /// Predicted slope over `ranks` for exponent `beta`; `log_s_slope` = d ln s / d ln r of
@@ -74,7 +101,10 @@ impl Law {
     /// ```
     pub fn predicted(&self, ranks: &[usize], beta: f64, log_s_slope: f64) -> f64 {
         let x: Vec<f64> = ranks.iter().map(|&r| (r as f64).ln()).collect();
-        let y: Vec<f64> = ranks.iter().map(|&r| self.log_stat(r as f64, beta, log_s_slope)).collect();
+        let y: Vec<f64> = ranks
+            .iter()
+            .map(|&r| self.log_stat(r as f64, beta, log_s_slope))
+            .collect();
         ols_slope(&x, &y)
     }
 

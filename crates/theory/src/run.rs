@@ -12,8 +12,8 @@ use crate::sim::{frozen_pass, prepare, run_cell, CellSpec};
 use crate::stats::{fit_slope, mean_ci, verdict};
 use crate::TheoryError;
 use rankstab_records::{
-    files, read_json, read_table, scaling_factor, write_json_atomic, Fit, Manifest, MetricRow, MomentRow,
-    RunStatus, SummaryRow, TableWriter, SCHEMA_VERSION,
+    files, read_json, read_table, scaling_factor, write_json_atomic, Fit, Manifest, MetricRow,
+    MomentRow, RunStatus, SummaryRow, TableWriter, SCHEMA_VERSION,
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -114,7 +114,10 @@ fn now() -> String {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TheoryError + '_ {
-    move |source| TheoryError::Io { path: path.to_path_buf(), source }
+    move |source| TheoryError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The cells of one trial, in canonical order.
@@ -125,7 +128,13 @@ pub fn cells(cfg: &TheoryConfig) -> Result<Vec<CellSpec>, TheoryError> {
         for &opt in &cfg.optimizers {
             for s in &rules {
                 for &rank in &cfg.ranks {
-                    out.push(CellSpec { opt, scaling: s.name.clone(), beta: s.beta, reuse, rank });
+                    out.push(CellSpec {
+                        opt,
+                        scaling: s.name.clone(),
+                        beta: s.beta,
+                        reuse,
+                        rank,
+                    });
                 }
             }
         }
@@ -141,14 +150,21 @@ fn config_value(cfg: &TheoryConfig) -> serde_json::Value {
 ///
 /// # Errors
 /// Invalid configuration (nothing is written), an `out` that holds something else, I/O.
-pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Progress) -> Result<RunOutcome, TheoryError> {
+pub fn run(
+    cfg: &TheoryConfig,
+    out: &Path,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<RunOutcome, TheoryError> {
     cfg.validate()?;
     let dist = cfg.input_dist()?;
     let cell_list = cells(cfg)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
-        .map_err(|e| TheoryError::Invalid(format!("cannot start {:?} threads: {e}", opts.threads)))?;
+        .map_err(|e| {
+            TheoryError::Invalid(format!("cannot start {:?} threads: {e}", opts.threads))
+        })?;
     let threads = pool.current_num_threads();
 
     let manifest_path = out.join(files::MANIFEST);
@@ -184,7 +200,9 @@ pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Pro
             git_revision: opts.git_revision.clone(),
             command: "theory".into(),
             config: config_value(cfg),
-            seeds: (0..cfg.trials).map(|t| crate::data::trial_seed(cfg.seed, t)).collect(),
+            seeds: (0..cfg.trials)
+                .map(|t| crate::data::trial_seed(cfg.seed, t))
+                .collect(),
             device: format!("cpu ({threads} threads)"),
             created: now(),
             finished: None,
@@ -195,7 +213,11 @@ pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Pro
     };
 
     let progress_path = out.join(PROGRESS);
-    let mut state: ProgressFile = if progress_path.exists() { read_json(&progress_path)? } else { ProgressFile::default() };
+    let mut state: ProgressFile = if progress_path.exists() {
+        read_json(&progress_path)?
+    } else {
+        ProgressFile::default()
+    };
     let mut moments = TableWriter::<MomentRow>::open(&out.join(files::MOMENTS))?;
     let mut metrics = TableWriter::<MetricRow>::open(&out.join(files::METRICS))?;
     if !state.done.is_empty() {
@@ -206,14 +228,17 @@ pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Pro
         moments.clear()?;
         metrics.clear()?;
     }
-    let todo: Vec<usize> = (0..cfg.trials).filter(|t| !state.done.contains(t)).collect();
+    let todo: Vec<usize> = (0..cfg.trials)
+        .filter(|t| !state.done.contains(t))
+        .collect();
     let budget = opts.max_trials_this_run.unwrap_or(usize::MAX);
     let todo: Vec<usize> = todo.into_iter().take(budget).collect();
     progress.start((todo.len() * cell_list.len()) as u64);
     let mut trials_run = 0;
     for &trial in &todo {
         progress.message(&format!("trial {}/{}", trial + 1, cfg.trials));
-        let (rows, mrows) = pool.install(|| trial_rows_inner(cfg, dist, &cell_list, trial, progress));
+        let (rows, mrows) =
+            pool.install(|| trial_rows_inner(cfg, dist, &cell_list, trial, progress));
         moments.append(&rows)?;
         metrics.append(&mrows)?;
         state.done.push(trial);
@@ -245,7 +270,13 @@ pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Pro
     } else {
         (Vec::new(), Vec::new())
     };
-    Ok(RunOutcome { dir: out.to_path_buf(), fits, checks, trials_run, complete })
+    Ok(RunOutcome {
+        dir: out.to_path_buf(),
+        fits,
+        checks,
+        trials_run,
+        complete,
+    })
 }
 
 /// Computes one trial: every cell's moment rows and metric rows, plus the exact first-step
@@ -261,7 +292,10 @@ pub fn run(cfg: &TheoryConfig, out: &Path, opts: &RunOptions, progress: &dyn Pro
 /// assert!(moments.iter().any(|r| r.site == "fwd" && r.step == 1 && r.value > 0.0));
 /// assert!(metrics.iter().any(|r| r.metric == "loss"));
 /// ```
-pub fn trial_rows(cfg: &TheoryConfig, trial: usize) -> Result<(Vec<MomentRow>, Vec<MetricRow>), TheoryError> {
+pub fn trial_rows(
+    cfg: &TheoryConfig,
+    trial: usize,
+) -> Result<(Vec<MomentRow>, Vec<MetricRow>), TheoryError> {
     cfg.validate()?;
     let dist = cfg.input_dist()?;
     let cell_list = cells(cfg)?;
@@ -279,7 +313,10 @@ fn trial_rows_inner(
     let t0 = std::time::Instant::now();
     let data = TrialData::draw(cfg, dist, trial, need_fresh);
     let prep = prepare(cfg, &data);
-    tracing::debug!("trial {trial}: data drawn in {:.2} s", t0.elapsed().as_secs_f64());
+    tracing::debug!(
+        "trial {trial}: data drawn in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     let t0 = std::time::Instant::now();
     // Largest ranks first so the workers finish together.
     let mut order: Vec<usize> = (0..cell_list.len()).collect();
@@ -293,7 +330,10 @@ fn trial_rows_inner(
         })
         .collect();
     results.sort_by_key(|(i, _)| *i);
-    tracing::debug!("trial {trial}: cells in {:.2} s", t0.elapsed().as_secs_f64());
+    tracing::debug!(
+        "trial {trial}: cells in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     let mut rows = Vec::new();
     let mut mrows = Vec::new();
     for (i, res) in &results {
@@ -342,7 +382,13 @@ fn trial_rows_inner(
             }
         }
     }
-    rows.extend(coefficient_rows(cfg, &data, &prep, cell_list, &dist.to_string()));
+    rows.extend(coefficient_rows(
+        cfg,
+        &data,
+        &prep,
+        cell_list,
+        &dist.to_string(),
+    ));
     (rows, mrows)
 }
 
@@ -364,10 +410,15 @@ fn coefficient_rows(
             crate::config::Reuse::Coherent => u_stack0.clone(),
             crate::config::Reuse::Fresh => frozen_pass(cfg, data, prep, 1).0,
         };
-        for (site, stack, rows_range) in [("fwd", &fwd_u, 0..n), ("fwd_heldout", &u_stack0, n..u_stack0[0].nrows())] {
+        for (site, stack, rows_range) in [
+            ("fwd", &fwd_u, 0..n),
+            ("fwd_heldout", &u_stack0, n..u_stack0[0].nrows()),
+        ] {
             for l in 0..cfg.layers {
                 let u_train = u_stack0[l].slice(ndarray::s![..n, ..]).to_owned();
-                let u_test = stack[l].slice(ndarray::s![rows_range.clone(), ..]).to_owned();
+                let u_test = stack[l]
+                    .slice(ndarray::s![rows_range.clone(), ..])
+                    .to_owned();
                 let c = Coefficients::new(&u_train, &v_train[l], &u_test, cfg.init.kurtosis());
                 let base = MomentRow {
                     source: "theory".into(),
@@ -385,13 +436,24 @@ fn coefficient_rows(
                     site: site.into(),
                     ..Default::default()
                 };
-                for (stat, value) in [("coef_lin", c.lin), ("coef_quad", c.quad), ("coef_entries", c.entries)] {
-                    rows.push(MomentRow { stat: stat.into(), value, ..base.clone() });
+                for (stat, value) in [
+                    ("coef_lin", c.lin),
+                    ("coef_quad", c.quad),
+                    ("coef_entries", c.entries),
+                ] {
+                    rows.push(MomentRow {
+                        stat: stat.into(),
+                        value,
+                        ..base.clone()
+                    });
                 }
                 if l > 0 {
                     continue;
                 }
-                for cell in cell_list.iter().filter(|c| c.reuse == reuse && !c.opt.is_adaptive()) {
+                for cell in cell_list
+                    .iter()
+                    .filter(|c| c.reuse == reuse && !c.opt.is_adaptive())
+                {
                     let gamma = scaling_factor(cfg.alpha, cell.beta, cell.rank);
                     let s2 = cfg.init.variance(cfg.width, cell.rank);
                     rows.push(MomentRow {
@@ -411,14 +473,30 @@ fn coefficient_rows(
     rows
 }
 
-type Key = (String, String, u64, String, String, u32, String, String, u32, u32);
+type Key = (
+    String,
+    String,
+    u64,
+    String,
+    String,
+    u32,
+    String,
+    String,
+    u32,
+    u32,
+);
 
 /// Fits every (optimizer, scaling, inputs, layer, site, stat, m, step) group of `rows`.
 pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow]) -> Vec<Fit> {
     // Coherence per (inputs, layer, site) from the exact first-step coefficients.
     let mut coef: BTreeMap<(String, u32, String), (f64, f64)> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.stat == "coef_lin" || r.stat == "coef_quad") {
-        let e = coef.entry((r.inputs.clone(), r.layer, r.site.clone())).or_default();
+    for r in rows
+        .iter()
+        .filter(|r| r.stat == "coef_lin" || r.stat == "coef_quad")
+    {
+        let e = coef
+            .entry((r.inputs.clone(), r.layer, r.site.clone()))
+            .or_default();
         if r.stat == "coef_lin" {
             e.0 += r.value;
         } else {
@@ -427,7 +505,10 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow]) -> Vec<Fit> {
     }
     let mut groups: BTreeMap<Key, BTreeMap<u32, BTreeMap<u64, f64>>> = BTreeMap::new();
     for r in rows {
-        let fitted = matches!(r.stat.as_str(), "abs" | "grad_norm_a" | "grad_norm_b" | "delta_norm");
+        let fitted = matches!(
+            r.stat.as_str(),
+            "abs" | "grad_norm_a" | "grad_norm_b" | "delta_norm"
+        );
         if !fitted || r.site == "grad_out" {
             continue;
         }
@@ -443,36 +524,59 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow]) -> Vec<Fit> {
             r.m.unwrap_or(1),
             r.step,
         );
-        groups.entry(key).or_default().entry(r.rank).or_default().insert(r.seed, r.value);
+        groups
+            .entry(key)
+            .or_default()
+            .entry(r.rank)
+            .or_default()
+            .insert(r.seed, r.value);
     }
     let mut fits = Vec::new();
     for (key, by_rank) in groups {
         let (opt_name, scaling, beta_bits, inputs, dist, layer, site, stat, m, step) = key;
         let beta = f64::from_bits(beta_bits);
-        let Ok(opt) = opt_name.parse::<OptimizerKind>() else { continue };
+        let Ok(opt) = opt_name.parse::<OptimizerKind>() else {
+            continue;
+        };
         let ranks: Vec<usize> = by_rank.keys().map(|&r| r as usize).collect();
         // Trials present at every rank (all of them, in a complete run).
         let seeds: Vec<u64> = by_rank
             .values()
             .next()
-            .map(|s| s.keys().copied().filter(|k| by_rank.values().all(|v| v.contains_key(k))).collect())
+            .map(|s| {
+                s.keys()
+                    .copied()
+                    .filter(|k| by_rank.values().all(|v| v.contains_key(k)))
+                    .collect()
+            })
             .unwrap_or_default();
-        let values: Vec<Vec<f64>> = by_rank.values().map(|v| seeds.iter().map(|s| v[s]).collect()).collect();
+        let values: Vec<Vec<f64>> = by_rank
+            .values()
+            .map(|v| seeds.iter().map(|s| v[s]).collect())
+            .collect();
         let any_nonfinite = values.iter().flatten().any(|v| !v.is_finite());
         let Some(sf) = fit_slope(&ranks, &values).or_else(|| {
-            any_nonfinite.then_some(crate::stats::SlopeFit { slope: f64::NAN, se: f64::NAN, ci_low: f64::NAN, ci_high: f64::NAN })
+            any_nonfinite.then_some(crate::stats::SlopeFit {
+                slope: f64::NAN,
+                se: f64::NAN,
+                ci_low: f64::NAN,
+                ci_high: f64::NAN,
+            })
         }) else {
             continue; // identically zero (e.g. adapter output at step 0, where B = 0)
         };
         let kappa = coef
             .get(&(inputs.clone(), layer, site.clone()))
             .map_or(0.0, |&(lin, quad)| if lin > 0.0 { quad / lin } else { 0.0 });
-        let Some(lw) = law(opt, &site, &stat, m, kappa, cfg.width, cfg.init.kurtosis()) else { continue };
+        let Some(lw) = law(opt, &site, &stat, m, kappa, cfg.width, cfg.init.kurtosis()) else {
+            continue;
+        };
         let ds = cfg.init.log_std_rank_slope();
         let predicted = lw.predicted(&ranks, beta, ds);
         let asymptotic = lw.asymptotic(beta, ds);
         let tol = cfg.tolerance;
-        let agrees = sf.slope.is_finite() && predicted >= sf.ci_low - tol && predicted <= sf.ci_high + tol;
+        let agrees =
+            sf.slope.is_finite() && predicted >= sf.ci_low - tol && predicted <= sf.ci_high + tol;
         fits.push(Fit {
             source: "theory".into(),
             model: "synthetic".into(),
@@ -509,8 +613,18 @@ pub fn closed_form_checks(rows: &[MomentRow]) -> Vec<ClosedFormCheck> {
     type K = (String, String, u64, String, String, u32);
     let mut cf: BTreeMap<K, BTreeMap<u64, f64>> = BTreeMap::new();
     let mut mc: BTreeMap<K, BTreeMap<u64, f64>> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.layer == 0 && r.step == 1 && r.m == Some(2)) {
-        let k = (r.optimizer.clone(), r.scaling.clone(), r.beta.to_bits(), r.inputs.clone(), r.site.clone(), r.rank);
+    for r in rows
+        .iter()
+        .filter(|r| r.layer == 0 && r.step == 1 && r.m == Some(2))
+    {
+        let k = (
+            r.optimizer.clone(),
+            r.scaling.clone(),
+            r.beta.to_bits(),
+            r.inputs.clone(),
+            r.site.clone(),
+            r.rank,
+        );
         match r.stat.as_str() {
             "closed_form" => {
                 cf.entry(k).or_default().insert(r.seed, r.value);
@@ -524,7 +638,10 @@ pub fn closed_form_checks(rows: &[MomentRow]) -> Vec<ClosedFormCheck> {
     let mut out = Vec::new();
     for (k, cfs) in cf {
         let Some(mcs) = mc.get(&k) else { continue };
-        let pairs: Vec<(f64, f64)> = cfs.iter().filter_map(|(s, c)| mcs.get(s).map(|m| (*m, *c))).collect();
+        let pairs: Vec<(f64, f64)> = cfs
+            .iter()
+            .filter_map(|(s, c)| mcs.get(s).map(|m| (*m, *c)))
+            .collect();
         if pairs.is_empty() {
             continue;
         }
@@ -553,7 +670,18 @@ pub fn closed_form_checks(rows: &[MomentRow]) -> Vec<ClosedFormCheck> {
 
 /// Trial means with t-intervals of every measured statistic.
 pub fn summarize(rows: &[MomentRow]) -> Vec<SummaryRow> {
-    type K = (String, String, u64, String, u32, u32, u32, String, String, Option<u32>);
+    type K = (
+        String,
+        String,
+        u64,
+        String,
+        u32,
+        u32,
+        u32,
+        String,
+        String,
+        Option<u32>,
+    );
     let mut g: BTreeMap<K, Vec<f64>> = BTreeMap::new();
     for r in rows.iter().filter(|r| !r.stat.starts_with("coef_")) {
         let k = (
@@ -616,11 +744,14 @@ pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
     let mut total = 0.0;
     for &r in &cfg.ranks {
         let r = r as f64;
-        let mut per_layer = (steps + 1.0) * (4.0 * m * d * r + 4.0 * n * d * r) + steps * 4.0 * n * d * r;
+        let mut per_layer =
+            (steps + 1.0) * (4.0 * m * d * r + 4.0 * n * d * r) + steps * 4.0 * n * d * r;
         if cfg.delta_norm {
             per_layer += (steps + 1.0) * 4.0 * d * r * r;
         }
-        let frozen = (cfg.layers.saturating_sub(1)) as f64 * (steps + 1.0) * (2.0 * m * d * d + 2.0 * n * d * d);
+        let frozen = (cfg.layers.saturating_sub(1)) as f64
+            * (steps + 1.0)
+            * (2.0 * m * d * d + 2.0 * n * d * d);
         total += cells_per_rank * (cfg.layers as f64 * per_layer + frozen);
     }
     total

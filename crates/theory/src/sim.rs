@@ -93,7 +93,9 @@ pub(crate) enum Target {
 
 pub(crate) fn rmsnorm(h: &Array2<f32>) -> (Array2<f32>, Array1<f32>) {
     let d = h.ncols() as f32;
-    let rms: Array1<f32> = h.map_axis(Axis(1), |row| (row.iter().map(|v| v * v).sum::<f32>() / d + RMS_EPS).sqrt());
+    let rms: Array1<f32> = h.map_axis(Axis(1), |row| {
+        (row.iter().map(|v| v * v).sum::<f32>() / d + RMS_EPS).sqrt()
+    });
     let mut u = h.clone();
     for (mut row, &r) in u.axis_iter_mut(Axis(0)).zip(rms.iter()) {
         row.mapv_inplace(|v| v / r);
@@ -104,9 +106,15 @@ pub(crate) fn rmsnorm(h: &Array2<f32>) -> (Array2<f32>, Array1<f32>) {
 fn rmsnorm_backward(du: &Array2<f32>, u: &Array2<f32>, rms: &Array1<f32>) -> Array2<f32> {
     let d = u.ncols() as f32;
     let mut dh = du.clone();
-    for ((mut row, urow), &r) in dh.axis_iter_mut(Axis(0)).zip(u.axis_iter(Axis(0))).zip(rms.iter()) {
+    for ((mut row, urow), &r) in dh
+        .axis_iter_mut(Axis(0))
+        .zip(u.axis_iter(Axis(0)))
+        .zip(rms.iter())
+    {
         let dot: f32 = row.iter().zip(urow.iter()).map(|(a, b)| a * b).sum::<f32>() / d;
-        Zip::from(&mut row).and(&urow).for_each(|g, &uu| *g = (*g - uu * dot) / r);
+        Zip::from(&mut row)
+            .and(&urow)
+            .for_each(|g, &uu| *g = (*g - uu * dot) / r);
     }
     dh
 }
@@ -140,10 +148,21 @@ fn act_grad(a: Activation, z: f32) -> f32 {
 
 /// Prepares the cell-independent per-batch values of a trial.
 pub(crate) fn prepare(cfg: &TheoryConfig, data: &TrialData) -> Prepared {
-    let mut out = Prepared { n_train: cfg.batch, x: Vec::new(), u0: Vec::new(), base0: Vec::new(), targets: Vec::new() };
+    let mut out = Prepared {
+        n_train: cfg.batch,
+        x: Vec::new(),
+        u0: Vec::new(),
+        base0: Vec::new(),
+        targets: Vec::new(),
+    };
     for batch in &data.batches {
-        let x = ndarray::concatenate(Axis(0), &[batch.view(), data.heldout.view()]).expect("same width");
-        let u = if cfg.rmsnorm { rmsnorm(&x).0 } else { x.clone() };
+        let x = ndarray::concatenate(Axis(0), &[batch.view(), data.heldout.view()])
+            .expect("same width");
+        let u = if cfg.rmsnorm {
+            rmsnorm(&x).0
+        } else {
+            x.clone()
+        };
         out.base0.push(u.dot(&data.weights[0].t()));
         out.u0.push(u);
         out.targets.push(match cfg.loss {
@@ -156,7 +175,13 @@ pub(crate) fn prepare(cfg: &TheoryConfig, data: &TrialData) -> Prepared {
                         .map(|row| {
                             row.iter()
                                 .enumerate()
-                                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+                                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                                    if v > best.1 {
+                                        (i, v)
+                                    } else {
+                                        best
+                                    }
+                                })
                                 .0
                         })
                         .collect(),
@@ -179,7 +204,10 @@ impl OptState {
         match opt {
             OptimizerKind::Sgd => OptState::Plain,
             OptimizerKind::SgdMomentum => OptState::Momentum(pool::zeros(r, c)),
-            OptimizerKind::Adam | OptimizerKind::Adamw => OptState::Adam { m: pool::zeros(r, c), v: pool::zeros(r, c) },
+            OptimizerKind::Adam | OptimizerKind::Adamw => OptState::Adam {
+                m: pool::zeros(r, c),
+                v: pool::zeros(r, c),
+            },
         }
     }
 
@@ -234,7 +262,9 @@ fn fused_pass(
     };
     let first = t == 1;
     // From a zero state a zero gradient changes nothing (unless weight decay acts).
-    let skip_update = h.is_none_or(|h| first && coef.iter().all(|&v| v == 0.0) && (h.wd == 0.0 || !h.opt.is_adaptive()));
+    let skip_update = h.is_none_or(|h| {
+        first && coef.iter().all(|&v| v == 0.0) && (h.wd == 0.0 || !h.opt.is_adaptive())
+    });
     let (adam_step, bc2_sqrt) = match h {
         Some(h) => {
             let bc1 = 1.0 - (h.beta1 as f64).powi(t);
@@ -243,7 +273,11 @@ fn fused_pass(
         }
         None => (0.0, 1.0),
     };
-    let mut gbuf = if skip_update { Array2::zeros((0, cols)) } else { Array2::<f32>::zeros((BLOCK, cols)) };
+    let mut gbuf = if skip_update {
+        Array2::zeros((0, cols))
+    } else {
+        Array2::<f32>::zeros((BLOCK, cols))
+    };
     for i0 in (0..rows).step_by(BLOCK) {
         let i1 = (i0 + BLOCK).min(rows);
         let cblk = coef.slice(s![.., i0..i1]);
@@ -251,18 +285,23 @@ fn fused_pass(
         if skip_update {
             continue;
         }
-        let (Some(h), Some(state)) = (h, state.as_deref_mut()) else { continue };
+        let (Some(h), Some(state)) = (h, state.as_deref_mut()) else {
+            continue;
+        };
         let mut g = gbuf.slice_mut(s![..i1 - i0, ..]);
         general_mat_mul(1.0, &cblk.t(), &q, 0.0, &mut g);
         let pblk = p.slice_mut(s![i0..i1, ..]);
         match state {
             OptState::Plain => Zip::from(pblk).and(&g).for_each(|pj, &gj| *pj -= h.lr * gj),
             OptState::Momentum(buf) => {
-                Zip::from(pblk).and(buf.slice_mut(s![i0..i1, ..])).and(&g).for_each(|pj, bj, &gj| {
-                    // PyTorch: the first step initialises the buffer with the gradient.
-                    *bj = if first { gj } else { h.momentum * *bj + gj };
-                    *pj -= h.lr * *bj;
-                })
+                Zip::from(pblk)
+                    .and(buf.slice_mut(s![i0..i1, ..]))
+                    .and(&g)
+                    .for_each(|pj, bj, &gj| {
+                        // PyTorch: the first step initialises the buffer with the gradient.
+                        *bj = if first { gj } else { h.momentum * *bj + gj };
+                        *pj -= h.lr * *bj;
+                    })
             }
             OptState::Adam { m, v } => {
                 let decoupled = h.opt == OptimizerKind::Adamw;
@@ -321,7 +360,10 @@ pub fn moments(y: ArrayView2<f32>, max_m: u32) -> (Vec<f64>, Vec<f64>) {
         (a.to_vec(), r.to_vec())
     };
     let k = max_m as usize;
-    (abs[..k].iter().map(|v| v / n).collect(), raw[..k].iter().map(|v| v / n).collect())
+    (
+        abs[..k].iter().map(|v| v / n).collect(),
+        raw[..k].iter().map(|v| v / n).collect(),
+    )
 }
 
 /// Per-thread pool of large buffers: a cell's matrices (up to rank x width each) are taken
@@ -373,7 +415,9 @@ mod pool {
 fn outer_sum_norm_sq(p: ArrayView2<f32>, q: ArrayView2<f32>) -> f64 {
     let gp = p.dot(&p.t());
     let gq = q.dot(&q.t());
-    Zip::from(&gp).and(&gq).fold(0.0f64, |acc, &a, &b| acc + (a as f64) * (b as f64))
+    Zip::from(&gp)
+        .and(&gq)
+        .fold(0.0f64, |acc, &a, &b| acc + (a as f64) * (b as f64))
 }
 
 struct Layer {
@@ -413,7 +457,11 @@ impl Net<'_> {
         let mut h = self.prep.x[idx].clone();
         for (l, layer) in layers.iter().enumerate() {
             let (u, rms, base) = if l == 0 {
-                (self.prep.u0[idx].clone(), None, self.prep.base0[idx].clone())
+                (
+                    self.prep.u0[idx].clone(),
+                    None,
+                    self.prep.base0[idx].clone(),
+                )
             } else {
                 let (u, rms) = if self.cfg.rmsnorm {
                     let (u, r) = rmsnorm(&h);
@@ -444,17 +492,27 @@ impl Net<'_> {
 
     /// Loss of `rows` of stack `idx` and its gradient with respect to those rows of the
     /// output (mean over the rows).
-    fn loss(&self, f: ArrayView2<f32>, idx: usize, rows: std::ops::Range<usize>) -> (f64, Array2<f32>) {
+    fn loss(
+        &self,
+        f: ArrayView2<f32>,
+        idx: usize,
+        rows: std::ops::Range<usize>,
+    ) -> (f64, Array2<f32>) {
         let n = rows.len() as f32;
         let f = f.slice(s![rows.clone(), ..]);
         match &self.prep.targets[idx] {
             Target::Mse(t) => {
                 let diff = &f - &t.slice(s![rows, ..]);
-                let loss = diff.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / (2.0 * n as f64);
+                let loss =
+                    diff.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / (2.0 * n as f64);
                 (loss, diff / n)
             }
             Target::Ce(labels) => {
-                let r = self.data.readout.as_ref().expect("readout drawn for cross-entropy");
+                let r = self
+                    .data
+                    .readout
+                    .as_ref()
+                    .expect("readout drawn for cross-entropy");
                 let mut logits = f.dot(&r.t());
                 let mut loss = 0.0f64;
                 for (mut row, &y) in logits.axis_iter_mut(Axis(0)).zip(&labels[rows]) {
@@ -473,7 +531,12 @@ impl Net<'_> {
 }
 
 /// Runs one cell for `cfg.steps` steps and measures everything.
-pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, cell: &CellSpec) -> CellResult {
+pub(crate) fn run_cell(
+    cfg: &TheoryConfig,
+    data: &TrialData,
+    prep: &Prepared,
+    cell: &CellSpec,
+) -> CellResult {
     let r = cell.rank;
     let d = cfg.width;
     let gamma = rankstab_records::scaling_factor(cfg.alpha, cell.beta, r) as f32;
@@ -486,7 +549,9 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
         .iter()
         .map(|a_max| {
             let mut a = pool::zeros(r, d);
-            Zip::from(&mut a).and(&a_max.slice(s![..r, ..])).for_each(|x, &y| *x = y * std_scale);
+            Zip::from(&mut a)
+                .and(&a_max.slice(s![..r, ..]))
+                .for_each(|x, &y| *x = y * std_scale);
             Layer {
                 a,
                 b: pool::zeros(d, r),
@@ -504,22 +569,42 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
         eps: cfg.adam_eps as f32,
         wd: cfg.weight_decay as f32,
     };
-    let net = Net { cfg, data, prep, gamma };
+    let net = Net {
+        cfg,
+        data,
+        prep,
+        gamma,
+    };
     let max_m = cfg.moments.iter().copied().max().unwrap_or(1);
     let n = prep.n_train;
     let total = prep.x[0].nrows();
     let mut obs = Vec::new();
     let mut losses = Vec::new();
-    let push_moments = |obs: &mut Vec<Obs>, l: usize, t: usize, site: Site, y: ArrayView2<f32>, raw_too: bool| {
-        let (abs, raw) = moments(y, max_m);
-        for &m in &cfg.moments {
-            let k = m as usize - 1;
-            obs.push(Obs { layer: l as u32, step: t as u32, site, stat: "abs", m: Some(m), value: abs[k] });
-            if raw_too {
-                obs.push(Obs { layer: l as u32, step: t as u32, site, stat: "raw", m: Some(m), value: raw[k] });
+    let push_moments =
+        |obs: &mut Vec<Obs>, l: usize, t: usize, site: Site, y: ArrayView2<f32>, raw_too: bool| {
+            let (abs, raw) = moments(y, max_m);
+            for &m in &cfg.moments {
+                let k = m as usize - 1;
+                obs.push(Obs {
+                    layer: l as u32,
+                    step: t as u32,
+                    site,
+                    stat: "abs",
+                    m: Some(m),
+                    value: abs[k],
+                });
+                if raw_too {
+                    obs.push(Obs {
+                        layer: l as u32,
+                        step: t as u32,
+                        site,
+                        stat: "raw",
+                        m: Some(m),
+                        value: raw[k],
+                    });
+                }
             }
-        }
-    };
+        };
     for t in 0..=cfg.steps {
         let idx = match cell.reuse {
             Reuse::Coherent => 0,
@@ -533,7 +618,9 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
             let c = &caches[l];
             let mut v = dh.clone();
             if cfg.activation != Activation::Identity {
-                Zip::from(&mut v).and(c.z.slice(s![..n, ..])).for_each(|g, &z| *g *= act_grad(cfg.activation, z));
+                Zip::from(&mut v)
+                    .and(c.z.slice(s![..n, ..]))
+                    .for_each(|g, &z| *g *= act_grad(cfg.activation, z));
             }
             let ax = c.ax.slice(s![..n, ..]); // gamma A u, training rows
             let u = c.u.slice(s![..n, ..]);
@@ -541,21 +628,53 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
             // products computed before they update. B first: its backward product feeds A's.
             let step = (t < cfg.steps).then_some(t as i32 + 1);
             let layer = &mut layers[l];
-            let mut bv = fused_pass(&mut layer.b, v.view(), ax, step.map(|s| (&hyper, &mut layer.sb, s)));
+            let mut bv = fused_pass(
+                &mut layer.b,
+                v.view(),
+                ax,
+                step.map(|s| (&hyper, &mut layer.sb, s)),
+            );
             bv.mapv_inplace(|x| x * gamma); // gamma v B
-            let g_in = fused_pass(&mut layer.a, bv.view(), u, step.map(|s| (&hyper, &mut layer.sa, s)));
+            let g_in = fused_pass(
+                &mut layer.a,
+                bv.view(),
+                u,
+                step.map(|s| (&hyper, &mut layer.sa, s)),
+            );
             push_moments(&mut obs, l, t, Site::Fwd, c.ad.slice(s![..n, ..]), true);
-            push_moments(&mut obs, l, t, Site::FwdHeldout, c.ad.slice(s![n.., ..]), true);
+            push_moments(
+                &mut obs,
+                l,
+                t,
+                Site::FwdHeldout,
+                c.ad.slice(s![n.., ..]),
+                true,
+            );
             push_moments(&mut obs, l, t, Site::Bwd, g_in.view(), true);
             push_moments(&mut obs, l, t, Site::GradOut, v.view(), false);
             // grad_B = v^T (gamma A u) = sum_n v_n ax_n^T;  grad_A = bv^T u.
-            let param = |stat, value| Obs { layer: l as u32, step: t as u32, site: Site::Param, stat, m: None, value };
-            obs.push(param("grad_norm_a", outer_sum_norm_sq(bv.view(), u).max(0.0).sqrt()));
-            obs.push(param("grad_norm_b", outer_sum_norm_sq(v.view(), ax).max(0.0).sqrt()));
+            let param = |stat, value| Obs {
+                layer: l as u32,
+                step: t as u32,
+                site: Site::Param,
+                stat,
+                m: None,
+                value,
+            };
+            obs.push(param(
+                "grad_norm_a",
+                outer_sum_norm_sq(bv.view(), u).max(0.0).sqrt(),
+            ));
+            obs.push(param(
+                "grad_norm_b",
+                outer_sum_norm_sq(v.view(), ax).max(0.0).sqrt(),
+            ));
             if cfg.delta_norm {
                 let btb = layer.b.t().dot(&layer.b);
                 let aat = layer.a.dot(&layer.a.t());
-                let sq: f64 = Zip::from(&btb).and(&aat).fold(0.0f64, |acc, &x, &y| acc + (x as f64) * (y as f64));
+                let sq: f64 = Zip::from(&btb)
+                    .and(&aat)
+                    .fold(0.0f64, |acc, &x, &y| acc + (x as f64) * (y as f64));
                 obs.push(param("delta_norm", (gamma as f64) * sq.max(0.0).sqrt()));
             }
             if l > 0 {
@@ -566,7 +685,11 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
                     Some(rms) => rmsnorm_backward(&du, &u_full, &rms.slice(s![..n]).to_owned()),
                     None => du,
                 };
-                dh = if cfg.residual { &dh + &through } else { through };
+                dh = if cfg.residual {
+                    &dh + &through
+                } else {
+                    through
+                };
             }
         }
     }
@@ -582,7 +705,12 @@ pub(crate) fn run_cell(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, ce
 /// The frozen network (every B = 0, as at step 0) on stack `idx`: adapter inputs u_l of all
 /// rows and, for the training rows, the loss gradients v_l at every adapter output.
 /// Neither depends on A.
-pub(crate) fn frozen_pass(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared, idx: usize) -> (Vec<Array2<f32>>, Vec<Array2<f32>>) {
+pub(crate) fn frozen_pass(
+    cfg: &TheoryConfig,
+    data: &TrialData,
+    prep: &Prepared,
+    idx: usize,
+) -> (Vec<Array2<f32>>, Vec<Array2<f32>>) {
     let d = cfg.width;
     let layers: Vec<Layer> = (0..cfg.layers)
         .map(|_| Layer {
@@ -592,7 +720,12 @@ pub(crate) fn frozen_pass(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared,
             sb: OptState::Plain,
         })
         .collect();
-    let net = Net { cfg, data, prep, gamma: 0.0 };
+    let net = Net {
+        cfg,
+        data,
+        prep,
+        gamma: 0.0,
+    };
     let n = prep.n_train;
     let (f, caches) = net.forward(&layers, idx);
     let (_, mut dh) = net.loss(f.view(), idx, 0..n);
@@ -601,7 +734,9 @@ pub(crate) fn frozen_pass(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared,
         let c = &caches[l];
         let mut v = dh.clone();
         if cfg.activation != Activation::Identity {
-            Zip::from(&mut v).and(c.z.slice(s![..n, ..])).for_each(|g, &z| *g *= act_grad(cfg.activation, z));
+            Zip::from(&mut v)
+                .and(c.z.slice(s![..n, ..]))
+                .for_each(|g, &z| *g *= act_grad(cfg.activation, z));
         }
         if l > 0 {
             let du = v.dot(&data.weights[l]);
@@ -610,7 +745,11 @@ pub(crate) fn frozen_pass(cfg: &TheoryConfig, data: &TrialData, prep: &Prepared,
                 Some(rms) => rmsnorm_backward(&du, &u_full, &rms.slice(s![..n]).to_owned()),
                 None => du,
             };
-            dh = if cfg.residual { &dh + &through } else { through };
+            dh = if cfg.residual {
+                &dh + &through
+            } else {
+                through
+            };
         }
         vs.push(v);
     }
@@ -630,7 +769,11 @@ mod tests {
             for &z in &[-2.3f32, -0.7, 0.3, 1.9] {
                 let h = 1e-3f32;
                 let fd = (act(a, z + h) - act(a, z - h)) / (2.0 * h);
-                assert!((fd - act_grad(a, z)).abs() < 1e-3, "{a:?} at {z}: fd {fd} vs {}", act_grad(a, z));
+                assert!(
+                    (fd - act_grad(a, z)).abs() < 1e-3,
+                    "{a:?} at {z}: fd {fd} vs {}",
+                    act_grad(a, z)
+                );
             }
         }
     }
@@ -649,7 +792,11 @@ mod tests {
                 p[[i, j]] += eps;
                 m[[i, j]] -= eps;
                 let fd = (loss(&p) - loss(&m)) / (2.0 * eps as f64);
-                assert!((fd - dh[[i, j]] as f64).abs() < 2e-3, "({i},{j}): fd {fd} vs {}", dh[[i, j]]);
+                assert!(
+                    (fd - dh[[i, j]] as f64).abs() < 2e-3,
+                    "({i},{j}): fd {fd} vs {}",
+                    dh[[i, j]]
+                );
             }
         }
     }
@@ -679,26 +826,41 @@ mod tests {
             let n = cfg.batch;
             let gamma = 0.7f32;
             let a0 = data.adapters[0].clone(); // 3 x 12
-            // grad_B0 = gamma v_0^T (A u_0) over the training rows.
+                                               // grad_B0 = gamma v_0^T (A u_0) over the training rows.
             let ax = u[0].slice(s![..n, ..]).dot(&a0.t());
             let grad_b = v[0].t().dot(&ax) * gamma;
             let dir = Array2::from_shape_fn((12, 3), |(i, j)| ((i * 3 + j) % 5) as f32 * 0.1 - 0.2);
             let loss_at = |eps: f32| {
                 let layers: Vec<Layer> = (0..cfg.layers)
                     .map(|l| Layer {
-                        a: if l == 0 { a0.clone() } else { Array2::zeros((3, 12)) },
-                        b: if l == 0 { &dir * eps } else { Array2::zeros((12, 3)) },
+                        a: if l == 0 {
+                            a0.clone()
+                        } else {
+                            Array2::zeros((3, 12))
+                        },
+                        b: if l == 0 {
+                            &dir * eps
+                        } else {
+                            Array2::zeros((12, 3))
+                        },
                         sa: OptState::Plain,
                         sb: OptState::Plain,
                     })
                     .collect();
-                let net = Net { cfg: &cfg, data: &data, prep: &prep, gamma };
+                let net = Net {
+                    cfg: &cfg,
+                    data: &data,
+                    prep: &prep,
+                    gamma,
+                };
                 let (f, _) = net.forward(&layers, 0);
                 net.loss(f.view(), 0, 0..n).0
             };
             let eps = 1e-2f32;
             let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
-            let analytic: f64 = Zip::from(&grad_b).and(&dir).fold(0.0, |acc, &g, &d| acc + (g * d) as f64);
+            let analytic: f64 = Zip::from(&grad_b)
+                .and(&dir)
+                .fold(0.0, |acc, &g, &d| acc + (g * d) as f64);
             assert!(
                 (fd - analytic).abs() < 1e-3 * (1.0 + analytic.abs()),
                 "{loss:?}: finite difference {fd} vs analytic {analytic}"

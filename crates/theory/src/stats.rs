@@ -34,12 +34,22 @@ pub fn mean_ci(x: &[f64]) -> MeanCi {
     let n = x.len();
     let mean = x.iter().sum::<f64>() / n.max(1) as f64;
     if n < 2 {
-        return MeanCi { mean, se: f64::NAN, low: f64::NEG_INFINITY, high: f64::INFINITY };
+        return MeanCi {
+            mean,
+            se: f64::NAN,
+            low: f64::NEG_INFINITY,
+            high: f64::INFINITY,
+        };
     }
     let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
     let se = (var / n as f64).sqrt();
     let h = t_quantile(n - 1) * se;
-    MeanCi { mean, se, low: mean - h, high: mean + h }
+    MeanCi {
+        mean,
+        se,
+        low: mean - h,
+        high: mean + h,
+    }
 }
 
 /// Ordinary least-squares slope of y on x.
@@ -115,9 +125,12 @@ pub fn fit_slope(ranks: &[usize], values: &[Vec<f64>]) -> Option<SlopeFit> {
     let log_r: Vec<f64> = ranks.iter().map(|&r| (r as f64).ln()).collect();
     let slope = log_mean_slope(&log_r, values, None);
     let (se, df) = if trials >= 2 {
-        let loo: Vec<f64> = (0..trials).map(|k| log_mean_slope(&log_r, values, Some(k))).collect();
+        let loo: Vec<f64> = (0..trials)
+            .map(|k| log_mean_slope(&log_r, values, Some(k)))
+            .collect();
         let m = loo.iter().sum::<f64>() / trials as f64;
-        let var = loo.iter().map(|s| (s - m).powi(2)).sum::<f64>() * (trials - 1) as f64 / trials as f64;
+        let var =
+            loo.iter().map(|s| (s - m).powi(2)).sum::<f64>() * (trials - 1) as f64 / trials as f64;
         (var.sqrt(), trials - 1)
     } else if ranks.len() >= 3 {
         let y: Vec<f64> = values.iter().map(|v| v[0].ln()).collect();
@@ -125,14 +138,27 @@ pub fn fit_slope(ranks: &[usize], values: &[Vec<f64>]) -> Option<SlopeFit> {
         let mx = log_r.iter().sum::<f64>() / n;
         let my = y.iter().sum::<f64>() / n;
         let intercept = my - slope * mx;
-        let rss: f64 = log_r.iter().zip(&y).map(|(x, y)| (y - intercept - slope * x).powi(2)).sum();
+        let rss: f64 = log_r
+            .iter()
+            .zip(&y)
+            .map(|(x, y)| (y - intercept - slope * x).powi(2))
+            .sum();
         let sxx: f64 = log_r.iter().map(|x| (x - mx).powi(2)).sum();
         ((rss / (n - 2.0) / sxx).sqrt(), ranks.len() - 2)
     } else {
         (f64::NAN, 0)
     };
-    let h = if se.is_finite() { t_quantile(df) * se } else { f64::INFINITY };
-    Some(SlopeFit { slope, se, ci_low: slope - h, ci_high: slope + h })
+    let h = if se.is_finite() {
+        t_quantile(df) * se
+    } else {
+        f64::INFINITY
+    };
+    Some(SlopeFit {
+        slope,
+        se,
+        ci_low: slope - h,
+        ci_high: slope + h,
+    })
 }
 
 /// Verdict for a rank exponent: within `tol` of 0 is stable.

@@ -14,10 +14,19 @@ use rankstab_theory::{
 const LAW_TOL_PER_M: f64 = 0.08;
 
 fn rows_for(cfg: &TheoryConfig) -> Vec<MomentRow> {
-    (0..cfg.trials).flat_map(|t| trial_rows(cfg, t).expect("valid config").0).collect()
+    (0..cfg.trials)
+        .flat_map(|t| trial_rows(cfg, t).expect("valid config").0)
+        .collect()
 }
 
-fn coherent_cfg(width: usize, seed: u64, opt: OptimizerKind, beta: f64, lr: f64, m: u32) -> TheoryConfig {
+fn coherent_cfg(
+    width: usize,
+    seed: u64,
+    opt: OptimizerKind,
+    beta: f64,
+    lr: f64,
+    m: u32,
+) -> TheoryConfig {
     TheoryConfig {
         width,
         ranks: vec![16, 32, 64, 128],
@@ -160,7 +169,12 @@ fn verdicts_for_lora_rslora_constant_under_sgd() {
     };
     assert_eq!(verdict("rslora").0, "stable", "{:?}", verdict("rslora"));
     assert_eq!(verdict("lora").0, "collapsing", "{:?}", verdict("lora"));
-    assert_eq!(verdict("constant").0, "exploding", "{:?}", verdict("constant"));
+    assert_eq!(
+        verdict("constant").0,
+        "exploding",
+        "{:?}",
+        verdict("constant")
+    );
 }
 
 /// The same seed gives bitwise identical numbers with 1 and with 2 threads.
@@ -173,7 +187,12 @@ fn same_seed_same_bits_with_one_and_two_threads() {
         rmsnorm: true,
         residual: true,
         activation: rankstab_theory::Activation::Gelu,
-        optimizers: vec![OptimizerKind::Sgd, OptimizerKind::SgdMomentum, OptimizerKind::Adam, OptimizerKind::Adamw],
+        optimizers: vec![
+            OptimizerKind::Sgd,
+            OptimizerKind::SgdMomentum,
+            OptimizerKind::Adam,
+            OptimizerKind::Adamw,
+        ],
         weight_decay: 0.01,
         dist: "low-rank:4".into(),
         steps: 3,

@@ -19,13 +19,24 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn status_mb(field: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim_start_matches(':').split_whitespace().next()?.parse::<f64>().ok()))
+        .find_map(|l| {
+            l.strip_prefix(field).and_then(|r| {
+                r.trim_start_matches(':')
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
@@ -48,13 +59,24 @@ struct Measure {
     peak_rss_forward_mb: f64,
 }
 
-fn rust_side(path: &Path, batch: usize, context: usize, reps: usize, threads: usize) -> Result<Measure, String> {
+fn rust_side(
+    path: &Path,
+    batch: usize,
+    context: usize,
+    reps: usize,
+    threads: usize,
+) -> Result<Measure, String> {
     tch::set_num_threads(threads as i32);
     let t0 = Instant::now();
-    let model = rankstab_train::gguf::load_llama(path, Kind::Float, Device::Cpu).map_err(|e| e.to_string())?;
+    let model = rankstab_train::gguf::load_llama(path, Kind::Float, Device::Cpu)
+        .map_err(|e| e.to_string())?;
     let load_s = t0.elapsed().as_secs_f64();
     tch::manual_seed(0);
-    let ids = Tensor::randint(model.config.vocab_size, [batch as i64, context as i64], (Kind::Int64, Device::Cpu));
+    let ids = Tensor::randint(
+        model.config.vocab_size,
+        [batch as i64, context as i64],
+        (Kind::Int64, Device::Cpu),
+    );
     let mut times = Vec::with_capacity(reps);
     let (rss_loaded, peak) = tch::no_grad(|| {
         let _ = model.forward(&ids, false); // warm-up
@@ -83,14 +105,23 @@ fn rust_side(path: &Path, batch: usize, context: usize, reps: usize, threads: us
     })
 }
 
-fn python_side(path: &Path, batch: usize, context: usize, reps: usize, threads: usize) -> Result<Measure, String> {
+fn python_side(
+    path: &Path,
+    batch: usize,
+    context: usize,
+    reps: usize,
+    threads: usize,
+) -> Result<Measure, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/forward_transformers.py");
     let python = std::env::var("RANKSTAB_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut cmd = Command::new(&python);
     if let Ok(pp) = std::env::var("RANKSTAB_PYTHONPATH") {
         cmd.env("PYTHONPATH", pp);
     }
-    let probe = cmd.args(["-c", "import torch, transformers, gguf"]).output().map_err(|e| format!("{python}: {e}"))?;
+    let probe = cmd
+        .args(["-c", "import torch, transformers, gguf"])
+        .output()
+        .map_err(|e| format!("{python}: {e}"))?;
     if !probe.status.success() {
         return Err(format!(
             "torch, transformers or gguf cannot be imported by {python} (set RANKSTAB_PYTHONPATH): {}",
@@ -111,10 +142,17 @@ fn python_side(path: &Path, batch: usize, context: usize, reps: usize, threads: 
         .output()
         .map_err(|e| format!("{python}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("transformers run failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "transformers run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).ok_or("no JSON from the transformers run")?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or("no JSON from the transformers run")?;
     serde_json::from_str(line).map_err(|e| format!("transformers output {line:?}: {e}"))
 }
 
@@ -134,13 +172,24 @@ fn main() {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets"));
     let path = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {
-        println!("forward: SKIPPED: {} is absent; run scripts/fetch-assets.sh", path.display());
+        println!(
+            "forward: SKIPPED: {} is absent; run scripts/fetch-assets.sh",
+            path.display()
+        );
         return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let batch = env_usize("RANKSTAB_BENCH_BATCH", 1);
-    let context = if smoke { 16 } else { env_usize("RANKSTAB_BENCH_CONTEXT", 256) };
-    let reps = if smoke { 1 } else { env_usize("RANKSTAB_BENCH_REPS", 5).max(1) };
+    let context = if smoke {
+        16
+    } else {
+        env_usize("RANKSTAB_BENCH_CONTEXT", 256)
+    };
+    let reps = if smoke {
+        1
+    } else {
+        env_usize("RANKSTAB_BENCH_REPS", 5).max(1)
+    };
     let threads = env_usize("RANKSTAB_BENCH_THREADS", cores);
     println!("SmolLM2-135M f32 CPU forward: batch {batch}, context {context}, {reps} repetitions, {threads} threads");
     let ours = match rust_side(&path, batch, context, reps, threads) {
@@ -174,6 +223,9 @@ fn main() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/rankstab-bench");
     if std::fs::create_dir_all(&out).is_ok() {
         let v = serde_json::json!({ "rankstab": ours, "transformers": theirs });
-        let _ = std::fs::write(out.join("forward.json"), serde_json::to_string_pretty(&v).unwrap_or_default());
+        let _ = std::fs::write(
+            out.join("forward.json"),
+            serde_json::to_string_pretty(&v).unwrap_or_default(),
+        );
     }
 }

@@ -19,7 +19,8 @@ pub fn load_cuda_backend() -> Result<(), String> {
     }
     let mut errors = Vec::new();
     for name in &tried {
-        let c = CString::new(name.as_str()).map_err(|_| format!("{name}: path contains a NUL byte"))?;
+        let c =
+            CString::new(name.as_str()).map_err(|_| format!("{name}: path contains a NUL byte"))?;
         // SAFETY: `c` is a valid NUL-terminated string that outlives the call; dlopen has no
         // other preconditions. The handle is deliberately never closed: the library must
         // stay loaded for libtorch's CUDA backend to remain registered. dlerror returns
@@ -55,9 +56,16 @@ pub fn parse_device(name: &str) -> Result<Device, TrainError> {
     let index = match name {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
-        other => match other.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+        {
             Some(i) => i,
-            None => return Err(TrainError::Invalid(format!("device {other:?} is not known: use cpu or cuda (or cuda:N)"))),
+            None => {
+                return Err(TrainError::Invalid(format!(
+                    "device {other:?} is not known: use cpu or cuda (or cuda:N)"
+                )))
+            }
         },
     };
     if !tch::Cuda::is_available() {
@@ -75,7 +83,9 @@ pub fn parse_device(name: &str) -> Result<Device, TrainError> {
         )));
     }
     if index as i64 >= n {
-        return Err(TrainError::Invalid(format!("device {name:?} was asked for, but only {n} CUDA device(s) are visible")));
+        return Err(TrainError::Invalid(format!(
+            "device {name:?} was asked for, but only {n} CUDA device(s) are visible"
+        )));
     }
     Ok(Device::Cuda(index))
 }

@@ -15,7 +15,12 @@ pub fn chat_prompt(loaded: &Loaded, user: &str) -> Result<String, TrainError> {
     let Some(template) = &loaded.chat_template else {
         return Ok(user.to_string());
     };
-    render_chat(template, user, loaded.bos_token.as_deref(), loaded.eos_token.as_deref())
+    render_chat(
+        template,
+        user,
+        loaded.bos_token.as_deref(),
+        loaded.eos_token.as_deref(),
+    )
 }
 
 /// Renders a Hugging Face chat template for one user message.
@@ -28,12 +33,23 @@ pub fn chat_prompt(loaded: &Loaded, user: &str) -> Result<String, TrainError> {
 /// let p = rankstab_train::generate::render_chat(t, "hi", None, None).unwrap();
 /// assert_eq!(p, "<user>hi<assistant>");
 /// ```
-pub fn render_chat(template: &str, user: &str, bos: Option<&str>, eos: Option<&str>) -> Result<String, TrainError> {
+pub fn render_chat(
+    template: &str,
+    user: &str,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> Result<String, TrainError> {
     let bad = |e: minijinja::Error| TrainError::Invalid(format!("chat template: {e}"));
     let mut env = minijinja::Environment::new();
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_template("chat", template).map_err(bad)?;
     let ctx = minijinja::context! {
         messages => vec![minijinja::context! { role => "user", content => user }],
@@ -41,7 +57,9 @@ pub fn render_chat(template: &str, user: &str, bos: Option<&str>, eos: Option<&s
         bos_token => bos.unwrap_or(""),
         eos_token => eos.unwrap_or(""),
     };
-    env.get_template("chat").and_then(|t| t.render(ctx)).map_err(bad)
+    env.get_template("chat")
+        .and_then(|t| t.render(ctx))
+        .map_err(bad)
 }
 
 /// Greedy continuation of `prompt` ids: at most `max_tokens` new ids, stopping after any id
@@ -49,7 +67,13 @@ pub fn render_chat(template: &str, user: &str, bos: Option<&str>, eos: Option<&s
 ///
 /// # Errors
 /// An empty prompt.
-pub fn greedy(model: &CausalLm, prompt: &[i64], max_tokens: usize, stop: &[i64], device: Device) -> Result<Vec<i64>, TrainError> {
+pub fn greedy(
+    model: &CausalLm,
+    prompt: &[i64],
+    max_tokens: usize,
+    stop: &[i64],
+    device: Device,
+) -> Result<Vec<i64>, TrainError> {
     if prompt.is_empty() {
         return Err(TrainError::Invalid("the prompt has no tokens".into()));
     }
@@ -57,8 +81,13 @@ pub fn greedy(model: &CausalLm, prompt: &[i64], max_tokens: usize, stop: &[i64],
     let mut out = Vec::new();
     tch::no_grad(|| {
         for _ in 0..max_tokens {
-            let t = Tensor::from_slice(&ids).view([1, ids.len() as i64]).to_device(device);
-            let logits = model.forward(&t, false).select(1, ids.len() as i64 - 1).to_kind(Kind::Float);
+            let t = Tensor::from_slice(&ids)
+                .view([1, ids.len() as i64])
+                .to_device(device);
+            let logits = model
+                .forward(&t, false)
+                .select(1, ids.len() as i64 - 1)
+                .to_kind(Kind::Float);
             let next = logits.argmax(-1, false).int64_value(&[0]);
             ids.push(next);
             out.push(next);
@@ -75,7 +104,12 @@ pub fn greedy(model: &CausalLm, prompt: &[i64], max_tokens: usize, stop: &[i64],
 ///
 /// # Errors
 /// See [`chat_prompt`], [`greedy`], tokenizer errors.
-pub fn answer(loaded: &Loaded, user: &str, max_tokens: usize, device: Device) -> Result<String, TrainError> {
+pub fn answer(
+    loaded: &Loaded,
+    user: &str,
+    max_tokens: usize,
+    device: Device,
+) -> Result<String, TrainError> {
     let prompt = chat_prompt(loaded, user)?;
     let ids = loaded.tokenizer.encode(&prompt)?;
     let new = greedy(&loaded.model, &ids, max_tokens, &loaded.eos_ids, device)?;

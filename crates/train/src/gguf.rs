@@ -170,11 +170,13 @@ impl GgmlType {
 /// ggml's name for a type id (for error messages about types this reader lacks).
 pub fn ggml_type_name(id: u32) -> String {
     let names = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-        "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16",
-        "I32", "I64", "F64", "IQ1_M", "BF16",
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
+        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
-    names.get(id as usize).map_or_else(|| format!("type {id}"), |n| (*n).to_string())
+    names
+        .get(id as usize)
+        .map_or_else(|| format!("type {id}"), |n| (*n).to_string())
 }
 
 /// One entry of the tensor directory.
@@ -242,7 +244,9 @@ impl<R: Read> Cursor<R> {
             return Err(self.truncated(what));
         }
         let mut buf = vec![0u8; n as usize];
-        self.inner.read_exact(&mut buf).map_err(|_| self.truncated(what))?;
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|_| self.truncated(what))?;
         self.pos += n;
         Ok(buf)
     }
@@ -252,7 +256,9 @@ impl<R: Read> Cursor<R> {
         if (N as u64) > self.len.saturating_sub(self.pos) {
             return Err(self.truncated(what));
         }
-        self.inner.read_exact(&mut buf).map_err(|_| self.truncated(what))?;
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|_| self.truncated(what))?;
         self.pos += N as u64;
         Ok(buf)
     }
@@ -268,8 +274,13 @@ impl<R: Read> Cursor<R> {
     fn string(&mut self, what: &str) -> Result<String, TrainError> {
         let n = self.u64(what)?;
         let b = self.bytes(n, what)?;
-        String::from_utf8(b)
-            .map_err(|_| TrainError::Invalid(format!("{}: GGUF {what} is not UTF-8 (byte {})", self.path.display(), self.pos)))
+        String::from_utf8(b).map_err(|_| {
+            TrainError::Invalid(format!(
+                "{}: GGUF {what} is not UTF-8 (byte {})",
+                self.path.display(),
+                self.pos
+            ))
+        })
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value, TrainError> {
@@ -285,7 +296,10 @@ impl<R: Read> Cursor<R> {
             8 => Value::String(self.string(key)?),
             9 => {
                 if depth > 2 {
-                    return Err(TrainError::Invalid(format!("{}: GGUF key {key}: arrays nested too deep", self.path.display())));
+                    return Err(TrainError::Invalid(format!(
+                        "{}: GGUF key {key}: arrays nested too deep",
+                        self.path.display()
+                    )));
                 }
                 let elem = self.u32(key)?;
                 let n = self.u64(key)?;
@@ -314,7 +328,10 @@ impl<R: Read> Cursor<R> {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl GgufFile {
@@ -326,14 +343,25 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, TrainError> {
         let file = File::open(path).map_err(io_err(path))?;
         let len = file.metadata().map_err(io_err(path))?.len();
-        let mut c = Cursor { inner: BufReader::new(file), pos: 0, len, path: path.to_path_buf() };
+        let mut c = Cursor {
+            inner: BufReader::new(file),
+            pos: 0,
+            len,
+            path: path.to_path_buf(),
+        };
         let magic = c.array::<4>("the magic number")?;
         if &magic != MAGIC {
-            return Err(TrainError::Invalid(format!("{}: not a GGUF file (magic {magic:?})", path.display())));
+            return Err(TrainError::Invalid(format!(
+                "{}: not a GGUF file (magic {magic:?})",
+                path.display()
+            )));
         }
         let version = c.u32("the version")?;
         if !(2..=3).contains(&version) {
-            return Err(TrainError::Invalid(format!("{}: GGUF version {version} is not supported (2 or 3)", path.display())));
+            return Err(TrainError::Invalid(format!(
+                "{}: GGUF version {version} is not supported (2 or 3)",
+                path.display()
+            )));
         }
         let n_tensors = c.u64("the tensor count")?;
         let n_kv = c.u64("the metadata count")?;
@@ -352,7 +380,10 @@ impl GgufFile {
             let name = c.string("a tensor name")?;
             let n_dims = c.u32(&name)?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(TrainError::Invalid(format!("{}: tensor {name} has {n_dims} dimensions", path.display())));
+                return Err(TrainError::Invalid(format!(
+                    "{}: tensor {name} has {n_dims} dimensions",
+                    path.display()
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -360,11 +391,27 @@ impl GgufFile {
             }
             let type_id = c.u32(&name)?;
             let offset = c.u64(&name)?;
-            tensors.push(TensorInfo { name, dims, type_id, offset });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                type_id,
+                offset,
+            });
         }
-        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(DEFAULT_ALIGNMENT).max(1);
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_ALIGNMENT)
+            .max(1);
         let data_start = c.pos.div_ceil(alignment) * alignment;
-        let this = Self { path: path.to_path_buf(), version, metadata, tensors, data_start, file_len: len };
+        let this = Self {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            data_start,
+            file_len: len,
+        };
         for t in &this.tensors {
             // Checked here so that a truncated file fails at open, naming the tensor.
             let (start, n) = this.byte_range(t)?;
@@ -408,11 +455,20 @@ impl GgufFile {
                 ggml_type_name(t.type_id)
             )));
         }
-        let len = (n / per_block).checked_mul(bytes).ok_or_else(|| TrainError::Invalid(format!("{}: tensor {} is too large", self.path.display(), t.name)))?;
-        let start = self
-            .data_start
-            .checked_add(t.offset)
-            .ok_or_else(|| TrainError::Invalid(format!("{}: tensor {} has a corrupt offset", self.path.display(), t.name)))?;
+        let len = (n / per_block).checked_mul(bytes).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "{}: tensor {} is too large",
+                self.path.display(),
+                t.name
+            ))
+        })?;
+        let start = self.data_start.checked_add(t.offset).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "{}: tensor {} has a corrupt offset",
+                self.path.display(),
+                t.name
+            ))
+        })?;
         Ok((start, len))
     }
 
@@ -429,7 +485,11 @@ impl GgufFile {
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| self.unsupported(t))?;
         let (start, len) = self.byte_range(t)?;
         if start + len > self.file_len {
-            return Err(TrainError::Invalid(format!("{}: truncated GGUF file at tensor {}", self.path.display(), t.name)));
+            return Err(TrainError::Invalid(format!(
+                "{}: truncated GGUF file at tensor {}",
+                self.path.display(),
+                t.name
+            )));
         }
         let mut f = File::open(&self.path).map_err(io_err(&self.path))?;
         f.seek(SeekFrom::Start(start)).map_err(io_err(&self.path))?;
@@ -438,7 +498,10 @@ impl GgufFile {
         let values = dequantize(ty, &raw, t.numel() as usize);
         Tensor::from_slice(&values)
             .f_reshape(t.shape())
-            .map_err(|source| TrainError::Torch { context: format!("reshaping tensor {}", t.name), source })
+            .map_err(|source| TrainError::Torch {
+                context: format!("reshaping tensor {}", t.name),
+                source,
+            })
     }
 }
 
@@ -471,9 +534,18 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     let (_, bytes) = ty.block();
     match ty {
-        GgmlType::F32 => out.extend(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        GgmlType::F16 => out.extend(raw.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))),
-        GgmlType::Bf16 => out.extend(raw.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))),
+        GgmlType::F32 => out.extend(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        GgmlType::F16 => out.extend(
+            raw.chunks_exact(2)
+                .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
+        ),
+        GgmlType::Bf16 => out.extend(
+            raw.chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
+        ),
         GgmlType::Q8_0 => {
             for b in raw.chunks_exact(bytes as usize) {
                 let d = f16_at(b, 0);
@@ -484,7 +556,11 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Vec<f32> {
             let off = if ty == GgmlType::Q4_0 { 2 } else { 4 };
             for b in raw.chunks_exact(bytes as usize) {
                 let d = f16_at(b, 0);
-                let (m, shift) = if ty == GgmlType::Q4_0 { (0.0, 8.0) } else { (f16_at(b, 2), 0.0) };
+                let (m, shift) = if ty == GgmlType::Q4_0 {
+                    (0.0, 8.0)
+                } else {
+                    (f16_at(b, 2), 0.0)
+                };
                 let qs = &b[off..off + 16];
                 out.extend(qs.iter().map(|&q| (f32::from(q & 0x0f) - shift) * d + m));
                 out.extend(qs.iter().map(|&q| (f32::from(q >> 4) - shift) * d + m));
@@ -495,7 +571,11 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Vec<f32> {
             let off = if q50 { 2 } else { 4 };
             for b in raw.chunks_exact(bytes as usize) {
                 let d = f16_at(b, 0);
-                let (m, shift) = if q50 { (0.0, 16.0) } else { (f16_at(b, 2), 0.0) };
+                let (m, shift) = if q50 {
+                    (0.0, 16.0)
+                } else {
+                    (f16_at(b, 2), 0.0)
+                };
                 let qh = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
                 let qs = &b[off + 4..off + 20];
                 for (j, &q) in qs.iter().enumerate() {
@@ -573,11 +653,15 @@ pub fn unpermute_rows(w: &Tensor, heads: i64) -> Result<Tensor, tch::TchError> {
     let out = s.first().copied().unwrap_or(0);
     let rest: Vec<i64> = s.iter().skip(1).copied().collect();
     if heads <= 0 || out % (2 * heads) != 0 {
-        return Err(tch::TchError::Shape(format!("{out} rows do not split into {heads} heads of an even size")));
+        return Err(tch::TchError::Shape(format!(
+            "{out} rows do not split into {heads} heads of an even size"
+        )));
     }
     let mut split = vec![heads, out / heads / 2, 2];
     split.extend(&rest);
-    w.f_reshape(split.as_slice())?.f_transpose(1, 2)?.f_reshape(s.as_slice())
+    w.f_reshape(split.as_slice())?
+        .f_transpose(1, 2)?
+        .f_reshape(s.as_slice())
 }
 
 /// The Hugging Face name of a llama.cpp tensor name of the llama architecture.
@@ -609,10 +693,12 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 
 impl GgufFile {
     fn meta_u64(&self, key: &str) -> Result<u64, TrainError> {
-        self.get(key).and_then(Value::as_u64).ok_or_else(|| TrainError::Config {
-            path: self.path.clone(),
-            message: format!("GGUF metadata {key} is missing or not an integer"),
-        })
+        self.get(key)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| TrainError::Config {
+                path: self.path.clone(),
+                message: format!("GGUF metadata {key} is missing or not an integer"),
+            })
     }
 
     /// The runtime Llama configuration from the `llama.*` metadata.
@@ -620,27 +706,51 @@ impl GgufFile {
     /// # Errors
     /// Another architecture, missing keys, sizes that do not fit together.
     pub fn llama_config(&self) -> Result<llama::Config, TrainError> {
-        let bad = |message: String| TrainError::Config { path: self.path.clone(), message };
-        let arch = self.get("general.architecture").and_then(Value::as_str).unwrap_or("");
+        let bad = |message: String| TrainError::Config {
+            path: self.path.clone(),
+            message,
+        };
+        let arch = self
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if arch != "llama" {
-            return Err(bad(format!("GGUF general.architecture is {arch:?}; only \"llama\" is supported")));
+            return Err(bad(format!(
+                "GGUF general.architecture is {arch:?}; only \"llama\" is supported"
+            )));
         }
         let hidden = self.meta_u64("llama.embedding_length")? as i64;
         let heads = self.meta_u64("llama.attention.head_count")? as i64;
-        let kv = self.get("llama.attention.head_count_kv").and_then(Value::as_u64).map_or(heads, |v| v as i64);
+        let kv = self
+            .get("llama.attention.head_count_kv")
+            .and_then(Value::as_u64)
+            .map_or(heads, |v| v as i64);
         let layers = self.meta_u64("llama.block_count")? as usize;
         let ffn = self.meta_u64("llama.feed_forward_length")? as i64;
         if heads <= 0 || kv <= 0 || heads % kv != 0 || hidden % heads != 0 {
-            return Err(bad(format!("GGUF heads {heads} / kv heads {kv} / width {hidden} do not fit together")));
+            return Err(bad(format!(
+                "GGUF heads {heads} / kv heads {kv} / width {hidden} do not fit together"
+            )));
         }
-        let head_dim = self.get("llama.attention.key_length").and_then(Value::as_u64).map_or(hidden / heads, |v| v as i64);
+        let head_dim = self
+            .get("llama.attention.key_length")
+            .and_then(Value::as_u64)
+            .map_or(hidden / heads, |v| v as i64);
         let embed = self
             .info("token_embd.weight")
-            .ok_or_else(|| TrainError::MissingTensor { path: self.path.clone(), name: "token_embd.weight".into() })?;
-        let vocab = self.get("llama.vocab_size").and_then(Value::as_u64).map_or_else(|| embed.shape()[0], |v| v as i64);
+            .ok_or_else(|| TrainError::MissingTensor {
+                path: self.path.clone(),
+                name: "token_embd.weight".into(),
+            })?;
+        let vocab = self
+            .get("llama.vocab_size")
+            .and_then(Value::as_u64)
+            .map_or_else(|| embed.shape()[0], |v| v as i64);
         if let Some(s) = self.get("llama.rope.scaling.type").and_then(Value::as_str) {
             if s != "none" {
-                return Err(bad(format!("GGUF llama.rope.scaling.type {s:?} is not supported (only the default RoPE)")));
+                return Err(bad(format!(
+                    "GGUF llama.rope.scaling.type {s:?} is not supported (only the default RoPE)"
+                )));
             }
         }
         Ok(llama::Config {
@@ -651,12 +761,21 @@ impl GgufFile {
             num_heads: heads,
             num_kv_heads: kv,
             head_dim,
-            rms_norm_eps: self.get("llama.attention.layer_norm_rms_epsilon").and_then(Value::as_f64).unwrap_or(1e-5),
-            rope_theta: self.get("llama.rope.freq_base").and_then(Value::as_f64).unwrap_or(10_000.0),
+            rms_norm_eps: self
+                .get("llama.attention.layer_norm_rms_epsilon")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-5),
+            rope_theta: self
+                .get("llama.rope.freq_base")
+                .and_then(Value::as_f64)
+                .unwrap_or(10_000.0),
             tie_word_embeddings: self.info("output.weight").is_none(),
             attention_bias: self.info("blk.0.attn_q.bias").is_some(),
             mlp_bias: self.info("blk.0.ffn_up.bias").is_some(),
-            max_position_embeddings: self.get("llama.context_length").and_then(Value::as_u64).unwrap_or(4096) as usize,
+            max_position_embeddings: self
+                .get("llama.context_length")
+                .and_then(Value::as_u64)
+                .unwrap_or(4096) as usize,
         })
     }
 
@@ -665,11 +784,18 @@ impl GgufFile {
     ///
     /// # Errors
     /// A tensor name this reader does not know, unsupported quantization, unreadable data.
-    pub fn hf_tensors(&self, config: &llama::Config) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    pub fn hf_tensors(
+        &self,
+        config: &llama::Config,
+    ) -> Result<BTreeMap<String, Tensor>, TrainError> {
         let mut out = BTreeMap::new();
         for t in &self.tensors {
             let name = hf_name(&t.name).ok_or_else(|| {
-                TrainError::Invalid(format!("{}: GGUF tensor {} has no Hugging Face llama counterpart", self.path.display(), t.name))
+                TrainError::Invalid(format!(
+                    "{}: GGUF tensor {} has no Hugging Face llama counterpart",
+                    self.path.display(),
+                    t.name
+                ))
             })?;
             let mut w = self.read_f32(t)?;
             // q rows are permuted per query head, k rows per key/value head (llama.cpp's
@@ -710,18 +836,27 @@ pub fn load_llama(path: &Path, kind: Kind, device: Device) -> Result<Llama, Trai
 
 /// The token strings of the GGUF vocabulary.
 fn tokens(file: &GgufFile) -> Result<Vec<&str>, TrainError> {
-    let bad = |m: &str| TrainError::Config { path: file.path.clone(), message: m.to_string() };
+    let bad = |m: &str| TrainError::Config {
+        path: file.path.clone(),
+        message: m.to_string(),
+    };
     file.get("tokenizer.ggml.tokens")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("GGUF has no tokenizer.ggml.tokens"))?
         .iter()
-        .map(|v| v.as_str().ok_or_else(|| bad("GGUF tokenizer.ggml.tokens holds a non-string")))
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| bad("GGUF tokenizer.ggml.tokens holds a non-string"))
+        })
         .collect()
 }
 
 /// llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 fn token_types(file: &GgufFile, n: usize) -> Vec<i64> {
-    match file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+    match file
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+    {
         Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect(),
         _ => vec![1; n],
     }
@@ -749,14 +884,22 @@ fn added_token(id: usize, content: &str, special: bool) -> serde_json::Value {
 /// # Errors
 /// Missing tokenizer metadata, an unsupported tokenizer model or pre-tokenizer.
 pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> {
-    let bad = |m: String| TrainError::Config { path: file.path.clone(), message: m };
-    let model = file.get("tokenizer.ggml.model").and_then(Value::as_str).ok_or_else(|| bad("GGUF has no tokenizer.ggml.model".into()))?;
+    let bad = |m: String| TrainError::Config {
+        path: file.path.clone(),
+        message: m,
+    };
+    let model = file
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("GGUF has no tokenizer.ggml.model".into()))?;
     let toks = tokens(file)?;
     let types = token_types(file, toks.len());
     let mut vocab = serde_json::Map::new();
     for (i, t) in toks.iter().enumerate() {
         // Duplicate strings (rare, unused slots) keep their first id, as llama.cpp's map does.
-        vocab.entry(t.to_string()).or_insert(serde_json::Value::from(i));
+        vocab
+            .entry(t.to_string())
+            .or_insert(serde_json::Value::from(i));
     }
     let added: Vec<serde_json::Value> = toks
         .iter()
@@ -772,9 +915,16 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
                 .and_then(Value::as_array)
                 .ok_or_else(|| bad("GGUF gpt2 tokenizer has no tokenizer.ggml.merges".into()))?
                 .iter()
-                .map(|v| v.as_str().map(serde_json::Value::from).ok_or_else(|| bad("GGUF merges hold a non-string".into())))
+                .map(|v| {
+                    v.as_str()
+                        .map(serde_json::Value::from)
+                        .ok_or_else(|| bad("GGUF merges hold a non-string".into()))
+                })
                 .collect::<Result<_, _>>()?;
-            let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let pre = file
+                .get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             let digits = match pre {
                 "default" | "gpt-2" | "gpt2" => false,
                 "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => true,
@@ -787,9 +937,15 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
             Ok(byte_level_bpe_json(vocab, merges, added, digits))
         }
         "llama" => {
-            let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-                Some(a) if a.len() == toks.len() => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
-                _ => return Err(bad("GGUF llama tokenizer has no tokenizer.ggml.scores of the vocabulary's length".into())),
+            let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array)
+            {
+                Some(a) if a.len() == toks.len() => {
+                    a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect()
+                }
+                _ => return Err(bad(
+                    "GGUF llama tokenizer has no tokenizer.ggml.scores of the vocabulary's length"
+                        .into(),
+                )),
             };
             let merges = spm_merges(&toks, &types, &scores);
             let unk = file
@@ -797,7 +953,10 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
                 .and_then(Value::as_u64)
                 .and_then(|i| toks.get(i as usize).copied())
                 .unwrap_or("<unk>");
-            let add_space = file.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+            let add_space = file
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
             let mut norms = Vec::new();
             if add_space {
                 norms.push(serde_json::json!({"type": "Prepend", "prepend": "\u{2581}"}));
@@ -809,7 +968,9 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
                 serde_json::json!({"type": "Fuse"}),
             ];
             if add_space {
-                decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                decoders.push(
+                    serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}),
+                );
             }
             Ok(serde_json::json!({
                 "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
@@ -822,7 +983,9 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
                 }
             }))
         }
-        other => Err(bad(format!("GGUF tokenizer.ggml.model {other:?} is not supported (supported: gpt2, llama)"))),
+        other => Err(bad(format!(
+            "GGUF tokenizer.ggml.model {other:?} is not supported (supported: gpt2, llama)"
+        ))),
     }
 }
 
@@ -881,7 +1044,10 @@ fn spm_merges(toks: &[&str], types: &[i64], scores: &[f64]) -> Vec<serde_json::V
         }
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    merges.into_iter().map(|(_, _, l, r)| serde_json::Value::from(vec![toks[l], toks[r]])).collect()
+    merges
+        .into_iter()
+        .map(|(_, _, l, r)| serde_json::Value::from(vec![toks[l], toks[r]]))
+        .collect()
 }
 
 #[cfg(test)]
@@ -890,7 +1056,9 @@ mod tests {
 
     #[test]
     fn f16_matches_libtorch_on_every_finite_value() {
-        let bits: Vec<u16> = (0..=u16::MAX).filter(|b| (b >> 10) & 0x1f != 0x1f).collect();
+        let bits: Vec<u16> = (0..=u16::MAX)
+            .filter(|b| (b >> 10) & 0x1f != 0x1f)
+            .collect();
         let ours: Vec<f32> = bits.iter().map(|&b| f16_to_f32(b)).collect();
         let raw: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
         let t = Tensor::from_data_size(&raw, &[bits.len() as i64], Kind::Half).to_kind(Kind::Float);
@@ -917,21 +1085,37 @@ mod tests {
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {
         let (heads, hd, inp) = (3i64, 8i64, 5i64);
-        let w = Tensor::arange(heads * hd * inp, (Kind::Float, Device::Cpu)).reshape([heads * hd, inp]);
+        let w =
+            Tensor::arange(heads * hd * inp, (Kind::Float, Device::Cpu)).reshape([heads * hd, inp]);
         // llama.cpp: reshape(h, 2, hd/2, in).swapaxes(1, 2).
-        let permuted = w.reshape([heads, 2, hd / 2, inp]).transpose(1, 2).reshape([heads * hd, inp]);
+        let permuted = w
+            .reshape([heads, 2, hd / 2, inp])
+            .transpose(1, 2)
+            .reshape([heads * hd, inp]);
         assert!(unpermute_rows(&permuted, heads).expect("splits").equal(&w));
         let b = Tensor::arange(heads * hd, (Kind::Float, Device::Cpu));
-        let pb = b.reshape([heads, 2, hd / 2]).transpose(1, 2).reshape([heads * hd]);
+        let pb = b
+            .reshape([heads, 2, hd / 2])
+            .transpose(1, 2)
+            .reshape([heads * hd]);
         assert!(unpermute_rows(&pb, heads).expect("splits").equal(&b));
         assert!(unpermute_rows(&w.narrow(0, 0, 5), heads).is_err());
     }
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
-        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(
+            hf_name("blk.12.attn_output.weight").as_deref(),
+            Some("model.layers.12.self_attn.o_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
     }
 }

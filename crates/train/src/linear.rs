@@ -33,7 +33,12 @@ pub struct Linear {
 impl Linear {
     /// A frozen linear map.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, adapter: None, capture: None }
+        Self {
+            weight,
+            bias,
+            adapter: None,
+            capture: None,
+        }
     }
 
     /// (out, in).
@@ -53,7 +58,10 @@ impl Linear {
                 Some(cell) => {
                     let probe = d.zeros_like().set_requires_grad(true);
                     y = y + &d + &probe;
-                    *cell.borrow_mut() = Some(Capture { output: d.detach(), probe });
+                    *cell.borrow_mut() = Some(Capture {
+                        output: d.detach(),
+                        probe,
+                    });
                 }
                 None => y += d,
             }

@@ -29,7 +29,10 @@ pub struct Loaded {
 
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("source", &self.source).field("eos_ids", &self.eos_ids).finish_non_exhaustive()
+        f.debug_struct("Loaded")
+            .field("source", &self.source)
+            .field("eos_ids", &self.eos_ids)
+            .finish_non_exhaustive()
     }
 }
 
@@ -58,14 +61,25 @@ pub fn load(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainErro
         )));
     }
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
-    let n = f.read(&mut magic).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+    let mut f = std::fs::File::open(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let n = f.read(&mut magic).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if n == 4 && &magic == b"GGUF" {
         return load_gguf(path, kind, device);
     }
     // torch.save writes a zip (PK..) since 1.6 and a raw pickle (0x80 protocol) before.
     let name = path.file_name().and_then(|s| s.to_str()).unwrap_or("");
-    if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") || magic.starts_with(b"PK") || magic[0] == 0x80 {
+    if name.ends_with(".bin")
+        || name.ends_with(".pt")
+        || name.ends_with(".pth")
+        || magic.starts_with(b"PK")
+        || magic[0] == 0x80
+    {
         return Err(pickle_advice(path));
     }
     Err(TrainError::Invalid(format!(
@@ -78,22 +92,34 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>, TrainError> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| TrainError::Config { path: path.to_path_buf(), message: format!("not valid JSON: {e}") })
+        .map_err(|e| TrainError::Config {
+            path: path.to_path_buf(),
+            message: format!("not valid JSON: {e}"),
+        })
 }
 
 /// A token given in tokenizer_config.json as a string or as `{"content": ...}`.
 fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
     let v = v?;
-    v.as_str().map(str::to_string).or_else(|| v.get("content").and_then(|c| c.as_str()).map(str::to_string))
+    v.as_str().map(str::to_string).or_else(|| {
+        v.get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string)
+    })
 }
 
 fn ids_of(v: Option<&serde_json::Value>) -> Vec<i64> {
     match v {
         Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(serde_json::Value::as_i64).collect(),
+        Some(serde_json::Value::Array(a)) => {
+            a.iter().filter_map(serde_json::Value::as_i64).collect()
+        }
         _ => Vec::new(),
     }
 }
@@ -116,7 +142,11 @@ fn load_dir(dir: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainError
     let tcfg = read_json(&dir.join("tokenizer_config.json"))?;
     let gcfg = read_json(&dir.join("generation_config.json"))?;
     let cfg = read_json(&dir.join("config.json"))?;
-    let chat_template = tcfg.as_ref().and_then(|c| c.get("chat_template")).and_then(|t| t.as_str()).map(str::to_string);
+    let chat_template = tcfg
+        .as_ref()
+        .and_then(|c| c.get("chat_template"))
+        .and_then(|t| t.as_str())
+        .map(str::to_string);
     let bos_token = token_string(tcfg.as_ref().and_then(|c| c.get("bos_token")));
     let eos_token = token_string(tcfg.as_ref().and_then(|c| c.get("eos_token")));
     let mut eos_ids = ids_of(gcfg.as_ref().and_then(|c| c.get("eos_token_id")));
@@ -128,7 +158,15 @@ fn load_dir(dir: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainError
             eos_ids.push(id);
         }
     }
-    Ok(Loaded { model, tokenizer, chat_template, bos_token, eos_token, eos_ids, source: dir.to_path_buf() })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        chat_template,
+        bos_token,
+        eos_token,
+        eos_ids,
+        source: dir.to_path_buf(),
+    })
 }
 
 fn load_gguf(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainError> {
@@ -151,7 +189,10 @@ fn load_gguf(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainErr
         }
     }
     Ok(Loaded {
-        chat_template: file.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
+        chat_template: file
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         bos_token: token_of(meta_id("tokenizer.ggml.bos_token_id")),
         eos_token: token_of(eos_id),
         eos_ids,
@@ -167,15 +208,29 @@ fn load_gguf(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainErr
 ///
 /// # Errors
 /// Unreadable or malformed files (named).
-pub fn tokenizer_from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<TextTokenizer, TrainError> {
+pub fn tokenizer_from_vocab_merges(
+    vocab_path: &Path,
+    merges_path: &Path,
+) -> Result<TextTokenizer, TrainError> {
     let vocab = match read_json(vocab_path)? {
         Some(serde_json::Value::Object(m)) => m,
         Some(_) => {
-            return Err(TrainError::Config { path: vocab_path.to_path_buf(), message: "not a JSON object of token -> id".into() })
+            return Err(TrainError::Config {
+                path: vocab_path.to_path_buf(),
+                message: "not a JSON object of token -> id".into(),
+            })
         }
-        None => return Err(TrainError::Invalid(format!("{}: no such file", vocab_path.display()))),
+        None => {
+            return Err(TrainError::Invalid(format!(
+                "{}: no such file",
+                vocab_path.display()
+            )))
+        }
     };
-    let text = std::fs::read_to_string(merges_path).map_err(|source| TrainError::Io { path: merges_path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(merges_path).map_err(|source| TrainError::Io {
+        path: merges_path.to_path_buf(),
+        source,
+    })?;
     let merges: Vec<serde_json::Value> = text
         .lines()
         .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -183,7 +238,8 @@ pub fn tokenizer_from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Res
         .collect();
     let mut added = Vec::new();
     for (tok, id) in &vocab {
-        let special = tok == "<|endoftext|>" || (tok.starts_with("<|extratoken_") && tok.ends_with("|>"));
+        let special =
+            tok == "<|endoftext|>" || (tok.starts_with("<|extratoken_") && tok.ends_with("|>"));
         if let (true, Some(id)) = (special, id.as_u64()) {
             added.push(gguf::added_token_json(id as usize, tok, true));
         }

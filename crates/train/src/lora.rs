@@ -82,7 +82,12 @@ impl LoraAdapter {
     ///
     /// # Errors
     /// Rank 0 or larger than min(in, out).
-    pub fn new(path: &nn::Path, in_dim: i64, out_dim: i64, cfg: &LoraConfig) -> Result<Self, LoraError> {
+    pub fn new(
+        path: &nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+        cfg: &LoraConfig,
+    ) -> Result<Self, LoraError> {
         let r = cfg.rank as i64;
         if r == 0 || r > in_dim.min(out_dim) {
             return Err(LoraError::Invalid(format!(
@@ -93,14 +98,32 @@ impl LoraAdapter {
         let a = match cfg.init {
             LoraInit::KaimingUniform => {
                 let bound = 1.0 / (in_dim as f64).sqrt();
-                path.var("lora_A", &[r, in_dim], nn::Init::Uniform { lo: -bound, up: bound })
+                path.var(
+                    "lora_A",
+                    &[r, in_dim],
+                    nn::Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    },
+                )
             }
-            LoraInit::Gaussian => {
-                path.var("lora_A", &[r, in_dim], nn::Init::Randn { mean: 0.0, stdev: 1.0 / r as f64 })
-            }
+            LoraInit::Gaussian => path.var(
+                "lora_A",
+                &[r, in_dim],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0 / r as f64,
+                },
+            ),
         };
         let b = path.var("lora_B", &[out_dim, r], nn::Init::Const(0.0));
-        Ok(Self { a, b, scaling: cfg.scaling(), dropout: cfg.dropout, merged: false })
+        Ok(Self {
+            a,
+            b,
+            scaling: cfg.scaling(),
+            dropout: cfg.dropout,
+            merged: false,
+        })
     }
 
     /// The adapter's contribution `gamma B A dropout(x)` for `x` (..., in); `None` while
@@ -109,7 +132,11 @@ impl LoraAdapter {
         if self.merged {
             return None;
         }
-        let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
+        let x = if train && self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x.shallow_clone()
+        };
         Some(x.matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scaling)
     }
 
@@ -133,11 +160,17 @@ impl LoraAdapter {
         }
         let d = tch::no_grad(|| self.weight_delta().to_kind(w.kind()));
         if d.size() != w.size() {
-            return Err(LoraError::Invalid(format!("adapter shape {:?} does not match weight {:?}", d.size(), w.size())));
+            return Err(LoraError::Invalid(format!(
+                "adapter shape {:?} does not match weight {:?}",
+                d.size(),
+                w.size()
+            )));
         }
         let finite = tch::no_grad(|| d.isfinite().all().int64_value(&[])) == 1;
         if !finite {
-            return Err(LoraError::Invalid("adapter has non-finite entries: refusing to merge".into()));
+            return Err(LoraError::Invalid(
+                "adapter has non-finite entries: refusing to merge".into(),
+            ));
         }
         tch::no_grad(|| {
             let _ = w.g_add_(&d);
@@ -205,14 +238,25 @@ pub fn save_peft(
     cfg: &PeftAdapterConfig,
     adapters: &[(String, &LoraAdapter)],
 ) -> Result<(), LoraError> {
-    std::fs::create_dir_all(dir).map_err(|e| LoraError::Invalid(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| LoraError::Invalid(format!("{}: {e}", dir.display())))?;
     let json = serde_json::to_string_pretty(cfg).map_err(|e| LoraError::Invalid(e.to_string()))?;
-    std::fs::write(dir.join("adapter_config.json"), json)
-        .map_err(|e| LoraError::Invalid(format!("{}: {e}", dir.join("adapter_config.json").display())))?;
+    std::fs::write(dir.join("adapter_config.json"), json).map_err(|e| {
+        LoraError::Invalid(format!(
+            "{}: {e}",
+            dir.join("adapter_config.json").display()
+        ))
+    })?;
     let mut named: Vec<(String, Tensor)> = Vec::new();
     for (path, ad) in adapters {
-        named.push((format!("base_model.model.{path}.lora_A.weight"), ad.a.detach().to_kind(Kind::Float).contiguous()));
-        named.push((format!("base_model.model.{path}.lora_B.weight"), ad.b.detach().to_kind(Kind::Float).contiguous()));
+        named.push((
+            format!("base_model.model.{path}.lora_A.weight"),
+            ad.a.detach().to_kind(Kind::Float).contiguous(),
+        ));
+        named.push((
+            format!("base_model.model.{path}.lora_B.weight"),
+            ad.b.detach().to_kind(Kind::Float).contiguous(),
+        ));
     }
     let file = dir.join("adapter_model.safetensors");
     Tensor::write_safetensors(&named, &file).map_err(torch(format!("writing {}", file.display())))
@@ -222,31 +266,47 @@ pub fn save_peft(
 ///
 /// # Errors
 /// Missing files, malformed JSON, missing or mis-shaped tensors (named).
-pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, Vec<(String, Tensor, Tensor)>), LoraError> {
+pub fn load_peft(
+    dir: &Path,
+) -> Result<(PeftAdapterConfig, Vec<(String, Tensor, Tensor)>), LoraError> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
-    let cfg: PeftAdapterConfig =
-        serde_json::from_str(&text).map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let cfg: PeftAdapterConfig = serde_json::from_str(&text)
+        .map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
     if cfg.peft_type != "LORA" {
-        return Err(LoraError::Invalid(format!("{}: peft_type {:?}, expected \"LORA\"", cfg_path.display(), cfg.peft_type)));
+        return Err(LoraError::Invalid(format!(
+            "{}: peft_type {:?}, expected \"LORA\"",
+            cfg_path.display(),
+            cfg.peft_type
+        )));
     }
     let file = dir.join("adapter_model.safetensors");
-    let tensors = Tensor::read_safetensors(&file).map_err(torch(format!("reading {}", file.display())))?;
+    let tensors =
+        Tensor::read_safetensors(&file).map_err(torch(format!("reading {}", file.display())))?;
     let mut a_map = std::collections::BTreeMap::new();
     let mut b_map = std::collections::BTreeMap::new();
     for (name, t) in tensors {
-        let stripped = name.strip_prefix("base_model.model.").unwrap_or(&name).to_string();
+        let stripped = name
+            .strip_prefix("base_model.model.")
+            .unwrap_or(&name)
+            .to_string();
         if let Some(p) = stripped.strip_suffix(".lora_A.weight") {
             a_map.insert(p.to_string(), t);
         } else if let Some(p) = stripped.strip_suffix(".lora_B.weight") {
             b_map.insert(p.to_string(), t);
         } else {
-            return Err(LoraError::Invalid(format!("{}: unexpected tensor {name}", file.display())));
+            return Err(LoraError::Invalid(format!(
+                "{}: unexpected tensor {name}",
+                file.display()
+            )));
         }
     }
     let mut out = Vec::new();
     for (p, a) in a_map {
-        let b = b_map.remove(&p).ok_or_else(|| LoraError::Invalid(format!("{}: {p}.lora_B.weight is missing", file.display())))?;
+        let b = b_map.remove(&p).ok_or_else(|| {
+            LoraError::Invalid(format!("{}: {p}.lora_B.weight is missing", file.display()))
+        })?;
         let (asz, bsz) = (a.size(), b.size());
         if asz.len() != 2 || bsz.len() != 2 || asz[0] != cfg.r as i64 || bsz[1] != cfg.r as i64 {
             return Err(LoraError::Invalid(format!(
@@ -258,7 +318,10 @@ pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, Vec<(String, Tensor, 
         out.push((p, a, b));
     }
     if let Some(p) = b_map.keys().next() {
-        return Err(LoraError::Invalid(format!("{}: {p}.lora_A.weight is missing", file.display())));
+        return Err(LoraError::Invalid(format!(
+            "{}: {p}.lora_A.weight is missing",
+            file.display()
+        )));
     }
     Ok((cfg, out))
 }
@@ -269,7 +332,13 @@ mod tests {
     use tch::{nn, Device};
 
     fn cfg(rank: usize, beta: f64) -> LoraConfig {
-        LoraConfig { rank, alpha: 16.0, beta, init: LoraInit::KaimingUniform, dropout: 0.0 }
+        LoraConfig {
+            rank,
+            alpha: 16.0,
+            beta,
+            init: LoraInit::KaimingUniform,
+            dropout: 0.0,
+        }
     }
 
     #[test]
@@ -288,15 +357,25 @@ mod tests {
         let bound = 1.0 / 8.0;
         assert!(ad.a.abs().max().double_value(&[]) <= bound);
         // Uniform(-b, b) has variance b^2 / 3.
-        let var = ad.a.pow_tensor_scalar(2).mean(Kind::Float).double_value(&[]);
-        assert!((var / (bound * bound / 3.0) - 1.0).abs() < 0.2, "variance {var}");
+        let var =
+            ad.a.pow_tensor_scalar(2)
+                .mean(Kind::Float)
+                .double_value(&[]);
+        assert!(
+            (var / (bound * bound / 3.0) - 1.0).abs() < 0.2,
+            "variance {var}"
+        );
         assert_eq!(ad.b.abs().sum(Kind::Float).double_value(&[]), 0.0);
         let x = Tensor::randn([3, 64], (Kind::Float, Device::Cpu));
         let d = ad.delta(&x, true).expect("not merged");
         assert_eq!(d.size(), vec![3, 32]);
         assert_eq!(d.abs().sum(Kind::Float).double_value(&[]), 0.0);
         let names: Vec<String> = vs.variables().into_keys().collect();
-        assert!(names.contains(&"q_proj.lora_A".to_string()) && names.contains(&"q_proj.lora_B".to_string()), "{names:?}");
+        assert!(
+            names.contains(&"q_proj.lora_A".to_string())
+                && names.contains(&"q_proj.lora_B".to_string()),
+            "{names:?}"
+        );
     }
 
     #[test]
@@ -313,7 +392,8 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let mut ad = LoraAdapter::new(&vs.root(), 16, 12, &cfg(4, 0.5)).expect("valid");
         tch::no_grad(|| {
-            let _ = ad.b.copy_(&Tensor::randn([12, 4], (Kind::Float, Device::Cpu)));
+            let _ =
+                ad.b.copy_(&Tensor::randn([12, 4], (Kind::Float, Device::Cpu)));
         });
         let w0 = Tensor::randn([12, 16], (Kind::Float, Device::Cpu));
         let mut w = w0.copy();
@@ -338,7 +418,11 @@ mod tests {
         let mut w = Tensor::zeros([4, 4], (Kind::Float, Device::Cpu));
         let e = ad.merge_into(&mut w).expect_err("NaN");
         assert!(e.to_string().contains("non-finite"));
-        assert_eq!(w.abs().sum(Kind::Float).double_value(&[]), 0.0, "weight untouched");
+        assert_eq!(
+            w.abs().sum(Kind::Float).double_value(&[]),
+            0.0,
+            "weight untouched"
+        );
     }
 
     #[test]
@@ -348,7 +432,8 @@ mod tests {
         let mut q = LoraAdapter::new(&(vs.root() / "q"), 8, 6, &cfg(3, 0.5)).expect("valid");
         let v = LoraAdapter::new(&(vs.root() / "v"), 8, 6, &cfg(3, 0.5)).expect("valid");
         tch::no_grad(|| {
-            let _ = q.b.copy_(&Tensor::randn([6, 3], (Kind::Float, Device::Cpu)));
+            let _ =
+                q.b.copy_(&Tensor::randn([6, 3], (Kind::Float, Device::Cpu)));
         });
         let pc = PeftAdapterConfig {
             peft_type: "LORA".into(),
@@ -370,9 +455,13 @@ mod tests {
             ("model.layers.0.self_attn.v_proj".to_string(), &v),
         ];
         save_peft(dir.path(), &pc, &paths).expect("saved");
-        let raw = Tensor::read_safetensors(dir.path().join("adapter_model.safetensors")).expect("read");
+        let raw =
+            Tensor::read_safetensors(dir.path().join("adapter_model.safetensors")).expect("read");
         let names: Vec<&str> = raw.iter().map(|(n, _)| n.as_str()).collect();
-        assert!(names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), "{names:?}");
+        assert!(
+            names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+            "{names:?}"
+        );
         let (back_cfg, back) = load_peft(dir.path()).expect("loaded");
         assert_eq!(back_cfg, pc);
         assert_eq!(back.len(), 2);
@@ -395,9 +484,15 @@ mod tests {
         )
         .expect("write");
         let a = Tensor::zeros([2, 4], (Kind::Float, Device::Cpu));
-        Tensor::write_safetensors(&[("base_model.model.m.q_proj.lora_A.weight", &a)], dir.path().join("adapter_model.safetensors"))
-            .expect("write");
+        Tensor::write_safetensors(
+            &[("base_model.model.m.q_proj.lora_A.weight", &a)],
+            dir.path().join("adapter_model.safetensors"),
+        )
+        .expect("write");
         let e = load_peft(dir.path()).expect_err("B missing");
-        assert!(e.to_string().contains("m.q_proj.lora_B.weight is missing"), "{e}");
+        assert!(
+            e.to_string().contains("m.q_proj.lora_B.weight is missing"),
+            "{e}"
+        );
     }
 }

@@ -24,12 +24,20 @@ impl CausalLm {
     /// the architecture (named tensors and shapes, truncated files, pickle checkpoints).
     pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
         if !dir.is_dir() {
-            return Err(TrainError::Invalid(format!("{}: not a model directory", dir.display())));
+            return Err(TrainError::Invalid(format!(
+                "{}: not a model directory",
+                dir.display()
+            )));
         }
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io { path: cfg_path.clone(), source })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Config { path: cfg_path.clone(), message: format!("not valid JSON: {e}") })?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Config {
+            path: cfg_path.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
         match v.get("model_type").and_then(|t| t.as_str()) {
             Some("llama") => Ok(Self::Llama(Llama::from_dir(dir, kind, device)?)),
             Some("gptj") => Ok(Self::Gptj(Gptj::from_dir(dir, kind, device)?)),
@@ -37,7 +45,10 @@ impl CausalLm {
                 path: cfg_path,
                 message: format!("model_type {other:?} is not supported (supported: llama, gptj)"),
             }),
-            None => Err(TrainError::Config { path: cfg_path, message: "no \"model_type\"".into() }),
+            None => Err(TrainError::Config {
+                path: cfg_path,
+                message: "no \"model_type\"".into(),
+            }),
         }
     }
 
@@ -69,10 +80,15 @@ impl CausalLm {
     /// and the number of predicted tokens.
     pub fn nll(&self, ids: &Tensor) -> (f64, i64) {
         let t = ids.size()[1];
-        let logits = self.forward(ids, false).narrow(1, 0, t - 1).to_kind(Kind::Float);
+        let logits = self
+            .forward(ids, false)
+            .narrow(1, 0, t - 1)
+            .to_kind(Kind::Float);
         let targets = ids.narrow(1, 1, t - 1);
         let v = logits.size()[2];
-        let loss = logits.reshape([-1, v]).cross_entropy_for_logits(&targets.reshape([-1]));
+        let loss = logits
+            .reshape([-1, v])
+            .cross_entropy_for_logits(&targets.reshape([-1]));
         (loss.double_value(&[]), targets.numel() as i64)
     }
 }

@@ -22,7 +22,11 @@ pub fn moments(y: &Tensor, max_m: u32) -> (Vec<f64>, Vec<f64>) {
         for m in 1..=max_m {
             abs.push(p.mean(Kind::Double).double_value(&[]));
             // v^m = |v|^m for even m, v |v|^(m-1) for odd m.
-            let r = if m % 2 == 0 { p.mean(Kind::Double) } else { (&p * y.sign()).mean(Kind::Double) };
+            let r = if m % 2 == 0 {
+                p.mean(Kind::Double)
+            } else {
+                (&p * y.sign()).mean(Kind::Double)
+            };
             raw.push(r.double_value(&[]));
             p = &p * &a;
         }
@@ -32,7 +36,14 @@ pub fn moments(y: &Tensor, max_m: u32) -> (Vec<f64>, Vec<f64>) {
 
 /// Frobenius norm.
 pub fn fro(t: &Tensor) -> f64 {
-    tch::no_grad(|| t.detach().to_kind(Kind::Double).square().sum(Kind::Double).sqrt().double_value(&[]))
+    tch::no_grad(|| {
+        t.detach()
+            .to_kind(Kind::Double)
+            .square()
+            .sum(Kind::Double)
+            .sqrt()
+            .double_value(&[])
+    })
 }
 
 /// Frobenius norm and stable rank (||M||_F^2 / ||M||_2^2) of `gamma B A` without forming

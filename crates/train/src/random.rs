@@ -17,8 +17,17 @@ pub const INIT_STD: f64 = 0.02;
 
 /// (Hugging Face name, shape) of every tensor of a Llama model.
 pub fn llama_shapes(c: &llama::Config) -> Vec<(String, Vec<i64>)> {
-    let (d, f, hd, h, kv) = (c.hidden_size, c.intermediate_size, c.head_dim, c.num_heads, c.num_kv_heads);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d])];
+    let (d, f, hd, h, kv) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.head_dim,
+        c.num_heads,
+        c.num_kv_heads,
+    );
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, d],
+    )];
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
         let mut lin = |name: &str, o: i64, inp: i64, bias: bool| {
@@ -73,12 +82,19 @@ pub fn parameter_count(shapes: &[(String, Vec<i64>)]) -> i64 {
     shapes.iter().map(|(_, s)| s.iter().product::<i64>()).sum()
 }
 
-fn init(shapes: Vec<(String, Vec<i64>)>, kind: Kind, device: Device, seed: i64) -> BTreeMap<String, Tensor> {
+fn init(
+    shapes: Vec<(String, Vec<i64>)>,
+    kind: Kind,
+    device: Device,
+    seed: i64,
+) -> BTreeMap<String, Tensor> {
     tch::manual_seed(seed);
     shapes
         .into_iter()
         .map(|(name, shape)| {
-            let norm_gain = shape.len() == 1 && (name.contains("norm") || name.contains("ln_")) && name.ends_with(".weight");
+            let norm_gain = shape.len() == 1
+                && (name.contains("norm") || name.contains("ln_"))
+                && name.ends_with(".weight");
             let t = if norm_gain {
                 Tensor::ones(shape.as_slice(), (kind, device))
             } else if shape.len() == 1 {
@@ -95,7 +111,12 @@ fn init(shapes: Vec<(String, Vec<i64>)>, kind: Kind, device: Device, seed: i64) 
 ///
 /// # Errors
 /// Only if the shape list and the loader disagree (a bug), reported like a checkpoint error.
-pub fn llama(config: llama::Config, kind: Kind, device: Device, seed: i64) -> Result<Llama, TrainError> {
+pub fn llama(
+    config: llama::Config,
+    kind: Kind,
+    device: Device,
+    seed: i64,
+) -> Result<Llama, TrainError> {
     let tensors = init(llama_shapes(&config), kind, device, seed);
     let mut w = Weights::from_tensors(PathBuf::from("<random llama>"), tensors, kind, device);
     Llama::load(config, &mut w)
@@ -105,7 +126,12 @@ pub fn llama(config: llama::Config, kind: Kind, device: Device, seed: i64) -> Re
 ///
 /// # Errors
 /// Only if the shape list and the loader disagree (a bug), reported like a checkpoint error.
-pub fn gptj(config: gptj::Config, kind: Kind, device: Device, seed: i64) -> Result<Gptj, TrainError> {
+pub fn gptj(
+    config: gptj::Config,
+    kind: Kind,
+    device: Device,
+    seed: i64,
+) -> Result<Gptj, TrainError> {
     let tensors = init(gptj_shapes(&config), kind, device, seed);
     let mut w = Weights::from_tensors(PathBuf::from("<random gptj>"), tensors, kind, device);
     Gptj::load(config, &mut w)
@@ -118,9 +144,21 @@ pub fn gptj(config: gptj::Config, kind: Kind, device: Device, seed: i64) -> Resu
 /// An unknown name.
 pub fn preset(name: &str, kind: Kind, device: Device, seed: i64) -> Result<CausalLm, TrainError> {
     match name {
-        "llama-2-7b" => Ok(CausalLm::Llama(llama(llama::Config::llama2_7b(), kind, device, seed)?)),
-        "gpt-j-6b" => Ok(CausalLm::Gptj(gptj(gptj::Config::gptj_6b(), kind, device, seed)?)),
-        other => Err(TrainError::Invalid(format!("preset {other:?} is not known (known: llama-2-7b, gpt-j-6b)"))),
+        "llama-2-7b" => Ok(CausalLm::Llama(llama(
+            llama::Config::llama2_7b(),
+            kind,
+            device,
+            seed,
+        )?)),
+        "gpt-j-6b" => Ok(CausalLm::Gptj(gptj(
+            gptj::Config::gptj_6b(),
+            kind,
+            device,
+            seed,
+        )?)),
+        other => Err(TrainError::Invalid(format!(
+            "preset {other:?} is not known (known: llama-2-7b, gpt-j-6b)"
+        ))),
     }
 }
 
@@ -133,22 +171,43 @@ mod tests {
     /// defaults are GPT-J-6B's), counted there on the meta device.
     #[test]
     fn presets_have_the_real_parameter_counts() {
-        assert_eq!(parameter_count(&llama_shapes(&llama::Config::llama2_7b())), 6_738_415_616);
-        assert_eq!(parameter_count(&gptj_shapes(&gptj::Config::gptj_6b())), 6_050_882_784);
+        assert_eq!(
+            parameter_count(&llama_shapes(&llama::Config::llama2_7b())),
+            6_738_415_616
+        );
+        assert_eq!(
+            parameter_count(&gptj_shapes(&gptj::Config::gptj_6b())),
+            6_050_882_784
+        );
     }
 
     #[test]
     fn small_random_models_build_and_run() {
         let mut c = llama::Config::llama2_7b();
-        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) =
-            (50, 32, 64, 2, 4, 2, 8);
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+        ) = (50, 32, 64, 2, 4, 2, 8);
         c.tie_word_embeddings = true;
         let m = llama(c, Kind::Float, Device::Cpu, 1).expect("builds");
         let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
         assert_eq!(m.forward(&ids, false).size(), [1, 4, 50]);
         assert!(m.lm_head.is_none());
         let mut g = gptj::Config::gptj_6b();
-        (g.vocab_size, g.n_embd, g.n_layer, g.n_head, g.head_dim, g.rotary_dim, g.n_inner) = (60, 32, 2, 4, 8, 4, 64);
+        (
+            g.vocab_size,
+            g.n_embd,
+            g.n_layer,
+            g.n_head,
+            g.head_dim,
+            g.rotary_dim,
+            g.n_inner,
+        ) = (60, 32, 2, 4, 8, 4, 64);
         let m = gptj(g, Kind::Float, Device::Cpu, 1).expect("builds");
         let y = m.forward(&ids, false);
         assert_eq!(y.size(), [1, 4, 60]);

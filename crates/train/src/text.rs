@@ -14,8 +14,10 @@ impl TextTokenizer {
     /// # Errors
     /// Missing or malformed file (named).
     pub fn from_file(path: &Path) -> Result<Self, TrainError> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| TrainError::Config { path: path.to_path_buf(), message: format!("not a tokenizer.json: {e}") })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TrainError::Config {
+            path: path.to_path_buf(),
+            message: format!("not a tokenizer.json: {e}"),
+        })?;
         Ok(Self { inner })
     }
 
@@ -27,7 +29,10 @@ impl TextTokenizer {
     pub fn from_json(json: &str, origin: &Path) -> Result<Self, TrainError> {
         let inner = json
             .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| TrainError::Config { path: origin.to_path_buf(), message: format!("not a valid tokenizer: {e}") })?;
+            .map_err(|e| TrainError::Config {
+                path: origin.to_path_buf(),
+                message: format!("not a valid tokenizer: {e}"),
+            })?;
         Ok(Self { inner })
     }
 
@@ -38,9 +43,15 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[i64], keep_special: bool) -> Result<String, TrainError> {
         let ids: Vec<u32> = ids
             .iter()
-            .map(|&i| u32::try_from(i).map_err(|_| TrainError::Invalid(format!("token id {i} is not a vocabulary id"))))
+            .map(|&i| {
+                u32::try_from(i).map_err(|_| {
+                    TrainError::Invalid(format!("token id {i} is not a vocabulary id"))
+                })
+            })
             .collect::<Result<_, _>>()?;
-        self.inner.decode(&ids, !keep_special).map_err(|e| TrainError::Invalid(format!("decoding failed: {e}")))
+        self.inner
+            .decode(&ids, !keep_special)
+            .map_err(|e| TrainError::Invalid(format!("decoding failed: {e}")))
     }
 
     /// The id of a token string (including added and special tokens).
@@ -58,7 +69,13 @@ impl TextTokenizer {
     /// # Errors
     /// A vocabulary larger than the embedding (both sizes named).
     pub fn check_fits(&self, path: &Path, embedding_rows: i64) -> Result<(), TrainError> {
-        let max_id = self.inner.get_vocab(true).values().copied().max().unwrap_or(0) as i64;
+        let max_id = self
+            .inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0) as i64;
         if max_id >= embedding_rows {
             return Err(TrainError::Config {
                 path: path.to_path_buf(),
@@ -76,7 +93,10 @@ impl TextTokenizer {
     /// # Errors
     /// Tokenizer failures.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, TrainError> {
-        let enc = self.inner.encode(text, false).map_err(|e| TrainError::Invalid(format!("tokenizing failed: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TrainError::Invalid(format!("tokenizing failed: {e}")))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 }
@@ -86,12 +106,22 @@ impl TextTokenizer {
 /// # Errors
 /// Unreadable, empty or non-UTF-8 files (named).
 pub fn read_text(path: &Path) -> Result<String, TrainError> {
-    let bytes = std::fs::read(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        TrainError::Invalid(format!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))
+        TrainError::Invalid(format!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
     })?;
     if text.trim().is_empty() {
-        return Err(TrainError::Invalid(format!("{}: the text is empty", path.display())));
+        return Err(TrainError::Invalid(format!(
+            "{}: the text is empty",
+            path.display()
+        )));
     }
     Ok(text)
 }
@@ -112,32 +142,52 @@ pub struct EvalResult {
 ///
 /// # Errors
 /// Fewer than two tokens, context < 2, batch 0.
-pub fn evaluate(model: &CausalLm, ids: &[i64], context: usize, batch: usize, device: Device) -> Result<EvalResult, TrainError> {
+pub fn evaluate(
+    model: &CausalLm,
+    ids: &[i64],
+    context: usize,
+    batch: usize,
+    device: Device,
+) -> Result<EvalResult, TrainError> {
     if context < 2 || batch == 0 {
-        return Err(TrainError::Invalid(format!("context {context} / batch {batch}: use context >= 2 and batch >= 1")));
+        return Err(TrainError::Invalid(format!(
+            "context {context} / batch {batch}: use context >= 2 and batch >= 1"
+        )));
     }
     if ids.len() < 2 {
-        return Err(TrainError::Invalid(format!("the text has {} token(s): at least 2 are needed", ids.len())));
+        return Err(TrainError::Invalid(format!(
+            "the text has {} token(s): at least 2 are needed",
+            ids.len()
+        )));
     }
     let windows: Vec<&[i64]> = ids.chunks(context).filter(|w| w.len() >= 2).collect();
-    let (full, rest): (Vec<&[i64]>, Vec<&[i64]>) = windows.into_iter().partition(|w| w.len() == context);
+    let (full, rest): (Vec<&[i64]>, Vec<&[i64]>) =
+        windows.into_iter().partition(|w| w.len() == context);
     let mut total = 0.0f64;
     let mut count = 0i64;
     tch::no_grad(|| {
         for group in full.chunks(batch) {
             let flat: Vec<i64> = group.iter().flat_map(|w| w.iter().copied()).collect();
-            let t = Tensor::from_slice(&flat).view([group.len() as i64, context as i64]).to_device(device);
+            let t = Tensor::from_slice(&flat)
+                .view([group.len() as i64, context as i64])
+                .to_device(device);
             let (nll, n) = model.nll(&t);
             total += nll * n as f64;
             count += n;
         }
         for w in rest {
-            let t = Tensor::from_slice(w).view([1, w.len() as i64]).to_device(device);
+            let t = Tensor::from_slice(w)
+                .view([1, w.len() as i64])
+                .to_device(device);
             let (nll, n) = model.nll(&t);
             total += nll * n as f64;
             count += n;
         }
     });
     let nll = total / count as f64;
-    Ok(EvalResult { tokens: count, nll, perplexity: nll.exp() })
+    Ok(EvalResult {
+        tokens: count,
+        nll,
+        perplexity: nll.exp(),
+    })
 }

@@ -75,7 +75,10 @@ pub struct TrainConfig {
 /// ```
 pub fn module_and_layer(path: &str) -> (String, u32) {
     let parts: Vec<&str> = path.split('.').collect();
-    let layer = parts.iter().find_map(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    let layer = parts
+        .iter()
+        .find_map(|p| p.parse::<u32>().ok())
+        .unwrap_or(0);
     (parts.last().copied().unwrap_or_default().to_string(), layer)
 }
 
@@ -83,9 +86,23 @@ pub fn module_and_layer(path: &str) -> (String, u32) {
 ///
 /// # Errors
 /// Unknown target module names (the available ones listed), a rank that does not fit.
-pub fn attach(model: &mut CausalLm, vs: &nn::VarStore, cfg: &TrainConfig) -> Result<Vec<String>, TrainError> {
-    let lora = LoraConfig { rank: cfg.rank, alpha: cfg.alpha, beta: cfg.beta, init: cfg.init, dropout: cfg.dropout };
-    let mut available: Vec<String> = model.linears_mut().into_iter().map(|(p, _)| module_and_layer(&p).0).collect();
+pub fn attach(
+    model: &mut CausalLm,
+    vs: &nn::VarStore,
+    cfg: &TrainConfig,
+) -> Result<Vec<String>, TrainError> {
+    let lora = LoraConfig {
+        rank: cfg.rank,
+        alpha: cfg.alpha,
+        beta: cfg.beta,
+        init: cfg.init,
+        dropout: cfg.dropout,
+    };
+    let mut available: Vec<String> = model
+        .linears_mut()
+        .into_iter()
+        .map(|(p, _)| module_and_layer(&p).0)
+        .collect();
     available.sort();
     available.dedup();
     for t in &cfg.target_modules {
@@ -118,7 +135,12 @@ pub fn attach(model: &mut CausalLm, vs: &nn::VarStore, cfg: &TrainConfig) -> Res
 ///
 /// # Errors
 /// Too little text for one training and one held-out window.
-pub fn windows(ids: &[i64], context: usize, heldout_fraction: f64, seed: u64) -> Result<(Vec<Vec<i64>>, Vec<Vec<i64>>), TrainError> {
+pub fn windows(
+    ids: &[i64],
+    context: usize,
+    heldout_fraction: f64,
+    seed: u64,
+) -> Result<(Vec<Vec<i64>>, Vec<Vec<i64>>), TrainError> {
     let mut w: Vec<Vec<i64>> = ids.chunks_exact(context + 1).map(<[i64]>::to_vec).collect();
     let n_held = ((w.len() as f64 * heldout_fraction).ceil() as usize).max(1);
     if w.len() < n_held + 1 {
@@ -138,7 +160,9 @@ pub fn windows(ids: &[i64], context: usize, heldout_fraction: f64, seed: u64) ->
 fn batch_tensor(ws: &[Vec<i64>], device: Device) -> Tensor {
     let t = ws[0].len() as i64;
     let flat: Vec<i64> = ws.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).view([ws.len() as i64, t]).to_device(device)
+    Tensor::from_slice(&flat)
+        .view([ws.len() as i64, t])
+        .to_device(device)
 }
 
 fn loss_of(model: &CausalLm, x: &Tensor, train: bool) -> Tensor {
@@ -147,7 +171,9 @@ fn loss_of(model: &CausalLm, x: &Tensor, train: bool) -> Tensor {
     let tgt = x.narrow(1, 1, t - 1);
     let logits = model.forward(&inp, train).to_kind(Kind::Float);
     let v = logits.size()[2];
-    logits.reshape([-1, v]).cross_entropy_for_logits(&tgt.reshape([-1]))
+    logits
+        .reshape([-1, v])
+        .cross_entropy_for_logits(&tgt.reshape([-1]))
 }
 
 /// What a finished run measured.
@@ -183,12 +209,21 @@ pub fn train(
         move |source| TrainError::Torch { context, source }
     };
     let mut opt = match cfg.optimizer {
-        Optim::Adamw => nn::AdamW { beta1: 0.9, beta2: 0.999, wd: 0.0, eps: 1e-8, amsgrad: false }.build(vs, cfg.lr),
+        Optim::Adamw => nn::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            wd: 0.0,
+            eps: 1e-8,
+            amsgrad: false,
+        }
+        .build(vs, cfg.lr),
         Optim::Sgd => nn::Sgd::default().build(vs, cfg.lr),
     }
     .map_err(torch("building the optimizer"))?;
-    let mut mw = TableWriter::<MomentRow>::open(&out.join("moments.csv")).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let mut tw = TableWriter::<MetricRow>::open(&out.join("metrics.csv")).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let mut mw = TableWriter::<MomentRow>::open(&out.join("moments.csv"))
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let mut tw = TableWriter::<MetricRow>::open(&out.join("metrics.csv"))
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let width = match model {
         CausalLm::Llama(m) => m.config.hidden_size,
         CausalLm::Gptj(m) => m.config.n_embd,
@@ -215,7 +250,8 @@ pub fn train(
         tch::no_grad(|| {
             let mut s = 0.0;
             for chunk in held_w.chunks(cfg.batch.max(1)) {
-                s += loss_of(model, &batch_tensor(chunk, device), false).double_value(&[]) * chunk.len() as f64;
+                s += loss_of(model, &batch_tensor(chunk, device), false).double_value(&[])
+                    * chunk.len() as f64;
             }
             s / held_w.len() as f64
         })
@@ -226,14 +262,17 @@ pub fn train(
     let t0 = std::time::Instant::now();
     for step in 0..cfg.steps {
         let start = (step * cfg.batch) % train_w.len();
-        let chunk: Vec<Vec<i64>> = (0..cfg.batch).map(|k| train_w[(start + k) % train_w.len()].clone()).collect();
+        let chunk: Vec<Vec<i64>> = (0..cfg.batch)
+            .map(|k| train_w[(start + k) % train_w.len()].clone())
+            .collect();
         let x = batch_tensor(&chunk, device);
         tch::manual_seed(cfg.seed as i64 ^ step as i64);
         let loss = loss_of(model, &x, true);
         let lv = loss.double_value(&[]);
         if !lv.is_finite() {
             diverged = Some(format!("diverged at step {step}"));
-            tw.append(&[metric(step, "diverged", 1.0)]).map_err(|e| TrainError::Invalid(e.to_string()))?;
+            tw.append(&[metric(step, "diverged", 1.0)])
+                .map_err(|e| TrainError::Invalid(e.to_string()))?;
             break;
         }
         opt.zero_grad();
@@ -277,13 +316,35 @@ pub fn train(
                 let (abs, raw) = moments(t, max_m);
                 for &m in &cfg.moments {
                     let k = m as usize - 1;
-                    rows.push(MomentRow { site: site.into(), stat: "abs".into(), m: Some(m), value: abs[k], ..base.clone() });
-                    rows.push(MomentRow { site: site.into(), stat: "raw".into(), m: Some(m), value: raw[k], ..base.clone() });
+                    rows.push(MomentRow {
+                        site: site.into(),
+                        stat: "abs".into(),
+                        m: Some(m),
+                        value: abs[k],
+                        ..base.clone()
+                    });
+                    rows.push(MomentRow {
+                        site: site.into(),
+                        stat: "raw".into(),
+                        m: Some(m),
+                        value: raw[k],
+                        ..base.clone()
+                    });
                 }
             }
             let (dn, sr) = delta_norm_and_stable_rank(&ad.b, &ad.a, ad.scaling);
-            for (stat, value) in [("grad_norm_a", na), ("grad_norm_b", nb), ("delta_norm", dn), ("stable_rank", sr)] {
-                rows.push(MomentRow { site: "param".into(), stat: stat.into(), value, ..base.clone() });
+            for (stat, value) in [
+                ("grad_norm_a", na),
+                ("grad_norm_b", nb),
+                ("delta_norm", dn),
+                ("stable_rank", sr),
+            ] {
+                rows.push(MomentRow {
+                    site: "param".into(),
+                    stat: stat.into(),
+                    value,
+                    ..base.clone()
+                });
             }
         }
         opt.step();
@@ -291,7 +352,11 @@ pub fn train(
         let mut mrows = vec![
             metric(step, "loss", lv),
             metric(step, "perplexity", lv.exp()),
-            metric(step, "grad_norm_avg", (grad_sq / n_params.max(1) as f64).sqrt()),
+            metric(
+                step,
+                "grad_norm_avg",
+                (grad_sq / n_params.max(1) as f64).sqrt(),
+            ),
             metric(step, "lr", cfg.lr),
             metric(step, "seconds", t0.elapsed().as_secs_f64()),
         ];
@@ -300,8 +365,10 @@ pub fn train(
             mrows.push(metric(step, "heldout_loss", h));
             mrows.push(metric(step, "heldout_perplexity", h.exp()));
         }
-        mw.append(&rows).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        tw.append(&mrows).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        mw.append(&rows)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        tw.append(&mrows)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
         progress(step, lv);
     }
     let h = heldout_loss(model);
@@ -332,6 +399,11 @@ pub fn train(
         fan_in_fan_out: false,
         rankstab_beta: (cfg.beta != 0.5 && cfg.beta != 1.0).then_some(cfg.beta),
     };
-    save_peft(&out.join("adapters"), &pc, &adapters).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    Ok(TrainOutcome { heldout_loss: h, last_loss, diverged })
+    save_peft(&out.join("adapters"), &pc, &adapters)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok(TrainOutcome {
+        heldout_loss: h,
+        last_loss,
+        diverged,
+    })
 }

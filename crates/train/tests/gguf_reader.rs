@@ -17,12 +17,20 @@ fn every_quantization_matches_gguf_py() {
     let expected = Tensor::read_safetensors(dir.join("expected.safetensors")).expect("expected");
     assert_eq!(expected.len(), 10);
     for (name, want) in &expected {
-        let info = file.info(name).unwrap_or_else(|| panic!("{name} in the GGUF"));
+        let info = file
+            .info(name)
+            .unwrap_or_else(|| panic!("{name} in the GGUF"));
         let got = file.read_f32(info).expect("dequantizes");
         assert_eq!(got.size(), want.size(), "{name}");
         let d = (&got - want).abs().max().double_value(&[]);
-        assert!(d <= 1e-6 * (1.0 + want.abs().max().double_value(&[])), "{name}: max |difference| {d}");
-        assert!(want.abs().max().double_value(&[]) > 0.01, "{name}: fixture is degenerate");
+        assert!(
+            d <= 1e-6 * (1.0 + want.abs().max().double_value(&[])),
+            "{name}: max |difference| {d}"
+        );
+        assert!(
+            want.abs().max().double_value(&[]) > 0.01,
+            "{name}: fixture is degenerate"
+        );
     }
 }
 
@@ -43,7 +51,10 @@ fn metadata_of_every_type_is_read() {
     assert_eq!(g("test.u64"), Value::U64(1 << 40));
     assert_eq!(g("test.i64"), Value::I64(-(1 << 40)));
     assert_eq!(g("test.f64"), Value::F64(-1.5));
-    assert_eq!(g("test.arr"), Value::Array(vec![Value::String("a".into()), Value::String("bc".into())]));
+    assert_eq!(
+        g("test.arr"),
+        Value::Array(vec![Value::String("a".into()), Value::String("bc".into())])
+    );
     assert_eq!(g("general.architecture").as_str(), Some("llama"));
 }
 
@@ -137,16 +148,26 @@ impl Writer {
 /// llama.cpp's `permute` of q/k rows (convert_hf_to_gguf.py).
 fn permute(w: &Tensor, heads: i64) -> Tensor {
     let s = w.size();
-    w.reshape([heads, 2, s[0] / heads / 2, s[1]]).transpose(1, 2).reshape([s[0], s[1]])
+    w.reshape([heads, 2, s[0] / heads / 2, s[1]])
+        .transpose(1, 2)
+        .reshape([s[0], s[1]])
 }
 
 /// The tiny Llama fixture converted to GGUF as llama.cpp would, with a vocabulary of `n_vocab` tokens.
 fn tiny_llama_gguf(n_vocab: usize) -> Writer {
     let dir = fixtures().join("tiny-llama");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("json");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("json");
     let u = |k: &str| cfg[k].as_u64().expect(k) as u32;
-    let (heads, kv) = (i64::from(u("num_attention_heads")), i64::from(u("num_key_value_heads")));
-    let theta = cfg["rope_theta"].as_f64().or_else(|| cfg["rope_parameters"]["rope_theta"].as_f64()).expect("theta");
+    let (heads, kv) = (
+        i64::from(u("num_attention_heads")),
+        i64::from(u("num_key_value_heads")),
+    );
+    let theta = cfg["rope_theta"]
+        .as_f64()
+        .or_else(|| cfg["rope_parameters"]["rope_theta"].as_f64())
+        .expect("theta");
     let mut w = Writer::default();
     w.str("general.architecture", "llama")
         .u32("llama.block_count", u("num_hidden_layers"))
@@ -156,9 +177,15 @@ fn tiny_llama_gguf(n_vocab: usize) -> Writer {
         .u32("llama.attention.head_count_kv", kv as u32)
         .u32("llama.context_length", 64)
         .f32("llama.rope.freq_base", theta as f32)
-        .f32("llama.attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"].as_f64().expect("eps") as f32)
+        .f32(
+            "llama.attention.layer_norm_rms_epsilon",
+            cfg["rms_norm_eps"].as_f64().expect("eps") as f32,
+        )
         .str("tokenizer.ggml.model", "gpt2")
-        .strs("tokenizer.ggml.tokens", &(0..n_vocab).map(|i| format!("t{i}")).collect::<Vec<_>>())
+        .strs(
+            "tokenizer.ggml.tokens",
+            &(0..n_vocab).map(|i| format!("t{i}")).collect::<Vec<_>>(),
+        )
         .strs("tokenizer.ggml.merges", &[]);
     let tensors = Tensor::read_safetensors(dir.join("model.safetensors")).expect("safetensors");
     for (name, t) in &tensors {
@@ -195,8 +222,14 @@ fn tiny_llama_through_gguf_gives_transformers_logits() {
     let model = rankstab_train::gguf::load_llama(&path, Kind::Float, Device::Cpu).expect("loads");
     assert_eq!((model.config.num_heads, model.config.num_kv_heads), (6, 2));
     assert!(model.config.tie_word_embeddings);
-    let r = Tensor::read_safetensors(fixtures().join("tiny-llama/reference.safetensors")).expect("reference");
-    let get = |n: &str| r.iter().find(|(k, _)| k == n).map(|(_, v)| v.shallow_clone()).expect("tensor");
+    let r = Tensor::read_safetensors(fixtures().join("tiny-llama/reference.safetensors"))
+        .expect("reference");
+    let get = |n: &str| {
+        r.iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.shallow_clone())
+            .expect("tensor")
+    };
     let got = tch::no_grad(|| model.forward(&get("input_ids"), false));
     let d = (&got - get("logits")).abs().max().double_value(&[]);
     eprintln!("tiny Llama via GGUF: max |logit difference| {d:.3e}");
@@ -204,7 +237,9 @@ fn tiny_llama_through_gguf_gives_transformers_logits() {
 }
 
 fn err_of(path: &Path) -> String {
-    let e = rankstab_train::load::load(path, Kind::Float, Device::Cpu).expect_err("must fail").to_string();
+    let e = rankstab_train::load::load(path, Kind::Float, Device::Cpu)
+        .expect_err("must fail")
+        .to_string();
     assert!(!e.is_empty() && !e.contains('\n'), "one line: {e:?}");
     e
 }
@@ -224,7 +259,10 @@ fn truncated_gguf_names_the_tensor() {
     let p = tmp.path().join("cut.gguf");
     std::fs::write(&p, &bytes[..bytes.len() - 100]).expect("write");
     let e = GgufFile::open(&p).expect_err("truncated").to_string();
-    assert!(e.contains("truncated") && e.contains("t.q6_k") && e.contains("cut.gguf"), "{e}");
+    assert!(
+        e.contains("truncated") && e.contains("t.q6_k") && e.contains("cut.gguf"),
+        "{e}"
+    );
     // Cut inside the metadata.
     std::fs::write(&p, &bytes[..200]).expect("write");
     let e = GgufFile::open(&p).expect_err("truncated").to_string();
@@ -235,10 +273,14 @@ fn truncated_gguf_names_the_tensor() {
 fn unsupported_quantization_is_named() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut w = Writer::default();
-    w.str("general.architecture", "llama").tensor("blk.0.attn_q.weight", &[256, 1], 10, &[0u8; 84]);
+    w.str("general.architecture", "llama")
+        .tensor("blk.0.attn_q.weight", &[256, 1], 10, &[0u8; 84]);
     let p = w.write(tmp.path(), "q2k.gguf");
     let e = GgufFile::open(&p).expect_err("unsupported").to_string();
-    assert!(e.contains("Q2_K") && e.contains("blk.0.attn_q.weight"), "{e}");
+    assert!(
+        e.contains("Q2_K") && e.contains("blk.0.attn_q.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -247,12 +289,18 @@ fn corrupt_headers_are_errors_not_panics() {
     let p = tmp.path().join("x.gguf");
     // Not GGUF at all.
     std::fs::write(&p, b"GGML0000").expect("write");
-    assert!(GgufFile::open(&p).expect_err("magic").to_string().contains("not a GGUF"));
+    assert!(GgufFile::open(&p)
+        .expect_err("magic")
+        .to_string()
+        .contains("not a GGUF"));
     // Unknown version.
     let mut b = Writer::default().bytes();
     b[4] = 9;
     std::fs::write(&p, &b).expect("write");
-    assert!(GgufFile::open(&p).expect_err("version").to_string().contains("version 9"));
+    assert!(GgufFile::open(&p)
+        .expect_err("version")
+        .to_string()
+        .contains("version 9"));
     // A string length far beyond the file: no giant allocation, an error.
     let mut w = Writer::default();
     w.str("k", "v");
@@ -260,7 +308,10 @@ fn corrupt_headers_are_errors_not_panics() {
     let at = 24 + 8 + 1 + 4; // header, key length, key, type: the value's length
     b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&p, &b).expect("write");
-    assert!(GgufFile::open(&p).expect_err("length").to_string().contains("truncated or corrupt"));
+    assert!(GgufFile::open(&p)
+        .expect_err("length")
+        .to_string()
+        .contains("truncated or corrupt"));
     // Dimensions whose product overflows: an error, not an overflow panic.
     let mut w = Writer::default();
     w.tensor("big", &[1 << 62, 1 << 62], 0, &[0u8; 4]);

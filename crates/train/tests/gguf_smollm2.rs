@@ -16,7 +16,10 @@ fn asset() -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("SKIPPED: {} is absent; run scripts/fetch-assets.sh to fetch it", p.display());
+        eprintln!(
+            "SKIPPED: {} is absent; run scripts/fetch-assets.sh to fetch it",
+            p.display()
+        );
         None
     }
 }
@@ -32,13 +35,22 @@ struct Reference {
 
 impl Reference {
     fn load() -> Self {
-        let tensors = Tensor::read_safetensors(fixture().join("reference.safetensors")).expect("reference.safetensors");
-        let text = std::fs::read_to_string(fixture().join("reference.json")).expect("reference.json");
-        Self { tensors, json: serde_json::from_str(&text).expect("json") }
+        let tensors = Tensor::read_safetensors(fixture().join("reference.safetensors"))
+            .expect("reference.safetensors");
+        let text =
+            std::fs::read_to_string(fixture().join("reference.json")).expect("reference.json");
+        Self {
+            tensors,
+            json: serde_json::from_str(&text).expect("json"),
+        }
     }
 
     fn get(&self, name: &str) -> Tensor {
-        self.tensors.iter().find(|(k, _)| k == name).map(|(_, v)| v.shallow_clone()).unwrap_or_else(|| panic!("{name} in fixture"))
+        self.tensors
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.shallow_clone())
+            .unwrap_or_else(|| panic!("{name} in fixture"))
     }
 
     fn ids(&self, name: &str) -> Vec<i64> {
@@ -52,20 +64,48 @@ fn dequantized_tensors_match_transformers() {
     let r = Reference::load();
     let file = GgufFile::open(&path).expect("opens");
     let cfg = file.llama_config().expect("config");
-    assert_eq!((cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads), (30, 576, 9, 3));
+    assert_eq!(
+        (
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads
+        ),
+        (30, 576, 9, 3)
+    );
     assert!(cfg.tie_word_embeddings);
     assert_eq!(cfg.rope_theta, 100_000.0);
     let ours = file.hf_tensors(&cfg).expect("dequantizes");
     // Every tensor: sum and sum of squares in f64.
-    let names: Vec<String> = r.json["moment_names"].as_array().expect("names").iter().map(|v| v.as_str().expect("str").to_string()).collect();
+    let names: Vec<String> = r.json["moment_names"]
+        .as_array()
+        .expect("names")
+        .iter()
+        .map(|v| v.as_str().expect("str").to_string())
+        .collect();
     assert_eq!(names.len(), ours.len(), "tensor count");
     let moments = r.get("moments");
     for (i, n) in names.iter().enumerate() {
-        let t = ours.get(n).unwrap_or_else(|| panic!("{n} missing from our tensors")).to_kind(Kind::Double);
-        let (s, q) = (t.sum(Kind::Double).double_value(&[]), t.square().sum(Kind::Double).double_value(&[]));
-        let (ws, wq) = (moments.double_value(&[i as i64, 0]), moments.double_value(&[i as i64, 1]));
-        assert!((s - ws).abs() <= 1e-6 * (1.0 + wq.sqrt() * 10.0), "{n}: sum {s} vs {ws}");
-        assert!((q - wq).abs() <= 1e-6 * wq.max(1e-12), "{n}: sum of squares {q} vs {wq}");
+        let t = ours
+            .get(n)
+            .unwrap_or_else(|| panic!("{n} missing from our tensors"))
+            .to_kind(Kind::Double);
+        let (s, q) = (
+            t.sum(Kind::Double).double_value(&[]),
+            t.square().sum(Kind::Double).double_value(&[]),
+        );
+        let (ws, wq) = (
+            moments.double_value(&[i as i64, 0]),
+            moments.double_value(&[i as i64, 1]),
+        );
+        assert!(
+            (s - ws).abs() <= 1e-6 * (1.0 + wq.sqrt() * 10.0),
+            "{n}: sum {s} vs {ws}"
+        );
+        assert!(
+            (q - wq).abs() <= 1e-6 * wq.max(1e-12),
+            "{n}: sum of squares {q} vs {wq}"
+        );
     }
     // Whole rows, where a wrong q/k row order or a wrong nibble order would show.
     let mut worst = 0f64;
@@ -74,7 +114,11 @@ fn dequantized_tensors_match_transformers() {
         let rows = r.get(k);
         let want = r.get(&format!("values/{n}"));
         let t = &ours[n];
-        let t = if t.dim() == 1 { t.unsqueeze(0) } else { t.shallow_clone() };
+        let t = if t.dim() == 1 {
+            t.unsqueeze(0)
+        } else {
+            t.shallow_clone()
+        };
         let got = t.index_select(0, &rows);
         let d = (&got - &want).abs().max().double_value(&[]);
         assert!(d < 1e-6, "{n}: rows differ by {d}");
@@ -89,7 +133,8 @@ fn logits_and_greedy_answer_match_transformers() {
     let r = Reference::load();
     let loaded = load::load(&path, Kind::Float, Device::Cpu).expect("loads");
     // The prompt: our chat template rendering and tokenizer give transformers' ids.
-    let prompt = rankstab_train::generate::chat_prompt(&loaded, "What is the capital of France?").expect("template");
+    let prompt = rankstab_train::generate::chat_prompt(&loaded, "What is the capital of France?")
+        .expect("template");
     assert_eq!(prompt, r.json["prompt"].as_str().expect("prompt"));
     let ids = loaded.tokenizer.encode(&prompt).expect("ids");
     assert_eq!(ids, r.ids("input_ids"));
@@ -100,18 +145,35 @@ fn logits_and_greedy_answer_match_transformers() {
     let got = logits.index_select(0, &pos).index_select(1, &voc);
     let want = r.get("logits");
     let d = (&got - &want).abs().max().double_value(&[]);
-    eprintln!("SmolLM2 logits at {} positions x {} ids: max |difference| {d:.3e}", pos.size()[0], voc.size()[0]);
+    eprintln!(
+        "SmolLM2 logits at {} positions x {} ids: max |difference| {d:.3e}",
+        pos.size()[0],
+        voc.size()[0]
+    );
     assert!(want.abs().max().double_value(&[]) > 1.0);
     assert!(d < 1e-3, "max |logit difference| {d}");
     // Greedy answer: the same ids as transformers' generate, and it says Paris.
     let want_ids = r.ids("generated");
-    let new = rankstab_train::generate::greedy(&loaded.model, &ids, want_ids.len(), &loaded.eos_ids, Device::Cpu).expect("greedy");
+    let new = rankstab_train::generate::greedy(
+        &loaded.model,
+        &ids,
+        want_ids.len(),
+        &loaded.eos_ids,
+        Device::Cpu,
+    )
+    .expect("greedy");
     assert_eq!(new, want_ids);
     let text = loaded.tokenizer.decode(&new, false).expect("decode");
     eprintln!("SmolLM2 answers: {text:?}");
     assert!(text.contains("Paris"), "{text}");
     // The one-call path `rankstab generate` uses: template, greedy, decode, stop at <|im_end|>.
-    let answer = rankstab_train::generate::answer(&loaded, "What is the capital of France?", 30, Device::Cpu).expect("answer");
+    let answer = rankstab_train::generate::answer(
+        &loaded,
+        "What is the capital of France?",
+        30,
+        Device::Cpu,
+    )
+    .expect("answer");
     assert_eq!(answer, "The capital of France is Paris.");
 }
 
@@ -121,13 +183,23 @@ fn tokenizer_from_gguf_metadata_matches_transformers() {
     let r = Reference::load();
     let file = GgufFile::open(&path).expect("opens");
     let json = rankstab_train::gguf::tokenizer_json(&file).expect("tokenizer json");
-    let tok = rankstab_train::text::TextTokenizer::from_json(&json.to_string(), &path).expect("tokenizer");
+    let tok = rankstab_train::text::TextTokenizer::from_json(&json.to_string(), &path)
+        .expect("tokenizer");
     let cases = r.json["tokenizer_cases"].as_array().expect("cases");
     assert!(cases.len() >= 5);
     for c in cases {
         let text = c["text"].as_str().expect("text");
-        let want: Vec<i64> = c["ids"].as_array().expect("ids").iter().map(|v| v.as_i64().expect("id")).collect();
+        let want: Vec<i64> = c["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_i64().expect("id"))
+            .collect();
         assert_eq!(tok.encode(text).expect("encode"), want, "{text:?}");
-        assert_eq!(tok.decode(&want, true).expect("decode"), text, "round trip of {text:?}");
+        assert_eq!(
+            tok.decode(&want, true).expect("decode"),
+            text,
+            "round trip of {text:?}"
+        );
     }
 }

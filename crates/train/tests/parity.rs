@@ -5,12 +5,19 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn reference(dir: &Path) -> (Tensor, Tensor) {
     let t = Tensor::read_safetensors(dir.join("reference.safetensors")).expect("reference");
-    let get = |n: &str| t.iter().find(|(k, _)| k == n).map(|(_, v)| v.shallow_clone()).expect("tensor present");
+    let get = |n: &str| {
+        t.iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.shallow_clone())
+            .expect("tensor present")
+    };
     (get("input_ids"), get("logits"))
 }
 
@@ -20,13 +27,19 @@ fn tiny_llama_gqa_tied_matches_transformers() {
     let model = Llama::from_dir(&dir, Kind::Float, Device::Cpu).expect("loads");
     assert!(model.lm_head.is_none(), "tied embeddings");
     assert_eq!((model.config.num_heads, model.config.num_kv_heads), (6, 2));
-    assert_eq!(model.config.rope_theta, 500.0, "rope_theta from rope_parameters");
+    assert_eq!(
+        model.config.rope_theta, 500.0,
+        "rope_theta from rope_parameters"
+    );
     let (ids, want) = reference(&dir);
     let got = tch::no_grad(|| model.forward(&ids, false));
     assert_eq!(got.size(), want.size());
     let diff = (&got - &want).abs().max().double_value(&[]);
     let scale = want.abs().max().double_value(&[]);
-    assert!(scale > 1.0, "reference logits too small to test anything ({scale})");
+    assert!(
+        scale > 1.0,
+        "reference logits too small to test anything ({scale})"
+    );
     eprintln!("{}: max |logit difference| {diff:.3e}", dir.display());
     assert!(diff < 1e-4, "max |logit difference| {diff}");
 }
@@ -34,8 +47,12 @@ fn tiny_llama_gqa_tied_matches_transformers() {
 #[test]
 fn tiny_gptj_partial_rotary_matches_transformers() {
     let dir = fixture("tiny-gptj");
-    let model = rankstab_train::gptj::Gptj::from_dir(&dir, Kind::Float, Device::Cpu).expect("loads");
-    assert!(model.config.rotary_dim < model.config.head_dim, "partial rotary");
+    let model =
+        rankstab_train::gptj::Gptj::from_dir(&dir, Kind::Float, Device::Cpu).expect("loads");
+    assert!(
+        model.config.rotary_dim < model.config.head_dim,
+        "partial rotary"
+    );
     let (ids, want) = reference(&dir);
     let got = tch::no_grad(|| model.forward(&ids, false));
     assert_eq!(got.size(), want.size());
@@ -53,10 +70,17 @@ fn evaluation_matches_a_direct_cross_entropy() {
     let dir = fixture("tiny-llama");
     let model = rankstab_train::CausalLm::from_dir(&dir, Kind::Float, Device::Cpu).expect("loads");
     let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer");
-    tok.check_fits(&dir.join("tokenizer.json"), model.vocab_size()).expect("fits");
+    tok.check_fits(&dir.join("tokenizer.json"), model.vocab_size())
+        .expect("fits");
     let file = tempfile::NamedTempFile::new().expect("tmp");
-    std::fs::write(file.path(), "It is a truth universally acknowledged, that a single man in possession of a good fortune").expect("write");
-    let ids = tok.encode(&read_text(file.path()).expect("text")).expect("ids");
+    std::fs::write(
+        file.path(),
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune",
+    )
+    .expect("write");
+    let ids = tok
+        .encode(&read_text(file.path()).expect("text"))
+        .expect("ids");
     assert!(ids.len() > 10);
     let whole = evaluate(&model, &ids, ids.len(), 1, Device::Cpu).expect("eval");
     let t = Tensor::from_slice(&ids).view([1, ids.len() as i64]);
@@ -64,12 +88,24 @@ fn evaluation_matches_a_direct_cross_entropy() {
     let n = ids.len() as i64;
     let lp = logits.narrow(1, 0, n - 1).log_softmax(-1, Kind::Double);
     let tgt = t.narrow(1, 1, n - 1).unsqueeze(-1);
-    let direct = -lp.gather(-1, &tgt, false).mean(Kind::Double).double_value(&[]);
+    let direct = -lp
+        .gather(-1, &tgt, false)
+        .mean(Kind::Double)
+        .double_value(&[]);
     assert_eq!(whole.tokens, n - 1);
-    assert!((whole.nll - direct).abs() < 1e-5, "{} vs {direct}", whole.nll);
+    assert!(
+        (whole.nll - direct).abs() < 1e-5,
+        "{} vs {direct}",
+        whole.nll
+    );
     assert!((whole.perplexity / direct.exp() - 1.0).abs() < 1e-5);
     let a = evaluate(&model, &ids, 4, 1, Device::Cpu).expect("eval");
     let b = evaluate(&model, &ids, 4, 3, Device::Cpu).expect("eval");
     assert_eq!(a.tokens, b.tokens);
-    assert!((a.nll - b.nll).abs() < 1e-6, "batching changed the NLL: {} vs {}", a.nll, b.nll);
+    assert!(
+        (a.nll - b.nll).abs() < 1e-6,
+        "batching changed the NLL: {} vs {}",
+        a.nll,
+        b.nll
+    );
 }

@@ -16,7 +16,10 @@ fn assets() -> PathBuf {
 
 fn present(p: &Path) -> bool {
     if !p.exists() {
-        eprintln!("SKIPPED: {} is absent; run scripts/fetch-assets.sh to fetch it", p.display());
+        eprintln!(
+            "SKIPPED: {} is absent; run scripts/fetch-assets.sh to fetch it",
+            p.display()
+        );
     }
     p.exists()
 }
@@ -27,11 +30,25 @@ fn vectors(name: &str) -> Vec<(String, Vec<i64>)> {
     let inp = std::fs::read_to_string(dir.join(format!("{name}.inp"))).expect("inp");
     let out = std::fs::read_to_string(dir.join(format!("{name}.out"))).expect("out");
     let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
-    let ids: Vec<Vec<i64>> =
-        out.lines().map(|l| l.split_whitespace().map(|t| t.parse().expect("id")).collect()).collect();
+    let ids: Vec<Vec<i64>> = out
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .map(|t| t.parse().expect("id"))
+                .collect()
+        })
+        .collect();
     // The file ends with a separator, so the split leaves one empty tail.
-    assert_eq!(texts.len(), ids.len() + 1, "{name}: inputs and outputs pair up");
-    texts.into_iter().zip(ids).map(|(t, i)| (t.to_string(), i)).collect()
+    assert_eq!(
+        texts.len(),
+        ids.len() + 1,
+        "{name}: inputs and outputs pair up"
+    );
+    texts
+        .into_iter()
+        .zip(ids)
+        .map(|(t, i)| (t.to_string(), i))
+        .collect()
 }
 
 fn check(tok: &TextTokenizer, name: &str) {
@@ -44,7 +61,13 @@ fn check(tok: &TextTokenizer, name: &str) {
             failed.push(format!("{text:?}: got {got:?}, llama.cpp {want:?}"));
         }
     }
-    assert!(failed.is_empty(), "{name}: {} of {} differ:\n{}", failed.len(), cases.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{name}: {} of {} differ:\n{}",
+        failed.len(),
+        cases.len(),
+        failed.join("\n")
+    );
     eprintln!("{name}: all {} test strings match llama.cpp", cases.len());
 }
 
@@ -74,7 +97,10 @@ fn gpt2_vocab_from_gguf_matches_llama_cpp() {
 fn llama2_tokenizer_json_matches_llama_cpp() {
     let p = assets().join("llama2-tokenizer/tokenizer.json");
     if present(&p) {
-        check(&TextTokenizer::from_file(&p).expect("tokenizer.json"), "ggml-vocab-llama-spm.gguf");
+        check(
+            &TextTokenizer::from_file(&p).expect("tokenizer.json"),
+            "ggml-vocab-llama-spm.gguf",
+        );
     }
 }
 
@@ -82,7 +108,11 @@ fn llama2_tokenizer_json_matches_llama_cpp() {
 fn gpt2_vocab_and_merges_match_llama_cpp() {
     let dir = assets().join("gpt2-tokenizer");
     if present(&dir.join("vocab.json")) {
-        let tok = rankstab_train::load::tokenizer_from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt")).expect("bpe files");
+        let tok = rankstab_train::load::tokenizer_from_vocab_merges(
+            &dir.join("vocab.json"),
+            &dir.join("merges.txt"),
+        )
+        .expect("bpe files");
         check(&tok, "ggml-vocab-gpt-2.gguf");
     }
 }

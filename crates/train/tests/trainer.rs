@@ -54,17 +54,30 @@ fn adamw_lowers_the_loss_and_writes_rows_and_a_peft_adapter() {
     let (dir, out) = run(&cfg(4, 0.5, Optim::Adamw, 30, 0));
     assert!(out.diverged.is_none());
     let metrics: Vec<MetricRow> = read_table(&dir.path().join("metrics.csv")).expect("metrics");
-    let loss = |step: u32| metrics.iter().find(|m| m.metric == "loss" && m.step == step).expect("loss row").value;
+    let loss = |step: u32| {
+        metrics
+            .iter()
+            .find(|m| m.metric == "loss" && m.step == step)
+            .expect("loss row")
+            .value
+    };
     assert!(loss(29) < loss(0) - 0.5, "loss {} -> {}", loss(0), loss(29));
     let moments: Vec<MomentRow> = read_table(&dir.path().join("moments.csv")).expect("moments");
     // 2 layers x 7 modules adapted, every step probed.
-    let modules: std::collections::BTreeSet<_> = moments.iter().map(|r| (r.layer, r.module.clone())).collect();
+    let modules: std::collections::BTreeSet<_> = moments
+        .iter()
+        .map(|r| (r.layer, r.module.clone()))
+        .collect();
     assert_eq!(modules.len(), 14);
     for site in ["fwd", "grad_out", "bwd", "param"] {
-        assert!(moments.iter().any(|r| r.site == site && r.step == 10), "{site}");
+        assert!(
+            moments.iter().any(|r| r.site == site && r.step == 10),
+            "{site}"
+        );
     }
     assert!(dir.path().join("adapters/adapter_config.json").exists());
-    let (pc, tensors) = rankstab_train::lora::load_peft(&dir.path().join("adapters")).expect("peft");
+    let (pc, tensors) =
+        rankstab_train::lora::load_peft(&dir.path().join("adapters")).expect("peft");
     assert!(pc.use_rslora && pc.r == 4 && tensors.len() == 14);
 }
 
@@ -74,7 +87,9 @@ fn at_step_zero_b_is_zero_so_only_grad_b_is_nonzero() {
     let moments: Vec<MomentRow> = read_table(&dir.path().join("moments.csv")).expect("moments");
     for r in moments.iter().filter(|r| r.step == 0) {
         match (r.site.as_str(), r.stat.as_str()) {
-            ("fwd" | "bwd", _) | ("param", "grad_norm_a" | "delta_norm") => assert_eq!(r.value, 0.0, "{r:?}"),
+            ("fwd" | "bwd", _) | ("param", "grad_norm_a" | "delta_norm") => {
+                assert_eq!(r.value, 0.0, "{r:?}")
+            }
             ("param", "grad_norm_b") | ("grad_out", "abs") => assert!(r.value > 0.0, "{r:?}"),
             _ => {}
         }
@@ -90,8 +105,13 @@ fn step_zero_gradient_norm_of_b_scales_as_gamma_sqrt_r() {
         let mut s = 0.0;
         for seed in 0..6 {
             let (dir, _) = run(&cfg(rank, beta, Optim::Sgd, 1, 100 + seed));
-            let moments: Vec<MomentRow> = read_table(&dir.path().join("moments.csv")).expect("moments");
-            let v: Vec<f64> = moments.iter().filter(|r| r.stat == "grad_norm_b" && r.step == 0).map(|r| r.value * r.value).collect();
+            let moments: Vec<MomentRow> =
+                read_table(&dir.path().join("moments.csv")).expect("moments");
+            let v: Vec<f64> = moments
+                .iter()
+                .filter(|r| r.stat == "grad_norm_b" && r.step == 0)
+                .map(|r| r.value * r.value)
+                .collect();
             s += v.iter().sum::<f64>() / v.len() as f64;
         }
         (s / 6.0).sqrt()
@@ -100,7 +120,10 @@ fn step_zero_gradient_norm_of_b_scales_as_gamma_sqrt_r() {
         let ratio = mean_norm(16, beta) / mean_norm(2, beta);
         let gamma_ratio = (16f64 / 2.0).powf(-beta);
         let want = gamma_ratio * 8f64.sqrt();
-        assert!((ratio / want - 1.0).abs() < 0.25, "beta {beta}: ratio {ratio}, want {want}");
+        assert!(
+            (ratio / want - 1.0).abs() < 0.25,
+            "beta {beta}: ratio {ratio}, want {want}"
+        );
     }
 }
 
@@ -112,6 +135,11 @@ fn unknown_target_module_lists_the_available_ones() {
     let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
     let ids: Vec<i64> = (0..200).map(|i| i % 90).collect();
     let vs = nn::VarStore::new(Device::Cpu);
-    let e = train(&mut model, &vs, &ids, &c, dir.path(), |_, _| {}).expect_err("unknown").to_string();
-    assert!(e.contains("qkv") && e.contains("q_proj") && e.contains("down_proj"), "{e}");
+    let e = train(&mut model, &vs, &ids, &c, dir.path(), |_, _| {})
+        .expect_err("unknown")
+        .to_string();
+    assert!(
+        e.contains("qkv") && e.contains("q_proj") && e.contains("down_proj"),
+        "{e}"
+    );
 }

@@ -4,7 +4,10 @@
 //! real training runs exist. Values follow the Adam laws of proofs/ exactly, times a
 //! deterministic per-seed factor shared across ranks and a small per-rank wobble.
 #![allow(dead_code)]
-use rankstab_records::{files, write_json_atomic, Manifest, MetricRow, MomentRow, RunStatus, TableWriter, SCHEMA_VERSION};
+use rankstab_records::{
+    files, write_json_atomic, Manifest, MetricRow, MomentRow, RunStatus, TableWriter,
+    SCHEMA_VERSION,
+};
 use std::path::{Path, PathBuf};
 
 pub const MODEL: &str = "tiny-llama";
@@ -18,8 +21,8 @@ pub const STEPS: [u32; 5] = [0, 10, 20, 30, 40];
 /// Expected AdamW exponent of each (site, stat) for scaling exponent beta (second moments).
 pub fn expected(site: &str, stat: &str, beta: f64) -> f64 {
     match (site, stat) {
-        ("fwd", "abs") => 2.0 * (1.0 - beta),   // coherent limit m (1 - beta)
-        ("bwd", "abs") => 2.0 * (0.5 - beta),   // incoherent: m (1/2 - beta)
+        ("fwd", "abs") => 2.0 * (1.0 - beta), // coherent limit m (1 - beta)
+        ("bwd", "abs") => 2.0 * (0.5 - beta), // incoherent: m (1/2 - beta)
         ("param", "grad_norm_b") | ("param", "grad_norm_a") => 0.5 - beta,
         _ => 0.0,
     }
@@ -27,7 +30,8 @@ pub fn expected(site: &str, stat: &str, beta: f64) -> f64 {
 
 fn factor(seed: u64, rank: u32, step: u32) -> f64 {
     let s = seed as f64;
-    (1.0 + 0.1 * (s * 1.7 + f64::from(step) * 0.01).sin()) * (1.0 + 0.01 * (f64::from(rank) * 0.9 + s).cos())
+    (1.0 + 0.1 * (s * 1.7 + f64::from(step) * 0.01).sin())
+        * (1.0 + 0.01 * (f64::from(rank) * 0.9 + s).cos())
 }
 
 /// Writes one training cell; returns its directory.
@@ -69,28 +73,65 @@ pub fn write_train_cell(root: &Path, rank: u32, scaling: &str, beta: f64, seed: 
             for &step in &STEPS {
                 let f = factor(seed, rank, step) * scale;
                 let mut push = |site: &str, stat: &str, m: Option<u32>, value: f64| {
-                    rows.push(MomentRow { module: (*module).into(), layer, width: *width, step, site: site.into(), stat: stat.into(), m, value, ..base.clone() });
+                    rows.push(MomentRow {
+                        module: (*module).into(),
+                        layer,
+                        width: *width,
+                        step,
+                        site: site.into(),
+                        stat: stat.into(),
+                        m,
+                        value,
+                        ..base.clone()
+                    });
                 };
                 // B = 0 at step 0: adapter output and input gradient are exactly zero there.
                 let live = if step == 0 { 0.0 } else { 1.0 };
-                push("fwd", "abs", Some(2), live * 1e-4 * f * r.powf(expected("fwd", "abs", beta)));
-                push("bwd", "abs", Some(2), live * 1e-6 * f * r.powf(expected("bwd", "abs", beta)));
+                push(
+                    "fwd",
+                    "abs",
+                    Some(2),
+                    live * 1e-4 * f * r.powf(expected("fwd", "abs", beta)),
+                );
+                push(
+                    "bwd",
+                    "abs",
+                    Some(2),
+                    live * 1e-6 * f * r.powf(expected("bwd", "abs", beta)),
+                );
                 push("grad_out", "abs", Some(2), 1e-3 * f);
-                push("param", "grad_norm_b", None, 1e-2 * f * r.powf(expected("param", "grad_norm_b", beta)));
-                push("param", "grad_norm_a", None, live * 1e-3 * f * r.powf(expected("param", "grad_norm_a", beta)));
+                push(
+                    "param",
+                    "grad_norm_b",
+                    None,
+                    1e-2 * f * r.powf(expected("param", "grad_norm_b", beta)),
+                );
+                push(
+                    "param",
+                    "grad_norm_a",
+                    None,
+                    live * 1e-3 * f * r.powf(expected("param", "grad_norm_a", beta)),
+                );
             }
         }
     }
-    TableWriter::<MomentRow>::open(&dir.join(files::MOMENTS)).expect("open").append(&rows).expect("append");
+    TableWriter::<MomentRow>::open(&dir.join(files::MOMENTS))
+        .expect("open")
+        .append(&rows)
+        .expect("append");
     let mut metrics = Vec::new();
     for &step in &STEPS {
         let s = f64::from(step);
-        let ppl = 2.0 + 3.0 * (-s / 20.0).exp() - 0.02 * (r.ln()) * (0.5 / beta).min(1.0) * (1.0 - (-s / 20.0).exp());
+        let ppl = 2.0 + 3.0 * (-s / 20.0).exp()
+            - 0.02 * (r.ln()) * (0.5 / beta).min(1.0) * (1.0 - (-s / 20.0).exp());
         for (metric, value) in [
             ("loss", ppl.ln() + 0.01),
             ("heldout_loss", ppl.ln()),
             ("heldout_perplexity", ppl),
-            ("grad_norm_avg", 1e-2 * factor(seed, rank, step) * r.powf(0.5 - beta) * (1.0 + (-s / 10.0).exp())),
+            (
+                "grad_norm_avg",
+                1e-2 * factor(seed, rank, step) * r.powf(0.5 - beta) * (1.0 + (-s / 10.0).exp()),
+            ),
             ("lr", 5e-5),
         ] {
             metrics.push(MetricRow {
@@ -108,7 +149,10 @@ pub fn write_train_cell(root: &Path, rank: u32, scaling: &str, beta: f64, seed: 
             });
         }
     }
-    TableWriter::<MetricRow>::open(&dir.join(files::METRICS)).expect("open").append(&metrics).expect("append");
+    TableWriter::<MetricRow>::open(&dir.join(files::METRICS))
+        .expect("open")
+        .append(&metrics)
+        .expect("append");
     dir
 }
 
