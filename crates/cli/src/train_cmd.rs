@@ -1,15 +1,12 @@
 //! `rankstab train`: one instrumented LoRA / rsLoRA fine-tuning run (one sweep cell).
 use anyhow::{bail, Result};
 use clap::Args;
-use rankstab_records::{
-    scaling_name, scaling_preset, write_json_atomic, Manifest, RunStatus, SCHEMA_VERSION,
-};
+use rankstab_records::scaling_preset;
+use rankstab_train::data::{DataFormat, DataSpec};
 use rankstab_train::lora::LoraInit;
-use rankstab_train::text::{read_text, TextTokenizer};
-use rankstab_train::trainer::{train, Optim, TrainConfig};
-use rankstab_train::CausalLm;
+use rankstab_train::sweep::{cell_state, load_model, run_dir, CellState, ModelSpec, RunMeta};
+use rankstab_train::trainer::{Optim, TrainConfig};
 use std::path::PathBuf;
-use tch::{nn, Kind};
 
 /// Options of `rankstab train`.
 #[derive(Args, Debug)]
@@ -17,17 +14,34 @@ use tch::{nn, Kind};
 Examples:
   rankstab train --model path/to/hf-model-dir --data book.txt --rank 16 --scaling rslora --optimizer adamw --steps 50
   rankstab train --model DIR --data book.txt --rank 64 --scaling lora --optimizer sgd --lr 0.1 --steps 20 --out runs/r64
+  rankstab train --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --data orca.jsonl --rank 16 --steps 100 --batch 32 --micro-batch 4
+  rankstab train --model preset:gpt-j-mini --tokenizer assets/gpt2-tokenizer --data book.txt --rank 8 --steps 10
+
+Data: .txt is plain text (packed into windows of --context tokens); .jsonl and .parquet
+rows have OpenOrca's fields system_prompt, question, response (loss on the response only).
+With --checkpoint-every K a killed run resumes when the same command is run again.
 
 Writes OUT/manifest.json, moments.csv (probes of every adapter), metrics.csv (loss,
 perplexity, held-out perplexity, average parameter gradient norm) and OUT/adapters/
 (PEFT format: adapter_config.json + adapter_model.safetensors).")]
 pub struct TrainArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
-    /// Plain UTF-8 text to fine-tune on.
+    /// A Hugging Face model directory, a GGUF file, or preset:NAME (random weights of
+    /// llama-2-7b, gpt-j-6b, llama-2-mini or gpt-j-mini; needs --tokenizer).
+    #[arg(long, value_name = "PATH")]
+    model: String,
+    /// Tokenizer for a preset model: tokenizer.json, or a directory with it or with
+    /// vocab.json + merges.txt.
+    #[arg(long, value_name = "PATH")]
+    tokenizer: Option<PathBuf>,
+    /// Training data: plain UTF-8 text (.txt) or OpenOrca-schema rows (.jsonl, .parquet).
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
+    /// How to read --data: auto (by extension), text or orca.
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// Use only the first N rows of an instruction dataset.
+    #[arg(long)]
+    max_examples: Option<usize>,
     /// Adapter rank.
     #[arg(long)]
     rank: usize,
@@ -49,21 +63,42 @@ pub struct TrainArgs {
     /// Optimisation steps.
     #[arg(long)]
     steps: usize,
-    /// Sequences per step.
+    /// Sequences per optimisation step.
     #[arg(long, default_value_t = 4)]
     batch: usize,
+    /// Sequences per forward/backward pass (gradient accumulation; default: --batch).
+    #[arg(long, default_value_t = 0)]
+    micro_batch: usize,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     context: usize,
+    /// Clip the adapters' global gradient norm.
+    #[arg(long)]
+    clip_grad_norm: Option<f64>,
+    /// Adapter dropout.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
     /// Probe every k steps (0: never).
     #[arg(long, default_value_t = 1)]
     probe_every: usize,
     /// Held-out evaluation every k steps.
     #[arg(long, default_value_t = 10)]
     eval_every: usize,
+    /// Write a resumable checkpoint every k steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Recompute block activations in the backward pass (less memory).
+    #[arg(long)]
+    activation_checkpointing: bool,
     /// Adapted modules, comma-separated (default: every attention and MLP linear).
     #[arg(long, value_delimiter = ',')]
     target_modules: Vec<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Base model dtype: f32 or bf16 (adapters stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -89,60 +124,58 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "sgd" => Optim::Sgd,
         o => bail!("--optimizer {o:?} is not allowed: use adamw or sgd"),
     };
-    if a.rank == 0 {
-        bail!("--rank 0 is not allowed: ranks are integers >= 1");
-    }
-    if !a.lr.is_finite() || a.lr <= 0.0 {
-        bail!("--lr {} is not allowed: use a finite number > 0", a.lr);
-    }
-    if !a.alpha.is_finite() || a.alpha <= 0.0 {
-        bail!(
-            "--alpha {} is not allowed: use a finite number > 0",
-            a.alpha
-        );
-    }
-    if a.steps == 0 || a.batch == 0 || a.context < 2 {
-        bail!(
-            "--steps {} / --batch {} / --context {}: use steps >= 1, batch >= 1, context >= 2",
-            a.steps,
-            a.batch,
-            a.context
-        );
-    }
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "train-{}",
-            chrono::Utc::now().format("%Y%m%d-%H%M%S")
-        ))
-    });
-    if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
-        bail!(
-            "{} exists and is not empty: choose another --out",
-            out.display()
-        );
-    }
-    let text = read_text(&a.data)?;
-    let device = tch::Device::Cpu;
-    let mut model = CausalLm::from_dir(&a.model, Kind::Float, device)?;
-    let tok_path = a.model.join("tokenizer.json");
-    let tok = TextTokenizer::from_file(&tok_path)?;
-    tok.check_fits(&tok_path, model.vocab_size())?;
-    let ids = tok.encode(&text)?;
-    let model_name = a
-        .model
-        .file_name()
-        .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().to_string());
+    let format = match a.format.as_str() {
+        "auto" => DataFormat::Auto,
+        "text" => DataFormat::Text,
+        "orca" => DataFormat::Orca,
+        f => bail!("--format {f:?} is not allowed: use auto, text or orca"),
+    };
+    let kind = match a.dtype.as_str() {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        d => bail!("--dtype {d:?} is not allowed: use f32 or bf16"),
+    };
+    let spec = match a.model.strip_prefix("preset:") {
+        Some(p) => ModelSpec {
+            name: p.to_string(),
+            path: None,
+            preset: Some(p.to_string()),
+            tokenizer: Some(a.tokenizer.clone().ok_or_else(|| {
+                anyhow::anyhow!("--model preset:{p} needs --tokenizer PATH")
+            })?),
+            init_seed: 0,
+            ranks: None,
+            steps: None,
+            target_modules: Vec::new(),
+        },
+        None => {
+            let path = PathBuf::from(&a.model);
+            ModelSpec {
+                name: path
+                    .file_stem()
+                    .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().to_string()),
+                path: Some(path),
+                preset: None,
+                tokenizer: None,
+                init_seed: 0,
+                ranks: None,
+                steps: None,
+                target_modules: Vec::new(),
+            }
+        }
+    };
     let cfg = TrainConfig {
-        model_name,
+        model_name: spec.name.clone(),
         rank: a.rank,
         alpha: a.alpha,
         beta,
         init: LoraInit::KaimingUniform,
-        dropout: 0.0,
+        dropout: a.dropout,
         optimizer,
         lr: a.lr,
         steps: a.steps,
         batch: a.batch,
+        micro_batch: a.micro_batch,
         context: a.context,
         probe_every: a.probe_every,
         eval_every: a.eval_every,
@@ -150,26 +183,58 @@ pub fn run(a: TrainArgs) -> Result<()> {
         target_modules: a.target_modules.clone(),
         moments: vec![1, 2, 3, 4],
         seed: a.seed,
+        clip_grad_norm: a.clip_grad_norm,
+        weight_decay: 0.0,
+        checkpoint_every: a.checkpoint_every,
+        activation_checkpointing: a.activation_checkpointing,
     };
-    // Check the data and the adapters before creating the run directory.
-    rankstab_train::trainer::windows(&ids, cfg.context, cfg.heldout_fraction, cfg.seed)?;
-    tch::manual_seed(a.seed as i64);
-    std::fs::create_dir_all(&out)?;
-    let mut manifest = Manifest {
-        schema_version: SCHEMA_VERSION,
-        tool: "rankstab".into(),
+    cfg.validate()?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "train-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        ))
+    });
+    let existed = out.exists() && std::fs::read_dir(&out)?.next().is_some();
+    if existed {
+        match cell_state(&out) {
+            CellState::Complete | CellState::Diverged => {
+                bail!("{} holds a finished run: choose another --out", out.display())
+            }
+            CellState::Partial if out.join("manifest.json").exists() => {
+                eprintln!("resuming the run in {}", out.display());
+            }
+            _ => bail!(
+                "{} exists and is not empty: choose another --out",
+                out.display()
+            ),
+        }
+    }
+    let device = rankstab_train::device::parse_device(&a.device)?;
+    let mut lm = load_model(&spec, kind, device)?;
+    let data = rankstab_train::data::load_dataset(
+        &a.data,
+        &lm.tokenizer,
+        &DataSpec {
+            format,
+            context: cfg.context,
+            heldout_fraction: cfg.heldout_fraction,
+            seed: cfg.seed,
+            max_examples: a.max_examples,
+            eos_token: lm.eos_token.clone(),
+        },
+    )?;
+    // Check the adapters fit before creating the run directory.
+    {
+        let vs = tch::nn::VarStore::new(device);
+        rankstab_train::trainer::attach(&mut lm.model, &vs, &cfg)?;
+    }
+    let meta = RunMeta {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: crate::git_revision(),
-        command: "train".into(),
-        config: serde_json::json!({ "train": &cfg, "model": a.model, "data": a.data, "scaling": scaling_name(beta) }),
-        seeds: vec![a.seed],
-        device: format!("cpu ({} threads)", tch::get_num_threads()),
-        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        finished: None,
-        status: RunStatus::Running,
+        device: crate::device_description(device),
+        extra: serde_json::json!({ "model": a.model, "data": a.data, "dtype": a.dtype }),
     };
-    write_json_atomic(&out.join("manifest.json"), &manifest)?;
-    let vs = nn::VarStore::new(device);
     let pb = indicatif::ProgressBar::new(a.steps as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -177,30 +242,33 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let outcome = match train(&mut model, &vs, &ids, &cfg, &out, |_, loss| {
-        pb.inc(1);
+    let outcome = match run_dir(&mut lm.model, &data, &cfg, &out, &meta, |step, loss| {
+        pb.set_position(step as u64 + 1);
         pb.set_message(format!("loss {loss:.4}"));
     }) {
         Ok(o) => o,
         Err(e) => {
-            // Nothing usable was written: do not leave a half-written run behind.
-            let _ = std::fs::remove_dir_all(&out);
+            // A new run that failed wrote nothing usable: do not leave it behind.
+            if !existed && !out.join("checkpoint").exists() {
+                let _ = std::fs::remove_dir_all(&out);
+            }
             return Err(e.into());
         }
     };
     pb.finish_and_clear();
-    manifest.status = RunStatus::Complete;
-    manifest.finished = Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-    write_json_atomic(&out.join("manifest.json"), &manifest)?;
+    if let Some(s) = outcome.resumed_from {
+        println!("resumed from step {s}");
+    }
     if let Some(d) = &outcome.diverged {
         println!("{d}");
+    } else {
+        println!(
+            "last training loss {:.4}, held-out loss {:.4} (perplexity {:.3})",
+            outcome.last_loss,
+            outcome.heldout_loss,
+            outcome.heldout_loss.exp()
+        );
     }
-    println!(
-        "last training loss {:.4}, held-out loss {:.4} (perplexity {:.3})",
-        outcome.last_loss,
-        outcome.heldout_loss,
-        outcome.heldout_loss.exp()
-    );
     println!("Run directory: {}", out.display());
     Ok(())
 }

@@ -11,6 +11,9 @@ pub enum RunStatus {
     Running,
     /// Every unit of work finished and the outputs are final.
     Complete,
+    /// A training run whose loss became non-finite: its rows up to that step are final,
+    /// and `Manifest::note` says at which step ("diverged at step k").
+    Diverged,
 }
 
 /// `manifest.json`: everything needed to reproduce and to trust a run.
@@ -36,8 +39,11 @@ pub struct Manifest {
     pub created: String,
     /// Completion time, RFC 3339 UTC, once complete.
     pub finished: Option<String>,
-    /// Running or complete.
+    /// Running, complete or diverged.
     pub status: RunStatus,
+    /// A remark on how the run ended, e.g. "diverged at step 3".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// One row of `moments.csv` (long format: one measured number per row).

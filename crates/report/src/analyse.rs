@@ -13,16 +13,19 @@
 //! over its seeds is one point and the interval comes from the OLS residuals. Besides each
 //! layer, every module is also fitted on the mean over its layers (`layer = all`).
 //!
-//! **Predictions for training rows** (the choice documented in the report's guide): the
-//! slope of the two-term law of `proofs/finite-rank.md` for the optimizer used, over the
-//! ranks fitted. Forward outputs need the coherence kappa of the inputs, which a real
-//! model does not expose: when a theory run is among the inputs, kappa is taken from its
-//! exact first-step coefficients (fresh-input regime when it has one, as training draws a
-//! new batch every step); otherwise the prediction is the coherent limit (the paper's law,
-//! `m (1 - a beta)`). Input gradients use kappa = 1/(d + k4 - 2) with the row's width (exact,
-//! [`proofs/finite-rank.md`]) and parameter norms kappa = 0. Both limits (coherent and
-//! incoherent) are always shown; `in_band` says whether the interval meets the band between
-//! them. A with PEFT's default Kaiming-uniform init is assumed (kurtosis 9/5).
+//! **Predictions for training rows** (the rule stated in the report's reading guide,
+//! [`crate::render::TRAIN_LAW_CHOICE`]) depend only on the training row itself, never on
+//! which other runs are given, so a training row's `agrees` is the same in every report.
+//! Forward outputs (`fwd`, `fwd_heldout`) use the paper's asymptotic law, the coherent
+//! limit `m (1 - a beta)` (SGD `a = 2`: `m (1 - 2 beta)`; Adam/AdamW `a = 1`: `m (1 - beta)`):
+//! the coherence of real inputs is not observable, and text shares a common direction.
+//! Input gradients (`bwd`) use the law of `rankstab_theory::predict::law` over the fitted
+//! ranks, kappa = 1/(d + k4 - 2) with the row's width (exact, `proofs/finite-rank.md`), and
+//! parameter norms their kappa-free laws. Both limits (coherent and incoherent) are always
+//! shown; `in_band` says whether the interval meets the band between them. When theory runs
+//! are given, the Monte Carlo slopes of the matching setting are shown beside the prediction
+//! (`mc_coherent`, `mc_fresh`), never in its place. A with PEFT's default Kaiming-uniform
+//! init is assumed (kurtosis 9/5).
 // Grouping maps keyed by tuples of axis values read best spelled out where they are built.
 #![allow(clippy::type_complexity)]
 
@@ -88,7 +91,7 @@ pub struct RunInfo {
     pub kind: RunKind,
     /// One-line description (model, rank, scaling, ... or width, ranks, trials).
     pub summary: String,
-    /// running or complete.
+    /// complete, running, or "diverged at step k".
     pub status: String,
     /// Schema version.
     pub schema_version: u32,
@@ -115,7 +118,7 @@ pub struct RunInfo {
 }
 
 /// One fitted rank exponent as the report shows it (theory and training alike).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct ExponentRow {
     /// theory or train.
     pub source: String,
@@ -232,7 +235,9 @@ pub struct TrainSection {
     pub total: usize,
     /// How the predictions were made.
     pub law_note: String,
-    /// Things a reader should know (single ranks, missing metrics).
+    /// Whether a theory run gave Monte Carlo slopes to show beside the predictions.
+    pub has_mc: bool,
+    /// Things a reader should know (cells running or diverged, single ranks, missing metrics).
     pub notes: Vec<String>,
     /// Names of this section's figures.
     pub figures: Vec<String>,
@@ -439,28 +444,22 @@ pub struct Prediction {
     pub incoherent: Option<f64>,
 }
 
-/// Coherence of a theory run's forward inputs, from its exact first-step coefficients.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TheoryKappa {
-    /// quad / lin.
-    pub kappa: f64,
-    /// Where it comes from ("theory run X, fresh inputs").
-    pub from: String,
-}
-
-/// The prediction for a training exponent (see the module docs for the choice of kappa).
+/// The prediction for a training exponent (the rule of the module docs): the paper's
+/// asymptotic law for forward outputs, the finite-rank law of `predict.rs` for input
+/// gradients, the kappa-free laws for parameter norms. It depends on nothing but the row.
 ///
 /// ```
 /// use rankstab_report::analyse::predict_train;
-/// // rsLoRA under AdamW: the coherent limit of the forward second moment is 2 (1 - 1/2) = 1.
-/// let p = predict_train("adamw", "fwd", "abs", 2, 576, 0.5, &[4, 16, 64], None);
+/// // rsLoRA under AdamW: the forward second moment follows m (1 - beta) = 1.
+/// let p = predict_train("adamw", "fwd", "abs", 2, 576, 0.5, &[4, 16, 64]);
 /// assert_eq!(p.predicted, Some(1.0));
 /// assert_eq!(p.incoherent, Some(0.0));
+/// // rsLoRA under SGD: m (1 - 2 beta) = 0, rank-flat (Theorem 3.2).
+/// assert_eq!(predict_train("sgd", "fwd", "abs", 2, 576, 0.5, &[4, 16, 64]).predicted, Some(0.0));
 /// // LoRA's B-gradient norm: gamma sqrt(r), slope 1/2 - 1.
-/// let p = predict_train("sgd", "param", "grad_norm_b", 1, 576, 1.0, &[4, 16, 64], None);
+/// let p = predict_train("sgd", "param", "grad_norm_b", 1, 576, 1.0, &[4, 16, 64]);
 /// assert!((p.predicted.unwrap() + 0.5).abs() < 1e-12);
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn predict_train(
     optimizer: &str,
     site: &str,
@@ -469,7 +468,6 @@ pub fn predict_train(
     width: u32,
     beta: f64,
     ranks: &[u32],
-    kappa: Option<&TheoryKappa>,
 ) -> Prediction {
     let none = |why: String| Prediction {
         predicted: None,
@@ -502,57 +500,56 @@ pub fn predict_train(
             }
         };
     }
-    let Some(base) = law(opt, site, stat, m, 1.0, d, PEFT_DEFAULT_KURTOSIS) else {
+    // The site's own law (bwd: kappa = 1/(d + k4 - 2); norms: kappa-free); for the forward
+    // sites the kappa given here only serves the limits below.
+    let Some(own) = law(opt, site, stat, m, 0.0, d, PEFT_DEFAULT_KURTOSIS) else {
         return none(format!("no law for {site}/{stat}"));
     };
-    let coherent = Law { kappa: 1.0, ..base }.asymptotic(beta, 0.0);
-    let incoherent = Law { kappa: 0.0, ..base }.asymptotic(beta, 0.0);
-    let (predicted, law_name) = match site {
-        "fwd" | "fwd_heldout" => match kappa {
-            Some(k) => (
-                Law {
-                    kappa: k.kappa,
-                    ..base
-                }
-                .predicted(&rs, beta, 0.0),
-                format!(
-                    "finite-rank law, kappa {} from {}",
-                    fmt_sig(k.kappa),
-                    k.from
-                ),
+    let coherent = Law { kappa: 1.0, ..own }.asymptotic(beta, 0.0);
+    let incoherent = Law { kappa: 0.0, ..own }.asymptotic(beta, 0.0);
+    let (predicted, law_name, limits) = match site {
+        "fwd" | "fwd_heldout" => (
+            coherent,
+            format!(
+                "paper's law m (1 - {} beta) (coherent limit)",
+                if opt.is_adaptive() { 1 } else { 2 }
             ),
-            None => (coherent, "coherent limit (the paper's law)".to_string()),
-        },
-        "bwd" => {
-            let Some(l) = law(opt, site, stat, m, 0.0, d, PEFT_DEFAULT_KURTOSIS) else {
-                return none(format!("no law for {site}/{stat}"));
-            };
-            (
-                l.predicted(&rs, beta, 0.0),
-                format!("finite-rank law, kappa = 1/(d + k4 - 2), d = {d}"),
-            )
-        }
+            (coherent, incoherent),
+        ),
+        // Both limits are real for the input gradient (the coherent one only beyond r = d).
+        "bwd" => (
+            own.predicted(&rs, beta, 0.0),
+            format!("finite-rank law, kappa = 1/(d + k4 - 2), d = {d}"),
+            (coherent, incoherent),
+        ),
+        // The norms' laws are kappa-free: the prediction is both limits.
         _ => {
-            let Some(l) = law(opt, site, stat, m, 0.0, d, PEFT_DEFAULT_KURTOSIS) else {
-                return none(format!("no law for {site}/{stat}"));
-            };
-            (l.predicted(&rs, beta, 0.0), "finite-rank law".to_string())
+            let p = own.predicted(&rs, beta, 0.0);
+            (p, "finite-rank law".to_string(), (p, p))
         }
-    };
-    // bwd: both limits are real (the coherent one only beyond r = d); the norms' laws are
-    // kappa-free, so both limits are the prediction.
-    let (coherent, incoherent) = match site {
-        "fwd" | "fwd_heldout" | "bwd" => (coherent, incoherent),
-        _ => (predicted, predicted),
     };
     Prediction {
         predicted: Some(predicted),
         law: law_name,
-        coherent: Some(coherent),
-        incoherent: Some(incoherent),
+        coherent: Some(limits.0),
+        incoherent: Some(limits.1),
     }
 }
 
+impl ExponentRow {
+    /// Sets the prediction columns.
+    fn predicted_by(self, p: Prediction) -> Self {
+        Self {
+            predicted: p.predicted,
+            law: p.law,
+            coherent_limit: p.coherent,
+            incoherent_limit: p.incoherent,
+            ..self
+        }
+    }
+}
+
+/// Fills the verdicts and agreement from the slope, interval and prediction.
 fn finish_row(mut row: ExponentRow, tol: f64) -> ExponentRow {
     row.verdict = verdict(row.slope, tol).into();
     row.predicted_verdict = row
@@ -640,7 +637,7 @@ fn run_info(run: &Run) -> RunInfo {
         dir: run.dir.display().to_string(),
         kind: run.kind,
         summary,
-        status: format!("{:?}", m.status).to_lowercase(),
+        status: run.status_text(),
         schema_version: m.schema_version,
         tool_version: format!("{} {}", m.tool, m.tool_version),
         git_revision: m.git_revision.clone().unwrap_or_else(|| "unknown".into()),
@@ -672,12 +669,16 @@ fn json_list(v: Option<&serde_json::Value>) -> String {
     }
 }
 
-/// Learning rate recorded in a run's config (`lr` or `learning_rate`), as text.
+/// Learning rate recorded in a run's config (`lr` or `learning_rate`, at the top or in the
+/// `train` object that `rankstab train` and `sweep` write), as text.
 fn run_lr(run: &Run) -> Option<String> {
     let c = &run.manifest.config;
-    c.get("lr")
-        .or_else(|| c.get("learning_rate"))
-        .filter(|v| !v.is_null())
+    [Some(c), c.get("train")]
+        .into_iter()
+        .flatten()
+        .flat_map(|c| [c.get("lr"), c.get("learning_rate")])
+        .flatten()
+        .find(|v| !v.is_null())
         .map(|v| v.to_string())
 }
 
@@ -690,9 +691,8 @@ pub fn analyse(runs: &[Run], skipped: &[Skipped], opts: &AnalysisOptions) -> Ana
         .map(|r| theory_section(r, opts, &mut plots))
         .collect();
     let train_runs: Vec<&Run> = runs.iter().filter(|r| r.kind == RunKind::Train).collect();
-    let theory_runs: Vec<&Run> = runs.iter().filter(|r| r.kind == RunKind::Theory).collect();
-    let train = (!train_runs.is_empty())
-        .then(|| train_section(&train_runs, &theory_runs, &theory, opts, &mut plots));
+    let train =
+        (!train_runs.is_empty()).then(|| train_section(&train_runs, &theory, opts, &mut plots));
     let paper = paper_rows(&theory, &train_runs, opts);
     Analysis {
         runs: runs.iter().map(run_info).collect(),
@@ -738,7 +738,6 @@ fn fit_to_row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> Expon
         optimizer: f.optimizer.clone(),
         scaling: f.scaling.clone(),
         beta: f.beta,
-        lr: String::new(),
         inputs: f.inputs.clone(),
         site: f.site.clone(),
         stat: f.stat.clone(),
@@ -749,18 +748,15 @@ fn fit_to_row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> Expon
         se: f.se,
         ci_low: f.ci_low,
         ci_high: f.ci_high,
+        ..ExponentRow::default()
+    };
+    let p = Prediction {
         predicted: f.predicted.is_finite().then_some(f.predicted),
         law: format!("finite-rank law ({} regime at the top rank)", f.regime),
-        coherent_limit: limits.map(|l| l.0),
-        incoherent_limit: limits.map(|l| l.1),
-        mc_coherent: None,
-        mc_fresh: None,
-        verdict: String::new(),
-        predicted_verdict: String::new(),
-        agrees: None,
-        in_band: None,
+        coherent: limits.map(|l| l.0),
+        incoherent: limits.map(|l| l.1),
     };
-    finish_row(row, tol)
+    finish_row(row.predicted_by(p), tol)
 }
 
 /// The moment order a figure shows: 2 when recorded, else the lowest recorded.
@@ -1060,32 +1056,6 @@ fn beta_of_key(k: u64) -> f64 {
 /// Per key: layer -> step -> rank -> seed -> value.
 type TrainData = BTreeMap<TrainKey, BTreeMap<u32, BTreeMap<u32, ByRank>>>;
 
-fn theory_kappa(theory_runs: &[&Run]) -> Option<TheoryKappa> {
-    for run in theory_runs {
-        for inputs in ["fresh", "coherent"] {
-            let (mut lin, mut quad) = (0.0, 0.0);
-            for r in run
-                .moments
-                .iter()
-                .filter(|r| r.layer == 0 && r.site == "fwd" && r.inputs == inputs)
-            {
-                match r.stat.as_str() {
-                    "coef_lin" => lin += r.value,
-                    "coef_quad" => quad += r.value,
-                    _ => {}
-                }
-            }
-            if lin > 0.0 && quad.is_finite() {
-                return Some(TheoryKappa {
-                    kappa: quad / lin,
-                    from: format!("theory run {}, {inputs} inputs", run.id),
-                });
-            }
-        }
-    }
-    None
-}
-
 /// Monte Carlo slopes (coherent, fresh) of the matching setting in the theory sections:
 /// same optimizer (else same family), beta, site, statistic and order; layer 0; last step.
 fn mc_slopes(
@@ -1238,14 +1208,12 @@ fn pool_layers(by_layer: &BTreeMap<u32, BTreeMap<u32, ByRank>>) -> BTreeMap<u32,
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
 fn train_row(
     key: &TrainKey,
     layer: String,
     window: &Window,
     by_rank: &ByRank,
     width: u32,
-    kappa: Option<&TheoryKappa>,
     theory: &[TheorySection],
     tol: f64,
 ) -> Option<ExponentRow> {
@@ -1259,7 +1227,6 @@ fn train_row(
         width,
         beta,
         &ranks,
-        kappa,
     );
     let (mc_coherent, mc_fresh) =
         mc_slopes(theory, &key.optimizer, beta, &key.site, &key.stat, key.m);
@@ -1284,30 +1251,21 @@ fn train_row(
         se: fit.se,
         ci_low: fit.ci_low,
         ci_high: fit.ci_high,
-        predicted: p.predicted,
-        law: p.law,
-        coherent_limit: p.coherent,
-        incoherent_limit: p.incoherent,
         mc_coherent,
         mc_fresh,
-        verdict: String::new(),
-        predicted_verdict: String::new(),
-        agrees: None,
-        in_band: None,
+        ..ExponentRow::default()
     };
-    Some(finish_row(row, tol))
+    Some(finish_row(row.predicted_by(p), tol))
 }
 
 fn train_section(
     train_runs: &[&Run],
-    theory_runs: &[&Run],
     theory: &[TheorySection],
     opts: &AnalysisOptions,
     plots: &mut Vec<Plot>,
 ) -> TrainSection {
     let tol = opts.tolerance;
     let (data, widths) = train_data(train_runs);
-    let kappa = theory_kappa(theory_runs);
     let models: BTreeSet<String> = data.keys().map(|k| k.model.clone()).collect();
     let mut windows: BTreeMap<String, Vec<Window>> = BTreeMap::new();
     for model in &models {
@@ -1349,23 +1307,13 @@ fn train_section(
                     w,
                     &br,
                     width,
-                    kappa.as_ref(),
                     theory,
                     tol,
                 ));
             }
             if by_layer.len() > 1 {
                 let br = window_mean(&pooled, w);
-                rows.extend(train_row(
-                    key,
-                    "all".into(),
-                    w,
-                    &br,
-                    width,
-                    kappa.as_ref(),
-                    theory,
-                    tol,
-                ));
+                rows.extend(train_row(key, "all".into(), w, &br, width, theory, tol));
             }
         }
     }
@@ -1528,17 +1476,9 @@ fn train_section(
                     .get(&format!("{}/{}/{}", k.model, k.module, k.site))
                     .copied()
                     .unwrap_or(0);
-                let predicted = predict_train(
-                    opt,
-                    site,
-                    stat,
-                    m,
-                    width,
-                    beta_of_key(*bkey),
-                    &ranks,
-                    kappa.as_ref(),
-                )
-                .predicted;
+                let predicted =
+                    predict_train(opt, site, stat, m, width, beta_of_key(*bkey), &ranks)
+                        .predicted;
                 let name = if multi_lr {
                     format!("{} lr {}", k.module, k.lr)
                 } else {
@@ -1570,7 +1510,7 @@ fn train_section(
             caption: format!(
                 "Coordinate check with fits: one curve per module (mean over layers and seeds, 95% intervals over seeds), \
                  one panel per step; solid: fitted slope, dashed: predicted ({}).",
-                if site == "fwd" && kappa.is_none() { "coherent limit" } else { "finite-rank law" }
+                if site.starts_with("fwd") { "the paper's law, the coherent limit" } else { "finite-rank law" }
             ),
             kind: PlotKind::Rank(panels),
         });
@@ -1644,17 +1584,50 @@ fn train_section(
     }
     let total = rows.iter().filter(|r| r.agrees.is_some()).count();
     let agree = rows.iter().filter(|r| r.agrees == Some(true)).count();
-    let law_note = match &kappa {
-        Some(k) => format!(
-            "Forward moments: finite-rank law with kappa = {} measured in {} (synthetic inputs; real text is often more \
-             coherent, so the coherent limit is shown too). Input gradients: kappa = 1/(d + k4 - 2). Norms: kappa = 0.",
-            fmt_sig(k.kappa),
-            k.from
-        ),
-        None => "Forward moments: the coherent limit m (1 - a beta) (the paper's law; no theory run given to measure kappa). \
-                 Input gradients: kappa = 1/(d + k4 - 2). Norms: kappa = 0."
-            .into(),
+    let has_mc = rows
+        .iter()
+        .any(|r| r.mc_coherent.is_some() || r.mc_fresh.is_some());
+    let law_note = format!(
+        "Predictions depend on the training rows alone, not on which other runs are given. Forward moments: the \
+         paper's law, the coherent limit m (1 - a beta) (SGD a = 2, Adam/AdamW a = 1). Input gradients: the finite-rank \
+         law with kappa = 1/(d + k4 - 2). Norms: kappa-free laws.{}",
+        if has_mc {
+            " The Monte Carlo slopes of the matching setting in the theory runs given (coherent and fresh inputs) are \
+             shown beside them as MC columns."
+        } else {
+            " No theory run given, so no Monte Carlo columns."
+        }
+    );
+    // Cells that did not finish normally, in one line each kind.
+    let unfinished = |status: rankstab_records::RunStatus| -> Vec<String> {
+        train_runs
+            .iter()
+            .filter(|r| r.manifest.status == status)
+            .map(|r| format!("{} ({})", r.id, r.status_text()))
+            .collect()
     };
+    let running = unfinished(rankstab_records::RunStatus::Running);
+    if !running.is_empty() {
+        notes.insert(
+            0,
+            format!(
+                "{} run(s) still running or interrupted; their rows so far are used: {}",
+                running.len(),
+                running.join(", ")
+            ),
+        );
+    }
+    let diverged = unfinished(rankstab_records::RunStatus::Diverged);
+    if !diverged.is_empty() {
+        notes.insert(
+            0,
+            format!(
+                "{} run(s) diverged; their rows before the divergence are used: {}",
+                diverged.len(),
+                diverged.join(", ")
+            ),
+        );
+    }
     TrainSection {
         models: models.into_iter().collect(),
         runs: train_runs.len(),
@@ -1664,6 +1637,7 @@ fn train_section(
         agree,
         total,
         law_note,
+        has_mc,
         notes,
         figures,
     }

@@ -1,9 +1,24 @@
 //! Loading run directories: manifest first (schema version, command), then the tables.
 //!
 //! A directory that cannot be used is reported with the reason ([`Skipped`]) and the
-//! others are still used; [`load_runs`] fails only when nothing is usable. A directory
-//! without `manifest.json` whose sub-directories are runs (a sweep, or `runs/audit-<time>/`)
-//! stands for those runs.
+//! others are still used; [`load_runs`] fails only when nothing is usable.
+//!
+//! **Finding runs** ([`expand`]). A directory with `manifest.json` is a run directory; what
+//! lies inside it (`checkpoint/`, `adapters/`) belongs to the run and is not searched. A
+//! directory without one stands for every run directory beneath it, at any depth (a sweep's
+//! `cells/<cell>/`, or `runs/audit-<time>/` holding `theory/` and `sweep/cells/*/`); such
+//! containers, a sweep's `sweep.json` among them, are not runs and are not reported.
+//! Reported as not used, with the reason: a given directory with no run beneath it, a
+//! directory beneath that holds run files (`moments.csv`, `metrics.csv`, `fits.json`,
+//! `checkpoint/`) or sits in a sweep's `cells/` but has no `manifest.json`, and, in one line
+//! per sweep, the cells its `sweep.json` lists that have no directory yet (not started).
+//! Hidden directories and symbolic links met on the way down are not followed.
+//!
+//! **Status.** A `running` run (a cell still training, or one that was killed) is used with
+//! the rows it has so far, and says so in its notes and in the provenance table. A
+//! `diverged` run (its loss became non-finite at step k: `manifest.json`'s note, or the
+//! `diverged` metric row) is used with its rows before step k, and shows "diverged at step
+//! k".
 use crate::error::{io_err, ReportError};
 use rankstab_records::{
     files, read_json, read_table, Fit, Manifest, MetricRow, MomentRow, RunStatus, SCHEMA_VERSION,
@@ -50,8 +65,22 @@ pub struct Run {
     pub fits: Option<Vec<Fit>>,
     /// `checks.json` (theory), when present.
     pub checks: Option<Vec<ClosedFormCheck>>,
+    /// The step at which a diverged run's loss became non-finite, when known.
+    pub diverged_at: Option<u32>,
     /// Things a reader should know (incomplete run, missing optional files).
     pub notes: Vec<String>,
+}
+
+impl Run {
+    /// The run's state in words: "complete", "running", "diverged at step k".
+    pub fn status_text(&self) -> String {
+        match (self.manifest.status, self.diverged_at) {
+            (RunStatus::Complete, _) => "complete".into(),
+            (RunStatus::Running, _) => "running".into(),
+            (RunStatus::Diverged, Some(k)) => format!("diverged at step {k}"),
+            (RunStatus::Diverged, None) => "diverged (step not recorded)".into(),
+        }
+    }
 }
 
 /// A directory that was not used, and why.
@@ -121,27 +150,30 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
         }
     };
     let mut notes = Vec::new();
-    if manifest.status != RunStatus::Complete {
-        notes.push(
-            "status 'running': the run is incomplete or was interrupted; its rows so far are used"
-                .into(),
-        );
-    }
     let moments_path = dir.join(files::MOMENTS);
+    if manifest.status == RunStatus::Running && !moments_path.is_file() {
+        return Err(ReportError::Invalid {
+            path: dir.to_path_buf(),
+            what: format!(
+                "status 'running' and no {} yet: nothing to use so far",
+                files::MOMENTS
+            ),
+        });
+    }
     if !moments_path.is_file() {
         return Err(ReportError::Missing {
             dir: dir.to_path_buf(),
             file: files::MOMENTS,
         });
     }
-    let moments: Vec<MomentRow> = read_table(&moments_path)?;
+    let mut moments: Vec<MomentRow> = read_table(&moments_path)?;
     check_source(
         &moments_path,
         kind,
         moments.iter().map(|r| r.source.as_str()),
     )?;
     let metrics_path = dir.join(files::METRICS);
-    let metrics: Vec<MetricRow> = if metrics_path.is_file() {
+    let mut metrics: Vec<MetricRow> = if metrics_path.is_file() {
         read_table(&metrics_path)?
     } else {
         notes.push(format!(
@@ -174,6 +206,48 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
             files::MOMENTS
         ));
     }
+    let mut diverged_at = None;
+    match manifest.status {
+        RunStatus::Complete => {}
+        RunStatus::Running => notes.push(
+            "status 'running': the run is still going or was interrupted; its rows so far are used"
+                .into(),
+        ),
+        RunStatus::Diverged => {
+            // The step from the manifest's note ("diverged at step k"), else from the
+            // trainer's `diverged` metric row.
+            diverged_at = manifest
+                .note
+                .as_deref()
+                .and_then(|n| n.rsplit("step ").next())
+                .and_then(|k| k.trim().parse::<u32>().ok())
+                .or_else(|| {
+                    metrics
+                        .iter()
+                        .filter(|r| r.metric == "diverged")
+                        .map(|r| r.step)
+                        .min()
+                });
+            match diverged_at {
+                Some(k) => {
+                    let before = moments.len();
+                    moments.retain(|r| r.step < k);
+                    metrics.retain(|r| r.step < k || r.metric == "diverged");
+                    notes.push(format!(
+                        "diverged at step {k}: its rows before step {k} are used{}",
+                        if before > moments.len() {
+                            format!(" ({} later rows left out)", before - moments.len())
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+                None => notes.push(
+                    "diverged (the step is not recorded): every row it wrote is used".into(),
+                ),
+            }
+        }
+    }
     if moments.is_empty() {
         notes.push(format!("{} has no rows yet", files::MOMENTS));
     }
@@ -186,6 +260,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
         metrics,
         fits,
         checks,
+        diverged_at,
         notes,
     })
 }
@@ -210,25 +285,132 @@ fn check_source<'a>(
     Ok(())
 }
 
-/// The run directories a given path stands for: itself when it holds `manifest.json`, else
-/// its immediate sub-directories that do (sorted), else itself (to be reported as unusable).
+/// Files whose presence marks a directory as (meant to be) a run directory.
+const RUN_FILES: [&str; 4] = [files::MOMENTS, files::METRICS, files::FITS, "checkpoint"];
+/// The manifest of a sweep: a container of cells, not a run itself.
+const SWEEP_MANIFEST: &str = "sweep.json";
+/// How deep below a given directory runs are looked for.
+const MAX_DEPTH: usize = 8;
+
+/// The run directories a given path stands for (see the module docs): itself when it holds
+/// `manifest.json` or is not a directory (to be reported by [`load_run`]), else every run
+/// directory beneath it, sorted; with the directories beneath that look like runs but
+/// cannot be used, and why. A given directory with no run beneath it is returned as the
+/// one "run", so that [`load_run`] names what is missing.
 ///
 /// # Errors
-/// The directory cannot be listed.
-pub fn expand(dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+/// The given directory cannot be listed.
+pub fn expand(dir: &Path) -> Result<(Vec<PathBuf>, Vec<Skipped>), ReportError> {
     if dir.join(files::MANIFEST).is_file() || !dir.is_dir() {
-        return Ok(vec![dir.to_path_buf()]);
+        return Ok((vec![dir.to_path_buf()], Vec::new()));
     }
+    let mut runs = Vec::new();
+    let mut skipped = Vec::new();
+    walk(dir, 0, &mut runs, &mut skipped)?;
+    if runs.is_empty() && skipped.is_empty() {
+        runs.push(dir.to_path_buf());
+    }
+    Ok((runs, skipped))
+}
+
+/// Collects the run directories beneath `dir` (which has no manifest).
+fn walk(
+    dir: &Path,
+    depth: usize,
+    runs: &mut Vec<PathBuf>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<(), ReportError> {
     let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io_err(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(files::MANIFEST).is_file())
+        .filter_map(Result::ok)
+        // file_type() does not follow links: a link to a run elsewhere is given explicitly.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
         .collect();
     subs.sort();
-    Ok(if subs.is_empty() {
-        vec![dir.to_path_buf()]
-    } else {
-        subs
+    let in_cells = dir.file_name().is_some_and(|n| n == "cells")
+        && dir.parent().is_some_and(|p| p.join(SWEEP_MANIFEST).is_file());
+    for sub in subs {
+        if sub.join(files::MANIFEST).is_file() {
+            runs.push(sub);
+            continue;
+        }
+        let (before_runs, before_skipped) = (runs.len(), skipped.len());
+        if depth + 1 < MAX_DEPTH {
+            if let Err(e) = walk(&sub, depth + 1, runs, skipped) {
+                skipped.push(Skipped {
+                    dir: sub.clone(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        }
+        let found_nothing = runs.len() == before_runs && skipped.len() == before_skipped;
+        if found_nothing {
+            if let Some(f) = RUN_FILES.iter().find(|f| sub.join(f).exists()) {
+                skipped.push(Skipped {
+                    dir: sub,
+                    reason: format!("has {f} but no {} (not a complete run directory)", files::MANIFEST),
+                });
+            } else if in_cells {
+                skipped.push(Skipped {
+                    dir: sub,
+                    reason: format!("sweep cell without {}: not started yet", files::MANIFEST),
+                });
+            } else {
+                tracing::debug!("{}: no run directory beneath it", sub.display());
+            }
+        }
+    }
+    if let Some(s) = unstarted_cells(dir) {
+        skipped.push(s);
+    }
+    Ok(())
+}
+
+/// One line for the cells a sweep's `sweep.json` lists that have no directory yet.
+fn unstarted_cells(dir: &Path) -> Option<Skipped> {
+    let path = dir.join(SWEEP_MANIFEST);
+    if !path.is_file() {
+        return None;
+    }
+    let sweep: serde_json::Value = match read_json(&path) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!("{e}");
+            return None;
+        }
+    };
+    let names: Vec<&str> = sweep
+        .get("cells")?
+        .as_array()?
+        .iter()
+        .filter_map(|c| c.get("name")?.as_str())
+        .collect();
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !dir.join("cells").join(n).exists())
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    const SHOWN: usize = 4;
+    let more = missing.len().saturating_sub(SHOWN);
+    Some(Skipped {
+        dir: dir.join("cells"),
+        reason: format!(
+            "{} of the {} cells in {SWEEP_MANIFEST} not started yet (no directory): {}{}",
+            missing.len(),
+            names.len(),
+            missing[..missing.len().min(SHOWN)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ),
     })
 }
 
@@ -243,7 +425,10 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<(Vec<Run>, Vec<Skipped>), ReportErr
     let mut seen: Vec<PathBuf> = Vec::new();
     for given in dirs {
         let expanded = match expand(given) {
-            Ok(e) => e,
+            Ok((runs, not_runs)) => {
+                skipped.extend(not_runs);
+                runs
+            }
             Err(e) => {
                 skipped.push(Skipped {
                     dir: given.clone(),
@@ -334,6 +519,7 @@ mod tests {
             created: "2024-01-01T00:00:00Z".into(),
             finished: None,
             status: RunStatus::Complete,
+            note: None,
         }
     }
 

@@ -207,6 +207,7 @@ pub fn run(
             created: now(),
             finished: None,
             status: RunStatus::Running,
+            note: None,
         };
         write_json_atomic(&manifest_path, &m)?;
         m

@@ -316,41 +316,56 @@ impl Gptj {
 
     /// Logits (B, T, vocab) for token ids (B, T).
     pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
-        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let mut x = self.embed(ids);
+        for i in 0..self.h.len() {
+            x = self.block(i, &x, train);
+        }
+        self.head(&x, train)
+    }
+
+    /// Token embeddings (B, T, d) of ids (B, T).
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        self.wte
+            .index_select(0, &ids.flatten(0, -1))
+            .view([ids.size()[0], ids.size()[1], -1])
+    }
+
+    /// Block `i` (attention and MLP in parallel on one LayerNorm) on hidden states (B, T, d).
+    pub fn block(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        let blk = &self.h[i];
+        let (b, t) = (x.size()[0], x.size()[1]);
         let c = &self.config;
         let (h, hd) = (c.n_head, c.head_dim);
-        let mut x = self
-            .wte
-            .index_select(0, &ids.flatten(0, -1))
-            .view([b, t, -1]);
         let (sin, cos) = rope_interleaved(c.rotary_dim, t, x.device());
         let (sin, cos) = (sin.to_kind(x.kind()), cos.to_kind(x.kind()));
-        for blk in &self.h {
-            let y = blk.ln_1.forward(&x);
-            let split = |z: Tensor| z.view([b, t, h, hd]).transpose(1, 2);
-            let q = apply_rotary(
-                &split(blk.attn.q_proj.forward(&y, train)),
-                c.rotary_dim,
-                &sin,
-                &cos,
-            );
-            let k = apply_rotary(
-                &split(blk.attn.k_proj.forward(&y, train)),
-                c.rotary_dim,
-                &sin,
-                &cos,
-            );
-            let v = split(blk.attn.v_proj.forward(&y, train));
-            let a = causal_attention(&q, &k, &v)
-                .transpose(1, 2)
-                .reshape([b, t, h * hd]);
-            let a = blk.attn.out_proj.forward(&a, train);
-            let m = blk
-                .mlp
-                .fc_out
-                .forward(&blk.mlp.fc_in.forward(&y, train).gelu("tanh"), train);
-            x = x + a + m;
-        }
-        self.lm_head.forward(&self.ln_f.forward(&x), train)
+        let y = blk.ln_1.forward(x);
+        let split = |z: Tensor| z.view([b, t, h, hd]).transpose(1, 2);
+        let q = apply_rotary(
+            &split(blk.attn.q_proj.forward(&y, train)),
+            c.rotary_dim,
+            &sin,
+            &cos,
+        );
+        let k = apply_rotary(
+            &split(blk.attn.k_proj.forward(&y, train)),
+            c.rotary_dim,
+            &sin,
+            &cos,
+        );
+        let v = split(blk.attn.v_proj.forward(&y, train));
+        let a = causal_attention(&q, &k, &v)
+            .transpose(1, 2)
+            .reshape([b, t, h * hd]);
+        let a = blk.attn.out_proj.forward(&a, train);
+        let m = blk
+            .mlp
+            .fc_out
+            .forward(&blk.mlp.fc_in.forward(&y, train).gelu("tanh"), train);
+        x + a + m
+    }
+
+    /// Final LayerNorm and language-model head: logits (B, T, vocab).
+    pub fn head(&self, x: &Tensor, train: bool) -> Tensor {
+        self.lm_head.forward(&self.ln_f.forward(x), train)
     }
 }

@@ -1,8 +1,10 @@
 //! Training of Llama 2 / GPT-J architectures with LoRA / rsLoRA adapters on libtorch.
 //!
-//! This crate is filled by the training issues; for now it proves that the workspace builds
-//! and links against the libtorch installed by `scripts/setup.sh`.
+//! Models (`llama`, `gptj`, `random` presets) and their loaders (`weights`, `gguf`,
+//! `load`); adapters (`lora`, `linear`), probes (`probe`), data (`data`), optimizers
+//! (`optim`), the instrumented training loop (`trainer`) and sweeps of cells (`sweep`).
 
+pub mod data;
 pub mod device;
 mod error;
 pub mod generate;
@@ -13,8 +15,10 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod optim;
 pub mod probe;
 pub mod random;
+pub mod sweep;
 pub mod text;
 pub mod trainer;
 pub mod weights;

@@ -57,13 +57,14 @@ impl Linear {
             match &self.capture {
                 Some(cell) => {
                     let probe = d.zeros_like().set_requires_grad(true);
-                    y = y + &d + &probe;
+                    let kind = y.kind();
+                    y = y + (&d + &probe).to_kind(kind);
                     *cell.borrow_mut() = Some(Capture {
                         output: d.detach(),
                         probe,
                     });
                 }
-                None => y += d,
+                None => y += d.to_kind(y.kind()),
             }
         }
         y

@@ -414,28 +414,43 @@ impl Llama {
 
     /// Logits (B, T, vocab) for token ids (B, T).
     pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
-        let t = ids.size()[1];
-        let mut x = self
-            .embed_tokens
+        let mut x = self.embed(ids);
+        for i in 0..self.layers.len() {
+            x = self.block(i, &x, train);
+        }
+        self.head(&x)
+    }
+
+    /// Token embeddings (B, T, d) of ids (B, T).
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        self.embed_tokens
             .index_select(0, &ids.flatten(0, -1))
-            .view([ids.size()[0], t, -1]);
+            .view([ids.size()[0], ids.size()[1], -1])
+    }
+
+    /// Decoder block `i` on hidden states (B, T, d).
+    pub fn block(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        let b = &self.layers[i];
+        let t = x.size()[1];
         let (cos, sin) = rope_tables(self.config.rope_theta, self.config.head_dim, t, x.device());
         let (cos, sin) = (cos.to_kind(x.kind()), sin.to_kind(x.kind()));
-        for b in &self.layers {
-            let h = b.self_attn.forward(
-                &b.input_layernorm.forward(&x),
-                &self.config,
-                &cos,
-                &sin,
-                train,
-            );
-            x = x + h;
-            let h = b
-                .mlp
-                .forward(&b.post_attention_layernorm.forward(&x), train);
-            x = x + h;
-        }
-        let x = self.norm.forward(&x);
+        let h = b.self_attn.forward(
+            &b.input_layernorm.forward(x),
+            &self.config,
+            &cos,
+            &sin,
+            train,
+        );
+        let x = x + h;
+        let h = b
+            .mlp
+            .forward(&b.post_attention_layernorm.forward(&x), train);
+        x + h
+    }
+
+    /// Final norm and language-model head: logits (B, T, vocab).
+    pub fn head(&self, x: &Tensor) -> Tensor {
+        let x = self.norm.forward(x);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         x.matmul(&head.tr())
     }

@@ -81,7 +81,9 @@ impl LoraAdapter {
     /// Creates `lora_A` and `lora_B` variables under `path` (PEFT's names).
     ///
     /// # Errors
-    /// Rank 0 or larger than min(in, out).
+    /// Rank 0 or larger than max(in, out) (PEFT allows ranks above min(in, out), as for
+    /// SmolLM2's 576 -> 192 key projection at r = 256; beyond max(in, out) an adapter has
+    /// more parameters per factor than the dense matrix it adapts).
     pub fn new(
         path: &nn::Path,
         in_dim: i64,
@@ -89,10 +91,10 @@ impl LoraAdapter {
         cfg: &LoraConfig,
     ) -> Result<Self, LoraError> {
         let r = cfg.rank as i64;
-        if r == 0 || r > in_dim.min(out_dim) {
+        if r == 0 || r > in_dim.max(out_dim) {
             return Err(LoraError::Invalid(format!(
                 "rank {r} is not allowed for a {out_dim} x {in_dim} layer: use 1..={}",
-                in_dim.min(out_dim)
+                in_dim.max(out_dim)
             )));
         }
         let a = match cfg.init {
@@ -126,16 +128,49 @@ impl LoraAdapter {
         })
     }
 
+    /// An adapter from given tensors, e.g. read from a PEFT file: `a` (r x in), `b`
+    /// (out x r), unmerged. The tensors are used as they are (kind, device).
+    ///
+    /// # Errors
+    /// Tensors that are not matrices, or whose ranks differ or are 0.
+    pub fn from_tensors(
+        a: Tensor,
+        b: Tensor,
+        scaling: f64,
+        dropout: f64,
+    ) -> Result<Self, LoraError> {
+        let (asz, bsz) = (a.size(), b.size());
+        if asz.len() != 2 || bsz.len() != 2 || asz[0] != bsz[1] || asz[0] == 0 {
+            return Err(LoraError::Invalid(format!(
+                "lora_A {asz:?} / lora_B {bsz:?} are not [r, in] and [out, r] with the same rank r >= 1"
+            )));
+        }
+        if !scaling.is_finite() {
+            return Err(LoraError::Invalid(format!(
+                "scaling {scaling} is not finite"
+            )));
+        }
+        Ok(Self {
+            a,
+            b,
+            scaling,
+            dropout,
+            merged: false,
+        })
+    }
+
     /// The adapter's contribution `gamma B A dropout(x)` for `x` (..., in); `None` while
     /// merged (the base weight already carries it).
     pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
         if self.merged {
             return None;
         }
+        // Adapters stay in their own dtype (f32) when the base model runs in bf16.
+        let x = x.to_kind(self.a.kind());
         let x = if train && self.dropout > 0.0 {
             x.dropout(self.dropout, true)
         } else {
-            x.shallow_clone()
+            x
         };
         Some(x.matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scaling)
     }
@@ -225,6 +260,28 @@ pub struct PeftAdapterConfig {
     /// rankstab's exponent (PEFT ignores unknown keys); present for beta other than 1, 1/2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rankstab_beta: Option<f64>,
+}
+
+impl PeftAdapterConfig {
+    /// The scaling exponent: `rankstab_beta` when present, else 1/2 with `use_rslora`, else 1.
+    pub fn beta(&self) -> f64 {
+        match self.rankstab_beta {
+            Some(b) => b,
+            None if self.use_rslora => 0.5,
+            None => 1.0,
+        }
+    }
+
+    /// gamma_r as PEFT computes it: `lora_alpha / sqrt(r)` with `use_rslora`, else
+    /// `lora_alpha / r`; `lora_alpha * r^-rankstab_beta` when rankstab's exponent is present.
+    pub fn scaling(&self) -> f64 {
+        let r = self.r as f64;
+        match self.rankstab_beta {
+            Some(b) => scaling_factor(self.lora_alpha, b, self.r),
+            None if self.use_rslora => self.lora_alpha / r.sqrt(),
+            None => self.lora_alpha / r,
+        }
+    }
 }
 
 /// Saves adapters as PEFT does: `adapter_config.json` and `adapter_model.safetensors`
@@ -326,6 +383,162 @@ pub fn load_peft(
     Ok((cfg, out))
 }
 
+/// What [`attach_peft`] attached.
+#[derive(Debug, Clone)]
+pub struct AttachedPeft {
+    /// The adapter's `adapter_config.json`.
+    pub config: PeftAdapterConfig,
+    /// The adapted module paths, in the model's order.
+    pub paths: Vec<String>,
+    /// gamma_r of every adapter ([`PeftAdapterConfig::scaling`]).
+    pub scaling: f64,
+}
+
+/// PEFT options that change what an adapter computes and that rankstab does not implement:
+/// refused rather than silently ignored.
+fn check_supported_peft_options(cfg_path: &Path) -> Result<(), LoraError> {
+    let text = std::fs::read_to_string(cfg_path)
+        .map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let set = |k: &str| match v.get(k) {
+        None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => false,
+        Some(serde_json::Value::Object(m)) => !m.is_empty(),
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    };
+    let unsupported: Vec<&str> = [
+        "use_dora",
+        "rank_pattern",
+        "alpha_pattern",
+        "lora_bias",
+        "fan_in_fan_out",
+        "modules_to_save",
+        "layer_replication",
+        "target_parameters",
+    ]
+    .into_iter()
+    .filter(|k| set(k))
+    .collect();
+    let bias = v.get("bias").and_then(|b| b.as_str()).unwrap_or("none");
+    if !unsupported.is_empty() || bias != "none" {
+        let mut what: Vec<String> = unsupported.iter().map(|k| format!("{k}")).collect();
+        if bias != "none" {
+            what.push(format!("bias {bias:?}"));
+        }
+        return Err(LoraError::Invalid(format!(
+            "{}: uses PEFT options rankstab does not support: {} (plain LoRA / rsLoRA adapters only)",
+            cfg_path.display(),
+            what.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Attaches the adapters of a PEFT adapter directory (as `rankstab train` writes into
+/// `RUN/adapters`, or peft's `save_pretrained`) to the model's linear layers, unmerged,
+/// with PEFT's scaling ([`PeftAdapterConfig::scaling`]); `A` and `B` take the kind and
+/// device of each layer's weight. Nothing is attached unless everything fits.
+///
+/// # Errors
+/// A missing `adapter_config.json` or `adapter_model.safetensors`, a malformed config or
+/// PEFT options rankstab does not implement (DoRA, rank or alpha patterns, biases, ...), a
+/// target module or module path the model lacks, a tensor whose shape does not fit its
+/// layer (named, with the expected and found shapes), a layer that already has an adapter.
+pub fn attach_peft(model: &mut crate::CausalLm, dir: &Path) -> Result<AttachedPeft, LoraError> {
+    if !dir.is_dir() {
+        return Err(LoraError::Invalid(format!(
+            "{}: not a PEFT adapter directory (no such directory)",
+            dir.display()
+        )));
+    }
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        if !dir.join(f).is_file() {
+            return Err(LoraError::Invalid(format!(
+                "{}: not a PEFT adapter directory (no {f})",
+                dir.display()
+            )));
+        }
+    }
+    let cfg_path = dir.join("adapter_config.json");
+    let file = dir.join("adapter_model.safetensors");
+    let (config, tensors) = load_peft(dir)?;
+    check_supported_peft_options(&cfg_path)?;
+    if tensors.is_empty() {
+        return Err(LoraError::Invalid(format!(
+            "{}: holds no lora_A / lora_B tensors",
+            file.display()
+        )));
+    }
+    let mut modules: Vec<String> = Vec::new();
+    let mut layer_paths = std::collections::BTreeSet::new();
+    for (p, _) in model.linears_mut() {
+        modules.push(crate::trainer::module_and_layer(&p).0);
+        layer_paths.insert(p);
+    }
+    modules.sort();
+    modules.dedup();
+    for t in &config.target_modules {
+        if !modules.contains(t) {
+            return Err(LoraError::Invalid(format!(
+                "{}: target module {t:?} does not exist in this model (its modules: {})",
+                cfg_path.display(),
+                modules.join(", ")
+            )));
+        }
+    }
+    let mut by_path: std::collections::BTreeMap<String, (Tensor, Tensor)> =
+        tensors.into_iter().map(|(p, a, b)| (p, (a, b))).collect();
+    if let Some(p) = by_path.keys().find(|p| !layer_paths.contains(*p)) {
+        let example = layer_paths.iter().next().cloned().unwrap_or_default();
+        return Err(LoraError::Invalid(format!(
+            "{}: module {p} (tensor base_model.model.{p}.lora_A.weight) does not exist in this model (its layers are named like {example})",
+            file.display()
+        )));
+    }
+    let r = config.r as i64;
+    for (path, lin) in model.linears_mut() {
+        let Some((a, b)) = by_path.get(&path) else {
+            continue;
+        };
+        let (out, inp) = lin.dims();
+        for (t, name, want) in [(a, "lora_A", vec![r, inp]), (b, "lora_B", vec![out, r])] {
+            if t.size() != want {
+                return Err(LoraError::Invalid(format!(
+                    "{}: tensor base_model.model.{path}.{name}.weight has shape {:?}, expected {want:?} (the layer is {out} x {inp}, r = {r})",
+                    file.display(),
+                    t.size()
+                )));
+            }
+        }
+        if lin.adapter.is_some() {
+            return Err(LoraError::Invalid(format!("{path} already has an adapter")));
+        }
+    }
+    let scaling = config.scaling();
+    let mut paths = Vec::new();
+    for (path, lin) in model.linears_mut() {
+        let Some((a, b)) = by_path.remove(&path) else {
+            continue;
+        };
+        let (kind, device) = (lin.weight.kind(), lin.weight.device());
+        let ad = LoraAdapter::from_tensors(
+            a.to_kind(kind).to_device(device),
+            b.to_kind(kind).to_device(device),
+            scaling,
+            config.lora_dropout,
+        )
+        .map_err(|e| LoraError::Invalid(format!("{path}: {e}")))?;
+        lin.adapter = Some(ad);
+        paths.push(path);
+    }
+    Ok(AttachedPeft {
+        config,
+        paths,
+        scaling,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,8 +595,10 @@ mod tests {
     fn rank_zero_or_too_large_is_refused() {
         let vs = nn::VarStore::new(Device::Cpu);
         assert!(LoraAdapter::new(&vs.root(), 8, 8, &cfg(0, 1.0)).is_err());
-        let e = LoraAdapter::new(&vs.root(), 8, 6, &cfg(7, 1.0)).expect_err("too large");
-        assert!(e.to_string().contains("1..=6"), "{e}");
+        // Above min(in, out) is allowed (as in PEFT), above max(in, out) is not.
+        assert!(LoraAdapter::new(&vs.root(), 8, 6, &cfg(7, 1.0)).is_ok());
+        let e = LoraAdapter::new(&vs.root(), 8, 6, &cfg(9, 1.0)).expect_err("too large");
+        assert!(e.to_string().contains("1..=8"), "{e}");
     }
 
     #[test]

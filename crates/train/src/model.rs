@@ -60,6 +60,38 @@ impl CausalLm {
         }
     }
 
+    /// Number of decoder blocks.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Llama(m) => m.layers.len(),
+            Self::Gptj(m) => m.h.len(),
+        }
+    }
+
+    /// Token embeddings (B, T, d).
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        match self {
+            Self::Llama(m) => m.embed(ids),
+            Self::Gptj(m) => m.embed(ids),
+        }
+    }
+
+    /// Decoder block `i` on hidden states (B, T, d).
+    pub fn block(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Self::Llama(m) => m.block(i, x, train),
+            Self::Gptj(m) => m.block(i, x, train),
+        }
+    }
+
+    /// Final norm and head: logits (B, T, vocab).
+    pub fn head(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Self::Llama(m) => m.head(x),
+            Self::Gptj(m) => m.head(x, train),
+        }
+    }
+
     /// Vocabulary size of the embedding.
     pub fn vocab_size(&self) -> i64 {
         match self {

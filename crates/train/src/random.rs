@@ -137,13 +137,44 @@ pub fn gptj(
     Gptj::load(config, &mut w)
 }
 
-/// The paper's model shapes by name: `llama-2-7b` or `gpt-j-6b`, randomly initialised.
-/// (About 13.5 GB in bf16 each: for accelerator machines.)
+/// Names accepted by [`preset`].
+pub const PRESETS: [&str; 4] = ["llama-2-7b", "gpt-j-6b", "llama-2-mini", "gpt-j-mini"];
+
+/// A small GPT-J of the real architecture and vocabulary (50400, GPT-2 BPE): 4 blocks of
+/// width 256, 4 heads of 64 with rotary over the first 16 dimensions (GPT-J-6B: 64 of
+/// 256), MLP 1024. About 27 M parameters, most of them in the embedding and head.
+pub fn gptj_mini() -> gptj::Config {
+    let mut g = gptj::Config::gptj_6b();
+    (g.n_embd, g.n_layer, g.n_head, g.head_dim, g.rotary_dim, g.n_inner) =
+        (256, 4, 4, 64, 16, 1024);
+    g
+}
+
+/// A small Llama of the real architecture and vocabulary (32000, the Llama 2 tokenizer):
+/// 4 blocks of width 256, 4 heads of 64, MLP 688.
+pub fn llama2_mini() -> llama::Config {
+    let mut c = llama::Config::llama2_7b();
+    (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_layers,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+    ) = (256, 688, 4, 4, 4, 64);
+    c
+}
+
+/// Model shapes by name, randomly initialised: the paper's `llama-2-7b` and `gpt-j-6b`
+/// (about 13.5 GB in bf16 each: for accelerator machines) and the small `llama-2-mini`
+/// and `gpt-j-mini` ([`llama2_mini`], [`gptj_mini`]) for CPU sweeps.
 ///
 /// # Errors
 /// An unknown name.
 pub fn preset(name: &str, kind: Kind, device: Device, seed: i64) -> Result<CausalLm, TrainError> {
     match name {
+        "llama-2-mini" => Ok(CausalLm::Llama(llama(llama2_mini(), kind, device, seed)?)),
+        "gpt-j-mini" => Ok(CausalLm::Gptj(gptj(gptj_mini(), kind, device, seed)?)),
         "llama-2-7b" => Ok(CausalLm::Llama(llama(
             llama::Config::llama2_7b(),
             kind,
@@ -157,7 +188,8 @@ pub fn preset(name: &str, kind: Kind, device: Device, seed: i64) -> Result<Causa
             seed,
         )?)),
         other => Err(TrainError::Invalid(format!(
-            "preset {other:?} is not known (known: llama-2-7b, gpt-j-6b)"
+            "preset {other:?} is not known (known: {})",
+            PRESETS.join(", ")
         ))),
     }
 }

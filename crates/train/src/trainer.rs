@@ -7,26 +7,20 @@
 //! through the adapter, `(gamma B A)^T v` (`bwd`), and the norms of the gradients of A and
 //! B, of `gamma B A` and its stable rank (`param`). Rows go to the run directory's
 //! `moments.csv` (source = train) and `metrics.csv`.
+use crate::data::{collate, Dataset, Sequence};
 use crate::lora::{save_peft, LoraAdapter, LoraConfig, LoraInit, PeftAdapterConfig};
+pub use crate::optim::Optim;
+use crate::optim::{AdamwParams, Optimizer};
 use crate::probe::{delta_norm_and_stable_rank, fro, moments};
 use crate::{CausalLm, TrainError};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rankstab_records::{scaling_name, MetricRow, MomentRow, TableWriter};
 use std::cell::RefCell;
-use std::path::Path;
-use tch::nn::{self, OptimizerConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
-
-/// Optimizers of the training tool; the learning rate does not depend on rank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Optim {
-    /// AdamW, betas 0.9 / 0.999, no weight decay (the paper's defaults).
-    Adamw,
-    /// Plain SGD.
-    Sgd,
-}
 
 /// Configuration of one training run (one cell of a sweep).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -49,8 +43,12 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Optimisation steps.
     pub steps: usize,
-    /// Sequences per step.
+    /// Sequences per optimisation step (the paper: 32).
     pub batch: usize,
+    /// Sequences per forward/backward pass; gradients accumulate over
+    /// `batch / micro_batch` passes (0: the whole batch at once).
+    #[serde(default)]
+    pub micro_batch: usize,
     /// Tokens per sequence.
     pub context: usize,
     /// Probe every k steps (0: never).
@@ -65,6 +63,80 @@ pub struct TrainConfig {
     pub moments: Vec<u32>,
     /// Seed (adapter init, dropout, data order).
     pub seed: u64,
+    /// Clip the adapters' global gradient norm to this value (none by default).
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+    /// AdamW's decoupled weight decay (the paper: 0).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Write a resumable checkpoint every k steps (0: never).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// (less memory, about one more forward pass of time): for large models.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+}
+
+impl TrainConfig {
+    /// Sequences per forward/backward pass.
+    pub fn micro(&self) -> usize {
+        if self.micro_batch == 0 {
+            self.batch
+        } else {
+            self.micro_batch.min(self.batch)
+        }
+    }
+
+    /// Checks values a run cannot use.
+    ///
+    /// # Errors
+    /// Rank 0, steps 0, batch 0, a batch that micro-batches do not divide, context < 2,
+    /// a non-finite or non-positive learning rate or alpha, moment orders outside 1..=8,
+    /// a clipping norm that is not finite and positive.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Invalid(m));
+        if self.rank == 0 {
+            return bad("rank 0 is not allowed: ranks are integers >= 1".into());
+        }
+        if self.steps == 0 || self.batch == 0 || self.context < 2 {
+            return bad(format!(
+                "steps {} / batch {} / context {}: use steps >= 1, batch >= 1, context >= 2",
+                self.steps, self.batch, self.context
+            ));
+        }
+        if self.batch % self.micro() != 0 {
+            return bad(format!(
+                "micro-batch {} does not divide batch {}: use a divisor",
+                self.micro(),
+                self.batch
+            ));
+        }
+        if !self.lr.is_finite() || self.lr <= 0.0 {
+            return bad(format!("lr {} is not allowed: use a finite number > 0", self.lr));
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 || !self.beta.is_finite() {
+            return bad(format!(
+                "alpha {} / beta {}: use a finite alpha > 0 and a finite beta",
+                self.alpha, self.beta
+            ));
+        }
+        if let Some(m) = self.moments.iter().find(|&&m| m == 0 || m > 8) {
+            return bad(format!("moment order {m} is not allowed: use 1..=8"));
+        }
+        if let Some(c) = self.clip_grad_norm {
+            if !c.is_finite() || c <= 0.0 {
+                return bad(format!("clip-grad-norm {c} is not allowed: use a finite number > 0"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) || !(0.0..1.0).contains(&self.heldout_fraction) {
+            return bad(format!(
+                "dropout {} / held-out fraction {}: use values in [0, 1)",
+                self.dropout, self.heldout_fraction
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Module name (last path part) and layer index of a Hugging Face module path.
@@ -98,6 +170,10 @@ pub fn attach(
         init: cfg.init,
         dropout: cfg.dropout,
     };
+    for (_, lin) in model.linears_mut() {
+        lin.adapter = None;
+        lin.capture = None;
+    }
     let mut available: Vec<String> = model
         .linears_mut()
         .into_iter()
@@ -157,82 +233,331 @@ pub fn windows(
     Ok((w, held))
 }
 
-fn batch_tensor(ws: &[Vec<i64>], device: Device) -> Tensor {
-    let t = ws[0].len() as i64;
-    let flat: Vec<i64> = ws.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat)
-        .view([ws.len() as i64, t])
-        .to_device(device)
+/// Sum of the next-token losses at the masked positions, from logits (B, T, V), targets
+/// (B, T) and mask (B, T).
+fn nll_sum(logits: &Tensor, tgt: &Tensor, mask: &Tensor) -> Tensor {
+    let v = logits.size()[2];
+    let nll = logits
+        .to_kind(Kind::Float)
+        .reshape([-1, v])
+        .log_softmax(-1, Kind::Float)
+        .gather(1, &tgt.reshape([-1, 1]), false)
+        .neg()
+        .reshape([-1]);
+    (nll * mask.reshape([-1])).sum(Kind::Float)
 }
 
-fn loss_of(model: &CausalLm, x: &Tensor, train: bool) -> Tensor {
-    let t = x.size()[1];
-    let inp = x.narrow(1, 0, t - 1);
-    let tgt = x.narrow(1, 1, t - 1);
-    let logits = model.forward(&inp, train).to_kind(Kind::Float);
-    let v = logits.size()[2];
-    logits
-        .reshape([-1, v])
-        .cross_entropy_for_logits(&tgt.reshape([-1]))
+/// Sum of the next-token losses at the masked positions of `ids` (B, T+1) (a sum, so that
+/// micro-batches add up).
+fn masked_loss_sum(model: &CausalLm, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+    let t = ids.size()[1];
+    let logits = model.forward(&ids.narrow(1, 0, t - 1), train);
+    nll_sum(&logits, &ids.narrow(1, 1, t - 1), mask)
+}
+
+/// Forward and backward of `scale * masked_loss_sum` with activation checkpointing: the
+/// forward pass keeps only each block's input; the backward pass recomputes one block at
+/// a time and back-propagates through it with the surrogate `sum(y * dL/dy)`, which
+/// accumulates the same gradients into the adapters (and the probes) as one backward
+/// through the whole graph. Dropout is seeded per block so the recomputation draws the
+/// same masks. Returns the loss (nothing is back-propagated when it is not finite).
+fn checkpointed_backward(model: &CausalLm, ids: &Tensor, mask: &Tensor, scale: f64, seed: i64) -> f64 {
+    let t = ids.size()[1];
+    let n = model.num_layers();
+    let mut hs = Vec::with_capacity(n + 1);
+    hs.push(tch::no_grad(|| model.embed(&ids.narrow(1, 0, t - 1))));
+    for i in 0..n {
+        tch::manual_seed(seed.wrapping_add(i as i64));
+        let y = tch::no_grad(|| model.block(i, &hs[i], true));
+        hs.push(y);
+    }
+    let top = hs[n].detach().set_requires_grad(true);
+    let loss = nll_sum(&model.head(&top, true), &ids.narrow(1, 1, t - 1), mask) * scale;
+    let l = loss.double_value(&[]);
+    if !l.is_finite() {
+        return l;
+    }
+    loss.backward();
+    let mut g = top.grad();
+    drop(loss);
+    for i in (0..n).rev() {
+        let x = hs[i].detach().set_requires_grad(i > 0);
+        tch::manual_seed(seed.wrapping_add(i as i64));
+        let y = model.block(i, &x, true);
+        (y * &g).sum(Kind::Float).backward();
+        if i > 0 {
+            g = x.grad();
+        }
+        hs.truncate(i + 1);
+    }
+    l
+}
+
+/// Rows (b * T + t) of the flattened (B * T, features) activations that are real tokens
+/// (not padding), or `None` when every position is real.
+fn valid_rows(seqs: &[&Sequence], device: Device) -> Option<Tensor> {
+    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(1) - 1;
+    if seqs.iter().all(|s| s.ids.len() - 1 == t) {
+        return None;
+    }
+    let idx: Vec<i64> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(b, s)| (0..s.ids.len() - 1).map(move |i| (b * t + i) as i64))
+        .collect();
+    Some(Tensor::from_slice(&idx).to_device(device))
+}
+
+fn rows_of(t: &Tensor, valid: Option<&Tensor>) -> Tensor {
+    let f = t.size().last().copied().unwrap_or(1);
+    let flat = t.reshape([-1, f]);
+    match valid {
+        Some(idx) => flat.index_select(0, idx),
+        None => flat,
+    }
+}
+
+/// Moment sums of one adapter over the micro-batches of a step: for each site, element
+/// count and count-weighted absolute and raw moments.
+#[derive(Default)]
+struct SiteSums {
+    n: f64,
+    abs: Vec<f64>,
+    raw: Vec<f64>,
+}
+
+impl SiteSums {
+    fn add(&mut self, t: &Tensor, max_m: u32) {
+        let n = t.numel() as f64;
+        if n == 0.0 {
+            return;
+        }
+        let (a, r) = moments(t, max_m);
+        if self.abs.is_empty() {
+            self.abs = vec![0.0; a.len()];
+            self.raw = vec![0.0; r.len()];
+        }
+        for (s, v) in self.abs.iter_mut().zip(&a) {
+            *s += n * v;
+        }
+        for (s, v) in self.raw.iter_mut().zip(&r) {
+            *s += n * v;
+        }
+        self.n += n;
+    }
+}
+
+/// What a resumable checkpoint holds besides its tensors.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct CheckpointState {
+    /// The configuration that wrote it (a resume must use the same).
+    config: TrainConfig,
+    /// The first step still to run; the data position follows from it (step s trains on
+    /// sequences s * batch .. (s + 1) * batch of the shuffled training set, modulo its
+    /// length), and dropout is seeded per step.
+    next_step: usize,
+    /// Optimizer steps taken.
+    optimizer_steps: u64,
+    /// Byte lengths of moments.csv and metrics.csv when it was written: rows after that
+    /// are from steps that will run again.
+    moments_len: u64,
+    metrics_len: u64,
+}
+
+const CHECKPOINT: &str = "checkpoint";
+
+fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.join(CHECKPOINT)
+}
+
+/// Writes the checkpoint atomically: into `checkpoint.tmp/`, then renamed over the old one
+/// (kept as `checkpoint.old/` for the instant between the two renames).
+fn save_checkpoint(
+    out: &Path,
+    state: &CheckpointState,
+    tensors: &[(String, Tensor)],
+) -> Result<(), TrainError> {
+    let dir = checkpoint_dir(out);
+    let tmp = out.join("checkpoint.tmp");
+    let old = out.join("checkpoint.old");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
+    };
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    Tensor::write_safetensors(tensors, tmp.join("tensors.safetensors")).map_err(|source| {
+        TrainError::Torch {
+            context: format!("writing {}", tmp.display()),
+            source,
+        }
+    })?;
+    rankstab_records::write_json_atomic(&tmp.join("state.json"), state)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        std::fs::rename(&dir, &old).map_err(io(&dir))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(io(&tmp))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    }
+    Ok(())
+}
+
+fn load_checkpoint(
+    out: &Path,
+) -> Result<Option<(CheckpointState, HashMap<String, Tensor>)>, TrainError> {
+    let mut dir = checkpoint_dir(out);
+    if !dir.join("state.json").exists() {
+        // Killed between the two renames of save_checkpoint.
+        dir = out.join("checkpoint.old");
+        if !dir.join("state.json").exists() {
+            return Ok(None);
+        }
+    }
+    let state: CheckpointState = rankstab_records::read_json(&dir.join("state.json"))
+        .map_err(|e| TrainError::Invalid(format!("checkpoint: {e}")))?;
+    let path = dir.join("tensors.safetensors");
+    let tensors = Tensor::read_safetensors(&path)
+        .map_err(|source| TrainError::Torch {
+            context: format!("reading {}", path.display()),
+            source,
+        })?
+        .into_iter()
+        .collect();
+    Ok(Some((state, tensors)))
+}
+
+fn remove_checkpoints(out: &Path) {
+    for d in [CHECKPOINT, "checkpoint.tmp", "checkpoint.old"] {
+        let _ = std::fs::remove_dir_all(out.join(d));
+    }
 }
 
 /// What a finished run measured.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
-    /// Held-out loss at the end.
+    /// Held-out loss at the end (NaN when the run diverged).
     pub heldout_loss: f64,
     /// Training loss of the last step.
     pub last_loss: f64,
     /// "diverged at step k" when the loss became non-finite.
     pub diverged: Option<String>,
+    /// The step the run resumed from, when it continued a checkpoint.
+    pub resumed_from: Option<usize>,
+}
+
+fn set_capture(model: &mut CausalLm, on: bool) {
+    for (_, lin) in model.linears_mut() {
+        if lin.adapter.is_some() {
+            lin.capture = on.then(|| RefCell::new(None));
+        }
+    }
+}
+
+/// Mean held-out loss per loss token.
+fn heldout_loss(model: &mut CausalLm, data: &Dataset, micro: usize, device: Device) -> f64 {
+    set_capture(model, false);
+    let (mut s, mut n) = (0.0, 0.0);
+    tch::no_grad(|| {
+        for chunk in data.heldout.chunks(micro.max(1)) {
+            let refs: Vec<&Sequence> = chunk.iter().collect();
+            let (ids, mask) = collate(&refs, data.pad_id, device);
+            s += masked_loss_sum(model, &ids, &mask, false).double_value(&[]);
+            n += mask.sum(Kind::Float).double_value(&[]);
+        }
+    });
+    s / n.max(1.0)
 }
 
 /// Trains the attached adapters and writes rows to `out` (moments.csv, metrics.csv) and
 /// the PEFT adapter to `out/adapters`.
 ///
+/// With `checkpoint_every > 0` it writes `out/checkpoint/` (adapters, optimizer state, the
+/// next step and the table lengths) every k steps; called again on the same `out` with
+/// the same configuration it resumes there, cutting rows written after the checkpoint, and
+/// ends with the numbers of an uninterrupted run. Without a checkpoint it starts over.
+///
 /// # Errors
-/// I/O, libtorch errors, too little data.
+/// I/O, libtorch errors, too little data, a checkpoint written by another configuration.
 #[allow(clippy::too_many_lines)]
 pub fn train(
     model: &mut CausalLm,
     vs: &nn::VarStore,
-    ids: &[i64],
+    data: &Dataset,
     cfg: &TrainConfig,
     out: &Path,
     mut progress: impl FnMut(usize, f64),
 ) -> Result<TrainOutcome, TrainError> {
-    let device = vs.device();
-    let (train_w, held_w) = windows(ids, cfg.context, cfg.heldout_fraction, cfg.seed)?;
-    let paths = attach(model, vs, cfg)?;
-    let torch = |context: &str| {
-        let context = context.to_string();
-        move |source| TrainError::Torch { context, source }
-    };
-    let mut opt = match cfg.optimizer {
-        Optim::Adamw => nn::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            wd: 0.0,
-            eps: 1e-8,
-            amsgrad: false,
-        }
-        .build(vs, cfg.lr),
-        Optim::Sgd => nn::Sgd::default().build(vs, cfg.lr),
+    cfg.validate()?;
+    if data.train.is_empty() || data.heldout.is_empty() {
+        return Err(TrainError::Invalid(
+            "the dataset needs at least one training and one held-out sequence".into(),
+        ));
     }
-    .map_err(torch("building the optimizer"))?;
-    let mut mw = TableWriter::<MomentRow>::open(&out.join("moments.csv"))
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let mut tw = TableWriter::<MetricRow>::open(&out.join("metrics.csv"))
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let device = vs.device();
+    let paths = attach(model, vs, cfg)?;
+    let params: Vec<Tensor> = model
+        .linears_mut()
+        .into_iter()
+        .filter_map(|(_, l)| l.adapter.as_ref().map(|a| [a.a.shallow_clone(), a.b.shallow_clone()]))
+        .flatten()
+        .collect();
+    let adam = AdamwParams {
+        weight_decay: cfg.weight_decay,
+        ..AdamwParams::default()
+    };
+    let mut opt = Optimizer::new(cfg.optimizer, cfg.lr, adam, params);
+    let rec = |e: rankstab_records::RecordsError| TrainError::Invalid(e.to_string());
+    let mut mw = TableWriter::<MomentRow>::open(&out.join("moments.csv")).map_err(rec)?;
+    let mut tw = TableWriter::<MetricRow>::open(&out.join("metrics.csv")).map_err(rec)?;
+    let mut start = 0;
+    let mut resumed_from = None;
+    match load_checkpoint(out)? {
+        Some((state, tensors)) => {
+            if state.config != *cfg {
+                return Err(TrainError::Invalid(format!(
+                    "{}: the checkpoint there was written by another configuration; use a new output directory",
+                    checkpoint_dir(out).display()
+                )));
+            }
+            for (i, p) in opt.params().iter().enumerate() {
+                let name = format!("p.{i}");
+                let src = tensors.get(&name).ok_or_else(|| {
+                    TrainError::Invalid(format!("checkpoint: adapter tensor {name} is missing"))
+                })?;
+                if src.size() != p.size() {
+                    return Err(TrainError::Invalid(format!(
+                        "checkpoint: adapter tensor {name} has shape {:?}, expected {:?}",
+                        src.size(),
+                        p.size()
+                    )));
+                }
+                let mut p = p.shallow_clone();
+                tch::no_grad(|| p.copy_(src));
+            }
+            opt.load_state(&tensors, state.optimizer_steps)?;
+            mw.truncate(state.moments_len).map_err(rec)?;
+            tw.truncate(state.metrics_len).map_err(rec)?;
+            start = state.next_step;
+            resumed_from = Some(start);
+        }
+        None => {
+            mw.clear().map_err(rec)?;
+            tw.clear().map_err(rec)?;
+        }
+    }
     let width = match model {
         CausalLm::Llama(m) => m.config.hidden_size,
         CausalLm::Gptj(m) => m.config.n_embd,
     } as u32;
     let scaling = scaling_name(cfg.beta);
-    let opt_name = match cfg.optimizer {
-        Optim::Adamw => "adamw",
-        Optim::Sgd => "sgd",
-    };
+    let opt_name = cfg.optimizer.name();
     let metric = |step: usize, metric: &str, value: f64| MetricRow {
         source: "train".into(),
         model: cfg.model_name.clone(),
@@ -246,52 +571,87 @@ pub fn train(
         metric: metric.into(),
         value,
     };
-    let heldout_loss = |model: &CausalLm| -> f64 {
-        tch::no_grad(|| {
-            let mut s = 0.0;
-            for chunk in held_w.chunks(cfg.batch.max(1)) {
-                s += loss_of(model, &batch_tensor(chunk, device), false).double_value(&[])
-                    * chunk.len() as f64;
-            }
-            s / held_w.len() as f64
-        })
-    };
     let max_m = cfg.moments.iter().copied().max().unwrap_or(4);
+    let micro = cfg.micro();
     let mut last_loss = f64::NAN;
-    let mut diverged = None;
     let t0 = std::time::Instant::now();
-    for step in 0..cfg.steps {
-        let start = (step * cfg.batch) % train_w.len();
-        let chunk: Vec<Vec<i64>> = (0..cfg.batch)
-            .map(|k| train_w[(start + k) % train_w.len()].clone())
+    let n_train = data.train.len();
+    for step in start..cfg.steps {
+        let seqs: Vec<&Sequence> = (0..cfg.batch)
+            .map(|k| &data.train[(step * cfg.batch + k) % n_train])
             .collect();
-        let x = batch_tensor(&chunk, device);
-        tch::manual_seed(cfg.seed as i64 ^ step as i64);
-        let loss = loss_of(model, &x, true);
-        let lv = loss.double_value(&[]);
-        if !lv.is_finite() {
-            diverged = Some(format!("diverged at step {step}"));
-            tw.append(&[metric(step, "diverged", 1.0)])
-                .map_err(|e| TrainError::Invalid(e.to_string()))?;
-            break;
-        }
-        opt.zero_grad();
-        loss.backward();
+        let total_tokens: usize = seqs.iter().map(|s| s.mask.iter().filter(|&&m| m).count()).sum();
         let probing = cfg.probe_every > 0 && step % cfg.probe_every == 0;
-        let mut rows = Vec::new();
-        let mut grad_sq = 0.0;
-        let mut n_params = 0usize;
-        for (path, lin) in model.linears_mut() {
-            let Some(ad) = &lin.adapter else { continue };
-            let (ga, gb) = (ad.a.grad(), ad.b.grad());
-            let (na, nb) = (fro(&ga), fro(&gb));
-            grad_sq += na * na + nb * nb;
-            n_params += 2;
-            let cap = lin.capture.as_ref().and_then(|c| c.borrow_mut().take());
+        set_capture(model, probing);
+        opt.zero_grad();
+        let mut sums: Vec<[SiteSums; 3]> = Vec::new();
+        let mut lv = 0.0;
+        for (k, chunk) in seqs.chunks(micro).enumerate() {
+            let (ids, mask) = collate(chunk, data.pad_id, device);
+            tch::manual_seed(
+                (cfg.seed as i64)
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((step * 1000 + k) as i64),
+            );
+            let scale = 1.0 / total_tokens.max(1) as f64;
+            let l = if cfg.activation_checkpointing {
+                let seed = (cfg.seed as i64).wrapping_mul(7919).wrapping_add((step * 1000 + k) as i64 * 1000);
+                checkpointed_backward(model, &ids, &mask, scale, seed)
+            } else {
+                let loss = masked_loss_sum(model, &ids, &mask, true) * scale;
+                let l = loss.double_value(&[]);
+                if l.is_finite() {
+                    loss.backward();
+                }
+                l
+            };
+            lv += l;
+            if !l.is_finite() {
+                break;
+            }
             if !probing {
                 continue;
             }
-            let Some(cap) = cap else { continue };
+            let valid = valid_rows(chunk, device);
+            let mut i = 0;
+            for (_, lin) in model.linears_mut() {
+                let Some(ad) = &lin.adapter else { continue };
+                let cap = lin.capture.as_ref().and_then(|c| c.borrow_mut().take());
+                let Some(cap) = cap else { continue };
+                if sums.len() <= i {
+                    sums.push(Default::default());
+                }
+                let v = cap.probe.grad();
+                let bwd = tch::no_grad(|| v.matmul(&ad.b).matmul(&ad.a) * ad.scaling);
+                for (s, t) in sums[i].iter_mut().zip([&cap.output, &v, &bwd]) {
+                    s.add(&rows_of(t, valid.as_ref()), max_m);
+                }
+                i += 1;
+            }
+        }
+        if !lv.is_finite() {
+            let msg = format!("diverged at step {step}");
+            tw.append(&[metric(step, "diverged", 1.0)]).map_err(rec)?;
+            remove_checkpoints(out);
+            return Ok(TrainOutcome {
+                heldout_loss: f64::NAN,
+                last_loss: lv,
+                diverged: Some(msg),
+                resumed_from,
+            });
+        }
+        let mut rows = Vec::new();
+        let mut grad_sq = 0.0;
+        let mut n_params = 0usize;
+        let mut i = 0;
+        for (path, lin) in model.linears_mut() {
+            let Some(ad) = &lin.adapter else { continue };
+            let (na, nb) = (fro(&ad.a.grad()), fro(&ad.b.grad()));
+            grad_sq += na * na + nb * nb;
+            n_params += 2;
+            if !probing || i >= sums.len() {
+                continue;
+            }
             let (module, layer) = module_and_layer(&path);
             let base = MomentRow {
                 source: "train".into(),
@@ -310,26 +670,18 @@ pub fn train(
                 step: step as u32,
                 ..Default::default()
             };
-            let v = cap.probe.grad();
-            let bwd = tch::no_grad(|| v.matmul(&ad.b).matmul(&ad.a) * ad.scaling);
-            for (site, t) in [("fwd", &cap.output), ("grad_out", &v), ("bwd", &bwd)] {
-                let (abs, raw) = moments(t, max_m);
+            for (site, s) in ["fwd", "grad_out", "bwd"].iter().zip(&sums[i]) {
                 for &m in &cfg.moments {
                     let k = m as usize - 1;
-                    rows.push(MomentRow {
-                        site: site.into(),
-                        stat: "abs".into(),
-                        m: Some(m),
-                        value: abs[k],
-                        ..base.clone()
-                    });
-                    rows.push(MomentRow {
-                        site: site.into(),
-                        stat: "raw".into(),
-                        m: Some(m),
-                        value: raw[k],
-                        ..base.clone()
-                    });
+                    for (stat, v) in [("abs", &s.abs), ("raw", &s.raw)] {
+                        rows.push(MomentRow {
+                            site: (*site).into(),
+                            stat: stat.into(),
+                            m: Some(m),
+                            value: v[k] / s.n,
+                            ..base.clone()
+                        });
+                    }
                 }
             }
             let (dn, sr) = delta_norm_and_stable_rank(&ad.b, &ad.a, ad.scaling);
@@ -346,6 +698,11 @@ pub fn train(
                     ..base.clone()
                 });
             }
+            i += 1;
+        }
+        let grad_norm = opt.grad_norm();
+        if let Some(c) = cfg.clip_grad_norm {
+            opt.clip_grad_norm(c);
         }
         opt.step();
         last_loss = lv;
@@ -357,21 +714,36 @@ pub fn train(
                 "grad_norm_avg",
                 (grad_sq / n_params.max(1) as f64).sqrt(),
             ),
+            metric(step, "grad_norm", grad_norm),
             metric(step, "lr", cfg.lr),
             metric(step, "seconds", t0.elapsed().as_secs_f64()),
         ];
         if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step + 1 == cfg.steps) {
-            let h = heldout_loss(model);
+            let h = heldout_loss(model, data, micro, device);
             mrows.push(metric(step, "heldout_loss", h));
             mrows.push(metric(step, "heldout_perplexity", h.exp()));
         }
-        mw.append(&rows)
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
-        tw.append(&mrows)
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        mw.append(&rows).map_err(rec)?;
+        tw.append(&mrows).map_err(rec)?;
+        if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && step + 1 < cfg.steps
+        {
+            let (mut tensors, optimizer_steps) = opt.state();
+            for (i, p) in opt.params().iter().enumerate() {
+                tensors.push((format!("p.{i}"), p.detach()));
+            }
+            let state = CheckpointState {
+                config: cfg.clone(),
+                next_step: step + 1,
+                optimizer_steps,
+                moments_len: mw.len().map_err(rec)?,
+                metrics_len: tw.len().map_err(rec)?,
+            };
+            save_checkpoint(out, &state, &tensors)?;
+        }
         progress(step, lv);
     }
-    let h = heldout_loss(model);
+    set_capture(model, false);
+    let h = heldout_loss(model, data, micro, device);
     let mut adapters = Vec::new();
     let linears = model.linears_mut();
     for (path, lin) in &linears {
@@ -401,9 +773,11 @@ pub fn train(
     };
     save_peft(&out.join("adapters"), &pc, &adapters)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    remove_checkpoints(out);
     Ok(TrainOutcome {
         heldout_loss: h,
         last_loss,
-        diverged,
+        diverged: None,
+        resumed_from,
     })
 }

@@ -1,11 +1,12 @@
 //! The instrumented trainer on the tiny Llama fixture.
 use rankstab_records::{read_table, MetricRow, MomentRow};
+use rankstab_train::data::{DataFormat, Dataset, Sequence};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::text::TextTokenizer;
-use rankstab_train::trainer::{train, Optim, TrainConfig};
+use rankstab_train::trainer::{train, windows, Optim, TrainConfig, TrainOutcome};
 use rankstab_train::CausalLm;
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind};
+use tch::{nn, Device, Kind, Tensor};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
@@ -35,17 +36,43 @@ fn cfg(rank: usize, beta: f64, optimizer: Optim, steps: usize, seed: u64) -> Tra
         target_modules: vec![],
         moments: vec![1, 2, 3, 4],
         seed,
+        micro_batch: 0,
+        clip_grad_norm: None,
+        weight_decay: 0.0,
+        checkpoint_every: 0,
+        activation_checkpointing: false,
     }
 }
 
-fn run(c: &TrainConfig) -> (tempfile::TempDir, rankstab_train::trainer::TrainOutcome) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    tch::manual_seed(c.seed as i64);
-    let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
+/// The plain-text dataset of TEXT in windows of `context + 1` tokens.
+fn dataset(c: &TrainConfig) -> Dataset {
     let tok = TextTokenizer::from_file(&fixture().join("tokenizer.json")).expect("tokenizer");
     let ids = tok.encode(TEXT).expect("ids");
+    let (train, held) = windows(&ids, c.context, c.heldout_fraction, c.seed).expect("windows");
+    let seq = |w: Vec<i64>| Sequence {
+        mask: vec![true; w.len() - 1],
+        ids: w,
+    };
+    let examples = train.len() + held.len();
+    Dataset {
+        train: train.into_iter().map(seq).collect(),
+        heldout: held.into_iter().map(seq).collect(),
+        pad_id: 0,
+        format: DataFormat::Text,
+        examples,
+    }
+}
+
+fn run_in(c: &TrainConfig, dir: &Path) -> TrainOutcome {
+    tch::manual_seed(c.seed as i64);
+    let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
     let vs = nn::VarStore::new(Device::Cpu);
-    let out = train(&mut model, &vs, &ids, c, dir.path(), |_, _| {}).expect("trains");
+    train(&mut model, &vs, &dataset(c), c, dir, |_, _| {}).expect("trains")
+}
+
+fn run(c: &TrainConfig) -> (tempfile::TempDir, TrainOutcome) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_in(c, dir.path());
     (dir, out)
 }
 
@@ -133,13 +160,209 @@ fn unknown_target_module_lists_the_available_ones() {
     c.target_modules = vec!["qkv".into()];
     let dir = tempfile::tempdir().expect("tempdir");
     let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
-    let ids: Vec<i64> = (0..200).map(|i| i % 90).collect();
     let vs = nn::VarStore::new(Device::Cpu);
-    let e = train(&mut model, &vs, &ids, &c, dir.path(), |_, _| {})
+    let e = train(&mut model, &vs, &dataset(&c), &c, dir.path(), |_, _| {})
         .expect_err("unknown")
         .to_string();
     assert!(
         e.contains("qkv") && e.contains("q_proj") && e.contains("down_proj"),
         "{e}"
     );
+}
+
+/// Rows of a run without the wall-clock column, for comparisons.
+fn rows(dir: &Path) -> (Vec<MomentRow>, Vec<MetricRow>) {
+    let m: Vec<MomentRow> = read_table(&dir.join("moments.csv")).expect("moments");
+    let x: Vec<MetricRow> = read_table(&dir.join("metrics.csv")).expect("metrics");
+    (m, x.into_iter().filter(|r| r.metric != "seconds").collect())
+}
+
+fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let (_, t) = rankstab_train::lora::load_peft(&dir.join("adapters")).expect("peft");
+    let mut v: Vec<(String, Vec<f32>)> = t
+        .into_iter()
+        .flat_map(|(name, a, b)| {
+            [
+                (format!("{name}.A"), Vec::<f32>::try_from(a.flatten(0, -1)).expect("f32")),
+                (format!("{name}.B"), Vec::<f32>::try_from(b.flatten(0, -1)).expect("f32")),
+            ]
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn max_rel_diff(a: &[MomentRow], b: &[MomentRow]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            assert_eq!((&x.module, x.layer, x.step, &x.site, &x.stat, x.m), (&y.module, y.layer, y.step, &y.site, &y.stat, y.m));
+            (x.value - y.value).abs() / x.value.abs().max(1e-12)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// A run killed after its checkpoint at step 2 (here: a panic in the progress callback at
+/// step 2, after the rows of step 2 were written), run again on the same directory,
+/// resumes at step 2 and ends with exactly the rows and adapters of an uninterrupted run.
+#[test]
+fn a_killed_run_resumes_from_its_checkpoint_with_identical_numbers() {
+    for optimizer in [Optim::Adamw, Optim::Sgd] {
+        let mut c = cfg(4, 0.5, optimizer, 6, 3);
+        c.checkpoint_every = 2;
+        let (full, _) = run(&c);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tch::manual_seed(c.seed as i64);
+            let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
+            let vs = nn::VarStore::new(Device::Cpu);
+            train(&mut model, &vs, &dataset(&c), &c, dir.path(), |step, _| {
+                assert!(step < 2, "killed at step {step}");
+            })
+        }));
+        assert!(killed.is_err());
+        assert!(dir.path().join("checkpoint/state.json").exists());
+        let out = run_in(&c, dir.path());
+        assert_eq!(out.resumed_from, Some(2), "{optimizer:?}");
+        assert!(!dir.path().join("checkpoint").exists());
+        let (m1, x1) = rows(full.path());
+        let (m2, x2) = rows(dir.path());
+        assert_eq!(m1, m2, "{optimizer:?}: moments differ");
+        assert_eq!(x1, x2, "{optimizer:?}: metrics differ");
+        assert_eq!(adapter_tensors(full.path()), adapter_tensors(dir.path()));
+    }
+}
+
+/// Gradient accumulation: batch 4 in micro-batches of 1 gives the updates, losses and
+/// probe moments of batch 4 in one pass (to f32 rounding).
+#[test]
+fn gradient_accumulation_equals_the_full_batch() {
+    let c = cfg(4, 1.0, Optim::Adamw, 4, 5);
+    let mut m = c.clone();
+    m.micro_batch = 1;
+    let (a, _) = run(&c);
+    let (b, _) = run(&m);
+    let (ma, xa) = rows(a.path());
+    let (mb, xb) = rows(b.path());
+    let nonzero = |v: &[MomentRow]| v.iter().filter(|r| r.value.abs() > 1e-9).cloned().collect::<Vec<_>>();
+    assert!(max_rel_diff(&nonzero(&ma), &nonzero(&mb)) < 1e-3);
+    for (p, q) in xa.iter().zip(&xb) {
+        assert!((p.value - q.value).abs() <= 1e-5 * p.value.abs().max(1.0), "{p:?} {q:?}");
+    }
+}
+
+/// Activation checkpointing recomputes each block in the backward pass: same gradients,
+/// so the same rows and adapters (to f32 rounding), with and without it.
+#[test]
+fn activation_checkpointing_gives_the_same_training() {
+    let c = cfg(4, 0.5, Optim::Sgd, 3, 2);
+    let mut k = c.clone();
+    k.activation_checkpointing = true;
+    let (a, _) = run(&c);
+    let (b, _) = run(&k);
+    let (ma, _) = rows(a.path());
+    let (mb, _) = rows(b.path());
+    let nonzero = |v: &[MomentRow]| v.iter().filter(|r| r.value.abs() > 1e-9).cloned().collect::<Vec<_>>();
+    let d = max_rel_diff(&nonzero(&ma), &nonzero(&mb));
+    assert!(d < 1e-3, "max relative difference {d}");
+    for ((na, va), (nb, vb)) in adapter_tensors(a.path()).iter().zip(adapter_tensors(b.path()).iter()) {
+        assert_eq!(na, nb);
+        let d = va.iter().zip(vb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(d < 1e-5, "{na}: {d}");
+    }
+}
+
+/// A learning rate that blows the loss up ends the run with "diverged at step k", keeps
+/// the rows before k, and returns normally.
+#[test]
+fn a_non_finite_loss_ends_the_run_as_diverged() {
+    let mut c = cfg(4, 1.0, Optim::Sgd, 40, 0);
+    c.lr = 1e30;
+    let (dir, out) = run(&c);
+    let msg = out.diverged.expect("diverges");
+    let k: u32 = msg.strip_prefix("diverged at step ").expect("message").parse().expect("step");
+    assert!(k >= 1);
+    let (_, x) = rows(dir.path());
+    assert!(x.iter().any(|r| r.metric == "diverged" && r.step == k));
+    assert!(x.iter().filter(|r| r.metric == "loss").all(|r| r.step < k && r.value.is_finite()));
+    assert!(!dir.path().join("adapters").exists());
+}
+
+/// The probe mechanism against an independent computation. In layer 0 the input of
+/// q_proj is RMSNorm(embedding), computed here by hand; with the captured loss gradient
+/// v at the adapter output, autograd's gradient of B must equal gamma V^T (X A^T), and the
+/// forward moments of the trainer's rows at step 1 must equal the moments of
+/// gamma X A1^T B1^T computed in f64 from the adapters after one step.
+#[test]
+fn probes_match_an_independent_computation() {
+    let c = cfg(4, 0.5, Optim::Sgd, 1, 9);
+    let data = dataset(&c);
+    let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
+    let eps = match &model {
+        CausalLm::Llama(l) => l.config.rms_norm_eps,
+        CausalLm::Gptj(_) => panic!("llama fixture"),
+    };
+    let x_of = |model: &CausalLm, seqs: &[Sequence]| -> Tensor {
+        let CausalLm::Llama(l) = model else { unreachable!() };
+        let ids: Vec<i64> = seqs.iter().flat_map(|s| s.ids[..s.ids.len() - 1].to_vec()).collect();
+        let e = l.embed_tokens.index_select(0, &Tensor::from_slice(&ids)).to_kind(Kind::Double);
+        let w = l.layers[0].input_layernorm.weight.to_kind(Kind::Double);
+        let rms = (e.square().mean_dim(-1, true, Kind::Double) + eps).rsqrt();
+        e * rms * w
+    };
+    // (1) autograd's grad B == gamma V^T X A^T, with V from the probe.
+    tch::manual_seed(1);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let paths = rankstab_train::trainer::attach(&mut model, &vs, &c).expect("attach");
+    assert!(paths[0].ends_with("layers.0.self_attn.q_proj"));
+    let batch: Vec<Sequence> = data.train[..c.batch].to_vec();
+    {
+        let (_, lin) = model.linears_mut().into_iter().next().expect("q_proj");
+        let ad = lin.adapter.as_mut().expect("adapter");
+        tch::no_grad(|| ad.b.copy_(&(Tensor::randn(ad.b.size(), (Kind::Float, Device::Cpu)) * 0.1)));
+    }
+    let x = x_of(&model, &batch);
+    let refs: Vec<&Sequence> = batch.iter().collect();
+    let (ids, _) = rankstab_train::data::collate(&refs, 0, Device::Cpu);
+    let t = ids.size()[1];
+    let logits = model.forward(&ids.narrow(1, 0, t - 1), true);
+    let v = logits.size()[2];
+    logits.reshape([-1, v]).cross_entropy_for_logits(&ids.narrow(1, 1, t - 1).reshape([-1])).backward();
+    let (_, lin) = model.linears_mut().into_iter().next().expect("q_proj");
+    let ad = lin.adapter.as_ref().expect("adapter");
+    let cap = lin.capture.as_ref().expect("capture").borrow_mut().take().expect("captured");
+    let vv = cap.probe.grad().to_kind(Kind::Double);
+    let f = vv.size()[2];
+    let vv = vv.reshape([-1, f]);
+    let want = vv.tr().matmul(&x.matmul(&ad.a.to_kind(Kind::Double).tr())) * ad.scaling;
+    let got = ad.b.grad().to_kind(Kind::Double);
+    let err = (&got - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+    assert!(err < 1e-4, "grad B vs gamma V^T X A^T: relative error {err}");
+    // The captured output is gamma X A^T B^T.
+    let y = x.matmul(&ad.a.to_kind(Kind::Double).tr()).matmul(&ad.b.to_kind(Kind::Double).tr()) * ad.scaling;
+    let err = (cap.output.to_kind(Kind::Double).reshape([-1, f]) - &y).abs().max().double_value(&[]);
+    assert!(err < 1e-5, "captured output: {err}");
+
+    // (2) the trainer's fwd moments at step 1 from the adapters after one step.
+    let (one, _) = run(&c);
+    let mut c2 = c.clone();
+    c2.steps = 2;
+    let (two, _) = run(&c2);
+    let (_, t1) = rankstab_train::lora::load_peft(&one.path().join("adapters")).expect("peft");
+    let (_, a1, b1) = t1.iter().find(|(n, _, _)| n.ends_with("layers.0.self_attn.q_proj")).expect("q_proj");
+    let x = x_of(&model, &data.train[c.batch..2 * c.batch]);
+    let y = x.matmul(&a1.to_kind(Kind::Double).tr()).matmul(&b1.to_kind(Kind::Double).tr())
+        * rankstab_records::scaling_factor(c.alpha, c.beta, c.rank);
+    let yv: Vec<f64> = Vec::try_from(y.flatten(0, -1)).expect("f64");
+    let (m, _) = rows(two.path());
+    for k in 1..=4u32 {
+        let want = yv.iter().map(|v| v.abs().powi(k as i32)).sum::<f64>() / yv.len() as f64;
+        let got = m
+            .iter()
+            .find(|r| r.step == 1 && r.layer == 0 && r.module == "q_proj" && r.site == "fwd" && r.stat == "abs" && r.m == Some(k))
+            .expect("row")
+            .value;
+        assert!(want > 0.0 && (got / want - 1.0).abs() < 1e-4, "m={k}: {got} vs {want}");
+    }
 }

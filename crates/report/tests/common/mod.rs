@@ -50,6 +50,7 @@ pub fn write_train_cell(root: &Path, rank: u32, scaling: &str, beta: f64, seed: 
         created: "2024-01-01T00:00:00Z".into(),
         finished: Some("2024-01-01T00:01:00Z".into()),
         status: RunStatus::Complete,
+        note: None,
     };
     write_json_atomic(&dir.join(files::MANIFEST), &manifest).expect("manifest");
     let base = MomentRow {

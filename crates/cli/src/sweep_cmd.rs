@@ -1,0 +1,184 @@
+//! `rankstab sweep`: a manifest of training cells (models x ranks x scalings x optimizers
+//! x seeds), each run into its own run directory; finished cells are skipped, a killed
+//! one resumes from its checkpoint.
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rankstab_train::data::Dataset;
+use rankstab_train::sweep::{
+    cell_state, load_data, load_model, prepare_dir, run_dir, CellState, LoadedModel, RunMeta,
+    SweepConfig, AUDIT_SWEEP,
+};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Options of `rankstab sweep`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  rankstab sweep --out runs/sweep                 # the embedded default (make audit): SmolLM2-135M
+                                                  # ranks 4..256, lora vs rslora, AdamW and SGD,
+                                                  # and a small random GPT-J (~5 min on 2 cores)
+  rankstab sweep --config paper.toml --out runs/paper --list
+  rankstab sweep --config paper.toml --out runs/paper --cell 7      # one cell (a job-array task)
+  rankstab sweep --print-default > my.toml
+
+Writes OUT/sweep.json (configuration and cells) and OUT/cells/<NNN-model-rR-scaling-opt-sS>/
+(manifest.json, moments.csv, metrics.csv, adapters/). Run the same command again after a
+kill: finished cells are skipped and an interrupted cell resumes from its last checkpoint.
+A cell whose loss becomes NaN or infinite ends as \"diverged at step k\" and the sweep goes on.")]
+pub struct SweepArgs {
+    /// Sweep configuration (TOML; see --print-default). Default: the embedded audit sweep.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Sweep directory (default runs/sweep-<time>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Run only these cells (0-based, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    cell: Vec<usize>,
+    /// List the cells and their state, run nothing.
+    #[arg(long)]
+    list: bool,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    print_default: bool,
+}
+
+pub fn run(a: SweepArgs) -> Result<()> {
+    if a.print_default {
+        print!("{AUDIT_SWEEP}");
+        return Ok(());
+    }
+    let cfg = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read the sweep configuration", p.display()))?;
+            SweepConfig::from_toml(&text, &p.display().to_string())?
+        }
+        None => SweepConfig::audit(),
+    };
+    let cells = cfg.cells();
+    if let Some(&bad) = a.cell.iter().find(|&&c| c >= cells.len()) {
+        bail!(
+            "--cell {bad} does not exist: this sweep has cells 0..={}",
+            cells.len() - 1
+        );
+    }
+    for m in &cfg.models {
+        for p in m.path.iter().chain(m.tokenizer.iter()) {
+            if !p.exists() {
+                bail!(
+                    "model {:?}: {} does not exist (the default sweep's assets come from `bash scripts/setup.sh`)",
+                    m.name,
+                    p.display()
+                );
+            }
+        }
+    }
+    if !cfg.data.exists() {
+        bail!(
+            "{}: the sweep's data file does not exist (the default's comes from `bash scripts/setup.sh`)",
+            cfg.data.display()
+        );
+    }
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "sweep-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        ))
+    });
+    if a.list {
+        for c in &cells {
+            let state = cell_state(&out.join("cells").join(&c.name));
+            println!("{:>4}  {:<9} {}", c.index, format!("{state:?}").to_lowercase(), c.name);
+        }
+        return Ok(());
+    }
+    let device = rankstab_train::device::parse_device(&cfg.device)?;
+    let manifest = prepare_dir(&out, &cfg)?;
+    let chosen: Vec<usize> = if a.cell.is_empty() {
+        (0..cells.len()).collect()
+    } else {
+        a.cell.clone()
+    };
+    let meta = RunMeta {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        git_revision: crate::git_revision(),
+        device: crate::device_description(device),
+        extra: serde_json::json!({ "sweep": out, "data": cfg.data, "dtype": cfg.dtype }),
+    };
+    let total_steps: u64 = chosen
+        .iter()
+        .map(|&i| cfg.train_config(&manifest.cells[i]).steps as u64)
+        .sum();
+    let pb = indicatif::ProgressBar::new(total_steps);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} sweep [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut loaded: Option<(String, LoadedModel)> = None;
+    let mut data: Option<((String, u64), Dataset)> = None;
+    let (mut done, mut skipped, mut diverged) = (0, 0, 0);
+    for &i in &chosen {
+        let cell = &manifest.cells[i];
+        let dir = out.join("cells").join(&cell.name);
+        let tc = cfg.train_config(cell);
+        match cell_state(&dir) {
+            CellState::Complete | CellState::Diverged => {
+                pb.inc(tc.steps as u64);
+                skipped += 1;
+                continue;
+            }
+            CellState::New | CellState::Partial => {}
+        }
+        let t0 = Instant::now();
+        if loaded.as_ref().is_none_or(|(n, _)| *n != cell.model) {
+            pb.set_message(format!("loading {}", cell.model));
+            // Free the previous model before loading the next.
+            drop(loaded.take());
+            data = None;
+            let spec = cfg.model(cell);
+            loaded = Some((cell.model.clone(), load_model(spec, cfg.kind(), device)?));
+        }
+        let lm = &mut loaded.as_mut().expect("loaded above").1;
+        let key = (cell.model.clone(), cell.seed);
+        if data.as_ref().is_none_or(|(k, _)| *k != key) {
+            data = Some((key, load_data(&cfg, lm, cell.seed)?));
+        }
+        let ds = &data.as_ref().expect("loaded above").1;
+        let base = pb.position();
+        pb.set_message(cell.name.clone());
+        let o = run_dir(&mut lm.model, ds, &tc, &dir, &meta, |step, loss| {
+            pb.set_position(base + step as u64 + 1);
+            pb.set_message(format!("{} loss {loss:.3}", cell.name));
+        })
+        .with_context(|| format!("cell {} ({})", cell.index, cell.name))?;
+        pb.set_position(base + tc.steps as u64);
+        let what = match &o.diverged {
+            Some(d) => {
+                diverged += 1;
+                d.clone()
+            }
+            None => format!("held-out perplexity {:.3}", o.heldout_loss.exp()),
+        };
+        let resumed = o
+            .resumed_from
+            .map_or(String::new(), |s| format!(", resumed at step {s}"));
+        let line = format!(
+            "cell {:>3} {}: {what} ({:.1} s{resumed})",
+            cell.index,
+            cell.name,
+            t0.elapsed().as_secs_f64()
+        );
+        pb.suspend(|| println!("{line}"));
+        done += 1;
+    }
+    pb.finish_and_clear();
+    println!(
+        "sweep: {done} cell(s) run, {skipped} already finished, {diverged} diverged; sweep directory: {}",
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,725 @@
+//! Rank sweeps: models x ranks x scalings x optimizers x seeds, as a manifest of
+//! independent cells.
+//!
+//! A sweep directory holds `sweep.json` (the resolved configuration and the list of cells)
+//! and one training run directory per cell under `cells/<index>-<model>-r<rank>-<scaling>-
+//! <optimizer>-s<seed>/`. Any cell runs alone (`rankstab sweep --cell N`, the shape of a
+//! Slurm array job); a cell whose manifest says complete or diverged is skipped; a cell
+//! killed mid-run resumes from its last checkpoint (adapters, optimizer state, data
+//! position) and ends with the numbers of an uninterrupted run.
+//!
+//! A configuration is TOML (every key optional except `models` and `data`; unknown keys
+//! are errors):
+//! ```toml
+//! data = "assets/texts/moby-dick.txt"   # .txt: plain text; .jsonl / .parquet: OpenOrca schema
+//! ranks = [4, 8, 32, 128, 512, 2048]     # the paper's
+//! scalings = ["lora", "rslora"]           # or "constant", or "beta=0.75"
+//! optimizers = ["adamw", "sgd"]
+//! seeds = [0]
+//! steps = 100
+//! batch = 32
+//! micro_batch = 4
+//! context = 512
+//! [lr]
+//! adamw = 5e-5
+//! sgd = 1e-3
+//! [[models]]
+//! name = "smollm2-135m"
+//! path = "assets/SmolLM2-135M-Instruct.Q4_1.gguf"   # a GGUF file or a Hugging Face directory
+//! [[models]]
+//! name = "gpt-j-mini"
+//! preset = "gpt-j-mini"                   # random initialisation of a named shape
+//! tokenizer = "assets/gpt2-tokenizer"     # tokenizer.json, or vocab.json + merges.txt, in it
+//! ranks = [4, 16, 64]                     # per-model override
+//! ```
+use crate::data::{load_dataset, DataFormat, DataSpec, Dataset};
+use crate::load::{load, tokenizer_from_vocab_merges};
+use crate::lora::LoraInit;
+use crate::optim::Optim;
+use crate::text::TextTokenizer;
+use crate::trainer::{train, TrainConfig, TrainOutcome};
+use crate::{CausalLm, TrainError};
+use rankstab_records::{
+    read_json, scaling_name, scaling_preset, write_json_atomic, Manifest, RunStatus,
+    SCHEMA_VERSION,
+};
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind};
+
+/// The embedded default sweep of `make audit` (see `audit_sweep.toml`).
+pub const AUDIT_SWEEP: &str = include_str!("audit_sweep.toml");
+
+/// Learning rates per optimizer (rank-independent).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rates {
+    /// AdamW (the paper, HF's default: 5e-5).
+    #[serde(default = "default_adamw_lr")]
+    pub adamw: f64,
+    /// SGD.
+    #[serde(default = "default_sgd_lr")]
+    pub sgd: f64,
+}
+
+fn default_adamw_lr() -> f64 {
+    5e-5
+}
+fn default_sgd_lr() -> f64 {
+    1e-3
+}
+
+impl Default for Rates {
+    fn default() -> Self {
+        Self {
+            adamw: default_adamw_lr(),
+            sgd: default_sgd_lr(),
+        }
+    }
+}
+
+/// One model of a sweep.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Name in rows and cell names.
+    pub name: String,
+    /// A GGUF file or a Hugging Face model directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Or a random-initialised shape (`crate::random::PRESETS`).
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Tokenizer of a preset: a tokenizer.json file, or a directory with tokenizer.json or
+    /// vocab.json + merges.txt.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Seed of a preset's random weights.
+    #[serde(default)]
+    pub init_seed: i64,
+    /// Ranks for this model (default: the sweep's).
+    #[serde(default)]
+    pub ranks: Option<Vec<usize>>,
+    /// Steps for this model (default: the sweep's).
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// Adapted modules (default: every attention and MLP linear).
+    #[serde(default)]
+    pub target_modules: Vec<String>,
+}
+
+fn d_ranks() -> Vec<usize> {
+    vec![4, 8, 32, 128, 512, 2048]
+}
+fn d_scalings() -> Vec<String> {
+    vec!["lora".into(), "rslora".into()]
+}
+fn d_optimizers() -> Vec<Optim> {
+    vec![Optim::Adamw]
+}
+fn d_seeds() -> Vec<u64> {
+    vec![0]
+}
+fn d_steps() -> usize {
+    100
+}
+fn d_batch() -> usize {
+    32
+}
+fn d_micro() -> usize {
+    4
+}
+fn d_context() -> usize {
+    512
+}
+fn d_alpha() -> f64 {
+    16.0
+}
+fn d_one() -> usize {
+    1
+}
+fn d_eval() -> usize {
+    10
+}
+fn d_ckpt() -> usize {
+    10
+}
+fn d_heldout() -> f64 {
+    0.1
+}
+fn d_moments() -> Vec<u32> {
+    vec![1, 2, 3, 4]
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_dtype() -> String {
+    "f32".into()
+}
+
+/// A sweep's configuration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    /// Models.
+    pub models: Vec<ModelSpec>,
+    /// Training data (plain text, or OpenOrca-schema JSONL / Parquet).
+    pub data: PathBuf,
+    /// How to read the data (auto: by extension).
+    #[serde(default = "d_format")]
+    pub format: DataFormat,
+    /// Use only the first N rows of an instruction dataset.
+    #[serde(default)]
+    pub max_examples: Option<usize>,
+    /// Ranks.
+    #[serde(default = "d_ranks")]
+    pub ranks: Vec<usize>,
+    /// Scalings: lora, rslora, constant or beta=B.
+    #[serde(default = "d_scalings")]
+    pub scalings: Vec<String>,
+    /// Optimizers.
+    #[serde(default = "d_optimizers")]
+    pub optimizers: Vec<Optim>,
+    /// Seeds.
+    #[serde(default = "d_seeds")]
+    pub seeds: Vec<u64>,
+    /// Learning rates per optimizer.
+    #[serde(default)]
+    pub lr: Rates,
+    /// Scaling numerator alpha.
+    #[serde(default = "d_alpha")]
+    pub alpha: f64,
+    /// Optimisation steps.
+    #[serde(default = "d_steps")]
+    pub steps: usize,
+    /// Sequences per step.
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    /// Sequences per forward/backward pass (gradient accumulation).
+    #[serde(default = "d_micro")]
+    pub micro_batch: usize,
+    /// Tokens per sequence.
+    #[serde(default = "d_context")]
+    pub context: usize,
+    /// Probe every k steps.
+    #[serde(default = "d_one")]
+    pub probe_every: usize,
+    /// Held-out perplexity every k steps.
+    #[serde(default = "d_eval")]
+    pub eval_every: usize,
+    /// Checkpoint every k steps (0: never).
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: usize,
+    /// Fraction held out.
+    #[serde(default = "d_heldout")]
+    pub heldout_fraction: f64,
+    /// Moment orders.
+    #[serde(default = "d_moments")]
+    pub moments: Vec<u32>,
+    /// Adapter dropout.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Gradient clipping.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+    /// Activation checkpointing.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// cpu, cuda or cuda:N.
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// Base model dtype: f32 or bf16 (adapters stay f32).
+    #[serde(default = "d_dtype")]
+    pub dtype: String,
+}
+
+fn d_format() -> DataFormat {
+    DataFormat::Auto
+}
+
+/// One cell of a sweep.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Cell {
+    /// Position in the sweep (0-based; `--cell N`).
+    pub index: usize,
+    /// Directory name under `cells/`.
+    pub name: String,
+    /// Model name.
+    pub model: String,
+    /// Rank.
+    pub rank: usize,
+    /// Scaling name.
+    pub scaling: String,
+    /// Scaling exponent.
+    pub beta: f64,
+    /// Optimizer.
+    pub optimizer: Optim,
+    /// Learning rate.
+    pub lr: f64,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// `sweep.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SweepManifest {
+    /// Schema version of the records.
+    pub schema_version: u32,
+    /// The resolved configuration.
+    pub config: SweepConfig,
+    /// The cells, in order.
+    pub cells: Vec<Cell>,
+}
+
+/// Where a cell stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellState {
+    /// Not started.
+    New,
+    /// Started and not finished (resumes from its checkpoint, if any).
+    Partial,
+    /// Finished.
+    Complete,
+    /// Ended by a non-finite loss.
+    Diverged,
+}
+
+/// The beta of a scaling name: lora, rslora, constant, or beta=B.
+///
+/// # Errors
+/// Any other name, or a beta that is not a finite number.
+pub fn parse_scaling(name: &str) -> Result<f64, TrainError> {
+    if let Some(b) = scaling_preset(name) {
+        return Ok(b);
+    }
+    if let Some(v) = name.strip_prefix("beta=") {
+        if let Ok(b) = v.parse::<f64>() {
+            if b.is_finite() {
+                return Ok(b);
+            }
+        }
+    }
+    Err(TrainError::Invalid(format!(
+        "scaling {name:?} is not known: use lora, rslora, constant or beta=B (a finite number)"
+    )))
+}
+
+impl SweepConfig {
+    /// Parses a TOML configuration; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// Malformed TOML, unknown keys, values a sweep cannot use.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, TrainError> {
+        let c: Self = toml::from_str(text)
+            .map_err(|e| TrainError::Invalid(format!("{origin}: {}", e.to_string().trim())))?;
+        c.validate(origin)?;
+        Ok(c)
+    }
+
+    /// The embedded default of `make audit`.
+    ///
+    /// # Panics
+    /// Never: the embedded file is tested.
+    pub fn audit() -> Self {
+        Self::from_toml(AUDIT_SWEEP, "embedded audit sweep").expect("the embedded sweep is valid")
+    }
+
+    /// Checks the configuration.
+    ///
+    /// # Errors
+    /// No models, no ranks (or rank 0), unknown scalings, a model with neither or both of
+    /// path and preset, an unknown preset, an unknown dtype, duplicate model names, and the
+    /// checks of [`TrainConfig::validate`] on the first cell.
+    pub fn validate(&self, origin: &str) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Invalid(format!("{origin}: {m}")));
+        if self.models.is_empty() {
+            return bad("no [[models]]: name at least one model".into());
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            match (&m.path, &m.preset) {
+                (Some(_), None) => {}
+                (None, Some(p)) if crate::random::PRESETS.contains(&p.as_str()) => {
+                    if m.tokenizer.is_none() {
+                        return bad(format!(
+                            "models[{i}] ({}): a preset needs a tokenizer = PATH",
+                            m.name
+                        ));
+                    }
+                }
+                (None, Some(p)) => {
+                    return bad(format!(
+                        "models[{i}] ({}): preset {p:?} is not known (known: {})",
+                        m.name,
+                        crate::random::PRESETS.join(", ")
+                    ))
+                }
+                _ => {
+                    return bad(format!(
+                        "models[{i}] ({}): give exactly one of path and preset",
+                        m.name
+                    ))
+                }
+            }
+            if self.models[..i].iter().any(|o| o.name == m.name) {
+                return bad(format!("models[{i}]: the name {:?} is used twice", m.name));
+            }
+            if m.name.is_empty() || m.name.contains(['/', '\\']) {
+                return bad(format!(
+                    "models[{i}]: name {:?} must be non-empty and without slashes",
+                    m.name
+                ));
+            }
+        }
+        for ranks in std::iter::once(&self.ranks).chain(self.models.iter().filter_map(|m| m.ranks.as_ref())) {
+            if ranks.is_empty() || ranks.contains(&0) {
+                return bad(format!("ranks {ranks:?}: give ranks >= 1"));
+            }
+        }
+        if self.scalings.is_empty() || self.optimizers.is_empty() || self.seeds.is_empty() {
+            return bad("scalings, optimizers and seeds must not be empty".into());
+        }
+        for s in &self.scalings {
+            parse_scaling(s).map_err(|e| TrainError::Invalid(format!("{origin}: {e}")))?;
+        }
+        if !["f32", "bf16"].contains(&self.dtype.as_str()) {
+            return bad(format!("dtype {:?} is not known: use f32 or bf16", self.dtype));
+        }
+        for (name, lr) in [("lr.adamw", self.lr.adamw), ("lr.sgd", self.lr.sgd)] {
+            if !lr.is_finite() || lr <= 0.0 {
+                return bad(format!("{name} = {lr}: use a finite number > 0"));
+            }
+        }
+        if let Some(c) = self.cells().first() {
+            self.train_config(c)
+                .validate()
+                .map_err(|e| TrainError::Invalid(format!("{origin}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The cells: models x ranks x scalings x optimizers x seeds, in that nesting order.
+    pub fn cells(&self) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for m in &self.models {
+            for &rank in m.ranks.as_ref().unwrap_or(&self.ranks) {
+                for s in &self.scalings {
+                    let beta = parse_scaling(s).unwrap_or(f64::NAN);
+                    let scaling = scaling_name(beta);
+                    for &optimizer in &self.optimizers {
+                        for &seed in &self.seeds {
+                            let index = cells.len();
+                            cells.push(Cell {
+                                index,
+                                name: format!(
+                                    "{index:03}-{}-r{rank}-{scaling}-{}-s{seed}",
+                                    m.name,
+                                    optimizer.name()
+                                ),
+                                model: m.name.clone(),
+                                rank,
+                                scaling: scaling.clone(),
+                                beta,
+                                optimizer,
+                                lr: match optimizer {
+                                    Optim::Adamw => self.lr.adamw,
+                                    Optim::Sgd => self.lr.sgd,
+                                },
+                                seed,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        cells
+    }
+
+    /// The model spec of a cell.
+    ///
+    /// # Panics
+    /// A cell that is not from this configuration.
+    pub fn model(&self, cell: &Cell) -> &ModelSpec {
+        self.models
+            .iter()
+            .find(|m| m.name == cell.model)
+            .expect("cell from this sweep")
+    }
+
+    /// The training configuration of a cell.
+    pub fn train_config(&self, cell: &Cell) -> TrainConfig {
+        let m = self.model(cell);
+        TrainConfig {
+            model_name: cell.model.clone(),
+            rank: cell.rank,
+            alpha: self.alpha,
+            beta: cell.beta,
+            init: LoraInit::KaimingUniform,
+            dropout: self.dropout,
+            optimizer: cell.optimizer,
+            lr: cell.lr,
+            steps: m.steps.unwrap_or(self.steps),
+            batch: self.batch,
+            micro_batch: self.micro_batch,
+            context: self.context,
+            probe_every: self.probe_every,
+            eval_every: self.eval_every,
+            heldout_fraction: self.heldout_fraction,
+            target_modules: m.target_modules.clone(),
+            moments: self.moments.clone(),
+            seed: cell.seed,
+            clip_grad_norm: self.clip_grad_norm,
+            weight_decay: 0.0,
+            checkpoint_every: self.checkpoint_every,
+            activation_checkpointing: self.activation_checkpointing,
+        }
+    }
+
+    /// The data specification.
+    pub fn data_spec(&self, seed: u64, eos_token: Option<String>) -> DataSpec {
+        DataSpec {
+            format: self.format,
+            context: self.context,
+            heldout_fraction: self.heldout_fraction,
+            seed,
+            max_examples: self.max_examples,
+            eos_token,
+        }
+    }
+
+    /// libtorch dtype of the base model.
+    pub fn kind(&self) -> Kind {
+        if self.dtype == "bf16" {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        }
+    }
+}
+
+/// A model with its tokenizer and EOS string.
+pub struct LoadedModel {
+    /// The model.
+    pub model: CausalLm,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// EOS token string, when known.
+    pub eos_token: Option<String>,
+}
+
+/// Loads a model spec's model and tokenizer.
+///
+/// # Errors
+/// Every loading error of the model or tokenizer.
+pub fn load_model(spec: &ModelSpec, kind: Kind, device: Device) -> Result<LoadedModel, TrainError> {
+    if let Some(path) = &spec.path {
+        let l = load(path, kind, device)?;
+        return Ok(LoadedModel {
+            model: l.model,
+            tokenizer: l.tokenizer,
+            eos_token: l.eos_token,
+        });
+    }
+    let preset = spec.preset.as_deref().unwrap_or_default();
+    let model = crate::random::preset(preset, kind, device, spec.init_seed)?;
+    let tp = spec.tokenizer.clone().unwrap_or_default();
+    let tokenizer = if tp.is_dir() && tp.join("tokenizer.json").exists() {
+        TextTokenizer::from_file(&tp.join("tokenizer.json"))?
+    } else if tp.is_dir() {
+        tokenizer_from_vocab_merges(&tp.join("vocab.json"), &tp.join("merges.txt"))?
+    } else {
+        TextTokenizer::from_file(&tp)?
+    };
+    tokenizer.check_fits(&tp, model.vocab_size())?;
+    let eos_token = ["<|endoftext|>", "</s>"]
+        .into_iter()
+        .find(|t| tokenizer.token_id(t).is_some())
+        .map(str::to_string);
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        eos_token,
+    })
+}
+
+/// Where a run directory stands, from its manifest.
+pub fn cell_state(dir: &Path) -> CellState {
+    match read_json::<Manifest>(&dir.join("manifest.json")) {
+        Ok(m) => match m.status {
+            RunStatus::Complete => CellState::Complete,
+            RunStatus::Diverged => CellState::Diverged,
+            RunStatus::Running => CellState::Partial,
+        },
+        Err(_) if dir.exists() => CellState::Partial,
+        Err(_) => CellState::New,
+    }
+}
+
+/// What the manifest of a training run records besides the configuration.
+#[derive(Debug, Clone)]
+pub struct RunMeta {
+    /// Tool version.
+    pub tool_version: String,
+    /// Git revision.
+    pub git_revision: Option<String>,
+    /// Device description.
+    pub device: String,
+    /// Extra configuration (model path, data path, ...).
+    pub extra: serde_json::Value,
+}
+
+/// Runs one training configuration in `out`, with its manifest: `running` while it
+/// trains, then `complete` or `diverged` (with the step in `note`). A directory holding a
+/// checkpoint of the same configuration resumes from it.
+///
+/// # Errors
+/// Training errors; I/O.
+pub fn run_dir(
+    model: &mut CausalLm,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    out: &Path,
+    meta: &RunMeta,
+    progress: impl FnMut(usize, f64),
+) -> Result<TrainOutcome, TrainError> {
+    let rec = |e: rankstab_records::RecordsError| TrainError::Invalid(e.to_string());
+    std::fs::create_dir_all(out).map_err(|source| TrainError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let now = || chrono_now();
+    let mut manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        tool: "rankstab".into(),
+        tool_version: meta.tool_version.clone(),
+        git_revision: meta.git_revision.clone(),
+        command: "train".into(),
+        config: serde_json::json!({ "train": cfg, "scaling": scaling_name(cfg.beta), "run": meta.extra }),
+        seeds: vec![cfg.seed],
+        device: meta.device.clone(),
+        created: now(),
+        finished: None,
+        status: RunStatus::Running,
+        note: None,
+    };
+    if let Ok(old) = read_json::<Manifest>(&out.join("manifest.json")) {
+        manifest.created = old.created;
+    }
+    write_json_atomic(&out.join("manifest.json"), &manifest).map_err(rec)?;
+    tch::manual_seed(cfg.seed as i64);
+    let vs = nn::VarStore::new(data_device(model));
+    let outcome = train(model, &vs, data, cfg, out, progress)?;
+    manifest.status = if outcome.diverged.is_some() {
+        RunStatus::Diverged
+    } else {
+        RunStatus::Complete
+    };
+    manifest.note.clone_from(&outcome.diverged);
+    manifest.finished = Some(now());
+    write_json_atomic(&out.join("manifest.json"), &manifest).map_err(rec)?;
+    Ok(outcome)
+}
+
+fn data_device(model: &mut CausalLm) -> Device {
+    model
+        .linears_mut()
+        .first()
+        .map_or(Device::Cpu, |(_, l)| l.weight.device())
+}
+
+/// Current UTC time, RFC 3339, seconds.
+fn chrono_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Writes `sweep.json` in `dir`, or checks that the one there describes the same sweep.
+///
+/// # Errors
+/// `dir` holds a different sweep; I/O.
+pub fn prepare_dir(dir: &Path, cfg: &SweepConfig) -> Result<SweepManifest, TrainError> {
+    let m = SweepManifest {
+        schema_version: SCHEMA_VERSION,
+        config: cfg.clone(),
+        cells: cfg.cells(),
+    };
+    let path = dir.join("sweep.json");
+    if path.exists() {
+        let old: SweepManifest =
+            read_json(&path).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        if old != m {
+            return Err(TrainError::Invalid(format!(
+                "{}: this directory holds a different sweep; use another --out (or the same configuration)",
+                path.display()
+            )));
+        }
+        return Ok(old);
+    }
+    std::fs::create_dir_all(dir.join("cells")).map_err(|source| TrainError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write_json_atomic(&path, &m).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok(m)
+}
+
+/// Loads a sweep's data for a model's tokenizer.
+///
+/// # Errors
+/// Data errors (named file, row, field).
+pub fn load_data(cfg: &SweepConfig, lm: &LoadedModel, seed: u64) -> Result<Dataset, TrainError> {
+    load_dataset(&cfg.data, &lm.tokenizer, &cfg.data_spec(seed, lm.eos_token.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_audit_sweep_is_valid_and_has_the_issues_grid() {
+        let c = SweepConfig::audit();
+        let cells = c.cells();
+        let smol: Vec<&Cell> = cells.iter().filter(|c| c.model == "smollm2-135m").collect();
+        let mut ranks: Vec<usize> = smol.iter().map(|c| c.rank).collect();
+        ranks.dedup();
+        assert_eq!(ranks, [4, 16, 64, 256]);
+        assert_eq!(smol.len(), 4 * 2 * 2);
+        assert!(cells.iter().any(|c| c.model.starts_with("gpt-j")));
+        // Names are unique and carry the index.
+        for (i, c) in cells.iter().enumerate() {
+            assert_eq!(c.index, i);
+            assert!(c.name.starts_with(&format!("{i:03}-")));
+        }
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        let base = "data = \"x.txt\"\n[[models]]\nname = \"m\"\npath = \"m.gguf\"\n";
+        assert!(SweepConfig::from_toml(base, "s.toml").is_ok());
+        for (extra, want) in [
+            ("ranks = [0]\n", "ranks"),
+            ("scalings = [\"wide\"]\n", "wide"),
+            ("colour = 1\n", "colour"),
+            ("dtype = \"f8\"\n", "f8"),
+            ("batch = 32\nmicro_batch = 5\n", "divide"),
+        ] {
+            let e = SweepConfig::from_toml(&format!("{extra}{base}"), "s.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("s.toml") && e.contains(want), "{extra}: {e}");
+        }
+        let e = SweepConfig::from_toml(
+            "data = \"x\"\n[[models]]\nname = \"m\"\npreset = \"gpt-j-huge\"\ntokenizer = \"t\"\n",
+            "s.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("gpt-j-huge") && e.contains("gpt-j-mini"), "{e}");
+        assert_eq!(parse_scaling("beta=0.75").unwrap(), 0.75);
+        assert!(parse_scaling("beta=x").is_err());
+    }
+
+    #[test]
+    fn time_format() {
+        let t = chrono_now();
+        assert_eq!(t.len(), 20);
+        assert!(t.starts_with("20") && t.ends_with('Z'));
+    }
+}

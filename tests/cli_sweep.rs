@@ -1,0 +1,191 @@
+//! End-to-end tests of `rankstab sweep` on the tiny Llama fixture: cells, --cell, skip,
+//! kill -9 and resume with identical numbers, a diverging cell that does not stop the
+//! sweep, and bad configurations.
+use rankstab_records::{read_table, MetricRow, MomentRow};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/tests/fixtures/tiny-llama")
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let text = dir.join("t.txt");
+    let s = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ";
+    std::fs::write(&text, s.repeat(40)).expect("write");
+    let cfg = dir.join("sweep.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data = {:?}\nranks = [2, 8]\nscalings = [\"lora\", \"rslora\"]\noptimizers = [\"adamw\"]\n\
+             batch = 4\nmicro_batch = 2\ncontext = 16\nalpha = 8.0\neval_every = 5\nheldout_fraction = 0.2\n{extra}\n\
+             [lr]\nadamw = 0.01\nsgd = 0.1\n[[models]]\nname = \"tiny\"\npath = {:?}\n",
+            text.display().to_string(),
+            fixture().display().to_string()
+        ),
+    )
+    .expect("write");
+    cfg
+}
+
+fn sweep(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .arg("sweep")
+        .arg("--config")
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("runs")
+}
+
+fn cells(out: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(out.join("cells"))
+        .map(|d| d.map(|e| e.expect("entry").path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Tables and adapter bytes of every cell, without the wall-clock metric.
+fn numbers(out: &Path) -> Vec<(String, Vec<MomentRow>, Vec<MetricRow>, Vec<u8>)> {
+    cells(out)
+        .iter()
+        .map(|c| {
+            let m: Vec<MomentRow> = read_table(&c.join("moments.csv")).expect("moments");
+            let x: Vec<MetricRow> = read_table(&c.join("metrics.csv")).expect("metrics");
+            let x = x.into_iter().filter(|r| r.metric != "seconds").collect();
+            let a = std::fs::read(c.join("adapters/adapter_model.safetensors")).expect("adapter");
+            (c.file_name().expect("name").to_string_lossy().to_string(), m, x, a)
+        })
+        .collect()
+}
+
+#[test]
+fn sweep_runs_every_cell_skips_finished_ones_and_runs_one_cell_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), "steps = 3\ncheckpoint_every = 0");
+    let out = dir.path().join("s");
+    let o = sweep(&cfg, &out, &["--cell", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = cells(&out);
+    assert_eq!(c.len(), 1);
+    assert!(c[0].ends_with("002-tiny-r8-lora-adamw-s0"), "{c:?}");
+    let list = sweep(&cfg, &out, &["--list"]);
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("complete  002-tiny-r8-lora-adamw-s0") && list.contains("new       000-tiny-r2-lora-adamw-s0"), "{list}");
+    let o = sweep(&cfg, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("3 cell(s) run, 1 already finished"), "{stdout}");
+    assert_eq!(cells(&out).len(), 4);
+    let m: Vec<MomentRow> = read_table(&cells(&out)[3].join("moments.csv")).expect("rows");
+    assert!(m.iter().all(|r| r.rank == 8 && r.scaling == "rslora" && r.model == "tiny"));
+    // The same directory with another configuration is refused.
+    let other = write_config(dir.path(), "steps = 4\ncheckpoint_every = 0");
+    let o = sweep(&other, &out, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("different sweep"));
+}
+
+/// kill -9 in the middle of a cell, after its first checkpoint; the same command again
+/// resumes it and every cell ends with the numbers of an uninterrupted sweep.
+#[test]
+fn kill_9_then_the_same_command_resumes_with_identical_numbers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), "steps = 60\ncheckpoint_every = 4\nprobe_every = 3");
+    let full = dir.path().join("full");
+    let o = sweep(&cfg, &full, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let out = dir.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .arg("sweep")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let target = out.join("cells/001-tiny-r2-rslora-adamw-s0/checkpoint/state.json");
+    let t0 = Instant::now();
+    while !target.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        assert!(child.try_wait().expect("wait").is_none(), "the sweep ended before the kill");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SIGKILL: no destructor, no flush.
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+    assert_eq!(cells(&out).len(), 2);
+    let o = sweep(&cfg, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("1 already finished"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("resumed at step") || stdout.contains("resumed at step"), "{stdout}{stderr}");
+    let a = numbers(&full);
+    let b = numbers(&out);
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        assert!(x.1 == y.1, "{}: moments differ", x.0);
+        assert!(x.2 == y.2, "{}: metrics differ", x.0);
+        assert!(x.3 == y.3, "{}: adapters differ", x.0);
+    }
+}
+
+#[test]
+fn a_diverging_cell_is_recorded_and_the_sweep_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), "steps = 30\ncheckpoint_every = 0");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("sgd = 0.1", "sgd = 1e30")
+        .replace("optimizers = [\"adamw\"]", "optimizers = [\"sgd\"]")
+        .replace("ranks = [2, 8]", "ranks = [4]");
+    std::fs::write(&cfg, text).expect("write");
+    let out = dir.path().join("s");
+    let o = sweep(&cfg, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("2 diverged"), "{stdout}");
+    for c in cells(&out) {
+        let m: rankstab_records::Manifest = rankstab_records::read_json(&c.join("manifest.json")).expect("manifest");
+        assert_eq!(m.status, rankstab_records::RunStatus::Diverged);
+        assert!(m.note.as_deref().is_some_and(|n| n.starts_with("diverged at step ")));
+    }
+    // Finished (diverged) cells are skipped on the next run.
+    let o = sweep(&cfg, &out, &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 cell(s) run, 2 already finished"));
+}
+
+#[test]
+fn bad_sweeps_are_one_line_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = write_config(dir.path(), "steps = 2");
+    let bad_key = dir.path().join("bad.toml");
+    std::fs::write(&bad_key, std::fs::read_to_string(&good).expect("read").replace("batch = 4", "batch = 4\nbatchsize = 3")).expect("write");
+    let bad_rank = dir.path().join("rank.toml");
+    std::fs::write(&bad_rank, std::fs::read_to_string(&good).expect("read").replace("ranks = [2, 8]", "ranks = [0]")).expect("write");
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(&missing, std::fs::read_to_string(&good).expect("read").replace("t.txt", "nothere.txt")).expect("write");
+    for (cfg, extra, want) in [
+        (&bad_key, vec![], "batchsize"),
+        (&bad_rank, vec![], "ranks"),
+        (&missing, vec![], "nothere.txt"),
+        (&good, vec!["--cell", "9"], "cells 0..=3"),
+        (&dir.path().join("absent.toml"), vec![], "absent.toml"),
+    ] {
+        let out = dir.path().join("o");
+        let o = sweep(cfg, &out, &extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{want}: {err}");
+        assert!(err.contains(want) && err.trim().lines().count() == 1, "{want}: {err}");
+        assert!(!out.exists(), "{want}: left a directory");
+    }
+}
