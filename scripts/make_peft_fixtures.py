@@ -19,10 +19,10 @@ B = 0 would make the test vacuous), and writes fixtures/peft/<model>-<lora|rslor
 crates/train/tests/peft_parity.rs and tests/cli_eval.rs check rankstab against these.
 
 Reverse direction (checks adapters that rankstab wrote; writes nothing):
-    cargo test -p rankstab-train --test peft_parity export_rankstab_adapters -- --ignored
-        (with RANKSTAB_PEFT_EXPORT=/tmp/rankstab-peft set: rankstab attaches its own adapters,
-         LoRA, rsLoRA and beta = 0.75, with random B, saves them with save_peft and writes its
-         logits for the base fixture's input ids to rankstab_logits.safetensors)
+    RANKSTAB_PEFT_EXPORT=/tmp/rankstab-peft cargo test -p rankstab-train --test peft_parity export_rankstab_adapters -- --ignored
+        (rankstab attaches its own adapters, r = 4, alpha = 8, LoRA, rsLoRA and beta = 0.75,
+         with random B, saves them with save_peft into /tmp/rankstab-peft/<model>-beta<beta>/
+         and writes its logits for the base fixture's input ids to rankstab_logits.safetensors)
     HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/peftenv python3 scripts/make_peft_fixtures.py --check /tmp/rankstab-peft
 loads each with PeftModel.from_pretrained on the base fixture and compares PEFT's logits with
 rankstab's. A beta other than 1 or 1/2 has no PEFT equivalent (PEFT ignores rankstab_beta):
@@ -96,6 +96,13 @@ def make(name, rslora, seed):
     readme = os.path.join(d, "README.md")
     if os.path.exists(readme):
         os.remove(readme)
+    # PEFT writes target_modules in set order (which changes with PYTHONHASHSEED): sorted,
+    # in PEFT's own JSON layout, the fixture is the same byte for byte on every run.
+    cfg_path = os.path.join(d, "adapter_config.json")
+    saved = json.load(open(cfg_path))
+    saved["target_modules"] = sorted(saved["target_modules"])
+    with open(cfg_path, "w") as f:
+        f.write(json.dumps(saved, indent=2, sort_keys=True))
 
     ids = base_ids(name)
     with torch.no_grad():

@@ -1,7 +1,8 @@
 //! Executes every notebook in notebooks/ headless (nbclient + ipykernel from the pinned
 //! install in `.deps/notebooks`, see scripts/notebook-requirements.txt): on the committed
-//! example run, and on the example plus a synthetic training sweep (so the training
-//! branches run too). A notebook that raises fails the test.
+//! example run, and on the example plus a synthetic training sweep nested as `make audit`
+//! leaves it (so the training branches and the search for nested runs run too). A notebook
+//! that raises fails the test.
 //!
 //! Skips with a message when the pinned packages are not installed, unless
 //! `RANKSTAB_REQUIRE_PYTHON=1` (then it fails).
@@ -22,6 +23,8 @@ except CellExecutionError as e:
     sys.exit(f"{sys.argv[1]}: {e}")
 figures = sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
 print(f"{sys.argv[1]}: executed, {figures} figures")
+# What the notebook printed, for the tests to check.
+print("".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"))
 "#;
 
 fn root() -> PathBuf {
@@ -31,8 +34,13 @@ fn root() -> PathBuf {
 /// The pinned install, or `None` (after a message) when the test should skip.
 fn deps() -> Option<PathBuf> {
     let deps = root().join(".deps/notebooks");
-    let ok = ["nbclient", "ipykernel", "matplotlib", "pandas"].iter().all(|p| deps.join(p).is_dir())
-        && Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = ["nbclient", "ipykernel", "matplotlib", "pandas"]
+        .iter()
+        .all(|p| deps.join(p).is_dir())
+        && Command::new("python3")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
     if ok {
         return Some(deps);
     }
@@ -54,7 +62,9 @@ fn notebooks() -> Vec<PathBuf> {
     v
 }
 
-fn execute(deps: &Path, runs: &[PathBuf], scratch: &Path) {
+/// Executes every notebook on `runs`; returns what each printed.
+fn execute(deps: &Path, runs: &[PathBuf], scratch: &Path) -> Vec<String> {
+    let mut printed = Vec::new();
     let joined = std::env::join_paths(runs).expect("paths");
     for nb in notebooks() {
         let o = Command::new("python3")
@@ -74,25 +84,63 @@ fn execute(deps: &Path, runs: &[PathBuf], scratch: &Path) {
             .output()
             .expect("python3 runs");
         let stdout = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{} failed on {runs:?}:\n{}\n{}", nb.display(), stdout, String::from_utf8_lossy(&o.stderr));
-        let figures: usize = stdout.split(", ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+        assert!(
+            o.status.success(),
+            "{} failed on {runs:?}:\n{}\n{}",
+            nb.display(),
+            stdout,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let figures: usize = stdout
+            .split(", ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
         assert!(figures > 0, "{} drew no figure: {stdout}", nb.display());
+        printed.push(stdout.into_owned());
     }
+    printed
 }
 
 #[test]
 fn notebooks_run_on_the_committed_example() {
     let Some(deps) = deps() else { return };
-    assert!(notebooks().len() >= 2, "notebooks/ should hold the notebooks");
+    assert!(
+        notebooks().len() >= 2,
+        "notebooks/ should hold the notebooks"
+    );
     let scratch = tempfile::tempdir().expect("tempdir");
-    execute(&deps, &[root().join("reports/example/runs/theory-small")], scratch.path());
+    execute(
+        &deps,
+        &[root().join("reports/example/runs/theory-small")],
+        scratch.path(),
+    );
 }
 
 #[test]
 fn notebooks_run_on_theory_and_training_runs() {
     let Some(deps) = deps() else { return };
     let scratch = tempfile::tempdir().expect("tempdir");
-    let sweep = scratch.path().join("sweep");
-    common::write_train_sweep(&sweep);
-    execute(&deps, &[root().join("reports/example/runs/theory-small"), sweep], scratch.path());
+    // A sweep as `make audit` nests it (sweep.json, cells/<cell>/checkpoint/, a running and
+    // a diverged cell), given as the folder above it: the notebooks find the cells.
+    let audit = scratch.path().join("audit");
+    let cells = common::write_audit_sweep(&audit);
+    let printed = execute(
+        &deps,
+        &[root().join("reports/example/runs/theory-small"), audit],
+        scratch.path(),
+    );
+    for out in printed {
+        // Every cell is loaded (one line each), checkpoint/ and logs/ are not runs.
+        for c in &cells {
+            let name = c.file_name().and_then(|n| n.to_str()).expect("name");
+            assert!(
+                out.contains(&format!("cells/{name}: train")),
+                "{name} not loaded:\n{out}"
+            );
+        }
+        assert!(out.contains("r64-lora-adamw-s0: train, diverged"), "{out}");
+        assert!(!out.contains("not used"), "{out}");
+    }
 }

@@ -90,6 +90,46 @@ fn report_of_theory_and_training_runs_prints_index_html() {
 }
 
 #[test]
+fn report_of_an_audit_directory_finds_nested_cells_quietly() {
+    // `make audit` calls `rankstab report runs/audit-STAMP` on theory/ and sweep/cells/*/.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let audit = tmp.path().join("audit-20240101-000000");
+    theory(&audit);
+    let cells = common::write_audit_sweep(&audit);
+    let out = tmp.path().join("report");
+    let o = rankstab(
+        &[
+            "report",
+            audit.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "{} run directories used, 1 not used",
+            cells.len() + 1
+        )),
+        "{stdout}"
+    );
+    // One line, for the cell that has not started; nothing about sweep.json, cells/,
+    // checkpoint/ or logs/ as such.
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("not started"), "{stderr}");
+    assert!(
+        !stderr.contains("checkpoint") && !stderr.contains("logs"),
+        "{stderr}"
+    );
+    let html = std::fs::read_to_string(out.join("index.html")).expect("html");
+    assert!(html.contains("diverged at step 25"));
+}
+
+#[test]
 fn default_output_is_reports_time_and_unusable_dirs_are_listed() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let th = theory(tmp.path());

@@ -84,6 +84,9 @@ pub struct TrainArgs {
     /// Held-out evaluation every k steps.
     #[arg(long, default_value_t = 10)]
     eval_every: usize,
+    /// Evaluate held-out perplexity on at most N held-out sequences (0: all).
+    #[arg(long, default_value_t = 0)]
+    heldout_max: usize,
     /// Write a resumable checkpoint every k steps (0: never).
     #[arg(long, default_value_t = 0)]
     checkpoint_every: usize,
@@ -180,6 +183,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         probe_every: a.probe_every,
         eval_every: a.eval_every,
         heldout_fraction: 0.1,
+        heldout_max: a.heldout_max,
         target_modules: a.target_modules.clone(),
         moments: vec![1, 2, 3, 4],
         seed: a.seed,

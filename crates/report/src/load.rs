@@ -242,9 +242,8 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
                         }
                     ));
                 }
-                None => notes.push(
-                    "diverged (the step is not recorded): every row it wrote is used".into(),
-                ),
+                None => notes
+                    .push("diverged (the step is not recorded): every row it wrote is used".into()),
             }
         }
     }
@@ -330,7 +329,9 @@ fn walk(
         .collect();
     subs.sort();
     let in_cells = dir.file_name().is_some_and(|n| n == "cells")
-        && dir.parent().is_some_and(|p| p.join(SWEEP_MANIFEST).is_file());
+        && dir
+            .parent()
+            .is_some_and(|p| p.join(SWEEP_MANIFEST).is_file());
     for sub in subs {
         if sub.join(files::MANIFEST).is_file() {
             runs.push(sub);
@@ -351,7 +352,10 @@ fn walk(
             if let Some(f) = RUN_FILES.iter().find(|f| sub.join(f).exists()) {
                 skipped.push(Skipped {
                     dir: sub,
-                    reason: format!("has {f} but no {} (not a complete run directory)", files::MANIFEST),
+                    reason: format!(
+                        "has {f} but no {} (not a complete run directory)",
+                        files::MANIFEST
+                    ),
                 });
             } else if in_cells {
                 skipped.push(Skipped {
@@ -678,5 +682,102 @@ mod tests {
         let (runs, _) = load_runs(&[d.path().join("a"), d.path().join("b")]).expect("loads");
         let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["a/cell", "b/cell"]);
+    }
+
+    #[test]
+    fn nested_runs_are_found_and_only_run_like_leftovers_are_reported() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path();
+        write_run(&root.join("theory"), "theory", SCHEMA_VERSION, "theory");
+        write_run(&root.join("a/b/c/cell"), "train", SCHEMA_VERSION, "train");
+        // Inside a run: not searched (a nested manifest there is part of the run).
+        write_run(
+            &root.join("a/b/c/cell/checkpoint/x"),
+            "train",
+            SCHEMA_VERSION,
+            "train",
+        );
+        // Hidden, plain, and run-like folders without a manifest.
+        write_run(&root.join(".hidden/cell"), "train", SCHEMA_VERSION, "train");
+        std::fs::create_dir_all(root.join("logs/old")).expect("mkdir");
+        std::fs::create_dir_all(root.join("half")).expect("mkdir");
+        std::fs::write(root.join("half").join(files::MOMENTS), "x\n").expect("write");
+        // A running run that has written no rows yet.
+        let early = root.join("early");
+        std::fs::create_dir_all(&early).expect("mkdir");
+        let mut m = manifest("train", SCHEMA_VERSION);
+        m.status = RunStatus::Running;
+        write_json_atomic(&early.join(files::MANIFEST), &m).expect("manifest");
+
+        let (runs, skipped) = expand(root).expect("lists");
+        let rel: Vec<PathBuf> = runs
+            .iter()
+            .map(|p| p.strip_prefix(root).expect("inside").to_path_buf())
+            .collect();
+        assert_eq!(
+            rel,
+            [
+                Path::new("a/b/c/cell"),
+                Path::new("early"),
+                Path::new("theory")
+            ]
+        );
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(skipped[0].dir, root.join("half"));
+        assert!(skipped[0]
+            .reason
+            .contains("moments.csv but no manifest.json"));
+        let (loaded, skipped) = load_runs(&[root.to_path_buf()]).expect("loads");
+        assert_eq!(loaded.len(), 2);
+        let early_reason = &skipped
+            .iter()
+            .find(|s| s.dir == early)
+            .expect("early")
+            .reason;
+        assert!(early_reason.contains("running") && early_reason.contains("no moments.csv"));
+    }
+
+    #[test]
+    fn a_diverged_run_keeps_its_rows_before_the_step() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write_run(d.path(), "train", SCHEMA_VERSION, "train");
+        let mut w = TableWriter::<MomentRow>::open(&d.path().join(files::MOMENTS)).expect("open");
+        w.append(&[MomentRow {
+            source: "train".into(),
+            rank: 4,
+            step: 7,
+            value: f64::NAN,
+            ..Default::default()
+        }])
+        .expect("append");
+        let mut m = manifest("train", SCHEMA_VERSION);
+        m.status = RunStatus::Diverged;
+        m.note = Some("diverged at step 7".into());
+        write_json_atomic(&d.path().join(files::MANIFEST), &m).expect("manifest");
+        let run = load_run(d.path()).expect("loads");
+        assert_eq!(run.diverged_at, Some(7));
+        assert_eq!(run.moments.len(), 1);
+        assert_eq!(run.status_text(), "diverged at step 7");
+        assert!(
+            run.notes
+                .iter()
+                .any(|n| n.contains("1 later rows left out")),
+            "{:?}",
+            run.notes
+        );
+        // Without a note, the trainer's `diverged` metric row gives the step.
+        m.note = None;
+        write_json_atomic(&d.path().join(files::MANIFEST), &m).expect("manifest");
+        TableWriter::<MetricRow>::open(&d.path().join(files::METRICS))
+            .expect("open")
+            .append(&[MetricRow {
+                source: "train".into(),
+                step: 7,
+                metric: "diverged".into(),
+                value: 1.0,
+                ..Default::default()
+            }])
+            .expect("append");
+        assert_eq!(load_run(d.path()).expect("loads").diverged_at, Some(7));
     }
 }

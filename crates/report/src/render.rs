@@ -86,11 +86,16 @@ struct Page<'a> {
 }
 
 /// How training predictions are made, in one paragraph (also in `analyse`'s docs).
-pub const TRAIN_LAW_CHOICE: &str = "forward moments use the finite-rank law with the coherence kappa measured in a theory run \
-given to this report (its fresh-input regime when present, as training draws a new batch every step), else the coherent \
-limit m (1 - a beta), which is the paper's law; input gradients use kappa = 1/(d + k4 - 2) with the module's width d; \
-parameter norms use kappa = 0; A is assumed to have PEFT's default Kaiming-uniform init. Exponents are fitted per module \
-and layer and on the mean over layers, within step windows (step 0, then equal-count chunks of the recorded steps).";
+pub const TRAIN_LAW_CHOICE: &str = "a training row's prediction depends only on that row, never on which other runs are \
+given to the report, so its agrees is the same in every report. Forward moments (fwd, fwd_heldout) use the paper's \
+asymptotic law, the coherent limit: m (1 - 2 beta) under SGD, m (1 - beta) under Adam/AdamW (the coherence of real \
+inputs cannot be observed, and text shares a common direction). Input gradients (bwd) use the finite-rank law with \
+kappa = 1/(d + k4 - 2) and the module's width d, over the ranks fitted. Parameter norms use their kappa-free laws. A is \
+assumed to have PEFT's default Kaiming-uniform init. When a theory run is given, the Monte Carlo slopes of the matching \
+setting are shown beside the prediction (MC columns), not in its place. Exponents are fitted per module and layer and on \
+the mean over layers, within step windows (step 0, then equal-count chunks of the recorded steps). A run still running \
+is used with the rows it has so far, a diverged run with its rows before the divergence; both are named in the training \
+notes and the provenance table.";
 
 /// Escapes text for HTML (what the template engine does to every field, for callers that
 /// build HTML by hand).
@@ -260,18 +265,7 @@ pub fn html(
     analysis: &Analysis,
     figures: &[Figure],
 ) -> Result<String, ReportError> {
-    let env = env()?;
-    let t = env
-        .get_template("index.html")
-        .map_err(|source| ReportError::Template {
-            name: "index.html",
-            source,
-        })?;
-    t.render(page(meta, analysis, figures, true))
-        .map_err(|source| ReportError::Template {
-            name: "index.html",
-            source,
-        })
+    render("index.html", page(meta, analysis, figures, true))
 }
 
 /// `report.md`: figures referenced as files under `figures/`.
@@ -283,18 +277,15 @@ pub fn markdown(
     analysis: &Analysis,
     figures: &[Figure],
 ) -> Result<String, ReportError> {
-    let env = env()?;
-    let t = env
-        .get_template("report.md")
-        .map_err(|source| ReportError::Template {
-            name: "report.md",
-            source,
-        })?;
-    t.render(page(meta, analysis, figures, false))
-        .map_err(|source| ReportError::Template {
-            name: "report.md",
-            source,
-        })
+    render("report.md", page(meta, analysis, figures, false))
+}
+
+fn render(name: &'static str, page: Page<'_>) -> Result<String, ReportError> {
+    let template_err = |source| ReportError::Template { name, source };
+    env()?
+        .get_template(name)
+        .and_then(|t| t.render(page))
+        .map_err(template_err)
 }
 
 #[cfg(test)]

@@ -236,7 +236,10 @@ pub fn load_dataset(
     let limit = spec.max_examples.unwrap_or(usize::MAX);
     let (seqs, what) = match format {
         DataFormat::Text => (text_windows(path, tok, spec.context, limit)?, "window"),
-        _ => (orca_sequences(path, tok, spec.context, eos_id, limit)?, "row"),
+        _ => (
+            orca_sequences(path, tok, spec.context, eos_id, limit)?,
+            "row",
+        ),
     };
     let examples = seqs.len();
     if examples == 0 && what == "row" {
@@ -301,7 +304,9 @@ pub fn collate(seqs: &[&Sequence], pad_id: i64, device: Device) -> (Tensor, Tens
         Tensor::from_slice(&ids)
             .view([b, width as i64])
             .to_device(device),
-        Tensor::from_slice(&mask).view([b, t as i64]).to_device(device),
+        Tensor::from_slice(&mask)
+            .view([b, t as i64])
+            .to_device(device),
     )
 }
 
@@ -436,11 +441,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 }
 
 /// The three fields of a JSON row.
-fn json_row(
-    path: &Path,
-    label: &str,
-    value: serde_json::Value,
-) -> Result<OrcaRow, TrainError> {
+fn json_row(path: &Path, label: &str, value: serde_json::Value) -> Result<OrcaRow, TrainError> {
     let serde_json::Value::Object(mut obj) = value else {
         return Err(TrainError::Invalid(format!(
             "{}: {label}: expected a JSON object with the fields {}, found {}",
@@ -559,11 +560,19 @@ fn read_parquet(b: &mut OrcaBuilder<'_>) -> Result<(), TrainError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let reader = SerializedFileReader::new(file).map_err(|e| {
-        TrainError::Invalid(format!(
-            "{shown}: not a readable Parquet file (truncated or corrupt?): {e}"
-        ))
-    })?;
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        let e = e.to_string();
+        let e = one_line(&e);
+        TrainError::Invalid(match e.split_once("Disabled feature at compile time: ") {
+            Some((_, codec)) => format!(
+                "{shown}: {what}: the file is compressed with {codec}, which this build does not read (rewrite it with Snappy, gzip, zstd or no compression)"
+            ),
+            None => format!("{shown}: {what} (truncated or corrupt?): {e}"),
+        })
+    };
+    let reader = guarded(|| SerializedFileReader::new(file))
+        .map_err(|e| corrupt("not a readable Parquet file", &e))?
+        .map_err(|e| corrupt("not a readable Parquet file", &e))?;
     let meta = reader.metadata().file_metadata();
     if meta.num_rows() <= 0 {
         return Err(TrainError::Invalid(format!(
@@ -596,19 +605,18 @@ fn read_parquet(b: &mut OrcaBuilder<'_>) -> Result<(), TrainError> {
         .with_fields(projected)
         .build()
         .map_err(|e| TrainError::Invalid(format!("{shown}: cannot select the columns: {e}")))?;
-    let rows = reader
-        .get_row_iter(Some(projection))
-        .map_err(|e| TrainError::Invalid(format!("{shown}: cannot read Parquet rows: {e}")))?;
-    for (i, row) in rows.enumerate() {
-        if b.full() {
+    let mut rows = guarded(|| reader.get_row_iter(Some(projection)))
+        .map_err(|e| corrupt("cannot read Parquet rows", &e))?
+        .map_err(|e| corrupt("cannot read Parquet rows", &e))?;
+    let mut i = 0usize;
+    while !b.full() {
+        i += 1;
+        let label = format!("row {i}");
+        let what = format!("{label}: cannot read Parquet data");
+        let Some(row) = guarded(|| rows.next()).map_err(|e| corrupt(&what, &e))? else {
             break;
-        }
-        let label = format!("row {}", i + 1);
-        let row = row.map_err(|e| {
-            TrainError::Invalid(format!(
-                "{shown}: {label}: cannot read Parquet data (truncated or corrupt?): {e}"
-            ))
-        })?;
+        };
+        let row = row.map_err(|e| corrupt(&what, &e))?;
         let mut fields: [Option<String>; 3] = [None, None, None];
         for (name, value) in row.get_column_iter() {
             let Some(k) = ORCA_FIELDS.iter().position(|f| f == name) else {
@@ -651,4 +659,42 @@ fn read_parquet(b: &mut OrcaBuilder<'_>) -> Result<(), TrainError> {
         b.push(&r, &label)?;
     }
     Ok(())
+}
+
+/// The first line of a message, for one-line errors.
+fn one_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default().trim_end()
+}
+
+thread_local! {
+    /// Set while [`guarded`] runs Parquet code on this thread: its panics are not printed.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into an error carrying the panic's message.
+///
+/// The Parquet row reader asserts on some kinds of damaged data (e.g. a definition level
+/// above the column's maximum) instead of returning an error; a damaged file must give a
+/// clear error, not a crash. The first call wraps the process's panic hook so that panics
+/// inside `guarded` on this thread are not printed; every other panic is reported by the
+/// previous hook as before.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET_PANICS.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(was));
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the Parquet reader failed".to_string())
+    })
 }

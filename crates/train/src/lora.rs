@@ -4,8 +4,9 @@
 //! `A` (r x in) and `B` (out x r), `B` initialised to zero. The scaling `gamma` comes from
 //! the one formula of the project (`rankstab_records::scaling_factor`): `lora` is
 //! `alpha / r`, `rslora` `alpha / sqrt(r)`, any `beta` gives `alpha * r^-beta`.
-//! Merging writes `gamma B A` into `W` after a finite check; unmerging subtracts the same
-//! tensor, so merge then unmerge returns `W` up to the rounding of one addition.
+//! Merging writes `gamma B A` into `W` after a finite check and keeps the weight it
+//! replaced, so unmerging restores `W` exactly (at the cost of one copy of each merged
+//! weight while merged; subtracting `gamma B A` again, as PEFT does, is off by rounding).
 use rankstab_records::scaling_factor;
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
@@ -33,6 +34,11 @@ pub struct LoraConfig {
     pub init: LoraInit,
     /// Dropout on the adapter's input (training only).
     pub dropout: f64,
+    /// Seed of A's draw from a ChaCha8 stream of its own, so that A depends only on this
+    /// seed and not on libtorch's global generator (which other threads may use). `None`:
+    /// libtorch's global generator, as `nn::Init`.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 impl LoraConfig {
@@ -74,7 +80,8 @@ pub struct LoraAdapter {
     pub scaling: f64,
     /// Dropout probability.
     pub dropout: f64,
-    merged: bool,
+    /// The base weight as it was before merging (while merged).
+    saved: Option<Tensor>,
 }
 
 impl LoraAdapter {
@@ -97,8 +104,29 @@ impl LoraAdapter {
                 in_dim.max(out_dim)
             )));
         }
-        let a = match cfg.init {
-            LoraInit::KaimingUniform => {
+        let a = match (cfg.seed, cfg.init) {
+            (Some(seed), init) => {
+                use rand::SeedableRng;
+                use rand_distr::Distribution;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                let n = (r * in_dim) as usize;
+                let v: Vec<f32> = match init {
+                    LoraInit::KaimingUniform => {
+                        let bound = 1.0 / (in_dim as f32).sqrt();
+                        let u = rand_distr::Uniform::new(-bound, bound).expect("bound > 0");
+                        (0..n).map(|_| u.sample(&mut rng)).collect()
+                    }
+                    LoraInit::Gaussian => {
+                        let g = rand_distr::Normal::new(0.0f32, 1.0 / r as f32).expect("std > 0");
+                        (0..n).map(|_| g.sample(&mut rng)).collect()
+                    }
+                };
+                let t = Tensor::from_slice(&v).view([r, in_dim]);
+                let a = path.var("lora_A", &[r, in_dim], nn::Init::Const(0.0));
+                tch::no_grad(|| a.shallow_clone().copy_(&t));
+                a
+            }
+            (None, LoraInit::KaimingUniform) => {
                 let bound = 1.0 / (in_dim as f64).sqrt();
                 path.var(
                     "lora_A",
@@ -109,7 +137,7 @@ impl LoraAdapter {
                     },
                 )
             }
-            LoraInit::Gaussian => path.var(
+            (None, LoraInit::Gaussian) => path.var(
                 "lora_A",
                 &[r, in_dim],
                 nn::Init::Randn {
@@ -124,7 +152,7 @@ impl LoraAdapter {
             b,
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
-            merged: false,
+            saved: None,
         })
     }
 
@@ -155,14 +183,14 @@ impl LoraAdapter {
             b,
             scaling,
             dropout,
-            merged: false,
+            saved: None,
         })
     }
 
     /// The adapter's contribution `gamma B A dropout(x)` for `x` (..., in); `None` while
     /// merged (the base weight already carries it).
     pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
-        if self.merged {
+        if self.saved.is_some() {
             return None;
         }
         // Adapters stay in their own dtype (f32) when the base model runs in bf16.
@@ -182,7 +210,7 @@ impl LoraAdapter {
 
     /// Whether the adapter is merged into its base weight.
     pub fn is_merged(&self) -> bool {
-        self.merged
+        self.saved.is_some()
     }
 
     /// Adds `gamma B A` to `w` in place, after checking it is finite.
@@ -190,7 +218,7 @@ impl LoraAdapter {
     /// # Errors
     /// Already merged, a shape mismatch, or a non-finite adapter.
     pub fn merge_into(&mut self, w: &mut Tensor) -> Result<(), LoraError> {
-        if self.merged {
+        if self.saved.is_some() {
             return Err(LoraError::Invalid("adapter is already merged".into()));
         }
         let d = tch::no_grad(|| self.weight_delta().to_kind(w.kind()));
@@ -207,26 +235,31 @@ impl LoraAdapter {
                 "adapter has non-finite entries: refusing to merge".into(),
             ));
         }
+        self.saved = Some(tch::no_grad(|| w.copy()));
         tch::no_grad(|| {
             let _ = w.g_add_(&d);
         });
-        self.merged = true;
         Ok(())
     }
 
-    /// Subtracts `gamma B A` from `w` again.
+    /// Restores `w` to the weight it was before [`Self::merge_into`], exactly.
     ///
     /// # Errors
-    /// Not merged.
+    /// Not merged, or `w` is not the weight it was merged into (another shape).
     pub fn unmerge_from(&mut self, w: &mut Tensor) -> Result<(), LoraError> {
-        if !self.merged {
+        let Some(saved) = self.saved.take() else {
             return Err(LoraError::Invalid("adapter is not merged".into()));
+        };
+        if saved.size() != w.size() {
+            let e = format!(
+                "unmerge: weight {:?} is not the {:?} weight this adapter was merged into",
+                w.size(),
+                saved.size()
+            );
+            self.saved = Some(saved);
+            return Err(LoraError::Invalid(e));
         }
-        tch::no_grad(|| {
-            let d = self.weight_delta().to_kind(w.kind());
-            let _ = w.g_sub_(&d);
-        });
-        self.merged = false;
+        tch::no_grad(|| w.copy_(&saved));
         Ok(())
     }
 }
@@ -260,6 +293,10 @@ pub struct PeftAdapterConfig {
     /// rankstab's exponent (PEFT ignores unknown keys); present for beta other than 1, 1/2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rankstab_beta: Option<f64>,
+    /// rankstab's alpha when `rankstab_beta` is present: `lora_alpha` then holds
+    /// `alpha * r^(1 - beta)`, so that PEFT's `lora_alpha / r` is `alpha * r^-beta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rankstab_alpha: Option<f64>,
 }
 
 impl PeftAdapterConfig {
@@ -273,13 +310,42 @@ impl PeftAdapterConfig {
     }
 
     /// gamma_r as PEFT computes it: `lora_alpha / sqrt(r)` with `use_rslora`, else
-    /// `lora_alpha / r`; `lora_alpha * r^-rankstab_beta` when rankstab's exponent is present.
+    /// `lora_alpha / r` (for any other beta, `lora_alpha` is written as
+    /// `alpha * r^(1 - beta)`, see [`Self::for_scaling`]). Files written before
+    /// `rankstab_alpha` existed carry the plain alpha: `lora_alpha * r^-rankstab_beta`.
     pub fn scaling(&self) -> f64 {
         let r = self.r as f64;
-        match self.rankstab_beta {
-            Some(b) => scaling_factor(self.lora_alpha, b, self.r),
-            None if self.use_rslora => self.lora_alpha / r.sqrt(),
-            None => self.lora_alpha / r,
+        match (self.rankstab_beta, self.rankstab_alpha) {
+            (Some(b), None) => scaling_factor(self.lora_alpha, b, self.r),
+            _ if self.use_rslora => self.lora_alpha / r.sqrt(),
+            _ => self.lora_alpha / r,
+        }
+    }
+
+    /// The configuration PEFT needs for `gamma = alpha * r^-beta`: `use_rslora` for
+    /// beta = 1/2, plain LoRA for beta = 1, and for any other beta plain LoRA with
+    /// `lora_alpha = alpha * r^(1 - beta)` (and rankstab's own alpha and beta recorded), so
+    /// that `PeftModel.from_pretrained` computes the same scaling.
+    pub fn for_scaling(r: usize, alpha: f64, beta: f64) -> Self {
+        let generic = beta != 0.5 && beta != 1.0;
+        Self {
+            peft_type: "LORA".into(),
+            task_type: "CAUSAL_LM".into(),
+            r,
+            lora_alpha: if generic {
+                alpha * (r as f64).powf(1.0 - beta)
+            } else {
+                alpha
+            },
+            use_rslora: beta == 0.5,
+            target_modules: Vec::new(),
+            lora_dropout: 0.0,
+            base_model_name_or_path: None,
+            bias: "none".into(),
+            init_lora_weights: serde_json::Value::Bool(true),
+            fan_in_fan_out: false,
+            rankstab_beta: generic.then_some(beta),
+            rankstab_alpha: generic.then_some(alpha),
         }
     }
 }
@@ -323,6 +389,7 @@ pub fn save_peft(
 ///
 /// # Errors
 /// Missing files, malformed JSON, missing or mis-shaped tensors (named).
+#[allow(clippy::type_complexity)]
 pub fn load_peft(
     dir: &Path,
 ) -> Result<(PeftAdapterConfig, Vec<(String, Tensor, Tensor)>), LoraError> {
@@ -422,7 +489,7 @@ fn check_supported_peft_options(cfg_path: &Path) -> Result<(), LoraError> {
     .collect();
     let bias = v.get("bias").and_then(|b| b.as_str()).unwrap_or("none");
     if !unsupported.is_empty() || bias != "none" {
-        let mut what: Vec<String> = unsupported.iter().map(|k| format!("{k}")).collect();
+        let mut what: Vec<String> = unsupported.iter().map(|k| (*k).to_string()).collect();
         if bias != "none" {
             what.push(format!("bias {bias:?}"));
         }
@@ -551,6 +618,7 @@ mod tests {
             beta,
             init: LoraInit::KaimingUniform,
             dropout: 0.0,
+            seed: None,
         }
     }
 
@@ -591,6 +659,24 @@ mod tests {
         );
     }
 
+    /// With a seed, A comes from its own stream: equal for equal seeds whatever libtorch's
+    /// global generator does, different for another seed, and PEFT's distribution
+    /// (U(-1/sqrt(in), 1/sqrt(in)): variance 1/(3 in)).
+    #[test]
+    fn seeded_init_is_reproducible_and_kaiming_uniform() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let seeded = |seed| LoraConfig { seed: Some(seed), ..cfg(32, 0.5) };
+        let a1 = LoraAdapter::new(&(vs.root() / "x"), 256, 64, &seeded(7)).expect("valid").a;
+        tch::manual_seed(123);
+        let a2 = LoraAdapter::new(&(vs.root() / "y"), 256, 64, &seeded(7)).expect("valid").a;
+        let a3 = LoraAdapter::new(&(vs.root() / "z"), 256, 64, &seeded(8)).expect("valid").a;
+        assert!(a1.equal(&a2) && !a1.equal(&a3));
+        let bound = 1.0 / 16.0;
+        assert!(a1.abs().max().double_value(&[]) <= bound);
+        let var = a1.square().mean(Kind::Double).double_value(&[]);
+        assert!((var / (bound * bound / 3.0) - 1.0).abs() < 0.05, "{var}");
+    }
+
     #[test]
     fn rank_zero_or_too_large_is_refused() {
         let vs = nn::VarStore::new(Device::Cpu);
@@ -607,8 +693,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let mut ad = LoraAdapter::new(&vs.root(), 16, 12, &cfg(4, 0.5)).expect("valid");
         tch::no_grad(|| {
-            let _ =
-                ad.b.copy_(&Tensor::randn([12, 4], (Kind::Float, Device::Cpu)));
+            ad.b.copy_(&Tensor::randn([12, 4], (Kind::Float, Device::Cpu)));
         });
         let w0 = Tensor::randn([12, 16], (Kind::Float, Device::Cpu));
         let mut w = w0.copy();
@@ -619,8 +704,10 @@ mod tests {
         let merged = x.matmul(&w.tr());
         assert!((merged - &unmerged).abs().max().double_value(&[]) < 1e-5);
         assert!(ad.merge_into(&mut w).is_err(), "double merge");
+        assert!(!w.equal(&w0));
         ad.unmerge_from(&mut w).expect("merged");
-        assert!((&w - &w0).abs().max().double_value(&[]) < 1e-6);
+        assert!(w.equal(&w0), "unmerge restores the weight exactly");
+        assert!(ad.unmerge_from(&mut w).is_err(), "double unmerge");
     }
 
     #[test]
@@ -647,8 +734,7 @@ mod tests {
         let mut q = LoraAdapter::new(&(vs.root() / "q"), 8, 6, &cfg(3, 0.5)).expect("valid");
         let v = LoraAdapter::new(&(vs.root() / "v"), 8, 6, &cfg(3, 0.5)).expect("valid");
         tch::no_grad(|| {
-            let _ =
-                q.b.copy_(&Tensor::randn([6, 3], (Kind::Float, Device::Cpu)));
+            q.b.copy_(&Tensor::randn([6, 3], (Kind::Float, Device::Cpu)));
         });
         let pc = PeftAdapterConfig {
             peft_type: "LORA".into(),
@@ -663,6 +749,7 @@ mod tests {
             init_lora_weights: serde_json::Value::Bool(true),
             fan_in_fan_out: false,
             rankstab_beta: None,
+            rankstab_alpha: None,
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let paths = [
@@ -686,6 +773,39 @@ mod tests {
         assert_eq!(b.size(), vec![6, 3]);
         assert_eq!((a - &q.a).abs().max().double_value(&[]), 0.0);
         assert_eq!((b - &q.b).abs().max().double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn peft_config_scaling_and_adapters_from_tensors() {
+        let mut pc: PeftAdapterConfig = serde_json::from_str(
+            r#"{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"use_rslora":false,
+               "target_modules":["q_proj"],"lora_dropout":0.0,"base_model_name_or_path":null,"bias":"none",
+               "init_lora_weights":true}"#,
+        )
+        .expect("PEFT's integer lora_alpha reads as a number");
+        assert_eq!((pc.beta(), pc.scaling()), (1.0, 2.0));
+        pc.use_rslora = true;
+        assert_eq!((pc.beta(), pc.scaling()), (0.5, 16.0 / 8f64.sqrt()));
+        pc.rankstab_beta = Some(0.75);
+        assert_eq!(pc.beta(), 0.75);
+        assert!((pc.scaling() - 16.0 * 8f64.powf(-0.75)).abs() < 1e-12);
+        // What rankstab writes for beta = 0.75: PEFT's lora_alpha / r gives alpha r^-beta.
+        let w = PeftAdapterConfig::for_scaling(8, 16.0, 0.75);
+        assert!(!w.use_rslora && (w.lora_alpha / 8.0 - 16.0 * 8f64.powf(-0.75)).abs() < 1e-12);
+        assert!((w.scaling() - 16.0 * 8f64.powf(-0.75)).abs() < 1e-12);
+        assert_eq!(w.beta(), 0.75);
+        for (beta, rs) in [(0.5, true), (1.0, false)] {
+            let w = PeftAdapterConfig::for_scaling(8, 16.0, beta);
+            assert_eq!((w.use_rslora, w.lora_alpha, w.rankstab_beta), (rs, 16.0, None));
+            assert!((w.scaling() - scaling_factor(16.0, beta, 8)).abs() < 1e-12);
+        }
+        let z = |r: i64, c: i64| Tensor::zeros([r, c], (Kind::Float, Device::Cpu));
+        let ad = LoraAdapter::from_tensors(z(2, 5), z(3, 2), 1.5, 0.0).expect("fits");
+        assert!(!ad.is_merged());
+        assert_eq!(ad.weight_delta().size(), vec![3, 5]);
+        assert!(LoraAdapter::from_tensors(z(2, 5), z(3, 4), 1.0, 0.0).is_err());
+        assert!(LoraAdapter::from_tensors(z(0, 5), z(3, 0), 1.0, 0.0).is_err());
+        assert!(LoraAdapter::from_tensors(z(2, 5), z(3, 2), f64::NAN, 0.0).is_err());
     }
 
     #[test]

@@ -127,7 +127,12 @@ impl Optimizer {
                 .iter()
                 .map(|p| p.grad())
                 .filter(Tensor::defined)
-                .map(|g| g.to_kind(tch::Kind::Double).square().sum(tch::Kind::Double).double_value(&[]))
+                .map(|g| {
+                    g.to_kind(tch::Kind::Double)
+                        .square()
+                        .sum(tch::Kind::Double)
+                        .double_value(&[])
+                })
                 .sum::<f64>()
                 .sqrt()
         })
@@ -251,7 +256,14 @@ mod tests {
             tch::manual_seed(3);
             let target = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
             let vs_ref = nn::VarStore::new(Device::Cpu);
-            let p_ref = vs_ref.root().var("p", &[4, 3], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+            let p_ref = vs_ref.root().var(
+                "p",
+                &[4, 3],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            );
             let p_ours = p_ref.detach().copy().set_requires_grad(true);
             let mut reference = match kind {
                 Optim::Adamw => nn::AdamW {
@@ -290,7 +302,12 @@ mod tests {
     #[test]
     fn clipping_caps_the_global_norm() {
         let p = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
-        let mut o = Optimizer::new(Optim::Sgd, 1.0, AdamwParams::default(), vec![p.shallow_clone()]);
+        let mut o = Optimizer::new(
+            Optim::Sgd,
+            1.0,
+            AdamwParams::default(),
+            vec![p.shallow_clone()],
+        );
         (&p * &p).sum(Kind::Float).backward(); // grad = 2p = (6, 8), norm 10
         let before = o.clip_grad_norm(1.0);
         assert!((before - 10.0).abs() < 1e-6);

@@ -145,8 +145,14 @@ pub const PRESETS: [&str; 4] = ["llama-2-7b", "gpt-j-6b", "llama-2-mini", "gpt-j
 /// 256), MLP 1024. About 27 M parameters, most of them in the embedding and head.
 pub fn gptj_mini() -> gptj::Config {
     let mut g = gptj::Config::gptj_6b();
-    (g.n_embd, g.n_layer, g.n_head, g.head_dim, g.rotary_dim, g.n_inner) =
-        (256, 4, 4, 64, 16, 1024);
+    (
+        g.n_embd,
+        g.n_layer,
+        g.n_head,
+        g.head_dim,
+        g.rotary_dim,
+        g.n_inner,
+    ) = (256, 4, 4, 64, 16, 1024);
     g
 }
 

@@ -40,8 +40,7 @@ use crate::text::TextTokenizer;
 use crate::trainer::{train, TrainConfig, TrainOutcome};
 use crate::{CausalLm, TrainError};
 use rankstab_records::{
-    read_json, scaling_name, scaling_preset, write_json_atomic, Manifest, RunStatus,
-    SCHEMA_VERSION,
+    read_json, scaling_name, scaling_preset, write_json_atomic, Manifest, RunStatus, SCHEMA_VERSION,
 };
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind};
@@ -212,6 +211,9 @@ pub struct SweepConfig {
     /// Fraction held out.
     #[serde(default = "d_heldout")]
     pub heldout_fraction: f64,
+    /// Held-out perplexity on at most this many held-out sequences (0: all).
+    #[serde(default)]
+    pub heldout_max: usize,
     /// Moment orders.
     #[serde(default = "d_moments")]
     pub moments: Vec<u32>,
@@ -369,7 +371,9 @@ impl SweepConfig {
                 ));
             }
         }
-        for ranks in std::iter::once(&self.ranks).chain(self.models.iter().filter_map(|m| m.ranks.as_ref())) {
+        for ranks in
+            std::iter::once(&self.ranks).chain(self.models.iter().filter_map(|m| m.ranks.as_ref()))
+        {
             if ranks.is_empty() || ranks.contains(&0) {
                 return bad(format!("ranks {ranks:?}: give ranks >= 1"));
             }
@@ -381,7 +385,10 @@ impl SweepConfig {
             parse_scaling(s).map_err(|e| TrainError::Invalid(format!("{origin}: {e}")))?;
         }
         if !["f32", "bf16"].contains(&self.dtype.as_str()) {
-            return bad(format!("dtype {:?} is not known: use f32 or bf16", self.dtype));
+            return bad(format!(
+                "dtype {:?} is not known: use f32 or bf16",
+                self.dtype
+            ));
         }
         for (name, lr) in [("lr.adamw", self.lr.adamw), ("lr.sgd", self.lr.sgd)] {
             if !lr.is_finite() || lr <= 0.0 {
@@ -463,6 +470,7 @@ impl SweepConfig {
             probe_every: self.probe_every,
             eval_every: self.eval_every,
             heldout_fraction: self.heldout_fraction,
+            heldout_max: self.heldout_max,
             target_modules: m.target_modules.clone(),
             moments: self.moments.clone(),
             seed: cell.seed,
@@ -665,7 +673,11 @@ pub fn prepare_dir(dir: &Path, cfg: &SweepConfig) -> Result<SweepManifest, Train
 /// # Errors
 /// Data errors (named file, row, field).
 pub fn load_data(cfg: &SweepConfig, lm: &LoadedModel, seed: u64) -> Result<Dataset, TrainError> {
-    load_dataset(&cfg.data, &lm.tokenizer, &cfg.data_spec(seed, lm.eos_token.clone()))
+    load_dataset(
+        &cfg.data,
+        &lm.tokenizer,
+        &cfg.data_spec(seed, lm.eos_token.clone()),
+    )
 }
 
 #[cfg(test)]

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Fraction of sequences held out.
     pub heldout_fraction: f64,
+    /// Evaluate held-out perplexity on at most this many held-out sequences (0: all).
+    #[serde(default)]
+    pub heldout_max: usize,
     /// Module names to adapt (empty: every attention and MLP linear).
     pub target_modules: Vec<String>,
     /// Moment orders.
@@ -113,7 +116,10 @@ impl TrainConfig {
             ));
         }
         if !self.lr.is_finite() || self.lr <= 0.0 {
-            return bad(format!("lr {} is not allowed: use a finite number > 0", self.lr));
+            return bad(format!(
+                "lr {} is not allowed: use a finite number > 0",
+                self.lr
+            ));
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 || !self.beta.is_finite() {
             return bad(format!(
@@ -126,7 +132,9 @@ impl TrainConfig {
         }
         if let Some(c) = self.clip_grad_norm {
             if !c.is_finite() || c <= 0.0 {
-                return bad(format!("clip-grad-norm {c} is not allowed: use a finite number > 0"));
+                return bad(format!(
+                    "clip-grad-norm {c} is not allowed: use a finite number > 0"
+                ));
             }
         }
         if !(0.0..1.0).contains(&self.dropout) || !(0.0..1.0).contains(&self.heldout_fraction) {
@@ -154,6 +162,15 @@ pub fn module_and_layer(path: &str) -> (String, u32) {
     (parts.last().copied().unwrap_or_default().to_string(), layer)
 }
 
+/// The seed of one adapter's A: FNV-1a of the module path, mixed with the run's seed.
+fn adapter_seed(seed: u64, path: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in path.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// Attaches adapters to the model's linears; returns the adapted module paths.
 ///
 /// # Errors
@@ -169,6 +186,7 @@ pub fn attach(
         beta: cfg.beta,
         init: cfg.init,
         dropout: cfg.dropout,
+        seed: None,
     };
     for (_, lin) in model.linears_mut() {
         lin.adapter = None;
@@ -197,6 +215,11 @@ pub fn attach(
         }
         let vpath = path.split('.').fold(vs.root(), |p, part| p / part);
         let (out, inp) = lin.dims();
+        // A's draw depends on the run's seed and the module's path only.
+        let lora = LoraConfig {
+            seed: Some(adapter_seed(cfg.seed, &path)),
+            ..lora.clone()
+        };
         let ad = LoraAdapter::new(&vpath, inp, out, &lora)
             .map_err(|e| TrainError::Invalid(format!("{path}: {e}")))?;
         lin.adapter = Some(ad);
@@ -261,7 +284,13 @@ fn masked_loss_sum(model: &CausalLm, ids: &Tensor, mask: &Tensor, train: bool) -
 /// accumulates the same gradients into the adapters (and the probes) as one backward
 /// through the whole graph. Dropout is seeded per block so the recomputation draws the
 /// same masks. Returns the loss (nothing is back-propagated when it is not finite).
-fn checkpointed_backward(model: &CausalLm, ids: &Tensor, mask: &Tensor, scale: f64, seed: i64) -> f64 {
+fn checkpointed_backward(
+    model: &CausalLm,
+    ids: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    seed: i64,
+) -> f64 {
     let t = ids.size()[1];
     let n = model.num_layers();
     let mut hs = Vec::with_capacity(n + 1);
@@ -460,12 +489,23 @@ fn set_capture(model: &mut CausalLm, on: bool) {
     }
 }
 
-/// Mean held-out loss per loss token.
-fn heldout_loss(model: &mut CausalLm, data: &Dataset, micro: usize, device: Device) -> f64 {
+/// Mean held-out loss per loss token, over the first `max` held-out sequences (0: all).
+fn heldout_loss(
+    model: &mut CausalLm,
+    data: &Dataset,
+    max: usize,
+    micro: usize,
+    device: Device,
+) -> f64 {
     set_capture(model, false);
     let (mut s, mut n) = (0.0, 0.0);
+    let held = if max == 0 {
+        &data.heldout[..]
+    } else {
+        &data.heldout[..max.min(data.heldout.len())]
+    };
     tch::no_grad(|| {
-        for chunk in data.heldout.chunks(micro.max(1)) {
+        for chunk in held.chunks(micro.max(1)) {
             let refs: Vec<&Sequence> = chunk.iter().collect();
             let (ids, mask) = collate(&refs, data.pad_id, device);
             s += masked_loss_sum(model, &ids, &mask, false).double_value(&[]);
@@ -505,7 +545,11 @@ pub fn train(
     let params: Vec<Tensor> = model
         .linears_mut()
         .into_iter()
-        .filter_map(|(_, l)| l.adapter.as_ref().map(|a| [a.a.shallow_clone(), a.b.shallow_clone()]))
+        .filter_map(|(_, l)| {
+            l.adapter
+                .as_ref()
+                .map(|a| [a.a.shallow_clone(), a.b.shallow_clone()])
+        })
         .flatten()
         .collect();
     let adam = AdamwParams {
@@ -580,7 +624,10 @@ pub fn train(
         let seqs: Vec<&Sequence> = (0..cfg.batch)
             .map(|k| &data.train[(step * cfg.batch + k) % n_train])
             .collect();
-        let total_tokens: usize = seqs.iter().map(|s| s.mask.iter().filter(|&&m| m).count()).sum();
+        let total_tokens: usize = seqs
+            .iter()
+            .map(|s| s.mask.iter().filter(|&&m| m).count())
+            .sum();
         let probing = cfg.probe_every > 0 && step % cfg.probe_every == 0;
         set_capture(model, probing);
         opt.zero_grad();
@@ -595,7 +642,9 @@ pub fn train(
             );
             let scale = 1.0 / total_tokens.max(1) as f64;
             let l = if cfg.activation_checkpointing {
-                let seed = (cfg.seed as i64).wrapping_mul(7919).wrapping_add((step * 1000 + k) as i64 * 1000);
+                let seed = (cfg.seed as i64)
+                    .wrapping_mul(7919)
+                    .wrapping_add((step * 1000 + k) as i64 * 1000);
                 checkpointed_backward(model, &ids, &mask, scale, seed)
             } else {
                 let loss = masked_loss_sum(model, &ids, &mask, true) * scale;
@@ -719,13 +768,15 @@ pub fn train(
             metric(step, "seconds", t0.elapsed().as_secs_f64()),
         ];
         if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step + 1 == cfg.steps) {
-            let h = heldout_loss(model, data, micro, device);
+            let h = heldout_loss(model, data, cfg.heldout_max, micro, device);
             mrows.push(metric(step, "heldout_loss", h));
             mrows.push(metric(step, "heldout_perplexity", h.exp()));
         }
         mw.append(&rows).map_err(rec)?;
         tw.append(&mrows).map_err(rec)?;
-        if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && step + 1 < cfg.steps
+        if cfg.checkpoint_every > 0
+            && (step + 1) % cfg.checkpoint_every == 0
+            && step + 1 < cfg.steps
         {
             let (mut tensors, optimizer_steps) = opt.state();
             for (i, p) in opt.params().iter().enumerate() {
@@ -743,7 +794,7 @@ pub fn train(
         progress(step, lv);
     }
     set_capture(model, false);
-    let h = heldout_loss(model, data, micro, device);
+    let h = heldout_loss(model, data, cfg.heldout_max, micro, device);
     let mut adapters = Vec::new();
     let linears = model.linears_mut();
     for (path, lin) in &linears {
@@ -755,21 +806,14 @@ pub fn train(
     targets.sort();
     targets.dedup();
     let pc = PeftAdapterConfig {
-        peft_type: "LORA".into(),
-        task_type: "CAUSAL_LM".into(),
-        r: cfg.rank,
-        lora_alpha: cfg.alpha,
-        use_rslora: cfg.beta == 0.5,
         target_modules: targets,
         lora_dropout: cfg.dropout,
         base_model_name_or_path: Some(cfg.model_name.clone()),
-        bias: "none".into(),
         init_lora_weights: match cfg.init {
             LoraInit::KaimingUniform => serde_json::Value::Bool(true),
             LoraInit::Gaussian => serde_json::Value::String("gaussian".into()),
         },
-        fan_in_fan_out: false,
-        rankstab_beta: (cfg.beta != 0.5 && cfg.beta != 1.0).then_some(cfg.beta),
+        ..PeftAdapterConfig::for_scaling(cfg.rank, cfg.alpha, cfg.beta)
     };
     save_peft(&out.join("adapters"), &pc, &adapters)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;

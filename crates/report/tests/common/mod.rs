@@ -37,7 +37,22 @@ fn factor(seed: u64, rank: u32, step: u32) -> f64 {
 /// Writes one training cell; returns its directory.
 pub fn write_train_cell(root: &Path, rank: u32, scaling: &str, beta: f64, seed: u64) -> PathBuf {
     let dir = root.join(format!("{MODEL}-r{rank}-{scaling}-s{seed}"));
-    std::fs::create_dir_all(&dir).expect("mkdir");
+    write_train_run(&dir, rank, scaling, beta, seed, RunStatus::Complete, None);
+    dir
+}
+
+/// Writes one training run directory `dir` with the given manifest status and note (every
+/// step of [`STEPS`] is written whatever the status: the report must cut a diverged run).
+pub fn write_train_run(
+    dir: &Path,
+    rank: u32,
+    scaling: &str,
+    beta: f64,
+    seed: u64,
+    status: RunStatus,
+    note: Option<&str>,
+) {
+    std::fs::create_dir_all(dir).expect("mkdir");
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
         tool: "rankstab".into(),
@@ -48,9 +63,9 @@ pub fn write_train_cell(root: &Path, rank: u32, scaling: &str, beta: f64, seed: 
         seeds: vec![seed],
         device: "cpu (2 threads)".into(),
         created: "2024-01-01T00:00:00Z".into(),
-        finished: Some("2024-01-01T00:01:00Z".into()),
-        status: RunStatus::Complete,
-        note: None,
+        finished: (status != RunStatus::Running).then(|| "2024-01-01T00:01:00Z".into()),
+        status,
+        note: note.map(str::to_string),
     };
     write_json_atomic(&dir.join(files::MANIFEST), &manifest).expect("manifest");
     let base = MomentRow {
@@ -154,7 +169,6 @@ pub fn write_train_cell(root: &Path, rank: u32, scaling: &str, beta: f64, seed: 
         .expect("open")
         .append(&metrics)
         .expect("append");
-    dir
 }
 
 /// A sweep: every rank x {lora, rslora} x seed, one directory each, under `root`.
@@ -167,5 +181,57 @@ pub fn write_train_sweep(root: &Path) -> Vec<PathBuf> {
             }
         }
     }
+    dirs
+}
+
+/// A directory as `make audit` leaves it: `theory/` is up to the caller; `sweep/` holds
+/// `sweep.json` listing the sweep's cells plus one that has not started, and
+/// `cells/<name>/` for the others, each with a `checkpoint/` folder; one more cell is still
+/// running and one diverged at step 25 (rank 64, lora, seeds 1 and 0). A `logs/` folder
+/// holds no run. Returns the cell directories written.
+pub fn write_audit_sweep(root: &Path) -> Vec<PathBuf> {
+    let sweep = root.join("sweep");
+    let cells = sweep.join("cells");
+    let mut names = Vec::new();
+    let mut dirs = Vec::new();
+    for (scaling, beta) in [("lora", 1.0), ("rslora", 0.5)] {
+        for &rank in &RANKS {
+            for &seed in &SEEDS {
+                let name = format!("{:03}-{MODEL}-r{rank}-{scaling}-adamw-s{seed}", names.len());
+                let dir = cells.join(&name);
+                write_train_run(&dir, rank, scaling, beta, seed, RunStatus::Complete, None);
+                names.push(name);
+                dirs.push(dir);
+            }
+        }
+    }
+    for (seed, status, note) in [
+        (0, RunStatus::Diverged, Some("diverged at step 25")),
+        (1, RunStatus::Running, None),
+    ] {
+        let name = format!("{:03}-{MODEL}-r64-lora-adamw-s{seed}", names.len());
+        let dir = cells.join(&name);
+        write_train_run(&dir, 64, "lora", 1.0, seed, status, note);
+        names.push(name);
+        dirs.push(dir);
+    }
+    names.push(format!("{:03}-{MODEL}-r128-lora-adamw-s0", names.len()));
+    for dir in &dirs {
+        let ck = dir.join("checkpoint");
+        std::fs::create_dir_all(ck.join("optimizer")).expect("mkdir");
+        std::fs::write(ck.join("state.json"), "{}").expect("write");
+    }
+    std::fs::create_dir_all(root.join("logs")).expect("mkdir");
+    std::fs::write(root.join("logs/audit.log"), "log\n").expect("write");
+    let cells_json: Vec<serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| serde_json::json!({"index": i, "name": n}))
+        .collect();
+    write_json_atomic(
+        &sweep.join("sweep.json"),
+        &serde_json::json!({"schema_version": SCHEMA_VERSION, "config": {}, "cells": cells_json}),
+    )
+    .expect("sweep.json");
     dirs
 }
