@@ -10,11 +10,16 @@ STAMP := $(shell date -u +%Y%m%d-%H%M%S)
 setup:
 	@bash scripts/setup.sh --python
 
+# RUN names the run: `make audit RUN=audit-20261129-120000` continues a killed audit
+# (finished work is skipped, an interrupted sweep cell resumes from its checkpoint).
+RUN ?= audit-$(STAMP)
+
 audit: setup
 	$(CARGO) build --release -p rankstab-cli
-	./target/release/rankstab theory --out runs/audit-$(STAMP)/theory
-	./target/release/rankstab report runs/audit-$(STAMP) --out reports/audit-$(STAMP)
-	@echo "audit: theory run in runs/audit-$(STAMP)/theory, report in reports/audit-$(STAMP)/index.html"
+	./target/release/rankstab theory --out runs/$(RUN)/theory
+	./target/release/rankstab sweep --out runs/$(RUN)/sweep
+	./target/release/rankstab report runs/$(RUN) --out reports/$(RUN)
+	@echo "audit: runs in runs/$(RUN) (theory/, sweep/cells/*); report: reports/$(RUN)/index.html"
 
 # The Python packages (tables, notebooks) and Chromium (the report's rendering test) are
 # required here, so that those tests cannot skip silently in CI.
@@ -25,6 +30,7 @@ test:
 
 bench: setup
 	$(CARGO) bench -p rankstab-theory --bench theory_speed
+	$(CARGO) bench -p rankstab-train --bench train_step
 
 clean-runs:
 	rm -rf runs

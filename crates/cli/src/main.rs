@@ -55,6 +55,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Before libtorch starts its threads: subnormal gradients make CPU training many times
+    // slower (see rankstab_train::device::flush_denormals).
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Sweep(_) | Command::Eval(_) | Command::Generate(_)
+    ) {
+        rankstab_train::device::flush_denormals();
+    }
     let result = match cli.command {
         Command::Theory(args) => theory_cmd::run(*args),
         Command::Eval(args) => eval_cmd::run(args),

@@ -184,6 +184,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eval_every: a.eval_every,
         heldout_fraction: 0.1,
         heldout_max: a.heldout_max,
+        norm_every: 0,
         target_modules: a.target_modules.clone(),
         moments: vec![1, 2, 3, 4],
         seed: a.seed,

@@ -107,3 +107,47 @@ mod tests {
         assert!(parse_device("cuda:x").is_err());
     }
 }
+
+/// Turns on flush-to-zero and denormals-are-zero for f32/f64 arithmetic on this thread
+/// and on every thread it starts afterwards (threads inherit the control register), as
+/// `torch.set_flush_denormal(True)` does. Call it first thing in `main`, before libtorch
+/// starts its thread pool.
+///
+/// Why: LoRA training with small learning rates produces gradients and Adam moments
+/// around 1e-20 whose squares are subnormal; x86 processes subnormal operands up to a
+/// hundred times slower (a SmolLM2 step went from 2 s to 30 s). Flushing them to zero
+/// changes results by less than 1e-38 per value. Returns whether the mode was set (only
+/// on x86-64).
+#[allow(unsafe_code, deprecated)]
+pub fn flush_denormals() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+        // SAFETY: reading and writing MXCSR only changes how this thread rounds subnormal
+        // numbers (bit 15 FTZ, bit 6 DAZ); it is the documented way to set these modes.
+        unsafe { _mm_setcsr(_mm_getcsr() | 0x8040) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod denormal_tests {
+    /// After the call, a subnormal product is flushed to zero, on this thread and on a
+    /// thread started afterwards.
+    #[test]
+    fn flush_denormals_flushes() {
+        if !super::flush_denormals() {
+            return;
+        }
+        let tiny = std::hint::black_box(1e-30f32);
+        assert_eq!(tiny * std::hint::black_box(1e-10f32), 0.0);
+        let other = std::thread::spawn(move || tiny * std::hint::black_box(1e-10f32))
+            .join()
+            .expect("thread");
+        assert_eq!(other, 0.0);
+    }
+}

@@ -7,14 +7,19 @@ use std::cell::RefCell;
 use tch::Tensor;
 
 /// What a probe keeps from the last forward pass of an adapter: its output (detached) and
-/// a zero leaf added to it, whose gradient after `backward` is the loss gradient at the
-/// adapter's output (tch has no hooks and no `retain_grad`).
+/// two zero leaves (tch has no hooks and no `retain_grad`): one added to the adapter's
+/// output, whose gradient after `backward` is the loss gradient `v` there, and one added
+/// to the adapter's input (only the adapter sees it), whose gradient is the gradient into
+/// the input through the adapter, `(gamma B A)^T v` — computed by the backward pass that
+/// runs anyway, at the cost of one addition.
 #[derive(Debug)]
 pub struct Capture {
     /// The adapter's output gamma B A x (detached).
     pub output: Tensor,
     /// Zero leaf added to the output; its `.grad()` is dL/d(output) after backward.
     pub probe: Tensor,
+    /// Zero leaf added to the adapter's input; its `.grad()` is (gamma B A)^T dL/d(output).
+    pub probe_in: Tensor,
 }
 
 /// `y = x W^T + b [+ gamma B A x]`.
@@ -53,18 +58,27 @@ impl Linear {
         if let Some(b) = &self.bias {
             y += b;
         }
-        if let Some(d) = self.adapter.as_ref().and_then(|a| a.delta(x, train)) {
-            match &self.capture {
-                Some(cell) => {
+        let Some(ad) = &self.adapter else { return y };
+        match &self.capture {
+            Some(cell) => {
+                let probe_in =
+                    Tensor::zeros(x.size(), (ad.a.kind(), x.device())).set_requires_grad(true);
+                let xin = x.to_kind(ad.a.kind()) + &probe_in;
+                if let Some(d) = ad.delta(&xin, train) {
                     let probe = d.zeros_like().set_requires_grad(true);
                     let kind = y.kind();
                     y = y + (&d + &probe).to_kind(kind);
                     *cell.borrow_mut() = Some(Capture {
                         output: d.detach(),
                         probe,
+                        probe_in,
                     });
                 }
-                None => y += d.to_kind(y.kind()),
+            }
+            None => {
+                if let Some(d) = ad.delta(x, train) {
+                    y += d.to_kind(y.kind());
+                }
             }
         }
         y

@@ -127,12 +127,7 @@ impl Optimizer {
                 .iter()
                 .map(|p| p.grad())
                 .filter(Tensor::defined)
-                .map(|g| {
-                    g.to_kind(tch::Kind::Double)
-                        .square()
-                        .sum(tch::Kind::Double)
-                        .double_value(&[])
-                })
+                .map(|g| crate::probe::fro(&g).powi(2))
                 .sum::<f64>()
                 .sqrt()
         })

@@ -214,6 +214,10 @@ pub struct SweepConfig {
     /// Held-out perplexity on at most this many held-out sequences (0: all).
     #[serde(default)]
     pub heldout_max: usize,
+    /// Norm and stable rank of gamma B A every k steps and at the last step (0: with the
+    /// held-out evaluation).
+    #[serde(default)]
+    pub norm_every: usize,
     /// Moment orders.
     #[serde(default = "d_moments")]
     pub moments: Vec<u32>,
@@ -471,6 +475,7 @@ impl SweepConfig {
             eval_every: self.eval_every,
             heldout_fraction: self.heldout_fraction,
             heldout_max: self.heldout_max,
+            norm_every: self.norm_every,
             target_modules: m.target_modules.clone(),
             moments: self.moments.clone(),
             seed: cell.seed,

@@ -55,6 +55,10 @@ pub struct TrainConfig {
     pub probe_every: usize,
     /// Held-out perplexity every k steps (and at the end).
     pub eval_every: usize,
+    /// Norm and stable rank of gamma B A every k steps (and at the last step) on probed
+    /// steps; 0: with the held-out evaluation (`eval_every`).
+    #[serde(default)]
+    pub norm_every: usize,
     /// Fraction of sequences held out.
     pub heldout_fraction: f64,
     /// Evaluate held-out perplexity on at most this many held-out sequences (0: all).
@@ -664,14 +668,16 @@ pub fn train(
             let valid = valid_rows(chunk, device);
             let mut i = 0;
             for (_, lin) in model.linears_mut() {
-                let Some(ad) = &lin.adapter else { continue };
+                if lin.adapter.is_none() {
+                    continue;
+                }
                 let cap = lin.capture.as_ref().and_then(|c| c.borrow_mut().take());
                 let Some(cap) = cap else { continue };
                 if sums.len() <= i {
                     sums.push(Default::default());
                 }
                 let v = cap.probe.grad();
-                let bwd = tch::no_grad(|| v.matmul(&ad.b).matmul(&ad.a) * ad.scaling);
+                let bwd = cap.probe_in.grad();
                 for (s, t) in sums[i].iter_mut().zip([&cap.output, &v, &bwd]) {
                     s.add(&rows_of(t, valid.as_ref()), max_m);
                 }
@@ -689,6 +695,11 @@ pub fn train(
                 resumed_from,
             });
         }
+        // ||gamma B A|| and its stable rank (QR of B and A^T, costly at high rank) at
+        // intervals: every `norm_every` steps (default: with the held-out evaluation) and
+        // at the last step.
+        let norm_every = if cfg.norm_every > 0 { cfg.norm_every } else { cfg.eval_every };
+        let norms_now = step + 1 == cfg.steps || (norm_every > 0 && step % norm_every == 0);
         let mut rows = Vec::new();
         let mut grad_sq = 0.0;
         let mut n_params = 0usize;
@@ -733,13 +744,12 @@ pub fn train(
                     }
                 }
             }
-            let (dn, sr) = delta_norm_and_stable_rank(&ad.b, &ad.a, ad.scaling);
-            for (stat, value) in [
-                ("grad_norm_a", na),
-                ("grad_norm_b", nb),
-                ("delta_norm", dn),
-                ("stable_rank", sr),
-            ] {
+            let mut stats = vec![("grad_norm_a", na), ("grad_norm_b", nb)];
+            if norms_now {
+                let (dn, sr) = delta_norm_and_stable_rank(&ad.b, &ad.a, ad.scaling);
+                stats.extend([("delta_norm", dn), ("stable_rank", sr)]);
+            }
+            for (stat, value) in stats {
                 rows.push(MomentRow {
                     site: "param".into(),
                     stat: stat.into(),

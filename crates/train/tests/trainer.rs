@@ -34,6 +34,7 @@ fn cfg(rank: usize, beta: f64, optimizer: Optim, steps: usize, seed: u64) -> Tra
         eval_every: 5,
         heldout_fraction: 0.2,
         heldout_max: 0,
+        norm_every: 0,
         target_modules: vec![],
         moments: vec![1, 2, 3, 4],
         seed,
@@ -405,6 +406,12 @@ fn probes_match_an_independent_computation() {
         err < 1e-4,
         "grad B vs gamma V^T X A^T: relative error {err}"
     );
+    // The gradient into the input through the adapter (the second zero leaf) is
+    // gamma V B A.
+    let bwd = cap.probe_in.grad().to_kind(Kind::Double).reshape([-1, x.size()[1]]);
+    let want = vv.matmul(&ad.b.to_kind(Kind::Double)).matmul(&ad.a.to_kind(Kind::Double)) * ad.scaling;
+    let err = (&bwd - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+    assert!(err < 1e-4, "bwd probe vs gamma V B A: relative error {err}");
     // The captured output is gamma X A^T B^T.
     let y = x
         .matmul(&ad.a.to_kind(Kind::Double).tr())

@@ -1,0 +1,418 @@
+//! One LoRA training step of SmolLM2-135M (from its GGUF file, f32, CPU) against
+//! transformers + peft on the same file: adapters of rank 16 on every attention and MLP
+//! linear (q, k, v, o, gate, up, down), AdamW at lr 5e-5, the same batch, context, thread
+//! count and number of timed steps (after one warm-up step), each side in its own process.
+//! Our side runs twice, as `rankstab train` does (`sweep::load_model`,
+//! `data::load_dataset`, `sweep::run_dir` into a temporary run directory): probes off
+//! (probe_every = 0, eval_every = 0), then probes on every adapter at every step
+//! (probe_every = 1), which gives the probe overhead. Prints the table and the ratios and
+//! writes them to target/rankstab-bench/train_step.json.
+//!
+//! `cargo bench -p rankstab-train --bench train_step`
+//! Environment: RANKSTAB_ASSETS (default: assets/ at the repository root),
+//! RANKSTAB_BENCH_BATCH (4), RANKSTAB_BENCH_CONTEXT (128), RANKSTAB_BENCH_RANK (16),
+//! RANKSTAB_BENCH_STEPS (5 timed steps), RANKSTAB_BENCH_THREADS (all cores),
+//! RANKSTAB_PYTHON (python3) and RANKSTAB_PYTHONPATH (where torch, transformers, peft and
+//! gguf are installed). Skips, saying why, without the model or the text; measures only
+//! the Rust side without the Python packages.
+//!
+//! Step time: the wall time between the ends of consecutive steps (the progress callback,
+//! called after each step's optimizer update and table rows), so model loading, the
+//! warm-up step and the final held-out evaluation and adapter saving are excluded; the
+//! median over the timed steps. Peak memory: the process's peak resident set from the end
+//! of the warm-up step to the end of the last step, the peak being reset there
+//! (`/proc/self/clear_refs`), as on the Python side. The probes-on run follows the
+//! probes-off run in the same process, so its peak may include memory the allocator kept
+//! from the first; the memory ratio uses the probes-off run.
+use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
+use rankstab_train::lora::LoraInit;
+use rankstab_train::sweep::{load_model, run_dir, ModelSpec, RunMeta};
+use rankstab_train::trainer::{Optim, TrainConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+use tch::{Device, Kind};
+
+const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Probe overhead target: probes on every adapter at every step cost at most 10%.
+const PROBE_TARGET: f64 = 0.10;
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn status_mb(field: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| {
+            l.strip_prefix(field).and_then(|r| {
+                r.trim_start_matches(':')
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Measure {
+    #[serde(rename = "impl")]
+    implementation: String,
+    batch: usize,
+    context: usize,
+    rank: usize,
+    threads: usize,
+    steps: usize,
+    load_s: f64,
+    median_s: f64,
+    step_times_s: Vec<f64>,
+    tokens_per_s: f64,
+    rss_loaded_mb: f64,
+    peak_rss_train_mb: f64,
+    #[serde(default)]
+    trainable_params: i64,
+    #[serde(default)]
+    last_loss: f64,
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    batch: usize,
+    context: usize,
+    rank: usize,
+    steps: usize,
+    threads: usize,
+}
+
+/// Our two runs (probes off, probes on) on one loaded model.
+fn rust_side(gguf: &Path, text: &Path, sh: Shape) -> Result<(Measure, Measure), String> {
+    tch::set_num_threads(sh.threads as i32);
+    let err = |e: rankstab_train::TrainError| e.to_string();
+    let t0 = Instant::now();
+    let spec = ModelSpec {
+        name: "smollm2-135m".into(),
+        path: Some(gguf.to_path_buf()),
+        preset: None,
+        tokenizer: None,
+        init_seed: 0,
+        ranks: None,
+        steps: None,
+        target_modules: Vec::new(),
+    };
+    let mut lm = load_model(&spec, Kind::Float, Device::Cpu).map_err(err)?;
+    let base = TrainConfig {
+        model_name: spec.name.clone(),
+        rank: sh.rank,
+        // PEFT's LoraConfig(r, lora_alpha=16): gamma = alpha / r (beta 1); the scaling
+        // does not change the cost.
+        alpha: 16.0,
+        beta: 1.0,
+        init: LoraInit::KaimingUniform,
+        dropout: 0.0,
+        optimizer: Optim::Adamw,
+        lr: 5e-5,
+        steps: sh.steps + 1,
+        batch: sh.batch,
+        micro_batch: 0,
+        context: sh.context,
+        probe_every: 0,
+        eval_every: 0,
+        heldout_fraction: 0.1,
+        // The final held-out evaluation is not timed; keep it short.
+        heldout_max: sh.batch,
+        target_modules: TARGETS.iter().map(|s| (*s).to_string()).collect(),
+        moments: vec![1, 2, 3, 4],
+        seed: 0,
+        clip_grad_norm: None,
+        weight_decay: 0.0,
+        checkpoint_every: 0,
+        activation_checkpointing: false,
+    };
+    base.validate().map_err(err)?;
+    let data = load_dataset(
+        text,
+        &lm.tokenizer,
+        &DataSpec {
+            format: DataFormat::Auto,
+            context: base.context,
+            heldout_fraction: base.heldout_fraction,
+            seed: base.seed,
+            max_examples: None,
+            eos_token: lm.eos_token.clone(),
+        },
+    )
+    .map_err(err)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let tmp = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    let meta = RunMeta {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        git_revision: None,
+        device: "cpu".into(),
+        extra: serde_json::json!({ "bench": "train_step" }),
+    };
+    let mut run = |name: &str, probe_every: usize| -> Result<Measure, String> {
+        let cfg = TrainConfig {
+            probe_every,
+            ..base.clone()
+        };
+        let mut ends: Vec<Instant> = Vec::with_capacity(sh.steps + 1);
+        let mut rss_loaded = f64::NAN;
+        let mut peak = f64::NAN;
+        let last = sh.steps;
+        let outcome = run_dir(
+            &mut lm.model,
+            &data,
+            &cfg,
+            &tmp.path().join(name),
+            &meta,
+            |step, _loss| {
+                ends.push(Instant::now());
+                if step == 0 {
+                    // After the warm-up step: reset the peak resident set.
+                    rss_loaded = status_mb("VmRSS");
+                    let _ = std::fs::write("/proc/self/clear_refs", "5");
+                } else if step == last {
+                    peak = status_mb("VmHWM");
+                }
+            },
+        )
+        .map_err(err)?;
+        if let Some(d) = outcome.diverged {
+            return Err(format!("{name}: {d}"));
+        }
+        let times: Vec<f64> = ends
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
+        let med = median(times.clone());
+        let trainable: i64 = lm
+            .model
+            .linears_mut()
+            .iter()
+            .filter_map(|(_, l)| l.adapter.as_ref().map(|a| a.a.numel() + a.b.numel()))
+            .map(|n| n as i64)
+            .sum();
+        Ok(Measure {
+            implementation: name.into(),
+            batch: sh.batch,
+            context: sh.context,
+            rank: sh.rank,
+            threads: sh.threads,
+            steps: sh.steps,
+            load_s,
+            median_s: med,
+            step_times_s: times,
+            tokens_per_s: (sh.batch * sh.context) as f64 / med,
+            rss_loaded_mb: rss_loaded,
+            peak_rss_train_mb: peak,
+            trainable_params: trainable,
+            last_loss: outcome.last_loss,
+        })
+    };
+    let off = run("rankstab", 0)?;
+    let on = run("rankstab+probes", 1)?;
+    Ok((off, on))
+}
+
+fn python_side(gguf: &Path, text: &Path, sh: Shape) -> Result<Measure, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_step_transformers.py");
+    let python = std::env::var("RANKSTAB_PYTHON").unwrap_or_else(|_| "python3".into());
+    let command = || {
+        let mut cmd = Command::new(&python);
+        if let Ok(pp) = std::env::var("RANKSTAB_PYTHONPATH") {
+            cmd.env("PYTHONPATH", pp);
+        }
+        cmd
+    };
+    let probe = command()
+        .args(["-c", "import torch, transformers, peft, gguf"])
+        .output()
+        .map_err(|e| format!("{python}: {e}"))?;
+    if !probe.status.success() {
+        return Err(format!(
+            "torch, transformers, peft or gguf cannot be imported by {python} (set RANKSTAB_PYTHONPATH): {}",
+            String::from_utf8_lossy(&probe.stderr).lines().last().unwrap_or("")
+        ));
+    }
+    let out = command()
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TQDM_DISABLE", "1")
+        .env("PYTHONWARNINGS", "ignore")
+        .arg(&script)
+        .arg(gguf)
+        .arg(text)
+        .args([sh.batch, sh.context, sh.rank, sh.steps, sh.threads].map(|v| v.to_string()))
+        .output()
+        .map_err(|e| format!("{python}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "transformers run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or("no JSON from the transformers run")?;
+    serde_json::from_str(line).map_err(|e| format!("transformers output {line:?}: {e}"))
+}
+
+fn print(m: &Measure) {
+    println!(
+        "{:<18} {:>8.1} tokens/s  median {:>7.3} s/step  peak RSS during steps {:>6.0} MB  RSS after warm-up {:>6.0} MB  (load {:.1} s, {} trainable, loss {:.3})",
+        m.implementation,
+        m.tokens_per_s,
+        m.median_s,
+        m.peak_rss_train_mb,
+        m.rss_loaded_mb,
+        m.load_s,
+        m.trainable_params,
+        m.last_loss
+    );
+}
+
+fn verdict(value: f64, target: f64) -> &'static str {
+    if value <= target {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+fn main() {
+    // `cargo test --all-targets` runs this too (without `--bench`): then a smoke run, two
+    // tiny steps per configuration on our side only, proves the benchmark works without
+    // timing it (and without Python).
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let root = std::env::var_os("RANKSTAB_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets"));
+    let gguf = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = root.join("texts/moby-dick.txt");
+    for p in [&gguf, &text] {
+        if !p.exists() {
+            println!(
+                "train_step: SKIPPED: {} is absent; run scripts/fetch-assets.sh",
+                p.display()
+            );
+            return;
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let sh = Shape {
+        batch: if smoke {
+            1
+        } else {
+            env_usize("RANKSTAB_BENCH_BATCH", 4).max(1)
+        },
+        context: if smoke {
+            16
+        } else {
+            env_usize("RANKSTAB_BENCH_CONTEXT", 128).max(2)
+        },
+        rank: env_usize("RANKSTAB_BENCH_RANK", 16).max(1),
+        steps: if smoke {
+            1
+        } else {
+            env_usize("RANKSTAB_BENCH_STEPS", 5).max(1)
+        },
+        // The smoke run uses one thread: tests may run beside it, and libtorch's OpenMP
+        // threads slow down by an order of magnitude on oversubscribed cores.
+        threads: env_usize("RANKSTAB_BENCH_THREADS", if smoke { 1 } else { cores }).max(1),
+    };
+    println!(
+        "SmolLM2-135M f32 CPU LoRA training step: batch {}, context {}, rank {} on {}, AdamW lr 5e-5, 1 warm-up + {} timed steps, {} threads",
+        sh.batch,
+        sh.context,
+        sh.rank,
+        TARGETS.join(","),
+        sh.steps,
+        sh.threads
+    );
+    let (off, on) = match rust_side(&gguf, &text, sh) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("train_step: FAILED: {e}");
+            std::process::exit(1);
+        }
+    };
+    print(&off);
+    print(&on);
+    let probe_overhead = on.median_s / off.median_s - 1.0;
+    println!(
+        "probe overhead (probes on every adapter every step): {:+.1}% (target <= {:.0}%: {})",
+        probe_overhead * 100.0,
+        PROBE_TARGET * 100.0,
+        verdict(probe_overhead, PROBE_TARGET)
+    );
+    if smoke {
+        println!("train_step: smoke run only (cargo test); measure with `cargo bench -p rankstab-train --bench train_step`");
+        return;
+    }
+    let theirs = match python_side(&gguf, &text, sh) {
+        Ok(m) => {
+            print(&m);
+            Some(m)
+        }
+        Err(e) => {
+            println!("transformers side SKIPPED: {e}");
+            None
+        }
+    };
+    let ratios = theirs.as_ref().map(|m| {
+        let time = off.median_s / m.median_s;
+        let mem = off.peak_rss_train_mb / m.peak_rss_train_mb;
+        let time_probes = on.median_s / m.median_s;
+        println!(
+            "ratio rankstab / transformers+peft: step time {time:.2}x (target <= 1.0: {}), peak memory during steps {mem:.2}x (target <= 1.0: {}); with probes on: step time {time_probes:.2}x",
+            verdict(time, 1.0),
+            verdict(mem, 1.0)
+        );
+        serde_json::json!({
+            "step_time": time,
+            "step_time_target_met": time <= 1.0,
+            "peak_memory": mem,
+            "peak_memory_target_met": mem <= 1.0,
+            "step_time_probes_on": time_probes,
+        })
+    });
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/rankstab-bench");
+    if std::fs::create_dir_all(&out).is_ok() {
+        let v = serde_json::json!({
+            "rankstab": off,
+            "rankstab_probes": on,
+            "transformers": theirs,
+            "probe_overhead": probe_overhead,
+            "probe_overhead_target": PROBE_TARGET,
+            "probe_overhead_target_met": probe_overhead <= PROBE_TARGET,
+            "ratios_rankstab_over_transformers": ratios,
+            "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        });
+        let _ = std::fs::write(
+            out.join("train_step.json"),
+            serde_json::to_string_pretty(&v).unwrap_or_default(),
+        );
+    }
+}
