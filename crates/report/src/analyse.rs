@@ -1289,10 +1289,17 @@ fn train_section(
             .copied()
             .unwrap_or(0);
         let pooled = pool_layers(by_layer);
+        let n_ranks = by_layer
+            .values()
+            .flat_map(|st| st.values().flat_map(|br| br.keys().copied()))
+            .collect::<BTreeSet<u32>>()
+            .len();
         for w in windows.get(&key.model).into_iter().flatten() {
             for (&layer, by_step) in by_layer {
                 let br = window_mean(by_step, w);
-                if br.len() < 2 {
+                // A statistic recorded only at some steps (norms at intervals) leaves windows
+                // without it: nothing to say there. One rank in all the data: say so.
+                if br.len() < 2 && n_ranks < 2 {
                     single_rank.insert(format!(
                         "{} {} {} (lr {})",
                         key.model,
@@ -1971,9 +1978,10 @@ fn train_grad_norm_exponents(
 fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
     let finding = "Best perplexity: rsLoRA at high rank beats the best standard LoRA";
     let paper = "best LoRA (r=4, lr x10) 1.863 vs rsLoRA r=2048 1.836 (Llama 2 7B, OpenOrca)";
-    // Final held-out perplexity per (model, scaling, rank, lr), mean over seeds.
-    let mut fin: BTreeMap<(String, String, u32, String), BTreeMap<u64, (u32, f64)>> =
-        BTreeMap::new();
+    // Final held-out perplexity per (model, optimizer, scaling, rank, lr), mean over seeds;
+    // LoRA and rsLoRA are compared within one model and optimizer (the paper: AdamW).
+    type Key = (String, String, String, u32, String);
+    let mut fin: BTreeMap<Key, BTreeMap<u64, (u32, f64)>> = BTreeMap::new();
     for run in train_runs {
         let lr = run_lr(run).unwrap_or_default();
         for r in run
@@ -1982,7 +1990,13 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
             .filter(|r| r.metric == "heldout_perplexity" && r.value.is_finite())
         {
             let e = fin
-                .entry((r.model.clone(), r.scaling.clone(), r.rank, lr.clone()))
+                .entry((
+                    r.model.clone(),
+                    r.optimizer.clone(),
+                    r.scaling.clone(),
+                    r.rank,
+                    lr.clone(),
+                ))
                 .or_default()
                 .entry(r.seed)
                 .or_insert((0, f64::NAN));
@@ -1994,18 +2008,26 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
     let mean =
         |m: &BTreeMap<u64, (u32, f64)>| m.values().map(|v| v.1).sum::<f64>() / m.len() as f64;
     let mut parts = Vec::new();
-    let models: BTreeSet<String> = fin.keys().map(|k| k.0.clone()).collect();
-    for model in &models {
+    let groups: BTreeSet<(String, String)> =
+        fin.keys().map(|k| (k.0.clone(), k.1.clone())).collect();
+    for (model, opt) in &groups {
+        let here = |k: &Key| &k.0 == model && &k.1 == opt;
         let best_lora = fin
             .iter()
-            .filter(|(k, _)| &k.0 == model && k.1 == "lora")
-            .map(|(k, v)| (mean(v), k.2, k.3.clone()))
+            .filter(|(k, _)| here(k) && k.2 == "lora")
+            .map(|(k, v)| (mean(v), k.3, k.4.clone()))
             .min_by(|a, b| a.0.total_cmp(&b.0));
+        let top_rank = fin
+            .keys()
+            .filter(|k| here(k) && k.2 == "rslora")
+            .map(|k| k.3)
+            .max();
         let top_rs = fin
             .iter()
-            .filter(|(k, _)| &k.0 == model && k.1 == "rslora")
-            .max_by_key(|(k, _)| k.2)
-            .map(|(k, v)| (mean(v), k.2, k.3.clone()));
+            .filter(|(k, _)| here(k) && k.2 == "rslora" && Some(k.3) == top_rank)
+            .map(|(k, v)| (mean(v), k.3, k.4.clone()))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        let model = format!("{model} ({opt})");
         let lr = |l: &str| {
             if l.is_empty() {
                 String::new()
@@ -2043,9 +2065,9 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
             comparable: "not measured".into(),
         };
     }
-    let same = models
+    let same = groups
         .iter()
-        .any(|m| m.to_lowercase().contains("llama-2-7b"));
+        .any(|(m, _)| m.to_lowercase().contains("llama-2-7b"));
     PaperRow {
         finding: finding.into(),
         paper: paper.into(),

@@ -33,6 +33,9 @@ pub use model::CausalLm;
 /// assert!(d == "cpu" || d.starts_with("cuda"));
 /// ```
 pub fn default_device_name() -> String {
+    // libtorch's CUDA backend is loaded at run time (device.rs); without it CUDA would
+    // never be reported, even on a GPU machine.
+    let _ = device::load_cuda_backend();
     match tch::Device::cuda_if_available() {
         tch::Device::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".to_string(),

@@ -460,3 +460,28 @@ fn probes_match_an_independent_computation() {
         );
     }
 }
+
+/// bf16 base weights (the accelerator setting) with f32 adapters: the adapters and their
+/// gradients stay f32, the loss falls, and the step-0 rows match the f32 run's to bf16
+/// precision.
+#[test]
+fn bf16_base_weights_train_with_f32_adapters() {
+    let c = cfg(4, 0.5, Optim::Adamw, 12, 4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut model = CausalLm::from_dir(&fixture(), Kind::BFloat16, Device::Cpu).expect("loads");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let out = train(&mut model, &vs, &dataset(&c), &c, dir.path(), |_, _| {}).expect("trains");
+    assert!(out.diverged.is_none() && out.heldout_loss.is_finite());
+    for (_, lin) in model.linears_mut() {
+        let ad = lin.adapter.as_ref().expect("adapter");
+        assert_eq!((ad.a.kind(), ad.b.kind()), (Kind::Float, Kind::Float));
+        assert_eq!(lin.weight.kind(), Kind::BFloat16);
+    }
+    let (_, x) = rows(dir.path());
+    let loss = |s: u32| x.iter().find(|r| r.metric == "loss" && r.step == s).expect("loss").value;
+    assert!(loss(11) < loss(0), "{} -> {}", loss(0), loss(11));
+    let (f32_dir, _) = run(&c);
+    let (_, y) = rows(f32_dir.path());
+    let l0 = y.iter().find(|r| r.metric == "loss" && r.step == 0).expect("loss").value;
+    assert!((loss(0) - l0).abs() < 0.05 * l0, "bf16 {} vs f32 {l0}", loss(0));
+}
