@@ -1897,9 +1897,15 @@ fn train_grad_norm_exponents(
     // model, optimizer -> step -> rank -> seed -> value
     let mut g: BTreeMap<(String, String), BTreeMap<u32, ByRank>> = BTreeMap::new();
     let mut what = "metric grad_norm_avg";
+    let opt_of = |r: &Run| r.metrics.first().map(|m| m.optimizer.clone());
     for run in train_runs {
+        // Runs of the same optimizer (each optimizer has its own learning rate).
+        let peers: Vec<&&Run> = train_runs
+            .iter()
+            .filter(|r| opt_of(r) == opt_of(run))
+            .collect();
         if run_lr(run).is_some()
-            && train_runs
+            && peers
                 .iter()
                 .filter_map(|r| run_lr(r))
                 .collect::<BTreeSet<_>>()
@@ -1907,7 +1913,7 @@ fn train_grad_norm_exponents(
                 > 1
         {
             // Several learning rates: compare like with like, the most common one only.
-            let lrs: Vec<String> = train_runs.iter().filter_map(|r| run_lr(r)).collect();
+            let lrs: Vec<String> = peers.iter().filter_map(|r| run_lr(r)).collect();
             let mode = lrs
                 .iter()
                 .max_by_key(|l| lrs.iter().filter(|x| x == l).count())

@@ -5,25 +5,32 @@
 //! Our side runs twice, as `rankstab train` does (`sweep::load_model`,
 //! `data::load_dataset`, `sweep::run_dir` into a temporary run directory): probes off
 //! (probe_every = 0, eval_every = 0), then probes on every adapter at every step
-//! (probe_every = 1), which gives the probe overhead. Prints the table and the ratios and
-//! writes them to target/rankstab-bench/train_step.json.
+//! (probe_every = 1), which gives the probe overhead. Each of the three measurements runs
+//! in its own process (ours re-run this binary with `--rankstab-child`), one after the
+//! other. Prints the table and the ratios and writes them to
+//! target/rankstab-bench/train_step.json.
 //!
 //! `cargo bench -p rankstab-train --bench train_step`
 //! Environment: RANKSTAB_ASSETS (default: assets/ at the repository root),
 //! RANKSTAB_BENCH_BATCH (4), RANKSTAB_BENCH_CONTEXT (128), RANKSTAB_BENCH_RANK (16),
 //! RANKSTAB_BENCH_STEPS (5 timed steps), RANKSTAB_BENCH_THREADS (all cores),
+//! RANKSTAB_BENCH_NORM_EVERY (the probes' norm and stable rank of gamma B A every k steps;
+//! unset: the library's default, which without held-out evaluations is the last step),
 //! RANKSTAB_PYTHON (python3) and RANKSTAB_PYTHONPATH (where torch, transformers, peft and
 //! gguf are installed). Skips, saying why, without the model or the text; measures only
 //! the Rust side without the Python packages.
+//!
+//! On a shared machine, other processes on the same cores slow libtorch's OpenMP threads
+//! by far more than their share: run it on an idle machine. The JSON records the load
+//! average, and the minimum step time next to the median.
 //!
 //! Step time: the wall time between the ends of consecutive steps (the progress callback,
 //! called after each step's optimizer update and table rows), so model loading, the
 //! warm-up step and the final held-out evaluation and adapter saving are excluded; the
 //! median over the timed steps. Peak memory: the process's peak resident set from the end
 //! of the warm-up step to the end of the last step, the peak being reset there
-//! (`/proc/self/clear_refs`), as on the Python side. The probes-on run follows the
-//! probes-off run in the same process, so its peak may include memory the allocator kept
-//! from the first; the memory ratio uses the probes-off run.
+//! (`/proc/self/clear_refs`), as on the Python side; the memory ratio uses the probes-off
+//! run.
 use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::sweep::{load_model, run_dir, ModelSpec, RunMeta};
@@ -84,6 +91,8 @@ struct Measure {
     steps: usize,
     load_s: f64,
     median_s: f64,
+    #[serde(default)]
+    min_s: f64,
     step_times_s: Vec<f64>,
     tokens_per_s: f64,
     rss_loaded_mb: f64,
@@ -103,59 +112,65 @@ struct Shape {
     threads: usize,
 }
 
-/// Our two runs (probes off, probes on) on one loaded model.
-fn rust_side(gguf: &Path, text: &Path, sh: Shape) -> Result<(Measure, Measure), String> {
+/// One of our runs (probes off or on): what `--rankstab-child PROBE_EVERY` runs.
+fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<Measure, String> {
     tch::set_num_threads(sh.threads as i32);
     let err = |e: rankstab_train::TrainError| e.to_string();
     let t0 = Instant::now();
-    let spec = ModelSpec {
-        name: "smollm2-135m".into(),
-        path: Some(gguf.to_path_buf()),
-        preset: None,
-        tokenizer: None,
-        init_seed: 0,
-        ranks: None,
-        steps: None,
-        target_modules: Vec::new(),
-    };
+    // Built from JSON, so that fields the library adds later (with serde defaults) take
+    // their defaults here too, as in a sweep file.
+    let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+        "name": "smollm2-135m",
+        "path": gguf,
+    }))
+    .map_err(|e| format!("model spec: {e}"))?;
     let mut lm = load_model(&spec, Kind::Float, Device::Cpu).map_err(err)?;
-    let base = TrainConfig {
-        model_name: spec.name.clone(),
-        rank: sh.rank,
+    let mut cfg = serde_json::json!({
+        "model_name": spec.name,
+        "rank": sh.rank,
         // PEFT's LoraConfig(r, lora_alpha=16): gamma = alpha / r (beta 1); the scaling
         // does not change the cost.
-        alpha: 16.0,
-        beta: 1.0,
-        init: LoraInit::KaimingUniform,
-        dropout: 0.0,
-        optimizer: Optim::Adamw,
-        lr: 5e-5,
-        steps: sh.steps + 1,
-        batch: sh.batch,
-        micro_batch: 0,
-        context: sh.context,
-        probe_every: 0,
-        eval_every: 0,
-        heldout_fraction: 0.1,
+        "alpha": 16.0,
+        "beta": 1.0,
+        "init": LoraInit::KaimingUniform,
+        "dropout": 0.0,
+        "optimizer": Optim::Adamw,
+        "lr": 5e-5,
+        "steps": sh.steps + 1,
+        "batch": sh.batch,
+        "micro_batch": 0,
+        "context": sh.context,
+        "probe_every": probe_every,
+        "eval_every": 0,
+        "heldout_fraction": 0.1,
         // The final held-out evaluation is not timed; keep it short.
-        heldout_max: sh.batch,
-        target_modules: TARGETS.iter().map(|s| (*s).to_string()).collect(),
-        moments: vec![1, 2, 3, 4],
-        seed: 0,
-        clip_grad_norm: None,
-        weight_decay: 0.0,
-        checkpoint_every: 0,
-        activation_checkpointing: false,
-    };
-    base.validate().map_err(err)?;
+        "heldout_max": sh.batch,
+        "target_modules": TARGETS,
+        "moments": [1, 2, 3, 4],
+        "seed": 0,
+        "clip_grad_norm": null,
+        "weight_decay": 0.0,
+        "checkpoint_every": 0,
+        "activation_checkpointing": false,
+    });
+    // Norm and stable rank of gamma B A every k probed steps (the library's default
+    // without it: with the held-out evaluation, here only at the last step).
+    if let Some(k) = std::env::var("RANKSTAB_BENCH_NORM_EVERY")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        cfg["norm_every"] = k.into();
+    }
+    let cfg: TrainConfig = serde_json::from_value(cfg).map_err(|e| format!("train config: {e}"))?;
+    cfg.validate().map_err(err)?;
     let data = load_dataset(
         text,
         &lm.tokenizer,
         &DataSpec {
             format: DataFormat::Auto,
-            context: base.context,
-            heldout_fraction: base.heldout_fraction,
-            seed: base.seed,
+            context: cfg.context,
+            heldout_fraction: cfg.heldout_fraction,
+            seed: cfg.seed,
             max_examples: None,
             eos_token: lm.eos_token.clone(),
         },
@@ -169,68 +184,109 @@ fn rust_side(gguf: &Path, text: &Path, sh: Shape) -> Result<(Measure, Measure), 
         device: "cpu".into(),
         extra: serde_json::json!({ "bench": "train_step" }),
     };
-    let mut run = |name: &str, probe_every: usize| -> Result<Measure, String> {
-        let cfg = TrainConfig {
-            probe_every,
-            ..base.clone()
-        };
-        let mut ends: Vec<Instant> = Vec::with_capacity(sh.steps + 1);
-        let mut rss_loaded = f64::NAN;
-        let mut peak = f64::NAN;
-        let last = sh.steps;
-        let outcome = run_dir(
-            &mut lm.model,
-            &data,
-            &cfg,
-            &tmp.path().join(name),
-            &meta,
-            |step, _loss| {
-                ends.push(Instant::now());
-                if step == 0 {
-                    // After the warm-up step: reset the peak resident set.
-                    rss_loaded = status_mb("VmRSS");
-                    let _ = std::fs::write("/proc/self/clear_refs", "5");
-                } else if step == last {
-                    peak = status_mb("VmHWM");
-                }
-            },
-        )
-        .map_err(err)?;
-        if let Some(d) = outcome.diverged {
-            return Err(format!("{name}: {d}"));
-        }
-        let times: Vec<f64> = ends
-            .windows(2)
-            .map(|w| (w[1] - w[0]).as_secs_f64())
-            .collect();
-        let med = median(times.clone());
-        let trainable: i64 = lm
-            .model
-            .linears_mut()
-            .iter()
-            .filter_map(|(_, l)| l.adapter.as_ref().map(|a| a.a.numel() + a.b.numel()))
-            .map(|n| n as i64)
-            .sum();
-        Ok(Measure {
-            implementation: name.into(),
-            batch: sh.batch,
-            context: sh.context,
-            rank: sh.rank,
-            threads: sh.threads,
-            steps: sh.steps,
-            load_s,
-            median_s: med,
-            step_times_s: times,
-            tokens_per_s: (sh.batch * sh.context) as f64 / med,
-            rss_loaded_mb: rss_loaded,
-            peak_rss_train_mb: peak,
-            trainable_params: trainable,
-            last_loss: outcome.last_loss,
-        })
+    let name = if probe_every == 0 {
+        "rankstab"
+    } else {
+        "rankstab+probes"
     };
-    let off = run("rankstab", 0)?;
-    let on = run("rankstab+probes", 1)?;
-    Ok((off, on))
+    let mut ends: Vec<Instant> = Vec::with_capacity(sh.steps + 1);
+    let mut rss_loaded = f64::NAN;
+    let mut peak = f64::NAN;
+    let last = sh.steps;
+    let outcome = run_dir(
+        &mut lm.model,
+        &data,
+        &cfg,
+        &tmp.path().join(name),
+        &meta,
+        |step, _loss| {
+            ends.push(Instant::now());
+            if step == 0 {
+                // After the warm-up step: reset the peak resident set.
+                rss_loaded = status_mb("VmRSS");
+                let _ = std::fs::write("/proc/self/clear_refs", "5");
+            } else if step == last {
+                peak = status_mb("VmHWM");
+            }
+        },
+    )
+    .map_err(err)?;
+    if let Some(d) = outcome.diverged {
+        return Err(format!("{name}: {d}"));
+    }
+    let times: Vec<f64> = ends
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    let med = median(times.clone());
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let trainable: i64 = lm
+        .model
+        .linears_mut()
+        .iter()
+        .filter_map(|(_, l)| l.adapter.as_ref().map(|a| a.a.numel() + a.b.numel()))
+        .map(|n| n as i64)
+        .sum();
+    Ok(Measure {
+        implementation: name.into(),
+        batch: sh.batch,
+        context: sh.context,
+        rank: sh.rank,
+        threads: sh.threads,
+        steps: sh.steps,
+        load_s,
+        median_s: med,
+        min_s: min,
+        step_times_s: times,
+        tokens_per_s: (sh.batch * sh.context) as f64 / med,
+        rss_loaded_mb: rss_loaded,
+        peak_rss_train_mb: peak,
+        trainable_params: trainable,
+        last_loss: outcome.last_loss,
+    })
+}
+
+/// The JSON line of a measuring process's standard output.
+fn parse_child(what: &str, out: &std::process::Output) -> Result<Measure, String> {
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("no JSON from {what}"))?;
+    serde_json::from_str(line).map_err(|e| format!("{what} output {line:?}: {e}"))
+}
+
+/// Our side, in a fresh process per configuration (this binary again), so that one run's
+/// memory cannot count in the other's peak.
+fn rust_side(sh: Shape, probe_every: usize, smoke: bool) -> Result<Measure, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("this binary: {e}"))?;
+    let mut cmd = Command::new(exe);
+    if !smoke {
+        cmd.arg("--bench");
+    }
+    let out = cmd
+        .arg("--rankstab-child")
+        .arg(probe_every.to_string())
+        .env("RANKSTAB_BENCH_BATCH", sh.batch.to_string())
+        .env("RANKSTAB_BENCH_CONTEXT", sh.context.to_string())
+        .env("RANKSTAB_BENCH_RANK", sh.rank.to_string())
+        .env("RANKSTAB_BENCH_STEPS", sh.steps.to_string())
+        .env("RANKSTAB_BENCH_THREADS", sh.threads.to_string())
+        .output()
+        .map_err(|e| format!("this binary: {e}"))?;
+    parse_child(
+        &format!("the rankstab run (probe_every {probe_every})"),
+        &out,
+    )
 }
 
 fn python_side(gguf: &Path, text: &Path, sh: Shape) -> Result<Measure, String> {
@@ -264,27 +320,16 @@ fn python_side(gguf: &Path, text: &Path, sh: Shape) -> Result<Measure, String> {
         .args([sh.batch, sh.context, sh.rank, sh.steps, sh.threads].map(|v| v.to_string()))
         .output()
         .map_err(|e| format!("{python}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "transformers run failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or("no JSON from the transformers run")?;
-    serde_json::from_str(line).map_err(|e| format!("transformers output {line:?}: {e}"))
+    parse_child("the transformers run", &out)
 }
 
 fn print(m: &Measure) {
     println!(
-        "{:<18} {:>8.1} tokens/s  median {:>7.3} s/step  peak RSS during steps {:>6.0} MB  RSS after warm-up {:>6.0} MB  (load {:.1} s, {} trainable, loss {:.3})",
+        "{:<18} {:>7.1} tokens/s  median {:>7.3} s/step (min {:.3})  peak RSS during steps {:>6.0} MB  RSS after warm-up {:>6.0} MB  (load {:.1} s, {} trainable, loss {:.3})",
         m.implementation,
         m.tokens_per_s,
         m.median_s,
+        m.min_s,
         m.peak_rss_train_mb,
         m.rss_loaded_mb,
         m.load_s,
@@ -342,6 +387,20 @@ fn main() {
         // threads slow down by an order of magnitude on oversubscribed cores.
         threads: env_usize("RANKSTAB_BENCH_THREADS", if smoke { 1 } else { cores }).max(1),
     };
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--rankstab-child") {
+        // A measuring process started below: one run, one JSON line.
+        let probe_every = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        match rust_run(&gguf, &text, sh, probe_every) {
+            Ok(m) => println!("{}", serde_json::to_string(&m).unwrap_or_default()),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "SmolLM2-135M f32 CPU LoRA training step: batch {}, context {}, rank {} on {}, AdamW lr 5e-5, 1 warm-up + {} timed steps, {} threads",
         sh.batch,
@@ -351,21 +410,26 @@ fn main() {
         sh.steps,
         sh.threads
     );
-    let (off, on) = match rust_side(&gguf, &text, sh) {
-        Ok(m) => m,
-        Err(e) => {
-            println!("train_step: FAILED: {e}");
-            std::process::exit(1);
-        }
-    };
+    println!("load average: {}", load_start.trim());
+    let (off, on) =
+        match rust_side(sh, 0, smoke).and_then(|off| Ok((off, rust_side(sh, 1, smoke)?))) {
+            Ok(m) => m,
+            Err(e) => {
+                println!("train_step: FAILED: {e}");
+                std::process::exit(1);
+            }
+        };
     print(&off);
     print(&on);
     let probe_overhead = on.median_s / off.median_s - 1.0;
+    let probe_overhead_min = on.min_s / off.min_s - 1.0;
     println!(
-        "probe overhead (probes on every adapter every step): {:+.1}% (target <= {:.0}%: {})",
+        "probe overhead (probes on every adapter every step): {:+.1}% (target <= {:.0}%: {}; from the fastest steps {:+.1}%), peak memory {:+.1}%",
         probe_overhead * 100.0,
         PROBE_TARGET * 100.0,
-        verdict(probe_overhead, PROBE_TARGET)
+        verdict(probe_overhead, PROBE_TARGET),
+        probe_overhead_min * 100.0,
+        (on.peak_rss_train_mb / off.peak_rss_train_mb - 1.0) * 100.0
     );
     if smoke {
         println!("train_step: smoke run only (cargo test); measure with `cargo bench -p rankstab-train --bench train_step`");
@@ -384,15 +448,17 @@ fn main() {
     let ratios = theirs.as_ref().map(|m| {
         let time = off.median_s / m.median_s;
         let mem = off.peak_rss_train_mb / m.peak_rss_train_mb;
+        let time_min = off.min_s / m.min_s;
         let time_probes = on.median_s / m.median_s;
         println!(
-            "ratio rankstab / transformers+peft: step time {time:.2}x (target <= 1.0: {}), peak memory during steps {mem:.2}x (target <= 1.0: {}); with probes on: step time {time_probes:.2}x",
+            "ratio rankstab / transformers+peft: step time {time:.2}x (target <= 1.0: {}; fastest steps {time_min:.2}x), peak memory during steps {mem:.2}x (target <= 1.0: {}); with probes on: step time {time_probes:.2}x",
             verdict(time, 1.0),
             verdict(mem, 1.0)
         );
         serde_json::json!({
             "step_time": time,
             "step_time_target_met": time <= 1.0,
+            "step_time_fastest_steps": time_min,
             "peak_memory": mem,
             "peak_memory_target_met": mem <= 1.0,
             "step_time_probes_on": time_probes,
@@ -407,8 +473,10 @@ fn main() {
             "probe_overhead": probe_overhead,
             "probe_overhead_target": PROBE_TARGET,
             "probe_overhead_target_met": probe_overhead <= PROBE_TARGET,
+            "probe_overhead_fastest_steps": probe_overhead_min,
             "ratios_rankstab_over_transformers": ratios,
-            "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+            "load_average_start": load_start.trim(),
+            "load_average_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         });
         let _ = std::fs::write(
             out.join("train_step.json"),

@@ -86,7 +86,7 @@ def main():
     med = statistics.median(times)
     print(json.dumps({
         "impl": "transformers+peft", "batch": batch, "context": context, "rank": rank,
-        "threads": threads, "steps": steps, "load_s": load_s, "median_s": med,
+        "threads": threads, "steps": steps, "load_s": load_s, "median_s": med, "min_s": min(times),
         "step_times_s": times, "tokens_per_s": batch * context / med,
         "rss_loaded_mb": rss_loaded, "peak_rss_train_mb": peak,
         "trainable_params": trainable, "last_loss": losses[-1],
