@@ -50,7 +50,10 @@ fn cells(out: &Path) -> Vec<PathBuf> {
 }
 
 /// Tables and adapter bytes of every cell, without the wall-clock metric.
-fn numbers(out: &Path) -> Vec<(String, Vec<MomentRow>, Vec<MetricRow>, Vec<u8>)> {
+/// A cell's name, moment rows, metric rows (without seconds) and adapter file bytes.
+type CellNumbers = (String, Vec<MomentRow>, Vec<MetricRow>, Vec<u8>);
+
+fn numbers(out: &Path) -> Vec<CellNumbers> {
     cells(out)
         .iter()
         .map(|c| {
@@ -58,7 +61,12 @@ fn numbers(out: &Path) -> Vec<(String, Vec<MomentRow>, Vec<MetricRow>, Vec<u8>)>
             let x: Vec<MetricRow> = read_table(&c.join("metrics.csv")).expect("metrics");
             let x = x.into_iter().filter(|r| r.metric != "seconds").collect();
             let a = std::fs::read(c.join("adapters/adapter_model.safetensors")).expect("adapter");
-            (c.file_name().expect("name").to_string_lossy().to_string(), m, x, a)
+            (
+                c.file_name().expect("name").to_string_lossy().to_string(),
+                m,
+                x,
+                a,
+            )
         })
         .collect()
 }
@@ -75,14 +83,23 @@ fn sweep_runs_every_cell_skips_finished_ones_and_runs_one_cell_alone() {
     assert!(c[0].ends_with("002-tiny-r8-lora-adamw-s0"), "{c:?}");
     let list = sweep(&cfg, &out, &["--list"]);
     let list = String::from_utf8_lossy(&list.stdout);
-    assert!(list.contains("complete  002-tiny-r8-lora-adamw-s0") && list.contains("new       000-tiny-r2-lora-adamw-s0"), "{list}");
+    assert!(
+        list.contains("complete  002-tiny-r8-lora-adamw-s0")
+            && list.contains("new       000-tiny-r2-lora-adamw-s0"),
+        "{list}"
+    );
     let o = sweep(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("3 cell(s) run, 1 already finished"), "{stdout}");
+    assert!(
+        stdout.contains("3 cell(s) run, 1 already finished"),
+        "{stdout}"
+    );
     assert_eq!(cells(&out).len(), 4);
     let m: Vec<MomentRow> = read_table(&cells(&out)[3].join("moments.csv")).expect("rows");
-    assert!(m.iter().all(|r| r.rank == 8 && r.scaling == "rslora" && r.model == "tiny"));
+    assert!(m
+        .iter()
+        .all(|r| r.rank == 8 && r.scaling == "rslora" && r.model == "tiny"));
     // The same directory with another configuration is refused.
     let other = write_config(dir.path(), "steps = 4\ncheckpoint_every = 0");
     let o = sweep(&other, &out, &[]);
@@ -95,7 +112,10 @@ fn sweep_runs_every_cell_skips_finished_ones_and_runs_one_cell_alone() {
 #[test]
 fn kill_9_then_the_same_command_resumes_with_identical_numbers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(dir.path(), "steps = 60\ncheckpoint_every = 4\nprobe_every = 3");
+    let cfg = write_config(
+        dir.path(),
+        "steps = 60\ncheckpoint_every = 4\nprobe_every = 3",
+    );
     let full = dir.path().join("full");
     let o = sweep(&cfg, &full, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -114,8 +134,14 @@ fn kill_9_then_the_same_command_resumes_with_identical_numbers() {
     let target = out.join("cells/001-tiny-r2-rslora-adamw-s0/checkpoint/state.json");
     let t0 = Instant::now();
     while !target.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
-        assert!(child.try_wait().expect("wait").is_none(), "the sweep ended before the kill");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the sweep ended before the kill"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     // SIGKILL: no destructor, no flush.
@@ -127,7 +153,10 @@ fn kill_9_then_the_same_command_resumes_with_identical_numbers() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("1 already finished"), "{stdout}");
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("resumed at step") || stdout.contains("resumed at step"), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("resumed at step") || stdout.contains("resumed at step"),
+        "{stdout}{stderr}"
+    );
     let a = numbers(&full);
     let b = numbers(&out);
     assert_eq!(a.len(), 4);
@@ -155,9 +184,13 @@ fn a_diverging_cell_is_recorded_and_the_sweep_goes_on() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("2 diverged"), "{stdout}");
     for c in cells(&out) {
-        let m: rankstab_records::Manifest = rankstab_records::read_json(&c.join("manifest.json")).expect("manifest");
+        let m: rankstab_records::Manifest =
+            rankstab_records::read_json(&c.join("manifest.json")).expect("manifest");
         assert_eq!(m.status, rankstab_records::RunStatus::Diverged);
-        assert!(m.note.as_deref().is_some_and(|n| n.starts_with("diverged at step ")));
+        assert!(m
+            .note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("diverged at step ")));
     }
     // Finished (diverged) cells are skipped on the next run.
     let o = sweep(&cfg, &out, &[]);
@@ -169,11 +202,29 @@ fn bad_sweeps_are_one_line_exit_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let good = write_config(dir.path(), "steps = 2");
     let bad_key = dir.path().join("bad.toml");
-    std::fs::write(&bad_key, std::fs::read_to_string(&good).expect("read").replace("batch = 4", "batch = 4\nbatchsize = 3")).expect("write");
+    std::fs::write(
+        &bad_key,
+        std::fs::read_to_string(&good)
+            .expect("read")
+            .replace("batch = 4", "batch = 4\nbatchsize = 3"),
+    )
+    .expect("write");
     let bad_rank = dir.path().join("rank.toml");
-    std::fs::write(&bad_rank, std::fs::read_to_string(&good).expect("read").replace("ranks = [2, 8]", "ranks = [0]")).expect("write");
+    std::fs::write(
+        &bad_rank,
+        std::fs::read_to_string(&good)
+            .expect("read")
+            .replace("ranks = [2, 8]", "ranks = [0]"),
+    )
+    .expect("write");
     let missing = dir.path().join("missing.toml");
-    std::fs::write(&missing, std::fs::read_to_string(&good).expect("read").replace("t.txt", "nothere.txt")).expect("write");
+    std::fs::write(
+        &missing,
+        std::fs::read_to_string(&good)
+            .expect("read")
+            .replace("t.txt", "nothere.txt"),
+    )
+    .expect("write");
     for (cfg, extra, want) in [
         (&bad_key, vec![], "batchsize"),
         (&bad_rank, vec![], "ranks"),
@@ -185,7 +236,10 @@ fn bad_sweeps_are_one_line_exit_2() {
         let o = sweep(cfg, &out, &extra);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{want}: {err}");
-        assert!(err.contains(want) && err.trim().lines().count() == 1, "{want}: {err}");
+        assert!(
+            err.contains(want) && err.trim().lines().count() == 1,
+            "{want}: {err}"
+        );
         assert!(!out.exists(), "{want}: left a directory");
     }
 }

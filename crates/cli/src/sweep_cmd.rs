@@ -90,7 +90,12 @@ pub fn run(a: SweepArgs) -> Result<()> {
     if a.list {
         for c in &cells {
             let state = cell_state(&out.join("cells").join(&c.name));
-            println!("{:>4}  {:<9} {}", c.index, format!("{state:?}").to_lowercase(), c.name);
+            println!(
+                "{:>4}  {:<9} {}",
+                c.index,
+                format!("{state:?}").to_lowercase(),
+                c.name
+            );
         }
         return Ok(());
     }

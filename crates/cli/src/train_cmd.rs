@@ -143,9 +143,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             name: p.to_string(),
             path: None,
             preset: Some(p.to_string()),
-            tokenizer: Some(a.tokenizer.clone().ok_or_else(|| {
-                anyhow::anyhow!("--model preset:{p} needs --tokenizer PATH")
-            })?),
+            tokenizer: Some(
+                a.tokenizer
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("--model preset:{p} needs --tokenizer PATH"))?,
+            ),
             init_seed: 0,
             ranks: None,
             steps: None,
@@ -204,7 +206,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if existed {
         match cell_state(&out) {
             CellState::Complete | CellState::Diverged => {
-                bail!("{} holds a finished run: choose another --out", out.display())
+                bail!(
+                    "{} holds a finished run: choose another --out",
+                    out.display()
+                )
             }
             CellState::Partial if out.join("manifest.json").exists() => {
                 eprintln!("resuming the run in {}", out.display());

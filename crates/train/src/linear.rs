@@ -67,7 +67,7 @@ impl Linear {
                 if let Some(d) = ad.delta(&xin, train) {
                     let probe = d.zeros_like().set_requires_grad(true);
                     let kind = y.kind();
-                    y = y + (&d + &probe).to_kind(kind);
+                    y += (&d + &probe).to_kind(kind);
                     *cell.borrow_mut() = Some(Capture {
                         output: d.detach(),
                         probe,

@@ -665,11 +665,20 @@ mod tests {
     #[test]
     fn seeded_init_is_reproducible_and_kaiming_uniform() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let seeded = |seed| LoraConfig { seed: Some(seed), ..cfg(32, 0.5) };
-        let a1 = LoraAdapter::new(&(vs.root() / "x"), 256, 64, &seeded(7)).expect("valid").a;
+        let seeded = |seed| LoraConfig {
+            seed: Some(seed),
+            ..cfg(32, 0.5)
+        };
+        let a1 = LoraAdapter::new(&(vs.root() / "x"), 256, 64, &seeded(7))
+            .expect("valid")
+            .a;
         tch::manual_seed(123);
-        let a2 = LoraAdapter::new(&(vs.root() / "y"), 256, 64, &seeded(7)).expect("valid").a;
-        let a3 = LoraAdapter::new(&(vs.root() / "z"), 256, 64, &seeded(8)).expect("valid").a;
+        let a2 = LoraAdapter::new(&(vs.root() / "y"), 256, 64, &seeded(7))
+            .expect("valid")
+            .a;
+        let a3 = LoraAdapter::new(&(vs.root() / "z"), 256, 64, &seeded(8))
+            .expect("valid")
+            .a;
         assert!(a1.equal(&a2) && !a1.equal(&a3));
         let bound = 1.0 / 16.0;
         assert!(a1.abs().max().double_value(&[]) <= bound);
@@ -796,7 +805,10 @@ mod tests {
         assert_eq!(w.beta(), 0.75);
         for (beta, rs) in [(0.5, true), (1.0, false)] {
             let w = PeftAdapterConfig::for_scaling(8, 16.0, beta);
-            assert_eq!((w.use_rslora, w.lora_alpha, w.rankstab_beta), (rs, 16.0, None));
+            assert_eq!(
+                (w.use_rslora, w.lora_alpha, w.rankstab_beta),
+                (rs, 16.0, None)
+            );
             assert!((w.scaling() - scaling_factor(16.0, beta, 8)).abs() < 1e-12);
         }
         let z = |r: i64, c: i64| Tensor::zeros([r, c], (Kind::Float, Device::Cpu));

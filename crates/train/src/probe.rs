@@ -62,8 +62,8 @@ pub fn moments(y: &Tensor, max_m: u32) -> (Vec<f64>, Vec<f64>) {
             parts.push(a.pow_tensor_scalar(i64::from(m)).sum(Kind::Float));
             parts.push(z.pow_tensor_scalar(i64::from(m)).sum(Kind::Float));
         }
-        let sums: Vec<f64> = Vec::try_from(Tensor::stack(&parts, 0).to_kind(Kind::Double))
-            .expect("f64 sums");
+        let sums: Vec<f64> =
+            Vec::try_from(Tensor::stack(&parts, 0).to_kind(Kind::Double)).expect("f64 sums");
         let mut abs = Vec::with_capacity(max_m as usize);
         let mut raw = Vec::with_capacity(max_m as usize);
         for m in 1..=max_m as usize {
@@ -83,7 +83,11 @@ pub fn fro(t: &Tensor) -> f64 {
             return 0.0;
         }
         let t = t.detach();
-        let t = if t.kind() == Kind::Double { t } else { t.to_kind(Kind::Float) };
+        let t = if t.kind() == Kind::Double {
+            t
+        } else {
+            t.to_kind(Kind::Float)
+        };
         t.norm().double_value(&[])
     })
 }
@@ -131,14 +135,28 @@ mod tests {
             let y = &y * scale;
             let (abs, raw) = moments(&y, 6);
             for m in 1..=6i32 {
-                let a: f64 = v.iter().map(|&x| (x as f64 * scale).abs().powi(m)).sum::<f64>() / v.len() as f64;
-                let r: f64 = v.iter().map(|&x| (x as f64 * scale).powi(m)).sum::<f64>() / v.len() as f64;
-                assert!((abs[m as usize - 1] / a - 1.0).abs() < 1e-5, "m {m}, scale {scale}");
+                let a: f64 = v
+                    .iter()
+                    .map(|&x| (x as f64 * scale).abs().powi(m))
+                    .sum::<f64>()
+                    / v.len() as f64;
+                let r: f64 =
+                    v.iter().map(|&x| (x as f64 * scale).powi(m)).sum::<f64>() / v.len() as f64;
+                assert!(
+                    (abs[m as usize - 1] / a - 1.0).abs() < 1e-5,
+                    "m {m}, scale {scale}"
+                );
                 // Raw odd moments can be near zero by cancellation: compare to the abs scale.
-                assert!((raw[m as usize - 1] - r).abs() < 1e-5 * a, "m {m}, scale {scale}");
+                assert!(
+                    (raw[m as usize - 1] - r).abs() < 1e-5 * a,
+                    "m {m}, scale {scale}"
+                );
             }
         }
-        assert_eq!(moments(&Tensor::zeros([3], (Kind::Float, Device::Cpu)), 2), (vec![0.0; 2], vec![0.0; 2]));
+        assert_eq!(
+            moments(&Tensor::zeros([3], (Kind::Float, Device::Cpu)), 2),
+            (vec![0.0; 2], vec![0.0; 2])
+        );
     }
 
     #[test]

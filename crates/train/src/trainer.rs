@@ -399,6 +399,9 @@ struct CheckpointState {
 
 const CHECKPOINT: &str = "checkpoint";
 
+/// A loaded checkpoint: its state and its tensors by name.
+type Checkpoint = (CheckpointState, HashMap<String, Tensor>);
+
 fn checkpoint_dir(out: &Path) -> PathBuf {
     out.join(CHECKPOINT)
 }
@@ -442,9 +445,7 @@ fn save_checkpoint(
     Ok(())
 }
 
-fn load_checkpoint(
-    out: &Path,
-) -> Result<Option<(CheckpointState, HashMap<String, Tensor>)>, TrainError> {
+fn load_checkpoint(out: &Path) -> Result<Option<Checkpoint>, TrainError> {
     let mut dir = checkpoint_dir(out);
     if !dir.join("state.json").exists() {
         // Killed between the two renames of save_checkpoint.
@@ -698,7 +699,11 @@ pub fn train(
         // ||gamma B A|| and its stable rank (QR of B and A^T, costly at high rank) at
         // intervals: every `norm_every` steps (default: with the held-out evaluation) and
         // at the last step.
-        let norm_every = if cfg.norm_every > 0 { cfg.norm_every } else { cfg.eval_every };
+        let norm_every = if cfg.norm_every > 0 {
+            cfg.norm_every
+        } else {
+            cfg.eval_every
+        };
         let norms_now = step + 1 == cfg.steps || (norm_every > 0 && step % norm_every == 0);
         let mut rows = Vec::new();
         let mut grad_sq = 0.0;

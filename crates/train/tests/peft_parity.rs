@@ -112,7 +112,10 @@ fn check(tag: &str, base: &str, rslora: bool, modules: &[&str]) {
         ad.unmerge_from(weight)
             .unwrap_or_else(|e| panic!("{path}: {e}"));
         assert!(!ad.is_merged());
-        assert!(weight.equal(w), "{path}: unmerge did not restore the weight exactly");
+        assert!(
+            weight.equal(w),
+            "{path}: unmerge did not restore the weight exactly"
+        );
     }
     let again = tch::no_grad(|| model.forward(ids, false));
     let adiff = max_diff(&again, &got);

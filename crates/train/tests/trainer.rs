@@ -248,7 +248,10 @@ fn a_killed_run_resumes_from_its_checkpoint_with_identical_numbers() {
         if let Some((a, b)) = x1.iter().zip(&x2).find(|(a, b)| a != b) {
             panic!("{optimizer:?}: first differing metric row:\n{a:?}\n{b:?}");
         }
-        assert!(adapter_tensors(full.path()) == adapter_tensors(dir.path()), "{optimizer:?}: adapters differ");
+        assert!(
+            adapter_tensors(full.path()) == adapter_tensors(dir.path()),
+            "{optimizer:?}: adapters differ"
+        );
     }
 }
 
@@ -408,8 +411,15 @@ fn probes_match_an_independent_computation() {
     );
     // The gradient into the input through the adapter (the second zero leaf) is
     // gamma V B A.
-    let bwd = cap.probe_in.grad().to_kind(Kind::Double).reshape([-1, x.size()[1]]);
-    let want = vv.matmul(&ad.b.to_kind(Kind::Double)).matmul(&ad.a.to_kind(Kind::Double)) * ad.scaling;
+    let bwd = cap
+        .probe_in
+        .grad()
+        .to_kind(Kind::Double)
+        .reshape([-1, x.size()[1]]);
+    let want = vv
+        .matmul(&ad.b.to_kind(Kind::Double))
+        .matmul(&ad.a.to_kind(Kind::Double))
+        * ad.scaling;
     let err = (&bwd - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
     assert!(err < 1e-4, "bwd probe vs gamma V B A: relative error {err}");
     // The captured output is gamma X A^T B^T.
@@ -478,10 +488,23 @@ fn bf16_base_weights_train_with_f32_adapters() {
         assert_eq!(lin.weight.kind(), Kind::BFloat16);
     }
     let (_, x) = rows(dir.path());
-    let loss = |s: u32| x.iter().find(|r| r.metric == "loss" && r.step == s).expect("loss").value;
+    let loss = |s: u32| {
+        x.iter()
+            .find(|r| r.metric == "loss" && r.step == s)
+            .expect("loss")
+            .value
+    };
     assert!(loss(11) < loss(0), "{} -> {}", loss(0), loss(11));
     let (f32_dir, _) = run(&c);
     let (_, y) = rows(f32_dir.path());
-    let l0 = y.iter().find(|r| r.metric == "loss" && r.step == 0).expect("loss").value;
-    assert!((loss(0) - l0).abs() < 0.05 * l0, "bf16 {} vs f32 {l0}", loss(0));
+    let l0 = y
+        .iter()
+        .find(|r| r.metric == "loss" && r.step == 0)
+        .expect("loss")
+        .value;
+    assert!(
+        (loss(0) - l0).abs() < 0.05 * l0,
+        "bf16 {} vs f32 {l0}",
+        loss(0)
+    );
 }
