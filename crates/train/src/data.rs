@@ -248,7 +248,7 @@ pub fn load_dataset(
             path.display()
         )));
     }
-    let n_held = ((examples as f64 * spec.heldout_fraction).ceil() as usize).max(1);
+    let n_held = heldout_count(examples, spec.heldout_fraction);
     if examples < n_held + 1 {
         let msg = if what == "window" {
             format!(
@@ -266,10 +266,7 @@ pub fn load_dataset(
         };
         return Err(TrainError::Invalid(msg));
     }
-    let mut train = seqs;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
-    train.shuffle(&mut rng);
-    let heldout = train.split_off(examples - n_held);
+    let (train, heldout) = shuffle_split(seqs, n_held, spec.seed);
     Ok(Dataset {
         train,
         heldout,
@@ -277,6 +274,21 @@ pub fn load_dataset(
         format,
         examples,
     })
+}
+
+/// How many of `n` examples are held out: `ceil(n * fraction)`, at least one.
+pub fn heldout_count(n: usize, fraction: f64) -> usize {
+    ((n as f64 * fraction).ceil() as usize).max(1)
+}
+
+/// Shuffles `items` by `seed` (ChaCha8) and splits off the last `n_held` as the held-out
+/// set: (training, held-out). The one shuffle of every dataset, so that text windows keep
+/// their order whichever function cut them.
+pub fn shuffle_split<T>(mut items: Vec<T>, n_held: usize, seed: u64) -> (Vec<T>, Vec<T>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    items.shuffle(&mut rng);
+    let held = items.split_off(items.len() - n_held.min(items.len()));
+    (items, held)
 }
 
 /// Pads a batch to its longest sequence: (ids [B, T+1] i64, mask [B, T] f32 with 0 on

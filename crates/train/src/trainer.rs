@@ -7,14 +7,12 @@
 //! through the adapter, `(gamma B A)^T v` (`bwd`), and the norms of the gradients of A and
 //! B, of `gamma B A` and its stable rank (`param`). Rows go to the run directory's
 //! `moments.csv` (source = train) and `metrics.csv`.
-use crate::data::{collate, Dataset, Sequence};
+use crate::data::{collate, heldout_count, shuffle_split, Dataset, Sequence};
 use crate::lora::{save_peft, LoraAdapter, LoraConfig, LoraInit, PeftAdapterConfig};
 pub use crate::optim::Optim;
 use crate::optim::{AdamwParams, Optimizer};
 use crate::probe::{delta_norm_and_stable_rank, fro, moments};
 use crate::{CausalLm, TrainError};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use rankstab_records::{scaling_name, MetricRow, MomentRow, TableWriter};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -244,8 +242,8 @@ pub fn windows(
     heldout_fraction: f64,
     seed: u64,
 ) -> Result<(Vec<Vec<i64>>, Vec<Vec<i64>>), TrainError> {
-    let mut w: Vec<Vec<i64>> = ids.chunks_exact(context + 1).map(<[i64]>::to_vec).collect();
-    let n_held = ((w.len() as f64 * heldout_fraction).ceil() as usize).max(1);
+    let w: Vec<Vec<i64>> = ids.chunks_exact(context + 1).map(<[i64]>::to_vec).collect();
+    let n_held = heldout_count(w.len(), heldout_fraction);
     if w.len() < n_held + 1 {
         return Err(TrainError::Invalid(format!(
             "the text gives {} window(s) of {} tokens: need at least {} (shorter --context or more text)",
@@ -254,10 +252,7 @@ pub fn windows(
             n_held + 1
         )));
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    w.shuffle(&mut rng);
-    let held = w.split_off(w.len() - n_held);
-    Ok((w, held))
+    Ok(shuffle_split(w, n_held, seed))
 }
 
 /// Sum of the next-token losses at the masked positions, from logits (B, T, V), targets
