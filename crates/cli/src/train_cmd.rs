@@ -234,11 +234,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             eos_token: lm.eos_token.clone(),
         },
     )?;
-    // Check the adapters fit before creating the run directory.
-    {
-        let vs = tch::nn::VarStore::new(device);
-        rankstab_train::trainer::attach(&mut lm.model, &vs, &cfg)?;
-    }
+    // Check the adapters fit before creating the run directory (without allocating them).
+    rankstab_train::trainer::targets(&mut lm.model, &cfg)?;
     let meta = RunMeta {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: crate::git_revision(),

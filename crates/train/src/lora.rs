@@ -84,6 +84,21 @@ pub struct LoraAdapter {
     saved: Option<Tensor>,
 }
 
+/// Whether an adapter of rank `rank` fits an `out_dim x in_dim` layer: 1..=max(in, out).
+///
+/// # Errors
+/// Rank 0 or larger than max(in, out), with the allowed range.
+pub fn check_rank(rank: usize, in_dim: i64, out_dim: i64) -> Result<(), LoraError> {
+    let r = rank as i64;
+    if r == 0 || r > in_dim.max(out_dim) {
+        return Err(LoraError::Invalid(format!(
+            "rank {r} is not allowed for a {out_dim} x {in_dim} layer: use 1..={}",
+            in_dim.max(out_dim)
+        )));
+    }
+    Ok(())
+}
+
 impl LoraAdapter {
     /// Creates `lora_A` and `lora_B` variables under `path` (PEFT's names).
     ///
@@ -97,13 +112,8 @@ impl LoraAdapter {
         out_dim: i64,
         cfg: &LoraConfig,
     ) -> Result<Self, LoraError> {
+        check_rank(cfg.rank, in_dim, out_dim)?;
         let r = cfg.rank as i64;
-        if r == 0 || r > in_dim.max(out_dim) {
-            return Err(LoraError::Invalid(format!(
-                "rank {r} is not allowed for a {out_dim} x {in_dim} layer: use 1..={}",
-                in_dim.max(out_dim)
-            )));
-        }
         let a = match (cfg.seed, cfg.init) {
             (Some(seed), init) => {
                 use rand::SeedableRng;

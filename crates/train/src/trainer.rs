@@ -8,7 +8,7 @@
 //! B, of `gamma B A` and its stable rank (`param`). Rows go to the run directory's
 //! `moments.csv` (source = train) and `metrics.csv`.
 use crate::data::{collate, heldout_count, shuffle_split, Dataset, Sequence};
-use crate::lora::{save_peft, LoraAdapter, LoraConfig, LoraInit, PeftAdapterConfig};
+use crate::lora::{check_rank, save_peft, LoraAdapter, LoraConfig, LoraInit, PeftAdapterConfig};
 pub use crate::optim::Optim;
 use crate::optim::{AdamwParams, Optimizer};
 use crate::probe::{delta_norm_and_stable_rank, fro, moments};
@@ -173,27 +173,13 @@ fn adapter_seed(seed: u64, path: &str) -> u64 {
     h
 }
 
-/// Attaches adapters to the model's linears; returns the adapted module paths.
+/// The module paths `cfg` adapts, checked without creating any adapter: every named
+/// target module exists, and the rank fits every targeted layer.
 ///
 /// # Errors
-/// Unknown target module names (the available ones listed), a rank that does not fit.
-pub fn attach(
-    model: &mut CausalLm,
-    vs: &nn::VarStore,
-    cfg: &TrainConfig,
-) -> Result<Vec<String>, TrainError> {
-    let lora = LoraConfig {
-        rank: cfg.rank,
-        alpha: cfg.alpha,
-        beta: cfg.beta,
-        init: cfg.init,
-        dropout: cfg.dropout,
-        seed: None,
-    };
-    for (_, lin) in model.linears_mut() {
-        lin.adapter = None;
-        lin.capture = None;
-    }
+/// Unknown target module names (the available ones listed), a rank that does not fit
+/// (the layer named).
+pub fn targets(model: &mut CausalLm, cfg: &TrainConfig) -> Result<Vec<String>, TrainError> {
     let mut available: Vec<String> = model
         .linears_mut()
         .into_iter()
@@ -215,6 +201,39 @@ pub fn attach(
         if !cfg.target_modules.is_empty() && !cfg.target_modules.contains(&module) {
             continue;
         }
+        let (out, inp) = lin.dims();
+        check_rank(cfg.rank, inp, out).map_err(|e| TrainError::Invalid(format!("{path}: {e}")))?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// Attaches adapters to the model's linears; returns the adapted module paths.
+///
+/// # Errors
+/// Unknown target module names (the available ones listed), a rank that does not fit.
+pub fn attach(
+    model: &mut CausalLm,
+    vs: &nn::VarStore,
+    cfg: &TrainConfig,
+) -> Result<Vec<String>, TrainError> {
+    let lora = LoraConfig {
+        rank: cfg.rank,
+        alpha: cfg.alpha,
+        beta: cfg.beta,
+        init: cfg.init,
+        dropout: cfg.dropout,
+        seed: None,
+    };
+    let paths = targets(model, cfg)?;
+    for (_, lin) in model.linears_mut() {
+        lin.adapter = None;
+        lin.capture = None;
+    }
+    for (path, lin) in model.linears_mut() {
+        if !paths.contains(&path) {
+            continue;
+        }
         let vpath = path.split('.').fold(vs.root(), |p, part| p / part);
         let (out, inp) = lin.dims();
         // A's draw depends on the run's seed and the module's path only.
@@ -226,7 +245,6 @@ pub fn attach(
             .map_err(|e| TrainError::Invalid(format!("{path}: {e}")))?;
         lin.adapter = Some(ad);
         lin.capture = Some(RefCell::new(None));
-        paths.push(path);
     }
     Ok(paths)
 }
@@ -618,6 +636,7 @@ pub fn train(
     let max_m = cfg.moments.iter().copied().max().unwrap_or(4);
     let micro = cfg.micro();
     let mut last_loss = f64::NAN;
+    let mut final_heldout = None;
     let t0 = std::time::Instant::now();
     let n_train = data.train.len();
     for step in start..cfg.steps {
@@ -759,7 +778,8 @@ pub fn train(
             }
             i += 1;
         }
-        let grad_norm = opt.grad_norm();
+        // The global gradient norm over every A and B: the sum of the squares just taken.
+        let grad_norm = grad_sq.sqrt();
         if let Some(c) = cfg.clip_grad_norm {
             opt.clip_grad_norm(c);
         }
@@ -781,6 +801,9 @@ pub fn train(
             let h = heldout_loss(model, data, cfg.heldout_max, micro, device);
             mrows.push(metric(step, "heldout_loss", h));
             mrows.push(metric(step, "heldout_perplexity", h.exp()));
+            if step + 1 == cfg.steps {
+                final_heldout = Some(h);
+            }
         }
         mw.append(&rows).map_err(rec)?;
         tw.append(&mrows).map_err(rec)?;
@@ -804,7 +827,11 @@ pub fn train(
         progress(step, lv);
     }
     set_capture(model, false);
-    let h = heldout_loss(model, data, cfg.heldout_max, micro, device);
+    // The last step's evaluation already measured the final adapters.
+    let h = match final_heldout {
+        Some(h) => h,
+        None => heldout_loss(model, data, cfg.heldout_max, micro, device),
+    };
     let mut adapters = Vec::new();
     let linears = model.linears_mut();
     for (path, lin) in &linears {
