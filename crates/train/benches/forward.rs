@@ -13,37 +13,12 @@
 //! Peak memory is the process's peak resident set during the timed forward passes, the
 //! peak being reset after loading (`/proc/self/clear_refs`), so loaders' temporary buffers
 //! do not count; both processes hold the same f32 weights.
+mod common;
+use common::{env_usize, median, status_mb};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn status_mb(field: &str) -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| {
-            l.strip_prefix(field).and_then(|r| {
-                r.trim_start_matches(':')
-                    .split_whitespace()
-                    .next()?
-                    .parse::<f64>()
-                    .ok()
-            })
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Measure {

@@ -31,6 +31,8 @@
 //! of the warm-up step to the end of the last step, the peak being reset there
 //! (`/proc/self/clear_refs`), as on the Python side; the memory ratio uses the probes-off
 //! run.
+mod common;
+use common::{env_usize, median, status_mb};
 use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::sweep::{load_model, run_dir, ModelSpec, RunMeta};
@@ -52,33 +54,6 @@ const TARGETS: [&str; 7] = [
 
 /// Probe overhead target: probes on every adapter at every step cost at most 10%.
 const PROBE_TARGET: f64 = 0.10;
-
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn status_mb(field: &str) -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| {
-            l.strip_prefix(field).and_then(|r| {
-                r.trim_start_matches(':')
-                    .split_whitespace()
-                    .next()?
-                    .parse::<f64>()
-                    .ok()
-            })
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Measure {
