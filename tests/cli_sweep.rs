@@ -59,7 +59,10 @@ fn numbers(out: &Path) -> Vec<CellNumbers> {
         .map(|c| {
             let m: Vec<MomentRow> = read_table(&c.join("moments.csv")).expect("moments");
             let x: Vec<MetricRow> = read_table(&c.join("metrics.csv")).expect("metrics");
-            let x = x.into_iter().filter(|r| r.metric != "seconds").collect();
+            let x = x
+                .into_iter()
+                .filter(|r| r.metric.as_str() != "seconds")
+                .collect();
             let a = std::fs::read(c.join("adapters/adapter_model.safetensors")).expect("adapter");
             (
                 c.file_name().expect("name").to_string_lossy().to_string(),
@@ -99,7 +102,7 @@ fn sweep_runs_every_cell_skips_finished_ones_and_runs_one_cell_alone() {
     let m: Vec<MomentRow> = read_table(&cells(&out)[3].join("moments.csv")).expect("rows");
     assert!(m
         .iter()
-        .all(|r| r.rank == 8 && r.scaling == "rslora" && r.model == "tiny"));
+        .all(|r| r.rank == 8 && r.scaling.to_string() == "rslora" && r.model == "tiny"));
     // The same directory with another configuration is refused.
     let other = write_config(dir.path(), "steps = 4\ncheckpoint_every = 0");
     let o = sweep(&other, &out, &[]);

@@ -45,15 +45,15 @@ fn train_writes_a_run_directory_in_the_shared_format() {
         rankstab_records::read_table(&out.join("moments.csv")).expect("moments");
     assert!(m.iter().all(|r| r.source == "train"
         && r.rank == 4
-        && r.scaling == "lora"
-        && r.optimizer == "sgd"));
+        && r.scaling.to_string() == "lora"
+        && r.optimizer.as_str() == "sgd"));
     assert!(m
         .iter()
-        .any(|r| r.site == "bwd" && r.step == 5 && r.value > 0.0));
+        .any(|r| r.site.as_str() == "bwd" && r.step == 5 && r.value > 0.0));
     let x: Vec<rankstab_records::MetricRow> =
         rankstab_records::read_table(&out.join("metrics.csv")).expect("metrics");
-    assert!(x.iter().any(|r| r.metric == "heldout_perplexity"));
-    assert!(x.iter().any(|r| r.metric == "grad_norm_avg"));
+    assert!(x.iter().any(|r| r.metric.as_str() == "heldout_perplexity"));
+    assert!(x.iter().any(|r| r.metric.as_str() == "grad_norm_avg"));
     let manifest: rankstab_records::Manifest =
         rankstab_records::read_json(&out.join("manifest.json")).expect("manifest");
     assert_eq!(manifest.status, rankstab_records::RunStatus::Complete);

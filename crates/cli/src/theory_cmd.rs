@@ -2,7 +2,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use rankstab_theory::{Activation, Init, Loss, OptimizerKind, Reuse, RunOptions, TheoryConfig};
+use rankstab_records::{Optimizer, Scaling};
+use rankstab_theory::{Activation, Init, Loss, Reuse, RunOptions, TheoryConfig};
 use std::path::PathBuf;
 
 /// Options of `rankstab theory`. Every option overrides the config file's value.
@@ -38,7 +39,7 @@ pub struct TheoryArgs {
     #[arg(long, value_name = "N")]
     layers: Option<usize>,
     /// Non-linearity: identity, relu, gelu.
-    #[arg(long, value_parser = parse_activation)]
+    #[arg(long)]
     activation: Option<Activation>,
     /// RMSNorm before each layer.
     #[arg(long)]
@@ -47,22 +48,22 @@ pub struct TheoryArgs {
     #[arg(long)]
     residual: bool,
     /// Init of A: kaiming-uniform (PEFT default), gaussian, peft-gaussian (std 1/r).
-    #[arg(long, value_parser = parse_init)]
+    #[arg(long)]
     init: Option<Init>,
     /// Scaling numerator alpha.
     #[arg(long)]
     alpha: Option<f64>,
     /// Optimizers: sgd, sgd-momentum, adam, adamw.
     #[arg(long, value_delimiter = ',', value_name = "OPT,...")]
-    optimizers: Option<Vec<OptimizerKind>>,
-    /// Scalings: lora, rslora, constant, or numbers (beta).
+    optimizers: Option<Vec<Optimizer>>,
+    /// Scalings: lora, rslora, constant, beta=B (a bare number is a beta too).
     #[arg(
         long,
         value_delimiter = ',',
         conflicts_with = "betas",
         value_name = "S,..."
     )]
-    scalings: Option<Vec<String>>,
+    scalings: Option<Vec<Scaling>>,
     /// Scaling exponents beta (gamma_r = alpha r^-beta).
     #[arg(
         long,
@@ -84,7 +85,7 @@ pub struct TheoryArgs {
     #[arg(long)]
     heldout: Option<usize>,
     /// Loss: mse (random linear teacher) or ce (cross-entropy through a readout).
-    #[arg(long, value_parser = parse_loss)]
+    #[arg(long)]
     loss: Option<Loss>,
     /// Optimisation steps.
     #[arg(long)]
@@ -146,36 +147,6 @@ pub struct TheoryArgs {
     json: bool,
 }
 
-fn parse_activation(s: &str) -> Result<Activation, String> {
-    match s {
-        "identity" => Ok(Activation::Identity),
-        "relu" => Ok(Activation::Relu),
-        "gelu" => Ok(Activation::Gelu),
-        _ => Err(format!(
-            "unknown activation '{s}' (allowed: identity, relu, gelu)"
-        )),
-    }
-}
-
-fn parse_init(s: &str) -> Result<Init, String> {
-    match s {
-        "kaiming-uniform" => Ok(Init::KaimingUniform),
-        "gaussian" => Ok(Init::Gaussian),
-        "peft-gaussian" => Ok(Init::PeftGaussian),
-        _ => Err(format!(
-            "unknown init '{s}' (allowed: kaiming-uniform, gaussian, peft-gaussian)"
-        )),
-    }
-}
-
-fn parse_loss(s: &str) -> Result<Loss, String> {
-    match s {
-        "mse" => Ok(Loss::Mse),
-        "ce" => Ok(Loss::Ce),
-        _ => Err(format!("unknown loss '{s}' (allowed: mse, ce)")),
-    }
-}
-
 /// The config file (or defaults) with the command-line overrides applied.
 pub fn resolve_config(a: &TheoryArgs) -> Result<TheoryConfig> {
     let mut c = match &a.config {
@@ -219,7 +190,11 @@ pub fn resolve_config(a: &TheoryArgs) -> Result<TheoryConfig> {
         tolerance
     );
     if let Some(b) = &a.betas {
-        c.scalings = b.iter().map(|b| b.to_string()).collect();
+        c.scalings = b
+            .iter()
+            .map(|&b| Scaling::from_beta(b))
+            .collect::<Result<_, _>>()
+            .context("--betas")?;
     }
     if let Some(lr) = a.lr {
         c.lr_sgd = lr;
@@ -330,7 +305,7 @@ fn print_table(fits: &[rankstab_records::Fit], last: u32, all_steps: bool) {
             f.optimizer,
             f.scaling,
             f.inputs,
-            if f.layer > 0 { format!("{}@{}", f.site, f.layer) } else { f.site.clone() },
+            if f.layer > 0 { format!("{}@{}", f.site, f.layer) } else { f.site.to_string() },
             f.stat,
             f.m,
             f.step,

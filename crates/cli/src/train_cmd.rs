@@ -1,11 +1,11 @@
 //! `rankstab train`: one instrumented LoRA / rsLoRA fine-tuning run (one sweep cell).
 use anyhow::{bail, Result};
 use clap::Args;
-use rankstab_records::scaling_preset;
+use rankstab_records::{Optimizer, Scaling};
 use rankstab_train::data::{DataFormat, DataSpec};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::sweep::{cell_state, load_model, run_dir, CellState, ModelSpec, RunMeta};
-use rankstab_train::trainer::{Optim, TrainConfig};
+use rankstab_train::trainer::TrainConfig;
 use std::path::PathBuf;
 
 /// Options of `rankstab train`.
@@ -45,9 +45,9 @@ pub struct TrainArgs {
     /// Adapter rank.
     #[arg(long)]
     rank: usize,
-    /// lora (alpha/r) or rslora (alpha/sqrt r).
+    /// lora (alpha/r), rslora (alpha/sqrt r), constant, or beta=B (alpha r^-B).
     #[arg(long, default_value = "rslora")]
-    scaling: String,
+    scaling: Scaling,
     /// Any scaling exponent beta (gamma = alpha r^-beta); overrides --scaling.
     #[arg(long, allow_hyphen_values = true)]
     beta: Option<f64>,
@@ -56,7 +56,7 @@ pub struct TrainArgs {
     alpha: f64,
     /// adamw or sgd.
     #[arg(long, default_value = "adamw")]
-    optimizer: String,
+    optimizer: Optimizer,
     /// Learning rate (rank-independent). Default 5e-5 (the paper's, HF's default).
     #[arg(long, default_value_t = 5e-5)]
     lr: f64,
@@ -111,22 +111,13 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let beta = match a.beta {
-        Some(b) if b.is_finite() => b,
-        Some(b) => bail!("--beta {b} is not allowed: use a finite number"),
-        None => match scaling_preset(&a.scaling) {
-            Some(b) => b,
-            None => bail!(
-                "--scaling {:?} is not allowed: use lora, rslora or constant (or --beta)",
-                a.scaling
-            ),
-        },
+    let scaling = match a.beta {
+        Some(b) => Scaling::from_beta(b)
+            .map_err(|_| anyhow::anyhow!("--beta {b} is not allowed: use a finite number"))?,
+        None => a.scaling,
     };
-    let optimizer = match a.optimizer.as_str() {
-        "adamw" => Optim::Adamw,
-        "sgd" => Optim::Sgd,
-        o => bail!("--optimizer {o:?} is not allowed: use adamw or sgd"),
-    };
+    let beta = scaling.beta();
+    let optimizer = a.optimizer;
     let format = match a.format.as_str() {
         "auto" => DataFormat::Auto,
         "text" => DataFormat::Text,

@@ -10,16 +10,24 @@
 //! | `metrics.csv`   | [`MetricRow`]        | long-format CSV, appended crash-safely   |
 //! | `fits.json`     | `Vec<`[`Fit`]`>`     | JSON array, replaced atomically          |
 //!
-//! It also owns the one formula every tool shares, the adapter scaling
-//! `gamma_r = alpha * r^-beta` ([`scaling_factor`]).
+//! | `coefficients.csv` | [`CoefRow`]      | long-format CSV (theory runs)            |
+//!
+//! It also owns the project's vocabulary ([`vocab`]: sites, statistics, metrics,
+//! optimizers, scalings, step windows, layers), one type per axis with one spelling, and
+//! the one formula every tool shares, the adapter scaling `gamma_r = alpha * r^-beta`
+//! ([`scaling_factor`]).
 
 mod error;
 mod table;
 mod types;
+pub mod vocab;
 
 pub use error::RecordsError;
-pub use table::{read_json, read_table, write_json_atomic, TableWriter};
+#[doc(hidden)]
+pub use serde as __serde;
+pub use table::{read_json, read_moments, read_table, write_json_atomic, TableWriter};
 pub use types::*;
+pub use vocab::{Layer, Metric, Optimizer, ParseError, Scaling, Site, Stat, Window};
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, RecordsError>;
@@ -38,12 +46,15 @@ pub mod files {
     pub const METRICS: &str = "metrics.csv";
     /// Fitted rank exponents.
     pub const FITS: &str = "fits.json";
+    /// Data coefficients of the exact first-step law (theory runs).
+    pub const COEFFICIENTS: &str = "coefficients.csv";
 }
 
 /// The adapter scaling factor `gamma_r = alpha * r^(-beta)`.
 ///
 /// Standard LoRA is `beta = 1` (`alpha / r`), rsLoRA `beta = 1/2` (`alpha / sqrt(r)`),
-/// a rank-independent scaling `beta = 0`. This is the only place the formula is written.
+/// a rank-independent scaling `beta = 0`. This is the only place the formula is written
+/// ([`Scaling::factor`] calls it).
 ///
 /// ```
 /// use rankstab_records::scaling_factor;
@@ -53,39 +64,4 @@ pub mod files {
 /// ```
 pub fn scaling_factor(alpha: f64, beta: f64, rank: usize) -> f64 {
     alpha * (rank as f64).powf(-beta)
-}
-
-/// Named scaling presets and their `beta`.
-///
-/// ```
-/// use rankstab_records::scaling_preset;
-/// assert_eq!(scaling_preset("rslora"), Some(0.5));
-/// assert_eq!(scaling_preset("nope"), None);
-/// ```
-pub fn scaling_preset(name: &str) -> Option<f64> {
-    match name {
-        "lora" => Some(1.0),
-        "rslora" => Some(0.5),
-        "constant" => Some(0.0),
-        _ => None,
-    }
-}
-
-/// The preset name of `beta` if it has one, else `beta=<value>`.
-///
-/// ```
-/// use rankstab_records::scaling_name;
-/// assert_eq!(scaling_name(0.5), "rslora");
-/// assert_eq!(scaling_name(0.75), "beta=0.75");
-/// ```
-pub fn scaling_name(beta: f64) -> String {
-    if beta == 1.0 {
-        "lora".into()
-    } else if beta == 0.5 {
-        "rslora".into()
-    } else if beta == 0.0 {
-        "constant".into()
-    } else {
-        format!("beta={beta}")
-    }
 }

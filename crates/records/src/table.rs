@@ -5,7 +5,7 @@
 //! only complete rows behind, except in the rare case of a short write, which readers
 //! ([`read_table`]) and resuming writers ([`TableWriter::open`]) repair by dropping a
 //! final line without its newline.
-use crate::{RecordsError, Result};
+use crate::{CoefRow, MomentRow, RecordsError, Result};
 use serde::{de::DeserializeOwned, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -37,6 +37,19 @@ fn header_of<T: Serialize + Default>(path: &Path) -> Result<String> {
     Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
+/// The header line `found` must be `T`'s.
+fn check_header<T: Serialize + Default>(path: &Path, found: &str) -> Result<()> {
+    let header = header_of::<T>(path)?;
+    if found != header {
+        return Err(RecordsError::Header {
+            path: path.to_path_buf(),
+            found: found.split(',').map(str::to_string).collect(),
+            expected: header.split(',').map(str::to_string).collect(),
+        });
+    }
+    Ok(())
+}
+
 /// Appends rows of `T` to a CSV table, one `write` per call.
 pub struct TableWriter<T> {
     path: PathBuf,
@@ -59,7 +72,7 @@ impl<T: Serialize + DeserializeOwned + Default> TableWriter<T> {
     /// let dir = tempfile::tempdir().unwrap();
     /// let path = dir.path().join("metrics.csv");
     /// let mut w = TableWriter::<MetricRow>::open(&path).unwrap();
-    /// w.append(&[MetricRow { step: 1, metric: "loss".into(), value: 2.5, ..Default::default() }]).unwrap();
+    /// w.append(&[MetricRow { step: 1, metric: rankstab_records::Metric::Loss, value: 2.5, ..Default::default() }]).unwrap();
     /// let rows: Vec<MetricRow> = read_table(&path).unwrap();
     /// assert_eq!(rows[0].value, 2.5);
     /// ```
@@ -77,14 +90,7 @@ impl<T: Serialize + DeserializeOwned + Default> TableWriter<T> {
             file.write_all(format!("{header}\n").as_bytes())
                 .map_err(io_err(path))?;
         } else {
-            let found = text.lines().next().unwrap_or_default();
-            if found != header {
-                return Err(RecordsError::Header {
-                    path: path.to_path_buf(),
-                    found: found.split(',').map(str::to_string).collect(),
-                    expected: header.split(',').map(str::to_string).collect(),
-                });
-            }
+            check_header::<T>(path, text.lines().next().unwrap_or_default())?;
             if !text.ends_with('\n') {
                 let keep = text.rfind('\n').map_or(0, |i| i + 1) as u64;
                 file.set_len(keep).map_err(io_err(path))?;
@@ -184,15 +190,7 @@ pub fn read_table<T: Serialize + DeserializeOwned + Default>(path: &Path) -> Res
     if !text.ends_with('\n') {
         text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
     }
-    let header = header_of::<T>(path)?;
-    let found = text.lines().next().unwrap_or_default();
-    if found != header {
-        return Err(RecordsError::Header {
-            path: path.to_path_buf(),
-            found: found.split(',').map(str::to_string).collect(),
-            expected: header.split(',').map(str::to_string).collect(),
-        });
-    }
+    check_header::<T>(path, text.lines().next().unwrap_or_default())?;
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(true)
         .from_reader(text.as_bytes());
@@ -204,6 +202,44 @@ pub fn read_table<T: Serialize + DeserializeOwned + Default>(path: &Path) -> Res
             })
         })
         .collect()
+}
+
+/// Reads `moments.csv` (and the `coefficients.csv` beside it, when there is one) of a run
+/// directory. Runs written before `coefficients.csv` existed kept the law's data
+/// coefficients in `moments.csv`, with optimizer and scaling `any`: those rows are returned
+/// as coefficient rows, so old run directories load as new ones do.
+///
+/// # Errors
+/// As [`read_table`], for either file.
+pub fn read_moments(path: &Path) -> Result<(Vec<MomentRow>, Vec<CoefRow>)> {
+    let mut text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    if !text.ends_with('\n') {
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+    }
+    check_header::<MomentRow>(path, text.lines().next().unwrap_or_default())?;
+    let csv_err = |source| RecordsError::Csv {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(text.as_bytes());
+    let headers = rdr.headers().map_err(csv_err)?.clone();
+    let optimizer = headers.iter().position(|h| h == "optimizer");
+    let (mut rows, mut coefs) = (Vec::new(), Vec::new());
+    for rec in rdr.records() {
+        let rec = rec.map_err(csv_err)?;
+        if optimizer.and_then(|i| rec.get(i)) == Some("any") {
+            coefs.push(rec.deserialize(Some(&headers)).map_err(csv_err)?);
+        } else {
+            rows.push(rec.deserialize(Some(&headers)).map_err(csv_err)?);
+        }
+    }
+    let coef_path = path.with_file_name(crate::files::COEFFICIENTS);
+    if coef_path.exists() {
+        coefs.extend(read_table::<CoefRow>(&coef_path)?);
+    }
+    Ok((rows, coefs))
 }
 
 /// Writes `value` as pretty JSON to `path` atomically (temporary file, then rename), so a
@@ -320,6 +356,55 @@ mod tests {
         w.append(&[row(3)]).expect("append");
         let rows: Vec<MomentRow> = read_table(&p).expect("read");
         assert_eq!(rows, vec![row(0), row(3)]);
+    }
+
+    #[test]
+    fn old_moments_with_coefficient_rows_load_split() {
+        // A moments.csv as runs wrote it before coefficients.csv existed: the law's data
+        // coefficients inline, with optimizer and scaling "any".
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("moments.csv");
+        std::fs::write(
+            &p,
+            "source,model,module,layer,rank,alpha,scaling,beta,optimizer,inputs,dist,width,seed,step,site,stat,m,value\n\
+             theory,synthetic,adapter,0,4,1.0,rslora,0.5,sgd,coherent,gaussian,64,7,1,fwd,abs,2,0.25\n\
+             theory,synthetic,adapter,0,0,1.0,any,0.0,any,coherent,gaussian,64,7,1,fwd,coef_quad,,3.5\n",
+        )
+        .expect("write");
+        let (rows, coefs) = read_moments(&p).expect("read");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].site, rows[0].stat, rows[0].scaling),
+            (crate::Site::Fwd, crate::Stat::Abs, crate::Scaling::RSLORA)
+        );
+        assert_eq!(coefs.len(), 1);
+        assert_eq!(
+            (coefs[0].stat, coefs[0].value, coefs[0].seed),
+            (crate::CoefStat::Quad, 3.5, 7)
+        );
+        // A new run keeps them in coefficients.csv beside moments.csv.
+        let mut w = TableWriter::<CoefRow>::open(&dir.path().join(crate::files::COEFFICIENTS))
+            .expect("open");
+        w.append(&[CoefRow {
+            value: 1.5,
+            ..Default::default()
+        }])
+        .expect("append");
+        let (_, coefs) = read_moments(&p).expect("read");
+        assert_eq!(coefs.len(), 2);
+        // An unknown site names the file.
+        std::fs::write(
+            &p,
+            std::fs::read_to_string(&p)
+                .expect("read")
+                .replace(",fwd,abs,", ",fwdd,abs,"),
+        )
+        .expect("write");
+        let err = read_moments(&p).expect_err("unknown site");
+        assert!(
+            err.to_string().contains("moments.csv") && err.to_string().contains("fwdd"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The record types. Column and field names follow the project's axis names: rank, alpha,
-//! beta, scaling, optimizer, width, step, seed, layer, module, site, stat, m.
+//! beta, scaling, optimizer, width, step, seed, layer, module, site, stat, m. Axis values
+//! are the typed vocabulary of [`crate::vocab`]; the files keep its spellings.
+use crate::vocab::{Metric, Optimizer, Scaling, Site, Stat};
 use serde::{Deserialize, Serialize};
 
 /// State of a run directory.
@@ -61,12 +63,13 @@ pub struct MomentRow {
     pub rank: u32,
     /// Scaling numerator alpha.
     pub alpha: f64,
-    /// Scaling name: lora, rslora, constant or `beta=<b>`.
-    pub scaling: String,
-    /// Scaling exponent: gamma_r = alpha * r^-beta.
+    /// Scaling: lora, rslora, constant or `beta=<b>`.
+    pub scaling: Scaling,
+    /// Scaling exponent: gamma_r = alpha * r^-beta (the scaling's beta, a column of its own
+    /// for readers of the table).
     pub beta: f64,
-    /// Optimizer: sgd, sgd-momentum, adam, adamw.
-    pub optimizer: String,
+    /// Optimizer.
+    pub optimizer: Optimizer,
     /// Input regime: "coherent" (one batch reused) or "fresh" (new batch per step); data
     /// set name for training runs.
     pub inputs: String,
@@ -78,12 +81,10 @@ pub struct MomentRow {
     pub seed: u64,
     /// Optimisation step; 0 is initialisation.
     pub step: u32,
-    /// fwd (adapter output on the training batch), fwd_heldout, bwd (gradient into the
-    /// adapter input through the adapter), grad_out (loss gradient at the adapter output),
-    /// param (norms).
-    pub site: String,
-    /// abs (E|x|^m), raw (E x^m), grad_norm_a, grad_norm_b, delta_norm, closed_form.
-    pub stat: String,
+    /// Where it is measured.
+    pub site: Site,
+    /// What is measured.
+    pub stat: Stat,
     /// Moment order m; empty for norms.
     pub m: Option<u32>,
     /// The measured value.
@@ -99,20 +100,20 @@ pub struct MetricRow {
     pub model: String,
     /// Adapter rank.
     pub rank: u32,
-    /// Scaling name.
-    pub scaling: String,
+    /// Scaling.
+    pub scaling: Scaling,
     /// Scaling exponent.
     pub beta: f64,
-    /// Optimizer name.
-    pub optimizer: String,
+    /// Optimizer.
+    pub optimizer: Optimizer,
     /// Input regime or data set.
     pub inputs: String,
     /// Seed.
     pub seed: u64,
     /// Optimisation step.
     pub step: u32,
-    /// Metric name: loss, heldout_loss, perplexity, lr, seconds, ...
-    pub metric: String,
+    /// Which metric.
+    pub metric: Metric,
     /// Value.
     pub value: f64,
 }
@@ -138,19 +139,19 @@ pub struct Fit {
     /// Layer index.
     pub layer: u32,
     /// Optimizer.
-    pub optimizer: String,
-    /// Scaling name.
-    pub scaling: String,
+    pub optimizer: Optimizer,
+    /// Scaling.
+    pub scaling: Scaling,
     /// Scaling exponent.
     pub beta: f64,
     /// Input regime.
     pub inputs: String,
     /// Input distribution.
     pub dist: String,
-    /// Site (fwd, fwd_heldout, bwd, param).
-    pub site: String,
-    /// Statistic (abs, grad_norm_a, ...).
-    pub stat: String,
+    /// Site.
+    pub site: Site,
+    /// Statistic.
+    pub stat: Stat,
     /// Moment order (1 for norms).
     pub m: u32,
     /// Step.
@@ -193,9 +194,9 @@ pub struct SummaryRow {
     /// "theory" or "train".
     pub source: String,
     /// Optimizer.
-    pub optimizer: String,
-    /// Scaling name.
-    pub scaling: String,
+    pub optimizer: Optimizer,
+    /// Scaling.
+    pub scaling: Scaling,
     /// Scaling exponent.
     pub beta: f64,
     /// Input regime.
@@ -207,9 +208,9 @@ pub struct SummaryRow {
     /// Step.
     pub step: u32,
     /// Site.
-    pub site: String,
+    pub site: Site,
     /// Statistic.
-    pub stat: String,
+    pub stat: Stat,
     /// Moment order; empty for norms.
     pub m: Option<u32>,
     /// Number of trials.
@@ -222,4 +223,49 @@ pub struct SummaryRow {
     pub ci_low: f64,
     /// 95% t-interval, upper end.
     pub ci_high: f64,
+}
+
+crate::named_enum! {
+    /// A data coefficient of the exact first-step law (theory runs, `coefficients.csv`).
+    CoefStat, "coefficient" {
+        /// Coefficient of r in the summed first-step second moment (incoherent term).
+        #[default]
+        Lin => "coef_lin",
+        /// Coefficient of r^2 (coherent term).
+        Quad => "coef_quad",
+        /// Number of output entries the sums run over.
+        Entries => "coef_entries",
+    }
+}
+
+/// One row of `coefficients.csv`: a data coefficient of the exact first-step law of one
+/// trial, layer and site. It depends on the trial's data only, not on the optimizer,
+/// scaling or rank. (Runs written before this file existed kept these rows in
+/// `moments.csv` with optimizer and scaling `any`; [`crate::read_moments`] splits them out.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CoefRow {
+    /// "theory".
+    pub source: String,
+    /// Model name.
+    pub model: String,
+    /// Module name.
+    pub module: String,
+    /// Layer index.
+    pub layer: u32,
+    /// Input regime.
+    pub inputs: String,
+    /// Input distribution.
+    pub dist: String,
+    /// Width d.
+    pub width: u32,
+    /// Seed of the trial.
+    pub seed: u64,
+    /// Step at which the law applies.
+    pub step: u32,
+    /// Site (fwd or fwd_heldout).
+    pub site: Site,
+    /// Which coefficient.
+    pub stat: CoefStat,
+    /// Its value.
+    pub value: f64,
 }

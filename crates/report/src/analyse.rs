@@ -30,10 +30,10 @@
 #![allow(clippy::type_complexity)]
 
 use crate::load::{Run, RunKind, Skipped};
-use rankstab_records::{Fit, MetricRow, MomentRow};
+use rankstab_records::{Fit, Metric, MetricRow, MomentRow, Optimizer, Site, Stat};
 use rankstab_theory::predict::{law, Law};
 use rankstab_theory::stats::{fit_slope, mean_ci, verdict, SlopeFit};
-use rankstab_theory::{OptimizerKind, TheoryConfig};
+use rankstab_theory::TheoryConfig;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -475,8 +475,11 @@ pub fn predict_train(
         coherent: None,
         incoherent: None,
     };
-    let Ok(opt) = optimizer.parse::<OptimizerKind>() else {
+    let Ok(opt) = optimizer.parse::<Optimizer>() else {
         return none(format!("no law for optimizer '{optimizer}'"));
+    };
+    let (Ok(site_t), Ok(stat_t)) = (site.parse::<Site>(), stat.parse::<Stat>()) else {
+        return none(format!("no law for {site}/{stat}"));
     };
     let rs: Vec<usize> = ranks.iter().map(|&r| r as usize).collect();
     let d = width.max(1) as usize;
@@ -502,7 +505,7 @@ pub fn predict_train(
     }
     // The site's own law (bwd: kappa = 1/(d + k4 - 2); norms: kappa-free); for the forward
     // sites the kappa given here only serves the limits below.
-    let Some(own) = law(opt, site, stat, m, 0.0, d, PEFT_DEFAULT_KURTOSIS) else {
+    let Some(own) = law(opt, site_t, stat_t, m, 0.0, d, PEFT_DEFAULT_KURTOSIS) else {
         return none(format!("no law for {site}/{stat}"));
     };
     let coherent = Law { kappa: 1.0, ..own }.asymptotic(beta, 0.0);
@@ -611,8 +614,8 @@ fn run_info(run: &Run) -> RunInfo {
                     (
                         r.model.clone(),
                         r.rank,
-                        r.scaling.clone(),
-                        r.optimizer.clone(),
+                        r.scaling.to_string(),
+                        r.optimizer.to_string(),
                     )
                 })
                 .collect();
@@ -713,21 +716,27 @@ fn theory_fits(run: &Run) -> Vec<Fit> {
         return f.clone();
     }
     theory_config(run)
-        .map(|cfg| rankstab_theory::fit_rows(&cfg, &run.moments))
+        .map(|cfg| rankstab_theory::fit_rows(&cfg, &run.moments, &run.coefficients))
         .unwrap_or_default()
 }
 
 fn fit_to_row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> ExponentRow {
-    let limits = cfg
-        .zip(f.optimizer.parse::<OptimizerKind>().ok())
-        .and_then(|(c, opt)| {
-            let ds = c.init.log_std_rank_slope();
-            let l = law(opt, &f.site, &f.stat, f.m, 1.0, c.width, c.init.kurtosis())?;
-            Some((
-                Law { kappa: 1.0, ..l }.asymptotic(f.beta, ds),
-                Law { kappa: 0.0, ..l }.asymptotic(f.beta, ds),
-            ))
-        });
+    let limits = cfg.and_then(|c| {
+        let ds = c.init.log_std_rank_slope();
+        let l = law(
+            f.optimizer,
+            f.site,
+            f.stat,
+            f.m,
+            1.0,
+            c.width,
+            c.init.kurtosis(),
+        )?;
+        Some((
+            Law { kappa: 1.0, ..l }.asymptotic(f.beta, ds),
+            Law { kappa: 0.0, ..l }.asymptotic(f.beta, ds),
+        ))
+    });
     let row = ExponentRow {
         source: "theory".into(),
         run: run.id.clone(),
@@ -735,12 +744,12 @@ fn fit_to_row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> Expon
         module: f.module.clone(),
         layer: f.layer.to_string(),
         window: format!("step {}", f.step),
-        optimizer: f.optimizer.clone(),
-        scaling: f.scaling.clone(),
+        optimizer: f.optimizer.to_string(),
+        scaling: f.scaling.to_string(),
         beta: f.beta,
         inputs: f.inputs.clone(),
-        site: f.site.clone(),
-        stat: f.stat.clone(),
+        site: f.site.to_string(),
+        stat: f.stat.to_string(),
         m: f.m,
         ranks: fmt_ranks(&f.ranks),
         seeds: f.trials,
@@ -763,7 +772,7 @@ fn fit_to_row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> Expon
 fn figure_order(rows: &[MomentRow]) -> u32 {
     let ms: BTreeSet<u32> = rows
         .iter()
-        .filter(|r| r.stat == "abs")
+        .filter(|r| r.stat == Stat::Abs)
         .filter_map(|r| r.m)
         .collect();
     if ms.contains(&2) {
@@ -815,7 +824,7 @@ fn theory_section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> T
         .iter()
         .filter(|r| last_step.is_some_and(|s| r.window == format!("step {s}")))
         .filter(|r| r.layer == "0")
-        .filter(|r| (r.stat == "abs" && r.m == order) || r.site == "param")
+        .filter(|r| (r.stat.as_str() == "abs" && r.m == order) || r.site.as_str() == "param")
         .cloned()
         .collect();
     let mut shown = shown;
@@ -840,9 +849,8 @@ fn theory_section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> T
     let combos: BTreeSet<(String, String)> = run
         .moments
         .iter()
-        .filter(|r| r.stat == "abs" || r.site == "param")
-        .filter(|r| r.optimizer != "any")
-        .map(|r| (r.optimizer.clone(), r.inputs.clone()))
+        .filter(|r| r.stat == Stat::Abs || r.site == Site::Param)
+        .map(|r| (r.optimizer.to_string(), r.inputs.clone()))
         .collect();
     let fit_index: BTreeMap<(String, String, String, String, String, u32, u32), &ExponentRow> =
         rows.iter()
@@ -874,15 +882,15 @@ fn theory_section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> T
             let mut data: BTreeMap<(u64, String), BTreeMap<u32, BTreeMap<u32, Vec<f64>>>> =
                 BTreeMap::new();
             for r in run.moments.iter().filter(|r| {
-                &r.optimizer == opt
+                r.optimizer.as_str() == opt
                     && &r.inputs == inputs
-                    && r.site == site
-                    && r.stat == stat
+                    && r.site.as_str() == site
+                    && r.stat.as_str() == stat
                     && r.layer == 0
                     && r.m.unwrap_or(1) == m
             }) {
                 // Sort scalings by decreasing beta (lora, rslora, constant).
-                let key = (beta_key(r.beta), r.scaling.clone());
+                let key = (beta_key(r.beta), r.scaling.to_string());
                 data.entry(key)
                     .or_default()
                     .entry(r.step)
@@ -1066,11 +1074,7 @@ fn mc_slopes(
     stat: &str,
     m: u32,
 ) -> (Option<f64>, Option<f64>) {
-    let adaptive = |o: &str| {
-        o.parse::<OptimizerKind>()
-            .map(OptimizerKind::is_adaptive)
-            .ok()
-    };
+    let adaptive = |o: &str| o.parse::<Optimizer>().map(Optimizer::is_adaptive).ok();
     for exact in [true, false] {
         for sec in theory {
             let last = sec
@@ -1115,19 +1119,19 @@ fn train_data(train_runs: &[&Run]) -> (TrainData, BTreeMap<String, u32>) {
     for run in train_runs {
         let lr = run_lr(run).unwrap_or_default();
         for r in &run.moments {
-            if r.stat.starts_with("coef_") || r.stat == "closed_form" {
+            if r.stat == Stat::ClosedForm {
                 continue;
             }
             let key = TrainKey {
                 model: r.model.clone(),
-                optimizer: r.optimizer.clone(),
+                optimizer: r.optimizer.to_string(),
                 beta: beta_key(r.beta),
-                scaling: r.scaling.clone(),
+                scaling: r.scaling.to_string(),
                 lr: lr.clone(),
                 inputs: r.inputs.clone(),
                 module: r.module.clone(),
-                site: r.site.clone(),
-                stat: r.stat.clone(),
+                site: r.site.to_string(),
+                stat: r.stat.to_string(),
                 m: r.m.unwrap_or(1),
             };
             widths.insert(format!("{}/{}/{}", r.model, r.module, r.site), r.width);
@@ -1337,7 +1341,7 @@ fn train_section(
                     .iter()
                     .any(|o| o.layer == "all" && o.module == r.module && o.model == r.model)
         })
-        .filter(|r| r.stat == "abs" || r.site == "param")
+        .filter(|r| r.stat.as_str() == "abs" || r.site.as_str() == "param")
         .filter(|r| r.window != "step 0")
         .cloned()
         .collect();
@@ -1355,7 +1359,7 @@ fn train_section(
             .map(|k| k.optimizer.clone())
             .collect();
         for opt in &optimizers {
-            let gn = step_curves(&metric_rows, model, opt, &["grad_norm_avg"], |v| v);
+            let gn = step_curves(&metric_rows, model, opt, &[Metric::GradNormAvg], |v| v);
             let (gn, gn_from) = if gn.is_empty() {
                 (
                     grad_norm_from_moments(&data, model, opt),
@@ -1381,16 +1385,22 @@ fn train_section(
                 notes.push(format!("{model} {opt}: no gradient norms recorded (metric grad_norm_avg or param rows)"));
             }
             let (ppl, what) = {
-                let p = step_curves(&metric_rows, model, opt, &["heldout_perplexity"], |v| v);
+                let p = step_curves(
+                    &metric_rows,
+                    model,
+                    opt,
+                    &[Metric::HeldoutPerplexity],
+                    |v| v,
+                );
                 if !p.is_empty() {
                     (p, "held-out perplexity")
                 } else {
-                    let p = step_curves(&metric_rows, model, opt, &["heldout_loss"], f64::exp);
+                    let p = step_curves(&metric_rows, model, opt, &[Metric::HeldoutLoss], f64::exp);
                     if !p.is_empty() {
                         (p, "exp(held-out loss)")
                     } else {
                         (
-                            step_curves(&metric_rows, model, opt, &["perplexity"], |v| v),
+                            step_curves(&metric_rows, model, opt, &[Metric::Perplexity], |v| v),
                             "training perplexity (no held-out metric recorded)",
                         )
                     }
@@ -1423,8 +1433,8 @@ fn train_section(
     );
     let mut combos: BTreeSet<(String, String, u64, String, String, String)> = BTreeSet::new();
     for k in data.keys() {
-        if (k.stat == "abs" && k.m == order && k.site != "grad_out")
-            || (k.site == "param" && k.stat == "grad_norm_b")
+        if (k.stat.as_str() == "abs" && k.m == order && k.site.as_str() != "grad_out")
+            || (k.site.as_str() == "param" && k.stat.as_str() == "grad_norm_b")
         {
             combos.insert((
                 k.model.clone(),
@@ -1532,8 +1542,10 @@ fn train_section(
             .iter()
             .filter(|r| &r.model == model && r.window == last.label && r.layer != "all")
         {
-            if (r.stat == "abs" && r.m == order && (r.site == "fwd" || r.site == "bwd"))
-                || (r.site == "param" && r.stat == "grad_norm_b")
+            if (r.stat.as_str() == "abs"
+                && r.m == order
+                && (r.site.as_str() == "fwd" || r.site.as_str() == "bwd"))
+                || (r.site.as_str() == "param" && r.stat.as_str() == "grad_norm_b")
             {
                 hm.entry((
                     r.optimizer.clone(),
@@ -1676,14 +1688,14 @@ fn step_curves(
     rows: &[(&Run, &MetricRow)],
     model: &str,
     opt: &str,
-    metrics: &[&str],
+    metrics: &[Metric],
     f: impl Fn(f64) -> f64,
 ) -> Vec<StepPanel> {
     // (beta key, scaling) -> (rank, lr) -> step -> values
     let mut g: BTreeMap<(u64, String), BTreeMap<(u32, String), BTreeMap<u32, Vec<f64>>>> =
         BTreeMap::new();
     for (run, r) in rows {
-        if r.model != model || r.optimizer != opt || !metrics.contains(&r.metric.as_str()) {
+        if r.model != model || r.optimizer.as_str() != opt || !metrics.contains(&r.metric) {
             continue;
         }
         let v = f(r.value);
@@ -1691,7 +1703,7 @@ fn step_curves(
             continue;
         }
         let lr = run_lr(run).unwrap_or_default();
-        g.entry((beta_key(r.beta), r.scaling.clone()))
+        g.entry((beta_key(r.beta), r.scaling.to_string()))
             .or_default()
             .entry((r.rank, lr))
             .or_default()
@@ -1734,8 +1746,8 @@ fn grad_norm_from_moments(data: &TrainData, model: &str, opt: &str) -> Vec<StepP
     for (k, by_layer) in data {
         if k.model != model
             || k.optimizer != opt
-            || k.site != "param"
-            || !(k.stat == "grad_norm_a" || k.stat == "grad_norm_b")
+            || k.site.as_str() != "param"
+            || !(k.stat.as_str() == "grad_norm_a" || k.stat.as_str() == "grad_norm_b")
         {
             continue;
         }
@@ -1846,8 +1858,8 @@ fn paper_rows(
                 .filter_map(|r| r.window.strip_prefix("step ")?.parse::<u32>().ok())
                 .max();
             for r in sec.rows.iter().filter(|r| {
-                r.site == "param"
-                    && r.stat == "grad_norm_b"
+                r.site.as_str() == "param"
+                    && r.stat.as_str() == "grad_norm_b"
                     && (r.beta - beta).abs() < 1e-9
                     && r.layer == "0"
                     && r.inputs == "coherent"
@@ -1923,9 +1935,11 @@ fn train_grad_norm_exponents(
             }
         }
         for r in run.metrics.iter().filter(|r| {
-            r.metric == "grad_norm_avg" && r.scaling == scaling && (r.beta - beta).abs() < 1e-9
+            r.metric == Metric::GradNormAvg
+                && r.scaling.to_string() == scaling
+                && (r.beta - beta).abs() < 1e-9
         }) {
-            g.entry((r.model.clone(), r.optimizer.clone()))
+            g.entry((r.model.clone(), r.optimizer.to_string()))
                 .or_default()
                 .entry(r.step)
                 .or_default()
@@ -1939,13 +1953,19 @@ fn train_grad_norm_exponents(
         for run in train_runs {
             let mut acc: BTreeMap<(String, String, u32, u32, u64), (f64, usize)> = BTreeMap::new();
             for r in run.moments.iter().filter(|r| {
-                r.site == "param"
-                    && r.stat == "grad_norm_b"
-                    && r.scaling == scaling
+                r.site == Site::Param
+                    && r.stat == Stat::GradNormB
+                    && r.scaling.to_string() == scaling
                     && (r.beta - beta).abs() < 1e-9
             }) {
                 let e = acc
-                    .entry((r.model.clone(), r.optimizer.clone(), r.step, r.rank, r.seed))
+                    .entry((
+                        r.model.clone(),
+                        r.optimizer.to_string(),
+                        r.step,
+                        r.rank,
+                        r.seed,
+                    ))
                     .or_insert((0.0, 0));
                 e.0 += r.value;
                 e.1 += 1;
@@ -1993,13 +2013,13 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
         for r in run
             .metrics
             .iter()
-            .filter(|r| r.metric == "heldout_perplexity" && r.value.is_finite())
+            .filter(|r| r.metric == Metric::HeldoutPerplexity && r.value.is_finite())
         {
             let e = fin
                 .entry((
                     r.model.clone(),
-                    r.optimizer.clone(),
-                    r.scaling.clone(),
+                    r.optimizer.to_string(),
+                    r.scaling.to_string(),
                     r.rank,
                     lr.clone(),
                 ))

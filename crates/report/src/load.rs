@@ -21,7 +21,8 @@
 //! k".
 use crate::error::{io_err, ReportError};
 use rankstab_records::{
-    files, read_json, read_table, Fit, Manifest, MetricRow, MomentRow, RunStatus, SCHEMA_VERSION,
+    files, read_json, read_moments, read_table, CoefRow, Fit, Manifest, Metric, MetricRow,
+    MomentRow, RunStatus, SCHEMA_VERSION,
 };
 use rankstab_theory::ClosedFormCheck;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,8 @@ pub struct Run {
     pub manifest: Manifest,
     /// `moments.csv`.
     pub moments: Vec<MomentRow>,
+    /// `coefficients.csv` (theory; or the coefficient rows of an older `moments.csv`).
+    pub coefficients: Vec<CoefRow>,
     /// `metrics.csv` (empty when absent).
     pub metrics: Vec<MetricRow>,
     /// `fits.json`, when present.
@@ -166,7 +169,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
             file: files::MOMENTS,
         });
     }
-    let mut moments: Vec<MomentRow> = read_table(&moments_path)?;
+    let (mut moments, coefficients) = read_moments(&moments_path)?;
     check_source(
         &moments_path,
         kind,
@@ -224,7 +227,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
                 .or_else(|| {
                     metrics
                         .iter()
-                        .filter(|r| r.metric == "diverged")
+                        .filter(|r| r.metric == Metric::Diverged)
                         .map(|r| r.step)
                         .min()
                 });
@@ -232,7 +235,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
                 Some(k) => {
                     let before = moments.len();
                     moments.retain(|r| r.step < k);
-                    metrics.retain(|r| r.step < k || r.metric == "diverged");
+                    metrics.retain(|r| r.step < k || r.metric == Metric::Diverged);
                     notes.push(format!(
                         "diverged at step {k}: its rows before step {k} are used{}",
                         if before > moments.len() {
@@ -251,6 +254,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
         notes.push(format!("{} has no rows yet", files::MOMENTS));
     }
     Ok(Run {
+        coefficients,
         dir: dir.to_path_buf(),
         id: String::new(),
         kind,
@@ -773,7 +777,7 @@ mod tests {
             .append(&[MetricRow {
                 source: "train".into(),
                 step: 7,
-                metric: "diverged".into(),
+                metric: Metric::Diverged,
                 value: 1.0,
                 ..Default::default()
             }])

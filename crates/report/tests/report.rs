@@ -345,7 +345,7 @@ fn an_audit_directory_is_searched_for_runs_at_any_depth() {
     assert!(diverged
         .metrics
         .iter()
-        .all(|r| r.step < 25 || r.metric == "diverged"));
+        .all(|r| r.step < 25 || r.metric.as_str() == "diverged"));
     let running = runs
         .iter()
         .find(|r| r.id.ends_with("r64-lora-adamw-s1"))

@@ -56,7 +56,7 @@ fn main() {
             trials: 1,
             ..Default::default()
         };
-        let (rows, _) = trial_rows(&cfg, 0).expect("valid config");
+        let rows = trial_rows(&cfg, 0).expect("valid config").moments;
         assert!(trial_flops(&cfg) > 0.0 && !rows.is_empty());
         println!("theory_speed: smoke run ok (use `cargo bench` to measure)");
         return;
@@ -68,7 +68,7 @@ fn main() {
             trials: 1,
             ..Default::default()
         };
-        let (rows, _) = trial_rows(&cfg, 0).expect("valid config");
+        let rows = trial_rows(&cfg, 0).expect("valid config").moments;
         std::hint::black_box(rows.len());
         println!("{}", vm_hwm_mb().unwrap_or(f64::NAN));
         return;

@@ -4,32 +4,35 @@
 //! file format (`#[serde(default, deny_unknown_fields)]`): a TOML file may set any subset
 //! of the fields and nothing else.
 use crate::TheoryError;
+use rankstab_records::{Optimizer, Scaling};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Non-linearity between layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    /// No non-linearity.
-    Identity,
-    /// max(0, x).
-    Relu,
-    /// GELU, tanh approximation.
-    Gelu,
+rankstab_records::named_enum! {
+    /// Non-linearity between layers.
+    Activation, "activation" {
+        /// No non-linearity.
+        #[default]
+        Identity => "identity",
+        /// max(0, x).
+        Relu => "relu",
+        /// GELU, tanh approximation.
+        Gelu => "gelu",
+    }
 }
 
-/// Initialisation of the adapter's A matrix (B is always zero).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Init {
-    /// PEFT's default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(d), 1/sqrt(d)).
-    KaimingUniform,
-    /// N(0, 1/d): rank-independent variance.
-    Gaussian,
-    /// PEFT's `init_lora_weights="gaussian"`: N(0, 1/r^2), variance depends on rank.
-    PeftGaussian,
+rankstab_records::named_enum! {
+    /// Initialisation of the adapter's A matrix (B is always zero).
+    Init, "init" {
+        /// PEFT's default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(d), 1/sqrt(d)).
+        #[default]
+        KaimingUniform => "kaiming-uniform",
+        /// N(0, 1/d): rank-independent variance.
+        Gaussian => "gaussian",
+        /// PEFT's `init_lora_weights="gaussian"`: N(0, 1/r^2), variance depends on rank.
+        PeftGaussian => "peft-gaussian",
+    }
 }
 
 impl Init {
@@ -57,81 +60,14 @@ impl Init {
     }
 }
 
-/// Optimizers; all use a rank-independent learning rate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OptimizerKind {
-    /// Plain SGD.
-    Sgd,
-    /// SGD with (PyTorch-style, undampened) momentum.
-    SgdMomentum,
-    /// Adam (weight decay as L2 added to the gradient).
-    Adam,
-    /// AdamW (decoupled weight decay).
-    Adamw,
-}
-
-impl OptimizerKind {
-    /// Name used in records.
-    pub fn name(self) -> &'static str {
-        match self {
-            OptimizerKind::Sgd => "sgd",
-            OptimizerKind::SgdMomentum => "sgd-momentum",
-            OptimizerKind::Adam => "adam",
-            OptimizerKind::Adamw => "adamw",
-        }
-    }
-    /// Whether updates are normalised per coordinate (Adam family: sign-like first steps).
-    pub fn is_adaptive(self) -> bool {
-        matches!(self, OptimizerKind::Adam | OptimizerKind::Adamw)
-    }
-}
-
-impl FromStr for OptimizerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "sgd" => Ok(Self::Sgd),
-            "sgd-momentum" | "momentum" => Ok(Self::SgdMomentum),
-            "adam" => Ok(Self::Adam),
-            "adamw" => Ok(Self::Adamw),
-            _ => Err(format!(
-                "unknown optimizer '{s}' (allowed: sgd, sgd-momentum, adam, adamw)"
-            )),
-        }
-    }
-}
-
-/// How training batches are drawn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reuse {
-    /// One fixed batch reused at every step (the theorem's coherent sums).
-    Coherent,
-    /// A new independent batch at every step.
-    Fresh,
-}
-
-impl Reuse {
-    /// Name used in records.
-    pub fn name(self) -> &'static str {
-        match self {
-            Reuse::Coherent => "coherent",
-            Reuse::Fresh => "fresh",
-        }
-    }
-}
-
-impl FromStr for Reuse {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "coherent" => Ok(Self::Coherent),
-            "fresh" => Ok(Self::Fresh),
-            _ => Err(format!(
-                "unknown input regime '{s}' (allowed: coherent, fresh)"
-            )),
-        }
+rankstab_records::named_enum! {
+    /// How training batches are drawn.
+    Reuse, "input regime" {
+        /// One fixed batch reused at every step (the theorem's coherent sums).
+        #[default]
+        Coherent => "coherent",
+        /// A new independent batch at every step.
+        Fresh => "fresh",
     }
 }
 
@@ -207,42 +143,14 @@ impl FromStr for InputDist {
     }
 }
 
-/// Training loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Loss {
-    /// 1/(2N) sum ||f(x) - T x||^2 with a random linear teacher T.
-    Mse,
-    /// Cross-entropy through a random linear readout; labels from a random linear teacher.
-    Ce,
-}
-
-/// A scaling rule gamma_r = alpha * r^-beta, with its name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Scaling {
-    /// lora, rslora, constant or beta=<b>.
-    pub name: String,
-    /// The exponent.
-    pub beta: f64,
-}
-
-impl FromStr for Scaling {
-    type Err = String;
-    /// A preset name (`lora`, `rslora`, `constant`) or a number (beta).
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(beta) = rankstab_records::scaling_preset(s) {
-            return Ok(Scaling {
-                name: s.to_string(),
-                beta,
-            });
-        }
-        let beta: f64 = s.parse().map_err(|_| {
-            format!("unknown scaling '{s}' (allowed: lora, rslora, constant, or a number for beta)")
-        })?;
-        Ok(Scaling {
-            name: rankstab_records::scaling_name(beta),
-            beta,
-        })
+rankstab_records::named_enum! {
+    /// Training loss.
+    Loss, "loss" {
+        /// 1/(2N) sum ||f(x) - T x||^2 with a random linear teacher T.
+        #[default]
+        Mse => "mse",
+        /// Cross-entropy through a random linear readout; labels from a random linear teacher.
+        Ce => "ce",
     }
 }
 
@@ -266,10 +174,10 @@ pub struct TheoryConfig {
     pub init: Init,
     /// Scaling numerator alpha.
     pub alpha: f64,
-    /// Scaling exponents, as names or numbers (`lora`, `rslora`, `constant`, `0.75`).
-    pub scalings: Vec<String>,
+    /// Scaling rules (`lora`, `rslora`, `constant`, `beta=0.75`; a bare number is a beta).
+    pub scalings: Vec<Scaling>,
     /// Optimizers.
-    pub optimizers: Vec<OptimizerKind>,
+    pub optimizers: Vec<Optimizer>,
     /// Learning rate for SGD-family optimizers (rank-independent).
     pub lr_sgd: f64,
     /// Learning rate for Adam-family optimizers (rank-independent).
@@ -321,8 +229,8 @@ impl Default for TheoryConfig {
             residual: false,
             init: Init::KaimingUniform,
             alpha: 1.0,
-            scalings: vec!["lora".into(), "rslora".into(), "constant".into()],
-            optimizers: vec![OptimizerKind::Sgd, OptimizerKind::Adam],
+            scalings: vec![Scaling::LORA, Scaling::RSLORA, Scaling::CONSTANT],
+            optimizers: vec![Optimizer::Sgd, Optimizer::Adam],
             lr_sgd: 1e-3,
             lr_adam: 1e-4,
             momentum: 0.9,
@@ -364,17 +272,6 @@ impl TheoryConfig {
         toml_from_str(text)
     }
 
-    /// The scaling rules, parsed.
-    ///
-    /// # Errors
-    /// An unknown name.
-    pub fn scaling_rules(&self) -> Result<Vec<Scaling>, TheoryError> {
-        self.scalings
-            .iter()
-            .map(|s| s.parse::<Scaling>().map_err(TheoryError::Invalid))
-            .collect()
-    }
-
     /// The input distribution, parsed.
     ///
     /// # Errors
@@ -384,7 +281,7 @@ impl TheoryConfig {
     }
 
     /// Learning rate used for `opt`.
-    pub fn lr(&self, opt: OptimizerKind) -> f64 {
+    pub fn lr(&self, opt: Optimizer) -> f64 {
         if opt.is_adaptive() {
             self.lr_adam
         } else {
@@ -441,17 +338,21 @@ impl TheoryConfig {
                 self.alpha
             ));
         }
-        let rules = self.scaling_rules()?;
-        if rules.is_empty() {
+        if self.scalings.is_empty() {
             return bad("the scaling list is empty: use e.g. --scalings lora,rslora".into());
         }
-        for s in &rules {
-            if !s.beta.is_finite() {
-                return bad(format!(
-                    "beta {} is not allowed: use a finite number",
-                    s.beta
-                ));
-            }
+        let mut sorted = self.scalings.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != self.scalings.len() {
+            return bad(format!(
+                "scalings {} contain duplicates",
+                self.scalings
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
         }
         if self.optimizers.is_empty() {
             return bad("the optimizer list is empty: use e.g. --optimizers sgd,adam".into());

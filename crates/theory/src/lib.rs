@@ -22,11 +22,11 @@ mod run;
 pub mod sim;
 pub mod stats;
 
-pub use config::{Activation, Init, InputDist, Loss, OptimizerKind, Reuse, Scaling, TheoryConfig};
+pub use config::{Activation, Init, InputDist, Loss, Reuse, TheoryConfig};
 pub use data::trial_seed;
 pub use run::{
     cells, closed_form_checks, fit_rows, run, summarize, trial_flops, trial_rows, ClosedFormCheck,
-    NoProgress, Progress, RunOptions, RunOutcome, CHECKS, SUMMARY,
+    NoProgress, Progress, RunOptions, RunOutcome, TrialRows, CHECKS, SUMMARY,
 };
 
 use std::path::PathBuf;

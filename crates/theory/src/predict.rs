@@ -9,8 +9,8 @@
 //! [`Law`] holds (p, a_g, a_s, kappa) for a statistic; the predicted slope is the
 //! least-squares slope of log stat against log r over the ranks actually fitted, and the
 //! asymptotic slope its limit for large rank (the paper's law when kappa > 0).
-use crate::config::OptimizerKind;
 use crate::stats::ols_slope;
+use rankstab_records::{Optimizer, Site, Stat};
 
 /// Scaling law of one statistic.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,9 +30,9 @@ pub struct Law {
 /// (from the exact first-step coefficients), `width` the layer width, `kurtosis` that of A.
 /// `None` for statistics without a law (raw moments, losses).
 pub fn law(
-    opt: OptimizerKind,
-    site: &str,
-    stat: &str,
+    opt: Optimizer,
+    site: Site,
+    stat: Stat,
     m: u32,
     kappa_fwd: f64,
     width: usize,
@@ -42,31 +42,31 @@ pub fn law(
     let p = m as f64;
     let d = width as f64;
     match (site, stat) {
-        ("fwd" | "fwd_heldout", "abs") => Some(Law {
+        (Site::Fwd | Site::FwdHeldout, Stat::Abs) => Some(Law {
             p,
             a_gamma: q,
             a_s: q,
             kappa: kappa_fwd,
         }),
-        ("bwd", "abs") => Some(Law {
+        (Site::Bwd, Stat::Abs) => Some(Law {
             p,
             a_gamma: q,
             a_s: q,
             kappa: 1.0 / (d + kurtosis - 2.0),
         }),
-        ("param", "grad_norm_b") => Some(Law {
+        (Site::Param, Stat::GradNormB) => Some(Law {
             p: 1.0,
             a_gamma: 1.0,
             a_s: 1.0,
             kappa: 0.0,
         }),
-        ("param", "grad_norm_a") => Some(Law {
+        (Site::Param, Stat::GradNormA) => Some(Law {
             p: 1.0,
             a_gamma: q,
             a_s: q - 1.0,
             kappa: 0.0,
         }),
-        ("param", "delta_norm") => Some(Law {
+        (Site::Param, Stat::DeltaNorm) => Some(Law {
             p: 1.0,
             a_gamma: q,
             a_s: q,

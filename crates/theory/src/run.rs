@@ -5,15 +5,16 @@
 //! and the table lengths. Running the same command again skips recorded trials and cuts
 //! anything written after the last record, so a kill loses at most the trial in flight.
 use crate::closed_form::Coefficients;
-use crate::config::{OptimizerKind, TheoryConfig};
+use crate::config::{Reuse, TheoryConfig};
 use crate::data::TrialData;
 use crate::predict::law;
 use crate::sim::{frozen_pass, prepare, run_cell, CellSpec};
 use crate::stats::{fit_slope, mean_ci, verdict};
 use crate::TheoryError;
 use rankstab_records::{
-    files, read_json, read_table, scaling_factor, write_json_atomic, Fit, Manifest, MetricRow,
-    MomentRow, RunStatus, SummaryRow, TableWriter, SCHEMA_VERSION,
+    files, read_json, read_moments, write_json_atomic, CoefRow, CoefStat, Fit, Manifest, Metric,
+    MetricRow, MomentRow, Optimizer, RunStatus, Scaling, Site, Stat, SummaryRow, TableWriter,
+    SCHEMA_VERSION,
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -54,15 +55,15 @@ pub struct RunOptions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClosedFormCheck {
     /// sgd or sgd-momentum (identical at step 1).
-    pub optimizer: String,
-    /// Scaling name.
-    pub scaling: String,
+    pub optimizer: Optimizer,
+    /// Scaling.
+    pub scaling: Scaling,
     /// Scaling exponent.
     pub beta: f64,
     /// Input regime.
     pub inputs: String,
     /// fwd or fwd_heldout.
-    pub site: String,
+    pub site: Site,
     /// Rank.
     pub rank: u32,
     /// Trials.
@@ -101,6 +102,10 @@ struct ProgressFile {
     done: Vec<usize>,
     moments_len: u64,
     metrics_len: u64,
+    /// Absent in runs written before coefficients.csv existed (their coefficients are in
+    /// moments.csv).
+    #[serde(default)]
+    coefficients_len: Option<u64>,
 }
 
 const PROGRESS: &str = "progress.json";
@@ -121,17 +126,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TheoryError + '_ {
 }
 
 /// The cells of one trial, in canonical order.
-pub fn cells(cfg: &TheoryConfig) -> Result<Vec<CellSpec>, TheoryError> {
-    let rules = cfg.scaling_rules()?;
+pub fn cells(cfg: &TheoryConfig) -> Vec<CellSpec> {
     let mut out = Vec::new();
     for &reuse in &cfg.inputs {
         for &opt in &cfg.optimizers {
-            for s in &rules {
+            for &scaling in &cfg.scalings {
                 for &rank in &cfg.ranks {
                     out.push(CellSpec {
                         opt,
-                        scaling: s.name.clone(),
-                        beta: s.beta,
+                        scaling,
                         reuse,
                         rank,
                     });
@@ -139,7 +142,7 @@ pub fn cells(cfg: &TheoryConfig) -> Result<Vec<CellSpec>, TheoryError> {
             }
         }
     }
-    Ok(out)
+    out
 }
 
 fn config_value(cfg: &TheoryConfig) -> serde_json::Value {
@@ -158,7 +161,7 @@ pub fn run(
 ) -> Result<RunOutcome, TheoryError> {
     cfg.validate()?;
     let dist = cfg.input_dist()?;
-    let cell_list = cells(cfg)?;
+    let cell_list = cells(cfg);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
@@ -178,7 +181,11 @@ pub fn run(
             }
             .into());
         }
-        if m.command != "theory" || m.config != config_value(cfg) {
+        // Compared as configurations, not as JSON: the same run written by an older
+        // rankstab may spell a value differently (a scaling "0.75" is now "beta=0.75").
+        let same = m.command == "theory"
+            && serde_json::from_value::<TheoryConfig>(m.config.clone()).is_ok_and(|c| c == *cfg);
+        if !same {
             return Err(TheoryError::Exists(format!(
                 "{} holds a run with a different configuration: choose another --out or remove it",
                 out.display()
@@ -221,13 +228,19 @@ pub fn run(
     };
     let mut moments = TableWriter::<MomentRow>::open(&out.join(files::MOMENTS))?;
     let mut metrics = TableWriter::<MetricRow>::open(&out.join(files::METRICS))?;
+    let mut coefficients = TableWriter::<CoefRow>::open(&out.join(files::COEFFICIENTS))?;
     if !state.done.is_empty() {
         moments.truncate(state.moments_len)?;
         metrics.truncate(state.metrics_len)?;
+        match state.coefficients_len {
+            Some(len) => coefficients.truncate(len)?,
+            None => coefficients.clear()?,
+        }
     } else {
         // Rows of a first trial killed before it was recorded.
         moments.clear()?;
         metrics.clear()?;
+        coefficients.clear()?;
     }
     let todo: Vec<usize> = (0..cfg.trials)
         .filter(|t| !state.done.contains(t))
@@ -238,21 +251,22 @@ pub fn run(
     let mut trials_run = 0;
     for &trial in &todo {
         progress.message(&format!("trial {}/{}", trial + 1, cfg.trials));
-        let (rows, mrows) =
-            pool.install(|| trial_rows_inner(cfg, dist, &cell_list, trial, progress));
-        moments.append(&rows)?;
-        metrics.append(&mrows)?;
+        let rows = pool.install(|| trial_rows_inner(cfg, dist, &cell_list, trial, progress));
+        moments.append(&rows.moments)?;
+        metrics.append(&rows.metrics)?;
+        coefficients.append(&rows.coefficients)?;
         state.done.push(trial);
         state.moments_len = moments.len()?;
         state.metrics_len = metrics.len()?;
+        state.coefficients_len = Some(coefficients.len()?);
         write_json_atomic(&progress_path, &state)?;
         trials_run += 1;
     }
     let complete = state.done.len() == cfg.trials;
     let (fits, checks) = if complete {
         progress.message("fitting");
-        let rows: Vec<MomentRow> = read_table(&out.join(files::MOMENTS))?;
-        let fits = fit_rows(cfg, &rows);
+        let (rows, coefs) = read_moments(&out.join(files::MOMENTS))?;
+        let fits = fit_rows(cfg, &rows, &coefs);
         let checks = closed_form_checks(&rows);
         let summary = summarize(&rows);
         write_json_atomic(&out.join(files::FITS), &fits)?;
@@ -280,6 +294,30 @@ pub fn run(
     })
 }
 
+/// The rows of one trial.
+#[derive(Debug, Clone, Default)]
+pub struct TrialRows {
+    /// Moments and norms of every cell, and the closed-form first-step moments.
+    pub moments: Vec<MomentRow>,
+    /// Losses of every cell.
+    pub metrics: Vec<MetricRow>,
+    /// The exact first-step law's data coefficients.
+    pub coefficients: Vec<CoefRow>,
+}
+
+impl FromIterator<TrialRows> for TrialRows {
+    /// The rows of several trials, one after the other.
+    fn from_iter<I: IntoIterator<Item = TrialRows>>(iter: I) -> Self {
+        let mut all = TrialRows::default();
+        for t in iter {
+            all.moments.extend(t.moments);
+            all.metrics.extend(t.metrics);
+            all.coefficients.extend(t.coefficients);
+        }
+        all
+    }
+}
+
 /// Computes one trial: every cell's moment rows and metric rows, plus the exact first-step
 /// coefficients and closed forms. Pure computation (no I/O); runs on the current rayon pool
 /// and gives bit-identical results whatever its size.
@@ -288,19 +326,16 @@ pub fn run(
 /// An invalid configuration.
 ///
 /// ```
+/// use rankstab_records::{Metric, Site};
 /// let cfg = rankstab_theory::TheoryConfig { width: 32, ranks: vec![2, 4], trials: 1, ..Default::default() };
-/// let (moments, metrics) = rankstab_theory::trial_rows(&cfg, 0).unwrap();
-/// assert!(moments.iter().any(|r| r.site == "fwd" && r.step == 1 && r.value > 0.0));
-/// assert!(metrics.iter().any(|r| r.metric == "loss"));
+/// let rows = rankstab_theory::trial_rows(&cfg, 0).unwrap();
+/// assert!(rows.moments.iter().any(|r| r.site == Site::Fwd && r.step == 1 && r.value > 0.0));
+/// assert!(rows.metrics.iter().any(|r| r.metric == Metric::Loss));
 /// ```
-pub fn trial_rows(
-    cfg: &TheoryConfig,
-    trial: usize,
-) -> Result<(Vec<MomentRow>, Vec<MetricRow>), TheoryError> {
+pub fn trial_rows(cfg: &TheoryConfig, trial: usize) -> Result<TrialRows, TheoryError> {
     cfg.validate()?;
     let dist = cfg.input_dist()?;
-    let cell_list = cells(cfg)?;
-    Ok(trial_rows_inner(cfg, dist, &cell_list, trial, &NoProgress))
+    Ok(trial_rows_inner(cfg, dist, &cells(cfg), trial, &NoProgress))
 }
 
 fn trial_rows_inner(
@@ -309,8 +344,8 @@ fn trial_rows_inner(
     cell_list: &[CellSpec],
     trial: usize,
     progress: &dyn Progress,
-) -> (Vec<MomentRow>, Vec<MetricRow>) {
-    let need_fresh = cfg.inputs.contains(&crate::config::Reuse::Fresh);
+) -> TrialRows {
+    let need_fresh = cfg.inputs.contains(&Reuse::Fresh);
     let t0 = std::time::Instant::now();
     let data = TrialData::draw(cfg, dist, trial, need_fresh);
     let prep = prepare(cfg, &data);
@@ -335,8 +370,7 @@ fn trial_rows_inner(
         "trial {trial}: cells in {:.2} s",
         t0.elapsed().as_secs_f64()
     );
-    let mut rows = Vec::new();
-    let mut mrows = Vec::new();
+    let mut out = TrialRows::default();
     for (i, res) in &results {
         let c = &cell_list[*i];
         let base = MomentRow {
@@ -345,52 +379,48 @@ fn trial_rows_inner(
             module: "adapter".into(),
             rank: c.rank as u32,
             alpha: cfg.alpha,
-            scaling: c.scaling.clone(),
-            beta: c.beta,
-            optimizer: c.opt.name().into(),
-            inputs: c.reuse.name().into(),
+            scaling: c.scaling,
+            beta: c.scaling.beta(),
+            optimizer: c.opt,
+            inputs: c.reuse.to_string(),
             dist: dist.to_string(),
             width: cfg.width as u32,
             seed: data.seed,
             ..Default::default()
         };
         for o in &res.obs {
-            rows.push(MomentRow {
+            out.moments.push(MomentRow {
                 layer: o.layer,
                 step: o.step,
-                site: o.site.name().into(),
-                stat: o.stat.into(),
+                site: o.site,
+                stat: o.stat,
                 m: o.m,
                 value: o.value,
                 ..base.clone()
             });
         }
         for &(step, loss, loss_h) in &res.losses {
-            for (metric, value) in [("loss", loss), ("heldout_loss", loss_h)] {
-                mrows.push(MetricRow {
+            for (metric, value) in [(Metric::Loss, loss), (Metric::HeldoutLoss, loss_h)] {
+                out.metrics.push(MetricRow {
                     source: "theory".into(),
                     model: "synthetic".into(),
                     rank: c.rank as u32,
-                    scaling: c.scaling.clone(),
-                    beta: c.beta,
-                    optimizer: c.opt.name().into(),
-                    inputs: c.reuse.name().into(),
+                    scaling: c.scaling,
+                    beta: c.scaling.beta(),
+                    optimizer: c.opt,
+                    inputs: c.reuse.to_string(),
                     seed: data.seed,
                     step,
-                    metric: metric.into(),
+                    metric,
                     value,
                 });
             }
         }
     }
-    rows.extend(coefficient_rows(
-        cfg,
-        &data,
-        &prep,
-        cell_list,
-        &dist.to_string(),
-    ));
-    (rows, mrows)
+    let (coefs, closed) = coefficient_rows(cfg, &data, &prep, cell_list, &dist.to_string());
+    out.moments.extend(closed);
+    out.coefficients = coefs;
+    out
 }
 
 /// Rows with the exact first-step coefficients (per regime, layer, site) and the closed-form
@@ -401,19 +431,20 @@ fn coefficient_rows(
     prep: &crate::sim::Prepared,
     cell_list: &[CellSpec],
     dist: &str,
-) -> Vec<MomentRow> {
+) -> (Vec<CoefRow>, Vec<MomentRow>) {
+    let mut coefs = Vec::new();
     let mut rows = Vec::new();
     let n = prep.n_train;
     let (u_stack0, v_train) = frozen_pass(cfg, data, prep, 0);
     for &reuse in &cfg.inputs {
         // The training rows the adapter is evaluated on at step 1, and the held-out rows.
         let fwd_u = match reuse {
-            crate::config::Reuse::Coherent => u_stack0.clone(),
-            crate::config::Reuse::Fresh => frozen_pass(cfg, data, prep, 1).0,
+            Reuse::Coherent => u_stack0.clone(),
+            Reuse::Fresh => frozen_pass(cfg, data, prep, 1).0,
         };
         for (site, stack, rows_range) in [
-            ("fwd", &fwd_u, 0..n),
-            ("fwd_heldout", &u_stack0, n..u_stack0[0].nrows()),
+            (Site::Fwd, &fwd_u, 0..n),
+            (Site::FwdHeldout, &u_stack0, n..u_stack0[0].nrows()),
         ] {
             for l in 0..cfg.layers {
                 let u_train = u_stack0[l].slice(ndarray::s![..n, ..]).to_owned();
@@ -421,29 +452,26 @@ fn coefficient_rows(
                     .slice(ndarray::s![rows_range.clone(), ..])
                     .to_owned();
                 let c = Coefficients::new(&u_train, &v_train[l], &u_test, cfg.init.kurtosis());
-                let base = MomentRow {
+                let base = CoefRow {
                     source: "theory".into(),
                     model: "synthetic".into(),
                     module: "adapter".into(),
                     layer: l as u32,
-                    alpha: cfg.alpha,
-                    optimizer: "any".into(),
-                    scaling: "any".into(),
-                    inputs: reuse.name().into(),
+                    inputs: reuse.to_string(),
                     dist: dist.into(),
                     width: cfg.width as u32,
                     seed: data.seed,
                     step: 1,
-                    site: site.into(),
+                    site,
                     ..Default::default()
                 };
                 for (stat, value) in [
-                    ("coef_lin", c.lin),
-                    ("coef_quad", c.quad),
-                    ("coef_entries", c.entries),
+                    (CoefStat::Lin, c.lin),
+                    (CoefStat::Quad, c.quad),
+                    (CoefStat::Entries, c.entries),
                 ] {
-                    rows.push(MomentRow {
-                        stat: stat.into(),
+                    coefs.push(CoefRow {
+                        stat,
                         value,
                         ..base.clone()
                     });
@@ -455,76 +483,88 @@ fn coefficient_rows(
                     .iter()
                     .filter(|c| c.reuse == reuse && !c.opt.is_adaptive())
                 {
-                    let gamma = scaling_factor(cfg.alpha, cell.beta, cell.rank);
+                    let gamma = cell.scaling.factor(cfg.alpha, cell.rank);
                     let s2 = cfg.init.variance(cfg.width, cell.rank);
                     rows.push(MomentRow {
-                        optimizer: cell.opt.name().into(),
-                        scaling: cell.scaling.clone(),
-                        beta: cell.beta,
+                        source: "theory".into(),
+                        model: "synthetic".into(),
+                        module: "adapter".into(),
+                        layer: 0,
+                        alpha: cfg.alpha,
+                        optimizer: cell.opt,
+                        scaling: cell.scaling,
+                        beta: cell.scaling.beta(),
                         rank: cell.rank as u32,
-                        stat: "closed_form".into(),
+                        inputs: reuse.to_string(),
+                        dist: dist.into(),
+                        width: cfg.width as u32,
+                        seed: data.seed,
+                        step: 1,
+                        site,
+                        stat: Stat::ClosedForm,
                         m: Some(2),
                         value: c.mean_second_moment(cell.rank, cfg.lr(cell.opt), gamma, s2),
-                        ..base.clone()
                     });
                 }
             }
         }
     }
-    rows
+    (coefs, rows)
 }
 
-type Key = (
-    String,
-    String,
-    u64,
-    String,
-    String,
-    u32,
-    String,
-    String,
-    u32,
-    u32,
-);
+/// What a theory fit groups by: everything but the rank and the seed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct FitKey {
+    optimizer: Optimizer,
+    scaling: Scaling,
+    inputs: String,
+    dist: String,
+    layer: u32,
+    site: Site,
+    stat: Stat,
+    m: u32,
+    step: u32,
+}
 
-/// Fits every (optimizer, scaling, inputs, layer, site, stat, m, step) group of `rows`.
-pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow]) -> Vec<Fit> {
-    // Coherence per (inputs, layer, site) from the exact first-step coefficients.
-    let mut coef: BTreeMap<(String, u32, String), (f64, f64)> = BTreeMap::new();
-    for r in rows
-        .iter()
-        .filter(|r| r.stat == "coef_lin" || r.stat == "coef_quad")
-    {
-        let e = coef
-            .entry((r.inputs.clone(), r.layer, r.site.clone()))
-            .or_default();
-        if r.stat == "coef_lin" {
-            e.0 += r.value;
-        } else {
-            e.1 += r.value;
+/// Coherence per (inputs, layer, site) from the exact first-step coefficients, summed over
+/// trials: (lin, quad).
+fn coherence(coefs: &[CoefRow]) -> BTreeMap<(String, u32, Site), (f64, f64)> {
+    let mut out: BTreeMap<(String, u32, Site), (f64, f64)> = BTreeMap::new();
+    for r in coefs {
+        let e = out.entry((r.inputs.clone(), r.layer, r.site)).or_default();
+        match r.stat {
+            CoefStat::Lin => e.0 += r.value,
+            CoefStat::Quad => e.1 += r.value,
+            CoefStat::Entries => {}
         }
     }
-    let mut groups: BTreeMap<Key, BTreeMap<u32, BTreeMap<u64, f64>>> = BTreeMap::new();
+    out
+}
+
+/// Fits every (optimizer, scaling, inputs, layer, site, stat, m, step) group of `rows`;
+/// `coefs` are the trials' first-step law coefficients (the coherence of each site).
+pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow], coefs: &[CoefRow]) -> Vec<Fit> {
+    let coef = coherence(coefs);
+    let mut groups: BTreeMap<FitKey, BTreeMap<u32, BTreeMap<u64, f64>>> = BTreeMap::new();
     for r in rows {
-        let fitted = matches!(
-            r.stat.as_str(),
-            "abs" | "grad_norm_a" | "grad_norm_b" | "delta_norm"
-        );
-        if !fitted || r.site == "grad_out" {
+        let fitted = match r.stat {
+            Stat::Abs | Stat::GradNormA | Stat::GradNormB | Stat::DeltaNorm => true,
+            Stat::Raw | Stat::StableRank | Stat::ClosedForm => false,
+        };
+        if !fitted || r.site == Site::GradOut {
             continue;
         }
-        let key = (
-            r.optimizer.clone(),
-            r.scaling.clone(),
-            r.beta.to_bits(),
-            r.inputs.clone(),
-            r.dist.clone(),
-            r.layer,
-            r.site.clone(),
-            r.stat.clone(),
-            r.m.unwrap_or(1),
-            r.step,
-        );
+        let key = FitKey {
+            optimizer: r.optimizer,
+            scaling: r.scaling,
+            inputs: r.inputs.clone(),
+            dist: r.dist.clone(),
+            layer: r.layer,
+            site: r.site,
+            stat: r.stat,
+            m: r.m.unwrap_or(1),
+            step: r.step,
+        };
         groups
             .entry(key)
             .or_default()
@@ -534,11 +574,6 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow]) -> Vec<Fit> {
     }
     let mut fits = Vec::new();
     for (key, by_rank) in groups {
-        let (opt_name, scaling, beta_bits, inputs, dist, layer, site, stat, m, step) = key;
-        let beta = f64::from_bits(beta_bits);
-        let Ok(opt) = opt_name.parse::<OptimizerKind>() else {
-            continue;
-        };
         let ranks: Vec<usize> = by_rank.keys().map(|&r| r as usize).collect();
         // Trials present at every rank (all of them, in a complete run).
         let seeds: Vec<u64> = by_rank
@@ -567,11 +602,20 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow]) -> Vec<Fit> {
             continue; // identically zero (e.g. adapter output at step 0, where B = 0)
         };
         let kappa = coef
-            .get(&(inputs.clone(), layer, site.clone()))
+            .get(&(key.inputs.clone(), key.layer, key.site))
             .map_or(0.0, |&(lin, quad)| if lin > 0.0 { quad / lin } else { 0.0 });
-        let Some(lw) = law(opt, &site, &stat, m, kappa, cfg.width, cfg.init.kurtosis()) else {
+        let Some(lw) = law(
+            key.optimizer,
+            key.site,
+            key.stat,
+            key.m,
+            kappa,
+            cfg.width,
+            cfg.init.kurtosis(),
+        ) else {
             continue;
         };
+        let beta = key.scaling.beta();
         let ds = cfg.init.log_std_rank_slope();
         let predicted = lw.predicted(&ranks, beta, ds);
         let asymptotic = lw.asymptotic(beta, ds);
@@ -582,16 +626,16 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow]) -> Vec<Fit> {
             source: "theory".into(),
             model: "synthetic".into(),
             module: "adapter".into(),
-            layer,
-            optimizer: opt_name,
-            scaling,
+            layer: key.layer,
+            optimizer: key.optimizer,
+            scaling: key.scaling,
             beta,
-            inputs,
-            dist,
-            site,
-            stat,
-            m,
-            step,
+            inputs: key.inputs,
+            dist: key.dist,
+            site: key.site,
+            stat: key.stat,
+            m: key.m,
+            step: key.step,
             ranks: ranks.iter().map(|&r| r as u32).collect(),
             trials: seeds.len() as u32,
             slope: sf.slope,
@@ -609,28 +653,36 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow]) -> Vec<Fit> {
     fits
 }
 
+/// What a closed-form check pairs: one cell and site at layer 0, step 1.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct CheckKey {
+    optimizer: Optimizer,
+    scaling: Scaling,
+    inputs: String,
+    site: Site,
+    rank: u32,
+}
+
 /// Paired comparison of the closed-form first-step moment with the Monte Carlo.
 pub fn closed_form_checks(rows: &[MomentRow]) -> Vec<ClosedFormCheck> {
-    type K = (String, String, u64, String, String, u32);
-    let mut cf: BTreeMap<K, BTreeMap<u64, f64>> = BTreeMap::new();
-    let mut mc: BTreeMap<K, BTreeMap<u64, f64>> = BTreeMap::new();
+    let mut cf: BTreeMap<CheckKey, BTreeMap<u64, f64>> = BTreeMap::new();
+    let mut mc: BTreeMap<CheckKey, BTreeMap<u64, f64>> = BTreeMap::new();
     for r in rows
         .iter()
         .filter(|r| r.layer == 0 && r.step == 1 && r.m == Some(2))
     {
-        let k = (
-            r.optimizer.clone(),
-            r.scaling.clone(),
-            r.beta.to_bits(),
-            r.inputs.clone(),
-            r.site.clone(),
-            r.rank,
-        );
-        match r.stat.as_str() {
-            "closed_form" => {
+        let k = CheckKey {
+            optimizer: r.optimizer,
+            scaling: r.scaling,
+            inputs: r.inputs.clone(),
+            site: r.site,
+            rank: r.rank,
+        };
+        match r.stat {
+            Stat::ClosedForm => {
                 cf.entry(k).or_default().insert(r.seed, r.value);
             }
-            "abs" if r.site.starts_with("fwd") => {
+            Stat::Abs if r.site.is_forward() => {
                 mc.entry(k).or_default().insert(r.seed, r.value);
             }
             _ => {}
@@ -649,14 +701,13 @@ pub fn closed_form_checks(rows: &[MomentRow]) -> Vec<ClosedFormCheck> {
         let cf_mean = pairs.iter().map(|p| p.1).sum::<f64>() / pairs.len() as f64;
         let rel: Vec<f64> = pairs.iter().map(|(m, c)| (m - c) / cf_mean).collect();
         let ci = mean_ci(&rel);
-        let (opt, scaling, beta, inputs, site, rank) = k;
         out.push(ClosedFormCheck {
-            optimizer: opt,
-            scaling,
-            beta: f64::from_bits(beta),
-            inputs,
-            site,
-            rank,
+            optimizer: k.optimizer,
+            scaling: k.scaling,
+            beta: k.scaling.beta(),
+            inputs: k.inputs,
+            site: k.site,
+            rank: k.rank,
             trials: pairs.len() as u32,
             monte_carlo: pairs.iter().map(|p| p.0).sum::<f64>() / pairs.len() as f64,
             closed_form: cf_mean,
@@ -669,34 +720,35 @@ pub fn closed_form_checks(rows: &[MomentRow]) -> Vec<ClosedFormCheck> {
     out
 }
 
+/// What a summary row aggregates over: everything but the seed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SummaryKey {
+    optimizer: Optimizer,
+    scaling: Scaling,
+    inputs: String,
+    layer: u32,
+    rank: u32,
+    step: u32,
+    site: Site,
+    stat: Stat,
+    m: Option<u32>,
+}
+
 /// Trial means with t-intervals of every measured statistic.
 pub fn summarize(rows: &[MomentRow]) -> Vec<SummaryRow> {
-    type K = (
-        String,
-        String,
-        u64,
-        String,
-        u32,
-        u32,
-        u32,
-        String,
-        String,
-        Option<u32>,
-    );
-    let mut g: BTreeMap<K, Vec<f64>> = BTreeMap::new();
-    for r in rows.iter().filter(|r| !r.stat.starts_with("coef_")) {
-        let k = (
-            r.optimizer.clone(),
-            r.scaling.clone(),
-            r.beta.to_bits(),
-            r.inputs.clone(),
-            r.layer,
-            r.rank,
-            r.step,
-            r.site.clone(),
-            r.stat.clone(),
-            r.m,
-        );
+    let mut g: BTreeMap<SummaryKey, Vec<f64>> = BTreeMap::new();
+    for r in rows {
+        let k = SummaryKey {
+            optimizer: r.optimizer,
+            scaling: r.scaling,
+            inputs: r.inputs.clone(),
+            layer: r.layer,
+            rank: r.rank,
+            step: r.step,
+            site: r.site,
+            stat: r.stat,
+            m: r.m,
+        };
         g.entry(k).or_default().push(r.value);
     }
     g.into_iter()
@@ -704,16 +756,16 @@ pub fn summarize(rows: &[MomentRow]) -> Vec<SummaryRow> {
             let ci = mean_ci(&v);
             SummaryRow {
                 source: "theory".into(),
-                optimizer: k.0,
-                scaling: k.1,
-                beta: f64::from_bits(k.2),
-                inputs: k.3,
-                layer: k.4,
-                rank: k.5,
-                step: k.6,
-                site: k.7,
-                stat: k.8,
-                m: k.9,
+                optimizer: k.optimizer,
+                scaling: k.scaling,
+                beta: k.scaling.beta(),
+                inputs: k.inputs,
+                layer: k.layer,
+                rank: k.rank,
+                step: k.step,
+                site: k.site,
+                stat: k.stat,
+                m: k.m,
                 trials: v.len() as u32,
                 mean: ci.mean,
                 se: ci.se,
@@ -731,8 +783,9 @@ pub fn summarize(rows: &[MomentRow]) -> Vec<SummaryRow> {
 /// to turn time into GFLOP/s.
 ///
 /// ```
-/// let cfg = rankstab_theory::TheoryConfig { width: 8, ranks: vec![2], optimizers: vec![rankstab_theory::OptimizerKind::Sgd],
-///     scalings: vec!["lora".into()], inputs: vec![rankstab_theory::Reuse::Coherent], batch: 1, heldout: 1, steps: 1, ..Default::default() };
+/// use rankstab_records::{Optimizer, Scaling};
+/// let cfg = rankstab_theory::TheoryConfig { width: 8, ranks: vec![2], optimizers: vec![Optimizer::Sgd],
+///     scalings: vec![Scaling::LORA], inputs: vec![rankstab_theory::Reuse::Coherent], batch: 1, heldout: 1, steps: 1, ..Default::default() };
 /// // M = 2, N = 1, d = 8, r = 2: forward 4*2*8*2 = 128, backward 64, one update 64, two steps measured.
 /// assert_eq!(rankstab_theory::trial_flops(&cfg), 2.0 * 128.0 + 2.0 * 64.0 + 64.0);
 /// ```

@@ -3,40 +3,13 @@
 //!
 //! Layer l maps h to h' = [h +] act(W_l u + gamma B_l A_l u), u = [rmsnorm](h). Gradients
 //! are written out by hand (the network is small and the point is to see every term).
-use crate::config::{Activation, Init, Loss, OptimizerKind, Reuse, TheoryConfig};
+use crate::config::{Activation, Init, Loss, Reuse, TheoryConfig};
 use crate::data::TrialData;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
+use rankstab_records::{Optimizer, Scaling, Site, Stat};
 
 const RMS_EPS: f32 = 1e-6;
-
-/// Where a statistic was measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Site {
-    /// Adapter output gamma B A u on the training batch.
-    Fwd,
-    /// Adapter output on the held-out batch.
-    FwdHeldout,
-    /// Gradient into the adapter input through the adapter, (gamma B A)^T v.
-    Bwd,
-    /// Loss gradient v at the adapter output.
-    GradOut,
-    /// Parameter norms.
-    Param,
-}
-
-impl Site {
-    /// Name used in records.
-    pub fn name(self) -> &'static str {
-        match self {
-            Site::Fwd => "fwd",
-            Site::FwdHeldout => "fwd_heldout",
-            Site::Bwd => "bwd",
-            Site::GradOut => "grad_out",
-            Site::Param => "param",
-        }
-    }
-}
 
 /// One measured number of a cell.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,8 +20,8 @@ pub struct Obs {
     pub step: u32,
     /// Site.
     pub site: Site,
-    /// abs, raw, grad_norm_a, grad_norm_b, delta_norm.
-    pub stat: &'static str,
+    /// What is measured.
+    pub stat: Stat,
     /// Moment order, for moments.
     pub m: Option<u32>,
     /// Value.
@@ -59,11 +32,9 @@ pub struct Obs {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CellSpec {
     /// Optimizer.
-    pub opt: OptimizerKind,
-    /// Scaling name.
-    pub scaling: String,
-    /// Scaling exponent.
-    pub beta: f64,
+    pub opt: Optimizer,
+    /// Scaling.
+    pub scaling: Scaling,
     /// Input regime.
     pub reuse: Reuse,
     /// Rank.
@@ -200,11 +171,11 @@ enum OptState {
 }
 
 impl OptState {
-    fn new(opt: OptimizerKind, (r, c): (usize, usize)) -> Self {
+    fn new(opt: Optimizer, (r, c): (usize, usize)) -> Self {
         match opt {
-            OptimizerKind::Sgd => OptState::Plain,
-            OptimizerKind::SgdMomentum => OptState::Momentum(pool::zeros(r, c)),
-            OptimizerKind::Adam | OptimizerKind::Adamw => OptState::Adam {
+            Optimizer::Sgd => OptState::Plain,
+            Optimizer::SgdMomentum => OptState::Momentum(pool::zeros(r, c)),
+            Optimizer::Adam | Optimizer::Adamw => OptState::Adam {
                 m: pool::zeros(r, c),
                 v: pool::zeros(r, c),
             },
@@ -225,7 +196,7 @@ impl OptState {
 
 /// Hyper-parameters of one update, resolved from the config.
 struct Hyper {
-    opt: OptimizerKind,
+    opt: Optimizer,
     lr: f32,
     momentum: f32,
     beta1: f32,
@@ -304,7 +275,7 @@ fn fused_pass(
                     })
             }
             OptState::Adam { m, v } => {
-                let decoupled = h.opt == OptimizerKind::Adamw;
+                let decoupled = h.opt == Optimizer::Adamw;
                 Zip::from(pblk)
                     .and(m.slice_mut(s![i0..i1, ..]))
                     .and(v.slice_mut(s![i0..i1, ..]))
@@ -539,7 +510,7 @@ pub(crate) fn run_cell(
 ) -> CellResult {
     let r = cell.rank;
     let d = cfg.width;
-    let gamma = rankstab_records::scaling_factor(cfg.alpha, cell.beta, r) as f32;
+    let gamma = cell.scaling.factor(cfg.alpha, r) as f32;
     let std_scale = match cfg.init {
         Init::KaimingUniform => 1.0f32,
         Init::Gaussian | Init::PeftGaussian => cfg.init.variance(d, r).sqrt() as f32,
@@ -589,7 +560,7 @@ pub(crate) fn run_cell(
                     layer: l as u32,
                     step: t as u32,
                     site,
-                    stat: "abs",
+                    stat: Stat::Abs,
                     m: Some(m),
                     value: abs[k],
                 });
@@ -598,7 +569,7 @@ pub(crate) fn run_cell(
                         layer: l as u32,
                         step: t as u32,
                         site,
-                        stat: "raw",
+                        stat: Stat::Raw,
                         m: Some(m),
                         value: raw[k],
                     });
@@ -662,11 +633,11 @@ pub(crate) fn run_cell(
                 value,
             };
             obs.push(param(
-                "grad_norm_a",
+                Stat::GradNormA,
                 outer_sum_norm_sq(bv.view(), u).max(0.0).sqrt(),
             ));
             obs.push(param(
-                "grad_norm_b",
+                Stat::GradNormB,
                 outer_sum_norm_sq(v.view(), ax).max(0.0).sqrt(),
             ));
             if cfg.delta_norm {
@@ -675,7 +646,7 @@ pub(crate) fn run_cell(
                 let sq: f64 = Zip::from(&btb)
                     .and(&aat)
                     .fold(0.0f64, |acc, &x, &y| acc + (x as f64) * (y as f64));
-                obs.push(param("delta_norm", (gamma as f64) * sq.max(0.0).sqrt()));
+                obs.push(param(Stat::DeltaNorm, (gamma as f64) * sq.max(0.0).sqrt()));
             }
             if l > 0 {
                 let mut du = v.dot(&data.weights[l]);

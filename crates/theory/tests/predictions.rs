@@ -1,6 +1,6 @@
 //! The finite-rank law (proofs/finite-rank.md) against the Monte Carlo on a smaller copy
 //! of the default grid: every site, statistic, optimizer, scaling, input regime and step.
-use rankstab_theory::{fit_rows, trial_rows, TheoryConfig};
+use rankstab_theory::{fit_rows, trial_rows, TheoryConfig, TrialRows};
 
 #[test]
 fn default_like_grid_agrees_with_the_finite_rank_law() {
@@ -10,10 +10,10 @@ fn default_like_grid_agrees_with_the_finite_rank_law() {
         trials: 8,
         ..Default::default()
     };
-    let rows: Vec<_> = (0..cfg.trials)
-        .flat_map(|t| trial_rows(&cfg, t).expect("valid").0)
+    let rows: TrialRows = (0..cfg.trials)
+        .map(|t| trial_rows(&cfg, t).expect("valid"))
         .collect();
-    let fits = fit_rows(&cfg, &rows);
+    let fits = fit_rows(&cfg, &rows.moments, &rows.coefficients);
     // 2 optimizers x 3 scalings x 2 regimes x (3 sites x 4 m + 2 norms) x 3 steps + the
     // step-0 gradient norm of B: nothing silently dropped.
     assert_eq!(fits.len(), 2 * 3 * 2 * (14 * 3 + 1));

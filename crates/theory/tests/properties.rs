@@ -3,9 +3,9 @@
 //! homogeneity of the first SGD step, agreement of the Monte Carlo with the exact
 //! first-step moment, and bitwise determinism across thread counts.
 use proptest::prelude::*;
-use rankstab_records::MomentRow;
+use rankstab_records::{MomentRow, Optimizer, Scaling, Site, Stat};
 use rankstab_theory::{
-    closed_form_checks, fit_rows, trial_rows, Init, OptimizerKind, Reuse, TheoryConfig,
+    closed_form_checks, fit_rows, trial_rows, Init, Reuse, TheoryConfig, TrialRows,
 };
 
 /// Tolerance (exponent units, per unit of m) for the asymptotic laws at the finite ranks
@@ -13,16 +13,16 @@ use rankstab_theory::{
 /// fluctuation, so over ranks 16..128 the finite-rank slope is within 0.04 m of the limit.
 const LAW_TOL_PER_M: f64 = 0.08;
 
-fn rows_for(cfg: &TheoryConfig) -> Vec<MomentRow> {
+fn rows_for(cfg: &TheoryConfig) -> TrialRows {
     (0..cfg.trials)
-        .flat_map(|t| trial_rows(cfg, t).expect("valid config").0)
+        .map(|t| trial_rows(cfg, t).expect("valid config"))
         .collect()
 }
 
 fn coherent_cfg(
     width: usize,
     seed: u64,
-    opt: OptimizerKind,
+    opt: Optimizer,
     beta: f64,
     lr: f64,
     m: u32,
@@ -31,7 +31,7 @@ fn coherent_cfg(
         width,
         ranks: vec![16, 32, 64, 128],
         optimizers: vec![opt],
-        scalings: vec![beta.to_string()],
+        scalings: vec![Scaling::from_beta(beta).expect("finite beta")],
         inputs: vec![Reuse::Coherent],
         batch: 1,
         heldout: 1,
@@ -48,9 +48,11 @@ fn coherent_cfg(
 /// The fitted slope of the training-input forward moment at step 1.
 fn fwd_slope(cfg: &TheoryConfig) -> rankstab_records::Fit {
     let rows = rows_for(cfg);
-    let fits = fit_rows(cfg, &rows);
+    let fits = fit_rows(cfg, &rows.moments, &rows.coefficients);
     fits.into_iter()
-        .find(|f| f.site == "fwd" && f.stat == "abs" && f.step == 1 && f.m == cfg.moments[0])
+        .find(|f| {
+            f.site == Site::Fwd && f.stat == Stat::Abs && f.step == 1 && f.m == cfg.moments[0]
+        })
         .expect("a forward fit at step 1")
 }
 
@@ -68,7 +70,7 @@ proptest! {
     fn sgd_coherent_slope_is_m_times_one_minus_two_beta(
         width in 256usize..384, seed in any::<u64>(), m in 1u32..=4, beta in 0.0f64..=1.0, lr in 1e-4f64..1e-2,
     ) {
-        let cfg = coherent_cfg(width, seed, OptimizerKind::Sgd, beta, lr, m);
+        let cfg = coherent_cfg(width, seed, Optimizer::Sgd, beta, lr, m);
         let fit = fwd_slope(&cfg);
         let want = m as f64 * (1.0 - 2.0 * beta);
         let tol = LAW_TOL_PER_M * m as f64;
@@ -81,7 +83,7 @@ proptest! {
     fn adam_coherent_slope_is_m_times_one_minus_beta(
         width in 256usize..384, seed in any::<u64>(), m in 1u32..=4, beta in 0.0f64..=1.0, lr in 1e-5f64..1e-3,
     ) {
-        let cfg = coherent_cfg(width, seed, OptimizerKind::Adam, beta, lr, m);
+        let cfg = coherent_cfg(width, seed, Optimizer::Adam, beta, lr, m);
         let fit = fwd_slope(&cfg);
         let want = m as f64 * (1.0 - beta);
         let tol = LAW_TOL_PER_M * m as f64;
@@ -96,22 +98,22 @@ proptest! {
         width in 32usize..96, seed in any::<u64>(), c in 0.25f64..4.0, m in 1u32..=4,
     ) {
         let base = TheoryConfig {
-            width, ranks: vec![2, 8, 32], optimizers: vec![OptimizerKind::Sgd], scalings: vec!["rslora".into()],
+            width, ranks: vec![2, 8, 32], optimizers: vec![Optimizer::Sgd], scalings: vec![Scaling::RSLORA],
             steps: 1, trials: 1, seed, moments: vec![m], ..Default::default()
         };
         let scaled = TheoryConfig { alpha: base.alpha * c, ..base.clone() };
-        let pick = |rows: Vec<MomentRow>| -> Vec<(String, u32, String, f64)> {
+        let pick = |rows: Vec<MomentRow>| -> Vec<(String, u32, Site, f64)> {
             rows.into_iter()
-                .filter(|r| r.step == 1 && r.stat == "abs" && (r.site == "fwd" || r.site == "fwd_heldout"))
+                .filter(|r| r.step == 1 && r.stat == Stat::Abs && r.site.is_forward())
                 .map(|r| (r.inputs, r.rank, r.site, r.value)).collect()
         };
-        let a = pick(trial_rows(&base, 0).expect("valid").0);
-        let b = pick(trial_rows(&scaled, 0).expect("valid").0);
+        let a = pick(trial_rows(&base, 0).expect("valid").moments);
+        let b = pick(trial_rows(&scaled, 0).expect("valid").moments);
         prop_assert_eq!(a.len(), b.len());
         prop_assert!(!a.is_empty());
         let want = c.powi(2 * m as i32);
         for (x, y) in a.iter().zip(&b) {
-            prop_assert_eq!((&x.0, x.1, &x.2), (&y.0, y.1, &y.2));
+            prop_assert_eq!((&x.0, x.1, x.2), (&y.0, y.1, y.2));
             let ratio = y.3 / x.3;
             // f32 arithmetic: relative error a few 1e-6 per product, compounded m times.
             prop_assert!((ratio / want - 1.0).abs() < 1e-4 * m as f64, "{x:?} -> {y:?}: ratio {ratio}, want {want}");
@@ -127,11 +129,11 @@ proptest! {
         width in 24usize..64, seed in any::<u64>(), gaussian in any::<bool>(),
     ) {
         let cfg = TheoryConfig {
-            width, ranks: vec![1, 4, 16], optimizers: vec![OptimizerKind::Sgd], scalings: vec!["lora".into()],
+            width, ranks: vec![1, 4, 16], optimizers: vec![Optimizer::Sgd], scalings: vec![Scaling::LORA],
             init: if gaussian { Init::Gaussian } else { Init::KaimingUniform },
             batch: 8, heldout: 8, steps: 1, trials: 200, seed, moments: vec![2], ..Default::default()
         };
-        let checks = closed_form_checks(&rows_for(&cfg));
+        let checks = closed_form_checks(&rows_for(&cfg).moments);
         prop_assert_eq!(checks.len(), 2 * 2 * 3); // inputs x sites x ranks
         for c in &checks {
             let se = (c.rel_ci_high - c.rel_ci_low) / 2.0 / 1.972;
@@ -151,7 +153,7 @@ fn verdicts_for_lora_rslora_constant_under_sgd() {
     let cfg = TheoryConfig {
         width: 512,
         ranks: vec![16, 32, 64, 128, 256],
-        optimizers: vec![OptimizerKind::Sgd],
+        optimizers: vec![Optimizer::Sgd],
         inputs: vec![Reuse::Coherent],
         batch: 1,
         heldout: 1,
@@ -160,20 +162,31 @@ fn verdicts_for_lora_rslora_constant_under_sgd() {
         moments: vec![2],
         ..Default::default()
     };
-    let fits = fit_rows(&cfg, &rows_for(&cfg));
-    let verdict = |s: &str| {
+    let rows = rows_for(&cfg);
+    let fits = fit_rows(&cfg, &rows.moments, &rows.coefficients);
+    let verdict = |s: Scaling| {
         fits.iter()
-            .find(|f| f.scaling == s && f.site == "fwd" && f.stat == "abs" && f.step == 2)
+            .find(|f| f.scaling == s && f.site == Site::Fwd && f.stat == Stat::Abs && f.step == 2)
             .map(|f| (f.verdict.clone(), f.slope))
             .expect("fit present")
     };
-    assert_eq!(verdict("rslora").0, "stable", "{:?}", verdict("rslora"));
-    assert_eq!(verdict("lora").0, "collapsing", "{:?}", verdict("lora"));
     assert_eq!(
-        verdict("constant").0,
+        verdict(Scaling::RSLORA).0,
+        "stable",
+        "{:?}",
+        verdict(Scaling::RSLORA)
+    );
+    assert_eq!(
+        verdict(Scaling::LORA).0,
+        "collapsing",
+        "{:?}",
+        verdict(Scaling::LORA)
+    );
+    assert_eq!(
+        verdict(Scaling::CONSTANT).0,
         "exploding",
         "{:?}",
-        verdict("constant")
+        verdict(Scaling::CONSTANT)
     );
 }
 
@@ -188,10 +201,10 @@ fn same_seed_same_bits_with_one_and_two_threads() {
         residual: true,
         activation: rankstab_theory::Activation::Gelu,
         optimizers: vec![
-            OptimizerKind::Sgd,
-            OptimizerKind::SgdMomentum,
-            OptimizerKind::Adam,
-            OptimizerKind::Adamw,
+            Optimizer::Sgd,
+            Optimizer::SgdMomentum,
+            Optimizer::Adam,
+            Optimizer::Adamw,
         ],
         weight_decay: 0.01,
         dist: "low-rank:4".into(),
@@ -207,8 +220,17 @@ fn same_seed_same_bits_with_one_and_two_threads() {
             .expect("pool")
             .install(|| trial_rows(&cfg, 0).expect("valid"))
     };
-    let (m1, x1) = run_with(1);
-    let (m2, x2) = run_with(2);
+    let TrialRows {
+        moments: m1,
+        metrics: x1,
+        coefficients: c1,
+    } = run_with(1);
+    let TrialRows {
+        moments: m2,
+        metrics: x2,
+        coefficients: c2,
+    } = run_with(2);
+    assert_eq!(c1, c2);
     assert!(!m1.is_empty());
     assert_eq!(m1.len(), m2.len());
     for (a, b) in m1.iter().zip(&m2) {

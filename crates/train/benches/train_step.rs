@@ -33,10 +33,11 @@
 //! run.
 mod common;
 use common::{env_usize, median, status_mb};
+use rankstab_records::Optimizer;
 use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::sweep::{load_model, run_dir, ModelSpec, RunMeta};
-use rankstab_train::trainer::{Optim, TrainConfig};
+use rankstab_train::trainer::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -109,7 +110,7 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
         "beta": 1.0,
         "init": LoraInit::KaimingUniform,
         "dropout": 0.0,
-        "optimizer": Optim::Adamw,
+        "optimizer": Optimizer::Adamw,
         "lr": 5e-5,
         "steps": sh.steps + 1,
         "batch": sh.batch,

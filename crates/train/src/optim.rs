@@ -7,39 +7,24 @@
 //! `v <- b2 v + (1 - b2) g^2`, `p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
 //! SGD is `p <- p - lr g` (no momentum, as the paper's appendix).
 use crate::TrainError;
+use rankstab_records::Optimizer;
 use tch::Tensor;
 
-/// Optimizers of the training tool; the learning rate does not depend on rank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Optim {
-    /// AdamW, betas 0.9 / 0.999, eps 1e-8, no weight decay (the paper's defaults).
-    Adamw,
-    /// Plain SGD.
-    Sgd,
-}
+/// The optimizers the trainer implements (AdamW and SGD, as the paper); the others of
+/// the vocabulary are refused by [`check_supported`].
+pub const SUPPORTED: [Optimizer; 2] = [Optimizer::Adamw, Optimizer::Sgd];
 
-impl Optim {
-    /// The name used in records and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Adamw => "adamw",
-            Self::Sgd => "sgd",
-        }
-    }
-
-    /// Parses `adamw` or `sgd`.
-    ///
-    /// # Errors
-    /// Any other name.
-    pub fn parse(name: &str) -> Result<Self, TrainError> {
-        match name {
-            "adamw" => Ok(Self::Adamw),
-            "sgd" => Ok(Self::Sgd),
-            o => Err(TrainError::Invalid(format!(
-                "optimizer {o:?} is not known: use adamw or sgd"
-            ))),
-        }
+/// Whether the trainer implements `opt`.
+///
+/// # Errors
+/// An optimizer the trainer does not implement, with the ones it does.
+pub fn check_supported(opt: Optimizer) -> Result<(), TrainError> {
+    if SUPPORTED.contains(&opt) {
+        Ok(())
+    } else {
+        Err(TrainError::Invalid(format!(
+            "optimizer {opt} is not supported by the trainer: use adamw or sgd"
+        )))
     }
 }
 
@@ -69,8 +54,8 @@ impl Default for AdamwParams {
 
 /// An optimizer over a fixed list of parameters, with saveable state.
 #[derive(Debug)]
-pub struct Optimizer {
-    kind: Optim,
+pub struct AdapterOptimizer {
+    kind: Optimizer,
     lr: f64,
     adam: AdamwParams,
     params: Vec<Tensor>,
@@ -80,24 +65,34 @@ pub struct Optimizer {
     step: u64,
 }
 
-impl Optimizer {
+impl AdapterOptimizer {
     /// An optimizer of `params` (tensors that require grad).
-    pub fn new(kind: Optim, lr: f64, adam: AdamwParams, params: Vec<Tensor>) -> Self {
-        let moments = match kind {
-            Optim::Adamw => params
+    ///
+    /// # Errors
+    /// An optimizer the trainer does not implement ([`check_supported`]).
+    pub fn new(
+        kind: Optimizer,
+        lr: f64,
+        adam: AdamwParams,
+        params: Vec<Tensor>,
+    ) -> Result<Self, TrainError> {
+        check_supported(kind)?;
+        let moments = if kind.is_adaptive() {
+            params
                 .iter()
                 .map(|p| (p.zeros_like(), p.zeros_like()))
-                .collect(),
-            Optim::Sgd => Vec::new(),
+                .collect()
+        } else {
+            Vec::new()
         };
-        Self {
+        Ok(Self {
             kind,
             lr,
             adam,
             params,
             moments,
             step: 0,
-        }
+        })
     }
 
     /// Steps taken so far.
@@ -156,8 +151,9 @@ impl Optimizer {
     pub fn step(&mut self) {
         self.step += 1;
         let lr = self.lr;
+        // `new` admits AdamW and SGD only (check_supported).
         tch::no_grad(|| match self.kind {
-            Optim::Sgd => {
+            Optimizer::Sgd | Optimizer::SgdMomentum => {
                 for p in &self.params {
                     let g = p.grad();
                     if g.defined() {
@@ -166,7 +162,7 @@ impl Optimizer {
                     }
                 }
             }
-            Optim::Adamw => {
+            Optimizer::Adamw | Optimizer::Adam => {
                 let AdamwParams {
                     beta1,
                     beta2,
@@ -247,7 +243,11 @@ mod tests {
     /// rounding.
     #[test]
     fn matches_libtorchs_optimizers() {
-        for (kind, wd) in [(Optim::Adamw, 0.0), (Optim::Adamw, 0.1), (Optim::Sgd, 0.0)] {
+        for (kind, wd) in [
+            (Optimizer::Adamw, 0.0),
+            (Optimizer::Adamw, 0.1),
+            (Optimizer::Sgd, 0.0),
+        ] {
             tch::manual_seed(3);
             let target = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
             let vs_ref = nn::VarStore::new(Device::Cpu);
@@ -261,7 +261,7 @@ mod tests {
             );
             let p_ours = p_ref.detach().copy().set_requires_grad(true);
             let mut reference = match kind {
-                Optim::Adamw => nn::AdamW {
+                Optimizer::Adamw => nn::AdamW {
                     beta1: 0.9,
                     beta2: 0.999,
                     wd,
@@ -269,14 +269,15 @@ mod tests {
                     amsgrad: false,
                 }
                 .build(&vs_ref, 0.05),
-                Optim::Sgd => nn::Sgd::default().build(&vs_ref, 0.05),
+                _ => nn::Sgd::default().build(&vs_ref, 0.05),
             }
             .unwrap();
             let adam = AdamwParams {
                 weight_decay: wd,
                 ..AdamwParams::default()
             };
-            let mut ours = Optimizer::new(kind, 0.05, adam, vec![p_ours.shallow_clone()]);
+            let mut ours =
+                AdapterOptimizer::new(kind, 0.05, adam, vec![p_ours.shallow_clone()]).unwrap();
             for _ in 0..5 {
                 let l = (&p_ref - &target).pow_tensor_scalar(4).sum(Kind::Float);
                 reference.zero_grad();
@@ -295,14 +296,24 @@ mod tests {
     }
 
     #[test]
+    fn unsupported_optimizers_are_refused() {
+        for kind in [Optimizer::Adam, Optimizer::SgdMomentum] {
+            let err = AdapterOptimizer::new(kind, 0.1, AdamwParams::default(), vec![])
+                .expect_err("not implemented");
+            assert!(err.to_string().contains("use adamw or sgd"), "{err}");
+        }
+    }
+
+    #[test]
     fn clipping_caps_the_global_norm() {
         let p = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
-        let mut o = Optimizer::new(
-            Optim::Sgd,
+        let mut o = AdapterOptimizer::new(
+            Optimizer::Sgd,
             1.0,
             AdamwParams::default(),
             vec![p.shallow_clone()],
-        );
+        )
+        .unwrap();
         (&p * &p).sum(Kind::Float).backward(); // grad = 2p = (6, 8), norm 10
         let before = o.clip_grad_norm(1.0);
         assert!((before - 10.0).abs() < 1e-6);

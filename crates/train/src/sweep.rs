@@ -35,12 +35,12 @@
 use crate::data::{load_dataset, DataFormat, DataSpec, Dataset};
 use crate::load::{load, tokenizer_from_vocab_merges};
 use crate::lora::LoraInit;
-use crate::optim::Optim;
+use crate::optim::check_supported;
 use crate::text::TextTokenizer;
 use crate::trainer::{train, TrainConfig, TrainOutcome};
 use crate::{CausalLm, TrainError};
 use rankstab_records::{
-    read_json, scaling_name, scaling_preset, write_json_atomic, Manifest, RunStatus, SCHEMA_VERSION,
+    read_json, write_json_atomic, Manifest, Optimizer, RunStatus, Scaling, SCHEMA_VERSION,
 };
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind};
@@ -109,11 +109,11 @@ pub struct ModelSpec {
 fn d_ranks() -> Vec<usize> {
     vec![4, 8, 32, 128, 512, 2048]
 }
-fn d_scalings() -> Vec<String> {
-    vec!["lora".into(), "rslora".into()]
+fn d_scalings() -> Vec<Scaling> {
+    vec![Scaling::LORA, Scaling::RSLORA]
 }
-fn d_optimizers() -> Vec<Optim> {
-    vec![Optim::Adamw]
+fn d_optimizers() -> Vec<Optimizer> {
+    vec![Optimizer::Adamw]
 }
 fn d_seeds() -> Vec<u64> {
     vec![0]
@@ -174,10 +174,10 @@ pub struct SweepConfig {
     pub ranks: Vec<usize>,
     /// Scalings: lora, rslora, constant or beta=B.
     #[serde(default = "d_scalings")]
-    pub scalings: Vec<String>,
+    pub scalings: Vec<Scaling>,
     /// Optimizers.
     #[serde(default = "d_optimizers")]
-    pub optimizers: Vec<Optim>,
+    pub optimizers: Vec<Optimizer>,
     /// Seeds.
     #[serde(default = "d_seeds")]
     pub seeds: Vec<u64>,
@@ -253,12 +253,12 @@ pub struct Cell {
     pub model: String,
     /// Rank.
     pub rank: usize,
-    /// Scaling name.
-    pub scaling: String,
+    /// Scaling.
+    pub scaling: Scaling,
     /// Scaling exponent.
     pub beta: f64,
     /// Optimizer.
-    pub optimizer: Optim,
+    pub optimizer: Optimizer,
     /// Learning rate.
     pub lr: f64,
     /// Seed.
@@ -287,26 +287,6 @@ pub enum CellState {
     Complete,
     /// Ended by a non-finite loss.
     Diverged,
-}
-
-/// The beta of a scaling name: lora, rslora, constant, or beta=B.
-///
-/// # Errors
-/// Any other name, or a beta that is not a finite number.
-pub fn parse_scaling(name: &str) -> Result<f64, TrainError> {
-    if let Some(b) = scaling_preset(name) {
-        return Ok(b);
-    }
-    if let Some(v) = name.strip_prefix("beta=") {
-        if let Ok(b) = v.parse::<f64>() {
-            if b.is_finite() {
-                return Ok(b);
-            }
-        }
-    }
-    Err(TrainError::Invalid(format!(
-        "scaling {name:?} is not known: use lora, rslora, constant or beta=B (a finite number)"
-    )))
 }
 
 impl SweepConfig {
@@ -385,8 +365,8 @@ impl SweepConfig {
         if self.scalings.is_empty() || self.optimizers.is_empty() || self.seeds.is_empty() {
             return bad("scalings, optimizers and seeds must not be empty".into());
         }
-        for s in &self.scalings {
-            parse_scaling(s).map_err(|e| TrainError::Invalid(format!("{origin}: {e}")))?;
+        for &o in &self.optimizers {
+            check_supported(o).map_err(|e| TrainError::Invalid(format!("{origin}: {e}")))?;
         }
         if !["f32", "bf16"].contains(&self.dtype.as_str()) {
             return bad(format!(
@@ -412,27 +392,25 @@ impl SweepConfig {
         let mut cells = Vec::new();
         for m in &self.models {
             for &rank in m.ranks.as_ref().unwrap_or(&self.ranks) {
-                for s in &self.scalings {
-                    let beta = parse_scaling(s).unwrap_or(f64::NAN);
-                    let scaling = scaling_name(beta);
+                for &scaling in &self.scalings {
                     for &optimizer in &self.optimizers {
                         for &seed in &self.seeds {
                             let index = cells.len();
                             cells.push(Cell {
                                 index,
                                 name: format!(
-                                    "{index:03}-{}-r{rank}-{scaling}-{}-s{seed}",
+                                    "{index:03}-{}-r{rank}-{scaling}-{optimizer}-s{seed}",
                                     m.name,
-                                    optimizer.name()
                                 ),
                                 model: m.name.clone(),
                                 rank,
-                                scaling: scaling.clone(),
-                                beta,
+                                scaling,
+                                beta: scaling.beta(),
                                 optimizer,
-                                lr: match optimizer {
-                                    Optim::Adamw => self.lr.adamw,
-                                    Optim::Sgd => self.lr.sgd,
+                                lr: if optimizer.is_adaptive() {
+                                    self.lr.adamw
+                                } else {
+                                    self.lr.sgd
                                 },
                                 seed,
                             });
@@ -605,7 +583,7 @@ pub fn run_dir(
         tool_version: meta.tool_version.clone(),
         git_revision: meta.git_revision.clone(),
         command: "train".into(),
-        config: serde_json::json!({ "train": cfg, "scaling": scaling_name(cfg.beta), "run": meta.extra }),
+        config: serde_json::json!({ "train": cfg, "scaling": cfg.scaling()?, "run": meta.extra }),
         seeds: vec![cfg.seed],
         device: meta.device.clone(),
         created: now(),
@@ -715,6 +693,7 @@ mod tests {
             ("scalings = [\"wide\"]\n", "wide"),
             ("colour = 1\n", "colour"),
             ("dtype = \"f8\"\n", "f8"),
+            ("optimizers = [\"adam\"]\n", "adamw or sgd"),
             ("batch = 32\nmicro_batch = 5\n", "divide"),
         ] {
             let e = SweepConfig::from_toml(&format!("{extra}{base}"), "s.toml")
@@ -729,8 +708,6 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("gpt-j-huge") && e.contains("gpt-j-mini"), "{e}");
-        assert_eq!(parse_scaling("beta=0.75").unwrap(), 0.75);
-        assert!(parse_scaling("beta=x").is_err());
     }
 
     #[test]

@@ -9,11 +9,10 @@
 //! `moments.csv` (source = train) and `metrics.csv`.
 use crate::data::{collate, heldout_count, shuffle_split, Dataset, Sequence};
 use crate::lora::{check_rank, save_peft, LoraAdapter, LoraConfig, LoraInit, PeftAdapterConfig};
-pub use crate::optim::Optim;
-use crate::optim::{AdamwParams, Optimizer};
+use crate::optim::{check_supported, AdamwParams, AdapterOptimizer};
 use crate::probe::{delta_norm_and_stable_rank, fro, moments};
 use crate::{CausalLm, TrainError};
-use rankstab_records::{scaling_name, MetricRow, MomentRow, TableWriter};
+use rankstab_records::{Metric, MetricRow, MomentRow, Optimizer, Scaling, Site, Stat, TableWriter};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,8 +34,8 @@ pub struct TrainConfig {
     pub init: LoraInit,
     /// Adapter dropout.
     pub dropout: f64,
-    /// Optimizer.
-    pub optimizer: Optim,
+    /// Optimizer (the trainer implements adamw and sgd).
+    pub optimizer: Optimizer,
     /// Learning rate.
     pub lr: f64,
     /// Optimisation steps.
@@ -84,6 +83,14 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The scaling rule of `beta`.
+    ///
+    /// # Errors
+    /// A non-finite beta.
+    pub fn scaling(&self) -> Result<Scaling, TrainError> {
+        Scaling::from_beta(self.beta).map_err(|e| TrainError::Invalid(e.to_string()))
+    }
+
     /// Sequences per forward/backward pass.
     pub fn micro(&self) -> usize {
         if self.micro_batch == 0 {
@@ -101,6 +108,7 @@ impl TrainConfig {
     /// a clipping norm that is not finite and positive.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |m: String| Err(TrainError::Invalid(m));
+        check_supported(self.optimizer)?;
         if self.rank == 0 {
             return bad("rank 0 is not allowed: ranks are integers >= 1".into());
         }
@@ -574,7 +582,7 @@ pub fn train(
         weight_decay: cfg.weight_decay,
         ..AdamwParams::default()
     };
-    let mut opt = Optimizer::new(cfg.optimizer, cfg.lr, adam, params);
+    let mut opt = AdapterOptimizer::new(cfg.optimizer, cfg.lr, adam, params)?;
     let rec = |e: rankstab_records::RecordsError| TrainError::Invalid(e.to_string());
     let mut mw = TableWriter::<MomentRow>::open(&out.join("moments.csv")).map_err(rec)?;
     let mut tw = TableWriter::<MetricRow>::open(&out.join("metrics.csv")).map_err(rec)?;
@@ -618,19 +626,18 @@ pub fn train(
         CausalLm::Llama(m) => m.config.hidden_size,
         CausalLm::Gptj(m) => m.config.n_embd,
     } as u32;
-    let scaling = scaling_name(cfg.beta);
-    let opt_name = cfg.optimizer.name();
-    let metric = |step: usize, metric: &str, value: f64| MetricRow {
+    let scaling = cfg.scaling()?;
+    let metric = |step: usize, metric: Metric, value: f64| MetricRow {
         source: "train".into(),
         model: cfg.model_name.clone(),
         rank: cfg.rank as u32,
-        scaling: scaling.clone(),
+        scaling,
         beta: cfg.beta,
-        optimizer: opt_name.into(),
+        optimizer: cfg.optimizer,
         inputs: "text".into(),
         seed: cfg.seed,
         step: step as u32,
-        metric: metric.into(),
+        metric,
         value,
     };
     let max_m = cfg.moments.iter().copied().max().unwrap_or(4);
@@ -701,7 +708,8 @@ pub fn train(
         }
         if !lv.is_finite() {
             let msg = format!("diverged at step {step}");
-            tw.append(&[metric(step, "diverged", 1.0)]).map_err(rec)?;
+            tw.append(&[metric(step, Metric::Diverged, 1.0)])
+                .map_err(rec)?;
             remove_checkpoints(out);
             return Ok(TrainOutcome {
                 heldout_loss: f64::NAN,
@@ -739,9 +747,9 @@ pub fn train(
                 layer,
                 rank: cfg.rank as u32,
                 alpha: cfg.alpha,
-                scaling: scaling.clone(),
+                scaling,
                 beta: cfg.beta,
-                optimizer: opt_name.into(),
+                optimizer: cfg.optimizer,
                 inputs: "text".into(),
                 dist: "text".into(),
                 width,
@@ -749,13 +757,16 @@ pub fn train(
                 step: step as u32,
                 ..Default::default()
             };
-            for (site, s) in ["fwd", "grad_out", "bwd"].iter().zip(&sums[i]) {
+            for (site, s) in [Site::Fwd, Site::GradOut, Site::Bwd]
+                .into_iter()
+                .zip(&sums[i])
+            {
                 for &m in &cfg.moments {
                     let k = m as usize - 1;
-                    for (stat, v) in [("abs", &s.abs), ("raw", &s.raw)] {
+                    for (stat, v) in [(Stat::Abs, &s.abs), (Stat::Raw, &s.raw)] {
                         rows.push(MomentRow {
-                            site: (*site).into(),
-                            stat: stat.into(),
+                            site,
+                            stat,
                             m: Some(m),
                             value: v[k] / s.n,
                             ..base.clone()
@@ -763,15 +774,15 @@ pub fn train(
                     }
                 }
             }
-            let mut stats = vec![("grad_norm_a", na), ("grad_norm_b", nb)];
+            let mut stats = vec![(Stat::GradNormA, na), (Stat::GradNormB, nb)];
             if norms_now {
                 let (dn, sr) = delta_norm_and_stable_rank(&ad.b, &ad.a, ad.scaling);
-                stats.extend([("delta_norm", dn), ("stable_rank", sr)]);
+                stats.extend([(Stat::DeltaNorm, dn), (Stat::StableRank, sr)]);
             }
             for (stat, value) in stats {
                 rows.push(MomentRow {
-                    site: "param".into(),
-                    stat: stat.into(),
+                    site: Site::Param,
+                    stat,
                     value,
                     ..base.clone()
                 });
@@ -786,21 +797,21 @@ pub fn train(
         opt.step();
         last_loss = lv;
         let mut mrows = vec![
-            metric(step, "loss", lv),
-            metric(step, "perplexity", lv.exp()),
+            metric(step, Metric::Loss, lv),
+            metric(step, Metric::Perplexity, lv.exp()),
             metric(
                 step,
-                "grad_norm_avg",
+                Metric::GradNormAvg,
                 (grad_sq / n_params.max(1) as f64).sqrt(),
             ),
-            metric(step, "grad_norm", grad_norm),
-            metric(step, "lr", cfg.lr),
-            metric(step, "seconds", t0.elapsed().as_secs_f64()),
+            metric(step, Metric::GradNorm, grad_norm),
+            metric(step, Metric::Lr, cfg.lr),
+            metric(step, Metric::Seconds, t0.elapsed().as_secs_f64()),
         ];
         if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step + 1 == cfg.steps) {
             let h = heldout_loss(model, data, cfg.heldout_max, micro, device);
-            mrows.push(metric(step, "heldout_loss", h));
-            mrows.push(metric(step, "heldout_perplexity", h.exp()));
+            mrows.push(metric(step, Metric::HeldoutLoss, h));
+            mrows.push(metric(step, Metric::HeldoutPerplexity, h.exp()));
             if step + 1 == cfg.steps {
                 final_heldout = Some(h);
             }

@@ -1,9 +1,10 @@
 //! The instrumented trainer on the tiny Llama fixture.
+use rankstab_records::Optimizer;
 use rankstab_records::{read_table, MetricRow, MomentRow};
 use rankstab_train::data::{DataFormat, Dataset, Sequence};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::text::TextTokenizer;
-use rankstab_train::trainer::{train, windows, Optim, TrainConfig, TrainOutcome};
+use rankstab_train::trainer::{train, windows, TrainConfig, TrainOutcome};
 use rankstab_train::CausalLm;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
@@ -17,7 +18,7 @@ must be in want of a wife. However little known the feelings or views of such a 
 a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered the \
 rightful property of some one or other of their daughters.";
 
-fn cfg(rank: usize, beta: f64, optimizer: Optim, steps: usize, seed: u64) -> TrainConfig {
+fn cfg(rank: usize, beta: f64, optimizer: Optimizer, steps: usize, seed: u64) -> TrainConfig {
     TrainConfig {
         model_name: "tiny-llama".into(),
         rank,
@@ -80,13 +81,13 @@ fn run(c: &TrainConfig) -> (tempfile::TempDir, TrainOutcome) {
 
 #[test]
 fn adamw_lowers_the_loss_and_writes_rows_and_a_peft_adapter() {
-    let (dir, out) = run(&cfg(4, 0.5, Optim::Adamw, 30, 0));
+    let (dir, out) = run(&cfg(4, 0.5, Optimizer::Adamw, 30, 0));
     assert!(out.diverged.is_none());
     let metrics: Vec<MetricRow> = read_table(&dir.path().join("metrics.csv")).expect("metrics");
     let loss = |step: u32| {
         metrics
             .iter()
-            .find(|m| m.metric == "loss" && m.step == step)
+            .find(|m| m.metric.as_str() == "loss" && m.step == step)
             .expect("loss row")
             .value
     };
@@ -100,7 +101,9 @@ fn adamw_lowers_the_loss_and_writes_rows_and_a_peft_adapter() {
     assert_eq!(modules.len(), 14);
     for site in ["fwd", "grad_out", "bwd", "param"] {
         assert!(
-            moments.iter().any(|r| r.site == site && r.step == 10),
+            moments
+                .iter()
+                .any(|r| r.site.as_str() == site && r.step == 10),
             "{site}"
         );
     }
@@ -112,7 +115,7 @@ fn adamw_lowers_the_loss_and_writes_rows_and_a_peft_adapter() {
 
 #[test]
 fn at_step_zero_b_is_zero_so_only_grad_b_is_nonzero() {
-    let (dir, _) = run(&cfg(4, 1.0, Optim::Sgd, 2, 1));
+    let (dir, _) = run(&cfg(4, 1.0, Optimizer::Sgd, 2, 1));
     let moments: Vec<MomentRow> = read_table(&dir.path().join("moments.csv")).expect("moments");
     for r in moments.iter().filter(|r| r.step == 0) {
         match (r.site.as_str(), r.stat.as_str()) {
@@ -133,12 +136,12 @@ fn step_zero_gradient_norm_of_b_scales_as_gamma_sqrt_r() {
     let mean_norm = |rank: usize, beta: f64| {
         let mut s = 0.0;
         for seed in 0..6 {
-            let (dir, _) = run(&cfg(rank, beta, Optim::Sgd, 1, 100 + seed));
+            let (dir, _) = run(&cfg(rank, beta, Optimizer::Sgd, 1, 100 + seed));
             let moments: Vec<MomentRow> =
                 read_table(&dir.path().join("moments.csv")).expect("moments");
             let v: Vec<f64> = moments
                 .iter()
-                .filter(|r| r.stat == "grad_norm_b" && r.step == 0)
+                .filter(|r| r.stat.as_str() == "grad_norm_b" && r.step == 0)
                 .map(|r| r.value * r.value)
                 .collect();
             s += v.iter().sum::<f64>() / v.len() as f64;
@@ -158,7 +161,7 @@ fn step_zero_gradient_norm_of_b_scales_as_gamma_sqrt_r() {
 
 #[test]
 fn unknown_target_module_lists_the_available_ones() {
-    let mut c = cfg(2, 0.5, Optim::Sgd, 1, 0);
+    let mut c = cfg(2, 0.5, Optimizer::Sgd, 1, 0);
     c.target_modules = vec!["qkv".into()];
     let dir = tempfile::tempdir().expect("tempdir");
     let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
@@ -176,7 +179,12 @@ fn unknown_target_module_lists_the_available_ones() {
 fn rows(dir: &Path) -> (Vec<MomentRow>, Vec<MetricRow>) {
     let m: Vec<MomentRow> = read_table(&dir.join("moments.csv")).expect("moments");
     let x: Vec<MetricRow> = read_table(&dir.join("metrics.csv")).expect("metrics");
-    (m, x.into_iter().filter(|r| r.metric != "seconds").collect())
+    (
+        m,
+        x.into_iter()
+            .filter(|r| r.metric.as_str() != "seconds")
+            .collect(),
+    )
 }
 
 fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
@@ -219,7 +227,7 @@ fn max_rel_diff(a: &[MomentRow], b: &[MomentRow]) -> f64 {
 /// resumes at step 2 and ends with exactly the rows and adapters of an uninterrupted run.
 #[test]
 fn a_killed_run_resumes_from_its_checkpoint_with_identical_numbers() {
-    for optimizer in [Optim::Adamw, Optim::Sgd] {
+    for optimizer in [Optimizer::Adamw, Optimizer::Sgd] {
         let mut c = cfg(4, 0.5, optimizer, 6, 3);
         c.checkpoint_every = 2;
         let (full, _) = run(&c);
@@ -259,7 +267,7 @@ fn a_killed_run_resumes_from_its_checkpoint_with_identical_numbers() {
 /// probe moments of batch 4 in one pass (to f32 rounding).
 #[test]
 fn gradient_accumulation_equals_the_full_batch() {
-    let c = cfg(4, 1.0, Optim::Adamw, 4, 5);
+    let c = cfg(4, 1.0, Optimizer::Adamw, 4, 5);
     let mut m = c.clone();
     m.micro_batch = 1;
     let (a, _) = run(&c);
@@ -285,7 +293,7 @@ fn gradient_accumulation_equals_the_full_batch() {
 /// so the same rows and adapters (to f32 rounding), with and without it.
 #[test]
 fn activation_checkpointing_gives_the_same_training() {
-    let c = cfg(4, 0.5, Optim::Sgd, 3, 2);
+    let c = cfg(4, 0.5, Optimizer::Sgd, 3, 2);
     let mut k = c.clone();
     k.activation_checkpointing = true;
     let (a, _) = run(&c);
@@ -318,7 +326,7 @@ fn activation_checkpointing_gives_the_same_training() {
 /// the rows before k, and returns normally.
 #[test]
 fn a_non_finite_loss_ends_the_run_as_diverged() {
-    let mut c = cfg(4, 1.0, Optim::Sgd, 40, 0);
+    let mut c = cfg(4, 1.0, Optimizer::Sgd, 40, 0);
     c.lr = 1e30;
     let (dir, out) = run(&c);
     let msg = out.diverged.expect("diverges");
@@ -329,10 +337,12 @@ fn a_non_finite_loss_ends_the_run_as_diverged() {
         .expect("step");
     assert!(k >= 1);
     let (_, x) = rows(dir.path());
-    assert!(x.iter().any(|r| r.metric == "diverged" && r.step == k));
     assert!(x
         .iter()
-        .filter(|r| r.metric == "loss")
+        .any(|r| r.metric.as_str() == "diverged" && r.step == k));
+    assert!(x
+        .iter()
+        .filter(|r| r.metric.as_str() == "loss")
         .all(|r| r.step < k && r.value.is_finite()));
     assert!(!dir.path().join("adapters").exists());
 }
@@ -344,7 +354,7 @@ fn a_non_finite_loss_ends_the_run_as_diverged() {
 /// gamma X A1^T B1^T computed in f64 from the adapters after one step.
 #[test]
 fn probes_match_an_independent_computation() {
-    let c = cfg(4, 0.5, Optim::Sgd, 1, 9);
+    let c = cfg(4, 0.5, Optimizer::Sgd, 1, 9);
     let data = dataset(&c);
     let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
     let eps = match &model {
@@ -458,8 +468,8 @@ fn probes_match_an_independent_computation() {
                 r.step == 1
                     && r.layer == 0
                     && r.module == "q_proj"
-                    && r.site == "fwd"
-                    && r.stat == "abs"
+                    && r.site.as_str() == "fwd"
+                    && r.stat.as_str() == "abs"
                     && r.m == Some(k)
             })
             .expect("row")
@@ -476,7 +486,7 @@ fn probes_match_an_independent_computation() {
 /// precision.
 #[test]
 fn bf16_base_weights_train_with_f32_adapters() {
-    let c = cfg(4, 0.5, Optim::Adamw, 12, 4);
+    let c = cfg(4, 0.5, Optimizer::Adamw, 12, 4);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut model = CausalLm::from_dir(&fixture(), Kind::BFloat16, Device::Cpu).expect("loads");
     let vs = nn::VarStore::new(Device::Cpu);
@@ -490,7 +500,7 @@ fn bf16_base_weights_train_with_f32_adapters() {
     let (_, x) = rows(dir.path());
     let loss = |s: u32| {
         x.iter()
-            .find(|r| r.metric == "loss" && r.step == s)
+            .find(|r| r.metric.as_str() == "loss" && r.step == s)
             .expect("loss")
             .value
     };
@@ -499,7 +509,7 @@ fn bf16_base_weights_train_with_f32_adapters() {
     let (_, y) = rows(f32_dir.path());
     let l0 = y
         .iter()
-        .find(|r| r.metric == "loss" && r.step == 0)
+        .find(|r| r.metric.as_str() == "loss" && r.step == 0)
         .expect("loss")
         .value;
     assert!(
