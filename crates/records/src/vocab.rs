@@ -162,6 +162,9 @@ crate::named_enum! {
         StableRank => "stable_rank",
         /// The exact first-step SGD second moment of the adapter output (theory runs).
         ClosedForm => "closed_form",
+        /// The law's expectation over A of the statistic, given the trial's data (theory
+        /// runs: `E_A[mean |y|^m]` from the exact first-step law, `m` set).
+        Law => "law",
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod closed_form;
 pub mod config;
 mod data;
+pub mod exact;
 pub mod predict;
 mod run;
 pub mod sim;

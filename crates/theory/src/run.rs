@@ -7,6 +7,7 @@
 use crate::closed_form::Coefficients;
 use crate::config::{Reuse, TheoryConfig};
 use crate::data::TrialData;
+use crate::exact::rows::{law_rows, LawTables};
 use crate::predict::law;
 use crate::sim::{frozen_pass, prepare, run_cell, CellSpec};
 use crate::stats::{fit_slope, mean_ci, verdict};
@@ -248,10 +249,12 @@ pub fn run(
     let budget = opts.max_trials_this_run.unwrap_or(usize::MAX);
     let todo: Vec<usize> = todo.into_iter().take(budget).collect();
     progress.start((todo.len() * cell_list.len()) as u64);
+    let tables = LawTables::new(cfg);
     let mut trials_run = 0;
     for &trial in &todo {
         progress.message(&format!("trial {}/{}", trial + 1, cfg.trials));
-        let rows = pool.install(|| trial_rows_inner(cfg, dist, &cell_list, trial, progress));
+        let rows =
+            pool.install(|| trial_rows_inner(cfg, dist, &cell_list, trial, &tables, progress));
         moments.append(&rows.moments)?;
         metrics.append(&rows.metrics)?;
         coefficients.append(&rows.coefficients)?;
@@ -335,7 +338,15 @@ impl FromIterator<TrialRows> for TrialRows {
 pub fn trial_rows(cfg: &TheoryConfig, trial: usize) -> Result<TrialRows, TheoryError> {
     cfg.validate()?;
     let dist = cfg.input_dist()?;
-    Ok(trial_rows_inner(cfg, dist, &cells(cfg), trial, &NoProgress))
+    let tables = LawTables::new(cfg);
+    Ok(trial_rows_inner(
+        cfg,
+        dist,
+        &cells(cfg),
+        trial,
+        &tables,
+        &NoProgress,
+    ))
 }
 
 fn trial_rows_inner(
@@ -343,6 +354,7 @@ fn trial_rows_inner(
     dist: crate::config::InputDist,
     cell_list: &[CellSpec],
     trial: usize,
+    tables: &LawTables,
     progress: &dyn Progress,
 ) -> TrialRows {
     let need_fresh = cfg.inputs.contains(&Reuse::Fresh);
@@ -420,6 +432,23 @@ fn trial_rows_inner(
     let (coefs, closed) = coefficient_rows(cfg, &data, &prep, cell_list, &dist.to_string());
     out.moments.extend(closed);
     out.coefficients = coefs;
+    let t0 = std::time::Instant::now();
+    let base = MomentRow {
+        source: "theory".into(),
+        model: "synthetic".into(),
+        module: "adapter".into(),
+        alpha: cfg.alpha,
+        dist: dist.to_string(),
+        width: cfg.width as u32,
+        seed: data.seed,
+        ..Default::default()
+    };
+    out.moments
+        .extend(law_rows(cfg, &data, &prep, cell_list, tables, &base));
+    tracing::debug!(
+        "trial {trial}: law rows in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     out
 }
 
@@ -549,7 +578,7 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow], coefs: &[CoefRow]) -> Ve
     for r in rows {
         let fitted = match r.stat {
             Stat::Abs | Stat::GradNormA | Stat::GradNormB | Stat::DeltaNorm => true,
-            Stat::Raw | Stat::StableRank | Stat::ClosedForm => false,
+            Stat::Raw | Stat::StableRank | Stat::ClosedForm | Stat::Law => false,
         };
         if !fitted || r.site == Site::GradOut {
             continue;
