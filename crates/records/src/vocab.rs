@@ -160,6 +160,11 @@ crate::named_enum! {
         DeltaNorm => "delta_norm",
         /// Stable rank `||M||_F^2 / ||M||_2^2` of `gamma B A`.
         StableRank => "stable_rank",
+        /// Adam's regime: the share of A's coordinates whose `sqrt(v_hat)` is below
+        /// `10 eps` after the step's update (eps dominates their step size).
+        EpsShareA => "eps_share_a",
+        /// The same for B.
+        EpsShareB => "eps_share_b",
         /// The exact first-step SGD second moment of the adapter output (theory runs).
         ClosedForm => "closed_form",
         /// The law's expectation over A of the statistic, given the trial's data (theory

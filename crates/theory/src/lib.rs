@@ -18,6 +18,7 @@ pub mod closed_form;
 pub mod config;
 mod data;
 pub mod exact;
+pub mod judge;
 pub mod predict;
 mod run;
 pub mod sim;

@@ -249,7 +249,7 @@ pub fn run(
     let budget = opts.max_trials_this_run.unwrap_or(usize::MAX);
     let todo: Vec<usize> = todo.into_iter().take(budget).collect();
     progress.start((todo.len() * cell_list.len()) as u64);
-    let tables = LawTables::new(cfg);
+    let tables = LawTables::shared(cfg);
     let mut trials_run = 0;
     for &trial in &todo {
         progress.message(&format!("trial {}/{}", trial + 1, cfg.trials));
@@ -338,7 +338,7 @@ impl FromIterator<TrialRows> for TrialRows {
 pub fn trial_rows(cfg: &TheoryConfig, trial: usize) -> Result<TrialRows, TheoryError> {
     cfg.validate()?;
     let dist = cfg.input_dist()?;
-    let tables = LawTables::new(cfg);
+    let tables = LawTables::shared(cfg);
     Ok(trial_rows_inner(
         cfg,
         dist,
@@ -578,7 +578,12 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow], coefs: &[CoefRow]) -> Ve
     for r in rows {
         let fitted = match r.stat {
             Stat::Abs | Stat::GradNormA | Stat::GradNormB | Stat::DeltaNorm => true,
-            Stat::Raw | Stat::StableRank | Stat::ClosedForm | Stat::Law => false,
+            Stat::Raw
+            | Stat::StableRank
+            | Stat::ClosedForm
+            | Stat::Law
+            | Stat::EpsShareA
+            | Stat::EpsShareB => false,
         };
         if !fitted || r.site == Site::GradOut {
             continue;

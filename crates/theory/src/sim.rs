@@ -295,6 +295,20 @@ fn fused_pass(
     back
 }
 
+/// Adam's regime after an update at step `t`: the share of the state's coordinates whose
+/// bias-corrected `sqrt(v_hat)` is below `10 eps` (eps dominates their step). `None` for
+/// optimizers without second moments.
+fn eps_share(state: &OptState, h: &Hyper, t: i32) -> Option<f64> {
+    let OptState::Adam { v, .. } = state else {
+        return None;
+    };
+    let bc2 = 1.0 - (h.beta2 as f64).powi(t);
+    // sqrt(v / bc2) < 10 eps  <=>  v < 100 eps^2 bc2.
+    let limit = (100.0 * (h.eps as f64).powi(2) * bc2) as f32;
+    let small = v.iter().filter(|&&x| x < limit).count();
+    Some(small as f64 / v.len().max(1) as f64)
+}
+
 /// Absolute and raw moments of order 1..=max_m (max_m <= 8) of the entries of `y`,
 /// accumulated in f64.
 ///
@@ -640,6 +654,16 @@ pub(crate) fn run_cell(
                 Stat::GradNormB,
                 outer_sum_norm_sq(v.view(), ax).max(0.0).sqrt(),
             ));
+            if let Some(s) = step {
+                for (stat, state) in [(Stat::EpsShareA, &layer.sa), (Stat::EpsShareB, &layer.sb)] {
+                    if let Some(share) = eps_share(state, &hyper, s) {
+                        obs.push(Obs {
+                            step: s as u32,
+                            ..param(stat, share)
+                        });
+                    }
+                }
+            }
             if cfg.delta_norm {
                 let btb = layer.b.t().dot(&layer.b);
                 let aat = layer.a.dot(&layer.a.t());

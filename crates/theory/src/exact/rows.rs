@@ -18,6 +18,7 @@ use ndarray::{concatenate, s, Array2, Axis};
 use rankstab_records::{MomentRow, Optimizer, Site, Stat};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The law's tables for the ranks of a run (built once per run; Adam's filled lazily).
 #[derive(Debug)]
@@ -30,6 +31,28 @@ pub struct LawTables {
 }
 
 impl LawTables {
+    /// The tables for `cfg`'s ranks and init, shared by every caller in the process that
+    /// asks for the same ranks and init (the Adam table fills up as runs and tests use it;
+    /// its values do not depend on who computed them).
+    pub fn shared(cfg: &TheoryConfig) -> Arc<LawTables> {
+        type Cache = Mutex<Vec<((Vec<usize>, bool), Arc<LawTables>)>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        let key = (cfg.ranks.clone(), cfg.init == Init::KaimingUniform);
+        let mut cache = CACHE
+            .get_or_init(|| Mutex::new(Vec::new()))
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
+            return Arc::clone(t);
+        }
+        let t = Arc::new(LawTables::new(cfg));
+        cache.push((key, Arc::clone(&t)));
+        if cache.len() > 8 {
+            cache.remove(0);
+        }
+        t
+    }
+
     /// Tables for `cfg`'s ranks and init.
     pub fn new(cfg: &TheoryConfig) -> Self {
         let fwd = RankTable::new(&cfg.ranks, SgdTerm::Gaussian);
