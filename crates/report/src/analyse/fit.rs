@@ -124,19 +124,26 @@ impl<K: Ord> Means<K> {
     }
 }
 
+/// A rank and a seed: one point of a fit before the mean over seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct RankSeed {
+    rank: u32,
+    seed: u64,
+}
+
 /// Per (rank, seed), the mean of its values over `parts`.
 fn mean_by_rank<'a>(parts: impl Iterator<Item = &'a ByRank>) -> ByRank {
     let mut acc = Means::default();
     for by_rank in parts {
-        for (&r, seeds) in by_rank {
-            for (&s, &v) in seeds {
-                acc.add((r, s), v);
+        for (&rank, seeds) in by_rank {
+            for (&seed, &v) in seeds {
+                acc.add(RankSeed { rank, seed }, v);
             }
         }
     }
     let mut out = ByRank::new();
-    for ((r, s), mean) in acc.means() {
-        out.entry(r).or_default().insert(s, mean);
+    for (at, mean) in acc.means() {
+        out.entry(at.rank).or_default().insert(at.seed, mean);
     }
     out
 }
