@@ -154,8 +154,8 @@ f = pd.DataFrame(json.load(open(f"{d}/fits.json")))
 assert {"slope", "ci_low", "ci_high", "predicted"} <= set(f.columns)
 # The fits are recomputable from the long table: mean over seeds, log-log slope.
 import numpy as np
-one = f[(f.site.as_str() == "fwd") & (f.stat.as_str() == "abs") & (f.m == 2) & (f.optimizer.as_str() == "sgd") & (f.scaling.to_string() == "rslora") & (f.inputs == "coherent") & (f.step == 2)].iloc[0]
-sel = m[(m.site.as_str() == "fwd") & (m.stat.as_str() == "abs") & (m.m == 2) & (m.optimizer.as_str() == "sgd") & (m.scaling.to_string() == "rslora") & (m.inputs == "coherent") & (m.step == 2)]
+one = f[(f.site == "fwd") & (f.stat == "abs") & (f.m == 2) & (f.optimizer == "sgd") & (f.scaling == "rslora") & (f.inputs == "coherent") & (f.step == 2)].iloc[0]
+sel = m[(m.site == "fwd") & (m.stat == "abs") & (m.m == 2) & (m.optimizer == "sgd") & (m.scaling == "rslora") & (m.inputs == "coherent") & (m.step == 2)]
 g = sel.groupby("rank")["value"].mean()
 slope = np.polyfit(np.log(g.index.values), np.log(g.values), 1)[0]
 assert abs(slope - one.slope) < 1e-9, (slope, one.slope)

@@ -176,13 +176,12 @@ fn yesno(v: Value) -> String {
     }
 }
 
+/// The CSS class of a yes/no cell: as [`yesno`], but nothing when missing.
 fn yesno_class(v: Value) -> String {
     if v.is_none() || v.is_undefined() {
         String::new()
-    } else if v.is_true() {
-        "yes".into()
     } else {
-        "no".into()
+        yesno(v)
     }
 }
 

@@ -93,24 +93,7 @@ fn report_renders_in_headless_chromium() {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = rankstab_theory::TheoryConfig {
-        width: 64,
-        ranks: vec![4, 8, 16, 32],
-        trials: 3,
-        steps: 2,
-        batch: 4,
-        heldout: 8,
-        moments: vec![2],
-        ..Default::default()
-    };
-    let theory = tmp.path().join("theory");
-    rankstab_theory::run(
-        &cfg,
-        &theory,
-        &rankstab_theory::RunOptions::default(),
-        &rankstab_theory::NoProgress,
-    )
-    .expect("theory run");
+    let theory = common::write_theory_run(tmp.path(), vec![2]);
     let sweep = tmp.path().join("sweep");
     common::write_train_sweep(&sweep);
     let out = tmp.path().join("report");

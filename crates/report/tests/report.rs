@@ -6,25 +6,7 @@ use rankstab_report::{build_report, ReportOptions};
 use std::path::{Path, PathBuf};
 
 fn theory_run(dir: &Path) -> PathBuf {
-    let cfg = rankstab_theory::TheoryConfig {
-        width: 64,
-        ranks: vec![4, 8, 16, 32],
-        trials: 3,
-        steps: 2,
-        batch: 4,
-        heldout: 8,
-        moments: vec![1, 2],
-        ..Default::default()
-    };
-    let out = dir.join("theory");
-    rankstab_theory::run(
-        &cfg,
-        &out,
-        &rankstab_theory::RunOptions::default(),
-        &rankstab_theory::NoProgress,
-    )
-    .expect("theory run");
-    out
+    common::write_theory_run(dir, vec![1, 2])
 }
 
 fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {

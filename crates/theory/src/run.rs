@@ -8,9 +8,9 @@ use crate::closed_form::Coefficients;
 use crate::config::{Reuse, TheoryConfig};
 use crate::data::TrialData;
 use crate::exact::rows::{law_rows, LawTables};
-use crate::predict::law;
+use crate::predict::{judge, law};
 use crate::sim::{frozen_pass, prepare, run_cell, CellSpec};
-use crate::stats::{fit_slope, mean_ci, verdict};
+use crate::stats::{fit_slope, mean_ci};
 use crate::TheoryError;
 use rankstab_records::{
     files, read_json, read_moments, write_json_atomic, CoefRow, CoefStat, Fit, Manifest, Metric,
@@ -653,9 +653,7 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow], coefs: &[CoefRow]) -> Ve
         let ds = cfg.init.log_std_rank_slope();
         let predicted = lw.predicted(&ranks, beta, ds);
         let asymptotic = lw.asymptotic(beta, ds);
-        let tol = cfg.tolerance;
-        let agrees =
-            sf.slope.is_finite() && predicted >= sf.ci_low - tol && predicted <= sf.ci_high + tol;
+        let judged = judge(&sf, Some(predicted), None, cfg.tolerance);
         fits.push(Fit {
             source: "theory".into(),
             model: "synthetic".into(),
@@ -679,9 +677,12 @@ pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow], coefs: &[CoefRow]) -> Ve
             predicted,
             asymptotic,
             regime: lw.regime(*ranks.last().unwrap_or(&1)).into(),
-            verdict: verdict(sf.slope, tol).into(),
-            predicted_verdict: verdict(predicted, tol).into(),
-            agrees,
+            verdict: judged.verdict.to_string(),
+            predicted_verdict: judged
+                .predicted_verdict
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            agrees: judged.agrees.unwrap_or(false),
         });
     }
     fits

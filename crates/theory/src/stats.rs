@@ -1,5 +1,5 @@
-//! Statistics: trial means with t-intervals, log-log slopes with jackknife intervals,
-//! verdicts. Pure functions, no I/O.
+//! Statistics: trial means with t-intervals, log-log slopes with jackknife intervals. Pure
+//! functions, no I/O. (Verdicts are part of the rule, [`crate::predict::judge`].)
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
 /// Two-sided 95% Student-t quantile with `df` degrees of freedom (infinite for df = 0).
@@ -159,24 +159,4 @@ pub fn fit_slope(ranks: &[usize], values: &[Vec<f64>]) -> Option<SlopeFit> {
         ci_low: slope - h,
         ci_high: slope + h,
     })
-}
-
-/// Verdict for a rank exponent: within `tol` of 0 is stable.
-///
-/// ```
-/// use rankstab_theory::stats::verdict;
-/// assert_eq!(verdict(0.05, 0.15), "stable");
-/// assert_eq!(verdict(-1.0, 0.15), "collapsing");
-/// assert_eq!(verdict(2.0, 0.15), "exploding");
-/// ```
-pub fn verdict(slope: f64, tol: f64) -> &'static str {
-    if !slope.is_finite() {
-        "diverged"
-    } else if slope < -tol {
-        "collapsing"
-    } else if slope > tol {
-        "exploding"
-    } else {
-        "stable"
-    }
 }

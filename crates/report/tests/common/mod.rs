@@ -18,6 +18,30 @@ pub const RANKS: [u32; 4] = [4, 8, 16, 32];
 pub const SEEDS: [u64; 2] = [0, 1];
 pub const STEPS: [u32; 5] = [0, 10, 20, 30, 40];
 
+/// A small theory run written by the checker into `dir/theory` (width 64, ranks 4 to 32,
+/// 3 trials, 2 steps) with moments of the orders `moments`; returns its directory.
+pub fn write_theory_run(dir: &Path, moments: Vec<u32>) -> PathBuf {
+    let cfg = rankstab_theory::TheoryConfig {
+        width: 64,
+        ranks: vec![4, 8, 16, 32],
+        trials: 3,
+        steps: 2,
+        batch: 4,
+        heldout: 8,
+        moments,
+        ..Default::default()
+    };
+    let out = dir.join("theory");
+    rankstab_theory::run(
+        &cfg,
+        &out,
+        &rankstab_theory::RunOptions::default(),
+        &rankstab_theory::NoProgress,
+    )
+    .expect("theory run");
+    out
+}
+
 /// Expected AdamW exponent of each (site, stat) for scaling exponent beta (second moments).
 pub fn expected(site: &str, stat: &str, beta: f64) -> f64 {
     match (site, stat) {

@@ -9,8 +9,27 @@
 //! [`Law`] holds (p, a_g, a_s, kappa) for a statistic; the predicted slope is the
 //! least-squares slope of log stat against log r over the ranks actually fitted, and the
 //! asymptotic slope its limit for large rank (the paper's law when kappa > 0).
+//!
+//! Every prediction the tools state lives in this module, and so does the one rule that
+//! sets a fitted exponent against it:
+//!
+//! | module        | job                                                                  |
+//! |---------------|----------------------------------------------------------------------|
+//! | this file     | [`law`] and [`Law`]: the two-term law, its slope and its two limits  |
+//! | `train.rs`    | the prediction for a training row ([`predict_train`])                |
+//! | `verdict.rs`  | the rule: stability [`Verdict`], agreement and band ([`judge`])      |
+//!
+//! The checker (`fits.json`) and the report both ask these functions; neither computes a
+//! law or a verdict of its own.
+use crate::config::TheoryConfig;
 use crate::stats::ols_slope;
-use rankstab_records::{Optimizer, Site, Stat};
+use rankstab_records::{Fit, Optimizer, Site, Stat};
+
+pub mod train;
+pub mod verdict;
+
+pub use train::{grad_norm_avg, predict_train, PEFT_DEFAULT_KURTOSIS};
+pub use verdict::{judge, verdict, Judgement, Verdict};
 
 /// Scaling law of one statistic.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -121,6 +140,30 @@ impl Law {
         self.p * (base - self.a_gamma * beta + self.a_s * log_s_slope)
     }
 
+    /// Both large-rank limits of the law: with its coherent term (the paper's law, what
+    /// [`Law::asymptotic`] gives for kappa > 0) and without it (the fluctuation term alone),
+    /// whatever this law's own kappa.
+    ///
+    /// ```
+    /// use rankstab_theory::predict::{Law, Limits};
+    /// let sgd = Law { p: 2.0, a_gamma: 2.0, a_s: 2.0, kappa: 0.0 };
+    /// assert_eq!(sgd.limits(1.0, 0.0), Limits { coherent: -2.0, incoherent: -3.0 });
+    /// ```
+    pub fn limits(&self, beta: f64, log_s_slope: f64) -> Limits {
+        Limits {
+            coherent: Law {
+                kappa: 1.0,
+                ..*self
+            }
+            .asymptotic(beta, log_s_slope),
+            incoherent: Law {
+                kappa: 0.0,
+                ..*self
+            }
+            .asymptotic(beta, log_s_slope),
+        }
+    }
+
     /// "coherent" when the r^2 term dominates at the largest rank, else "incoherent".
     pub fn regime(&self, r_max: usize) -> &'static str {
         if self.kappa * r_max as f64 >= 1.0 {
@@ -129,4 +172,50 @@ impl Law {
             "incoherent"
         }
     }
+}
+
+/// The two large-rank limits of a law: a real slope should lie between them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// With coherent inputs: the paper's law.
+    pub coherent: f64,
+    /// With incoherent inputs: the fluctuation term alone.
+    pub incoherent: f64,
+}
+
+/// What is predicted for one fitted exponent, as the report shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Predicted slope over the fitted ranks, when a law gives one.
+    pub predicted: Option<f64>,
+    /// Which law gave it (or why there is none), in words.
+    pub law: String,
+    /// The law's two large-rank limits.
+    pub limits: Option<Limits>,
+}
+
+/// The prediction for a fit of a theory run: the finite-rank slope `fits.json` holds, and
+/// the limits from the run's configuration when it is known.
+pub fn fit_prediction(fit: &Fit, cfg: Option<&TheoryConfig>) -> Prediction {
+    Prediction {
+        predicted: fit.predicted.is_finite().then_some(fit.predicted),
+        law: format!("finite-rank law ({} regime at the top rank)", fit.regime),
+        limits: cfg.and_then(|c| fit_limits(c, fit)),
+    }
+}
+
+/// The limits of a theory run's fit, from the run's configuration (width, init): the band
+/// the report shows beside the finite-rank prediction of `fits.json`. `None` for a
+/// statistic without a law.
+pub fn fit_limits(cfg: &TheoryConfig, fit: &Fit) -> Option<Limits> {
+    let law = law(
+        fit.optimizer,
+        fit.site,
+        fit.stat,
+        fit.m,
+        1.0,
+        cfg.width,
+        cfg.init.kurtosis(),
+    )?;
+    Some(law.limits(fit.beta, cfg.init.log_std_rank_slope()))
 }

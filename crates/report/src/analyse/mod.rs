@@ -1,0 +1,119 @@
+//! From loaded runs to everything the report shows: exponent tables with predictions and
+//! verdicts, the data of every figure, the paper's findings next to ours. Pure: no I/O.
+//!
+//! The analysis is a stack of small layers, each with one job:
+//!
+//! | module          | job                                                                  |
+//! |-----------------|----------------------------------------------------------------------|
+//! | this file       | [`Analysis`], its options and the [`analyse`] entry                  |
+//! | `runs`          | provenance of each run ([`RunInfo`]), learning rate, configuration   |
+//! | `fit`           | values by rank and seed, [`fit_by_rank`], step windows, layer means  |
+//! | `row`           | one fitted exponent ([`ExponentRow`]) with its prediction and verdict |
+//! | `theory`        | the section of a theory run: its fits and its figures                |
+//! | `train`         | the training section: grouping the runs, one row per fit, notes      |
+//! | `train_plots`   | the training figures: curves against step, rank panels, heatmaps     |
+//! | `plots`         | what a figure holds ([`Plot`]) and the helpers shared by figures     |
+//! | `findings`      | the paper's findings next to ours                                    |
+//!
+//! Statistics come from `rankstab_theory::stats` (one implementation for the checker and the
+//! report): `fit_slope` (slope of log mean against log rank, jackknife over seeds paired
+//! across ranks) and `mean_ci`. Every prediction and the rule that judges a fit against it
+//! (verdict, agreement, band) come from `rankstab_theory::predict`: the report asks, it does
+//! not compute a law.
+//!
+//! **Training exponents.** Rows are grouped by (model, optimizer, scaling, learning rate,
+//! module, layer, site, stat, m); the recorded steps of a model are cut into step windows
+//! ([`step_windows`]: step 0 alone, then equal-count chunks), and within a window each
+//! (rank, seed) contributes the mean of its values. Seeds present at every rank are paired
+//! (jackknife interval over seeds); when no seed is common to all ranks, each rank's mean
+//! over its seeds is one point and the interval comes from the OLS residuals. Besides each
+//! layer, every module is also fitted on the mean over its layers (`layer = all`).
+//!
+//! **Predictions for training rows** follow `rankstab_theory::predict::predict_train` (the
+//! rule stated in the report's reading guide, [`crate::render::TRAIN_LAW_CHOICE`]): they
+//! depend only on the training row itself, so a training row's `agrees` is the same in every
+//! report. When theory runs are given, the Monte Carlo slopes of the matching setting are
+//! shown beside the prediction (`mc_coherent`, `mc_fresh`), never in its place.
+
+mod findings;
+mod fit;
+mod plots;
+mod row;
+mod runs;
+mod theory;
+mod train;
+mod train_plots;
+
+pub use findings::PaperRow;
+pub use fit::{fit_by_rank, step_windows, ByRank};
+pub use plots::{slug, Plot, PlotKind, RankPanel, RankSeries, StepPanel, StepSeries};
+pub use row::ExponentRow;
+pub use runs::RunInfo;
+pub use theory::TheorySection;
+pub use train::TrainSection;
+
+use crate::load::{Run, RunKind, Skipped};
+use serde::Serialize;
+
+/// Settings of the analysis.
+#[derive(Debug, Clone)]
+pub struct AnalysisOptions {
+    /// Tolerance in exponent units for verdicts and agreement (the checker's default 0.15).
+    pub tolerance: f64,
+    /// Step windows after step 0 for training exponents.
+    pub windows: usize,
+    /// Most panels (steps) per moment-vs-rank figure.
+    pub max_panels: usize,
+}
+
+impl Default for AnalysisOptions {
+    fn default() -> Self {
+        Self {
+            tolerance: 0.15,
+            windows: 3,
+            max_panels: 4,
+        }
+    }
+}
+
+/// Everything a report shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Analysis {
+    /// Provenance of every run used.
+    pub runs: Vec<RunInfo>,
+    /// Directories not used, with reasons.
+    pub skipped: Vec<Skipped>,
+    /// One section per theory run.
+    pub theory: Vec<TheorySection>,
+    /// The merged training runs, when any.
+    pub train: Option<TrainSection>,
+    /// The paper's findings next to ours.
+    pub paper: Vec<PaperRow>,
+    /// Every figure, in display order.
+    pub plots: Vec<Plot>,
+    /// Tolerance used for verdicts.
+    pub tolerance: f64,
+}
+
+/// Runs the whole analysis.
+pub fn analyse(runs: &[Run], skipped: &[Skipped], opts: &AnalysisOptions) -> Analysis {
+    let mut plots = Vec::new();
+    let theory: Vec<TheorySection> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Theory)
+        .map(|r| theory::section(r, opts, &mut plots))
+        .collect();
+    let train_runs: Vec<&Run> = runs.iter().filter(|r| r.kind == RunKind::Train).collect();
+    let train =
+        (!train_runs.is_empty()).then(|| train::section(&train_runs, &theory, opts, &mut plots));
+    let paper = findings::paper_rows(&theory, &train_runs, opts);
+    Analysis {
+        runs: runs.iter().map(runs::run_info).collect(),
+        skipped: skipped.to_vec(),
+        theory,
+        train,
+        paper,
+        plots,
+        tolerance: opts.tolerance,
+    }
+}
