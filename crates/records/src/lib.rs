@@ -27,7 +27,9 @@ pub use error::RecordsError;
 pub use serde as __serde;
 pub use table::{read_json, read_moments, read_table, write_json_atomic, TableWriter};
 pub use types::*;
-pub use vocab::{Layer, Metric, Optimizer, ParseError, Scaling, Site, Stat, Window};
+pub use vocab::{
+    Layer, Metric, Optimizer, Outcome, ParseError, Rival, Scaling, Site, Stat, Verdict, Window,
+};
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, RecordsError>;

@@ -1,7 +1,7 @@
 //! The record types. Column and field names follow the project's axis names: rank, alpha,
 //! beta, scaling, optimizer, width, step, seed, layer, module, site, stat, m. Axis values
 //! are the typed vocabulary of [`crate::vocab`]; the files keep its spellings.
-use crate::vocab::{Metric, Optimizer, Scaling, Site, Stat};
+use crate::vocab::{Metric, Optimizer, Outcome, Rival, Scaling, Site, Stat, Verdict};
 use serde::{Deserialize, Serialize};
 
 /// State of a run directory.
@@ -172,20 +172,63 @@ pub struct Fit {
     /// Upper end of the 95% confidence interval.
     #[serde(deserialize_with = "nan_as_null::deserialize")]
     pub ci_high: f64,
-    /// Predicted slope over the same ranks (finite-rank law, see proofs/).
+    /// Which law gave `predicted` ("exact first step", "first order in lr", "norm law",
+    /// "two-term law"); empty when no law applies.
+    #[serde(default)]
+    pub law: String,
+    /// The law's slope over the same ranks (NaN when no law applies).
     #[serde(deserialize_with = "nan_as_null::deserialize")]
     pub predicted: f64,
-    /// Limit of the prediction for large rank with coherent inputs: the paper's law.
+    /// Half-width of the prediction's band (proofs/verdicts.md).
+    #[serde(default = "nan", deserialize_with = "nan_as_null::deserialize")]
+    pub band: f64,
+    /// Paired difference of the slopes, measured minus law, when the law gives a value
+    /// per trial (NaN otherwise), and its 95% interval.
+    #[serde(default = "nan", deserialize_with = "nan_as_null::deserialize")]
+    pub diff: f64,
+    /// Lower end of the difference's 95% interval.
+    #[serde(default = "nan", deserialize_with = "nan_as_null::deserialize")]
+    pub diff_ci_low: f64,
+    /// Upper end of the difference's 95% interval.
+    #[serde(default = "nan", deserialize_with = "nan_as_null::deserialize")]
+    pub diff_ci_high: f64,
+    /// How the fit stands against the prediction (Benjamini-Hochberg over the run's fits).
+    #[serde(default)]
+    pub outcome: Outcome,
+    /// The rival laws and whether the fit rejects them.
+    #[serde(default)]
+    pub rivals: Vec<RivalCheck>,
+    /// Whether some rival differs from the prediction by more than twice the band, so that
+    /// the fit can tell them apart.
+    #[serde(default)]
+    pub discriminating: bool,
+    /// Limit of the two-term law for large rank with coherent inputs: the paper's law.
     #[serde(deserialize_with = "nan_as_null::deserialize")]
     pub asymptotic: f64,
-    /// "coherent" or "incoherent": which term of the prediction dominates at the top rank.
+    /// "coherent" or "incoherent" (which term of the two-term law dominates at the top
+    /// rank); for Adam also its measured regime ("sign-like", "eps-dominated", "mixed").
     pub regime: String,
-    /// stable, collapsing, exploding (from the fitted slope), or diverged.
-    pub verdict: String,
-    /// Verdict implied by the predicted slope.
-    pub predicted_verdict: String,
-    /// Whether the prediction lies within the interval widened by the tolerance.
-    pub agrees: bool,
+    /// Stability of the statistic from the fit's interval.
+    pub verdict: Verdict,
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+/// A rival law set against a fit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RivalCheck {
+    /// Which rival.
+    pub rival: Rival,
+    /// Its slope.
+    #[serde(deserialize_with = "nan_as_null::deserialize")]
+    pub slope: f64,
+    /// Whether it differs from the prediction by more than twice the band.
+    pub distinct: bool,
+    /// Whether the fit's interval excludes the rival's band (Benjamini-Hochberg over the
+    /// family's rival tests).
+    pub rejected: bool,
 }
 
 /// One row of `summary.csv`: a statistic of one cell aggregated over trials.

@@ -228,6 +228,51 @@ impl Optimizer {
     }
 }
 
+crate::named_enum! {
+    /// How a fitted exponent stands against a claim (proofs/verdicts.md).
+    Outcome, "outcome" {
+        /// The fit's interval lies inside the claim's band.
+        Agrees => "agrees",
+        /// The fit's interval lies outside the claim's band.
+        Disagrees => "disagrees",
+        /// Neither, or nothing to judge (no law, too few seeds or ranks).
+        #[default]
+        Inconclusive => "inconclusive",
+    }
+}
+
+crate::named_enum! {
+    /// What a rank exponent says about its statistic as the rank grows, from its interval.
+    Verdict, "verdict" {
+        /// The interval lies within the resolution band around 0: rank-stable.
+        Stable => "stable",
+        /// The interval lies below the band: the statistic vanishes with rank.
+        Collapsing => "collapsing",
+        /// The interval lies above the band: it blows up with rank.
+        Exploding => "exploding",
+        /// The interval meets the band's edge: not determined by these data.
+        #[default]
+        Undetermined => "undetermined",
+        /// The slope is not finite (the statistic overflowed or the run diverged).
+        Diverged => "diverged",
+    }
+}
+
+crate::named_enum! {
+    /// A rival law a fit is set against (proofs/verdicts.md).
+    Rival, "rival law" {
+        /// The paper's coherent limit, `p (1 - a beta)`.
+        #[default]
+        CoherentLimit => "coherent_limit",
+        /// The incoherent limit, `p (1/2 - a beta)`: the negation of the paper's mechanism.
+        IncoherentLimit => "incoherent_limit",
+        /// The other optimizer family's law (SGD's for Adam, Adam's for SGD).
+        OtherOptimizer => "other_optimizer",
+        /// A rank-flat statistic, slope 0.
+        Flat => "flat",
+    }
+}
+
 /// A scaling rule `gamma_r = alpha * r^-beta`, named by its exponent: `lora` (beta = 1,
 /// `alpha / r`), `rslora` (beta = 1/2, `alpha / sqrt(r)`), `constant` (beta = 0), any other
 /// beta as `beta=<b>`. Parsing also takes a bare number. Ordered by decreasing beta, so

@@ -18,7 +18,7 @@ pub mod closed_form;
 pub mod config;
 mod data;
 pub mod exact;
-pub mod judge;
+mod fits;
 pub mod predict;
 mod run;
 pub mod sim;
@@ -26,8 +26,9 @@ pub mod stats;
 
 pub use config::{Activation, Init, InputDist, Loss, Reuse, TheoryConfig};
 pub use data::trial_seed;
+pub use fits::fit_rows;
 pub use run::{
-    cells, closed_form_checks, fit_rows, run, summarize, trial_flops, trial_rows, ClosedFormCheck,
+    cells, closed_form_checks, run, summarize, trial_flops, trial_rows, ClosedFormCheck,
     NoProgress, Progress, RunOptions, RunOutcome, TrialRows, CHECKS, SUMMARY,
 };
 

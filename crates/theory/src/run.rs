@@ -8,9 +8,9 @@ use crate::closed_form::Coefficients;
 use crate::config::{Reuse, TheoryConfig};
 use crate::data::TrialData;
 use crate::exact::rows::{law_rows, LawTables};
-use crate::predict::{judge, law};
+use crate::fits::fit_rows;
 use crate::sim::{frozen_pass, prepare, run_cell, CellSpec};
-use crate::stats::{fit_slope, mean_ci};
+use crate::stats::mean_ci;
 use crate::TheoryError;
 use rankstab_records::{
     files, read_json, read_moments, write_json_atomic, CoefRow, CoefStat, Fit, Manifest, Metric,
@@ -539,153 +539,6 @@ fn coefficient_rows(
         }
     }
     (coefs, rows)
-}
-
-/// What a theory fit groups by: everything but the rank and the seed.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct FitKey {
-    optimizer: Optimizer,
-    scaling: Scaling,
-    inputs: String,
-    dist: String,
-    layer: u32,
-    site: Site,
-    stat: Stat,
-    m: u32,
-    step: u32,
-}
-
-/// Coherence per (inputs, layer, site) from the exact first-step coefficients, summed over
-/// trials: (lin, quad).
-fn coherence(coefs: &[CoefRow]) -> BTreeMap<(String, u32, Site), (f64, f64)> {
-    let mut out: BTreeMap<(String, u32, Site), (f64, f64)> = BTreeMap::new();
-    for r in coefs {
-        let e = out.entry((r.inputs.clone(), r.layer, r.site)).or_default();
-        match r.stat {
-            CoefStat::Lin => e.0 += r.value,
-            CoefStat::Quad => e.1 += r.value,
-            CoefStat::Entries => {}
-        }
-    }
-    out
-}
-
-/// Fits every (optimizer, scaling, inputs, layer, site, stat, m, step) group of `rows`;
-/// `coefs` are the trials' first-step law coefficients (the coherence of each site).
-pub fn fit_rows(cfg: &TheoryConfig, rows: &[MomentRow], coefs: &[CoefRow]) -> Vec<Fit> {
-    let coef = coherence(coefs);
-    let mut groups: BTreeMap<FitKey, BTreeMap<u32, BTreeMap<u64, f64>>> = BTreeMap::new();
-    for r in rows {
-        let fitted = match r.stat {
-            Stat::Abs | Stat::GradNormA | Stat::GradNormB | Stat::DeltaNorm => true,
-            Stat::Raw
-            | Stat::StableRank
-            | Stat::ClosedForm
-            | Stat::Law
-            | Stat::EpsShareA
-            | Stat::EpsShareB => false,
-        };
-        if !fitted || r.site == Site::GradOut {
-            continue;
-        }
-        let key = FitKey {
-            optimizer: r.optimizer,
-            scaling: r.scaling,
-            inputs: r.inputs.clone(),
-            dist: r.dist.clone(),
-            layer: r.layer,
-            site: r.site,
-            stat: r.stat,
-            m: r.m.unwrap_or(1),
-            step: r.step,
-        };
-        groups
-            .entry(key)
-            .or_default()
-            .entry(r.rank)
-            .or_default()
-            .insert(r.seed, r.value);
-    }
-    let mut fits = Vec::new();
-    for (key, by_rank) in groups {
-        let ranks: Vec<usize> = by_rank.keys().map(|&r| r as usize).collect();
-        // Trials present at every rank (all of them, in a complete run).
-        let seeds: Vec<u64> = by_rank
-            .values()
-            .next()
-            .map(|s| {
-                s.keys()
-                    .copied()
-                    .filter(|k| by_rank.values().all(|v| v.contains_key(k)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let values: Vec<Vec<f64>> = by_rank
-            .values()
-            .map(|v| seeds.iter().map(|s| v[s]).collect())
-            .collect();
-        let any_nonfinite = values.iter().flatten().any(|v| !v.is_finite());
-        let Some(sf) = fit_slope(&ranks, &values).or_else(|| {
-            any_nonfinite.then_some(crate::stats::SlopeFit {
-                slope: f64::NAN,
-                se: f64::NAN,
-                ci_low: f64::NAN,
-                ci_high: f64::NAN,
-            })
-        }) else {
-            continue; // identically zero (e.g. adapter output at step 0, where B = 0)
-        };
-        let kappa = coef
-            .get(&(key.inputs.clone(), key.layer, key.site))
-            .map_or(0.0, |&(lin, quad)| if lin > 0.0 { quad / lin } else { 0.0 });
-        let Some(lw) = law(
-            key.optimizer,
-            key.site,
-            key.stat,
-            key.m,
-            kappa,
-            cfg.width,
-            cfg.init.kurtosis(),
-        ) else {
-            continue;
-        };
-        let beta = key.scaling.beta();
-        let ds = cfg.init.log_std_rank_slope();
-        let predicted = lw.predicted(&ranks, beta, ds);
-        let asymptotic = lw.asymptotic(beta, ds);
-        let judged = judge(&sf, Some(predicted), None, cfg.tolerance);
-        fits.push(Fit {
-            source: "theory".into(),
-            model: "synthetic".into(),
-            module: "adapter".into(),
-            layer: key.layer,
-            optimizer: key.optimizer,
-            scaling: key.scaling,
-            beta,
-            inputs: key.inputs,
-            dist: key.dist,
-            site: key.site,
-            stat: key.stat,
-            m: key.m,
-            step: key.step,
-            ranks: ranks.iter().map(|&r| r as u32).collect(),
-            trials: seeds.len() as u32,
-            slope: sf.slope,
-            se: sf.se,
-            ci_low: sf.ci_low,
-            ci_high: sf.ci_high,
-            predicted,
-            asymptotic,
-            regime: lw.regime(*ranks.last().unwrap_or(&1)).into(),
-            verdict: judged.verdict.to_string(),
-            predicted_verdict: judged
-                .predicted_verdict
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-            agrees: judged.agrees.unwrap_or(false),
-        });
-    }
-    fits
 }
 
 /// What a closed-form check pairs: one cell and site at layer 0, step 1.

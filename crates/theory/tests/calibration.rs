@@ -1,4 +1,4 @@
-//! Calibration of the three-outcome verdicts (judge.rs) on synthetic fits: values whose
+//! Calibration of the three-outcome verdicts (predict/verdict.rs) on synthetic fits: values whose
 //! true rank exponent is known, with trial-to-trial noise shared across ranks (as the
 //! checker's common random numbers give) and independent noise per rank and trial, fitted
 //! with the same jackknife over trials as every fit of the tool.
@@ -11,8 +11,9 @@
 //!   is right.
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use rankstab_theory::judge::{judge_family, resolution, Band, Estimate, Outcome, ALPHA};
-use rankstab_theory::stats::fit_slope;
+use rankstab_records::Outcome;
+use rankstab_theory::predict::verdict::{judge_family, resolution, ALPHA};
+use rankstab_theory::stats::{fit_slope, Band, Estimate};
 
 const RANKS: [u32; 6] = [4, 8, 16, 32, 64, 128];
 const TRIALS: usize = 12;

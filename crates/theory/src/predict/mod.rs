@@ -23,13 +23,13 @@
 //! law or a verdict of its own.
 use crate::config::TheoryConfig;
 use crate::stats::ols_slope;
-use rankstab_records::{Fit, Optimizer, Site, Stat};
+use rankstab_records::{Fit, Optimizer, Rival, Site, Stat};
 
 pub mod train;
 pub mod verdict;
 
 pub use train::{grad_norm_avg, predict_train, PEFT_DEFAULT_KURTOSIS};
-pub use verdict::{judge, verdict, Judgement, Verdict};
+pub use verdict::{judge_all, Claims, Judged};
 
 /// Scaling law of one statistic.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -172,6 +172,56 @@ impl Law {
             "incoherent"
         }
     }
+}
+
+/// The rival laws of a fit of statistic `stat` at `site` (proofs/verdicts.md), with their
+/// slopes for scaling exponent `beta`: for moments the paper's coherent limit, the
+/// incoherent limit (the negation of the paper's mechanism), the other optimizer family's
+/// coherent limit and slope 0; for norms the other family's law and slope 0.
+///
+/// ```
+/// use rankstab_records::{Optimizer, Rival, Site, Stat};
+/// use rankstab_theory::predict::rivals;
+/// let r = rivals(Optimizer::Sgd, Site::Fwd, Stat::Abs, 2, 4096, 1.8, 0.5, 0.0);
+/// assert_eq!(r, vec![(Rival::CoherentLimit, 0.0), (Rival::IncoherentLimit, -1.0),
+///                    (Rival::OtherOptimizer, 1.0), (Rival::Flat, 0.0)]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn rivals(
+    opt: Optimizer,
+    site: Site,
+    stat: Stat,
+    m: u32,
+    width: usize,
+    kurtosis: f64,
+    beta: f64,
+    log_s_slope: f64,
+) -> Vec<(Rival, f64)> {
+    let other = if opt.is_adaptive() {
+        Optimizer::Sgd
+    } else {
+        Optimizer::Adam
+    };
+    let (Some(own), Some(theirs)) = (
+        law(opt, site, stat, m, 1.0, width, kurtosis),
+        law(other, site, stat, m, 1.0, width, kurtosis),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if stat.is_moment() {
+        let l = own.limits(beta, log_s_slope);
+        out.push((Rival::CoherentLimit, l.coherent));
+        out.push((Rival::IncoherentLimit, l.incoherent));
+        out.push((
+            Rival::OtherOptimizer,
+            theirs.limits(beta, log_s_slope).coherent,
+        ));
+    } else {
+        out.push((Rival::OtherOptimizer, theirs.asymptotic(beta, log_s_slope)));
+    }
+    out.push((Rival::Flat, 0.0));
+    out
 }
 
 /// The two large-rank limits of a law: a real slope should lie between them.
