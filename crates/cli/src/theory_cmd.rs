@@ -2,7 +2,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use rankstab_records::{Optimizer, Scaling};
+use rankstab_records::{Fit, Optimizer, Outcome, Rival, Scaling};
 use rankstab_theory::{Activation, Init, Loss, Reuse, RunOptions, TheoryConfig};
 use std::path::PathBuf;
 
@@ -254,11 +254,28 @@ pub fn run(a: TheoryArgs) -> Result<()> {
         return Ok(());
     }
     print_table(&outcome.fits, cfg.steps as u32, a.all_steps);
-    let agree = outcome.fits.iter().filter(|f| f.agrees).count();
+    print_discrimination(&outcome.fits, cfg.steps as u32);
+    let t = rankstab_theory::predict::verdict::tally(&outcome.fits);
     println!(
-        "\n{agree} of {} fits agree with the prediction (tolerance {}).",
-        outcome.fits.len(),
-        cfg.tolerance
+        "\n{} fits, {} with a law; of the {} that can tell their law from a rival: {} agree, {} disagree, \
+         {} inconclusive. Rivals that differ from the law by more than twice its band: {} of {} rejected{}.",
+        t.fits,
+        t.predicted,
+        t.discriminating,
+        t.agrees,
+        t.disagrees,
+        t.inconclusive,
+        t.rivals_rejected,
+        t.rivals_distinct,
+        if t.rivals_distinct > 0 {
+            format!(" ({:.0}%)", 100.0 * t.rivals_rejected as f64 / t.rivals_distinct as f64)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "(90% intervals; Benjamini-Hochberg at 5% over the run's fits; bands from the moment order, the \
+         fitted ranks and the law's known error: proofs/verdicts.md)"
     );
     if !outcome.checks.is_empty() {
         let within = outcome.checks.iter().filter(|c| c.within).count();
@@ -282,30 +299,36 @@ pub fn run(a: TheoryArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_table(fits: &[rankstab_records::Fit], last: u32, all_steps: bool) {
+/// The site as the table shows it: with the layer when it is not the first.
+fn site_at(f: &Fit) -> String {
+    if f.layer > 0 {
+        format!("{}@{}", f.site, f.layer)
+    } else {
+        f.site.to_string()
+    }
+}
+
+/// The fits of the last step (or every step): slope, the law's slope and band, the
+/// outcome, the stability verdict and the distinct rivals rejected.
+fn print_table(fits: &[Fit], last: u32, all_steps: bool) {
     println!(
-        "{:<13} {:<9} {:<9} {:<12} {:<12} {:>2} {:>4} {:>7} {:>17} {:>9} {:>10}  {:<10} {}",
-        "optimizer",
-        "scaling",
-        "inputs",
-        "site",
-        "stat",
-        "m",
-        "step",
-        "slope",
-        "95% CI",
-        "predicted",
-        "asymptotic",
-        "verdict",
-        "agrees"
+        "{:<12} {:<9} {:<9} {:<12} {:<11} {:>1} {:>4} {:>7} {:>17} {:>7} {:>6}  {:<12} {:<12} rivals rejected",
+        "optimizer", "scaling", "inputs", "site", "stat", "m", "step", "slope", "95% CI", "law", "band", "outcome",
+        "verdict"
     );
     for f in fits.iter().filter(|f| all_steps || f.step == last) {
+        let rejected: Vec<String> = f
+            .rivals
+            .iter()
+            .filter(|r| r.distinct && r.rejected)
+            .map(|r| r.rival.to_string())
+            .collect();
         println!(
-            "{:<13} {:<9} {:<9} {:<12} {:<12} {:>2} {:>4} {:>7.3} [{:>7.3},{:>7.3}] {:>9.3} {:>10.3}  {:<10} {}",
+            "{:<12} {:<9} {:<9} {:<12} {:<11} {:>1} {:>4} {:>7.3} [{:>7.3},{:>7.3}] {:>7.3} {:>6.3}  {:<12} {:<12} {}",
             f.optimizer,
             f.scaling,
             f.inputs,
-            if f.layer > 0 { format!("{}@{}", f.site, f.layer) } else { f.site.to_string() },
+            site_at(f),
             f.stat,
             f.m,
             f.step,
@@ -313,9 +336,65 @@ fn print_table(fits: &[rankstab_records::Fit], last: u32, all_steps: bool) {
             f.ci_low,
             f.ci_high,
             f.predicted,
-            f.asymptotic,
+            f.band,
+            f.outcome,
             f.verdict,
-            if f.agrees { "yes" } else { "NO" }
+            if rejected.is_empty() { "-".to_string() } else { rejected.join(",") }
+        );
+    }
+}
+
+/// Per setting (optimizer, scaling, inputs, site) at the last step: which rival laws the
+/// data rule out, and which they do not (over every statistic and order of the setting).
+fn print_discrimination(fits: &[Fit], last: u32) {
+    type Key = (
+        rankstab_records::Optimizer,
+        rankstab_records::Scaling,
+        String,
+        String,
+    );
+    let mut by: std::collections::BTreeMap<
+        Key,
+        (
+            usize,
+            usize,
+            std::collections::BTreeMap<Rival, (usize, usize)>,
+        ),
+    > = std::collections::BTreeMap::new();
+    for f in fits.iter().filter(|f| f.step == last && f.layer == 0) {
+        let e = by
+            .entry((f.optimizer, f.scaling, f.inputs.clone(), f.site.to_string()))
+            .or_default();
+        e.0 += 1;
+        e.1 += usize::from(f.outcome == Outcome::Agrees);
+        for r in f.rivals.iter().filter(|r| r.distinct) {
+            let c = e.2.entry(r.rival).or_default();
+            c.0 += 1;
+            c.1 += usize::from(r.rejected);
+        }
+    }
+    println!("\nWhat the data rule out (last step, layer 0; per setting: rival rejected in k of n fits where it differs from the law):");
+    println!(
+        "{:<12} {:<9} {:<9} {:<12} {:>9}  rivals",
+        "optimizer", "scaling", "inputs", "site", "agree"
+    );
+    for ((opt, scaling, inputs, site), (n, agree, rivals)) in &by {
+        let parts: Vec<String> = rivals
+            .iter()
+            .map(|(r, (n, k))| format!("{r} {k}/{n}"))
+            .collect();
+        println!(
+            "{:<12} {:<9} {:<9} {:<12} {:>9}  {}",
+            opt,
+            scaling,
+            inputs,
+            site,
+            format!("{agree}/{n}"),
+            if parts.is_empty() {
+                "no distinct rival".into()
+            } else {
+                parts.join(", ")
+            }
         );
     }
 }

@@ -561,6 +561,9 @@ mod tests {
         check(Stat::ALL);
         check(Metric::ALL);
         check(Optimizer::ALL);
+        check(Outcome::ALL);
+        check(Verdict::ALL);
+        check(Rival::ALL);
         check(&[Scaling::LORA, Scaling::RSLORA, Scaling::CONSTANT]);
         check(&[
             Scaling::from_beta(0.75).expect("finite"),

@@ -249,6 +249,53 @@ pub fn judge_all(items: &[Claims]) -> Vec<Judged> {
     out
 }
 
+/// Counts over a family of judged fits: how many, with a prediction, able to discriminate
+/// it from a rival, and their outcomes; how many distinct rivals were rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tally {
+    /// Fits.
+    pub fits: usize,
+    /// Fits with a prediction.
+    pub predicted: usize,
+    /// Fits with a prediction and a rival distinct from it (the headline's fits).
+    pub discriminating: usize,
+    /// Among the discriminating fits: agrees.
+    pub agrees: usize,
+    /// Among the discriminating fits: disagrees.
+    pub disagrees: usize,
+    /// Among the discriminating fits: inconclusive.
+    pub inconclusive: usize,
+    /// Rivals distinct from their fit's prediction.
+    pub rivals_distinct: usize,
+    /// Of those, rejected.
+    pub rivals_rejected: usize,
+}
+
+/// The [`Tally`] of judged fits.
+pub fn tally(fits: &[rankstab_records::Fit]) -> Tally {
+    let mut t = Tally {
+        fits: fits.len(),
+        ..Tally::default()
+    };
+    for f in fits {
+        let predicted = f.predicted.is_finite();
+        t.predicted += usize::from(predicted);
+        if predicted && f.discriminating {
+            t.discriminating += 1;
+            match f.outcome {
+                Outcome::Agrees => t.agrees += 1,
+                Outcome::Disagrees => t.disagrees += 1,
+                Outcome::Inconclusive => t.inconclusive += 1,
+            }
+        }
+        for r in f.rivals.iter().filter(|r| r.distinct) {
+            t.rivals_distinct += 1;
+            t.rivals_rejected += usize::from(r.rejected);
+        }
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
