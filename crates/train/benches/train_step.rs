@@ -2,8 +2,8 @@
 //! transformers + peft on the same file: adapters of rank 16 on every attention and MLP
 //! linear (q, k, v, o, gate, up, down), AdamW at lr 5e-5, the same batch, context, thread
 //! count and number of timed steps (after one warm-up step), each side in its own process.
-//! Our side runs twice, as `rankstab train` does (`sweep::load_model`,
-//! `data::load_dataset`, `sweep::run_dir` into a temporary run directory): probes off
+//! Our side runs twice, as `rankstab train` does (`run::load_model`,
+//! `data::load_dataset`, `run::run_dir` into a temporary run directory): probes off
 //! (probe_every = 0, eval_every = 0), then probes on every adapter at every step
 //! (probe_every = 1), which gives the probe overhead. Each of the three measurements runs
 //! in its own process (ours re-run this binary with `--rankstab-child`), one after the
@@ -32,26 +32,17 @@
 //! (`/proc/self/clear_refs`), as on the Python side; the memory ratio uses the probes-off
 //! run.
 mod common;
-use common::{env_usize, median, status_mb};
+use common::{assets, env_usize, median, parse_output, smoke, status_mb, write_result, Python};
 use rankstab_records::Optimizer;
 use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
+use rankstab_train::llama::MODULES as TARGETS;
 use rankstab_train::lora::LoraInit;
-use rankstab_train::sweep::{load_model, run_dir, ModelSpec, RunMeta};
+use rankstab_train::run::{load_model, run_dir, ModelSpec, RunMeta};
 use rankstab_train::trainer::TrainConfig;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 use tch::{Device, Kind};
-
-const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// Probe overhead target: probes on every adapter at every step cost at most 10%.
 const PROBE_TARGET: f64 = 0.10;
@@ -222,25 +213,6 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
     })
 }
 
-/// The JSON line of a measuring process's standard output.
-fn parse_child(what: &str, out: &std::process::Output) -> Result<Measure, String> {
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or_else(|| format!("no JSON from {what}"))?;
-    serde_json::from_str(line).map_err(|e| format!("{what} output {line:?}: {e}"))
-}
-
 /// Our side, in a fresh process per configuration (this binary again), so that one run's
 /// memory cannot count in the other's peak.
 fn rust_side(sh: Shape, probe_every: usize, smoke: bool) -> Result<Measure, String> {
@@ -259,44 +231,20 @@ fn rust_side(sh: Shape, probe_every: usize, smoke: bool) -> Result<Measure, Stri
         .env("RANKSTAB_BENCH_THREADS", sh.threads.to_string())
         .output()
         .map_err(|e| format!("this binary: {e}"))?;
-    parse_child(
+    parse_output(
         &format!("the rankstab run (probe_every {probe_every})"),
         &out,
     )
 }
 
 fn python_side(gguf: &Path, text: &Path, sh: Shape) -> Result<Measure, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_step_transformers.py");
-    let python = std::env::var("RANKSTAB_PYTHON").unwrap_or_else(|_| "python3".into());
-    let command = || {
-        let mut cmd = Command::new(&python);
-        if let Ok(pp) = std::env::var("RANKSTAB_PYTHONPATH") {
-            cmd.env("PYTHONPATH", pp);
-        }
-        cmd
-    };
-    let probe = command()
-        .args(["-c", "import torch, transformers, peft, gguf"])
-        .output()
-        .map_err(|e| format!("{python}: {e}"))?;
-    if !probe.status.success() {
-        return Err(format!(
-            "torch, transformers, peft or gguf cannot be imported by {python} (set RANKSTAB_PYTHONPATH): {}",
-            String::from_utf8_lossy(&probe.stderr).lines().last().unwrap_or("")
-        ));
-    }
-    let out = command()
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .env("TQDM_DISABLE", "1")
-        .env("PYTHONWARNINGS", "ignore")
-        .arg(&script)
-        .arg(gguf)
-        .arg(text)
-        .args([sh.batch, sh.context, sh.rank, sh.steps, sh.threads].map(|v| v.to_string()))
-        .output()
-        .map_err(|e| format!("{python}: {e}"))?;
-    parse_child("the transformers run", &out)
+    let mut args = vec![gguf.display().to_string(), text.display().to_string()];
+    args.extend([sh.batch, sh.context, sh.rank, sh.steps, sh.threads].map(|v| v.to_string()));
+    Python::from_env().run(
+        "train_step_transformers.py",
+        &["torch", "transformers", "peft", "gguf"],
+        &args,
+    )
 }
 
 fn print(m: &Measure) {
@@ -326,10 +274,8 @@ fn main() {
     // `cargo test --all-targets` runs this too (without `--bench`): then a smoke run, two
     // tiny steps per configuration on our side only, proves the benchmark works without
     // timing it (and without Python).
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let root = std::env::var_os("RANKSTAB_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets"));
+    let smoke = smoke();
+    let root = assets();
     let gguf = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let text = root.join("texts/moby-dick.txt");
     for p in [&gguf, &text] {
@@ -440,9 +386,9 @@ fn main() {
             "step_time_probes_on": time_probes,
         })
     });
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/rankstab-bench");
-    if std::fs::create_dir_all(&out).is_ok() {
-        let v = serde_json::json!({
+    write_result(
+        "train_step",
+        &serde_json::json!({
             "rankstab": off,
             "rankstab_probes": on,
             "transformers": theirs,
@@ -453,10 +399,6 @@ fn main() {
             "ratios_rankstab_over_transformers": ratios,
             "load_average_start": load_start.trim(),
             "load_average_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-        });
-        let _ = std::fs::write(
-            out.join("train_step.json"),
-            serde_json::to_string_pretty(&v).unwrap_or_default(),
-        );
-    }
+        }),
+    );
 }

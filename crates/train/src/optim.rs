@@ -214,17 +214,7 @@ impl AdapterOptimizer {
     ) -> Result<(), TrainError> {
         for (i, (m, v)) in self.moments.iter_mut().enumerate() {
             for (name, dst) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
-                let src = tensors.get(&name).ok_or_else(|| {
-                    TrainError::Invalid(format!("checkpoint: optimizer state {name} is missing"))
-                })?;
-                if src.size() != dst.size() {
-                    return Err(TrainError::Invalid(format!(
-                        "checkpoint: optimizer state {name} has shape {:?}, expected {:?}",
-                        src.size(),
-                        dst.size()
-                    )));
-                }
-                tch::no_grad(|| dst.copy_(src));
+                crate::checkpoint::restore(tensors, "optimizer state", &name, dst)?;
             }
         }
         self.step = step;
