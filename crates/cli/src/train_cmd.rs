@@ -113,28 +113,18 @@ pub struct TrainArgs {
     out: Option<PathBuf>,
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    let scaling = match a.beta {
-        Some(b) => Scaling::from_beta(b)
-            .map_err(|_| anyhow::anyhow!("--beta {b} is not allowed: use a finite number"))?,
-        None => a.scaling,
-    };
-    let beta = scaling.beta();
-    let optimizer = a.optimizer;
-    let spec = match a.model.strip_prefix("preset:") {
+/// The model `--model` names: a path, or `preset:NAME` with `--tokenizer`.
+fn model_spec(a: &TrainArgs) -> Result<ModelSpec> {
+    Ok(match a.model.strip_prefix("preset:") {
         Some(p) => ModelSpec {
             name: p.to_string(),
-            path: None,
             preset: Some(p.to_string()),
             tokenizer: Some(
                 a.tokenizer
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("--model preset:{p} needs --tokenizer PATH"))?,
             ),
-            init_seed: 0,
-            ranks: None,
-            steps: None,
-            target_modules: Vec::new(),
+            ..ModelSpec::default()
         },
         None => {
             let path = PathBuf::from(&a.model);
@@ -143,23 +133,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     .file_stem()
                     .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().to_string()),
                 path: Some(path),
-                preset: None,
-                tokenizer: None,
-                init_seed: 0,
-                ranks: None,
-                steps: None,
-                target_modules: Vec::new(),
+                ..ModelSpec::default()
             }
         }
+    })
+}
+
+/// The run's configuration from the flags (`--beta` overrides `--scaling`).
+fn train_config(a: &TrainArgs, model_name: String) -> Result<TrainConfig> {
+    let scaling = match a.beta {
+        Some(b) => Scaling::from_beta(b)
+            .map_err(|_| anyhow::anyhow!("--beta {b} is not allowed: use a finite number"))?,
+        None => a.scaling,
     };
-    let cfg = TrainConfig {
-        model_name: spec.name.clone(),
+    Ok(TrainConfig {
+        model_name,
         rank: a.rank,
         alpha: a.alpha,
-        beta,
+        beta: scaling.beta(),
         init: LoraInit::KaimingUniform,
         dropout: a.dropout,
-        optimizer,
+        optimizer: a.optimizer,
         lr: a.lr,
         steps: a.steps,
         batch: a.batch,
@@ -177,7 +171,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         weight_decay: 0.0,
         checkpoint_every: a.checkpoint_every,
         activation_checkpointing: a.activation_checkpointing,
-    };
+    })
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let spec = model_spec(&a)?;
+    let cfg = train_config(&a, spec.name.clone())?;
     cfg.validate()?;
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(

@@ -14,22 +14,17 @@
 //! peak being reset after loading (`/proc/self/clear_refs`), so loaders' temporary buffers
 //! do not count; both processes hold the same f32 weights.
 mod common;
-use common::{assets, env_usize, median, smoke, status_mb, write_result, Python};
+use common::{
+    assets, cores, env_usize, median, missing, smoke, status_mb, write_result, Python, Run,
+};
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Measure {
-    #[serde(rename = "impl")]
-    implementation: String,
-    batch: usize,
-    context: usize,
-    threads: usize,
-    load_s: f64,
-    median_s: f64,
-    tokens_per_s: f64,
-    rss_loaded_mb: f64,
+    #[serde(flatten)]
+    run: Run,
     peak_rss_forward_mb: f64,
 }
 
@@ -70,14 +65,16 @@ fn rust_side(path: &Path, sh: Shape) -> Result<Measure, String> {
     });
     let med = median(times);
     Ok(Measure {
-        implementation: "rankstab (tch)".into(),
-        batch: sh.batch,
-        context: sh.context,
-        threads: sh.threads,
-        load_s,
-        median_s: med,
-        tokens_per_s: (sh.batch * sh.context) as f64 / med,
-        rss_loaded_mb: rss_loaded,
+        run: Run {
+            load_s,
+            implementation: "rankstab (tch)".into(),
+            batch: sh.batch,
+            context: sh.context,
+            threads: sh.threads,
+            median_s: med,
+            tokens_per_s: (sh.batch * sh.context) as f64 / med,
+            rss_loaded_mb: rss_loaded,
+        },
         peak_rss_forward_mb: peak,
     })
 }
@@ -95,7 +92,7 @@ fn python_side(path: &Path, sh: Shape) -> Result<Measure, String> {
 fn print(m: &Measure) {
     println!(
         "{:<16} {:>10.1} tokens/s  median {:>7.3} s/forward  RSS loaded {:>7.0} MB  peak during forward {:>7.0} MB  (load {:.1} s)",
-        m.implementation, m.tokens_per_s, m.median_s, m.rss_loaded_mb, m.peak_rss_forward_mb, m.load_s
+        m.run.implementation, m.run.tokens_per_s, m.run.median_s, m.run.rss_loaded_mb, m.peak_rss_forward_mb, m.run.load_s
     );
 }
 
@@ -104,14 +101,9 @@ fn main() {
     // short forward pass on our side only, proves the benchmark works without timing it.
     let smoke = smoke();
     let path = assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        println!(
-            "forward: SKIPPED: {} is absent; run scripts/fetch-assets.sh",
-            path.display()
-        );
+    if missing("forward", &[&path]) {
         return;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let sh = Shape {
         batch: env_usize("RANKSTAB_BENCH_BATCH", 1),
         context: if smoke {
@@ -124,7 +116,7 @@ fn main() {
         } else {
             env_usize("RANKSTAB_BENCH_REPS", 5).max(1)
         },
-        threads: env_usize("RANKSTAB_BENCH_THREADS", cores),
+        threads: env_usize("RANKSTAB_BENCH_THREADS", cores()),
     };
     println!(
         "SmolLM2-135M f32 CPU forward: batch {}, context {}, {} repetitions, {} threads",
@@ -147,9 +139,9 @@ fn main() {
             print(&m);
             println!(
                 "ratio rankstab / transformers: throughput {:.2}x, peak memory during forward {:.2}x, resident after load {:.2}x",
-                ours.tokens_per_s / m.tokens_per_s,
+                ours.run.tokens_per_s / m.run.tokens_per_s,
                 ours.peak_rss_forward_mb / m.peak_rss_forward_mb,
-                ours.rss_loaded_mb / m.rss_loaded_mb
+                ours.run.rss_loaded_mb / m.run.rss_loaded_mb
             );
             Some(m)
         }

@@ -32,7 +32,10 @@
 //! (`/proc/self/clear_refs`), as on the Python side; the memory ratio uses the probes-off
 //! run.
 mod common;
-use common::{assets, env_usize, median, parse_output, smoke, status_mb, write_result, Python};
+use common::{
+    assets, cores, env_usize, median, missing, parse_output, smoke, status_mb, write_result,
+    Python, Run,
+};
 use rankstab_records::Optimizer;
 use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
 use rankstab_train::llama::MODULES as TARGETS;
@@ -49,20 +52,13 @@ const PROBE_TARGET: f64 = 0.10;
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Measure {
-    #[serde(rename = "impl")]
-    implementation: String,
-    batch: usize,
-    context: usize,
+    #[serde(flatten)]
+    run: Run,
     rank: usize,
-    threads: usize,
     steps: usize,
-    load_s: f64,
-    median_s: f64,
     #[serde(default)]
     min_s: f64,
     step_times_s: Vec<f64>,
-    tokens_per_s: f64,
-    rss_loaded_mb: f64,
     peak_rss_train_mb: f64,
     #[serde(default)]
     trainable_params: i64,
@@ -195,18 +191,20 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
         .map(|n| n as i64)
         .sum();
     Ok(Measure {
-        implementation: name.into(),
-        batch: sh.batch,
-        context: sh.context,
+        run: Run {
+            load_s,
+            implementation: name.into(),
+            batch: sh.batch,
+            context: sh.context,
+            threads: sh.threads,
+            median_s: med,
+            tokens_per_s: (sh.batch * sh.context) as f64 / med,
+            rss_loaded_mb: rss_loaded,
+        },
         rank: sh.rank,
-        threads: sh.threads,
         steps: sh.steps,
-        load_s,
-        median_s: med,
         min_s: min,
         step_times_s: times,
-        tokens_per_s: (sh.batch * sh.context) as f64 / med,
-        rss_loaded_mb: rss_loaded,
         peak_rss_train_mb: peak,
         trainable_params: trainable,
         last_loss: outcome.last_loss,
@@ -250,13 +248,13 @@ fn python_side(gguf: &Path, text: &Path, sh: Shape) -> Result<Measure, String> {
 fn print(m: &Measure) {
     println!(
         "{:<18} {:>7.1} tokens/s  median {:>7.3} s/step (min {:.3})  peak RSS during steps {:>6.0} MB  RSS after warm-up {:>6.0} MB  (load {:.1} s, {} trainable, loss {:.3})",
-        m.implementation,
-        m.tokens_per_s,
-        m.median_s,
+        m.run.implementation,
+        m.run.tokens_per_s,
+        m.run.median_s,
         m.min_s,
         m.peak_rss_train_mb,
-        m.rss_loaded_mb,
-        m.load_s,
+        m.run.rss_loaded_mb,
+        m.run.load_s,
         m.trainable_params,
         m.last_loss
     );
@@ -278,16 +276,9 @@ fn main() {
     let root = assets();
     let gguf = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let text = root.join("texts/moby-dick.txt");
-    for p in [&gguf, &text] {
-        if !p.exists() {
-            println!(
-                "train_step: SKIPPED: {} is absent; run scripts/fetch-assets.sh",
-                p.display()
-            );
-            return;
-        }
+    if missing("train_step", &[&gguf, &text]) {
+        return;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let sh = Shape {
         batch: if smoke {
             1
@@ -307,7 +298,7 @@ fn main() {
         },
         // The smoke run uses one thread: tests may run beside it, and libtorch's OpenMP
         // threads slow down by an order of magnitude on oversubscribed cores.
-        threads: env_usize("RANKSTAB_BENCH_THREADS", if smoke { 1 } else { cores }).max(1),
+        threads: env_usize("RANKSTAB_BENCH_THREADS", if smoke { 1 } else { cores() }).max(1),
     };
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--rankstab-child") {
@@ -343,7 +334,7 @@ fn main() {
         };
     print(&off);
     print(&on);
-    let probe_overhead = on.median_s / off.median_s - 1.0;
+    let probe_overhead = on.run.median_s / off.run.median_s - 1.0;
     let probe_overhead_min = on.min_s / off.min_s - 1.0;
     println!(
         "probe overhead (probes on every adapter every step): {:+.1}% (target <= {:.0}%: {}; from the fastest steps {:+.1}%), peak memory {:+.1}%",
@@ -368,10 +359,10 @@ fn main() {
         }
     };
     let ratios = theirs.as_ref().map(|m| {
-        let time = off.median_s / m.median_s;
+        let time = off.run.median_s / m.run.median_s;
         let mem = off.peak_rss_train_mb / m.peak_rss_train_mb;
         let time_min = off.min_s / m.min_s;
-        let time_probes = on.median_s / m.median_s;
+        let time_probes = on.run.median_s / m.run.median_s;
         println!(
             "ratio rankstab / transformers+peft: step time {time:.2}x (target <= 1.0: {}; fastest steps {time_min:.2}x), peak memory during steps {mem:.2}x (target <= 1.0: {}); with probes on: step time {time_probes:.2}x",
             verdict(time, 1.0),

@@ -51,14 +51,14 @@ pub fn save<S: Serialize>(
     Ok(())
 }
 
-/// The checkpoint of run directory `out`, if it has one: its state and its tensors by
-/// name.
+/// A loaded checkpoint: its state and its tensors by name.
+pub type Loaded<S> = (S, HashMap<String, Tensor>);
+
+/// The checkpoint of run directory `out`, if it has one.
 ///
 /// # Errors
 /// An unreadable state (named "checkpoint: ...") or tensor file.
-pub fn load<S: DeserializeOwned>(
-    out: &Path,
-) -> Result<Option<(S, HashMap<String, Tensor>)>, TrainError> {
+pub fn load<S: DeserializeOwned>(out: &Path) -> Result<Option<Loaded<S>>, TrainError> {
     let mut dir = dir(out);
     if !dir.join("state.json").exists() {
         // Killed between the two renames of `save`.

@@ -38,7 +38,7 @@ fn adapter_seed(seed: u64, path: &str) -> u64 {
 }
 
 /// The distinct module names of the model's adaptable linears, sorted (q_proj, ...).
-pub fn module_names(model: &mut CausalLm) -> Vec<String> {
+fn module_names(model: &mut CausalLm) -> Vec<String> {
     let mut names: Vec<String> = model
         .linears_mut()
         .into_iter()

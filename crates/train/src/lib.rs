@@ -33,22 +33,6 @@ pub mod weights;
 pub use error::TrainError;
 pub use model::CausalLm;
 
-/// The libtorch device tch would use by default on this machine, as a string.
-///
-/// ```
-/// let d = rankstab_train::default_device_name();
-/// assert!(d == "cpu" || d.starts_with("cuda"));
-/// ```
-pub fn default_device_name() -> String {
-    // libtorch's CUDA backend is loaded at run time (device.rs); without it CUDA would
-    // never be reported, even on a GPU machine.
-    let _ = device::load_cuda_backend();
-    match tch::Device::cuda_if_available() {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     /// A small matmul through libtorch, checked against a closed form: proves tch links and

@@ -151,31 +151,29 @@ pub const PRESETS: [&str; 4] = ["llama-2-7b", "gpt-j-6b", "llama-2-mini", "gpt-j
 /// width 256, 4 heads of 64 with rotary over the first 16 dimensions (GPT-J-6B: 64 of
 /// 256), MLP 1024. About 27 M parameters, most of them in the embedding and head.
 pub fn gptj_mini() -> gptj::Config {
-    let mut g = gptj::Config::gptj_6b();
-    (
-        g.n_embd,
-        g.n_layer,
-        g.n_head,
-        g.head_dim,
-        g.rotary_dim,
-        g.n_inner,
-    ) = (256, 4, 4, 64, 16, 1024);
-    g
+    gptj::Config {
+        n_embd: 256,
+        n_layer: 4,
+        n_head: 4,
+        head_dim: 64,
+        rotary_dim: 16,
+        n_inner: 1024,
+        ..gptj::Config::gptj_6b()
+    }
 }
 
 /// A small Llama of the real architecture and vocabulary (32000, the Llama 2 tokenizer):
 /// 4 blocks of width 256, 4 heads of 64, MLP 688.
 pub fn llama2_mini() -> llama::Config {
-    let mut c = llama::Config::llama2_7b();
-    (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_layers,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-    ) = (256, 688, 4, 4, 4, 64);
-    c
+    llama::Config {
+        hidden_size: 256,
+        intermediate_size: 688,
+        num_layers: 4,
+        num_heads: 4,
+        num_kv_heads: 4,
+        head_dim: 64,
+        ..llama::Config::llama2_7b()
+    }
 }
 
 /// Model shapes by name, randomly initialised: the paper's `llama-2-7b` and `gpt-j-6b`
@@ -221,31 +219,30 @@ mod tests {
 
     #[test]
     fn small_random_models_build_and_run() {
-        let mut c = llama::Config::llama2_7b();
-        (
-            c.vocab_size,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_layers,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-        ) = (50, 32, 64, 2, 4, 2, 8);
-        c.tie_word_embeddings = true;
+        // Tiny shapes, with tied embeddings and grouped-query attention.
+        let c = llama::Config {
+            vocab_size: 50,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 8,
+            tie_word_embeddings: true,
+            ..llama2_mini()
+        };
         let m = model(Shape::Llama(c), Kind::Float, Device::Cpu, 1).expect("builds");
         let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
         assert_eq!(m.forward(&ids, false).size(), [1, 4, 50]);
         assert!(matches!(&m, CausalLm::Llama(l) if l.lm_head.is_none()));
-        let mut g = gptj::Config::gptj_6b();
-        (
-            g.vocab_size,
-            g.n_embd,
-            g.n_layer,
-            g.n_head,
-            g.head_dim,
-            g.rotary_dim,
-            g.n_inner,
-        ) = (60, 32, 2, 4, 8, 4, 64);
+        let g = gptj::Config {
+            vocab_size: 60,
+            n_embd: 32,
+            n_layer: 2,
+            head_dim: 8,
+            rotary_dim: 4,
+            n_inner: 64,
+            ..gptj_mini()
+        };
         let m = model(Shape::Gptj(g), Kind::Float, Device::Cpu, 1).expect("builds");
         let y = m.forward(&ids, false);
         assert_eq!(y.size(), [1, 4, 60]);

@@ -13,7 +13,7 @@ use tch::{nn, Device, Kind};
 
 /// A model to train: a checkpoint, or a random-initialised preset with a tokenizer (one
 /// `[[models]]` entry of a sweep; `rankstab train --model`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// Name in rows and cell names.

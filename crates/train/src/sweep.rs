@@ -490,7 +490,7 @@ mod tests {
             ("batch = 32\nmicro_batch = 5\n", "divide"),
         ] {
             let e = SweepConfig::from_toml(&format!("{extra}{base}"), "s.toml")
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string();
             assert!(e.contains("s.toml") && e.contains(want), "{extra}: {e}");
         }
@@ -498,7 +498,7 @@ mod tests {
             "data = \"x\"\n[[models]]\nname = \"m\"\npreset = \"gpt-j-huge\"\ntokenizer = \"t\"\n",
             "s.toml",
         )
-        .unwrap_err()
+        .expect_err("unknown preset")
         .to_string();
         assert!(e.contains("gpt-j-huge") && e.contains("gpt-j-mini"), "{e}");
     }

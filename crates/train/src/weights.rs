@@ -138,11 +138,6 @@ impl Weights {
         };
         Ok(Linear::new(weight, bias))
     }
-
-    /// Names left over after loading (tensors the model did not use).
-    pub fn remaining(&self) -> Vec<String> {
-        self.tensors.keys().cloned().collect()
-    }
 }
 
 /// The refusal of a pickle checkpoint (`pytorch_model.bin`, `.pt`, ...) at `path`, with

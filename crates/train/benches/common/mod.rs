@@ -3,6 +3,29 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// What every measurement records, on both sides (the JSON fields the Python scripts
+/// print too); each benchmark's record flattens it in and adds its own.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Run {
+    /// Who ran: "rankstab (tch)", "transformers", ...
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// Sequences per pass.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub context: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Seconds to load the model.
+    pub load_s: f64,
+    /// Median seconds per timed repetition.
+    pub median_s: f64,
+    /// batch x context / median_s.
+    pub tokens_per_s: f64,
+    /// Resident memory after loading (and the warm-up), MB.
+    pub rss_loaded_mb: f64,
+}
+
 /// An integer from the environment, or `default` when unset or not a number.
 pub fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
@@ -44,6 +67,26 @@ pub fn assets() -> PathBuf {
     std::env::var_os("RANKSTAB_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets"))
+}
+
+/// Whether benchmark `bench` must skip because one of `paths` (assets) is absent; says
+/// which.
+pub fn missing(bench: &str, paths: &[&Path]) -> bool {
+    match paths.iter().find(|p| !p.exists()) {
+        Some(p) => {
+            println!(
+                "{bench}: SKIPPED: {} is absent; run scripts/fetch-assets.sh",
+                p.display()
+            );
+            true
+        }
+        None => false,
+    }
+}
+
+/// The number of cores (the default thread count of both sides).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Writes a benchmark's results to target/rankstab-bench/<name>.json (best effort: the
