@@ -54,8 +54,8 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    // CUDA is loaded at run time (one binary serves machines with and without it): this
-    // says why it is not there when it is not.
+    // CUDA is loaded here, at run time (one binary serves machines with and without
+    // it); an error says why it is not there.
     let device = a.device.device()?;
     let kind = a.dtype.kind();
     if a.context < 2 || a.batch == 0 {

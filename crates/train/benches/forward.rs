@@ -65,16 +65,14 @@ fn rust_side(path: &Path, sh: Shape) -> Result<Measure, String> {
     });
     let med = median(times);
     Ok(Measure {
-        run: Run {
+        run: Run::new(
+            "rankstab (tch)",
+            (sh.batch, sh.context),
+            sh.threads,
             load_s,
-            implementation: "rankstab (tch)".into(),
-            batch: sh.batch,
-            context: sh.context,
-            threads: sh.threads,
-            median_s: med,
-            tokens_per_s: (sh.batch * sh.context) as f64 / med,
-            rss_loaded_mb: rss_loaded,
-        },
+            med,
+            rss_loaded,
+        ),
         peak_rss_forward_mb: peak,
     })
 }

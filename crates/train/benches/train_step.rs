@@ -191,16 +191,14 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
         .map(|n| n as i64)
         .sum();
     Ok(Measure {
-        run: Run {
+        run: Run::new(
+            name,
+            (sh.batch, sh.context),
+            sh.threads,
             load_s,
-            implementation: name.into(),
-            batch: sh.batch,
-            context: sh.context,
-            threads: sh.threads,
-            median_s: med,
-            tokens_per_s: (sh.batch * sh.context) as f64 / med,
-            rss_loaded_mb: rss_loaded,
-        },
+            med,
+            rss_loaded,
+        ),
         rank: sh.rank,
         steps: sh.steps,
         min_s: min,

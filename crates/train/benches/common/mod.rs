@@ -26,6 +26,30 @@ pub struct Run {
     pub rss_loaded_mb: f64,
 }
 
+impl Run {
+    /// A run of `(batch, context)` tokens per timed repetition; the throughput follows
+    /// from the median time.
+    pub fn new(
+        implementation: &str,
+        (batch, context): (usize, usize),
+        threads: usize,
+        load_s: f64,
+        median_s: f64,
+        rss_loaded_mb: f64,
+    ) -> Self {
+        Self {
+            implementation: implementation.to_string(),
+            batch,
+            context,
+            threads,
+            load_s,
+            median_s,
+            tokens_per_s: (batch * context) as f64 / median_s,
+            rss_loaded_mb,
+        }
+    }
+}
+
 /// An integer from the environment, or `default` when unset or not a number.
 pub fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
