@@ -87,28 +87,6 @@ fn eval_bad_input_is_one_line_and_exit_2() {
                 m.into(),
                 "--text".into(),
                 s(&good),
-                "--dtype".into(),
-                "f8".into(),
-            ],
-            "f32 or bf16",
-        ),
-        (
-            vec![
-                "--model".into(),
-                m.into(),
-                "--text".into(),
-                s(&good),
-                "--device".into(),
-                "tpu".into(),
-            ],
-            "cpu or cuda",
-        ),
-        (
-            vec![
-                "--model".into(),
-                m.into(),
-                "--text".into(),
-                s(&good),
                 "--context".into(),
                 "1".into(),
             ],
@@ -122,6 +100,25 @@ fn eval_bad_input_is_one_line_and_exit_2() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    // Values of typed flags are refused by the argument parser (clap's error, whose first
+    // line names the flag, the value and the allowed ones), with exit code 2.
+    for (flag, value, needle) in [
+        ("--dtype", "f8", "unknown dtype 'f8' (allowed: f32, bf16)"),
+        (
+            "--device",
+            "tpu",
+            "unknown device 'tpu' (allowed: cpu, cuda, cuda:N)",
+        ),
+    ] {
+        let o = eval(&["--model", m, "--text", &s(&good), flag, value]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(flag) && first.contains(needle),
+            "{flag}: {err}"
+        );
     }
 }
 

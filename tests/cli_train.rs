@@ -73,8 +73,15 @@ fn train_bad_input_is_one_line_exit_2_and_no_directory() {
             &t,
             "available: down_proj",
         ),
+        // Not an optimizer at all (refused by the argument parser), and one of the
+        // vocabulary that the trainer does not implement.
         (
             vec!["--rank", "4", "--optimizer", "lion"],
+            &t,
+            "unknown optimizer 'lion' (allowed: sgd",
+        ),
+        (
+            vec!["--rank", "4", "--optimizer", "adam"],
             &t,
             "adamw or sgd",
         ),

@@ -3,9 +3,9 @@
 //! has one). Models are Hugging Face directories or llama-architecture GGUF files.
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use rankstab_train::device::{DeviceName, Dtype};
 use rankstab_train::text::{evaluate, read_text};
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind};
 
 /// Options of `rankstab eval`.
 #[derive(Args, Debug)]
@@ -40,10 +40,10 @@ pub struct EvalArgs {
     batch: usize,
     /// cpu or cuda (cuda:N for another GPU).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceName,
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Dtype,
     /// Print one JSON object {tokens, nll, perplexity}.
     #[arg(long)]
     json: bool,
@@ -53,30 +53,18 @@ pub struct EvalArgs {
     adapter: Option<PathBuf>,
 }
 
-/// The device asked for, or an error saying why it is not there (CUDA is loaded at run
-/// time, so one binary serves machines with and without it).
-pub fn device(name: &str) -> Result<Device> {
-    Ok(rankstab_train::device::parse_device(name)?)
-}
-
-fn kind(name: &str) -> Result<Kind> {
-    match name {
-        "f32" => Ok(Kind::Float),
-        "bf16" => Ok(Kind::BFloat16),
-        other => bail!("--dtype {other:?} is not allowed: use f32 or bf16"),
-    }
-}
-
 pub fn run(a: EvalArgs) -> Result<()> {
-    let device = device(&a.device)?;
-    let kind = kind(&a.dtype)?;
+    // CUDA is loaded here, at run time (one binary serves machines with and without
+    // it); an error says why it is not there.
+    let device = a.device.device()?;
+    let kind = a.dtype.kind();
     if a.context < 2 || a.batch == 0 {
         bail!("--context {} / --batch {}: use a context of at least 2 tokens and a batch of at least 1", a.context, a.batch);
     }
     let text = read_text(&a.text)?;
     let mut loaded = rankstab_train::load::load(&a.model, kind, device)?;
     if let Some(dir) = &a.adapter {
-        let att = rankstab_train::lora::attach_peft(&mut loaded.model, dir)?;
+        let att = rankstab_train::inject::attach_peft(&mut loaded.model, dir)?;
         if let Some(warning) =
             base_model_mismatch(&a.model, att.config.base_model_name_or_path.as_deref())
         {
@@ -154,15 +142,15 @@ pub struct GenerateArgs {
     max_tokens: usize,
     /// cpu or cuda (cuda:N for another GPU).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceName,
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Dtype,
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    let device = device(&a.device)?;
-    let kind = kind(&a.dtype)?;
+    let device = a.device.device()?;
+    let kind = a.dtype.kind();
     if a.prompt.is_empty() || a.max_tokens == 0 {
         bail!("--prompt must not be empty and --max-tokens must be at least 1");
     }

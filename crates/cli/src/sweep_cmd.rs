@@ -4,10 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rankstab_train::data::Dataset;
-use rankstab_train::sweep::{
-    cell_state, load_data, load_model, prepare_dir, run_dir, CellState, LoadedModel, RunMeta,
-    SweepConfig, AUDIT_SWEEP,
-};
+use rankstab_train::run::{load_model, run_dir, LoadedModel, RunMeta, RunState};
+use rankstab_train::sweep::{load_data, prepare_dir, SweepConfig, AUDIT_SWEEP};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -89,17 +87,12 @@ pub fn run(a: SweepArgs) -> Result<()> {
     });
     if a.list {
         for c in &cells {
-            let state = cell_state(&out.join("cells").join(&c.name));
-            println!(
-                "{:>4}  {:<9} {}",
-                c.index,
-                format!("{state:?}").to_lowercase(),
-                c.name
-            );
+            let state = RunState::of(&out.join("cells").join(&c.name));
+            println!("{:>4}  {state:<9} {}", c.index, c.name);
         }
         return Ok(());
     }
-    let device = rankstab_train::device::parse_device(&cfg.device)?;
+    let device = cfg.device.device()?;
     let manifest = prepare_dir(&out, &cfg)?;
     let chosen: Vec<usize> = if a.cell.is_empty() {
         (0..cells.len()).collect()
@@ -130,13 +123,10 @@ pub fn run(a: SweepArgs) -> Result<()> {
         let cell = &manifest.cells[i];
         let dir = out.join("cells").join(&cell.name);
         let tc = cfg.train_config(cell);
-        match cell_state(&dir) {
-            CellState::Complete | CellState::Diverged => {
-                pb.inc(tc.steps as u64);
-                skipped += 1;
-                continue;
-            }
-            CellState::New | CellState::Partial => {}
+        if RunState::of(&dir).is_finished() {
+            pb.inc(tc.steps as u64);
+            skipped += 1;
+            continue;
         }
         let t0 = Instant::now();
         if loaded.as_ref().is_none_or(|(n, _)| *n != cell.model) {
@@ -145,7 +135,10 @@ pub fn run(a: SweepArgs) -> Result<()> {
             drop(loaded.take());
             data = None;
             let spec = cfg.model(cell);
-            loaded = Some((cell.model.clone(), load_model(spec, cfg.kind(), device)?));
+            loaded = Some((
+                cell.model.clone(),
+                load_model(spec, cfg.dtype.kind(), device)?,
+            ));
         }
         let lm = &mut loaded.as_mut().expect("loaded above").1;
         let key = (cell.model.clone(), cell.seed);

@@ -1,10 +1,13 @@
 //! `rankstab train`: one instrumented LoRA / rsLoRA fine-tuning run (one sweep cell).
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use rankstab_records::{Optimizer, Scaling};
-use rankstab_train::data::{DataFormat, DataSpec};
+use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
+use rankstab_train::device::{DeviceName, Dtype};
 use rankstab_train::lora::LoraInit;
-use rankstab_train::sweep::{cell_state, load_model, run_dir, CellState, ModelSpec, RunMeta};
+use rankstab_train::run::{
+    discard_failed, load_model, prepare_out, run_dir, ModelSpec, RunMeta, Start,
+};
 use rankstab_train::trainer::TrainConfig;
 use std::path::PathBuf;
 
@@ -38,7 +41,7 @@ pub struct TrainArgs {
     data: PathBuf,
     /// How to read --data: auto (by extension), text or orca.
     #[arg(long, default_value = "auto")]
-    format: String,
+    format: DataFormat,
     /// Use only the first N rows of an instruction dataset.
     #[arg(long)]
     max_examples: Option<usize>,
@@ -98,10 +101,10 @@ pub struct TrainArgs {
     target_modules: Vec<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceName,
     /// Base model dtype: f32 or bf16 (adapters stay f32).
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Dtype,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -110,39 +113,18 @@ pub struct TrainArgs {
     out: Option<PathBuf>,
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    let scaling = match a.beta {
-        Some(b) => Scaling::from_beta(b)
-            .map_err(|_| anyhow::anyhow!("--beta {b} is not allowed: use a finite number"))?,
-        None => a.scaling,
-    };
-    let beta = scaling.beta();
-    let optimizer = a.optimizer;
-    let format = match a.format.as_str() {
-        "auto" => DataFormat::Auto,
-        "text" => DataFormat::Text,
-        "orca" => DataFormat::Orca,
-        f => bail!("--format {f:?} is not allowed: use auto, text or orca"),
-    };
-    let kind = match a.dtype.as_str() {
-        "f32" => tch::Kind::Float,
-        "bf16" => tch::Kind::BFloat16,
-        d => bail!("--dtype {d:?} is not allowed: use f32 or bf16"),
-    };
-    let spec = match a.model.strip_prefix("preset:") {
+/// The model `--model` names: a path, or `preset:NAME` with `--tokenizer`.
+fn model_spec(a: &TrainArgs) -> Result<ModelSpec> {
+    Ok(match a.model.strip_prefix("preset:") {
         Some(p) => ModelSpec {
             name: p.to_string(),
-            path: None,
             preset: Some(p.to_string()),
             tokenizer: Some(
                 a.tokenizer
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("--model preset:{p} needs --tokenizer PATH"))?,
             ),
-            init_seed: 0,
-            ranks: None,
-            steps: None,
-            target_modules: Vec::new(),
+            ..ModelSpec::default()
         },
         None => {
             let path = PathBuf::from(&a.model);
@@ -151,23 +133,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     .file_stem()
                     .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().to_string()),
                 path: Some(path),
-                preset: None,
-                tokenizer: None,
-                init_seed: 0,
-                ranks: None,
-                steps: None,
-                target_modules: Vec::new(),
+                ..ModelSpec::default()
             }
         }
+    })
+}
+
+/// The run's configuration from the flags (`--beta` overrides `--scaling`).
+fn train_config(a: &TrainArgs, model_name: String) -> Result<TrainConfig> {
+    let scaling = match a.beta {
+        Some(b) => Scaling::from_beta(b)
+            .map_err(|_| anyhow::anyhow!("--beta {b} is not allowed: use a finite number"))?,
+        None => a.scaling,
     };
-    let cfg = TrainConfig {
-        model_name: spec.name.clone(),
+    Ok(TrainConfig {
+        model_name,
         rank: a.rank,
         alpha: a.alpha,
-        beta,
+        beta: scaling.beta(),
         init: LoraInit::KaimingUniform,
         dropout: a.dropout,
-        optimizer,
+        optimizer: a.optimizer,
         lr: a.lr,
         steps: a.steps,
         batch: a.batch,
@@ -185,7 +171,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         weight_decay: 0.0,
         checkpoint_every: a.checkpoint_every,
         activation_checkpointing: a.activation_checkpointing,
-    };
+    })
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let spec = model_spec(&a)?;
+    let cfg = train_config(&a, spec.name.clone())?;
     cfg.validate()?;
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
@@ -193,31 +184,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
             chrono::Utc::now().format("%Y%m%d-%H%M%S")
         ))
     });
-    let existed = out.exists() && std::fs::read_dir(&out)?.next().is_some();
-    if existed {
-        match cell_state(&out) {
-            CellState::Complete | CellState::Diverged => {
-                bail!(
-                    "{} holds a finished run: choose another --out",
-                    out.display()
-                )
-            }
-            CellState::Partial if out.join("manifest.json").exists() => {
-                eprintln!("resuming the run in {}", out.display());
-            }
-            _ => bail!(
-                "{} exists and is not empty: choose another --out",
-                out.display()
-            ),
-        }
+    let start = prepare_out(&out)?;
+    if start == Start::Resume {
+        eprintln!("resuming the run in {}", out.display());
     }
-    let device = rankstab_train::device::parse_device(&a.device)?;
-    let mut lm = load_model(&spec, kind, device)?;
-    let data = rankstab_train::data::load_dataset(
+    let device = a.device.device()?;
+    let mut lm = load_model(&spec, a.dtype.kind(), device)?;
+    let data = load_dataset(
         &a.data,
         &lm.tokenizer,
         &DataSpec {
-            format,
+            format: a.format,
             context: cfg.context,
             heldout_fraction: cfg.heldout_fraction,
             seed: cfg.seed,
@@ -226,7 +203,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         },
     )?;
     // Check the adapters fit before creating the run directory (without allocating them).
-    rankstab_train::trainer::targets(&mut lm.model, &cfg)?;
+    rankstab_train::inject::targets(&mut lm.model, &cfg.target_modules, cfg.rank)?;
     let meta = RunMeta {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: crate::git_revision(),
@@ -247,8 +224,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Ok(o) => o,
         Err(e) => {
             // A new run that failed wrote nothing usable: do not leave it behind.
-            if !existed && !out.join("checkpoint").exists() {
-                let _ = std::fs::remove_dir_all(&out);
+            if start == Start::New {
+                discard_failed(&out);
             }
             return Err(e.into());
         }

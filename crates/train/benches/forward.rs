@@ -14,34 +14,31 @@
 //! peak being reset after loading (`/proc/self/clear_refs`), so loaders' temporary buffers
 //! do not count; both processes hold the same f32 weights.
 mod common;
-use common::{env_usize, median, status_mb};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use common::{
+    assets, cores, env_usize, median, missing, smoke, status_mb, write_result, Python, Run,
+};
+use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Measure {
-    #[serde(rename = "impl")]
-    implementation: String,
-    batch: usize,
-    context: usize,
-    threads: usize,
-    load_s: f64,
-    median_s: f64,
-    tokens_per_s: f64,
-    rss_loaded_mb: f64,
+    #[serde(flatten)]
+    run: Run,
     peak_rss_forward_mb: f64,
 }
 
-fn rust_side(
-    path: &Path,
+/// What both sides run: `reps` forward passes of `batch` x `context` tokens on `threads`.
+#[derive(Clone, Copy)]
+struct Shape {
     batch: usize,
     context: usize,
     reps: usize,
     threads: usize,
-) -> Result<Measure, String> {
-    tch::set_num_threads(threads as i32);
+}
+
+fn rust_side(path: &Path, sh: Shape) -> Result<Measure, String> {
+    tch::set_num_threads(sh.threads as i32);
     let t0 = Instant::now();
     let model = rankstab_train::gguf::load_llama(path, Kind::Float, Device::Cpu)
         .map_err(|e| e.to_string())?;
@@ -49,16 +46,16 @@ fn rust_side(
     tch::manual_seed(0);
     let ids = Tensor::randint(
         model.config.vocab_size,
-        [batch as i64, context as i64],
+        [sh.batch as i64, sh.context as i64],
         (Kind::Int64, Device::Cpu),
     );
-    let mut times = Vec::with_capacity(reps);
+    let mut times = Vec::with_capacity(sh.reps);
     let (rss_loaded, peak) = tch::no_grad(|| {
         let _ = model.forward(&ids, false); // warm-up
         let rss_loaded = status_mb("VmRSS");
         // Reset the peak resident set: from here on it measures the forward passes.
         let _ = std::fs::write("/proc/self/clear_refs", "5");
-        for _ in 0..reps {
+        for _ in 0..sh.reps {
             let t = Instant::now();
             let y = model.forward(&ids, false);
             drop(y);
@@ -68,106 +65,62 @@ fn rust_side(
     });
     let med = median(times);
     Ok(Measure {
-        implementation: "rankstab (tch)".into(),
-        batch,
-        context,
-        threads,
-        load_s,
-        median_s: med,
-        tokens_per_s: (batch * context) as f64 / med,
-        rss_loaded_mb: rss_loaded,
+        run: Run::new(
+            "rankstab (tch)",
+            (sh.batch, sh.context),
+            sh.threads,
+            load_s,
+            med,
+            rss_loaded,
+        ),
         peak_rss_forward_mb: peak,
     })
 }
 
-fn python_side(
-    path: &Path,
-    batch: usize,
-    context: usize,
-    reps: usize,
-    threads: usize,
-) -> Result<Measure, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/forward_transformers.py");
-    let python = std::env::var("RANKSTAB_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut cmd = Command::new(&python);
-    if let Ok(pp) = std::env::var("RANKSTAB_PYTHONPATH") {
-        cmd.env("PYTHONPATH", pp);
-    }
-    let probe = cmd
-        .args(["-c", "import torch, transformers, gguf"])
-        .output()
-        .map_err(|e| format!("{python}: {e}"))?;
-    if !probe.status.success() {
-        return Err(format!(
-            "torch, transformers or gguf cannot be imported by {python} (set RANKSTAB_PYTHONPATH): {}",
-            String::from_utf8_lossy(&probe.stderr).lines().last().unwrap_or("")
-        ));
-    }
-    let mut cmd = Command::new(&python);
-    if let Ok(pp) = std::env::var("RANKSTAB_PYTHONPATH") {
-        cmd.env("PYTHONPATH", pp);
-    }
-    let out = cmd
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .env("TQDM_DISABLE", "1")
-        .arg(&script)
-        .arg(path)
-        .args([batch, context, reps, threads].map(|v| v.to_string()))
-        .output()
-        .map_err(|e| format!("{python}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "transformers run failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or("no JSON from the transformers run")?;
-    serde_json::from_str(line).map_err(|e| format!("transformers output {line:?}: {e}"))
+fn python_side(path: &Path, sh: Shape) -> Result<Measure, String> {
+    let mut args = vec![path.display().to_string()];
+    args.extend([sh.batch, sh.context, sh.reps, sh.threads].map(|v| v.to_string()));
+    Python::from_env().run(
+        "forward_transformers.py",
+        &["torch", "transformers", "gguf"],
+        &args,
+    )
 }
 
 fn print(m: &Measure) {
     println!(
         "{:<16} {:>10.1} tokens/s  median {:>7.3} s/forward  RSS loaded {:>7.0} MB  peak during forward {:>7.0} MB  (load {:.1} s)",
-        m.implementation, m.tokens_per_s, m.median_s, m.rss_loaded_mb, m.peak_rss_forward_mb, m.load_s
+        m.run.implementation, m.run.tokens_per_s, m.run.median_s, m.run.rss_loaded_mb, m.peak_rss_forward_mb, m.run.load_s
     );
 }
 
 fn main() {
     // `cargo test --all-targets` runs this too (without `--bench`): then a smoke run, one
     // short forward pass on our side only, proves the benchmark works without timing it.
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let root = std::env::var_os("RANKSTAB_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets"));
-    let path = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        println!(
-            "forward: SKIPPED: {} is absent; run scripts/fetch-assets.sh",
-            path.display()
-        );
+    let smoke = smoke();
+    let path = assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if missing("forward", &[&path]) {
         return;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let batch = env_usize("RANKSTAB_BENCH_BATCH", 1);
-    let context = if smoke {
-        16
-    } else {
-        env_usize("RANKSTAB_BENCH_CONTEXT", 256)
+    let sh = Shape {
+        batch: env_usize("RANKSTAB_BENCH_BATCH", 1),
+        context: if smoke {
+            16
+        } else {
+            env_usize("RANKSTAB_BENCH_CONTEXT", 256)
+        },
+        reps: if smoke {
+            1
+        } else {
+            env_usize("RANKSTAB_BENCH_REPS", 5).max(1)
+        },
+        threads: env_usize("RANKSTAB_BENCH_THREADS", cores()),
     };
-    let reps = if smoke {
-        1
-    } else {
-        env_usize("RANKSTAB_BENCH_REPS", 5).max(1)
-    };
-    let threads = env_usize("RANKSTAB_BENCH_THREADS", cores);
-    println!("SmolLM2-135M f32 CPU forward: batch {batch}, context {context}, {reps} repetitions, {threads} threads");
-    let ours = match rust_side(&path, batch, context, reps, threads) {
+    println!(
+        "SmolLM2-135M f32 CPU forward: batch {}, context {}, {} repetitions, {} threads",
+        sh.batch, sh.context, sh.reps, sh.threads
+    );
+    let ours = match rust_side(&path, sh) {
         Ok(m) => m,
         Err(e) => {
             println!("forward: FAILED to load {}: {e}", path.display());
@@ -179,14 +132,14 @@ fn main() {
         println!("forward: smoke run only (cargo test); measure with `cargo bench -p rankstab-train --bench forward`");
         return;
     }
-    let theirs = match python_side(&path, batch, context, reps, threads) {
+    let theirs = match python_side(&path, sh) {
         Ok(m) => {
             print(&m);
             println!(
                 "ratio rankstab / transformers: throughput {:.2}x, peak memory during forward {:.2}x, resident after load {:.2}x",
-                ours.tokens_per_s / m.tokens_per_s,
+                ours.run.tokens_per_s / m.run.tokens_per_s,
                 ours.peak_rss_forward_mb / m.peak_rss_forward_mb,
-                ours.rss_loaded_mb / m.rss_loaded_mb
+                ours.run.rss_loaded_mb / m.run.rss_loaded_mb
             );
             Some(m)
         }
@@ -195,12 +148,8 @@ fn main() {
             None
         }
     };
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/rankstab-bench");
-    if std::fs::create_dir_all(&out).is_ok() {
-        let v = serde_json::json!({ "rankstab": ours, "transformers": theirs });
-        let _ = std::fs::write(
-            out.join("forward.json"),
-            serde_json::to_string_pretty(&v).unwrap_or_default(),
-        );
-    }
+    write_result(
+        "forward",
+        &serde_json::json!({ "rankstab": ours, "transformers": theirs }),
+    );
 }

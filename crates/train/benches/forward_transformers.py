@@ -10,13 +10,7 @@ import statistics
 import sys
 import time
 
-
-def rss_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+from bench_memory import reset_peak, rss_mb
 
 
 def main():
@@ -34,9 +28,7 @@ def main():
     with torch.no_grad():
         model(input_ids=ids)  # warm-up
         rss_loaded = rss_mb("VmRSS")
-        # Reset the peak so it measures the forward passes, not the loader's buffers.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        reset_peak()  # the peak measures the forward passes from here on
         times = []
         for _ in range(reps):
             t = time.perf_counter()

@@ -2,8 +2,8 @@
 //! transformers + peft on the same file: adapters of rank 16 on every attention and MLP
 //! linear (q, k, v, o, gate, up, down), AdamW at lr 5e-5, the same batch, context, thread
 //! count and number of timed steps (after one warm-up step), each side in its own process.
-//! Our side runs twice, as `rankstab train` does (`sweep::load_model`,
-//! `data::load_dataset`, `sweep::run_dir` into a temporary run directory): probes off
+//! Our side runs twice, as `rankstab train` does (`run::load_model`,
+//! `data::load_dataset`, `run::run_dir` into a temporary run directory): probes off
 //! (probe_every = 0, eval_every = 0), then probes on every adapter at every step
 //! (probe_every = 1), which gives the probe overhead. Each of the three measurements runs
 //! in its own process (ours re-run this binary with `--rankstab-child`), one after the
@@ -32,46 +32,33 @@
 //! (`/proc/self/clear_refs`), as on the Python side; the memory ratio uses the probes-off
 //! run.
 mod common;
-use common::{env_usize, median, status_mb};
+use common::{
+    assets, cores, env_usize, median, missing, parse_output, smoke, status_mb, write_result,
+    Python, Run,
+};
 use rankstab_records::Optimizer;
 use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
+use rankstab_train::llama::MODULES as TARGETS;
 use rankstab_train::lora::LoraInit;
-use rankstab_train::sweep::{load_model, run_dir, ModelSpec, RunMeta};
+use rankstab_train::run::{load_model, run_dir, ModelSpec, RunMeta};
 use rankstab_train::trainer::TrainConfig;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 use tch::{Device, Kind};
-
-const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// Probe overhead target: probes on every adapter at every step cost at most 10%.
 const PROBE_TARGET: f64 = 0.10;
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Measure {
-    #[serde(rename = "impl")]
-    implementation: String,
-    batch: usize,
-    context: usize,
+    #[serde(flatten)]
+    run: Run,
     rank: usize,
-    threads: usize,
     steps: usize,
-    load_s: f64,
-    median_s: f64,
     #[serde(default)]
     min_s: f64,
     step_times_s: Vec<f64>,
-    tokens_per_s: f64,
-    rss_loaded_mb: f64,
     peak_rss_train_mb: f64,
     #[serde(default)]
     trainable_params: i64,
@@ -204,41 +191,22 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
         .map(|n| n as i64)
         .sum();
     Ok(Measure {
-        implementation: name.into(),
-        batch: sh.batch,
-        context: sh.context,
+        run: Run::new(
+            name,
+            (sh.batch, sh.context),
+            sh.threads,
+            load_s,
+            med,
+            rss_loaded,
+        ),
         rank: sh.rank,
-        threads: sh.threads,
         steps: sh.steps,
-        load_s,
-        median_s: med,
         min_s: min,
         step_times_s: times,
-        tokens_per_s: (sh.batch * sh.context) as f64 / med,
-        rss_loaded_mb: rss_loaded,
         peak_rss_train_mb: peak,
         trainable_params: trainable,
         last_loss: outcome.last_loss,
     })
-}
-
-/// The JSON line of a measuring process's standard output.
-fn parse_child(what: &str, out: &std::process::Output) -> Result<Measure, String> {
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or_else(|| format!("no JSON from {what}"))?;
-    serde_json::from_str(line).map_err(|e| format!("{what} output {line:?}: {e}"))
 }
 
 /// Our side, in a fresh process per configuration (this binary again), so that one run's
@@ -259,56 +227,32 @@ fn rust_side(sh: Shape, probe_every: usize, smoke: bool) -> Result<Measure, Stri
         .env("RANKSTAB_BENCH_THREADS", sh.threads.to_string())
         .output()
         .map_err(|e| format!("this binary: {e}"))?;
-    parse_child(
+    parse_output(
         &format!("the rankstab run (probe_every {probe_every})"),
         &out,
     )
 }
 
 fn python_side(gguf: &Path, text: &Path, sh: Shape) -> Result<Measure, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_step_transformers.py");
-    let python = std::env::var("RANKSTAB_PYTHON").unwrap_or_else(|_| "python3".into());
-    let command = || {
-        let mut cmd = Command::new(&python);
-        if let Ok(pp) = std::env::var("RANKSTAB_PYTHONPATH") {
-            cmd.env("PYTHONPATH", pp);
-        }
-        cmd
-    };
-    let probe = command()
-        .args(["-c", "import torch, transformers, peft, gguf"])
-        .output()
-        .map_err(|e| format!("{python}: {e}"))?;
-    if !probe.status.success() {
-        return Err(format!(
-            "torch, transformers, peft or gguf cannot be imported by {python} (set RANKSTAB_PYTHONPATH): {}",
-            String::from_utf8_lossy(&probe.stderr).lines().last().unwrap_or("")
-        ));
-    }
-    let out = command()
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .env("TQDM_DISABLE", "1")
-        .env("PYTHONWARNINGS", "ignore")
-        .arg(&script)
-        .arg(gguf)
-        .arg(text)
-        .args([sh.batch, sh.context, sh.rank, sh.steps, sh.threads].map(|v| v.to_string()))
-        .output()
-        .map_err(|e| format!("{python}: {e}"))?;
-    parse_child("the transformers run", &out)
+    let mut args = vec![gguf.display().to_string(), text.display().to_string()];
+    args.extend([sh.batch, sh.context, sh.rank, sh.steps, sh.threads].map(|v| v.to_string()));
+    Python::from_env().run(
+        "train_step_transformers.py",
+        &["torch", "transformers", "peft", "gguf"],
+        &args,
+    )
 }
 
 fn print(m: &Measure) {
     println!(
         "{:<18} {:>7.1} tokens/s  median {:>7.3} s/step (min {:.3})  peak RSS during steps {:>6.0} MB  RSS after warm-up {:>6.0} MB  (load {:.1} s, {} trainable, loss {:.3})",
-        m.implementation,
-        m.tokens_per_s,
-        m.median_s,
+        m.run.implementation,
+        m.run.tokens_per_s,
+        m.run.median_s,
         m.min_s,
         m.peak_rss_train_mb,
-        m.rss_loaded_mb,
-        m.load_s,
+        m.run.rss_loaded_mb,
+        m.run.load_s,
         m.trainable_params,
         m.last_loss
     );
@@ -326,22 +270,13 @@ fn main() {
     // `cargo test --all-targets` runs this too (without `--bench`): then a smoke run, two
     // tiny steps per configuration on our side only, proves the benchmark works without
     // timing it (and without Python).
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let root = std::env::var_os("RANKSTAB_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets"));
+    let smoke = smoke();
+    let root = assets();
     let gguf = root.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let text = root.join("texts/moby-dick.txt");
-    for p in [&gguf, &text] {
-        if !p.exists() {
-            println!(
-                "train_step: SKIPPED: {} is absent; run scripts/fetch-assets.sh",
-                p.display()
-            );
-            return;
-        }
+    if missing("train_step", &[&gguf, &text]) {
+        return;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let sh = Shape {
         batch: if smoke {
             1
@@ -361,7 +296,7 @@ fn main() {
         },
         // The smoke run uses one thread: tests may run beside it, and libtorch's OpenMP
         // threads slow down by an order of magnitude on oversubscribed cores.
-        threads: env_usize("RANKSTAB_BENCH_THREADS", if smoke { 1 } else { cores }).max(1),
+        threads: env_usize("RANKSTAB_BENCH_THREADS", if smoke { 1 } else { cores() }).max(1),
     };
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--rankstab-child") {
@@ -397,7 +332,7 @@ fn main() {
         };
     print(&off);
     print(&on);
-    let probe_overhead = on.median_s / off.median_s - 1.0;
+    let probe_overhead = on.run.median_s / off.run.median_s - 1.0;
     let probe_overhead_min = on.min_s / off.min_s - 1.0;
     println!(
         "probe overhead (probes on every adapter every step): {:+.1}% (target <= {:.0}%: {}; from the fastest steps {:+.1}%), peak memory {:+.1}%",
@@ -422,10 +357,10 @@ fn main() {
         }
     };
     let ratios = theirs.as_ref().map(|m| {
-        let time = off.median_s / m.median_s;
+        let time = off.run.median_s / m.run.median_s;
         let mem = off.peak_rss_train_mb / m.peak_rss_train_mb;
         let time_min = off.min_s / m.min_s;
-        let time_probes = on.median_s / m.median_s;
+        let time_probes = on.run.median_s / m.run.median_s;
         println!(
             "ratio rankstab / transformers+peft: step time {time:.2}x (target <= 1.0: {}; fastest steps {time_min:.2}x), peak memory during steps {mem:.2}x (target <= 1.0: {}); with probes on: step time {time_probes:.2}x",
             verdict(time, 1.0),
@@ -440,9 +375,9 @@ fn main() {
             "step_time_probes_on": time_probes,
         })
     });
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/rankstab-bench");
-    if std::fs::create_dir_all(&out).is_ok() {
-        let v = serde_json::json!({
+    write_result(
+        "train_step",
+        &serde_json::json!({
             "rankstab": off,
             "rankstab_probes": on,
             "transformers": theirs,
@@ -453,10 +388,6 @@ fn main() {
             "ratios_rankstab_over_transformers": ratios,
             "load_average_start": load_start.trim(),
             "load_average_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-        });
-        let _ = std::fs::write(
-            out.join("train_step.json"),
-            serde_json::to_string_pretty(&v).unwrap_or_default(),
-        );
-    }
+        }),
+    );
 }

@@ -16,15 +16,9 @@ import statistics
 import sys
 import time
 
+from bench_memory import reset_peak, rss_mb
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def rss_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def main():
@@ -74,9 +68,7 @@ def main():
 
     step(windows[0])  # warm-up
     rss_loaded = rss_mb("VmRSS")
-    # Reset the peak so it measures the training steps, not the loader's buffers.
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+    reset_peak()  # the peak measures the training steps from here on
     times, losses = [], []
     for s in range(1, steps + 1):
         t = time.perf_counter()

@@ -60,17 +60,18 @@ pub const PROMPT_TEMPLATE_NO_SYSTEM: &str = "### User:\n{question}\n\n### Assist
 /// The three string fields of an OpenOrca row, in the order they are checked.
 pub const ORCA_FIELDS: [&str; 3] = ["system_prompt", "question", "response"];
 
-/// How a data file is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DataFormat {
-    /// From the extension: `.txt`, `.text`, `.md`: Text; `.jsonl`, `.json`: Orca JSON
-    /// Lines; `.parquet`: Orca Parquet; anything else is an error naming the extension.
-    Auto,
-    /// A UTF-8 corpus packed into windows of `context + 1` tokens.
-    Text,
-    /// OpenOrca rows (`system_prompt`, `question`, `response`) from JSON Lines or Parquet.
-    Orca,
+rankstab_records::named_enum! {
+    /// How a data file is read (`--format`, a sweep's `format`): `auto`, `text` or `orca`.
+    DataFormat, "format" {
+        /// From the extension: `.txt`, `.text`, `.md`: Text; `.jsonl`, `.json`: Orca JSON
+        /// Lines; `.parquet`: Orca Parquet; anything else is an error naming the extension.
+        #[default]
+        Auto => "auto",
+        /// A UTF-8 corpus packed into windows of `context + 1` tokens.
+        Text => "text",
+        /// OpenOrca rows (`system_prompt`, `question`, `response`) from JSON Lines or Parquet.
+        Orca => "orca",
+    }
 }
 
 impl DataFormat {
@@ -379,11 +380,11 @@ impl OrcaBuilder<'_> {
         let prompt = self
             .tok
             .encode(&format_prompt(&row.system_prompt, &row.question))
-            .map_err(|e| TrainError::Invalid(format!("{path}: {label}: {e}")))?;
+            .map_err(|e| e.within(format!("{path}: {label}")))?;
         let mut response = self
             .tok
             .encode(&row.response)
-            .map_err(|e| TrainError::Invalid(format!("{path}: {label}: {e}")))?;
+            .map_err(|e| e.within(format!("{path}: {label}")))?;
         if let Some(eos) = self.eos_id {
             response.push(eos);
         }

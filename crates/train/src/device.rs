@@ -1,9 +1,15 @@
-//! Choosing the libtorch device. One binary serves machines with and without CUDA: the
-//! normal link leaves `libtorch_cuda.so` out (rust-lld drops it as not needed), so when
-//! CUDA is asked for it is loaded at run time, which registers libtorch's CUDA backend.
+//! Where and in what a model runs: the device (`cpu`, `cuda`, `cuda:N`, [`DeviceName`])
+//! and the base model's dtype ([`Dtype`]), each parsed once from its spelling.
+//!
+//! One binary serves machines with and without CUDA: the normal link leaves
+//! `libtorch_cuda.so` out (rust-lld drops it as not needed), so when CUDA is asked for it
+//! is loaded at run time, which registers libtorch's CUDA backend.
 use crate::TrainError;
+use rankstab_records::ParseError;
 use std::ffi::{CStr, CString};
-use tch::Device;
+use std::fmt;
+use std::str::FromStr;
+use tch::{Device, Kind};
 
 /// Loads `libtorch_cuda.so` with `RTLD_NOW | RTLD_GLOBAL`: first by name (the binary's
 /// run path points at the libtorch it was linked with), then from `$LIBTORCH/lib`.
@@ -42,52 +48,117 @@ pub fn load_cuda_backend() -> Result<(), String> {
     Err(errors.join("; "))
 }
 
-/// The device named `cpu`, `cuda` or `cuda:N`.
-///
-/// # Errors
-/// An unknown name; CUDA asked for but its library cannot be loaded or no device is
-/// visible (the reason is given).
-///
-/// ```
-/// assert_eq!(rankstab_train::device::parse_device("cpu").unwrap(), tch::Device::Cpu);
-/// assert!(rankstab_train::device::parse_device("tpu").is_err());
-/// ```
-pub fn parse_device(name: &str) -> Result<Device, TrainError> {
-    let index = match name {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        other => match other
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse::<usize>().ok())
-        {
-            Some(i) => i,
-            None => {
-                return Err(TrainError::Invalid(format!(
-                    "device {other:?} is not known: use cpu or cuda (or cuda:N)"
-                )))
-            }
-        },
-    };
-    if !tch::Cuda::is_available() {
-        if let Err(why) = load_cuda_backend() {
-            return Err(TrainError::Invalid(format!(
-                "device {name:?} was asked for, but libtorch's CUDA library could not be loaded ({why}); \
-                 this libtorch is CPU-only here: use --device cpu, or run with LD_LIBRARY_PATH set to a CUDA torch's lib folder"
-            )));
+rankstab_records::named_enum! {
+    /// The dtype of a base model's weights (`--dtype`, a sweep's `dtype`); adapters stay
+    /// f32 whatever it is.
+    Dtype, "dtype" {
+        /// 32-bit floats.
+        #[default]
+        F32 => "f32",
+        /// bfloat16 (half the memory; for large models on accelerators).
+        Bf16 => "bf16",
+    }
+}
+
+impl Dtype {
+    /// The libtorch kind of the weights.
+    ///
+    /// ```
+    /// use rankstab_train::device::Dtype;
+    /// assert_eq!("bf16".parse::<Dtype>().unwrap().kind(), tch::Kind::BFloat16);
+    /// assert_eq!("f8".parse::<Dtype>().unwrap_err().to_string(), "unknown dtype 'f8' (allowed: f32, bf16)");
+    /// ```
+    pub fn kind(self) -> Kind {
+        match self {
+            Dtype::F32 => Kind::Float,
+            Dtype::Bf16 => Kind::BFloat16,
         }
     }
-    let n = tch::Cuda::device_count();
-    if n <= 0 {
-        return Err(TrainError::Invalid(format!(
-            "device {name:?} was asked for, but libtorch's CUDA backend sees no GPU (no device or no driver): use --device cpu"
-        )));
+}
+
+/// A device as named on the command line and in sweep files: `cpu`, `cuda` or `cuda:N`.
+/// Parsing checks the spelling only; [`DeviceName::device`] checks that it is there.
+///
+/// ```
+/// use rankstab_train::device::DeviceName;
+/// let d: DeviceName = "cuda:1".parse().unwrap();
+/// assert_eq!((d, d.to_string()), (DeviceName::Cuda(Some(1)), "cuda:1".to_string()));
+/// assert_eq!("cpu".parse::<DeviceName>().unwrap().device().unwrap(), tch::Device::Cpu);
+/// assert!("tpu".parse::<DeviceName>().unwrap_err().to_string().contains("cpu, cuda"));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DeviceName {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// A CUDA device: `cuda` (None, the first one) or `cuda:N`.
+    Cuda(Option<usize>),
+}
+
+impl fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceName::Cpu => f.pad("cpu"),
+            DeviceName::Cuda(None) => f.pad("cuda"),
+            DeviceName::Cuda(Some(i)) => f.pad(&format!("cuda:{i}")),
+        }
     }
-    if index as i64 >= n {
-        return Err(TrainError::Invalid(format!(
-            "device {name:?} was asked for, but only {n} CUDA device(s) are visible"
-        )));
+}
+
+impl FromStr for DeviceName {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        match s {
+            "cpu" => Ok(DeviceName::Cpu),
+            "cuda" => Ok(DeviceName::Cuda(None)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse::<usize>().ok())
+                .map(|i| DeviceName::Cuda(Some(i)))
+                .ok_or_else(|| ParseError {
+                    axis: "device",
+                    value: s.to_string(),
+                    allowed: "cpu, cuda, cuda:N".into(),
+                }),
+        }
     }
-    Ok(Device::Cuda(index))
+}
+
+rankstab_records::serde_via_str!(DeviceName);
+
+impl DeviceName {
+    /// The libtorch device, once it is known to be there.
+    ///
+    /// # Errors
+    /// CUDA asked for but its library cannot be loaded or no device (or not that many) is
+    /// visible (the reason is given).
+    pub fn device(self) -> Result<Device, TrainError> {
+        let index = match self {
+            DeviceName::Cpu => return Ok(Device::Cpu),
+            DeviceName::Cuda(i) => i.unwrap_or(0),
+        };
+        let name = self.to_string();
+        if !tch::Cuda::is_available() {
+            if let Err(why) = load_cuda_backend() {
+                return Err(TrainError::Invalid(format!(
+                    "device {name:?} was asked for, but libtorch's CUDA library could not be loaded ({why}); \
+                     this libtorch is CPU-only here: use --device cpu, or run with LD_LIBRARY_PATH set to a CUDA torch's lib folder"
+                )));
+            }
+        }
+        let n = tch::Cuda::device_count();
+        if n <= 0 {
+            return Err(TrainError::Invalid(format!(
+                "device {name:?} was asked for, but libtorch's CUDA backend sees no GPU (no device or no driver): use --device cpu"
+            )));
+        }
+        if index as i64 >= n {
+            return Err(TrainError::Invalid(format!(
+                "device {name:?} was asked for, but only {n} CUDA device(s) are visible"
+            )));
+        }
+        Ok(Device::Cuda(index))
+    }
 }
 
 #[cfg(test)]
@@ -96,7 +167,7 @@ mod tests {
 
     #[test]
     fn cuda_absent_is_a_clear_error_not_a_panic() {
-        match parse_device("cuda") {
+        match DeviceName::Cuda(None).device() {
             Ok(Device::Cuda(0)) => {} // a machine with a GPU
             Ok(d) => panic!("unexpected device {d:?}"),
             Err(e) => {
@@ -104,7 +175,27 @@ mod tests {
                 assert!(m.contains("--device cpu") && m.contains("cuda"), "{m}");
             }
         }
-        assert!(parse_device("cuda:x").is_err());
+        assert!("cuda:x".parse::<DeviceName>().is_err());
+    }
+
+    #[test]
+    fn device_names_round_trip() {
+        for name in ["cpu", "cuda", "cuda:0", "cuda:3"] {
+            let d: DeviceName = name.parse().expect("known");
+            assert_eq!(d.to_string(), name);
+            let json = serde_json::to_string(&d).expect("serialise");
+            assert_eq!(
+                serde_json::from_str::<DeviceName>(&json).expect("read back"),
+                d
+            );
+        }
+        assert_eq!(
+            "tpu"
+                .parse::<DeviceName>()
+                .expect_err("unknown")
+                .to_string(),
+            "unknown device 'tpu' (allowed: cpu, cuda, cuda:N)"
+        );
     }
 }
 

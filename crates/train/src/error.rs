@@ -1,9 +1,14 @@
+//! The crate's one error type. Variants keep the error they wrap as their `source` and
+//! name what it concerns (file, tensor, module path, configuration), so that a caller can
+//! print the whole chain on one line.
+use rankstab_records::{ParseError, RecordsError};
 use std::path::PathBuf;
 
-/// Errors of model building, loading and training. Each names the file, tensor or value.
+/// Errors of model building, loading, adapters and training. Each names the file, tensor
+/// or value.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    /// A file could not be read.
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
         /// File concerned.
@@ -18,6 +23,25 @@ pub enum TrainError {
         path: PathBuf,
         /// What is wrong.
         message: String,
+    },
+    /// A JSON file could not be parsed or a value could not be written as JSON.
+    #[error("{path}: {source}")]
+    Json {
+        /// File concerned.
+        path: PathBuf,
+        /// serde_json's error (with line and column).
+        source: serde_json::Error,
+    },
+    /// A TOML configuration could not be parsed (syntax, unknown keys, bad values).
+    // toml's message spans several lines and ends with a newline: it is shown trimmed,
+    // and kept out of `source()` so that a printer of the chain does not repeat it
+    // untrimmed (the message already quotes it).
+    #[error("{origin}: {}", .error.to_string().trim())]
+    Toml {
+        /// What was parsed (a file name, or "embedded audit sweep").
+        origin: String,
+        /// toml's error (with line, column and the offending text).
+        error: toml::de::Error,
     },
     /// A tensor is missing from the checkpoint.
     #[error("{path}: tensor {name} is missing")]
@@ -39,6 +63,21 @@ pub enum TrainError {
         /// Found shape.
         found: Vec<i64>,
     },
+    /// A record file (table, manifest, JSON) could not be read or written.
+    #[error(transparent)]
+    Records(#[from] RecordsError),
+    /// A value that is not one of its axis' spellings (scaling, dtype, device, ...).
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// Another error, in the place it concerns (a module path, a configuration file, a
+    /// data row): "context: error".
+    #[error("{context}: {source}")]
+    In {
+        /// What the error concerns.
+        context: String,
+        /// The error there.
+        source: Box<TrainError>,
+    },
     /// Anything else that is not allowed, with the reason.
     #[error("{0}")]
     Invalid(String),
@@ -50,4 +89,26 @@ pub enum TrainError {
         /// libtorch's error.
         source: tch::TchError,
     },
+}
+
+impl TrainError {
+    /// This error, placed in `context` (a module path, a file, a row): "context: error".
+    pub(crate) fn within(self, context: impl Into<String>) -> Self {
+        TrainError::In {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// A closure for `map_err` that wraps libtorch's error with what was being done.
+    pub(crate) fn torch(context: impl Into<String>) -> impl FnOnce(tch::TchError) -> Self {
+        let context = context.into();
+        move |source| TrainError::Torch { context, source }
+    }
+
+    /// A closure for `map_err` that wraps an I/O error with the file concerned.
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| TrainError::Io { path, source }
+    }
 }

@@ -505,27 +505,9 @@ impl GgufFile {
     }
 }
 
-/// IEEE half to f32.
-pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h >> 15) << 31;
-    let exp = u32::from((h >> 10) & 0x1f);
-    let mant = u32::from(h & 0x3ff);
-    let bits = match (exp, mant) {
-        (0, 0) => sign,
-        (0, m) => {
-            // Subnormal: value = m * 2^-24.
-            let v = m as f32 * f32::from_bits(0x3380_0000);
-            return if sign != 0 { -v } else { v };
-        }
-        (0x1f, 0) => sign | 0x7f80_0000,
-        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
-}
-
+/// The little-endian IEEE half at byte `i` of `b`, as f32.
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// Dequantizes `n` elements of type `ty` from `raw` (whose length matches, as checked by
@@ -538,13 +520,10 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Vec<f32> {
             raw.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         ),
-        GgmlType::F16 => out.extend(
-            raw.chunks_exact(2)
-                .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
-        ),
+        GgmlType::F16 => out.extend(raw.chunks_exact(2).map(|c| f16_at(c, 0))),
         GgmlType::Bf16 => out.extend(
             raw.chunks_exact(2)
-                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
         ),
         GgmlType::Q8_0 => {
             for b in raw.chunks_exact(bytes as usize) {
@@ -1059,9 +1038,20 @@ mod tests {
         let bits: Vec<u16> = (0..=u16::MAX)
             .filter(|b| (b >> 10) & 0x1f != 0x1f)
             .collect();
-        let ours: Vec<f32> = bits.iter().map(|&b| f16_to_f32(b)).collect();
         let raw: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let ours = dequantize(GgmlType::F16, &raw, bits.len());
         let t = Tensor::from_data_size(&raw, &[bits.len() as i64], Kind::Half).to_kind(Kind::Float);
+        let theirs: Vec<f32> = Vec::try_from(t).expect("f32");
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn bf16_matches_libtorch_on_every_finite_value() {
+        let bits: Vec<u16> = (0..=u16::MAX).filter(|b| (b >> 7) & 0xff != 0xff).collect();
+        let raw: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let ours = dequantize(GgmlType::Bf16, &raw, bits.len());
+        let t =
+            Tensor::from_data_size(&raw, &[bits.len() as i64], Kind::BFloat16).to_kind(Kind::Float);
         let theirs: Vec<f32> = Vec::try_from(t).expect("f32");
         assert_eq!(ours, theirs);
     }

@@ -3,12 +3,16 @@
 //! interleaved (rotate-every-two) layout, gelu_new MLP, no bias on q/k/v/out, biases on
 //! fc_in, fc_out and lm_head. Weight names are exactly the Hugging Face ones.
 use crate::linear::Linear;
-use crate::llama::causal_attention;
+use crate::llama::{causal_attention, embedding};
 use crate::weights::Weights;
 use crate::TrainError;
 use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
+
+/// The adaptable linear modules of every block, in [`Gptj::linears_mut`]'s order (PEFT's
+/// `target_modules` for every attention and MLP linear).
+pub const MODULES: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"];
 
 /// `config.json` of a GPT-J checkpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -228,22 +232,6 @@ fn apply_rotary(x: &Tensor, rot: i64, sin: &Tensor, cos: &Tensor) -> Tensor {
     }
 }
 
-fn linear(
-    w: &mut Weights,
-    name: &str,
-    out: i64,
-    inp: i64,
-    bias: bool,
-) -> Result<Linear, TrainError> {
-    let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
-    let bias = if bias {
-        Some(w.take(&format!("{name}.bias"), &[out])?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
-}
-
 fn layer_norm(w: &mut Weights, name: &str, d: i64, eps: f64) -> Result<LayerNorm, TrainError> {
     Ok(LayerNorm {
         weight: w.take(&format!("{name}.weight"), &[d])?,
@@ -266,19 +254,19 @@ impl Gptj {
             h.push(Block {
                 ln_1: layer_norm(w, &format!("{p}.ln_1"), d, config.eps)?,
                 attn: Attention {
-                    q_proj: linear(w, &format!("{p}.attn.q_proj"), d, d, false)?,
-                    k_proj: linear(w, &format!("{p}.attn.k_proj"), d, d, false)?,
-                    v_proj: linear(w, &format!("{p}.attn.v_proj"), d, d, false)?,
-                    out_proj: linear(w, &format!("{p}.attn.out_proj"), d, d, false)?,
+                    q_proj: w.linear(&format!("{p}.attn.q_proj"), d, d, false)?,
+                    k_proj: w.linear(&format!("{p}.attn.k_proj"), d, d, false)?,
+                    v_proj: w.linear(&format!("{p}.attn.v_proj"), d, d, false)?,
+                    out_proj: w.linear(&format!("{p}.attn.out_proj"), d, d, false)?,
                 },
                 mlp: Mlp {
-                    fc_in: linear(w, &format!("{p}.mlp.fc_in"), f, d, true)?,
-                    fc_out: linear(w, &format!("{p}.mlp.fc_out"), d, f, true)?,
+                    fc_in: w.linear(&format!("{p}.mlp.fc_in"), f, d, true)?,
+                    fc_out: w.linear(&format!("{p}.mlp.fc_out"), d, f, true)?,
                 },
             });
         }
         let ln_f = layer_norm(w, "transformer.ln_f", d, config.eps)?;
-        let lm_head = linear(w, "lm_head", config.vocab_size, d, true)?;
+        let lm_head = w.linear("lm_head", config.vocab_size, d, true)?;
         Ok(Self {
             config,
             wte,
@@ -293,10 +281,7 @@ impl Gptj {
     /// # Errors
     /// See [`Weights::from_dir`], [`GptjHfConfig::into_config`], [`Gptj::load`].
     pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
-        let (hf, cfg_path): (GptjHfConfig, _) = crate::weights::read_hf_config(dir)?;
-        let config = hf.into_config(&cfg_path)?;
-        let mut w = Weights::from_dir(dir, kind, device)?;
-        Self::load(config, &mut w)
+        crate::weights::load_dir(dir, kind, device, GptjHfConfig::into_config, Self::load)
     }
 
     /// Every adaptable linear layer with its Hugging Face module path.
@@ -325,9 +310,7 @@ impl Gptj {
 
     /// Token embeddings (B, T, d) of ids (B, T).
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        self.wte
-            .index_select(0, &ids.flatten(0, -1))
-            .view([ids.size()[0], ids.size()[1], -1])
+        embedding(&self.wte, ids)
     }
 
     /// Block `i` (attention and MLP in parallel on one LayerNorm) on hidden states (B, T, d).

@@ -1,23 +1,30 @@
 //! Training of Llama 2 / GPT-J architectures with LoRA / rsLoRA adapters on libtorch.
 //!
-//! Models (`llama`, `gptj`, `random` presets) and their loaders (`weights`, `gguf`,
-//! `load`); adapters (`lora`, `linear`), probes (`probe`), data (`data`), optimizers
-//! (`optim`), the instrumented training loop (`trainer`) and sweeps of cells (`sweep`).
+//! Models (`llama`, `gptj`, `random` presets, one entry point `model::CausalLm`) and their
+//! loaders (`weights`, `gguf`, `load`); adapters (`lora`: one adapter and its PEFT file
+//! format; `linear`: the layer that carries it; `inject`: which modules get adapters),
+//! probes (`probe`), data (`data`), the loss (`loss`), optimizers (`optim`), checkpoints
+//! (`checkpoint`), the instrumented training loop (`trainer`), one run's lifecycle
+//! (`run`: model, run directory, manifest) and sweeps of runs (`sweep`).
 
+mod checkpoint;
 pub mod data;
 pub mod device;
 mod error;
 pub mod generate;
 pub mod gguf;
 pub mod gptj;
+pub mod inject;
 pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
+mod loss;
 pub mod model;
 pub mod optim;
 pub mod probe;
 pub mod random;
+pub mod run;
 pub mod sweep;
 pub mod text;
 pub mod trainer;
@@ -25,22 +32,6 @@ pub mod weights;
 
 pub use error::TrainError;
 pub use model::CausalLm;
-
-/// The libtorch device tch would use by default on this machine, as a string.
-///
-/// ```
-/// let d = rankstab_train::default_device_name();
-/// assert!(d == "cpu" || d.starts_with("cuda"));
-/// ```
-pub fn default_device_name() -> String {
-    // libtorch's CUDA backend is loaded at run time (device.rs); without it CUDA would
-    // never be reported, even on a GPU machine.
-    let _ = device::load_cuda_backend();
-    match tch::Device::cuda_if_available() {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    }
-}
 
 #[cfg(test)]
 mod tests {

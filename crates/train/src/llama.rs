@@ -8,6 +8,18 @@ use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
+/// The adaptable linear modules of every block, in [`Llama::linears_mut`]'s order (PEFT's
+/// `target_modules` for every attention and MLP linear).
+pub const MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// `config.json` of a Llama checkpoint as written by transformers (4.x or 5.x).
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlamaHfConfig {
@@ -273,6 +285,13 @@ pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, gqa)
 }
 
+/// Rows of the embedding `table` (vocab, d) for token ids (B, T): (B, T, d).
+pub(crate) fn embedding(table: &Tensor, ids: &Tensor) -> Tensor {
+    table
+        .index_select(0, &ids.flatten(0, -1))
+        .view([ids.size()[0], ids.size()[1], -1])
+}
+
 impl Attention {
     fn forward(&self, x: &Tensor, cfg: &Config, cos: &Tensor, sin: &Tensor, train: bool) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
@@ -309,22 +328,6 @@ impl Mlp {
     }
 }
 
-fn linear(
-    w: &mut Weights,
-    name: &str,
-    out: i64,
-    inp: i64,
-    bias: bool,
-) -> Result<Linear, TrainError> {
-    let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
-    let bias = if bias {
-        Some(w.take(&format!("{name}.bias"), &[out])?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
-}
-
 impl Llama {
     /// Builds the model from checkpoint tensors.
     ///
@@ -349,19 +352,19 @@ impl Llama {
                     eps: config.rms_norm_eps,
                 },
                 self_attn: Attention {
-                    q_proj: linear(w, &format!("{p}.self_attn.q_proj"), h * hd, d, ab)?,
-                    k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kvh * hd, d, ab)?,
-                    v_proj: linear(w, &format!("{p}.self_attn.v_proj"), kvh * hd, d, ab)?,
-                    o_proj: linear(w, &format!("{p}.self_attn.o_proj"), d, h * hd, ab)?,
+                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), h * hd, d, ab)?,
+                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), kvh * hd, d, ab)?,
+                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), kvh * hd, d, ab)?,
+                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), d, h * hd, ab)?,
                 },
                 post_attention_layernorm: RmsNorm {
                     weight: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
                     eps: config.rms_norm_eps,
                 },
                 mlp: Mlp {
-                    gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), f, d, mb)?,
-                    up_proj: linear(w, &format!("{p}.mlp.up_proj"), f, d, mb)?,
-                    down_proj: linear(w, &format!("{p}.mlp.down_proj"), d, f, mb)?,
+                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), f, d, mb)?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), f, d, mb)?,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), d, f, mb)?,
                 },
             });
         }
@@ -388,10 +391,7 @@ impl Llama {
     /// # Errors
     /// See [`Weights::from_dir`], [`LlamaHfConfig::into_config`], [`Llama::load`].
     pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
-        let (hf, cfg_path): (LlamaHfConfig, _) = crate::weights::read_hf_config(dir)?;
-        let config = hf.into_config(&cfg_path)?;
-        let mut w = Weights::from_dir(dir, kind, device)?;
-        Self::load(config, &mut w)
+        crate::weights::load_dir(dir, kind, device, LlamaHfConfig::into_config, Self::load)
     }
 
     /// Every adaptable linear layer with its Hugging Face module path.
@@ -423,9 +423,7 @@ impl Llama {
 
     /// Token embeddings (B, T, d) of ids (B, T).
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        self.embed_tokens
-            .index_select(0, &ids.flatten(0, -1))
-            .view([ids.size()[0], ids.size()[1], -1])
+        embedding(&self.embed_tokens, ids)
     }
 
     /// Decoder block `i` on hidden states (B, T, d).

@@ -4,6 +4,7 @@
 //! template all from the file). Pickle checkpoints are refused, never opened.
 use crate::gguf::{self, GgufFile, Value};
 use crate::text::TextTokenizer;
+use crate::weights::pickle_advice;
 use crate::{CausalLm, TrainError};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -34,14 +35,6 @@ impl std::fmt::Debug for Loaded {
             .field("eos_ids", &self.eos_ids)
             .finish_non_exhaustive()
     }
-}
-
-fn pickle_advice(path: &Path) -> TrainError {
-    TrainError::Invalid(format!(
-        "{}: a pickle checkpoint (pytorch_model.bin), which rankstab refuses to load (unpickling can run code). \
-         Convert it once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)",
-        path.display()
-    ))
 }
 
 /// Loads a model directory or a GGUF file, with its tokenizer.

@@ -1,4 +1,5 @@
-//! LoRA / rsLoRA adapters on libtorch, with PEFT's conventions.
+//! One LoRA / rsLoRA adapter on libtorch, with PEFT's conventions, and PEFT's adapter
+//! files (`save_peft`, `load_peft`). Which modules get adapters is `crate::inject`.
 //!
 //! An adapter wraps a frozen linear map `W` (out x in) and adds `gamma B A x`, with
 //! `A` (r x in) and `B` (out x r), `B` initialised to zero. The scaling `gamma` comes from
@@ -7,6 +8,7 @@
 //! Merging writes `gamma B A` into `W` after a finite check and keeps the weight it
 //! replaced, so unmerging restores `W` exactly (at the cost of one copy of each merged
 //! weight while merged; subtracting `gamma B A` again, as PEFT does, is off by rounding).
+use crate::TrainError;
 use rankstab_records::scaling_factor;
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
@@ -48,27 +50,6 @@ impl LoraConfig {
     }
 }
 
-/// Errors of adapters.
-#[derive(Debug, thiserror::Error)]
-pub enum LoraError {
-    /// A shape or value that does not fit.
-    #[error("{0}")]
-    Invalid(String),
-    /// libtorch failed.
-    #[error("{context}: {source}")]
-    Torch {
-        /// What was being done.
-        context: String,
-        /// libtorch's error.
-        source: tch::TchError,
-    },
-}
-
-fn torch(context: impl Into<String>) -> impl FnOnce(tch::TchError) -> LoraError {
-    let context = context.into();
-    move |source| LoraError::Torch { context, source }
-}
-
 /// One adapter: trainable `A` and `B`, the scaling, and whether it is merged.
 #[derive(Debug)]
 pub struct LoraAdapter {
@@ -88,10 +69,10 @@ pub struct LoraAdapter {
 ///
 /// # Errors
 /// Rank 0 or larger than max(in, out), with the allowed range.
-pub fn check_rank(rank: usize, in_dim: i64, out_dim: i64) -> Result<(), LoraError> {
+pub fn check_rank(rank: usize, in_dim: i64, out_dim: i64) -> Result<(), TrainError> {
     let r = rank as i64;
     if r == 0 || r > in_dim.max(out_dim) {
-        return Err(LoraError::Invalid(format!(
+        return Err(TrainError::Invalid(format!(
             "rank {r} is not allowed for a {out_dim} x {in_dim} layer: use 1..={}",
             in_dim.max(out_dim)
         )));
@@ -111,7 +92,7 @@ impl LoraAdapter {
         in_dim: i64,
         out_dim: i64,
         cfg: &LoraConfig,
-    ) -> Result<Self, LoraError> {
+    ) -> Result<Self, TrainError> {
         check_rank(cfg.rank, in_dim, out_dim)?;
         let r = cfg.rank as i64;
         let a = match (cfg.seed, cfg.init) {
@@ -176,15 +157,15 @@ impl LoraAdapter {
         b: Tensor,
         scaling: f64,
         dropout: f64,
-    ) -> Result<Self, LoraError> {
+    ) -> Result<Self, TrainError> {
         let (asz, bsz) = (a.size(), b.size());
         if asz.len() != 2 || bsz.len() != 2 || asz[0] != bsz[1] || asz[0] == 0 {
-            return Err(LoraError::Invalid(format!(
+            return Err(TrainError::Invalid(format!(
                 "lora_A {asz:?} / lora_B {bsz:?} are not [r, in] and [out, r] with the same rank r >= 1"
             )));
         }
         if !scaling.is_finite() {
-            return Err(LoraError::Invalid(format!(
+            return Err(TrainError::Invalid(format!(
                 "scaling {scaling} is not finite"
             )));
         }
@@ -227,13 +208,13 @@ impl LoraAdapter {
     ///
     /// # Errors
     /// Already merged, a shape mismatch, or a non-finite adapter.
-    pub fn merge_into(&mut self, w: &mut Tensor) -> Result<(), LoraError> {
+    pub fn merge_into(&mut self, w: &mut Tensor) -> Result<(), TrainError> {
         if self.saved.is_some() {
-            return Err(LoraError::Invalid("adapter is already merged".into()));
+            return Err(TrainError::Invalid("adapter is already merged".into()));
         }
         let d = tch::no_grad(|| self.weight_delta().to_kind(w.kind()));
         if d.size() != w.size() {
-            return Err(LoraError::Invalid(format!(
+            return Err(TrainError::Invalid(format!(
                 "adapter shape {:?} does not match weight {:?}",
                 d.size(),
                 w.size()
@@ -241,7 +222,7 @@ impl LoraAdapter {
         }
         let finite = tch::no_grad(|| d.isfinite().all().int64_value(&[])) == 1;
         if !finite {
-            return Err(LoraError::Invalid(
+            return Err(TrainError::Invalid(
                 "adapter has non-finite entries: refusing to merge".into(),
             ));
         }
@@ -256,9 +237,9 @@ impl LoraAdapter {
     ///
     /// # Errors
     /// Not merged, or `w` is not the weight it was merged into (another shape).
-    pub fn unmerge_from(&mut self, w: &mut Tensor) -> Result<(), LoraError> {
+    pub fn unmerge_from(&mut self, w: &mut Tensor) -> Result<(), TrainError> {
         let Some(saved) = self.saved.take() else {
-            return Err(LoraError::Invalid("adapter is not merged".into()));
+            return Err(TrainError::Invalid("adapter is not merged".into()));
         };
         if saved.size() != w.size() {
             let e = format!(
@@ -267,7 +248,7 @@ impl LoraAdapter {
                 saved.size()
             );
             self.saved = Some(saved);
-            return Err(LoraError::Invalid(e));
+            return Err(TrainError::Invalid(e));
         }
         tch::no_grad(|| w.copy_(&saved));
         Ok(())
@@ -370,16 +351,14 @@ pub fn save_peft(
     dir: &Path,
     cfg: &PeftAdapterConfig,
     adapters: &[(String, &LoraAdapter)],
-) -> Result<(), LoraError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| LoraError::Invalid(format!("{}: {e}", dir.display())))?;
-    let json = serde_json::to_string_pretty(cfg).map_err(|e| LoraError::Invalid(e.to_string()))?;
-    std::fs::write(dir.join("adapter_config.json"), json).map_err(|e| {
-        LoraError::Invalid(format!(
-            "{}: {e}",
-            dir.join("adapter_config.json").display()
-        ))
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+    let cfg_path = dir.join("adapter_config.json");
+    let json = serde_json::to_string_pretty(cfg).map_err(|source| TrainError::Json {
+        path: cfg_path.clone(),
+        source,
     })?;
+    std::fs::write(&cfg_path, json).map_err(TrainError::io(&cfg_path))?;
     let mut named: Vec<(String, Tensor)> = Vec::new();
     for (path, ad) in adapters {
         named.push((
@@ -392,7 +371,8 @@ pub fn save_peft(
         ));
     }
     let file = dir.join("adapter_model.safetensors");
-    Tensor::write_safetensors(&named, &file).map_err(torch(format!("writing {}", file.display())))
+    Tensor::write_safetensors(&named, &file)
+        .map_err(TrainError::torch(format!("writing {}", file.display())))
 }
 
 /// Reads a PEFT adapter directory: its config and the (A, B) pair of every module path.
@@ -402,22 +382,19 @@ pub fn save_peft(
 #[allow(clippy::type_complexity)]
 pub fn load_peft(
     dir: &Path,
-) -> Result<(PeftAdapterConfig, Vec<(String, Tensor, Tensor)>), LoraError> {
+) -> Result<(PeftAdapterConfig, Vec<(String, Tensor, Tensor)>), TrainError> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
-    let cfg: PeftAdapterConfig = serde_json::from_str(&text)
-        .map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let cfg: PeftAdapterConfig = read_json_file(&cfg_path)?;
     if cfg.peft_type != "LORA" {
-        return Err(LoraError::Invalid(format!(
+        return Err(TrainError::Invalid(format!(
             "{}: peft_type {:?}, expected \"LORA\"",
             cfg_path.display(),
             cfg.peft_type
         )));
     }
     let file = dir.join("adapter_model.safetensors");
-    let tensors =
-        Tensor::read_safetensors(&file).map_err(torch(format!("reading {}", file.display())))?;
+    let tensors = Tensor::read_safetensors(&file)
+        .map_err(TrainError::torch(format!("reading {}", file.display())))?;
     let mut a_map = std::collections::BTreeMap::new();
     let mut b_map = std::collections::BTreeMap::new();
     for (name, t) in tensors {
@@ -430,7 +407,7 @@ pub fn load_peft(
         } else if let Some(p) = stripped.strip_suffix(".lora_B.weight") {
             b_map.insert(p.to_string(), t);
         } else {
-            return Err(LoraError::Invalid(format!(
+            return Err(TrainError::Invalid(format!(
                 "{}: unexpected tensor {name}",
                 file.display()
             )));
@@ -439,11 +416,11 @@ pub fn load_peft(
     let mut out = Vec::new();
     for (p, a) in a_map {
         let b = b_map.remove(&p).ok_or_else(|| {
-            LoraError::Invalid(format!("{}: {p}.lora_B.weight is missing", file.display()))
+            TrainError::Invalid(format!("{}: {p}.lora_B.weight is missing", file.display()))
         })?;
         let (asz, bsz) = (a.size(), b.size());
         if asz.len() != 2 || bsz.len() != 2 || asz[0] != cfg.r as i64 || bsz[1] != cfg.r as i64 {
-            return Err(LoraError::Invalid(format!(
+            return Err(TrainError::Invalid(format!(
                 "{}: {p}: lora_A {asz:?} / lora_B {bsz:?} do not have rank r = {} ([r, in] and [out, r])",
                 file.display(),
                 cfg.r
@@ -452,7 +429,7 @@ pub fn load_peft(
         out.push((p, a, b));
     }
     if let Some(p) = b_map.keys().next() {
-        return Err(LoraError::Invalid(format!(
+        return Err(TrainError::Invalid(format!(
             "{}: {p}.lora_A.weight is missing",
             file.display()
         )));
@@ -460,24 +437,10 @@ pub fn load_peft(
     Ok((cfg, out))
 }
 
-/// What [`attach_peft`] attached.
-#[derive(Debug, Clone)]
-pub struct AttachedPeft {
-    /// The adapter's `adapter_config.json`.
-    pub config: PeftAdapterConfig,
-    /// The adapted module paths, in the model's order.
-    pub paths: Vec<String>,
-    /// gamma_r of every adapter ([`PeftAdapterConfig::scaling`]).
-    pub scaling: f64,
-}
-
 /// PEFT options that change what an adapter computes and that rankstab does not implement:
 /// refused rather than silently ignored.
-fn check_supported_peft_options(cfg_path: &Path) -> Result<(), LoraError> {
-    let text = std::fs::read_to_string(cfg_path)
-        .map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| LoraError::Invalid(format!("{}: {e}", cfg_path.display())))?;
+pub(crate) fn check_supported_peft_options(cfg_path: &Path) -> Result<(), TrainError> {
+    let v: serde_json::Value = read_json_file(cfg_path)?;
     let set = |k: &str| match v.get(k) {
         None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => false,
         Some(serde_json::Value::Object(m)) => !m.is_empty(),
@@ -503,7 +466,7 @@ fn check_supported_peft_options(cfg_path: &Path) -> Result<(), LoraError> {
         if bias != "none" {
             what.push(format!("bias {bias:?}"));
         }
-        return Err(LoraError::Invalid(format!(
+        return Err(TrainError::Invalid(format!(
             "{}: uses PEFT options rankstab does not support: {} (plain LoRA / rsLoRA adapters only)",
             cfg_path.display(),
             what.join(", ")
@@ -512,107 +475,12 @@ fn check_supported_peft_options(cfg_path: &Path) -> Result<(), LoraError> {
     Ok(())
 }
 
-/// Attaches the adapters of a PEFT adapter directory (as `rankstab train` writes into
-/// `RUN/adapters`, or peft's `save_pretrained`) to the model's linear layers, unmerged,
-/// with PEFT's scaling ([`PeftAdapterConfig::scaling`]); `A` and `B` take the kind and
-/// device of each layer's weight. Nothing is attached unless everything fits.
-///
-/// # Errors
-/// A missing `adapter_config.json` or `adapter_model.safetensors`, a malformed config or
-/// PEFT options rankstab does not implement (DoRA, rank or alpha patterns, biases, ...), a
-/// target module or module path the model lacks, a tensor whose shape does not fit its
-/// layer (named, with the expected and found shapes), a layer that already has an adapter.
-pub fn attach_peft(model: &mut crate::CausalLm, dir: &Path) -> Result<AttachedPeft, LoraError> {
-    if !dir.is_dir() {
-        return Err(LoraError::Invalid(format!(
-            "{}: not a PEFT adapter directory (no such directory)",
-            dir.display()
-        )));
-    }
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        if !dir.join(f).is_file() {
-            return Err(LoraError::Invalid(format!(
-                "{}: not a PEFT adapter directory (no {f})",
-                dir.display()
-            )));
-        }
-    }
-    let cfg_path = dir.join("adapter_config.json");
-    let file = dir.join("adapter_model.safetensors");
-    let (config, tensors) = load_peft(dir)?;
-    check_supported_peft_options(&cfg_path)?;
-    if tensors.is_empty() {
-        return Err(LoraError::Invalid(format!(
-            "{}: holds no lora_A / lora_B tensors",
-            file.display()
-        )));
-    }
-    let mut modules: Vec<String> = Vec::new();
-    let mut layer_paths = std::collections::BTreeSet::new();
-    for (p, _) in model.linears_mut() {
-        modules.push(crate::trainer::module_and_layer(&p).0);
-        layer_paths.insert(p);
-    }
-    modules.sort();
-    modules.dedup();
-    for t in &config.target_modules {
-        if !modules.contains(t) {
-            return Err(LoraError::Invalid(format!(
-                "{}: target module {t:?} does not exist in this model (its modules: {})",
-                cfg_path.display(),
-                modules.join(", ")
-            )));
-        }
-    }
-    let mut by_path: std::collections::BTreeMap<String, (Tensor, Tensor)> =
-        tensors.into_iter().map(|(p, a, b)| (p, (a, b))).collect();
-    if let Some(p) = by_path.keys().find(|p| !layer_paths.contains(*p)) {
-        let example = layer_paths.iter().next().cloned().unwrap_or_default();
-        return Err(LoraError::Invalid(format!(
-            "{}: module {p} (tensor base_model.model.{p}.lora_A.weight) does not exist in this model (its layers are named like {example})",
-            file.display()
-        )));
-    }
-    let r = config.r as i64;
-    for (path, lin) in model.linears_mut() {
-        let Some((a, b)) = by_path.get(&path) else {
-            continue;
-        };
-        let (out, inp) = lin.dims();
-        for (t, name, want) in [(a, "lora_A", vec![r, inp]), (b, "lora_B", vec![out, r])] {
-            if t.size() != want {
-                return Err(LoraError::Invalid(format!(
-                    "{}: tensor base_model.model.{path}.{name}.weight has shape {:?}, expected {want:?} (the layer is {out} x {inp}, r = {r})",
-                    file.display(),
-                    t.size()
-                )));
-            }
-        }
-        if lin.adapter.is_some() {
-            return Err(LoraError::Invalid(format!("{path} already has an adapter")));
-        }
-    }
-    let scaling = config.scaling();
-    let mut paths = Vec::new();
-    for (path, lin) in model.linears_mut() {
-        let Some((a, b)) = by_path.remove(&path) else {
-            continue;
-        };
-        let (kind, device) = (lin.weight.kind(), lin.weight.device());
-        let ad = LoraAdapter::from_tensors(
-            a.to_kind(kind).to_device(device),
-            b.to_kind(kind).to_device(device),
-            scaling,
-            config.lora_dropout,
-        )
-        .map_err(|e| LoraError::Invalid(format!("{path}: {e}")))?;
-        lin.adapter = Some(ad);
-        paths.push(path);
-    }
-    Ok(AttachedPeft {
-        config,
-        paths,
-        scaling,
+/// A JSON file read into `T`.
+fn read_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    serde_json::from_str(&text).map_err(|source| TrainError::Json {
+        path: path.to_path_buf(),
+        source,
     })
 }
 

@@ -92,6 +92,23 @@ impl CausalLm {
         }
     }
 
+    /// Width of the residual stream: Llama's `hidden_size`, GPT-J's `n_embd`. (The width
+    /// of each adapted linear is its weight's shape, [`Linear::dims`].)
+    pub fn hidden_size(&self) -> i64 {
+        match self {
+            Self::Llama(m) => m.config.hidden_size,
+            Self::Gptj(m) => m.config.n_embd,
+        }
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Llama(m) => m.embed_tokens.device(),
+            Self::Gptj(m) => m.wte.device(),
+        }
+    }
+
     /// Vocabulary size of the embedding.
     pub fn vocab_size(&self) -> i64 {
         match self {

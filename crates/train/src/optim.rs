@@ -95,11 +95,6 @@ impl AdapterOptimizer {
         })
     }
 
-    /// Steps taken so far.
-    pub fn steps_taken(&self) -> u64 {
-        self.step
-    }
-
     /// The parameters, in order.
     pub fn params(&self) -> &[Tensor] {
         &self.params
@@ -214,17 +209,7 @@ impl AdapterOptimizer {
     ) -> Result<(), TrainError> {
         for (i, (m, v)) in self.moments.iter_mut().enumerate() {
             for (name, dst) in [(format!("m.{i}"), m), (format!("v.{i}"), v)] {
-                let src = tensors.get(&name).ok_or_else(|| {
-                    TrainError::Invalid(format!("checkpoint: optimizer state {name} is missing"))
-                })?;
-                if src.size() != dst.size() {
-                    return Err(TrainError::Invalid(format!(
-                        "checkpoint: optimizer state {name} has shape {:?}, expected {:?}",
-                        src.size(),
-                        dst.size()
-                    )));
-                }
-                tch::no_grad(|| dst.copy_(src));
+                crate::checkpoint::restore(tensors, "optimizer state", &name, dst)?;
             }
         }
         self.step = step;
@@ -271,13 +256,13 @@ mod tests {
                 .build(&vs_ref, 0.05),
                 _ => nn::Sgd::default().build(&vs_ref, 0.05),
             }
-            .unwrap();
+            .expect("tch's optimizer");
             let adam = AdamwParams {
                 weight_decay: wd,
                 ..AdamwParams::default()
             };
-            let mut ours =
-                AdapterOptimizer::new(kind, 0.05, adam, vec![p_ours.shallow_clone()]).unwrap();
+            let mut ours = AdapterOptimizer::new(kind, 0.05, adam, vec![p_ours.shallow_clone()])
+                .expect("supported");
             for _ in 0..5 {
                 let l = (&p_ref - &target).pow_tensor_scalar(4).sum(Kind::Float);
                 reference.zero_grad();
@@ -313,13 +298,13 @@ mod tests {
             AdamwParams::default(),
             vec![p.shallow_clone()],
         )
-        .unwrap();
+        .expect("supported");
         (&p * &p).sum(Kind::Float).backward(); // grad = 2p = (6, 8), norm 10
         let before = o.clip_grad_norm(1.0);
         assert!((before - 10.0).abs() < 1e-6);
         assert!((o.grad_norm() - 1.0).abs() < 1e-5);
         o.step();
-        let v: Vec<f32> = Vec::try_from(p.detach()).unwrap();
+        let v: Vec<f32> = Vec::try_from(p.detach()).expect("f32");
         assert!((v[0] - (3.0 - 0.6)).abs() < 1e-5 && (v[1] - (4.0 - 0.8)).abs() < 1e-5);
     }
 }

@@ -1,7 +1,10 @@
 //! Statistics the training probes record for every adapter, computed on libtorch tensors:
 //! the same quantities as the theory checker (`rankstab_theory::sim`), so that the two
 //! kinds of rows compare directly.
-use tch::{Kind, Tensor};
+use crate::data::Sequence;
+use crate::CausalLm;
+use std::cell::RefCell;
+use tch::{Device, Kind, Tensor};
 
 /// Absolute and raw moments of order 1..=max_m of all entries of `y`.
 ///
@@ -120,10 +123,76 @@ pub fn delta_norm_and_stable_rank(b: &Tensor, a: &Tensor, gamma: f64) -> (f64, f
     })
 }
 
+/// Turns the probes of every attached adapter on (the next forward pass records a
+/// [`crate::linear::Capture`]) or off.
+pub(crate) fn capture(model: &mut CausalLm, on: bool) {
+    for (_, lin) in model.linears_mut() {
+        if lin.adapter.is_some() {
+            lin.capture = on.then(|| RefCell::new(None));
+        }
+    }
+}
+
+/// Rows (b * T + t) of the flattened (B * T, features) activations that are real tokens
+/// (not padding), or `None` when every position is real.
+pub(crate) fn valid_rows(seqs: &[&Sequence], device: Device) -> Option<Tensor> {
+    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(1) - 1;
+    if seqs.iter().all(|s| s.ids.len() - 1 == t) {
+        return None;
+    }
+    let idx: Vec<i64> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(b, s)| (0..s.ids.len() - 1).map(move |i| (b * t + i) as i64))
+        .collect();
+    Some(Tensor::from_slice(&idx).to_device(device))
+}
+
+/// The rows of `t` (flattened to (rows, features)) at `valid`, or all of them.
+pub(crate) fn rows_of(t: &Tensor, valid: Option<&Tensor>) -> Tensor {
+    let f = t.size().last().copied().unwrap_or(1);
+    let flat = t.reshape([-1, f]);
+    match valid {
+        Some(idx) => flat.index_select(0, idx),
+        None => flat,
+    }
+}
+
+/// Moment sums of one adapter at one site over the micro-batches of a step: element count
+/// and count-weighted absolute and raw moments (the step's moment of order m is
+/// `abs[m - 1] / n`).
+#[derive(Default)]
+pub(crate) struct SiteSums {
+    pub(crate) n: f64,
+    pub(crate) abs: Vec<f64>,
+    pub(crate) raw: Vec<f64>,
+}
+
+impl SiteSums {
+    /// Adds the moments of order 1..=max_m of `t`'s entries, weighted by their count.
+    pub(crate) fn add(&mut self, t: &Tensor, max_m: u32) {
+        let n = t.numel() as f64;
+        if n == 0.0 {
+            return;
+        }
+        let (a, r) = moments(t, max_m);
+        if self.abs.is_empty() {
+            self.abs = vec![0.0; a.len()];
+            self.raw = vec![0.0; r.len()];
+        }
+        for (s, v) in self.abs.iter_mut().zip(&a) {
+            *s += n * v;
+        }
+        for (s, v) in self.raw.iter_mut().zip(&r) {
+            *s += n * v;
+        }
+        self.n += n;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     #[test]
     fn moments_match_a_direct_computation() {

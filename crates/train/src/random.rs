@@ -107,34 +107,41 @@ fn init(
         .collect()
 }
 
-/// A Llama model of shape `config` with random weights (seeded), in `kind` on `device`.
-///
-/// # Errors
-/// Only if the shape list and the loader disagree (a bug), reported like a checkpoint error.
-pub fn llama(
-    config: llama::Config,
-    kind: Kind,
-    device: Device,
-    seed: i64,
-) -> Result<Llama, TrainError> {
-    let tensors = init(llama_shapes(&config), kind, device, seed);
-    let mut w = Weights::from_tensors(PathBuf::from("<random llama>"), tensors, kind, device);
-    Llama::load(config, &mut w)
+/// A model shape: the runtime configuration of one of the architectures.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// A Llama model.
+    Llama(llama::Config),
+    /// A GPT-J model.
+    Gptj(gptj::Config),
 }
 
-/// A GPT-J model of shape `config` with random weights (seeded), in `kind` on `device`.
+impl Shape {
+    /// (Hugging Face name, shape) of every tensor ([`llama_shapes`], [`gptj_shapes`]).
+    pub fn tensors(&self) -> Vec<(String, Vec<i64>)> {
+        match self {
+            Shape::Llama(c) => llama_shapes(c),
+            Shape::Gptj(c) => gptj_shapes(c),
+        }
+    }
+}
+
+/// A model of shape `shape` with random weights (seeded), in `kind` on `device`, built by
+/// the architecture's checkpoint loader.
 ///
 /// # Errors
 /// Only if the shape list and the loader disagree (a bug), reported like a checkpoint error.
-pub fn gptj(
-    config: gptj::Config,
-    kind: Kind,
-    device: Device,
-    seed: i64,
-) -> Result<Gptj, TrainError> {
-    let tensors = init(gptj_shapes(&config), kind, device, seed);
-    let mut w = Weights::from_tensors(PathBuf::from("<random gptj>"), tensors, kind, device);
-    Gptj::load(config, &mut w)
+pub fn model(shape: Shape, kind: Kind, device: Device, seed: i64) -> Result<CausalLm, TrainError> {
+    let tensors = init(shape.tensors(), kind, device, seed);
+    let source = match shape {
+        Shape::Llama(_) => "<random llama>",
+        Shape::Gptj(_) => "<random gptj>",
+    };
+    let mut w = Weights::from_tensors(PathBuf::from(source), tensors, kind, device);
+    Ok(match shape {
+        Shape::Llama(c) => CausalLm::Llama(Llama::load(c, &mut w)?),
+        Shape::Gptj(c) => CausalLm::Gptj(Gptj::load(c, &mut w)?),
+    })
 }
 
 /// Names accepted by [`preset`].
@@ -144,31 +151,29 @@ pub const PRESETS: [&str; 4] = ["llama-2-7b", "gpt-j-6b", "llama-2-mini", "gpt-j
 /// width 256, 4 heads of 64 with rotary over the first 16 dimensions (GPT-J-6B: 64 of
 /// 256), MLP 1024. About 27 M parameters, most of them in the embedding and head.
 pub fn gptj_mini() -> gptj::Config {
-    let mut g = gptj::Config::gptj_6b();
-    (
-        g.n_embd,
-        g.n_layer,
-        g.n_head,
-        g.head_dim,
-        g.rotary_dim,
-        g.n_inner,
-    ) = (256, 4, 4, 64, 16, 1024);
-    g
+    gptj::Config {
+        n_embd: 256,
+        n_layer: 4,
+        n_head: 4,
+        head_dim: 64,
+        rotary_dim: 16,
+        n_inner: 1024,
+        ..gptj::Config::gptj_6b()
+    }
 }
 
 /// A small Llama of the real architecture and vocabulary (32000, the Llama 2 tokenizer):
 /// 4 blocks of width 256, 4 heads of 64, MLP 688.
 pub fn llama2_mini() -> llama::Config {
-    let mut c = llama::Config::llama2_7b();
-    (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_layers,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-    ) = (256, 688, 4, 4, 4, 64);
-    c
+    llama::Config {
+        hidden_size: 256,
+        intermediate_size: 688,
+        num_layers: 4,
+        num_heads: 4,
+        num_kv_heads: 4,
+        head_dim: 64,
+        ..llama::Config::llama2_7b()
+    }
 }
 
 /// Model shapes by name, randomly initialised: the paper's `llama-2-7b` and `gpt-j-6b`
@@ -178,26 +183,19 @@ pub fn llama2_mini() -> llama::Config {
 /// # Errors
 /// An unknown name.
 pub fn preset(name: &str, kind: Kind, device: Device, seed: i64) -> Result<CausalLm, TrainError> {
-    match name {
-        "llama-2-mini" => Ok(CausalLm::Llama(llama(llama2_mini(), kind, device, seed)?)),
-        "gpt-j-mini" => Ok(CausalLm::Gptj(gptj(gptj_mini(), kind, device, seed)?)),
-        "llama-2-7b" => Ok(CausalLm::Llama(llama(
-            llama::Config::llama2_7b(),
-            kind,
-            device,
-            seed,
-        )?)),
-        "gpt-j-6b" => Ok(CausalLm::Gptj(gptj(
-            gptj::Config::gptj_6b(),
-            kind,
-            device,
-            seed,
-        )?)),
-        other => Err(TrainError::Invalid(format!(
-            "preset {other:?} is not known (known: {})",
-            PRESETS.join(", ")
-        ))),
-    }
+    let shape = match name {
+        "llama-2-mini" => Shape::Llama(llama2_mini()),
+        "gpt-j-mini" => Shape::Gptj(gptj_mini()),
+        "llama-2-7b" => Shape::Llama(llama::Config::llama2_7b()),
+        "gpt-j-6b" => Shape::Gptj(gptj::Config::gptj_6b()),
+        other => {
+            return Err(TrainError::Invalid(format!(
+                "preset {other:?} is not known (known: {})",
+                PRESETS.join(", ")
+            )))
+        }
+    };
+    model(shape, kind, device, seed)
 }
 
 #[cfg(test)]
@@ -221,37 +219,55 @@ mod tests {
 
     #[test]
     fn small_random_models_build_and_run() {
-        let mut c = llama::Config::llama2_7b();
-        (
-            c.vocab_size,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_layers,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-        ) = (50, 32, 64, 2, 4, 2, 8);
-        c.tie_word_embeddings = true;
-        let m = llama(c, Kind::Float, Device::Cpu, 1).expect("builds");
+        // Tiny shapes, with tied embeddings and grouped-query attention.
+        let c = llama::Config {
+            vocab_size: 50,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 8,
+            tie_word_embeddings: true,
+            ..llama2_mini()
+        };
+        let m = model(Shape::Llama(c), Kind::Float, Device::Cpu, 1).expect("builds");
         let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
         assert_eq!(m.forward(&ids, false).size(), [1, 4, 50]);
-        assert!(m.lm_head.is_none());
-        let mut g = gptj::Config::gptj_6b();
-        (
-            g.vocab_size,
-            g.n_embd,
-            g.n_layer,
-            g.n_head,
-            g.head_dim,
-            g.rotary_dim,
-            g.n_inner,
-        ) = (60, 32, 2, 4, 8, 4, 64);
-        let m = gptj(g, Kind::Float, Device::Cpu, 1).expect("builds");
+        assert!(matches!(&m, CausalLm::Llama(l) if l.lm_head.is_none()));
+        let g = gptj::Config {
+            vocab_size: 60,
+            n_embd: 32,
+            n_layer: 2,
+            head_dim: 8,
+            rotary_dim: 4,
+            n_inner: 64,
+            ..gptj_mini()
+        };
+        let m = model(Shape::Gptj(g), Kind::Float, Device::Cpu, 1).expect("builds");
         let y = m.forward(&ids, false);
         assert_eq!(y.size(), [1, 4, 60]);
         // Random init: logits are small but not all equal.
         let s = y.std(false).double_value(&[]);
         assert!(s > 1e-4 && s < 1.0, "{s}");
         assert!(preset("llama-3", Kind::Float, Device::Cpu, 0).is_err());
+    }
+
+    /// `llama::MODULES` and `gptj::MODULES` name every block's linears in order.
+    #[test]
+    fn module_lists_follow_the_models() {
+        for (name, modules) in [
+            ("llama-2-mini", &llama::MODULES[..]),
+            ("gpt-j-mini", &gptj::MODULES[..]),
+        ] {
+            let mut m = preset(name, Kind::Float, Device::Cpu, 0).expect("builds");
+            let first: Vec<String> = m
+                .linears_mut()
+                .into_iter()
+                .take(modules.len())
+                .map(|(p, _)| crate::inject::module_and_layer(&p).0)
+                .collect();
+            assert_eq!(first, modules, "{name}");
+            assert_eq!(m.linears_mut().len(), 4 * modules.len(), "{name}");
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! <optimizer>-s<seed>/`. Any cell runs alone (`rankstab sweep --cell N`, the shape of a
 //! Slurm array job); a cell whose manifest says complete or diverged is skipped; a cell
 //! killed mid-run resumes from its last checkpoint (adapters, optimizer state, data
-//! position) and ends with the numbers of an uninterrupted run.
+//! position) and ends with the numbers of an uninterrupted run. Each cell is one run of
+//! `crate::run`, as `rankstab train` runs it.
 //!
 //! A configuration is TOML (every key optional except `models` and `data`; unknown keys
 //! are errors):
@@ -33,17 +34,14 @@
 //! ranks = [4, 16, 64]                     # per-model override
 //! ```
 use crate::data::{load_dataset, DataFormat, DataSpec, Dataset};
-use crate::load::{load, tokenizer_from_vocab_merges};
+use crate::device::{DeviceName, Dtype};
 use crate::lora::LoraInit;
 use crate::optim::check_supported;
-use crate::text::TextTokenizer;
-use crate::trainer::{train, TrainConfig, TrainOutcome};
-use crate::{CausalLm, TrainError};
-use rankstab_records::{
-    read_json, write_json_atomic, Manifest, Optimizer, RunStatus, Scaling, SCHEMA_VERSION,
-};
+use crate::run::{LoadedModel, ModelSpec};
+use crate::trainer::TrainConfig;
+use crate::TrainError;
+use rankstab_records::{read_json, write_json_atomic, Optimizer, Scaling, SCHEMA_VERSION};
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind};
 
 /// The embedded default sweep of `make audit` (see `audit_sweep.toml`).
 pub const AUDIT_SWEEP: &str = include_str!("audit_sweep.toml");
@@ -74,36 +72,6 @@ impl Default for Rates {
             sgd: default_sgd_lr(),
         }
     }
-}
-
-/// One model of a sweep.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    /// Name in rows and cell names.
-    pub name: String,
-    /// A GGUF file or a Hugging Face model directory.
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// Or a random-initialised shape (`crate::random::PRESETS`).
-    #[serde(default)]
-    pub preset: Option<String>,
-    /// Tokenizer of a preset: a tokenizer.json file, or a directory with tokenizer.json or
-    /// vocab.json + merges.txt.
-    #[serde(default)]
-    pub tokenizer: Option<PathBuf>,
-    /// Seed of a preset's random weights.
-    #[serde(default)]
-    pub init_seed: i64,
-    /// Ranks for this model (default: the sweep's).
-    #[serde(default)]
-    pub ranks: Option<Vec<usize>>,
-    /// Steps for this model (default: the sweep's).
-    #[serde(default)]
-    pub steps: Option<usize>,
-    /// Adapted modules (default: every attention and MLP linear).
-    #[serde(default)]
-    pub target_modules: Vec<String>,
 }
 
 fn d_ranks() -> Vec<usize> {
@@ -148,12 +116,6 @@ fn d_heldout() -> f64 {
 fn d_moments() -> Vec<u32> {
     vec![1, 2, 3, 4]
 }
-fn d_device() -> String {
-    "cpu".into()
-}
-fn d_dtype() -> String {
-    "f32".into()
-}
 
 /// A sweep's configuration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -164,7 +126,7 @@ pub struct SweepConfig {
     /// Training data (plain text, or OpenOrca-schema JSONL / Parquet).
     pub data: PathBuf,
     /// How to read the data (auto: by extension).
-    #[serde(default = "d_format")]
+    #[serde(default)]
     pub format: DataFormat,
     /// Use only the first N rows of an instruction dataset.
     #[serde(default)]
@@ -231,15 +193,11 @@ pub struct SweepConfig {
     #[serde(default)]
     pub activation_checkpointing: bool,
     /// cpu, cuda or cuda:N.
-    #[serde(default = "d_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceName,
     /// Base model dtype: f32 or bf16 (adapters stay f32).
-    #[serde(default = "d_dtype")]
-    pub dtype: String,
-}
-
-fn d_format() -> DataFormat {
-    DataFormat::Auto
+    #[serde(default)]
+    pub dtype: Dtype,
 }
 
 /// One cell of a sweep.
@@ -276,27 +234,16 @@ pub struct SweepManifest {
     pub cells: Vec<Cell>,
 }
 
-/// Where a cell stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CellState {
-    /// Not started.
-    New,
-    /// Started and not finished (resumes from its checkpoint, if any).
-    Partial,
-    /// Finished.
-    Complete,
-    /// Ended by a non-finite loss.
-    Diverged,
-}
-
 impl SweepConfig {
     /// Parses a TOML configuration; `origin` names it in errors.
     ///
     /// # Errors
     /// Malformed TOML, unknown keys, values a sweep cannot use.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, TrainError> {
-        let c: Self = toml::from_str(text)
-            .map_err(|e| TrainError::Invalid(format!("{origin}: {}", e.to_string().trim())))?;
+        let c: Self = toml::from_str(text).map_err(|error| TrainError::Toml {
+            origin: origin.to_string(),
+            error,
+        })?;
         c.validate(origin)?;
         Ok(c)
     }
@@ -312,8 +259,8 @@ impl SweepConfig {
     /// Checks the configuration.
     ///
     /// # Errors
-    /// No models, no ranks (or rank 0), unknown scalings, a model with neither or both of
-    /// path and preset, an unknown preset, an unknown dtype, duplicate model names, and the
+    /// No models, no ranks (or rank 0), a model with neither or both of path and preset,
+    /// an unknown preset, duplicate model names, unsupported optimizers, and the
     /// checks of [`TrainConfig::validate`] on the first cell.
     pub fn validate(&self, origin: &str) -> Result<(), TrainError> {
         let bad = |m: String| Err(TrainError::Invalid(format!("{origin}: {m}")));
@@ -366,13 +313,7 @@ impl SweepConfig {
             return bad("scalings, optimizers and seeds must not be empty".into());
         }
         for &o in &self.optimizers {
-            check_supported(o).map_err(|e| TrainError::Invalid(format!("{origin}: {e}")))?;
-        }
-        if !["f32", "bf16"].contains(&self.dtype.as_str()) {
-            return bad(format!(
-                "dtype {:?} is not known: use f32 or bf16",
-                self.dtype
-            ));
+            check_supported(o).map_err(|e| e.within(origin))?;
         }
         for (name, lr) in [("lr.adamw", self.lr.adamw), ("lr.sgd", self.lr.sgd)] {
             if !lr.is_finite() || lr <= 0.0 {
@@ -382,7 +323,7 @@ impl SweepConfig {
         if let Some(c) = self.cells().first() {
             self.train_config(c)
                 .validate()
-                .map_err(|e| TrainError::Invalid(format!("{origin}: {e}")))?;
+                .map_err(|e| e.within(origin))?;
         }
         Ok(())
     }
@@ -475,150 +416,6 @@ impl SweepConfig {
             eos_token,
         }
     }
-
-    /// libtorch dtype of the base model.
-    pub fn kind(&self) -> Kind {
-        if self.dtype == "bf16" {
-            Kind::BFloat16
-        } else {
-            Kind::Float
-        }
-    }
-}
-
-/// A model with its tokenizer and EOS string.
-pub struct LoadedModel {
-    /// The model.
-    pub model: CausalLm,
-    /// Its tokenizer.
-    pub tokenizer: TextTokenizer,
-    /// EOS token string, when known.
-    pub eos_token: Option<String>,
-}
-
-/// Loads a model spec's model and tokenizer.
-///
-/// # Errors
-/// Every loading error of the model or tokenizer.
-pub fn load_model(spec: &ModelSpec, kind: Kind, device: Device) -> Result<LoadedModel, TrainError> {
-    if let Some(path) = &spec.path {
-        let l = load(path, kind, device)?;
-        return Ok(LoadedModel {
-            model: l.model,
-            tokenizer: l.tokenizer,
-            eos_token: l.eos_token,
-        });
-    }
-    let preset = spec.preset.as_deref().unwrap_or_default();
-    let model = crate::random::preset(preset, kind, device, spec.init_seed)?;
-    let tp = spec.tokenizer.clone().unwrap_or_default();
-    let tokenizer = if tp.is_dir() && tp.join("tokenizer.json").exists() {
-        TextTokenizer::from_file(&tp.join("tokenizer.json"))?
-    } else if tp.is_dir() {
-        tokenizer_from_vocab_merges(&tp.join("vocab.json"), &tp.join("merges.txt"))?
-    } else {
-        TextTokenizer::from_file(&tp)?
-    };
-    tokenizer.check_fits(&tp, model.vocab_size())?;
-    let eos_token = ["<|endoftext|>", "</s>"]
-        .into_iter()
-        .find(|t| tokenizer.token_id(t).is_some())
-        .map(str::to_string);
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        eos_token,
-    })
-}
-
-/// Where a run directory stands, from its manifest.
-pub fn cell_state(dir: &Path) -> CellState {
-    match read_json::<Manifest>(&dir.join("manifest.json")) {
-        Ok(m) => match m.status {
-            RunStatus::Complete => CellState::Complete,
-            RunStatus::Diverged => CellState::Diverged,
-            RunStatus::Running => CellState::Partial,
-        },
-        Err(_) if dir.exists() => CellState::Partial,
-        Err(_) => CellState::New,
-    }
-}
-
-/// What the manifest of a training run records besides the configuration.
-#[derive(Debug, Clone)]
-pub struct RunMeta {
-    /// Tool version.
-    pub tool_version: String,
-    /// Git revision.
-    pub git_revision: Option<String>,
-    /// Device description.
-    pub device: String,
-    /// Extra configuration (model path, data path, ...).
-    pub extra: serde_json::Value,
-}
-
-/// Runs one training configuration in `out`, with its manifest: `running` while it
-/// trains, then `complete` or `diverged` (with the step in `note`). A directory holding a
-/// checkpoint of the same configuration resumes from it.
-///
-/// # Errors
-/// Training errors; I/O.
-pub fn run_dir(
-    model: &mut CausalLm,
-    data: &Dataset,
-    cfg: &TrainConfig,
-    out: &Path,
-    meta: &RunMeta,
-    progress: impl FnMut(usize, f64),
-) -> Result<TrainOutcome, TrainError> {
-    let rec = |e: rankstab_records::RecordsError| TrainError::Invalid(e.to_string());
-    std::fs::create_dir_all(out).map_err(|source| TrainError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    let now = || chrono_now();
-    let mut manifest = Manifest {
-        schema_version: SCHEMA_VERSION,
-        tool: "rankstab".into(),
-        tool_version: meta.tool_version.clone(),
-        git_revision: meta.git_revision.clone(),
-        command: "train".into(),
-        config: serde_json::json!({ "train": cfg, "scaling": cfg.scaling()?, "run": meta.extra }),
-        seeds: vec![cfg.seed],
-        device: meta.device.clone(),
-        created: now(),
-        finished: None,
-        status: RunStatus::Running,
-        note: None,
-    };
-    if let Ok(old) = read_json::<Manifest>(&out.join("manifest.json")) {
-        manifest.created = old.created;
-    }
-    write_json_atomic(&out.join("manifest.json"), &manifest).map_err(rec)?;
-    tch::manual_seed(cfg.seed as i64);
-    let vs = nn::VarStore::new(data_device(model));
-    let outcome = train(model, &vs, data, cfg, out, progress)?;
-    manifest.status = if outcome.diverged.is_some() {
-        RunStatus::Diverged
-    } else {
-        RunStatus::Complete
-    };
-    manifest.note.clone_from(&outcome.diverged);
-    manifest.finished = Some(now());
-    write_json_atomic(&out.join("manifest.json"), &manifest).map_err(rec)?;
-    Ok(outcome)
-}
-
-fn data_device(model: &mut CausalLm) -> Device {
-    model
-        .linears_mut()
-        .first()
-        .map_or(Device::Cpu, |(_, l)| l.weight.device())
-}
-
-/// Current UTC time, RFC 3339, seconds.
-fn chrono_now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Writes `sweep.json` in `dir`, or checks that the one there describes the same sweep.
@@ -633,8 +430,7 @@ pub fn prepare_dir(dir: &Path, cfg: &SweepConfig) -> Result<SweepManifest, Train
     };
     let path = dir.join("sweep.json");
     if path.exists() {
-        let old: SweepManifest =
-            read_json(&path).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let old: SweepManifest = read_json(&path)?;
         if old != m {
             return Err(TrainError::Invalid(format!(
                 "{}: this directory holds a different sweep; use another --out (or the same configuration)",
@@ -643,11 +439,8 @@ pub fn prepare_dir(dir: &Path, cfg: &SweepConfig) -> Result<SweepManifest, Train
         }
         return Ok(old);
     }
-    std::fs::create_dir_all(dir.join("cells")).map_err(|source| TrainError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    write_json_atomic(&path, &m).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    std::fs::create_dir_all(dir.join("cells")).map_err(TrainError::io(dir))?;
+    write_json_atomic(&path, &m)?;
     Ok(m)
 }
 
@@ -697,7 +490,7 @@ mod tests {
             ("batch = 32\nmicro_batch = 5\n", "divide"),
         ] {
             let e = SweepConfig::from_toml(&format!("{extra}{base}"), "s.toml")
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string();
             assert!(e.contains("s.toml") && e.contains(want), "{extra}: {e}");
         }
@@ -705,15 +498,8 @@ mod tests {
             "data = \"x\"\n[[models]]\nname = \"m\"\npreset = \"gpt-j-huge\"\ntokenizer = \"t\"\n",
             "s.toml",
         )
-        .unwrap_err()
+        .expect_err("unknown preset")
         .to_string();
         assert!(e.contains("gpt-j-huge") && e.contains("gpt-j-mini"), "{e}");
-    }
-
-    #[test]
-    fn time_format() {
-        let t = chrono_now();
-        assert_eq!(t.len(), 20);
-        assert!(t.starts_with("20") && t.ends_with('Z'));
     }
 }

@@ -1,6 +1,7 @@
 //! Checkpoint tensors by Hugging Face name: `model.safetensors` or sharded files listed in
 //! `model.safetensors.index.json`, in f32, f16 or bf16 (converted to the model's dtype).
 //! Pickle checkpoints (`pytorch_model.bin`) are refused: nothing in them is executed.
+use crate::linear::Linear;
 use crate::TrainError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,11 +52,7 @@ impl Weights {
         } else if dir.join("pytorch_model.bin").exists()
             || dir.join("pytorch_model.bin.index.json").exists()
         {
-            return Err(TrainError::Invalid(format!(
-                "{}: pytorch_model.bin is a pickle checkpoint, which rankstab refuses to load (unpickling can run code). \
-                 Convert it once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)",
-                dir.display()
-            )));
+            return Err(pickle_advice(dir));
         } else {
             return Err(TrainError::Invalid(format!(
                 "{}: no model.safetensors or model.safetensors.index.json",
@@ -121,10 +118,36 @@ impl Weights {
         Ok(t.to_kind(self.kind).to_device(self.device).detach())
     }
 
-    /// Names left over after loading (tensors the model did not use).
-    pub fn remaining(&self) -> Vec<String> {
-        self.tensors.keys().cloned().collect()
+    /// Takes the linear layer `name`: `name.weight` (out x in) and, with `bias`,
+    /// `name.bias` (out).
+    ///
+    /// # Errors
+    /// A missing tensor or a wrong shape (both named).
+    pub fn linear(
+        &mut self,
+        name: &str,
+        out: i64,
+        inp: i64,
+        bias: bool,
+    ) -> Result<Linear, TrainError> {
+        let weight = self.take(&format!("{name}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(self.take(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias))
     }
+}
+
+/// The refusal of a pickle checkpoint (`pytorch_model.bin`, `.pt`, ...) at `path`, with
+/// the one-line conversion to safetensors.
+pub(crate) fn pickle_advice(path: &Path) -> TrainError {
+    TrainError::Invalid(format!(
+        "{}: a pickle checkpoint (pytorch_model.bin), which rankstab refuses to load (unpickling can run code). \
+         Convert it once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)",
+        path.display()
+    ))
 }
 
 /// Reads and parses a model directory's `config.json` into `T`; returns it with its path
@@ -145,4 +168,26 @@ pub fn read_hf_config<T: serde::de::DeserializeOwned>(
         message: e.to_string(),
     })?;
     Ok((cfg, path))
+}
+
+/// Loads an architecture from a Hugging Face model directory: its `config.json` read as
+/// `H`, checked into the runtime configuration by `into_config`, and the model built by
+/// `load` from the directory's safetensors.
+///
+/// # Errors
+/// See [`read_hf_config`], [`Weights::from_dir`], and those of `into_config` and `load`.
+pub fn load_dir<H, C, M>(
+    dir: &Path,
+    kind: Kind,
+    device: Device,
+    into_config: impl FnOnce(H, &Path) -> Result<C, TrainError>,
+    load: impl FnOnce(C, &mut Weights) -> Result<M, TrainError>,
+) -> Result<M, TrainError>
+where
+    H: serde::de::DeserializeOwned,
+{
+    let (hf, cfg_path): (H, _) = read_hf_config(dir)?;
+    let config = into_config(hf, &cfg_path)?;
+    let mut w = Weights::from_dir(dir, kind, device)?;
+    load(config, &mut w)
 }

@@ -1,10 +1,13 @@
 //! Parity with Hugging Face PEFT: adapters saved by peft's `save_pretrained` on the tiny
 //! fixture models (`scripts/make_peft_fixtures.py`: r = 8, lora_alpha = 16, LoRA and
 //! rsLoRA, every linear attention and MLP module, random non-zero B) are attached with
-//! `lora::attach_peft`; logits match the PeftModel's and the merged model's within 1e-4,
+//! `inject::attach_peft`; logits match the PeftModel's and the merged model's within 1e-4,
 //! unmerging restores the base weights, and `save_peft` writes back PEFT's file.
+use rankstab_train::gptj::MODULES as GPTJ;
+use rankstab_train::inject::attach_peft;
 use rankstab_train::linear::Linear;
-use rankstab_train::lora::{attach_peft, save_peft, LoraAdapter};
+use rankstab_train::llama::MODULES as LLAMA;
+use rankstab_train::lora::{save_peft, LoraAdapter};
 use rankstab_train::CausalLm;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -124,12 +127,12 @@ fn check(tag: &str, base: &str, rslora: bool, modules: &[&str]) {
 
     // save_peft writes back PEFT's file: keys, shapes, kinds, values; and its config.
     let out = tempfile::tempdir().expect("tempdir");
-    let mut linears = model.linears_mut();
-    let adapters: Vec<(String, &LoraAdapter)> = linears
-        .iter_mut()
-        .filter_map(|(p, l)| l.adapter.as_ref().map(|a| (p.clone(), a)))
-        .collect();
-    save_peft(out.path(), cfg, &adapters).expect("saves");
+    save_peft(
+        out.path(),
+        cfg,
+        &rankstab_train::inject::adapters(&mut model),
+    )
+    .expect("saves");
     let theirs = tensors(&dir.join("adapter_model.safetensors"));
     let ours = tensors(&out.path().join("adapter_model.safetensors"));
     assert_eq!(
@@ -156,17 +159,6 @@ fn check(tag: &str, base: &str, rslora: bool, modules: &[&str]) {
     let want: BTreeSet<String> = modules.iter().map(|s| (*s).to_string()).collect();
     assert_eq!(string_set(&pj["target_modules"]), want);
 }
-
-const LLAMA: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-const GPTJ: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"];
 
 #[test]
 fn tiny_llama_lora_matches_peft() {
@@ -319,7 +311,7 @@ fn export_rankstab_adapters() {
                 ad.b.copy_(&(Tensor::randn([out, 4], (Kind::Float, Device::Cpu)) * 0.3));
             });
             lin.adapter = Some(ad);
-            targets.insert(rankstab_train::trainer::module_and_layer(&path).0);
+            targets.insert(rankstab_train::inject::module_and_layer(&path).0);
         }
         let pc = PeftAdapterConfig {
             target_modules: targets.into_iter().collect(),
@@ -327,12 +319,7 @@ fn export_rankstab_adapters() {
             ..PeftAdapterConfig::for_scaling(4, 8.0, beta)
         };
         let dir = root.join(format!("{base}-beta{beta}"));
-        let mut linears = model.linears_mut();
-        let adapters: Vec<(String, &LoraAdapter)> = linears
-            .iter_mut()
-            .filter_map(|(p, l)| l.adapter.as_ref().map(|a| (p.clone(), a)))
-            .collect();
-        save_peft(&dir, &pc, &adapters).expect("saves");
+        save_peft(&dir, &pc, &rankstab_train::inject::adapters(&mut model)).expect("saves");
         let ids = tensors(&fixtures().join(base).join("reference.safetensors"))["input_ids"]
             .shallow_clone();
         let logits = tch::no_grad(|| model.forward(&ids, false));

@@ -380,7 +380,9 @@ fn probes_match_an_independent_computation() {
     // (1) autograd's grad B == gamma V^T X A^T, with V from the probe.
     tch::manual_seed(1);
     let vs = nn::VarStore::new(Device::Cpu);
-    let paths = rankstab_train::trainer::attach(&mut model, &vs, &c).expect("attach");
+    let paths =
+        rankstab_train::inject::attach(&mut model, &vs, &c.lora(), &c.target_modules, c.seed)
+            .expect("attach");
     assert!(paths[0].ends_with("layers.0.self_attn.q_proj"));
     let batch: Vec<Sequence> = data.train[..c.batch].to_vec();
     {

@@ -1,0 +1,102 @@
+//! The next-token loss of a batch: summed over its loss tokens (so that micro-batches add
+//! up), with activation checkpointing when memory is short, and the mean held-out loss.
+use crate::data::{collate, Dataset, Sequence};
+use crate::{probe, CausalLm};
+use tch::{Device, Kind, Tensor};
+
+/// Sum of the next-token losses at the masked positions, from logits (B, T, V), targets
+/// (B, T) and mask (B, T).
+fn nll_sum(logits: &Tensor, tgt: &Tensor, mask: &Tensor) -> Tensor {
+    let v = logits.size()[2];
+    let nll = logits
+        .to_kind(Kind::Float)
+        .reshape([-1, v])
+        .log_softmax(-1, Kind::Float)
+        .gather(1, &tgt.reshape([-1, 1]), false)
+        .neg()
+        .reshape([-1]);
+    (nll * mask.reshape([-1])).sum(Kind::Float)
+}
+
+/// Sum of the next-token losses at the masked positions of `ids` (B, T+1) (a sum, so that
+/// micro-batches add up).
+pub(crate) fn masked_loss_sum(
+    model: &CausalLm,
+    ids: &Tensor,
+    mask: &Tensor,
+    train: bool,
+) -> Tensor {
+    let t = ids.size()[1];
+    let logits = model.forward(&ids.narrow(1, 0, t - 1), train);
+    nll_sum(&logits, &ids.narrow(1, 1, t - 1), mask)
+}
+
+/// Forward and backward of `scale * masked_loss_sum` with activation checkpointing: the
+/// forward pass keeps only each block's input; the backward pass recomputes one block at
+/// a time and back-propagates through it with the surrogate `sum(y * dL/dy)`, which
+/// accumulates the same gradients into the adapters (and the probes) as one backward
+/// through the whole graph. Dropout is seeded per block so the recomputation draws the
+/// same masks. Returns the loss (nothing is back-propagated when it is not finite).
+pub(crate) fn checkpointed_backward(
+    model: &CausalLm,
+    ids: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    seed: i64,
+) -> f64 {
+    let t = ids.size()[1];
+    let n = model.num_layers();
+    let mut hs = Vec::with_capacity(n + 1);
+    hs.push(tch::no_grad(|| model.embed(&ids.narrow(1, 0, t - 1))));
+    for i in 0..n {
+        tch::manual_seed(seed.wrapping_add(i as i64));
+        let y = tch::no_grad(|| model.block(i, &hs[i], true));
+        hs.push(y);
+    }
+    let top = hs[n].detach().set_requires_grad(true);
+    let loss = nll_sum(&model.head(&top, true), &ids.narrow(1, 1, t - 1), mask) * scale;
+    let l = loss.double_value(&[]);
+    if !l.is_finite() {
+        return l;
+    }
+    loss.backward();
+    let mut g = top.grad();
+    drop(loss);
+    for i in (0..n).rev() {
+        let x = hs[i].detach().set_requires_grad(i > 0);
+        tch::manual_seed(seed.wrapping_add(i as i64));
+        let y = model.block(i, &x, true);
+        (y * &g).sum(Kind::Float).backward();
+        if i > 0 {
+            g = x.grad();
+        }
+        hs.truncate(i + 1);
+    }
+    l
+}
+
+/// Mean held-out loss per loss token, over the first `max` held-out sequences (0: all).
+pub(crate) fn heldout_loss(
+    model: &mut CausalLm,
+    data: &Dataset,
+    max: usize,
+    micro: usize,
+    device: Device,
+) -> f64 {
+    probe::capture(model, false);
+    let (mut s, mut n) = (0.0, 0.0);
+    let held = if max == 0 {
+        &data.heldout[..]
+    } else {
+        &data.heldout[..max.min(data.heldout.len())]
+    };
+    tch::no_grad(|| {
+        for chunk in held.chunks(micro.max(1)) {
+            let refs: Vec<&Sequence> = chunk.iter().collect();
+            let (ids, mask) = collate(&refs, data.pad_id, device);
+            s += masked_loss_sum(model, &ids, &mask, false).double_value(&[]);
+            n += mask.sum(Kind::Float).double_value(&[]);
+        }
+    });
+    s / n.max(1.0)
+}
