@@ -15,6 +15,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gptj;
 pub mod inject;
+mod law;
 pub mod linear;
 pub mod llama;
 pub mod load;

@@ -14,6 +14,8 @@ use tch::Tensor;
 /// runs anyway, at the cost of one addition.
 #[derive(Debug)]
 pub struct Capture {
+    /// The adapter's input x (detached, in the adapter's dtype).
+    pub input: Tensor,
     /// The adapter's output gamma B A x (detached).
     pub output: Tensor,
     /// Zero leaf added to the output; its `.grad()` is dL/d(output) after backward.
@@ -69,6 +71,7 @@ impl Linear {
                     let kind = y.kind();
                     y += (&d + &probe).to_kind(kind);
                     *cell.borrow_mut() = Some(Capture {
+                        input: xin.detach(),
                         output: d.detach(),
                         probe,
                         probe_in,

@@ -194,13 +194,17 @@ pub fn run_dir(
     progress: impl FnMut(usize, f64),
 ) -> Result<TrainOutcome, TrainError> {
     std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
+    let mut run = meta.extra.clone();
+    if let Some(obj) = run.as_object_mut() {
+        obj.insert("modules".into(), module_widths(model, cfg));
+    }
     let mut manifest = Manifest {
         schema_version: SCHEMA_VERSION,
         tool: "rankstab".into(),
         tool_version: meta.tool_version.clone(),
         git_revision: meta.git_revision.clone(),
         command: "train".into(),
-        config: serde_json::json!({ "train": cfg, "scaling": cfg.scaling()?, "run": meta.extra }),
+        config: serde_json::json!({ "train": cfg, "scaling": cfg.scaling()?, "run": run }),
         seeds: vec![cfg.seed],
         device: meta.device.clone(),
         created: now(),
@@ -224,6 +228,22 @@ pub fn run_dir(
     manifest.finished = Some(now());
     write_json_atomic(&out.join("manifest.json"), &manifest)?;
     Ok(outcome)
+}
+
+/// The adapted modules' widths, `{module: [in_features, out_features]}` (every layer of a
+/// model has the same): what the report needs to know how far a run's ranks reach.
+fn module_widths(model: &mut CausalLm, cfg: &TrainConfig) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (path, lin) in model.linears_mut() {
+        let (module, _) = crate::inject::module_and_layer(&path);
+        if !cfg.target_modules.is_empty() && !cfg.target_modules.contains(&module) {
+            continue;
+        }
+        let (out, inp) = lin.dims();
+        map.entry(module)
+            .or_insert_with(|| serde_json::json!([inp, out]));
+    }
+    serde_json::Value::Object(map)
 }
 
 /// Current UTC time, RFC 3339, seconds.

@@ -10,6 +10,7 @@
 use crate::checkpoint;
 use crate::data::{collate, heldout_count, shuffle_split, Dataset, Sequence};
 use crate::inject::{self, module_and_layer};
+use crate::law::Law;
 use crate::lora::{save_peft, LoraConfig, LoraInit, PeftAdapterConfig};
 use crate::loss::{self, checkpointed_backward, masked_loss_sum};
 use crate::optim::{check_supported, AdamwParams, AdapterOptimizer};
@@ -309,6 +310,7 @@ fn resume(
     cfg: &TrainConfig,
     opt: &mut AdapterOptimizer,
     tables: &mut Tables,
+    law: &mut Option<Law>,
 ) -> Result<Option<usize>, TrainError> {
     let Some((state, tensors)) = checkpoint::load::<CheckpointState>(out)? else {
         tables.moments.clear()?;
@@ -326,6 +328,9 @@ fn resume(
         checkpoint::restore(&tensors, "adapter tensor", &format!("p.{i}"), &mut p)?;
     }
     opt.load_state(&tensors, state.optimizer_steps)?;
+    if let Some(law) = law {
+        law.restore(&tensors);
+    }
     tables.moments.truncate(state.moments_len)?;
     tables.metrics.truncate(state.metrics_len)?;
     Ok(Some(state.next_step))
@@ -338,8 +343,13 @@ fn save_checkpoint(
     step: usize,
     opt: &AdapterOptimizer,
     tables: &Tables,
+    law: Option<&Law>,
 ) -> Result<(), TrainError> {
     let (mut tensors, optimizer_steps) = opt.state();
+    // Step 0's gradient directions, for the law rows of step 1.
+    if let (Some(law), 0) = (law, step) {
+        tensors.extend(law.state());
+    }
     for (i, p) in opt.params().iter().enumerate() {
         tensors.push((format!("p.{i}"), p.detach()));
     }
@@ -363,6 +373,7 @@ fn forward_backward(
     step: usize,
     probing: bool,
     device: Device,
+    mut law: Option<&mut Law>,
 ) -> (f64, Vec<[SiteSums; 3]>) {
     let max_m = cfg.moments.iter().copied().max().unwrap_or(4);
     let n_train = data.train.len();
@@ -418,6 +429,14 @@ fn forward_backward(
             let bwd = cap.probe_in.grad();
             for (s, t) in sums[i].iter_mut().zip([&cap.output, &v, &bwd]) {
                 s.add(&rows_of(t, valid.as_ref()), max_m);
+            }
+            if let Some(law) = law.as_deref_mut() {
+                let x = rows_of(&cap.input, valid.as_ref());
+                match step {
+                    0 => law.record_step0(i, &x, &rows_of(&v, valid.as_ref())),
+                    1 => law.record_step1(i, &x),
+                    _ => {}
+                }
             }
             i += 1;
         }
@@ -481,6 +500,26 @@ fn adapter_rows(
     (out, grad_sq, n_params)
 }
 
+/// The exact law's rows of step 1 ([`crate::law`]), one per adapter and moment order.
+fn law_rows(
+    model: &mut CausalLm,
+    rows: &RowMaker<'_>,
+    cfg: &TrainConfig,
+    law: &Law,
+) -> Vec<MomentRow> {
+    let adapters: Vec<(String, i64, f64)> = inject::adapters(model)
+        .into_iter()
+        .map(|(path, ad)| (path, ad.a.size()[1], ad.scaling))
+        .collect();
+    let gamma = adapters.first().map_or(f64::NAN, |a| a.2);
+    law.rows(
+        cfg,
+        gamma,
+        |i| rows.moment(1, &adapters[i].0),
+        |i| adapters[i].1,
+    )
+}
+
 /// Saves the adapters in PEFT's format to `out/adapters`.
 fn save_adapters(
     model: &mut CausalLm,
@@ -532,7 +571,8 @@ pub fn train(
     let paths = inject::attach(model, vs, &cfg.lora(), &cfg.target_modules, cfg.seed)?;
     let mut opt = optimizer(model, cfg)?;
     let mut tables = Tables::open(out)?;
-    let resumed_from = resume(out, cfg, &mut opt, &mut tables)?;
+    let mut law = Law::new(cfg);
+    let resumed_from = resume(out, cfg, &mut opt, &mut tables, &mut law)?;
     let rows = RowMaker {
         cfg,
         scaling: cfg.scaling()?,
@@ -554,7 +594,7 @@ pub fn train(
         let probing = cfg.probe_every > 0 && step % cfg.probe_every == 0;
         probe::capture(model, probing);
         opt.zero_grad();
-        let (lv, sums) = forward_backward(model, data, cfg, step, probing, device);
+        let (lv, sums) = forward_backward(model, data, cfg, step, probing, device, law.as_mut());
         if !lv.is_finite() {
             tables
                 .metrics
@@ -568,8 +608,11 @@ pub fn train(
             });
         }
         let norms_now = step + 1 == cfg.steps || (norm_every > 0 && step % norm_every == 0);
-        let (mrows, grad_sq, n_params) =
+        let (mut mrows, grad_sq, n_params) =
             adapter_rows(model, &rows, step, &sums, probing, norms_now);
+        if let (Some(l), 1) = (&law, step) {
+            mrows.extend(law_rows(model, &rows, cfg, l));
+        }
         // The global gradient norm over every A and B: the sum of the squares just taken.
         let grad_norm = grad_sq.sqrt();
         if let Some(c) = cfg.clip_grad_norm {
@@ -603,7 +646,7 @@ pub fn train(
             && (step + 1) % cfg.checkpoint_every == 0
             && step + 1 < cfg.steps
         {
-            save_checkpoint(out, cfg, step, &opt, &tables)?;
+            save_checkpoint(out, cfg, step, &opt, &tables, law.as_ref())?;
         }
         progress(step, lv);
     }

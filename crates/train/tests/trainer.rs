@@ -520,3 +520,54 @@ fn bf16_base_weights_train_with_f32_adapters() {
         loss(0)
     );
 }
+
+/// The law rows (crates/train/src/law.rs) are the expectation over A of the step-1 forward
+/// moments given the run's data: over seeds (each its own A and batches), the probes' mean
+/// and the law's mean agree, paired seed by seed, for every order, under SGD and AdamW.
+#[test]
+fn law_rows_are_the_expectation_of_the_step_one_probes() {
+    use rankstab_records::{Site, Stat};
+    use std::collections::BTreeMap;
+    for optimizer in [Optimizer::Sgd, Optimizer::Adamw] {
+        // (m) -> per seed (measured mean over adapters, law mean over adapters)
+        let mut by_m: BTreeMap<u32, Vec<(f64, f64)>> = BTreeMap::new();
+        for seed in 0..48 {
+            let mut c = cfg(4, 0.5, optimizer, 2, seed);
+            // Gaussian entries: the law is exact (no fourth-cumulant term at this width).
+            c.init = LoraInit::Gaussian;
+            let (dir, _) = run(&c);
+            let rows: Vec<MomentRow> = read_table(&dir.path().join("moments.csv")).expect("rows");
+            let mean = |stat: Stat, m: u32| {
+                let v: Vec<f64> = rows
+                    .iter()
+                    .filter(|r| {
+                        r.step == 1 && r.site == Site::Fwd && r.stat == stat && r.m == Some(m)
+                    })
+                    .map(|r| r.value)
+                    .collect();
+                assert!(
+                    !v.is_empty(),
+                    "{optimizer} seed {seed}: no {stat} rows of order {m}"
+                );
+                v.iter().sum::<f64>() / v.len() as f64
+            };
+            for m in 1..=4 {
+                by_m.entry(m)
+                    .or_default()
+                    .push((mean(Stat::Abs, m), mean(Stat::Law, m)));
+            }
+        }
+        for (m, pairs) in &by_m {
+            let law = pairs.iter().map(|p| p.1).sum::<f64>() / pairs.len() as f64;
+            let d: Vec<f64> = pairs.iter().map(|(a, l)| (a - l) / law).collect();
+            let n = d.len() as f64;
+            let mean = d.iter().sum::<f64>() / n;
+            let se = (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt();
+            eprintln!("{optimizer} m {m}: relative difference {mean:+.4} (se {se:.4})");
+            assert!(
+                (mean / se).abs() < 4.0,
+                "{optimizer} m {m}: relative difference {mean:+.4} (se {se:.4})"
+            );
+        }
+    }
+}

@@ -30,14 +30,39 @@ pub struct LawTables {
     adam: AdamTable,
 }
 
+/// The first optimizer step of one adapter, as the law needs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FirstStep {
+    /// The optimizer (SGD and momentum are the same at step 1; Adam and AdamW too, but for
+    /// AdamW's decoupled decay, `decay`).
+    pub optimizer: Optimizer,
+    /// Index of the rank in the tables' ranks.
+    pub rank_index: usize,
+    /// The scaling factor gamma_r.
+    pub gamma: f64,
+    /// The learning rate.
+    pub lr: f64,
+    /// The standard deviation of A's entries.
+    pub s: f64,
+    /// Adam's eps.
+    pub eps: f64,
+    /// The factor A is multiplied by at step 1 (1 - lr wd under AdamW; 1 otherwise).
+    pub decay: f64,
+}
+
 impl LawTables {
     /// The tables for `cfg`'s ranks and init, shared by every caller in the process that
     /// asks for the same ranks and init (the Adam table fills up as runs and tests use it;
     /// its values do not depend on who computed them).
     pub fn shared(cfg: &TheoryConfig) -> Arc<LawTables> {
+        Self::shared_for(&cfg.ranks, cfg.init)
+    }
+
+    /// As [`Self::shared`], for `ranks` and `init` alone.
+    pub fn shared_for(ranks: &[usize], init: Init) -> Arc<LawTables> {
         type Cache = Mutex<Vec<((Vec<usize>, bool), Arc<LawTables>)>>;
         static CACHE: OnceLock<Cache> = OnceLock::new();
-        let key = (cfg.ranks.clone(), cfg.init == Init::KaimingUniform);
+        let key = (ranks.to_vec(), init == Init::KaimingUniform);
         let mut cache = CACHE
             .get_or_init(|| Mutex::new(Vec::new()))
             .lock()
@@ -45,7 +70,7 @@ impl LawTables {
         if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
             return Arc::clone(t);
         }
-        let t = Arc::new(LawTables::new(cfg));
+        let t = Arc::new(LawTables::for_ranks(ranks, init));
         cache.push((key, Arc::clone(&t)));
         if cache.len() > 8 {
             cache.remove(0);
@@ -55,16 +80,59 @@ impl LawTables {
 
     /// Tables for `cfg`'s ranks and init.
     pub fn new(cfg: &TheoryConfig) -> Self {
-        let fwd = RankTable::new(&cfg.ranks, SgdTerm::Gaussian);
-        let bwd = match cfg.init {
-            Init::KaimingUniform => RankTable::new(&cfg.ranks, SgdTerm::UniformEntry),
+        Self::for_ranks(&cfg.ranks, cfg.init)
+    }
+
+    /// Tables for `ranks` and `init`.
+    pub fn for_ranks(ranks: &[usize], init: Init) -> Self {
+        let fwd = RankTable::new(ranks, SgdTerm::Gaussian);
+        let bwd = match init {
+            Init::KaimingUniform => RankTable::new(ranks, SgdTerm::UniformEntry),
             Init::Gaussian | Init::PeftGaussian => fwd.clone(),
         };
         LawTables {
             fwd,
             bwd,
-            adam: AdamTable::new(&cfg.ranks),
+            adam: AdamTable::new(ranks),
         }
+    }
+
+    /// `E_A[mean over pairs |y|^m]`, m = 1..=4, of an adapter's outputs after one step
+    /// from B = 0, for the (entry, input) `pairs` of its data (proofs/exact-law.md).
+    ///
+    /// ```
+    /// use rankstab_records::Optimizer;
+    /// use rankstab_theory::exact::pairs::Pairs;
+    /// use rankstab_theory::exact::rows::{FirstStep, LawTables};
+    /// use rankstab_theory::Init;
+    /// let t = LawTables::for_ranks(&[4], Init::Gaussian);
+    /// // One entry and one input along the same direction (rho = 1), |w| = |x| = 1: the
+    /// // SGD output is -lr gamma^2 s^2 chi^2_4, so E y^2 = (lr gamma^2 s^2)^2 * 4 * 6.
+    /// let pairs = Pairs { a: vec![1.0], b: vec![1.0], rho: vec![1.0] };
+    /// let step = FirstStep { optimizer: Optimizer::Sgd, rank_index: 0, gamma: 0.5, lr: 0.1, s: 1.0, eps: 1e-8, decay: 1.0 };
+    /// let e = t.first_step_outputs(&pairs, &step);
+    /// assert!((e[1] / (0.025f64.powi(2) * 24.0) - 1.0).abs() < 1e-6);
+    /// ```
+    pub fn first_step_outputs(&self, pairs: &Pairs, step: &FirstStep) -> [f64; 4] {
+        let corrs = pairs.corrs();
+        let rank = self.fwd.ranks()[step.rank_index];
+        let (k, mean) = if step.optimizer.is_adaptive() {
+            let lam_per_a = step.gamma * step.s / step.eps;
+            (
+                step.lr * step.gamma * step.s * step.decay,
+                pairs.adam_mean(&corrs, &self.adam, step.rank_index, rank, lam_per_a),
+            )
+        } else {
+            (
+                step.lr * step.gamma * step.gamma * step.s * step.s,
+                pairs.sgd_mean(&corrs, &self.fwd, step.rank_index, rank),
+            )
+        };
+        let mut out = [0.0; 4];
+        for (m, o) in out.iter_mut().enumerate() {
+            *o = k.powi(m as i32 + 1) * mean[m];
+        }
+        out
     }
 }
 

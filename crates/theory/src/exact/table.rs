@@ -161,6 +161,11 @@ impl RankTable {
         }
     }
 
+    /// The ranks, in table order.
+    pub fn ranks(&self) -> &[usize] {
+        &self.ranks
+    }
+
     /// `E|S|^m`, m = 1..=4, for the rank at `ri` and correlation `rho`.
     pub fn get(&self, ri: usize, rho: f64) -> [f64; 4] {
         self.get_at(ri, self.grid.cubic(coherence_var(self.ranks[ri], rho)))
