@@ -187,6 +187,27 @@ impl AdapterOptimizer {
         });
     }
 
+    /// Adam's regime after the last step: per parameter, the share of its coordinates whose
+    /// bias-corrected `sqrt(v_hat)` is below `10 eps` (eps dominates their step size).
+    /// `None` for SGD or before the first step.
+    pub fn eps_shares(&self) -> Option<Vec<f64>> {
+        if !self.kind.is_adaptive() || self.step == 0 {
+            return None;
+        }
+        let bc2 = 1.0 - self.adam.beta2.powi(self.step as i32);
+        // sqrt(v / bc2) < 10 eps  <=>  v < 100 eps^2 bc2.
+        let limit = 100.0 * self.adam.eps * self.adam.eps * bc2;
+        Some(tch::no_grad(|| {
+            self.moments
+                .iter()
+                .map(|(_, v)| {
+                    let n = v.numel().max(1) as f64;
+                    v.lt(limit).sum(tch::Kind::Double).double_value(&[]) / n
+                })
+                .collect()
+        }))
+    }
+
     /// The state to checkpoint: `(name, tensor)` pairs (moments of parameter i as
     /// `m.i` / `v.i`) and the step count.
     pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {

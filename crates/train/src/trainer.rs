@@ -500,6 +500,32 @@ fn adapter_rows(
     (out, grad_sq, n_params)
 }
 
+/// Adam's regime after the update that leads to `step`: per adapter, the share of A's and
+/// of B's coordinates in the eps-dominated regime (`eps_share_a`, `eps_share_b`).
+fn eps_share_rows(
+    model: &mut CausalLm,
+    rows: &RowMaker<'_>,
+    step: usize,
+    opt: &AdapterOptimizer,
+) -> Vec<MomentRow> {
+    let Some(shares) = opt.eps_shares() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    // The optimizer's parameters are every adapter's A then B, in the model's order.
+    for ((path, _), ab) in inject::adapters(model).into_iter().zip(shares.chunks(2)) {
+        for (stat, value) in [(Stat::EpsShareA, ab[0]), (Stat::EpsShareB, ab[1])] {
+            out.push(MomentRow {
+                site: Site::Param,
+                stat,
+                value,
+                ..rows.moment(step, &path)
+            });
+        }
+    }
+    out
+}
+
 /// The exact law's rows of step 1 ([`crate::law`]), one per adapter and moment order.
 fn law_rows(
     model: &mut CausalLm,
@@ -619,6 +645,9 @@ pub fn train(
             opt.clip_grad_norm(c);
         }
         opt.step();
+        if probing {
+            mrows.extend(eps_share_rows(model, &rows, step + 1, &opt));
+        }
         last_loss = lv;
         let mut metrics = vec![
             rows.metric(step, Metric::Loss, lv),

@@ -571,3 +571,27 @@ fn law_rows_are_the_expectation_of_the_step_one_probes() {
         }
     }
 }
+
+/// Adam's regime rows: after the first update A has had no gradient (B = 0 at step 0), so
+/// every coordinate of A sits at v = 0, below 10 eps; B's gradients are far above eps on
+/// this model, so B is sign-like. SGD has no such rows.
+#[test]
+fn adam_regime_rows_record_the_eps_dominated_share() {
+    use rankstab_records::{Site, Stat};
+    let (dir, _) = run(&cfg(4, 0.5, Optimizer::Adamw, 2, 3));
+    let rows: Vec<MomentRow> = read_table(&dir.path().join("moments.csv")).expect("rows");
+    let share = |stat: Stat| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| r.site == Site::Param && r.stat == stat && r.step == 1)
+            .map(|r| r.value)
+            .collect()
+    };
+    let (a, b) = (share(Stat::EpsShareA), share(Stat::EpsShareB));
+    assert_eq!(a.len(), b.len());
+    assert!(!a.is_empty());
+    assert!(a.iter().all(|&s| s == 1.0), "{a:?}");
+    assert!(b.iter().all(|&s| s < 0.5), "{b:?}");
+    let (dir, _) = run(&cfg(4, 0.5, Optimizer::Sgd, 2, 3));
+    let rows: Vec<MomentRow> = read_table(&dir.path().join("moments.csv")).expect("rows");
+    assert!(!rows.iter().any(|r| r.stat == Stat::EpsShareB));
+}
