@@ -254,12 +254,7 @@ pub fn run(a: TheoryArgs) -> Result<()> {
         return Ok(());
     }
     print_table(&outcome.fits, cfg.steps as u32, a.all_steps);
-    let agree = outcome.fits.iter().filter(|f| f.agrees).count();
-    println!(
-        "\n{agree} of {} fits agree with the prediction (tolerance {}).",
-        outcome.fits.len(),
-        cfg.tolerance
-    );
+    print_counts(&outcome.fits);
     if !outcome.checks.is_empty() {
         let within = outcome.checks.iter().filter(|c| c.within).count();
         let worst = outcome
@@ -297,7 +292,7 @@ fn print_table(fits: &[rankstab_records::Fit], last: u32, all_steps: bool) {
         "predicted",
         "asymptotic",
         "verdict",
-        "agrees"
+        "outcome"
     );
     for f in fits.iter().filter(|f| all_steps || f.step == last) {
         println!(
@@ -315,7 +310,34 @@ fn print_table(fits: &[rankstab_records::Fit], last: u32, all_steps: bool) {
             f.predicted,
             f.asymptotic,
             f.verdict,
-            if f.agrees { "yes" } else { "NO" }
+            f.outcome
         );
     }
+}
+
+/// The headline of the rule (proofs/verdicts.md): outcomes over the fits that can tell their
+/// prediction from a rival, and the distinct rivals rejected.
+fn print_counts(fits: &[rankstab_records::Fit]) {
+    use rankstab_records::Outcome;
+    let judged: Vec<_> = fits
+        .iter()
+        .filter(|f| f.predicted.is_finite() && f.discriminating)
+        .collect();
+    let count = |o: Outcome| judged.iter().filter(|f| f.outcome == o).count();
+    let distinct: Vec<_> = fits
+        .iter()
+        .flat_map(|f| &f.rivals)
+        .filter(|r| r.distinct)
+        .collect();
+    println!(
+        "\n{} of {} fits have a prediction that can discriminate it from a rival: {} agree, {} disagree, {} \
+         inconclusive; {} of {} distinct rivals rejected.",
+        judged.len(),
+        fits.len(),
+        count(Outcome::Agrees),
+        count(Outcome::Disagrees),
+        count(Outcome::Inconclusive),
+        distinct.iter().filter(|r| r.rejected).count(),
+        distinct.len()
+    );
 }

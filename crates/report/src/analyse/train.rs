@@ -1,19 +1,44 @@
 //! The training section: the training runs merged into groups ([`TrainData`], keyed by
 //! [`TrainKey`]), one exponent row per group, layer (and the mean over layers) and step
-//! window, with the training prediction and the Monte Carlo slopes of the matching theory
-//! setting; the rows shown in the page and the notes a reader needs. The figures are
-//! [`super::train_plots`]'s.
-use super::fit::{fit_by_rank, pool_layers, put, step_windows, window_mean, ByRank, ByStep};
+//! window, with the Monte Carlo slopes of the matching theory setting; every row of the
+//! report judged as one family by the rule of `rankstab_theory::predict::verdict`; the rows
+//! shown in the page and the notes a reader needs. The figures are [`super::train_plots`]'s.
+//!
+//! The claims of a row ([`Claims`]):
+//! * measured: [`fit_by_rank`] (jackknife over the seeds common to every rank);
+//! * prediction: only from the law rows the trainer writes (`stat = law`, `site = fwd`,
+//!   step 1: the exact first-step law of `E|fwd|^m` given the run's own step-0 data), tested
+//!   on the paired difference of slopes (measured minus law, seed by seed) against a band
+//!   around 0. Other statistics and windows, and runs written before law rows existed, get no
+//!   prediction (`law` says why);
+//! * rivals: `rankstab_theory::predict::rivals` with PEFT's default init;
+//! * judgeable only with [`MIN_SEEDS`] seeds and [`MIN_RANKS`] ranks whose largest reaches
+//!   d / [`RANK_REACH`] of the module (else inconclusive / undetermined, with a note).
+use super::fit::{
+    fit_by_rank, paired, pool_layers, put, step_windows, window_mean, ByRank, ByStep,
+};
 use super::plots::figure_order;
-use super::row::{agreement, fmt_ranks, ExponentRow};
+use super::row::{fmt_ranks, Counts, ExponentRow};
 use super::runs::run_lr;
 use super::train_plots;
 use super::{AnalysisOptions, Plot, TheorySection};
 use crate::load::Run;
 use rankstab_records::{Layer, Optimizer, RunStatus, Scaling, Site, Stat, Window};
-use rankstab_theory::predict::predict_train;
+use rankstab_theory::predict::verdict::{band_half_width, law_error, resolution, LawError};
+use rankstab_theory::predict::{judge_all, rivals, Claims, PEFT_DEFAULT_KURTOSIS};
+use rankstab_theory::stats::{fit_slope, fit_slope_diff, Band, Estimate};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
+
+/// Seeds (common to every rank) a training fit needs to be judged.
+pub const MIN_SEEDS: u32 = 3;
+/// Ranks a training fit needs to be judged.
+pub const MIN_RANKS: usize = 5;
+/// The largest rank of a judged fit reaches d / `RANK_REACH` of its module.
+pub const RANK_REACH: u32 = 8;
+
+/// The law's name in the rows that have one.
+const EXACT_LAW: &str = "exact first step";
 
 /// What the report shows of the training runs (merged).
 #[derive(Debug, Clone, Serialize)]
@@ -28,15 +53,16 @@ pub struct TrainSection {
     pub rows: Vec<ExponentRow>,
     /// The rows shown in the page: pooled over layers, abs moments and norms.
     pub shown: Vec<ExponentRow>,
-    /// Fits with a prediction that agrees / with a prediction.
-    pub agree: usize,
-    /// Fits with a prediction.
-    pub total: usize,
-    /// How the predictions were made.
+    /// Outcomes and rivals counted over the fits that can discriminate.
+    pub counts: Counts,
+    /// The counts in words.
+    pub headline: String,
+    /// Where the predictions come from in these runs.
     pub law_note: String,
     /// Whether a theory run gave Monte Carlo slopes to show beside the predictions.
     pub has_mc: bool,
-    /// Things a reader should know (cells running or diverged, single ranks, missing metrics).
+    /// Things a reader should know (cells running or diverged, fits that cannot be judged,
+    /// single ranks, missing metrics).
     pub notes: Vec<String>,
     /// Names of this section's figures.
     pub figures: Vec<String>,
@@ -58,6 +84,19 @@ pub(super) struct TrainKey {
     pub m: u32,
 }
 
+impl TrainKey {
+    /// The cell as notes name it: "model optimizer scaling (lr x)".
+    fn label(&self) -> String {
+        format!(
+            "{} {} {} (lr {})",
+            self.model,
+            self.optimizer,
+            self.scaling,
+            if self.lr.is_empty() { "?" } else { &self.lr }
+        )
+    }
+}
+
 /// Where a layer width is recorded: a model's module at a site.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct ModuleSite {
@@ -66,20 +105,52 @@ struct ModuleSite {
     site: Site,
 }
 
+/// A model's module.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ModuleOf {
+    model: String,
+    module: String,
+}
+
+/// Per group: layer -> step -> rank -> seed -> value.
+type Groups = BTreeMap<TrainKey, BTreeMap<u32, ByStep>>;
+
 /// The training runs' moments, merged.
 pub(super) struct TrainData {
-    /// Per group: layer -> step -> rank -> seed -> value.
-    pub groups: BTreeMap<TrainKey, BTreeMap<u32, ByStep>>,
+    /// The measured statistics.
+    pub groups: Groups,
+    /// The exact law's rows (`stat = law`), keyed as the measured group they predict
+    /// (`stat = abs`).
+    laws: Groups,
     widths: BTreeMap<ModuleSite, u32>,
+    /// min(in, out) of a model's module, from the runs' `config.run.modules`.
+    dims: BTreeMap<ModuleOf, u32>,
 }
 
 impl TrainData {
     fn new(train_runs: &[&Run]) -> Self {
-        let mut groups: BTreeMap<TrainKey, BTreeMap<u32, ByStep>> = BTreeMap::new();
+        let mut groups = Groups::new();
+        let mut laws = Groups::new();
         let mut widths = BTreeMap::new();
+        let mut dims = BTreeMap::new();
         for run in train_runs {
             let lr = run_lr(run).unwrap_or_default();
-            for r in run.moments.iter().filter(|r| r.stat != Stat::ClosedForm) {
+            let models: BTreeSet<&str> = run.moments.iter().map(|r| r.model.as_str()).collect();
+            for (module, d) in config_dims(run) {
+                for model in &models {
+                    let at = ModuleOf {
+                        model: (*model).to_string(),
+                        module: module.clone(),
+                    };
+                    dims.insert(at, d);
+                }
+            }
+            for r in &run.moments {
+                let (target, stat) = match r.stat {
+                    Stat::ClosedForm => continue,
+                    Stat::Law => (&mut laws, Stat::Abs),
+                    s => (&mut groups, s),
+                };
                 let key = TrainKey {
                     model: r.model.clone(),
                     optimizer: r.optimizer,
@@ -88,23 +159,30 @@ impl TrainData {
                     inputs: r.inputs.clone(),
                     module: r.module.clone(),
                     site: r.site,
-                    stat: r.stat,
+                    stat,
                     m: r.m.unwrap_or(1),
                 };
-                let at = ModuleSite {
-                    model: r.model.clone(),
-                    module: r.module.clone(),
-                    site: r.site,
-                };
-                widths.insert(at, r.width);
-                let by_step = groups.entry(key).or_default().entry(r.layer).or_default();
+                if r.stat != Stat::Law {
+                    let at = ModuleSite {
+                        model: r.model.clone(),
+                        module: r.module.clone(),
+                        site: r.site,
+                    };
+                    widths.insert(at, r.width);
+                }
+                let by_step = target.entry(key).or_default().entry(r.layer).or_default();
                 put(by_step, r.step, r.rank, r.seed, r.value);
             }
         }
-        TrainData { groups, widths }
+        TrainData {
+            groups,
+            laws,
+            widths,
+            dims,
+        }
     }
 
-    /// The width of `key`'s module at its site (0 when not recorded).
+    /// The width of `key`'s module at its site as the rows record it (0 when not recorded).
     pub(super) fn width(&self, key: &TrainKey) -> u32 {
         let at = ModuleSite {
             model: key.model.clone(),
@@ -112,6 +190,35 @@ impl TrainData {
             site: key.site,
         };
         self.widths.get(&at).copied().unwrap_or(0)
+    }
+
+    /// The d of `key`'s module that the rank range is set against: min(in, out) from the
+    /// runs' `config.run.modules` when recorded, else the rows' width; for rows pooled over
+    /// modules (`module = all`) the smallest module's.
+    fn module_d(&self, key: &TrainKey) -> u32 {
+        if key.module == "all" {
+            let of_model = self
+                .dims
+                .iter()
+                .filter(|(at, _)| at.model == key.model)
+                .map(|(_, &d)| d)
+                .chain(
+                    self.widths
+                        .iter()
+                        .filter(|(at, _)| at.model == key.model && at.site == key.site)
+                        .map(|(_, &d)| d),
+                )
+                .filter(|&d| d > 0);
+            return of_model.min().unwrap_or(0);
+        }
+        let at = ModuleOf {
+            model: key.model.clone(),
+            module: key.module.clone(),
+        };
+        self.dims
+            .get(&at)
+            .copied()
+            .unwrap_or_else(|| self.width(key))
     }
 
     /// The models present.
@@ -124,6 +231,65 @@ impl TrainData {
         let lrs: BTreeSet<&str> = self.groups.keys().map(|k| k.lr.as_str()).collect();
         lrs.len() > 1
     }
+
+    /// The law's values at step 1 for `key` at `layer` (pooled like the measurement for
+    /// `Layer::All`), or why there are none ("none: ...").
+    fn law_at(&self, key: &TrainKey, layer: Layer, window: Window) -> Result<ByRank, String> {
+        let laws = self.laws.get(key);
+        if key.stat != Stat::Abs || (laws.is_none() && key.site != Site::Fwd) {
+            return Err(format!(
+                "none: no law rows for {}/{} (the trainer writes them for |fwd|^m at step 1)",
+                key.site, key.stat
+            ));
+        }
+        if window != Window::step(1) {
+            return Err("none: the exact first-step law applies at step 1 only".into());
+        }
+        let Some(laws) = laws else {
+            return Err(if self.laws.is_empty() {
+                "none: these runs have no law rows (written before the trainer recorded the exact first-step law)"
+                    .into()
+            } else {
+                "none: no law rows for this group".into()
+            });
+        };
+        let measured_layers = self.groups.get(key).map(|g| g.keys().collect::<Vec<_>>());
+        let by_step = match layer {
+            Layer::Index(l) => laws.get(&l).cloned(),
+            // The mean over layers of the law is the law of the mean, over the same layers.
+            Layer::All => (measured_layers == Some(laws.keys().collect::<Vec<_>>()))
+                .then(|| pool_layers(laws)),
+        };
+        by_step
+            .and_then(|mut by_step| by_step.remove(&1))
+            .ok_or_else(|| "none: no law rows at step 1 for this layer".into())
+    }
+}
+
+/// min(in, out) per module from a run's `config.run.modules` ({module: [in, out]}).
+fn config_dims(run: &Run) -> Vec<(String, u32)> {
+    let Some(modules) = run
+        .manifest
+        .config
+        .get("run")
+        .and_then(|r| r.get("modules"))
+        .and_then(serde_json::Value::as_object)
+    else {
+        return Vec::new();
+    };
+    modules
+        .iter()
+        .filter_map(|(name, shape)| {
+            let d = shape
+                .as_array()?
+                .iter()
+                .map(serde_json::Value::as_u64)
+                .collect::<Option<Vec<u64>>>()?
+                .into_iter()
+                .min()?;
+            Some((name.clone(), u32::try_from(d).ok()?))
+        })
+        .collect()
 }
 
 /// The training section of `train_runs`; its figures are appended to `plots`.
@@ -139,7 +305,8 @@ pub(super) fn section(
         .iter()
         .map(|model| (model.clone(), model_windows(&data, model, opts.windows)))
         .collect();
-    let (rows, single_rank) = fit_rows(&data, &windows, theory, opts.tolerance);
+    let fitted = fit_rows(&data, &windows, theory);
+    let rows = fitted.rows;
     let figure_data = train_plots::Inputs {
         runs: train_runs,
         data: &data,
@@ -150,15 +317,16 @@ pub(super) fn section(
     };
     let (mine, figure_notes) = train_plots::figures(&figure_data);
     let mut notes = status_notes(train_runs);
+    notes.extend(fitted.unjudged.into_iter().map(|(cell, u)| u.note(&cell)));
     notes.extend(
-        single_rank.iter().map(|s| {
+        fitted.single_rank.iter().map(|s| {
             format!("{s}: one rank only, so no rank exponent (its curves are still drawn)")
         }),
     );
     notes.extend(figure_notes);
     let figures = mine.iter().map(|p| p.name.clone()).collect();
     plots.extend(mine);
-    let (agree, total) = agreement(&rows);
+    let counts = Counts::of(&rows);
     let has_mc = rows
         .iter()
         .any(|r| r.mc_coherent.is_some() || r.mc_fresh.is_some());
@@ -167,17 +335,18 @@ pub(super) fn section(
         runs: train_runs.len(),
         windows: windows.into_iter().collect(),
         shown: shown(&rows),
+        law_note: law_note(&data, &rows, has_mc),
         rows,
-        agree,
-        total,
-        law_note: law_note(has_mc),
+        headline: counts.headline(),
+        counts,
         has_mc,
         notes,
         figures,
     }
 }
 
-/// The step windows of `model`: step 0, then `n` equal-count chunks of its recorded steps.
+/// The step windows of `model`: step 0, step 1, then `n` equal-count chunks of its later
+/// recorded steps.
 fn model_windows(data: &TrainData, model: &str, n: usize) -> Vec<Window> {
     let steps: Vec<u32> = data
         .groups
@@ -192,73 +361,123 @@ fn model_windows(data: &TrainData, model: &str, n: usize) -> Vec<Window> {
     step_windows(&steps, n)
 }
 
-/// Every training row: per group, window and layer, and on the mean over layers. Also the
-/// cells with one rank in all their data (no exponent to fit), as text for a note.
+/// The fits of a cell (model, optimizer, scaling, lr) that could not be judged, and why.
+#[derive(Debug, Default)]
+struct Unjudged {
+    fits: usize,
+    of: usize,
+    why: BTreeSet<String>,
+}
+
+impl Unjudged {
+    fn note(&self, cell: &str) -> String {
+        format!(
+            "{cell}: {} of {} fits not judged (outcome inconclusive, verdict undetermined): {}. A judgement needs >= \
+             {MIN_SEEDS} seeds and >= {MIN_RANKS} ranks, the largest reaching d/{RANK_REACH} of the module.",
+            self.fits,
+            self.of,
+            self.why.iter().cloned().collect::<Vec<_>>().join("; ")
+        )
+    }
+}
+
+/// Every training row, judged, with what the notes need.
+struct Fitted {
+    rows: Vec<ExponentRow>,
+    /// Cells with one rank in all their data (no exponent to fit).
+    single_rank: BTreeSet<String>,
+    /// Per cell, the fits that could not be judged.
+    unjudged: BTreeMap<String, Unjudged>,
+}
+
+/// A row before the family is judged: the row, its claims, and why it cannot be judged.
+struct Pending {
+    /// The cell as notes name it.
+    cell: String,
+    row: ExponentRow,
+    claims: Claims,
+    why_not: Vec<String>,
+}
+
+/// Every training row: per group, window and layer, and on the mean over layers; judged as
+/// one family.
 fn fit_rows(
     data: &TrainData,
     windows: &BTreeMap<String, Vec<Window>>,
     theory: &[TheorySection],
-    tol: f64,
-) -> (Vec<ExponentRow>, BTreeSet<String>) {
-    let mut rows = Vec::new();
+) -> Fitted {
+    let mut pending = Vec::new();
     let mut single_rank = BTreeSet::new();
+    let mut unjudged: BTreeMap<String, Unjudged> = BTreeMap::new();
     for (key, by_layer) in &data.groups {
-        let width = data.width(key);
         let pooled = pool_layers(by_layer);
         let n_ranks = by_layer
             .values()
             .flat_map(|st| st.values().flat_map(|br| br.keys().copied()))
             .collect::<BTreeSet<u32>>()
             .len();
+        let mut at = |layer: Layer, w: Window, br: &ByRank| {
+            let law = data.law_at(key, layer, w);
+            pending.extend(pending_row(data, key, layer, w, br, law, theory));
+        };
         for &w in windows.get(&key.model).into_iter().flatten() {
             for (&layer, by_step) in by_layer {
                 let br = window_mean(by_step, w);
                 // A statistic recorded only at some steps (norms at intervals) leaves windows
                 // without it: nothing to say there. One rank in all the data: say so.
                 if br.len() < 2 && n_ranks < 2 {
-                    single_rank.insert(format!(
-                        "{} {} {} (lr {})",
-                        key.model,
-                        key.optimizer,
-                        key.scaling,
-                        if key.lr.is_empty() { "?" } else { &key.lr }
-                    ));
+                    single_rank.insert(key.label());
                 }
-                let layer = Layer::Index(layer);
-                rows.extend(row(key, layer, w, &br, width, theory, tol));
+                at(Layer::Index(layer), w, &br);
             }
             if by_layer.len() > 1 {
-                let br = window_mean(&pooled, w);
-                rows.extend(row(key, Layer::All, w, &br, width, theory, tol));
+                at(Layer::All, w, &window_mean(&pooled, w));
             }
         }
     }
-    (rows, single_rank)
+    for p in &pending {
+        let u = unjudged.entry(p.cell.clone()).or_default();
+        u.of += 1;
+        if !p.why_not.is_empty() {
+            u.fits += 1;
+            u.why.extend(p.why_not.iter().cloned());
+        }
+    }
+    unjudged.retain(|_, u| u.fits > 0);
+    let claims: Vec<Claims> = pending.iter().map(|p| p.claims.clone()).collect();
+    let rows = pending
+        .into_iter()
+        .zip(judge_all(&claims))
+        .map(|(p, j)| p.row.judged(j))
+        .collect();
+    Fitted {
+        rows,
+        single_rank,
+        unjudged,
+    }
 }
 
-/// The row of one group, layer and window: fit, training prediction, Monte Carlo slopes.
-fn row(
+/// The row of one group, layer and window with its claims: the fit, the exact law's paired
+/// test when the group has law rows there, the rivals, the Monte Carlo slopes.
+fn pending_row(
+    data: &TrainData,
     key: &TrainKey,
     layer: Layer,
     window: Window,
     by_rank: &ByRank,
-    width: u32,
+    law: Result<ByRank, String>,
     theory: &[TheorySection],
-    tol: f64,
-) -> Option<ExponentRow> {
+) -> Option<Pending> {
     let (ranks, seeds, fit) = fit_by_rank(by_rank)?;
     let beta = key.scaling.beta();
-    let p = predict_train(
-        key.optimizer,
-        key.site,
-        key.stat,
-        key.m,
-        width,
-        beta,
-        &ranks,
-    );
+    let d = data.module_d(key);
+    let p = if key.stat.is_moment() {
+        f64::from(key.m)
+    } else {
+        1.0
+    };
     let (mc_coherent, mc_fresh) = mc_slopes(theory, key);
-    let row = ExponentRow {
+    let mut row = ExponentRow {
         source: "train".into(),
         run: "merged".into(),
         model: key.model.clone(),
@@ -283,7 +502,112 @@ fn row(
         mc_fresh,
         ..ExponentRow::default()
     };
-    Some(row.judged(p, tol))
+    let mut test = None;
+    match law {
+        Err(why) => row.law = why,
+        Ok(law) => match exact_test(by_rank, &law, p) {
+            Err(why) => row.law = why,
+            Ok(t) => {
+                row.law = EXACT_LAW.into();
+                row.predicted = Some(t.predicted);
+                row.band = Some(t.band);
+                row.diff = Some(t.diff.slope);
+                row.diff_ci_low = Some(t.diff.ci_low);
+                row.diff_ci_high = Some(t.diff.ci_high);
+                test = Some((
+                    Estimate::from(t.diff),
+                    Band {
+                        center: 0.0,
+                        half_width: t.band,
+                    },
+                ));
+            }
+        },
+    }
+    let why_not = unjudgeable(seeds, &ranks, d, &key.module);
+    let claims = Claims {
+        measured: Some(Estimate::from(fit)),
+        test,
+        predicted: row.predicted,
+        rivals: rivals(
+            key.optimizer,
+            key.site,
+            key.stat,
+            key.m,
+            d as usize,
+            PEFT_DEFAULT_KURTOSIS,
+            beta,
+            0.0,
+        ),
+        resolution: resolution(p, &ranks),
+        judgeable: why_not.is_empty(),
+    };
+    Some(Pending {
+        cell: key.label(),
+        row,
+        claims,
+        why_not,
+    })
+}
+
+/// The exact law's test of one fit.
+struct ExactTest {
+    /// The law's slope over the fitted ranks.
+    predicted: f64,
+    /// Measured minus law, paired seed by seed.
+    diff: rankstab_theory::stats::SlopeFit,
+    /// Half-width of the band around 0.
+    band: f64,
+}
+
+/// The paired test of `by_rank` against the law's values `law` (statistic of power `p`), or
+/// why there is none.
+fn exact_test(by_rank: &ByRank, law: &ByRank, p: f64) -> Result<ExactTest, String> {
+    let pair = paired(by_rank, law)
+        .ok_or_else(|| "none: the law rows do not cover every fitted rank and seed".to_string())?;
+    let rs: Vec<usize> = pair.ranks.iter().map(|&r| r as usize).collect();
+    let (Some(law_fit), Some(diff)) = (
+        fit_slope(&rs, &pair.law),
+        fit_slope_diff(&rs, &pair.measured, &pair.law),
+    ) else {
+        return Err(
+            "none: the paired test needs >= 2 seeds common to every rank and positive means".into(),
+        );
+    };
+    Ok(ExactTest {
+        predicted: law_fit.slope,
+        diff,
+        band: band_half_width(p, &pair.ranks, law_error(p, LawError::default())),
+    })
+}
+
+/// Why a fit of `seeds` seeds over `ranks` of a module of width `d` cannot be judged (empty
+/// when it can).
+fn unjudgeable(seeds: u32, ranks: &[u32], d: u32, module: &str) -> Vec<String> {
+    let mut why = Vec::new();
+    if seeds < MIN_SEEDS {
+        why.push(format!(
+            "{seeds} seed{} common to every rank (>= {MIN_SEEDS} needed)",
+            if seeds == 1 { "" } else { "s" }
+        ));
+    }
+    if ranks.len() < MIN_RANKS {
+        why.push(format!(
+            "{} ranks {} (>= {MIN_RANKS} needed)",
+            ranks.len(),
+            fmt_ranks(ranks)
+        ));
+    }
+    let r_max = ranks.last().copied().unwrap_or(0);
+    if d == 0 {
+        why.push(format!("no width recorded for {module}"));
+    } else if r_max * RANK_REACH < d {
+        why.push(format!(
+            "largest rank {r_max} below d/{RANK_REACH} = {} ({module}, d = {d})",
+            f64::from(d) / f64::from(RANK_REACH)
+        ));
+    }
+    why
 }
 
 /// Monte Carlo slopes (coherent, fresh) of the matching setting in the theory sections:
@@ -379,15 +703,28 @@ fn status_notes(train_runs: &[&Run]) -> Vec<String> {
     .collect()
 }
 
-/// How the training predictions were made, in a paragraph.
-fn law_note(has_mc: bool) -> String {
+/// Where the training predictions of these runs come from, in a paragraph.
+fn law_note(data: &TrainData, rows: &[ExponentRow], has_mc: bool) -> String {
+    let with = rows.iter().filter(|r| r.predicted.is_some()).count();
+    let laws = if data.laws.is_empty() {
+        "No training run given has law rows (the exact first-step law that the trainer computes from each run's \
+         own step-0 data; runs written before it recorded them get no prediction), so no training fit has a \
+         prediction; rivals and stability are still judged."
+            .to_string()
+    } else {
+        format!(
+            "{with} training fit{} a prediction: the exact first-step law of E|fwd|^m, from the law rows each \
+             run computed from its own step-0 data, tested at step 1 on the paired difference of slopes (measured \
+             minus law, seed by seed) against a band around 0. Other statistics and windows have no prediction \
+             (the law column says why); rivals and stability are judged for every fit.",
+            if with == 1 { " has" } else { "s have" }
+        )
+    };
     format!(
-        "Predictions depend on the training rows alone, not on which other runs are given. Forward moments: the \
-         paper's law, the coherent limit m (1 - a beta) (SGD a = 2, Adam/AdamW a = 1). Input gradients: the finite-rank \
-         law with kappa = 1/(d + k4 - 2). Norms: kappa-free laws.{}",
+        "{laws}{}",
         if has_mc {
             " The Monte Carlo slopes of the matching setting in the theory runs given (coherent and fresh inputs) are \
-             shown beside them as MC columns."
+             shown beside them as MC columns; they change no judgement."
         } else {
             " No theory run given, so no Monte Carlo columns."
         }
