@@ -76,7 +76,7 @@ fn ranks_and_common_seeds(by_rank: &ByRank) -> (Vec<u32>, Vec<u64>) {
     (with.into_keys().collect(), common)
 }
 
-/// Fits log E[value] against log rank: seeds common to every rank are paired (jackknife over
+/// Fits log E(value) against log rank: seeds common to every rank are paired (jackknife over
 /// them, `df` = seeds - 1); without a common seed each rank's mean over its seeds is one
 /// point (OLS residuals). Returns the ranks, the seeds per point and the fit; `None` with
 /// fewer than two ranks or a mean that is not positive.

@@ -10,7 +10,8 @@
 //! | `fit`           | values by rank and seed, [`fit_by_rank`], step windows, layer means  |
 //! | `row`           | one fitted exponent ([`ExponentRow`]) as judged; headline [`Counts`]  |
 //! | `theory`        | the section of a theory run: its fits and its figures                |
-//! | `train`         | the training section: grouping, claims, one family judged, notes     |
+//! | `train`         | the training section: grouping the runs and their law rows, notes    |
+//! | `train_rows`    | one row per training fit, its claims, the family judged              |
 //! | `train_plots`   | the training figures: curves against step, rank panels, heatmaps     |
 //! | `plots`         | what a figure holds ([`Plot`]) and the helpers shared by figures     |
 //! | `findings`      | the paper's findings next to ours                                    |
@@ -51,6 +52,7 @@ mod runs;
 mod theory;
 mod train;
 mod train_plots;
+mod train_rows;
 
 pub use findings::PaperRow;
 pub use fit::{fit_by_rank, step_windows, ByRank};

@@ -55,7 +55,7 @@ pub struct ExponentRow {
     pub ci_low: f64,
     /// 95% interval, upper end.
     pub ci_high: f64,
-    /// Which law gave `predicted` ("exact first step", ...), or "none: <why>".
+    /// Which law gave `predicted` ("exact first step", ...), or "none: " and why it has none.
     pub law: String,
     /// The law's slope over the fitted ranks, when a law applies.
     pub predicted: Option<f64>,
