@@ -315,8 +315,8 @@ fn print_table(fits: &[rankstab_records::Fit], last: u32, all_steps: bool) {
     }
 }
 
-/// The headline of the rule (proofs/verdicts.md): outcomes over the fits that can tell their
-/// prediction from a rival, and the distinct rivals rejected.
+/// The headline of the rule (`rankstab_theory::predict::verdict`): outcomes over the fits
+/// that can tell their prediction from a rival, and the distinct rivals rejected.
 fn print_counts(fits: &[rankstab_records::Fit]) {
     use rankstab_records::Outcome;
     let judged: Vec<_> = fits
