@@ -50,7 +50,7 @@ fn small_run_writes_a_complete_run_directory() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
-        stdout.contains("fits agree with the prediction"),
+        stdout.contains("fits have a prediction that can discriminate it from a rival"),
         "{stdout}"
     );
     assert!(stdout.contains("Run directory:"), "{stdout}");
@@ -86,7 +86,10 @@ fn small_run_writes_a_complete_run_directory() {
         "ci_high",
         "predicted",
         "verdict",
-        "agrees",
+        "law",
+        "band",
+        "outcome",
+        "rivals",
     ] {
         assert!(fits[0].get(key).is_some(), "fits.json lacks '{key}'");
     }

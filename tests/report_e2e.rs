@@ -76,11 +76,31 @@ fn report_of_theory_and_training_runs_prints_index_html() {
     assert!(out.join("report.md").is_file() && out.join("exponents.csv").is_file());
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
-        stdout.contains("17 run directories used, 0 not used"),
+        stdout.contains("31 run directories used, 0 not used"),
         "{stdout}"
     );
     let html = std::fs::read_to_string(&printed).expect("html");
     assert!(html.contains("Training runs") && html.contains("Theory run theory"));
+    // The training fits are judged by the rule: the fixture's law rows agree at step 1.
+    assert!(
+        html.contains(
+            "18 fits with a prediction that can discriminate it from a rival: 18 agree, 0 disagree, 0 inconclusive"
+        ),
+        "no training headline"
+    );
+    let csv = std::fs::read_to_string(out.join("exponents.csv")).expect("csv");
+    let header = csv.lines().next().expect("header");
+    for col in [
+        "law",
+        "band",
+        "diff",
+        "outcome",
+        "rivals",
+        "rivals_rejected",
+    ] {
+        assert!(header.split(',').any(|c| c == col), "{col}: {header}");
+    }
+    assert!(!header.split(',').any(|c| c == "agrees"), "{header}");
     // The repository's proofs/ are found from the binary's location and linked relatively.
     assert!(
         html.replace("&#x2f;", "/")
@@ -169,18 +189,23 @@ fn errors_are_one_line_with_exit_code_2() {
             "--out",
             out.to_str().expect("utf-8"),
         ],
+        // The bands are derived now: --tolerance is gone, and an unknown flag is a usage error.
         vec![
             "report",
             missing.to_str().expect("utf-8"),
             "--tolerance",
-            "-1",
+            "0.1",
         ],
+        vec!["report", missing.to_str().expect("utf-8"), "--windows", "0"],
     ] {
         let o = rankstab(&args, None);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
         assert!(stderr.starts_with("rankstab: error:"), "{stderr}");
+        if args.contains(&"--tolerance") {
+            assert!(stderr.contains("--tolerance"), "{stderr}");
+        }
     }
     let o = rankstab(
         &[

@@ -13,8 +13,9 @@ Examples:
   rankstab report runs/sweep                     # a directory of run directories
 
 Reads theory and training run directories (manifest.json, moments.csv, metrics.csv, fits.json),
-merges training cells, fits rank exponents with 95% intervals, sets them against the predictions
-of proofs/ and the Monte Carlo, and writes OUT/index.html (self-contained), OUT/report.md,
+merges training cells, fits rank exponents with 95% intervals, judges them against their laws and
+rival laws (three outcomes, bands derived from the ranks and the laws' errors, no tolerance to
+set), shows the Monte Carlo beside them, and writes OUT/index.html (self-contained), OUT/report.md,
 OUT/exponents.csv and OUT/figures/ (PNG and SVG). Directories it cannot use are listed with the
 reason; it fails only when none is usable.")]
 pub struct ReportArgs {
@@ -24,9 +25,6 @@ pub struct ReportArgs {
     /// Output directory [default: reports/<time>].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Tolerance in exponent units for verdicts and agreement.
-    #[arg(long, default_value_t = 0.15, allow_hyphen_values = true)]
-    tolerance: f64,
     /// Step windows (after step 0) for training exponents.
     #[arg(long, default_value_t = 3)]
     windows: usize,
@@ -63,12 +61,6 @@ fn find_proofs() -> Option<PathBuf> {
 
 /// Runs `rankstab report`.
 pub fn run(args: ReportArgs) -> Result<()> {
-    if !(args.tolerance.is_finite() && args.tolerance >= 0.0) {
-        bail!(
-            "--tolerance {} is not allowed: use a number >= 0",
-            args.tolerance
-        );
-    }
     if args.windows == 0 || args.max_panels == 0 {
         bail!("--windows and --max-panels must be at least 1");
     }
@@ -77,7 +69,6 @@ pub fn run(args: ReportArgs) -> Result<()> {
     });
     let mut opts = ReportOptions {
         analysis: AnalysisOptions {
-            tolerance: args.tolerance,
             windows: args.windows,
             max_panels: args.max_panels,
         },

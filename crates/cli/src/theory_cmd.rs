@@ -398,3 +398,4 @@ fn print_discrimination(fits: &[Fit], last: u32) {
         );
     }
 }
+

@@ -1,8 +1,9 @@
 //! Theory-versus-observation reports for rank-stabilized LoRA.
 //!
 //! Reads any set of run directories (`rankstab theory` and `rankstab train`, the shared
-//! record format of `rankstab-records`), fits rank exponents with confidence intervals, sets
-//! them against the predictions of `proofs/` and the Monte Carlo, and writes a
+//! record format of `rankstab-records`), fits rank exponents with confidence intervals, judges
+//! them by the one rule of `rankstab_theory::predict::verdict` (their laws, rival laws,
+//! stability), shows the Monte Carlo beside them, and writes a
 //! self-contained `index.html`, a `report.md`, `exponents.csv` and `figures/` (PNG and SVG).
 //!
 //! The stages are separate modules: [`load`] (files to records, reporting unusable
@@ -31,7 +32,7 @@ use std::path::{Component, Path, PathBuf};
 /// Options of a report.
 #[derive(Debug, Clone)]
 pub struct ReportOptions {
-    /// Analysis settings (tolerance, step windows, panels).
+    /// Analysis settings (step windows, panels).
     pub analysis: AnalysisOptions,
     /// The repository's `proofs/` directory, for relative links (plain names when unknown).
     pub proofs_dir: Option<PathBuf>,

@@ -14,7 +14,7 @@ const INDEX: &str = include_str!("../templates/index.html");
 const MARKDOWN: &str = include_str!("../templates/report.md");
 
 /// The derivations the report links to (`proofs/` in the repository).
-pub const PROOFS: [(&str, &str); 5] = [
+pub const PROOFS: [(&str, &str); 6] = [
     ("README.md", "notation and index of the derivations"),
     (
         "theorem-3.2-sgd.md",
@@ -31,6 +31,10 @@ pub const PROOFS: [(&str, &str); 5] = [
     (
         "finite-rank.md",
         "finite-rank and incoherent-input corrections: the two-term law and the predicted slopes",
+    ),
+    (
+        "exact-law.md",
+        "the exact first-step law of every moment order, given the data: the law rows",
     ),
 ];
 
@@ -85,17 +89,21 @@ struct Page<'a> {
     max_inline_rows: usize,
 }
 
-/// How training predictions are made, in one paragraph (also in `analyse`'s docs).
-pub const TRAIN_LAW_CHOICE: &str = "a training row's prediction depends only on that row, never on which other runs are \
-given to the report, so its agrees is the same in every report. Forward moments (fwd, fwd_heldout) use the paper's \
-asymptotic law, the coherent limit: m (1 - 2 beta) under SGD, m (1 - beta) under Adam/AdamW (the coherence of real \
-inputs cannot be observed, and text shares a common direction). Input gradients (bwd) use the finite-rank law with \
-kappa = 1/(d + k4 - 2) and the module's width d, over the ranks fitted. Parameter norms use their kappa-free laws. A is \
-assumed to have PEFT's default Kaiming-uniform init. When a theory run is given, the Monte Carlo slopes of the matching \
-setting are shown beside the prediction (MC columns), not in its place. Exponents are fitted per module and layer and on \
-the mean over layers, within step windows (step 0, then equal-count chunks of the recorded steps). A run still running \
-is used with the rows it has so far, a diverged run with its rows before the divergence; both are named in the training \
-notes and the provenance table.";
+/// How training fits are judged, in one paragraph (also in `analyse`'s docs).
+pub const TRAIN_LAW_CHOICE: &str = "a training fit's prediction comes only from the exact first-step law that each run \
+computed from its own step-0 data (its law rows: E|fwd|^m after one step, in expectation over the adapter's random init \
+given that run's batch). It is tested at step 1 on the paired difference of slopes, measured minus law seed by seed, \
+against a band around 0; other statistics and windows, and runs written before the trainer recorded law rows, have no \
+prediction (the law column says why). Outcomes come from 90% intervals, with the Benjamini-Hochberg procedure over \
+every training fit of the report as one family: adding or removing training runs can change a borderline outcome, \
+adding theory runs changes none. Each fit is also set against the rival laws (the paper's coherent limit, the \
+incoherent limit, the other optimizer's law, slope 0), and its stability comes from its interval against the \
+resolution band around 0. A fit is judged only with >= 3 seeds (common to every rank) and >= 5 ranks whose largest \
+reaches d/8 of the module; otherwise its outcome is inconclusive and its verdict undetermined, and the training notes \
+say which cells lacked what. Exponents are fitted per module and layer and on the mean over layers, within step \
+windows (step 0, step 1, then equal-count chunks of the later recorded steps). A run still running is used with the \
+rows it has so far, a diverged run with its rows before the divergence; both are named in the training notes and the \
+provenance table.";
 
 /// Escapes text for HTML (what the template engine does to every field, for callers that
 /// build HTML by hand).
@@ -166,6 +174,14 @@ fn sci(v: Value) -> String {
     }
 }
 
+/// A band's half-width: "±0.08"; missing as "-".
+fn pm(v: Value) -> String {
+    match as_f64(&v) {
+        Some(x) if x.is_finite() => format!("\u{b1}{x:.2}"),
+        _ => "-".into(),
+    }
+}
+
 fn yesno(v: Value) -> String {
     if v.is_none() || v.is_undefined() {
         "-".into()
@@ -196,6 +212,7 @@ fn env() -> Result<Environment<'static>, ReportError> {
     let mut env = Environment::new();
     env.add_filter("num", num);
     env.add_filter("sci", sci);
+    env.add_filter("pm", pm);
     env.add_filter("yesno", yesno);
     env.add_filter("yesno_class", yesno_class);
     env.add_filter("md", md);
@@ -298,6 +315,8 @@ mod tests {
         assert_eq!(num(Value::from(f64::NAN)), "NaN");
         assert_eq!(yesno(Value::from(true)), "yes");
         assert_eq!(yesno(Value::from(())), "-");
+        assert_eq!(pm(Value::from(0.0845)), "\u{b1}0.08");
+        assert_eq!(pm(Value::from(())), "-");
     }
 
     #[test]

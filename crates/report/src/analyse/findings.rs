@@ -1,6 +1,12 @@
 //! The paper's findings next to ours: the average gradient norm of standard LoRA and of
 //! rsLoRA against rank (from the training runs' metric or B-gradient norms, and from the
 //! theory runs' Monte Carlo), and the best perplexity of each.
+//!
+//! Ours claims only what was measured: a gradient-norm factor is stated over the measured
+//! ranks (never extrapolated to the paper's r = 2048), and the perplexity comparison is made
+//! only when it can mean what the paper's does ([`MIN_PPL_SEEDS`] seeds, a pretrained model,
+//! the learning rate chosen per rank and scaling); otherwise the row says "not tested here"
+//! and why.
 use super::fit::{fit_by_rank, put, step_windows, window_mean, ByStep, Means};
 use super::row::fmt_ranks;
 use super::runs::run_lr;
@@ -26,20 +32,34 @@ pub struct PaperRow {
     pub comparable: String,
 }
 
-/// Factor by which a power law with exponent `slope` changes from r=4 to r=2048.
-fn factor_4_to_2048(slope: f64) -> f64 {
-    512f64.powf(slope)
-}
+/// The paper's largest rank.
+const PAPER_TOP_RANK: u32 = 2048;
 
-fn describe_factor(fit: &SlopeFit) -> String {
-    let f = factor_4_to_2048(fit.slope);
+/// Seeds per cell a perplexity comparison needs.
+pub const MIN_PPL_SEEDS: usize = 3;
+
+/// A fitted exponent over the measured ranks `ranks`, as the findings state it: the factor
+/// from the smallest to the largest rank measured with its interval, and never beyond (e.g.
+/// "exponent -0.50 [-0.52, -0.48] over r = 4..32: x0.354 [0.339, 0.369] from r=4 to 32
+/// (-0.5 orders of magnitude); not measured at r = 2048").
+fn describe_factor(slope: f64, ci_low: f64, ci_high: f64, ranks: &[u32]) -> String {
+    let (Some(&lo), Some(&hi)) = (ranks.first(), ranks.last()) else {
+        return format!("exponent {slope:+.2} [{ci_low:+.2}, {ci_high:+.2}]");
+    };
+    let span = f64::from(hi) / f64::from(lo);
+    let f = |s: f64| span.powf(s);
     format!(
-        "exponent {:+.2} [{:+.2}, {:+.2}]: x{} from r=4 to 2048 ({:+.1} orders of magnitude)",
-        fit.slope,
-        fit.ci_low,
-        fit.ci_high,
-        fmt_sig(f),
-        f.log10()
+        "exponent {slope:+.2} [{ci_low:+.2}, {ci_high:+.2}] over r = {lo}..{hi}: x{} [{}, {}] from r={lo} to {hi} \
+         ({:+.1} orders of magnitude){}",
+        fmt_sig(f(slope)),
+        fmt_sig(f(ci_low)),
+        fmt_sig(f(ci_high)),
+        f(slope).log10(),
+        if ranks.contains(&PAPER_TOP_RANK) {
+            String::new()
+        } else {
+            format!("; not measured at r = {PAPER_TOP_RANK}")
+        }
     )
 }
 
@@ -78,9 +98,9 @@ pub(super) fn paper_rows(
             let same = e.model.to_lowercase().contains("llama-2-7b")
                 && e.optimizer == Optimizer::Adamw
                 && e.ranks.first() == Some(&4)
-                && e.ranks.last() == Some(&2048);
+                && e.ranks.last() == Some(&PAPER_TOP_RANK);
             out.push(row(
-                describe_factor(&e.fit),
+                describe_factor(e.fit.slope, e.fit.ci_low, e.fit.ci_high, &e.ranks),
                 format!(
                     "training: {}, {}, {}, ranks {ranks}",
                     e.model, e.optimizer, e.what
@@ -106,11 +126,20 @@ pub(super) fn paper_rows(
                     && r.inputs == "coherent"
                     && Some(r.window) == last
             }) {
+                let ranks: Vec<u32> = r.ranks.split(',').filter_map(|x| x.parse().ok()).collect();
+                let span = match (ranks.first(), ranks.last()) {
+                    (Some(&lo), Some(&hi)) => f64::from(hi) / f64::from(lo),
+                    _ => f64::NAN,
+                };
                 let law = r.predicted.map_or("-".into(), |p| {
-                    format!("{p:+.2}, x{}", fmt_sig(factor_4_to_2048(p)))
+                    format!(
+                        "{p:+.2}, x{} over the same ranks; outcome {}",
+                        fmt_sig(span.powf(p)),
+                        r.outcome
+                    )
                 });
                 out.push(row(
-                    describe_factor(&r.fit()),
+                    describe_factor(r.slope, r.ci_low, r.ci_high, &ranks),
                     format!(
                         "theory run {}: {}, B-gradient norm, {}, ranks {}",
                         sec.run, r.optimizer, r.window, r.ranks
@@ -278,6 +307,74 @@ fn best(
         .min_by(|a, b| a.0.total_cmp(&b.0))
 }
 
+/// Why the perplexity comparison of `at` would not mean what the paper's does (empty when
+/// it can be made): too few seeds, no pretrained model, one learning rate per rank and
+/// scaling.
+fn untested(
+    at: &ModelOpt,
+    fin: &BTreeMap<FinalKey, BTreeMap<u64, (u32, f64)>>,
+    train_runs: &[&Run],
+) -> Vec<String> {
+    let mut why = Vec::new();
+    let cells: Vec<(&FinalKey, usize)> = fin
+        .iter()
+        .filter(|(k, _)| &k.at == at)
+        .map(|(k, seeds)| (k, seeds.len()))
+        .collect();
+    let fewest = cells.iter().map(|c| c.1).min().unwrap_or(0);
+    if fewest < MIN_PPL_SEEDS {
+        why.push(format!(
+            "{fewest} seed{} in a cell (>= {MIN_PPL_SEEDS} needed)",
+            if fewest == 1 { "" } else { "s" }
+        ));
+    }
+    let models: BTreeSet<Option<String>> = train_runs
+        .iter()
+        .filter(|r| {
+            r.metrics
+                .first()
+                .is_some_and(|m| m.model == at.model && m.optimizer == at.optimizer)
+        })
+        .map(|r| run_model(r))
+        .collect();
+    if models.contains(&None) {
+        why.push("the runs do not record their model (config.run.model), so it is not known to be pretrained".into());
+    }
+    let presets: Vec<&str> = models
+        .iter()
+        .flatten()
+        .filter(|m| m.starts_with("preset:"))
+        .map(String::as_str)
+        .collect();
+    if !presets.is_empty() {
+        why.push(format!(
+            "random weights ({}), not a pretrained model",
+            presets.join(", ")
+        ));
+    }
+    let mut lrs: BTreeMap<(Scaling, u32), BTreeSet<&str>> = BTreeMap::new();
+    for (k, _) in &cells {
+        lrs.entry((k.scaling, k.rank))
+            .or_default()
+            .insert(k.lr.as_str());
+    }
+    if lrs.values().any(|l| l.len() < 2) {
+        why.push("one learning rate for some rank and scaling (the paper chooses it per rank and scaling)".into());
+    }
+    why
+}
+
+/// `config.run.model` of a run (`--model` of `rankstab train`: a path, or `preset:NAME` for
+/// random weights).
+fn run_model(run: &Run) -> Option<String> {
+    run.manifest
+        .config
+        .get("run")
+        .and_then(|r| r.get("model"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string)
+}
+
 fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
     let finding = "Best perplexity: rsLoRA at high rank beats the best standard LoRA";
     let paper = "best LoRA (r=4, lr x10) 1.863 vs rsLoRA r=2048 1.836 (Llama 2 7B, OpenOrca)";
@@ -311,8 +408,15 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
         }
     }
     let mut parts = Vec::new();
+    let mut not_tested = Vec::new();
     let groups: BTreeSet<ModelOpt> = fin.keys().map(|k| k.at.clone()).collect();
     for at in &groups {
+        let model = format!("{} ({})", at.model, at.optimizer);
+        let why = untested(at, &fin, train_runs);
+        if !why.is_empty() {
+            not_tested.push(format!("{model}: {}", why.join("; ")));
+            continue;
+        }
         let best_lora = best(&fin, at, Scaling::LORA, |_| true);
         let top_rank = fin
             .keys()
@@ -320,7 +424,6 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
             .map(|k| k.rank)
             .max();
         let top_rs = best(&fin, at, Scaling::RSLORA, |k| Some(k.rank) == top_rank);
-        let model = format!("{} ({})", at.model, at.optimizer);
         let lr = |l: &str| {
             if l.is_empty() {
                 String::new()
@@ -349,7 +452,7 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
             (None, None) => {}
         }
     }
-    if parts.is_empty() {
+    if groups.is_empty() {
         return PaperRow {
             finding: finding.into(),
             paper: paper.into(),
@@ -358,18 +461,52 @@ fn perplexity_row(train_runs: &[&Run]) -> PaperRow {
             comparable: "not measured".into(),
         };
     }
+    let not_tested =
+        (!not_tested.is_empty()).then(|| format!("not tested here: {}", not_tested.join("; ")));
+    if parts.is_empty() {
+        return PaperRow {
+            finding: finding.into(),
+            paper: paper.into(),
+            ours: not_tested.unwrap_or_else(|| "-".into()),
+            source: "training: final held-out perplexity".into(),
+            comparable: "not tested".into(),
+        };
+    }
     let same = groups
         .iter()
         .any(|at| at.model.to_lowercase().contains("llama-2-7b"));
     PaperRow {
         finding: finding.into(),
         paper: paper.into(),
-        ours: parts.join("; "),
-        source: "training: final held-out perplexity, mean over seeds".into(),
+        ours: parts.into_iter().chain(not_tested).collect::<Vec<_>>().join("; "),
+        source: format!(
+            "training: final held-out perplexity, mean over seeds (>= {MIN_PPL_SEEDS}), pretrained model, best \
+             learning rate per rank and scaling"
+        ),
         comparable: if same {
             "same model (check data and steps)".into()
         } else {
             "shape only (other model, data and length)".into()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factors_are_stated_over_the_measured_ranks_only() {
+        let s = describe_factor(-0.5, -0.52, -0.48, &[4, 8, 16, 32]);
+        assert_eq!(
+            s,
+            "exponent -0.50 [-0.52, -0.48] over r = 4..32: x0.354 [0.339, 0.369] from r=4 to 32 \
+             (-0.5 orders of magnitude); not measured at r = 2048"
+        );
+        let s = describe_factor(-0.5, -0.52, -0.48, &[4, 64, 2048]);
+        assert!(
+            s.contains("from r=4 to 2048") && !s.contains("not measured"),
+            "{s}"
+        );
     }
 }

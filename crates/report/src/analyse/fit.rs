@@ -21,22 +21,28 @@ pub(super) fn put(by_step: &mut ByStep, step: u32, rank: u32, seed: u64, value: 
         .insert(seed, value);
 }
 
-/// Cuts the sorted distinct `steps` into windows: step 0 alone when present, then at most
-/// `n` chunks of (nearly) equal numbers of recorded steps.
+/// Cuts the sorted distinct `steps` into windows: step 0 alone and step 1 alone (the exact
+/// first-step law's step) when present, then at most `n` chunks of (nearly) equal numbers of
+/// the later recorded steps.
 ///
 /// ```
 /// use rankstab_report::analyse::step_windows;
 /// let w = step_windows(&[0, 10, 20, 30, 40, 50, 60], 3);
 /// let labels: Vec<String> = w.iter().map(|w| w.to_string()).collect();
 /// assert_eq!(labels, ["step 0", "steps 10-20", "steps 30-40", "steps 50-60"]);
+/// let w = step_windows(&[0, 1, 2, 3, 4, 5], 2);
+/// let labels: Vec<String> = w.iter().map(|w| w.to_string()).collect();
+/// assert_eq!(labels, ["step 0", "step 1", "steps 2-3", "steps 4-5"]);
 /// ```
 pub fn step_windows(steps: &[u32], n: usize) -> Vec<Window> {
     let set: BTreeSet<u32> = steps.iter().copied().collect();
     let mut out = Vec::new();
-    if set.contains(&0) {
-        out.push(Window::step(0));
+    for alone in [0, 1] {
+        if set.contains(&alone) {
+            out.push(Window::step(alone));
+        }
     }
-    let rest: Vec<u32> = set.into_iter().filter(|&s| s > 0).collect();
+    let rest: Vec<u32> = set.into_iter().filter(|&s| s > 1).collect();
     let n = n.max(1).min(rest.len());
     for k in 0..n {
         let a = k * rest.len() / n;
@@ -49,10 +55,31 @@ pub fn step_windows(steps: &[u32], n: usize) -> Vec<Window> {
     out
 }
 
-/// Fits log E[value] against log rank: seeds common to every rank are paired (jackknife over
-/// them); without a common seed each rank's mean over its seeds is one point. Returns the
-/// ranks, the seeds per point and the fit; `None` with fewer than two ranks or a mean that is
-/// not positive.
+/// The ranks with values and the seeds present at every one of them.
+fn ranks_and_common_seeds(by_rank: &ByRank) -> (Vec<u32>, Vec<u64>) {
+    let with: BTreeMap<u32, &BTreeMap<u64, f64>> = by_rank
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(r, v)| (*r, v))
+        .collect();
+    let common = with
+        .values()
+        .next()
+        .map(|first| {
+            first
+                .keys()
+                .copied()
+                .filter(|s| with.values().all(|v| v.contains_key(s)))
+                .collect()
+        })
+        .unwrap_or_default();
+    (with.into_keys().collect(), common)
+}
+
+/// Fits log E(value) against log rank: seeds common to every rank are paired (jackknife over
+/// them, `df` = seeds - 1); without a common seed each rank's mean over its seeds is one
+/// point (OLS residuals). Returns the ranks, the seeds per point and the fit; `None` with
+/// fewer than two ranks or a mean that is not positive.
 ///
 /// ```
 /// use rankstab_report::analyse::fit_by_rank;
@@ -63,41 +90,66 @@ pub fn step_windows(steps: &[u32], n: usize) -> Vec<Window> {
 ///     by.insert(r, v);
 /// }
 /// let (ranks, seeds, fit) = fit_by_rank(&by).unwrap();
-/// assert_eq!((ranks, seeds), (vec![4, 16, 64], 2));
+/// assert_eq!((ranks, seeds, fit.df), (vec![4, 16, 64], 2, 1.0));
 /// assert!((fit.slope + 1.0).abs() < 1e-12);
 /// ```
 pub fn fit_by_rank(by_rank: &ByRank) -> Option<(Vec<u32>, u32, SlopeFit)> {
-    let by_rank: BTreeMap<u32, &BTreeMap<u64, f64>> = by_rank
-        .iter()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(r, v)| (*r, v))
-        .collect();
-    if by_rank.len() < 2 {
+    let (ranks, common) = ranks_and_common_seeds(by_rank);
+    if ranks.len() < 2 {
         return None;
     }
-    let ranks: Vec<u32> = by_rank.keys().copied().collect();
     let rs: Vec<usize> = ranks.iter().map(|&r| r as usize).collect();
-    let first = by_rank.values().next()?;
-    let common: Vec<u64> = first
-        .keys()
-        .copied()
-        .filter(|s| by_rank.values().all(|v| v.contains_key(s)))
-        .collect();
     let (values, seeds): (Vec<Vec<f64>>, u32) = if common.is_empty() {
-        let v = by_rank
-            .values()
-            .map(|v| vec![v.values().sum::<f64>() / v.len() as f64])
+        let v = ranks
+            .iter()
+            .map(|r| {
+                let v = &by_rank[r];
+                vec![v.values().sum::<f64>() / v.len() as f64]
+            })
             .collect();
         (v, 1)
     } else {
-        let v = by_rank
-            .values()
-            .map(|v| common.iter().map(|s| v[s]).collect())
-            .collect();
-        (v, common.len() as u32)
+        (values_at(by_rank, &ranks, &common)?, common.len() as u32)
     };
     let fit = fit_slope(&rs, &values)?;
     Some((ranks, seeds, fit))
+}
+
+/// `values[i][k]`: the value at `ranks[i]` and `seeds[k]` (`None` when one is missing).
+fn values_at(by_rank: &ByRank, ranks: &[u32], seeds: &[u64]) -> Option<Vec<Vec<f64>>> {
+    ranks
+        .iter()
+        .map(|r| {
+            let v = by_rank.get(r)?;
+            seeds.iter().map(|s| v.get(s).copied()).collect()
+        })
+        .collect()
+}
+
+/// A measurement and a law paired seed by seed at the same ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Paired {
+    /// The ranks (those of the measurement's fit).
+    pub ranks: Vec<u32>,
+    /// The measured values, `[rank][seed]`.
+    pub measured: Vec<Vec<f64>>,
+    /// The law's values at the same ranks and seeds.
+    pub law: Vec<Vec<f64>>,
+}
+
+/// The measurement `by_rank` paired with the law `law` at the ranks and seeds that
+/// [`fit_by_rank`] fits (those common to every rank); `None` when the law lacks a value
+/// there or no seed is common to every rank.
+pub(super) fn paired(by_rank: &ByRank, law: &ByRank) -> Option<Paired> {
+    let (ranks, seeds) = ranks_and_common_seeds(by_rank);
+    if ranks.len() < 2 || seeds.is_empty() {
+        return None;
+    }
+    Some(Paired {
+        measured: values_at(by_rank, &ranks, &seeds)?,
+        law: values_at(law, &ranks, &seeds)?,
+        ranks,
+    })
 }
 
 /// Means of values gathered under keys, summed in the order they are added.
@@ -180,6 +232,34 @@ mod tests {
         );
         let w = step_windows(&[0], 3);
         assert_eq!(w.len(), 1);
+        // Step 1 stands alone (the exact law's step), with or without step 0.
+        assert_eq!(step_windows(&[1, 3], 3), [Window::step(1), Window::step(3)]);
+        assert_eq!(step_windows(&[0, 1], 3), [Window::step(0), Window::step(1)]);
+    }
+
+    #[test]
+    fn a_law_pairs_only_at_the_fitted_ranks_and_seeds() {
+        let by = |seeds: &[u64], scale: f64| -> ByRank {
+            [4u32, 8, 16]
+                .into_iter()
+                .map(|r| {
+                    let v = seeds
+                        .iter()
+                        .map(|&s| (s, scale * f64::from(r) + s as f64))
+                        .collect();
+                    (r, v)
+                })
+                .collect()
+        };
+        // Seed 2 is not at every rank of the measurement: it is left out on both sides.
+        let mut measured = by(&[0, 1, 2], 1.0);
+        measured.get_mut(&8).expect("rank 8").remove(&2);
+        let p = paired(&measured, &by(&[0, 1, 2], 2.0)).expect("pairs");
+        assert_eq!(p.ranks, [4, 8, 16]);
+        assert_eq!(p.measured, [[4.0, 5.0], [8.0, 9.0], [16.0, 17.0]]);
+        assert_eq!(p.law, [[8.0, 9.0], [16.0, 17.0], [32.0, 33.0]]);
+        // A law without seed 1: no pairing.
+        assert_eq!(paired(&measured, &by(&[0], 2.0)), None);
     }
 
     #[test]

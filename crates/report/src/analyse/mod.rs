@@ -8,32 +8,41 @@
 //! | this file       | [`Analysis`], its options and the [`analyse`] entry                  |
 //! | `runs`          | provenance of each run ([`RunInfo`]), learning rate, configuration   |
 //! | `fit`           | values by rank and seed, [`fit_by_rank`], step windows, layer means  |
-//! | `row`           | one fitted exponent ([`ExponentRow`]) with its prediction and verdict |
+//! | `row`           | one fitted exponent ([`ExponentRow`]) as judged; headline [`Counts`]  |
 //! | `theory`        | the section of a theory run: its fits and its figures                |
-//! | `train`         | the training section: grouping the runs, one row per fit, notes      |
+//! | `train`         | the training section: grouping the runs and their law rows, notes    |
+//! | `train_rows`    | one row per training fit, its claims, the family judged              |
 //! | `train_plots`   | the training figures: curves against step, rank panels, heatmaps     |
 //! | `plots`         | what a figure holds ([`Plot`]) and the helpers shared by figures     |
 //! | `findings`      | the paper's findings next to ours                                    |
 //!
 //! Statistics come from `rankstab_theory::stats` (one implementation for the checker and the
 //! report): `fit_slope` (slope of log mean against log rank, jackknife over seeds paired
-//! across ranks) and `mean_ci`. Every prediction and the rule that judges a fit against it
-//! (verdict, agreement, band) come from `rankstab_theory::predict`: the report asks, it does
-//! not compute a law.
+//! across ranks), `fit_slope_diff` (the paired difference of two slopes) and `mean_ci`. The
+//! one rule that judges a fit (three outcomes against its prediction, rival laws, stability)
+//! is `rankstab_theory::predict::verdict`: the report builds the claims and asks, it decides
+//! nothing itself.
+//!
+//! **Theory runs** are fitted and judged again with `rankstab_theory::fit_rows` whenever
+//! their configuration parses (so an old run directory is judged by today's rule); their
+//! `fits.json` is used as written only otherwise.
 //!
 //! **Training exponents.** Rows are grouped by (model, optimizer, scaling, learning rate,
 //! module, layer, site, stat, m); the recorded steps of a model are cut into step windows
-//! ([`step_windows`]: step 0 alone, then equal-count chunks), and within a window each
-//! (rank, seed) contributes the mean of its values. Seeds present at every rank are paired
-//! (jackknife interval over seeds); when no seed is common to all ranks, each rank's mean
-//! over its seeds is one point and the interval comes from the OLS residuals. Besides each
-//! layer, every module is also fitted on the mean over its layers (`layer = all`).
+//! ([`step_windows`]: step 0 alone, step 1 alone, then equal-count chunks), and within a
+//! window each (rank, seed) contributes the mean of its values. Seeds present at every rank
+//! are paired (jackknife interval over seeds); when no seed is common to all ranks, each
+//! rank's mean over its seeds is one point and the interval comes from the OLS residuals.
+//! Besides each layer, every module is also fitted on the mean over its layers
+//! (`layer = all`).
 //!
-//! **Predictions for training rows** follow `rankstab_theory::predict::predict_train` (the
-//! rule stated in the report's reading guide, [`crate::render::TRAIN_LAW_CHOICE`]): they
-//! depend only on the training row itself, so a training row's `agrees` is the same in every
-//! report. When theory runs are given, the Monte Carlo slopes of the matching setting are
-//! shown beside the prediction (`mc_coherent`, `mc_fresh`), never in its place.
+//! **Training claims** (the reading guide states them, [`crate::render::TRAIN_LAW_CHOICE`]):
+//! the prediction comes only from the exact first-step law that each run computed from its
+//! own step-0 data (its `law` rows), tested at step 1 on the paired difference of slopes;
+//! every training fit of the report is one Benjamini-Hochberg family; a fit is judged only
+//! with >= 3 seeds and >= 5 ranks reaching d/8. When theory runs are given, the Monte Carlo
+//! slopes of the matching setting are shown beside the prediction (`mc_coherent`,
+//! `mc_fresh`), never in its place and never in the family.
 
 mod findings;
 mod fit;
@@ -43,11 +52,12 @@ mod runs;
 mod theory;
 mod train;
 mod train_plots;
+mod train_rows;
 
 pub use findings::PaperRow;
 pub use fit::{fit_by_rank, step_windows, ByRank};
 pub use plots::{slug, Plot, PlotKind, RankPanel, RankSeries, StepPanel, StepSeries};
-pub use row::ExponentRow;
+pub use row::{Counts, ExponentRow};
 pub use runs::RunInfo;
 pub use theory::TheorySection;
 pub use train::TrainSection;
@@ -58,8 +68,6 @@ use serde::Serialize;
 /// Settings of the analysis.
 #[derive(Debug, Clone)]
 pub struct AnalysisOptions {
-    /// Tolerance in exponent units for verdicts and agreement (the checker's default 0.15).
-    pub tolerance: f64,
     /// Step windows after step 0 for training exponents.
     pub windows: usize,
     /// Most panels (steps) per moment-vs-rank figure.
@@ -69,7 +77,6 @@ pub struct AnalysisOptions {
 impl Default for AnalysisOptions {
     fn default() -> Self {
         Self {
-            tolerance: 0.15,
             windows: 3,
             max_panels: 4,
         }
@@ -91,8 +98,6 @@ pub struct Analysis {
     pub paper: Vec<PaperRow>,
     /// Every figure, in display order.
     pub plots: Vec<Plot>,
-    /// Tolerance used for verdicts.
-    pub tolerance: f64,
 }
 
 /// Runs the whole analysis.
@@ -114,6 +119,5 @@ pub fn analyse(runs: &[Run], skipped: &[Skipped], opts: &AnalysisOptions) -> Ana
         train,
         paper,
         plots,
-        tolerance: opts.tolerance,
     }
 }

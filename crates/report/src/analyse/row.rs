@@ -1,14 +1,18 @@
 //! One fitted rank exponent as the report shows it, theory and training alike
-//! ([`ExponentRow`], also a line of `exponents.csv`). Its prediction and its verdicts are
-//! asked of `rankstab_theory::predict` ([`ExponentRow::judged`]), never computed here.
-use rankstab_records::{Layer, Optimizer, Scaling, Site, Stat, Window};
-use rankstab_theory::predict::{judge, Prediction, Verdict};
-use rankstab_theory::stats::SlopeFit;
+//! ([`ExponentRow`], also a line of `exponents.csv`), and the counts the page's headlines
+//! give ([`Counts`]). What the rule says of a fit (outcome, stability, rivals) is asked of
+//! `rankstab_theory::predict::verdict` and applied with [`ExponentRow::judged`]; nothing is
+//! decided here.
+use rankstab_records::{
+    Layer, Optimizer, Outcome, RivalCheck, Scaling, Site, Stat, Verdict, Window,
+};
+use rankstab_theory::predict::Judged;
 use serde::Serialize;
 
 /// One fitted rank exponent as the report shows it (theory and training alike). The axis
 /// columns are typed; they serialise with the vocabulary's spellings ("step 3", "all",
-/// "rslora", ...).
+/// "rslora", "agrees", ...). Rivals are flattened into text and counts, so that the row is
+/// one CSV line.
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct ExponentRow {
     /// theory or train.
@@ -51,62 +55,138 @@ pub struct ExponentRow {
     pub ci_low: f64,
     /// 95% interval, upper end.
     pub ci_high: f64,
-    /// Predicted slope over the fitted ranks, when a law applies.
-    pub predicted: Option<f64>,
-    /// Which law gave `predicted`.
+    /// Which law gave `predicted` ("exact first step", ...), or "none: " and why it has none.
     pub law: String,
-    /// Large-rank limit with coherent inputs (the paper's law).
-    pub coherent_limit: Option<f64>,
-    /// Limit with incoherent inputs (the fluctuation term alone).
-    pub incoherent_limit: Option<f64>,
+    /// The law's slope over the fitted ranks, when a law applies.
+    pub predicted: Option<f64>,
+    /// Half-width of the prediction's band, when there is a prediction.
+    pub band: Option<f64>,
+    /// Paired difference of the slopes, measured minus law, when the law gives a value per
+    /// seed (the band is then centred on 0).
+    pub diff: Option<f64>,
+    /// Lower end of the difference's 95% interval.
+    pub diff_ci_low: Option<f64>,
+    /// Upper end of the difference's 95% interval.
+    pub diff_ci_high: Option<f64>,
+    /// agrees, disagrees or inconclusive (Benjamini-Hochberg over the row's family).
+    pub outcome: Outcome,
+    /// stable, collapsing, exploding, undetermined or diverged (interval against the
+    /// resolution band around 0).
+    pub verdict: Verdict,
+    /// Whether some rival is distinct from the prediction (only such rows count in the
+    /// headlines).
+    pub discriminating: bool,
+    /// The rival laws: "coherent_limit +0.00 rejected (not distinct); flat +0.00 kept; ...".
+    pub rivals: String,
+    /// Rivals distinct from the prediction.
+    pub rivals_distinct: u32,
+    /// Of those, the rejected ones.
+    pub rivals_rejected: u32,
     /// Monte Carlo slope of the matching setting, coherent inputs (training rows).
     pub mc_coherent: Option<f64>,
     /// Monte Carlo slope of the matching setting, fresh inputs (training rows).
     pub mc_fresh: Option<f64>,
-    /// stable, collapsing, exploding or diverged (from the fitted slope).
-    pub verdict: Verdict,
-    /// Verdict implied by the prediction (empty without one).
-    pub predicted_verdict: Option<Verdict>,
-    /// Prediction within the interval widened by the tolerance.
-    pub agrees: Option<bool>,
-    /// Interval (widened by the tolerance) meets the band between the two limits.
-    pub in_band: Option<bool>,
 }
 
 impl ExponentRow {
-    /// The fit of this row.
-    pub fn fit(&self) -> SlopeFit {
-        SlopeFit {
-            slope: self.slope,
-            se: self.se,
-            ci_low: self.ci_low,
-            ci_high: self.ci_high,
-        }
-    }
-
-    /// The row with prediction `p`, and the verdicts and agreement that the rule
-    /// (`rankstab_theory::predict::judge`) gives it at tolerance `tol`.
-    pub fn judged(self, p: Prediction, tol: f64) -> Self {
-        let j = judge(&self.fit(), p.predicted, p.limits, tol);
+    /// The row with what the rule said of it: outcome, stability and the rivals (as text and
+    /// counts).
+    pub fn judged(self, j: Judged) -> Self {
+        let distinct = j.rivals.iter().filter(|r| r.distinct).count();
+        let rejected = j.rivals.iter().filter(|r| r.distinct && r.rejected).count();
         Self {
-            predicted: p.predicted,
-            law: p.law,
-            coherent_limit: p.limits.map(|l| l.coherent),
-            incoherent_limit: p.limits.map(|l| l.incoherent),
+            outcome: j.outcome,
             verdict: j.verdict,
-            predicted_verdict: j.predicted_verdict,
-            agrees: j.agrees,
-            in_band: j.in_band,
+            discriminating: j.discriminating,
+            rivals: rivals_text(&j.rivals),
+            rivals_distinct: distinct as u32,
+            rivals_rejected: rejected as u32,
             ..self
         }
     }
 }
 
-/// (agreeing, with a prediction) among `rows`.
-pub(super) fn agreement(rows: &[ExponentRow]) -> (usize, usize) {
-    let agree = rows.iter().filter(|r| r.agrees == Some(true)).count();
-    let total = rows.iter().filter(|r| r.agrees.is_some()).count();
-    (agree, total)
+/// The rivals as one cell: "incoherent_limit -1.00 rejected; flat +0.00 kept (not distinct)".
+fn rivals_text(rivals: &[RivalCheck]) -> String {
+    rivals
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {:+.2} {}{}",
+                r.rival,
+                r.slope,
+                if r.rejected { "rejected" } else { "kept" },
+                if r.distinct { "" } else { " (not distinct)" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The headline counts of a family of rows (only fits that can tell their prediction from a
+/// rival count, as `rankstab_theory::predict::verdict` says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Counts {
+    /// Fits with a prediction.
+    pub predicted: usize,
+    /// Fits with a prediction and a rival distinct from it.
+    pub discriminating: usize,
+    /// Of those, agreeing.
+    pub agrees: usize,
+    /// Of those, disagreeing.
+    pub disagrees: usize,
+    /// Of those, inconclusive.
+    pub inconclusive: usize,
+    /// Distinct rivals over all fits.
+    pub rivals_distinct: usize,
+    /// Of those, rejected.
+    pub rivals_rejected: usize,
+}
+
+impl Counts {
+    /// The counts of `rows`.
+    pub(super) fn of(rows: &[ExponentRow]) -> Self {
+        let mut c = Counts::default();
+        for r in rows {
+            c.rivals_distinct += r.rivals_distinct as usize;
+            c.rivals_rejected += r.rivals_rejected as usize;
+            if r.predicted.is_none() {
+                continue;
+            }
+            c.predicted += 1;
+            if !r.discriminating {
+                continue;
+            }
+            c.discriminating += 1;
+            match r.outcome {
+                Outcome::Agrees => c.agrees += 1,
+                Outcome::Disagrees => c.disagrees += 1,
+                Outcome::Inconclusive => c.inconclusive += 1,
+            }
+        }
+        c
+    }
+
+    /// The headline: "N fits with a prediction that can discriminate it from a rival: a
+    /// agree, d disagree, i inconclusive; x of y distinct rivals rejected".
+    pub fn headline(&self) -> String {
+        format!(
+            "{} fit{} with a prediction that can discriminate it from a rival: {} agree, {} disagree, {} \
+             inconclusive; {} of {} distinct rivals rejected",
+            self.discriminating,
+            if self.discriminating == 1 { "" } else { "s" },
+            self.agrees,
+            self.disagrees,
+            self.inconclusive,
+            self.rivals_rejected,
+            self.rivals_distinct
+        )
+    }
+}
+
+/// A number of the CSV as an option: `None` when not finite (NaN marks "none" in `Fit`).
+pub(super) fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
 }
 
 /// Ranks as the tables write them: "4,8,16".
@@ -121,49 +201,80 @@ pub(super) fn fmt_ranks(ranks: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rankstab_theory::predict::Limits;
+    use rankstab_records::Rival;
+
+    fn judged(outcome: Outcome, rivals: Vec<RivalCheck>) -> Judged {
+        Judged {
+            outcome,
+            verdict: Verdict::Stable,
+            discriminating: rivals.iter().any(|r| r.distinct),
+            rivals,
+        }
+    }
+
+    fn check(rival: Rival, slope: f64, distinct: bool, rejected: bool) -> RivalCheck {
+        RivalCheck {
+            rival,
+            slope,
+            distinct,
+            rejected,
+        }
+    }
 
     #[test]
-    fn rows_take_the_rule_s_verdicts_and_agreement() {
+    fn rows_take_the_rule_s_outcome_and_rivals() {
         let base = ExponentRow {
             source: "train".into(),
-            beta: 1.0,
-            m: 2,
-            seeds: 2,
-            slope: -0.1,
-            se: 0.05,
-            ci_low: -0.2,
-            ci_high: 0.0,
+            predicted: Some(0.0),
             ..ExponentRow::default()
         };
-        let predict = |p: f64, coherent: f64, incoherent: f64| Prediction {
-            predicted: Some(p),
-            law: "test law".into(),
-            limits: Some(Limits {
-                coherent,
-                incoherent,
-            }),
-        };
-        let r = base.clone().judged(predict(0.1, 0.1, -1.0), 0.15);
-        assert_eq!(r.verdict, Verdict::Stable);
-        assert_eq!(r.agrees, Some(true));
-        assert_eq!(r.in_band, Some(true));
+        let r = base.clone().judged(judged(
+            Outcome::Agrees,
+            vec![
+                check(Rival::CoherentLimit, 0.0, false, false),
+                check(Rival::IncoherentLimit, -1.0, true, true),
+                check(Rival::OtherOptimizer, 1.0, true, false),
+                check(Rival::Flat, 0.0, false, false),
+            ],
+        ));
+        assert_eq!((r.outcome, r.verdict), (Outcome::Agrees, Verdict::Stable));
+        assert!(r.discriminating);
+        assert_eq!((r.rivals_distinct, r.rivals_rejected), (2, 1));
         assert_eq!(
-            (r.predicted, r.coherent_limit, r.incoherent_limit),
-            (Some(0.1), Some(0.1), Some(-1.0))
+            r.rivals,
+            "coherent_limit +0.00 kept (not distinct); incoherent_limit -1.00 rejected; \
+             other_optimizer +1.00 kept; flat +0.00 kept (not distinct)"
         );
-        assert_eq!(r.law, "test law");
-        let r = base.clone().judged(predict(1.0, 1.0, 0.5), 0.15);
-        assert_eq!(r.agrees, Some(false));
-        assert_eq!(r.in_band, Some(false));
-        assert_eq!(r.predicted_verdict, Some(Verdict::Exploding));
-        let r = ExponentRow {
-            slope: f64::NAN,
-            ..base
-        }
-        .judged(predict(0.1, 0.1, -1.0), 0.15);
-        assert_eq!(r.verdict, Verdict::Diverged);
-        assert_eq!(r.agrees, Some(false));
+        // A rejected rival that is not distinct is not counted as rejected.
+        let r2 = base.clone().judged(judged(
+            Outcome::Disagrees,
+            vec![check(Rival::Flat, 0.0, false, true)],
+        ));
+        assert_eq!((r2.rivals_distinct, r2.rivals_rejected), (0, 0));
+        assert!(!r2.discriminating);
+        // Counts: only discriminating rows with a prediction count in the outcomes.
+        let none = ExponentRow {
+            predicted: None,
+            ..r.clone()
+        };
+        let c = Counts::of(&[r.clone(), r2, none]);
+        assert_eq!(
+            c,
+            Counts {
+                predicted: 2,
+                discriminating: 1,
+                agrees: 1,
+                disagrees: 0,
+                inconclusive: 0,
+                rivals_distinct: 4,
+                rivals_rejected: 2,
+            }
+        );
+        assert_eq!(
+            c.headline(),
+            "1 fit with a prediction that can discriminate it from a rival: 1 agree, 0 disagree, 0 inconclusive; \
+             2 of 4 distinct rivals rejected"
+        );
     }
 
     #[test]
@@ -175,12 +286,16 @@ mod tests {
             scaling: Scaling::RSLORA,
             site: Site::FwdHeldout,
             stat: Stat::GradNormB,
+            outcome: Outcome::Disagrees,
+            verdict: Verdict::Collapsing,
             ..ExponentRow::default()
         };
         let mut w = csv::Writer::from_writer(Vec::new());
         w.serialize(&row).expect("row");
         let text = String::from_utf8(w.into_inner().expect("flush")).expect("utf-8");
-        let line = text.lines().nth(1).expect("a row");
+        let mut lines = text.lines();
+        let header = lines.next().expect("a header");
+        let line = lines.next().expect("a row");
         for cell in [
             "all",
             "steps 10-50",
@@ -188,10 +303,34 @@ mod tests {
             "rslora",
             "fwd_heldout",
             "grad_norm_b",
+            "disagrees",
+            "collapsing",
         ] {
             assert!(line.split(',').any(|c| c == cell), "{cell} not in {line}");
         }
-        // No prediction: empty predicted verdict, as before the columns were typed.
-        assert!(line.ends_with(",stable,,,"), "{line}");
+        // The rule's columns, none of the old ones; options empty when absent.
+        for col in [
+            "law",
+            "predicted",
+            "band",
+            "diff",
+            "diff_ci_low",
+            "diff_ci_high",
+            "outcome",
+            "verdict",
+            "discriminating",
+            "rivals",
+            "rivals_distinct",
+            "rivals_rejected",
+        ] {
+            assert!(header.split(',').any(|c| c == col), "{col} not in {header}");
+        }
+        for old in ["agrees", "in_band", "predicted_verdict", "coherent_limit"] {
+            assert!(!header.split(',').any(|c| c == old), "{old} in {header}");
+        }
+        assert!(
+            line.ends_with(",disagrees,collapsing,false,,0,0,,"),
+            "{line}"
+        );
     }
 }

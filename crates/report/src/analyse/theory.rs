@@ -1,15 +1,16 @@
-//! The section of one theory run: its fits (`fits.json`, or fitted again from the moments
-//! when it is missing) as rows with their law's limits, the rows shown in the page, the
-//! closed-form checks, and the figures of moments against rank (one panel per step, one
-//! curve per scaling).
+//! The section of one theory run: its fits, judged by today's rule (fitted again from the
+//! run's moments and coefficients with `rankstab_theory::fit_rows` whenever its
+//! configuration parses, so an old run directory is re-judged; its `fits.json` only
+//! otherwise), the rows shown in the page with the headline counts, the closed-form checks,
+//! and the figures of moments against rank (one panel per step, one curve per scaling).
 use super::plots::{figure_order, rank_panels, rank_points, slug, spread, stat_label};
-use super::row::{agreement, fmt_ranks, ExponentRow};
+use super::row::{finite, fmt_ranks, Counts, ExponentRow};
 use super::runs::{summary, theory_config};
 use super::{AnalysisOptions, Plot, PlotKind, RankSeries};
 use crate::load::Run;
 use rankstab_records::{Fit, Layer, Optimizer, Scaling, Site, Stat, Window};
-use rankstab_theory::predict::fit_prediction;
-use rankstab_theory::{ClosedFormCheck, TheoryConfig};
+use rankstab_theory::predict::Judged;
+use rankstab_theory::ClosedFormCheck;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,10 +25,12 @@ pub struct TheorySection {
     pub rows: Vec<ExponentRow>,
     /// The rows shown in the page: last step, second moments (or the lowest order) and norms.
     pub shown: Vec<ExponentRow>,
-    /// Fits that agree with the prediction.
-    pub agree: usize,
-    /// Fits with a prediction.
-    pub total: usize,
+    /// Where the fits come from (refitted from the moments, or `fits.json` as written).
+    pub fits_from: String,
+    /// Outcomes and rivals counted over the fits that can discriminate.
+    pub counts: Counts,
+    /// The counts in words.
+    pub headline: String,
     /// Closed-form checks.
     pub checks: Vec<ClosedFormCheck>,
     /// Checks with 0 in the interval.
@@ -49,14 +52,11 @@ fn last_step(rows: &[ExponentRow]) -> Option<u32> {
 
 /// The section of theory run `run`; its figures are appended to `plots`.
 pub(super) fn section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) -> TheorySection {
-    let cfg = theory_config(run);
-    let rows: Vec<ExponentRow> = fits(run, cfg.as_ref())
-        .iter()
-        .map(|f| row(run, f, cfg.as_ref(), opts.tolerance))
-        .collect();
+    let (fits, fits_from) = fits(run);
+    let rows: Vec<ExponentRow> = fits.iter().map(|f| row(run, f)).collect();
     let order = figure_order(run.moments.iter());
     let shown = shown(&rows, order);
-    let (agree, total) = agreement(&rows);
+    let counts = Counts::of(&rows);
     let checks: Vec<ClosedFormCheck> = run.checks.iter().flatten().cloned().collect();
     let checks_within = checks.iter().filter(|c| c.within).count();
     let mine = figures(run, &rows, order, opts.max_panels);
@@ -67,25 +67,42 @@ pub(super) fn section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) 
         summary: summary(run),
         rows,
         shown,
-        agree,
-        total,
+        fits_from,
+        headline: counts.headline(),
+        counts,
         checks,
         checks_within,
         figures,
     }
 }
 
-/// The run's fits: `fits.json`, or the checker's fits of its moments when it is missing.
-fn fits(run: &Run, cfg: Option<&TheoryConfig>) -> Vec<Fit> {
-    if let Some(f) = &run.fits {
-        return f.clone();
+/// The run's fits and where they come from: fitted and judged again by today's rule when
+/// the run's configuration parses, else its `fits.json` as written (judged by the rankstab
+/// that wrote it).
+fn fits(run: &Run) -> (Vec<Fit>, String) {
+    match (theory_config(run), &run.fits) {
+        (Some(cfg), _) => (
+            rankstab_theory::fit_rows(&cfg, &run.moments, &run.coefficients),
+            "fitted and judged here from moments.csv and coefficients.csv by this rankstab's rule".into(),
+        ),
+        (None, Some(f)) => (
+            f.clone(),
+            format!(
+                "fits.json as written by {} {} (the configuration in manifest.json does not parse, so the fits \
+                 could not be recomputed; their judgements are that version's)",
+                run.manifest.tool, run.manifest.tool_version
+            ),
+        ),
+        (None, None) => (
+            Vec::new(),
+            "no fits: no fits.json, and the configuration in manifest.json does not parse".into(),
+        ),
     }
-    cfg.map(|cfg| rankstab_theory::fit_rows(cfg, &run.moments, &run.coefficients))
-        .unwrap_or_default()
 }
 
-/// A fit of the checker as a row, judged at the report's tolerance.
-fn row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> ExponentRow {
+/// A fit of the checker as a row, with the judgement the fit carries.
+fn row(run: &Run, f: &Fit) -> ExponentRow {
+    let has_diff = f.diff.is_finite();
     ExponentRow {
         source: "theory".into(),
         run: run.id.clone(),
@@ -106,9 +123,20 @@ fn row(run: &Run, f: &Fit, cfg: Option<&TheoryConfig>, tol: f64) -> ExponentRow 
         se: f.se,
         ci_low: f.ci_low,
         ci_high: f.ci_high,
+        law: f.law.clone(),
+        predicted: finite(f.predicted),
+        band: finite(f.band),
+        diff: finite(f.diff),
+        diff_ci_low: has_diff.then_some(f.diff_ci_low),
+        diff_ci_high: has_diff.then_some(f.diff_ci_high),
         ..ExponentRow::default()
     }
-    .judged(fit_prediction(f, cfg), tol)
+    .judged(Judged {
+        outcome: f.outcome,
+        verdict: f.verdict,
+        rivals: f.rivals.clone(),
+        discriminating: f.discriminating,
+    })
 }
 
 /// Order of the rows shown.
@@ -311,7 +339,7 @@ fn rank_figure(
         ),
         caption: format!(
             "Theory run {}: mean over trials with the 95% interval of each mean, log-log; thin solid line: fitted \
-             slope, thick dashed line: predicted (finite-rank law). Layer 0, {opt}, {inputs} inputs, one panel per \
+             slope, thick dashed line: predicted (the fit's law, when it has one). Layer 0, {opt}, {inputs} inputs, one panel per \
              step. Trials share their random draws across ranks, so the slope is much sharper than the \
              intervals of single points.",
             run.id

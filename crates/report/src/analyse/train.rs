@@ -1,17 +1,15 @@
 //! The training section: the training runs merged into groups ([`TrainData`], keyed by
-//! [`TrainKey`]), one exponent row per group, layer (and the mean over layers) and step
-//! window, with the training prediction and the Monte Carlo slopes of the matching theory
-//! setting; the rows shown in the page and the notes a reader needs. The figures are
-//! [`super::train_plots`]'s.
-use super::fit::{fit_by_rank, pool_layers, put, step_windows, window_mean, ByRank, ByStep};
+//! [`TrainKey`]) with the exact law's rows beside them, the step windows, the rows shown in
+//! the page and the notes a reader needs. The rows themselves, their claims and their
+//! judgement are [`super::train_rows`]'s; the figures are [`super::train_plots`]'s.
+use super::fit::{pool_layers, put, step_windows, ByRank, ByStep};
 use super::plots::figure_order;
-use super::row::{agreement, fmt_ranks, ExponentRow};
+use super::row::{Counts, ExponentRow};
 use super::runs::run_lr;
-use super::train_plots;
+use super::{train_plots, train_rows};
 use super::{AnalysisOptions, Plot, TheorySection};
 use crate::load::Run;
 use rankstab_records::{Layer, Optimizer, RunStatus, Scaling, Site, Stat, Window};
-use rankstab_theory::predict::predict_train;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,15 +26,16 @@ pub struct TrainSection {
     pub rows: Vec<ExponentRow>,
     /// The rows shown in the page: pooled over layers, abs moments and norms.
     pub shown: Vec<ExponentRow>,
-    /// Fits with a prediction that agrees / with a prediction.
-    pub agree: usize,
-    /// Fits with a prediction.
-    pub total: usize,
-    /// How the predictions were made.
+    /// Outcomes and rivals counted over the fits that can discriminate.
+    pub counts: Counts,
+    /// The counts in words.
+    pub headline: String,
+    /// Where the predictions come from in these runs.
     pub law_note: String,
     /// Whether a theory run gave Monte Carlo slopes to show beside the predictions.
     pub has_mc: bool,
-    /// Things a reader should know (cells running or diverged, single ranks, missing metrics).
+    /// Things a reader should know (cells running or diverged, fits that cannot be judged,
+    /// single ranks, missing metrics).
     pub notes: Vec<String>,
     /// Names of this section's figures.
     pub figures: Vec<String>,
@@ -58,6 +57,19 @@ pub(super) struct TrainKey {
     pub m: u32,
 }
 
+impl TrainKey {
+    /// The cell as notes name it: "model optimizer scaling (lr x)".
+    pub(super) fn label(&self) -> String {
+        format!(
+            "{} {} {} (lr {})",
+            self.model,
+            self.optimizer,
+            self.scaling,
+            if self.lr.is_empty() { "?" } else { &self.lr }
+        )
+    }
+}
+
 /// Where a layer width is recorded: a model's module at a site.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct ModuleSite {
@@ -66,20 +78,52 @@ struct ModuleSite {
     site: Site,
 }
 
+/// A model's module.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ModuleOf {
+    model: String,
+    module: String,
+}
+
+/// Per group: layer -> step -> rank -> seed -> value.
+type Groups = BTreeMap<TrainKey, BTreeMap<u32, ByStep>>;
+
 /// The training runs' moments, merged.
 pub(super) struct TrainData {
-    /// Per group: layer -> step -> rank -> seed -> value.
-    pub groups: BTreeMap<TrainKey, BTreeMap<u32, ByStep>>,
+    /// The measured statistics.
+    pub groups: Groups,
+    /// The exact law's rows (`stat = law`), keyed as the measured group they predict
+    /// (`stat = abs`).
+    laws: Groups,
     widths: BTreeMap<ModuleSite, u32>,
+    /// min(in, out) of a model's module, from the runs' `config.run.modules`.
+    dims: BTreeMap<ModuleOf, u32>,
 }
 
 impl TrainData {
     fn new(train_runs: &[&Run]) -> Self {
-        let mut groups: BTreeMap<TrainKey, BTreeMap<u32, ByStep>> = BTreeMap::new();
+        let mut groups = Groups::new();
+        let mut laws = Groups::new();
         let mut widths = BTreeMap::new();
+        let mut dims = BTreeMap::new();
         for run in train_runs {
             let lr = run_lr(run).unwrap_or_default();
-            for r in run.moments.iter().filter(|r| r.stat != Stat::ClosedForm) {
+            let models: BTreeSet<&str> = run.moments.iter().map(|r| r.model.as_str()).collect();
+            for (module, d) in config_dims(run) {
+                for model in &models {
+                    let at = ModuleOf {
+                        model: (*model).to_string(),
+                        module: module.clone(),
+                    };
+                    dims.insert(at, d);
+                }
+            }
+            for r in &run.moments {
+                let (target, stat) = match r.stat {
+                    Stat::ClosedForm => continue,
+                    Stat::Law => (&mut laws, Stat::Abs),
+                    s => (&mut groups, s),
+                };
                 let key = TrainKey {
                     model: r.model.clone(),
                     optimizer: r.optimizer,
@@ -88,23 +132,30 @@ impl TrainData {
                     inputs: r.inputs.clone(),
                     module: r.module.clone(),
                     site: r.site,
-                    stat: r.stat,
+                    stat,
                     m: r.m.unwrap_or(1),
                 };
-                let at = ModuleSite {
-                    model: r.model.clone(),
-                    module: r.module.clone(),
-                    site: r.site,
-                };
-                widths.insert(at, r.width);
-                let by_step = groups.entry(key).or_default().entry(r.layer).or_default();
+                if r.stat != Stat::Law {
+                    let at = ModuleSite {
+                        model: r.model.clone(),
+                        module: r.module.clone(),
+                        site: r.site,
+                    };
+                    widths.insert(at, r.width);
+                }
+                let by_step = target.entry(key).or_default().entry(r.layer).or_default();
                 put(by_step, r.step, r.rank, r.seed, r.value);
             }
         }
-        TrainData { groups, widths }
+        TrainData {
+            groups,
+            laws,
+            widths,
+            dims,
+        }
     }
 
-    /// The width of `key`'s module at its site (0 when not recorded).
+    /// The width of `key`'s module at its site as the rows record it (0 when not recorded).
     pub(super) fn width(&self, key: &TrainKey) -> u32 {
         let at = ModuleSite {
             model: key.model.clone(),
@@ -112,6 +163,35 @@ impl TrainData {
             site: key.site,
         };
         self.widths.get(&at).copied().unwrap_or(0)
+    }
+
+    /// The d of `key`'s module that the rank range is set against: min(in, out) from the
+    /// runs' `config.run.modules` when recorded, else the rows' width; for rows pooled over
+    /// modules (`module = all`) the smallest module's.
+    pub(super) fn module_d(&self, key: &TrainKey) -> u32 {
+        if key.module == "all" {
+            let of_model = self
+                .dims
+                .iter()
+                .filter(|(at, _)| at.model == key.model)
+                .map(|(_, &d)| d)
+                .chain(
+                    self.widths
+                        .iter()
+                        .filter(|(at, _)| at.model == key.model && at.site == key.site)
+                        .map(|(_, &d)| d),
+                )
+                .filter(|&d| d > 0);
+            return of_model.min().unwrap_or(0);
+        }
+        let at = ModuleOf {
+            model: key.model.clone(),
+            module: key.module.clone(),
+        };
+        self.dims
+            .get(&at)
+            .copied()
+            .unwrap_or_else(|| self.width(key))
     }
 
     /// The models present.
@@ -124,6 +204,70 @@ impl TrainData {
         let lrs: BTreeSet<&str> = self.groups.keys().map(|k| k.lr.as_str()).collect();
         lrs.len() > 1
     }
+
+    /// The law's values at step 1 for `key` at `layer` (pooled like the measurement for
+    /// `Layer::All`), or why there are none ("none: ...").
+    pub(super) fn law_at(
+        &self,
+        key: &TrainKey,
+        layer: Layer,
+        window: Window,
+    ) -> Result<ByRank, String> {
+        let laws = self.laws.get(key);
+        if key.stat != Stat::Abs || (laws.is_none() && key.site != Site::Fwd) {
+            return Err(format!(
+                "none: no law rows for {}/{} (the trainer writes them for |fwd|^m at step 1)",
+                key.site, key.stat
+            ));
+        }
+        if window != Window::step(1) {
+            return Err("none: the exact first-step law applies at step 1 only".into());
+        }
+        let Some(laws) = laws else {
+            return Err(if self.laws.is_empty() {
+                "none: these runs have no law rows (written before the trainer recorded the exact first-step law)"
+                    .into()
+            } else {
+                "none: no law rows for this group".into()
+            });
+        };
+        let measured_layers = self.groups.get(key).map(|g| g.keys().collect::<Vec<_>>());
+        let by_step = match layer {
+            Layer::Index(l) => laws.get(&l).cloned(),
+            // The mean over layers of the law is the law of the mean, over the same layers.
+            Layer::All => (measured_layers == Some(laws.keys().collect::<Vec<_>>()))
+                .then(|| pool_layers(laws)),
+        };
+        by_step
+            .and_then(|mut by_step| by_step.remove(&1))
+            .ok_or_else(|| "none: no law rows at step 1 for this layer".into())
+    }
+}
+
+/// min(in, out) per module from a run's `config.run.modules` ({module: [in, out]}).
+fn config_dims(run: &Run) -> Vec<(String, u32)> {
+    let Some(modules) = run
+        .manifest
+        .config
+        .get("run")
+        .and_then(|r| r.get("modules"))
+        .and_then(serde_json::Value::as_object)
+    else {
+        return Vec::new();
+    };
+    modules
+        .iter()
+        .filter_map(|(name, shape)| {
+            let d = shape
+                .as_array()?
+                .iter()
+                .map(serde_json::Value::as_u64)
+                .collect::<Option<Vec<u64>>>()?
+                .into_iter()
+                .min()?;
+            Some((name.clone(), u32::try_from(d).ok()?))
+        })
+        .collect()
 }
 
 /// The training section of `train_runs`; its figures are appended to `plots`.
@@ -139,7 +283,8 @@ pub(super) fn section(
         .iter()
         .map(|model| (model.clone(), model_windows(&data, model, opts.windows)))
         .collect();
-    let (rows, single_rank) = fit_rows(&data, &windows, theory, opts.tolerance);
+    let fitted = train_rows::fit_rows(&data, &windows, theory);
+    let rows = fitted.rows;
     let figure_data = train_plots::Inputs {
         runs: train_runs,
         data: &data,
@@ -150,15 +295,16 @@ pub(super) fn section(
     };
     let (mine, figure_notes) = train_plots::figures(&figure_data);
     let mut notes = status_notes(train_runs);
+    notes.extend(fitted.unjudged.into_iter().map(|(cell, u)| u.note(&cell)));
     notes.extend(
-        single_rank.iter().map(|s| {
+        fitted.single_rank.iter().map(|s| {
             format!("{s}: one rank only, so no rank exponent (its curves are still drawn)")
         }),
     );
     notes.extend(figure_notes);
     let figures = mine.iter().map(|p| p.name.clone()).collect();
     plots.extend(mine);
-    let (agree, total) = agreement(&rows);
+    let counts = Counts::of(&rows);
     let has_mc = rows
         .iter()
         .any(|r| r.mc_coherent.is_some() || r.mc_fresh.is_some());
@@ -167,17 +313,18 @@ pub(super) fn section(
         runs: train_runs.len(),
         windows: windows.into_iter().collect(),
         shown: shown(&rows),
+        law_note: law_note(&data, &rows, has_mc),
         rows,
-        agree,
-        total,
-        law_note: law_note(has_mc),
+        headline: counts.headline(),
+        counts,
         has_mc,
         notes,
         figures,
     }
 }
 
-/// The step windows of `model`: step 0, then `n` equal-count chunks of its recorded steps.
+/// The step windows of `model`: step 0, step 1, then `n` equal-count chunks of its later
+/// recorded steps.
 fn model_windows(data: &TrainData, model: &str, n: usize) -> Vec<Window> {
     let steps: Vec<u32> = data
         .groups
@@ -190,137 +337,6 @@ fn model_windows(data: &TrainData, model: &str, n: usize) -> Vec<Window> {
         })
         .collect();
     step_windows(&steps, n)
-}
-
-/// Every training row: per group, window and layer, and on the mean over layers. Also the
-/// cells with one rank in all their data (no exponent to fit), as text for a note.
-fn fit_rows(
-    data: &TrainData,
-    windows: &BTreeMap<String, Vec<Window>>,
-    theory: &[TheorySection],
-    tol: f64,
-) -> (Vec<ExponentRow>, BTreeSet<String>) {
-    let mut rows = Vec::new();
-    let mut single_rank = BTreeSet::new();
-    for (key, by_layer) in &data.groups {
-        let width = data.width(key);
-        let pooled = pool_layers(by_layer);
-        let n_ranks = by_layer
-            .values()
-            .flat_map(|st| st.values().flat_map(|br| br.keys().copied()))
-            .collect::<BTreeSet<u32>>()
-            .len();
-        for &w in windows.get(&key.model).into_iter().flatten() {
-            for (&layer, by_step) in by_layer {
-                let br = window_mean(by_step, w);
-                // A statistic recorded only at some steps (norms at intervals) leaves windows
-                // without it: nothing to say there. One rank in all the data: say so.
-                if br.len() < 2 && n_ranks < 2 {
-                    single_rank.insert(format!(
-                        "{} {} {} (lr {})",
-                        key.model,
-                        key.optimizer,
-                        key.scaling,
-                        if key.lr.is_empty() { "?" } else { &key.lr }
-                    ));
-                }
-                let layer = Layer::Index(layer);
-                rows.extend(row(key, layer, w, &br, width, theory, tol));
-            }
-            if by_layer.len() > 1 {
-                let br = window_mean(&pooled, w);
-                rows.extend(row(key, Layer::All, w, &br, width, theory, tol));
-            }
-        }
-    }
-    (rows, single_rank)
-}
-
-/// The row of one group, layer and window: fit, training prediction, Monte Carlo slopes.
-fn row(
-    key: &TrainKey,
-    layer: Layer,
-    window: Window,
-    by_rank: &ByRank,
-    width: u32,
-    theory: &[TheorySection],
-    tol: f64,
-) -> Option<ExponentRow> {
-    let (ranks, seeds, fit) = fit_by_rank(by_rank)?;
-    let beta = key.scaling.beta();
-    let p = predict_train(
-        key.optimizer,
-        key.site,
-        key.stat,
-        key.m,
-        width,
-        beta,
-        &ranks,
-    );
-    let (mc_coherent, mc_fresh) = mc_slopes(theory, key);
-    let row = ExponentRow {
-        source: "train".into(),
-        run: "merged".into(),
-        model: key.model.clone(),
-        module: key.module.clone(),
-        layer,
-        window,
-        optimizer: key.optimizer,
-        scaling: key.scaling,
-        beta,
-        lr: key.lr.clone(),
-        inputs: key.inputs.clone(),
-        site: key.site,
-        stat: key.stat,
-        m: key.m,
-        ranks: fmt_ranks(&ranks),
-        seeds,
-        slope: fit.slope,
-        se: fit.se,
-        ci_low: fit.ci_low,
-        ci_high: fit.ci_high,
-        mc_coherent,
-        mc_fresh,
-        ..ExponentRow::default()
-    };
-    Some(row.judged(p, tol))
-}
-
-/// Monte Carlo slopes (coherent, fresh) of the matching setting in the theory sections:
-/// same optimizer (else same family), scaling, site, statistic and order; layer 0; last step.
-fn mc_slopes(theory: &[TheorySection], key: &TrainKey) -> (Option<f64>, Option<f64>) {
-    for exact in [true, false] {
-        for sec in theory {
-            let Some(last) = sec.last_step() else {
-                continue;
-            };
-            let pick = |inputs: &str| {
-                sec.rows
-                    .iter()
-                    .find(|r| {
-                        let same_optimizer = if exact {
-                            r.optimizer == key.optimizer
-                        } else {
-                            r.optimizer.is_adaptive() == key.optimizer.is_adaptive()
-                        };
-                        same_optimizer
-                            && r.scaling == key.scaling
-                            && r.site == key.site
-                            && r.stat == key.stat
-                            && r.m == key.m
-                            && r.layer == Layer::Index(0)
-                            && r.inputs == inputs
-                            && r.window == Window::step(last)
-                    })
-                    .map(|r| r.slope)
-            };
-            let (c, f) = (pick("coherent"), pick("fresh"));
-            if c.is_some() || f.is_some() {
-                return (c, f);
-            }
-        }
-    }
-    (None, None)
 }
 
 /// A module of a model (whether it has rows pooled over layers).
@@ -379,15 +395,28 @@ fn status_notes(train_runs: &[&Run]) -> Vec<String> {
     .collect()
 }
 
-/// How the training predictions were made, in a paragraph.
-fn law_note(has_mc: bool) -> String {
+/// Where the training predictions of these runs come from, in a paragraph.
+fn law_note(data: &TrainData, rows: &[ExponentRow], has_mc: bool) -> String {
+    let with = rows.iter().filter(|r| r.predicted.is_some()).count();
+    let laws = if data.laws.is_empty() {
+        "No training run given has law rows (the exact first-step law that the trainer computes from each run's \
+         own step-0 data; runs written before it recorded them get no prediction), so no training fit has a \
+         prediction; rivals and stability are still judged."
+            .to_string()
+    } else {
+        format!(
+            "{with} training fit{} a prediction: the exact first-step law of E|fwd|^m, from the law rows each \
+             run computed from its own step-0 data, tested at step 1 on the paired difference of slopes (measured \
+             minus law, seed by seed) against a band around 0. Other statistics and windows have no prediction \
+             (the law column says why); rivals and stability are judged for every fit.",
+            if with == 1 { " has" } else { "s have" }
+        )
+    };
     format!(
-        "Predictions depend on the training rows alone, not on which other runs are given. Forward moments: the \
-         paper's law, the coherent limit m (1 - a beta) (SGD a = 2, Adam/AdamW a = 1). Input gradients: the finite-rank \
-         law with kappa = 1/(d + k4 - 2). Norms: kappa-free laws.{}",
+        "{laws}{}",
         if has_mc {
             " The Monte Carlo slopes of the matching setting in the theory runs given (coherent and fresh inputs) are \
-             shown beside them as MC columns."
+             shown beside them as MC columns; they change no judgement."
         } else {
             " No theory run given, so no Monte Carlo columns."
         }

@@ -10,7 +10,6 @@ use super::train::{TrainData, TrainKey};
 use super::{Plot, PlotKind, RankSeries, StepPanel, StepSeries};
 use crate::load::Run;
 use rankstab_records::{Layer, Metric, MetricRow, Optimizer, Scaling, Site, Stat, Window};
-use rankstab_theory::predict::predict_train;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What the training figures are drawn from.
@@ -313,10 +312,7 @@ fn rank_figure(inp: &Inputs, fig: RankFigure) -> Option<Plot> {
                 continue;
             }
             let fitted = fit_by_rank(br).map(|f| f.2.slope);
-            let ranks: Vec<u32> = br.keys().copied().collect();
-            let width = inp.data.width(k);
-            let predicted =
-                predict_train(opt, site, stat, m, width, scaling.beta(), &ranks).predicted;
+            let predicted = row_prediction(inp.rows, k, step);
             let name = if multi_lr {
                 format!("{} lr {}", k.module, k.lr)
             } else {
@@ -329,13 +325,36 @@ fn rank_figure(inp: &Inputs, fig: RankFigure) -> Option<Plot> {
     Some(Plot {
         name: slug(&format!("train-{model}-{opt}-{scaling}-{site}-{stat}")),
         title: format!("{} vs rank: {model}, {opt}, {scaling}", stat_label(site, stat, m)),
-        caption: format!(
-            "Coordinate check with fits: one curve per module (mean over layers and seeds, 95% intervals over seeds), \
-             one panel per step; solid: fitted slope, dashed: predicted ({}).",
-            if site.is_forward() { "the paper's law, the coherent limit" } else { "finite-rank law" }
-        ),
+        caption: "Coordinate check with fits: one curve per module (mean over layers and seeds, 95% intervals over \
+                  seeds), one panel per step; solid: fitted slope, dashed: predicted (the exact first-step law from \
+                  the runs' law rows, at step 1 only; no line where a fit has no prediction)."
+            .into(),
         kind: PlotKind::Rank(panels),
     })
+}
+
+/// The prediction of the row that fits `k` pooled over layers (or its one layer) at `step`.
+fn row_prediction(rows: &[ExponentRow], k: &TrainKey, step: u32) -> Option<f64> {
+    let at_step: Vec<&ExponentRow> = rows
+        .iter()
+        .filter(|r| {
+            r.window == Window::step(step)
+                && r.model == k.model
+                && r.optimizer == k.optimizer
+                && r.scaling == k.scaling
+                && r.lr == k.lr
+                && r.inputs == k.inputs
+                && r.module == k.module
+                && r.site == k.site
+                && r.stat == k.stat
+                && r.m == k.m
+        })
+        .collect();
+    match at_step.iter().find(|r| r.layer == Layer::All) {
+        Some(pooled) => pooled.predicted,
+        None if at_step.len() == 1 => at_step[0].predicted,
+        None => None,
+    }
 }
 
 /// A heatmap of exponents: one optimizer, scaling, site and learning rate.

@@ -1,8 +1,11 @@
 //! Test fixtures: synthetic *training* run directories in the shared record format, one
-//! directory per cell (model, rank, scaling, seed) as `rankstab train` writes them, with
-//! known rank exponents, so the report's merging, fitting and figures can be checked before
-//! real training runs exist. Values follow the Adam laws of proofs/ exactly, times a
-//! deterministic per-seed factor shared across ranks and a small per-rank wobble.
+//! directory per cell (model, rank, scaling, seed, learning rate) as `rankstab train` writes
+//! them, with known rank exponents, so the report's merging, fitting, judging and figures can
+//! be checked before real training runs exist. Values follow the Adam laws of proofs/
+//! exactly, times a deterministic per-seed factor shared across ranks and a small per-rank
+//! wobble (standing for the adapter's random init). At step 1 the runs also write the exact
+//! law's rows (`stat = law`) as the trainer does: the measured rows' expectation (the same
+//! values without the wobble), or that times `r^offset` to make a wrong law.
 #![allow(dead_code)]
 use rankstab_records::{
     files, write_json_atomic, Manifest, MetricRow, MomentRow, RunStatus, TableWriter,
@@ -11,12 +14,61 @@ use rankstab_records::{
 use std::path::{Path, PathBuf};
 
 pub const MODEL: &str = "tiny-llama";
-// Widths large against the ranks, so the input gradient sits at its incoherent limit.
-pub const MODULES: [(&str, u32); 3] = [("q_proj", 2048), ("v_proj", 2048), ("down_proj", 4096)];
+/// The hidden size the trainer records as every row's width.
+pub const HIDDEN: u32 = 128;
+/// Adapted modules with their (in, out) shapes as `config.run.modules` records them:
+/// d = min(in, out) is 128, 128 and 256, so that ranks up to 32 reach d/8 (down_proj's d is
+/// known from the config only: its rows record the hidden size).
+pub const MODULES: [(&str, [u32; 2]); 3] = [
+    ("q_proj", [128, 128]),
+    ("v_proj", [128, 128]),
+    ("down_proj", [512, 256]),
+];
 pub const LAYERS: u32 = 2;
-pub const RANKS: [u32; 4] = [4, 8, 16, 32];
-pub const SEEDS: [u64; 2] = [0, 1];
-pub const STEPS: [u32; 5] = [0, 10, 20, 30, 40];
+pub const RANKS: [u32; 5] = [2, 4, 8, 16, 32];
+pub const SEEDS: [u64; 3] = [0, 1, 2];
+pub const STEPS: [u32; 6] = [0, 1, 10, 20, 30, 40];
+pub const LR: f64 = 5e-5;
+
+/// What a synthetic sweep holds.
+#[derive(Debug, Clone)]
+pub struct Sweep {
+    /// Ranks.
+    pub ranks: Vec<u32>,
+    /// Seeds.
+    pub seeds: Vec<u64>,
+    /// Learning rates (one cell per rank, scaling, seed and learning rate).
+    pub lrs: Vec<f64>,
+    /// Slope added to the law rows' rank dependence (0: the law rows are the measured rows'
+    /// expectation); `None`: no law rows (runs written before the trainer recorded them).
+    pub law_offset: Option<f64>,
+    /// `config.run.model`: a path for pretrained weights, `preset:NAME` for random ones.
+    pub model: String,
+}
+
+impl Default for Sweep {
+    /// Judgeable: 3 seeds, 5 ranks reaching d/8, law rows equal to the expectation; random
+    /// weights (a preset), one learning rate.
+    fn default() -> Self {
+        Sweep {
+            ranks: RANKS.to_vec(),
+            seeds: SEEDS.to_vec(),
+            lrs: vec![LR],
+            law_offset: Some(0.0),
+            model: format!("preset:{MODEL}"),
+        }
+    }
+}
+
+/// One training cell.
+#[derive(Debug, Clone, Copy)]
+pub struct Cell {
+    pub rank: u32,
+    pub scaling: &'static str,
+    pub beta: f64,
+    pub seed: u64,
+    pub lr: f64,
+}
 
 /// A small theory run written by the checker into `dir/theory` (width 64, ranks 4 to 32,
 /// 3 trials, 2 steps) with moments of the orders `moments`; returns its directory.
@@ -52,16 +104,37 @@ pub fn expected(site: &str, stat: &str, beta: f64) -> f64 {
     }
 }
 
-fn factor(seed: u64, rank: u32, step: u32) -> f64 {
-    let s = seed as f64;
-    (1.0 + 0.1 * (s * 1.7 + f64::from(step) * 0.01).sin())
-        * (1.0 + 0.01 * (f64::from(rank) * 0.9 + s).cos())
+/// The per-seed factor, shared across ranks (the run's data).
+fn seed_factor(seed: u64, step: u32) -> f64 {
+    1.0 + 0.1 * (seed as f64 * 1.7 + f64::from(step) * 0.01).sin()
 }
 
-/// Writes one training cell; returns its directory.
-pub fn write_train_cell(root: &Path, rank: u32, scaling: &str, beta: f64, seed: u64) -> PathBuf {
+/// The per-rank wobble of one seed (the adapter's random init): 1 in expectation.
+fn wobble(seed: u64, rank: u32) -> f64 {
+    1.0 + 0.01 * (f64::from(rank) * 0.9 + seed as f64).cos()
+}
+
+fn factor(seed: u64, rank: u32, step: u32) -> f64 {
+    seed_factor(seed, step) * wobble(seed, rank)
+}
+
+/// Writes one training cell of the default sweep; returns its directory.
+pub fn write_train_cell(
+    root: &Path,
+    rank: u32,
+    scaling: &'static str,
+    beta: f64,
+    seed: u64,
+) -> PathBuf {
+    let cell = Cell {
+        rank,
+        scaling,
+        beta,
+        seed,
+        lr: LR,
+    };
     let dir = root.join(format!("{MODEL}-r{rank}-{scaling}-s{seed}"));
-    write_train_run(&dir, rank, scaling, beta, seed, RunStatus::Complete, None);
+    write_train_run(&dir, cell, &Sweep::default(), RunStatus::Complete, None);
     dir
 }
 
@@ -69,21 +142,33 @@ pub fn write_train_cell(root: &Path, rank: u32, scaling: &str, beta: f64, seed: 
 /// step of [`STEPS`] is written whatever the status: the report must cut a diverged run).
 pub fn write_train_run(
     dir: &Path,
-    rank: u32,
-    scaling: &str,
-    beta: f64,
-    seed: u64,
+    cell: Cell,
+    sweep: &Sweep,
     status: RunStatus,
     note: Option<&str>,
 ) {
+    let Cell {
+        rank,
+        scaling,
+        beta,
+        seed,
+        lr,
+    } = cell;
     std::fs::create_dir_all(dir).expect("mkdir");
+    let modules: serde_json::Map<String, serde_json::Value> = MODULES
+        .iter()
+        .map(|(name, shape)| ((*name).to_string(), serde_json::json!(shape)))
+        .collect();
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
         tool: "rankstab".into(),
         tool_version: "0.1.0".into(),
         git_revision: Some("0123456789abcdef".into()),
         command: "train".into(),
-        config: serde_json::json!({"model": MODEL, "rank": rank, "scaling": scaling, "optimizer": "adamw", "lr": 5e-5, "seed": seed}),
+        config: serde_json::json!({
+            "model": MODEL, "rank": rank, "scaling": scaling, "optimizer": "adamw", "lr": lr, "seed": seed,
+            "run": {"model": sweep.model, "modules": modules},
+        }),
         seeds: vec![seed],
         device: "cpu (2 threads)".into(),
         created: "2024-01-01T00:00:00Z".into(),
@@ -102,12 +187,13 @@ pub fn write_train_run(
         optimizer: "adamw".parse().expect("optimizer"),
         inputs: "chatterbot-corpus".into(),
         dist: "text".into(),
+        width: HIDDEN,
         seed,
         ..Default::default()
     };
     let r = f64::from(rank);
     let mut rows = Vec::new();
-    for (mi, (module, width)) in MODULES.iter().enumerate() {
+    for (mi, (module, _)) in MODULES.iter().enumerate() {
         for layer in 0..LAYERS {
             let scale = 1.0 + 0.5 * mi as f64 + 0.25 * f64::from(layer);
             for &step in &STEPS {
@@ -116,7 +202,6 @@ pub fn write_train_run(
                     rows.push(MomentRow {
                         module: (*module).into(),
                         layer,
-                        width: *width,
                         step,
                         site: site.parse().expect("site"),
                         stat: stat.parse().expect("stat"),
@@ -133,6 +218,16 @@ pub fn write_train_run(
                     Some(2),
                     live * 1e-4 * f * r.powf(expected("fwd", "abs", beta)),
                 );
+                if let (1, Some(offset)) = (step, sweep.law_offset) {
+                    // The exact first-step law given the run's data: E over the init.
+                    let expectation = 1e-4 * seed_factor(seed, step) * scale;
+                    push(
+                        "fwd",
+                        "law",
+                        Some(2),
+                        expectation * r.powf(expected("fwd", "abs", beta) + offset),
+                    );
+                }
                 push(
                     "bwd",
                     "abs",
@@ -172,7 +267,7 @@ pub fn write_train_run(
                 "grad_norm_avg",
                 1e-2 * factor(seed, rank, step) * r.powf(0.5 - beta) * (1.0 + (-s / 10.0).exp()),
             ),
-            ("lr", 5e-5),
+            ("lr", lr),
         ] {
             metrics.push(MetricRow {
                 source: "train".into(),
@@ -195,35 +290,66 @@ pub fn write_train_run(
         .expect("append");
 }
 
-/// A sweep: every rank x {lora, rslora} x seed, one directory each, under `root`.
-pub fn write_train_sweep(root: &Path) -> Vec<PathBuf> {
+/// A sweep: every rank x {lora, rslora} x seed x learning rate of `sweep`, one directory
+/// each, under `root`.
+pub fn write_sweep(root: &Path, sweep: &Sweep) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     for (scaling, beta) in [("lora", 1.0), ("rslora", 0.5)] {
-        for &rank in &RANKS {
-            for &seed in &SEEDS {
-                dirs.push(write_train_cell(root, rank, scaling, beta, seed));
+        for &rank in &sweep.ranks {
+            for &seed in &sweep.seeds {
+                for &lr in &sweep.lrs {
+                    let lr_part = if sweep.lrs.len() > 1 {
+                        format!("-lr{lr}")
+                    } else {
+                        String::new()
+                    };
+                    let dir = root.join(format!("{MODEL}-r{rank}-{scaling}-s{seed}{lr_part}"));
+                    let cell = Cell {
+                        rank,
+                        scaling,
+                        beta,
+                        seed,
+                        lr,
+                    };
+                    write_train_run(&dir, cell, sweep, RunStatus::Complete, None);
+                    dirs.push(dir);
+                }
             }
         }
     }
     dirs
 }
 
+/// The default sweep ([`Sweep::default`]: judgeable, law rows equal to the expectation).
+pub fn write_train_sweep(root: &Path) -> Vec<PathBuf> {
+    write_sweep(root, &Sweep::default())
+}
+
 /// A directory as `make audit` leaves it: `theory/` is up to the caller; `sweep/` holds
 /// `sweep.json` listing the sweep's cells plus one that has not started, and
-/// `cells/<name>/` for the others, each with a `checkpoint/` folder; one more cell is still
-/// running and one diverged at step 25 (rank 64, lora, seeds 1 and 0). A `logs/` folder
+/// `cells/<name>/` for the others (the default sweep's), each with a `checkpoint/` folder;
+/// one more cell is still running and one diverged at step 25 (rank 64, lora, seeds 1 and 0). A `logs/` folder
 /// holds no run. Returns the cell directories written.
 pub fn write_audit_sweep(root: &Path) -> Vec<PathBuf> {
     let sweep = root.join("sweep");
     let cells = sweep.join("cells");
     let mut names = Vec::new();
     let mut dirs = Vec::new();
+    let sweep_spec = Sweep::default();
+    let cell = |rank, scaling, beta, seed| Cell {
+        rank,
+        scaling,
+        beta,
+        seed,
+        lr: LR,
+    };
     for (scaling, beta) in [("lora", 1.0), ("rslora", 0.5)] {
         for &rank in &RANKS {
             for &seed in &SEEDS {
                 let name = format!("{:03}-{MODEL}-r{rank}-{scaling}-adamw-s{seed}", names.len());
                 let dir = cells.join(&name);
-                write_train_run(&dir, rank, scaling, beta, seed, RunStatus::Complete, None);
+                let c = cell(rank, scaling, beta, seed);
+                write_train_run(&dir, c, &sweep_spec, RunStatus::Complete, None);
                 names.push(name);
                 dirs.push(dir);
             }
@@ -235,7 +361,7 @@ pub fn write_audit_sweep(root: &Path) -> Vec<PathBuf> {
     ] {
         let name = format!("{:03}-{MODEL}-r64-lora-adamw-s{seed}", names.len());
         let dir = cells.join(&name);
-        write_train_run(&dir, 64, "lora", 1.0, seed, status, note);
+        write_train_run(&dir, cell(64, "lora", 1.0, seed), &sweep_spec, status, note);
         names.push(name);
         dirs.push(dir);
     }
