@@ -148,6 +148,15 @@ pub fn run(a: SweepArgs) -> Result<()> {
         let ds = &data.as_ref().expect("loaded above").1;
         let base = pb.position();
         pb.set_message(cell.name.clone());
+        // The model as `rankstab train --model` spells it: a path, or preset:NAME.
+        let spec = cfg.model(cell);
+        let model = match (&spec.path, &spec.preset) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(p)) => format!("preset:{p}"),
+            (None, None) => cell.model.clone(),
+        };
+        let mut meta = meta.clone();
+        meta.extra["model"] = serde_json::json!(model);
         let o = run_dir(&mut lm.model, ds, &tc, &dir, &meta, |step, loss| {
             pb.set_position(base + step as u64 + 1);
             pb.set_message(format!("{} loss {loss:.3}", cell.name));

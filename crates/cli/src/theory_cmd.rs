@@ -126,9 +126,6 @@ pub struct TheoryArgs {
     /// Classes of the cross-entropy readout (--loss ce).
     #[arg(long)]
     classes: Option<usize>,
-    /// Tolerance in exponent units for verdicts and agreement.
-    #[arg(long)]
-    tolerance: Option<f64>,
     /// Also compute ||gamma B A||_F at every step (costs 4 d r^2 per cell and step: at width
     /// 4096 and rank 2048 more than everything else together).
     #[arg(long)]
@@ -186,8 +183,7 @@ pub fn resolve_config(a: &TheoryArgs) -> Result<TheoryConfig> {
         momentum,
         adam_beta1,
         adam_beta2,
-        adam_eps,
-        tolerance
+        adam_eps
     );
     if let Some(b) = &a.betas {
         c.scalings = b
@@ -398,4 +394,3 @@ fn print_discrimination(fits: &[Fit], last: u32) {
         );
     }
 }
-

@@ -176,7 +176,7 @@ fn pending_row(
     let mut test = None;
     match law {
         Err(why) => row.law = why,
-        Ok(law) => match exact_test(by_rank, &law, p) {
+        Ok(law) => match exact_test(by_rank, &law, p, d) {
             Err(why) => row.law = why,
             Ok(t) => {
                 row.law = EXACT_LAW.into();
@@ -233,7 +233,8 @@ struct ExactTest {
 
 /// The paired test of `by_rank` against the law's values `law` (statistic of power `p`), or
 /// why there is none.
-fn exact_test(by_rank: &ByRank, law: &ByRank, p: f64) -> Result<ExactTest, String> {
+/// `d` is the module's smaller width (min(in, out)): a bound on the init term's d_in.
+fn exact_test(by_rank: &ByRank, law: &ByRank, p: f64, d: u32) -> Result<ExactTest, String> {
     let pair = paired(by_rank, law)
         .ok_or_else(|| "none: the law rows do not cover every fitted rank and seed".to_string())?;
     let rs: Vec<usize> = pair.ranks.iter().map(|&r| r as usize).collect();
@@ -248,7 +249,19 @@ fn exact_test(by_rank: &ByRank, law: &ByRank, p: f64) -> Result<ExactTest, Strin
     Ok(ExactTest {
         predicted: law_fit.slope,
         diff,
-        band: band_half_width(p, &pair.ranks, law_error(p, LawError::default())),
+        // The outputs' linear forms of A taken as normal under PEFT's uniform init
+        // (kurtosis 9/5): relative fourth cumulant 3 |k4 - 3| / d_in (proofs/verdicts.md).
+        band: band_half_width(
+            p,
+            &pair.ranks,
+            law_error(
+                p,
+                LawError {
+                    init: 3.0 * (PEFT_DEFAULT_KURTOSIS - 3.0).abs() / f64::from(d.max(1)),
+                    drift: 0.0,
+                },
+            ),
+        ),
     })
 }
 
