@@ -50,7 +50,8 @@ fn small_run_writes_a_complete_run_directory() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
-        stdout.contains("fits have a prediction that can discriminate it from a rival"),
+        stdout.contains("that can tell their law from a rival")
+            && stdout.contains("What the data rule out"),
         "{stdout}"
     );
     assert!(stdout.contains("Run directory:"), "{stdout}");

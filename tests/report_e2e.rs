@@ -84,7 +84,7 @@ fn report_of_theory_and_training_runs_prints_index_html() {
     // The training fits are judged by the rule: the fixture's law rows agree at step 1.
     assert!(
         html.contains(
-            "18 fits with a prediction that can discriminate it from a rival: 18 agree, 0 disagree, 0 inconclusive"
+            "of the 18 fits that can tell their law from a rival: 18 agree, 0 disagree, 0 inconclusive"
         ),
         "no training headline"
     );

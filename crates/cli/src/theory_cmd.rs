@@ -253,21 +253,10 @@ pub fn run(a: TheoryArgs) -> Result<()> {
     print_discrimination(&outcome.fits, cfg.steps as u32);
     let t = rankstab_theory::predict::verdict::tally(&outcome.fits);
     println!(
-        "\n{} fits, {} with a law; of the {} that can tell their law from a rival: {} agree, {} disagree, \
-         {} inconclusive. Rivals that differ from the law by more than twice its band: {} of {} rejected{}.",
+        "\n{} fits, {} with a law; {}.",
         t.fits,
         t.predicted,
-        t.discriminating,
-        t.agrees,
-        t.disagrees,
-        t.inconclusive,
-        t.rivals_rejected,
-        t.rivals_distinct,
-        if t.rivals_distinct > 0 {
-            format!(" ({:.0}%)", 100.0 * t.rivals_rejected as f64 / t.rivals_distinct as f64)
-        } else {
-            String::new()
-        }
+        t.headline()
     );
     println!(
         "(90% intervals; Benjamini-Hochberg at 5% over the run's fits; bands from the moment order, the \

@@ -283,7 +283,7 @@ mod tests {
     fn row(i: u32) -> MomentRow {
         MomentRow {
             step: i,
-            m: if i % 2 == 0 { Some(2) } else { None },
+            m: if i.is_multiple_of(2) { Some(2) } else { None },
             value: i as f64 * 0.1,
             ..Default::default()
         }

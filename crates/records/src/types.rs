@@ -281,6 +281,27 @@ crate::named_enum! {
     }
 }
 
+impl CoefRow {
+    /// The coefficient `stat` with `value`, at the trial, layer, step and site of `at` (a
+    /// moment row of the same data).
+    pub fn at(at: &MomentRow, stat: CoefStat, value: f64) -> Self {
+        CoefRow {
+            source: at.source.clone(),
+            model: at.model.clone(),
+            module: at.module.clone(),
+            layer: at.layer,
+            inputs: at.inputs.clone(),
+            dist: at.dist.clone(),
+            width: at.width,
+            seed: at.seed,
+            step: at.step,
+            site: at.site,
+            stat,
+            value,
+        }
+    }
+}
+
 /// One row of `coefficients.csv`: a data coefficient of the exact first-step law of one
 /// trial, layer and site. It depends on the trial's data only, not on the optimizer,
 /// scaling or rank. (Runs written before this file existed kept these rows in

@@ -266,7 +266,7 @@ fn training_runs_alone_are_judged_against_their_law_rows() {
     let html = std::fs::read_to_string(&outcome.index_html).expect("html");
     assert!(
         html.contains(
-            "18 fits with a prediction that can discriminate it from a rival: 18 agree, 0 disagree, 0 inconclusive"
+            "of the 18 fits that can tell their law from a rival: 18 agree, 0 disagree, 0 inconclusive"
         ),
         "no training headline"
     );

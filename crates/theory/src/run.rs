@@ -481,11 +481,12 @@ fn coefficient_rows(
                     .slice(ndarray::s![rows_range.clone(), ..])
                     .to_owned();
                 let c = Coefficients::new(&u_train, &v_train[l], &u_test, cfg.init.kurtosis());
-                let base = CoefRow {
+                let base = MomentRow {
                     source: "theory".into(),
                     model: "synthetic".into(),
                     module: "adapter".into(),
                     layer: l as u32,
+                    alpha: cfg.alpha,
                     inputs: reuse.to_string(),
                     dist: dist.into(),
                     width: cfg.width as u32,
@@ -499,11 +500,7 @@ fn coefficient_rows(
                     (CoefStat::Quad, c.quad),
                     (CoefStat::Entries, c.entries),
                 ] {
-                    coefs.push(CoefRow {
-                        stat,
-                        value,
-                        ..base.clone()
-                    });
+                    coefs.push(CoefRow::at(&base, stat, value));
                 }
                 if l > 0 {
                     continue;
@@ -515,24 +512,14 @@ fn coefficient_rows(
                     let gamma = cell.scaling.factor(cfg.alpha, cell.rank);
                     let s2 = cfg.init.variance(cfg.width, cell.rank);
                     rows.push(MomentRow {
-                        source: "theory".into(),
-                        model: "synthetic".into(),
-                        module: "adapter".into(),
-                        layer: 0,
-                        alpha: cfg.alpha,
                         optimizer: cell.opt,
                         scaling: cell.scaling,
                         beta: cell.scaling.beta(),
                         rank: cell.rank as u32,
-                        inputs: reuse.to_string(),
-                        dist: dist.into(),
-                        width: cfg.width as u32,
-                        seed: data.seed,
-                        step: 1,
-                        site,
                         stat: Stat::ClosedForm,
                         m: Some(2),
                         value: c.mean_second_moment(cell.rank, cfg.lr(cell.opt), gamma, s2),
+                        ..base.clone()
                     });
                 }
             }

@@ -420,6 +420,30 @@ struct Cache {
     z: Array2<f32>,
 }
 
+/// The loss gradient at layer l's input h (training rows `..n`), from the gradient `du` at
+/// its adapter input u and the gradient `dh` that reaches h around the layer: back through
+/// the RMSNorm (when on), plus `dh` itself with a residual connection.
+fn to_layer_input(
+    cfg: &TheoryConfig,
+    c: &Cache,
+    dh: &Array2<f32>,
+    du: Array2<f32>,
+    n: usize,
+) -> Array2<f32> {
+    let through = match &c.rms {
+        Some(rms) => {
+            let u = c.u.slice(s![..n, ..]).to_owned();
+            rmsnorm_backward(&du, &u, &rms.slice(s![..n]).to_owned())
+        }
+        None => du,
+    };
+    if cfg.residual {
+        dh + &through
+    } else {
+        through
+    }
+}
+
 /// Result of one cell: the observations and per-step losses.
 pub struct CellResult {
     /// Moments and norms.
@@ -675,16 +699,7 @@ pub(crate) fn run_cell(
             if l > 0 {
                 let mut du = v.dot(&data.weights[l]);
                 du += &g_in;
-                let u_full = c.u.slice(s![..n, ..]).to_owned();
-                let through = match &c.rms {
-                    Some(rms) => rmsnorm_backward(&du, &u_full, &rms.slice(s![..n]).to_owned()),
-                    None => du,
-                };
-                dh = if cfg.residual {
-                    &dh + &through
-                } else {
-                    through
-                };
+                dh = to_layer_input(cfg, c, &dh, du, n);
             }
         }
     }
@@ -735,16 +750,7 @@ pub(crate) fn frozen_pass(
         }
         if l > 0 {
             let du = v.dot(&data.weights[l]);
-            let u_full = c.u.slice(s![..n, ..]).to_owned();
-            let through = match &c.rms {
-                Some(rms) => rmsnorm_backward(&du, &u_full, &rms.slice(s![..n]).to_owned()),
-                None => du,
-            };
-            dh = if cfg.residual {
-                &dh + &through
-            } else {
-                through
-            };
+            dh = to_layer_input(cfg, c, &dh, du, n);
         }
         vs.push(v);
     }

@@ -60,7 +60,7 @@ proptest! {
     // A fixed seed: the cases are random but the same on every run (no flaky CI).
     #![proptest_config(ProptestConfig {
         cases: 12,
-        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_2312_0373_2),
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x0005_eed2_3120_3732),
         failure_persistence: None,
         .. ProptestConfig::default()
     })]

@@ -84,7 +84,7 @@ impl GptjHfConfig {
                 )));
             }
         }
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(bad(format!(
                 "n_embd {} is not divisible by n_head {}",
                 self.n_embd, self.n_head
@@ -92,7 +92,7 @@ impl GptjHfConfig {
         }
         let head_dim = self.n_embd / self.n_head;
         let rotary_dim = self.rotary_dim.unwrap_or(head_dim);
-        if rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        if !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
             return Err(bad(format!(
                 "rotary_dim {rotary_dim} must be even and at most the head size {head_dim}"
             )));

@@ -133,7 +133,7 @@ impl TrainConfig {
                 self.steps, self.batch, self.context
             ));
         }
-        if self.batch % self.micro() != 0 {
+        if !self.batch.is_multiple_of(self.micro()) {
             return bad(format!(
                 "micro-batch {} does not divide batch {}: use a divisor",
                 self.micro(),

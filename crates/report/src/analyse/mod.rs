@@ -8,7 +8,7 @@
 //! | this file       | [`Analysis`], its options and the [`analyse`] entry                  |
 //! | `runs`          | provenance of each run ([`RunInfo`]), learning rate, configuration   |
 //! | `fit`           | values by rank and seed, [`fit_by_rank`], step windows, layer means  |
-//! | `row`           | one fitted exponent ([`ExponentRow`]) as judged; headline [`Counts`]  |
+//! | `row`           | one fitted exponent ([`ExponentRow`]) as judged; headline counts      |
 //! | `theory`        | the section of a theory run: its fits and its figures                |
 //! | `train`         | the training section: grouping the runs and their law rows, notes    |
 //! | `train_rows`    | one row per training fit, its claims, the family judged              |
@@ -57,7 +57,7 @@ mod train_rows;
 pub use findings::PaperRow;
 pub use fit::{fit_by_rank, step_windows, ByRank};
 pub use plots::{slug, Plot, PlotKind, RankPanel, RankSeries, StepPanel, StepSeries};
-pub use row::{Counts, ExponentRow};
+pub use row::{tally_rows, ExponentRow};
 pub use runs::RunInfo;
 pub use theory::TheorySection;
 pub use train::TrainSection;

@@ -1,11 +1,12 @@
 //! One fitted rank exponent as the report shows it, theory and training alike
 //! ([`ExponentRow`], also a line of `exponents.csv`), and the counts the page's headlines
-//! give ([`Counts`]). What the rule says of a fit (outcome, stability, rivals) is asked of
+//! give ([`tally_rows`]). What the rule says of a fit (outcome, stability, rivals) is asked of
 //! `rankstab_theory::predict::verdict` and applied with [`ExponentRow::judged`]; nothing is
 //! decided here.
 use rankstab_records::{
     Layer, Optimizer, Outcome, RivalCheck, Scaling, Site, Stat, Verdict, Window,
 };
+use rankstab_theory::predict::verdict::Tally;
 use rankstab_theory::predict::Judged;
 use serde::Serialize;
 
@@ -124,64 +125,19 @@ fn rivals_text(rivals: &[RivalCheck]) -> String {
 }
 
 /// The headline counts of a family of rows (only fits that can tell their prediction from a
-/// rival count, as `rankstab_theory::predict::verdict` says).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct Counts {
-    /// Fits with a prediction.
-    pub predicted: usize,
-    /// Fits with a prediction and a rival distinct from it.
-    pub discriminating: usize,
-    /// Of those, agreeing.
-    pub agrees: usize,
-    /// Of those, disagreeing.
-    pub disagrees: usize,
-    /// Of those, inconclusive.
-    pub inconclusive: usize,
-    /// Distinct rivals over all fits.
-    pub rivals_distinct: usize,
-    /// Of those, rejected.
-    pub rivals_rejected: usize,
-}
-
-impl Counts {
-    /// The counts of `rows`.
-    pub(super) fn of(rows: &[ExponentRow]) -> Self {
-        let mut c = Counts::default();
-        for r in rows {
-            c.rivals_distinct += r.rivals_distinct as usize;
-            c.rivals_rejected += r.rivals_rejected as usize;
-            if r.predicted.is_none() {
-                continue;
-            }
-            c.predicted += 1;
-            if !r.discriminating {
-                continue;
-            }
-            c.discriminating += 1;
-            match r.outcome {
-                Outcome::Agrees => c.agrees += 1,
-                Outcome::Disagrees => c.disagrees += 1,
-                Outcome::Inconclusive => c.inconclusive += 1,
-            }
-        }
-        c
+/// rival count in the outcomes), by the rule's [`Tally`].
+pub fn tally_rows(rows: &[ExponentRow]) -> Tally {
+    let mut t = Tally::default();
+    for r in rows {
+        t.add(
+            r.predicted.is_some(),
+            r.discriminating,
+            r.outcome,
+            r.rivals_distinct as usize,
+            r.rivals_rejected as usize,
+        );
     }
-
-    /// The headline: "N fits with a prediction that can discriminate it from a rival: a
-    /// agree, d disagree, i inconclusive; x of y distinct rivals rejected".
-    pub fn headline(&self) -> String {
-        format!(
-            "{} fit{} with a prediction that can discriminate it from a rival: {} agree, {} disagree, {} \
-             inconclusive; {} of {} distinct rivals rejected",
-            self.discriminating,
-            if self.discriminating == 1 { "" } else { "s" },
-            self.agrees,
-            self.disagrees,
-            self.inconclusive,
-            self.rivals_rejected,
-            self.rivals_distinct
-        )
-    }
+    t
 }
 
 /// A number of the CSV as an option: `None` when not finite (NaN marks "none" in `Fit`).
@@ -257,10 +213,11 @@ mod tests {
             predicted: None,
             ..r.clone()
         };
-        let c = Counts::of(&[r.clone(), r2, none]);
+        let c = tally_rows(&[r.clone(), r2, none]);
         assert_eq!(
             c,
-            Counts {
+            Tally {
+                fits: 3,
                 predicted: 2,
                 discriminating: 1,
                 agrees: 1,
@@ -272,8 +229,8 @@ mod tests {
         );
         assert_eq!(
             c.headline(),
-            "1 fit with a prediction that can discriminate it from a rival: 1 agree, 0 disagree, 0 inconclusive; \
-             2 of 4 distinct rivals rejected"
+            "of the 1 fit that can tell its law from a rival: 1 agree, 0 disagree, 0 inconclusive; \
+             2 of 4 distinct rivals rejected (50%)"
         );
     }
 

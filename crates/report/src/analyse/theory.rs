@@ -4,11 +4,12 @@
 //! otherwise), the rows shown in the page with the headline counts, the closed-form checks,
 //! and the figures of moments against rank (one panel per step, one curve per scaling).
 use super::plots::{figure_order, rank_panels, rank_points, slug, spread, stat_label};
-use super::row::{finite, fmt_ranks, Counts, ExponentRow};
+use super::row::{finite, fmt_ranks, tally_rows, ExponentRow};
 use super::runs::{summary, theory_config};
 use super::{AnalysisOptions, Plot, PlotKind, RankSeries};
 use crate::load::Run;
 use rankstab_records::{Fit, Layer, Optimizer, Scaling, Site, Stat, Window};
+use rankstab_theory::predict::verdict::Tally;
 use rankstab_theory::predict::Judged;
 use rankstab_theory::ClosedFormCheck;
 use serde::Serialize;
@@ -28,7 +29,7 @@ pub struct TheorySection {
     /// Where the fits come from (refitted from the moments, or `fits.json` as written).
     pub fits_from: String,
     /// Outcomes and rivals counted over the fits that can discriminate.
-    pub counts: Counts,
+    pub counts: Tally,
     /// The counts in words.
     pub headline: String,
     /// Closed-form checks.
@@ -56,7 +57,7 @@ pub(super) fn section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) 
     let rows: Vec<ExponentRow> = fits.iter().map(|f| row(run, f)).collect();
     let order = figure_order(run.moments.iter());
     let shown = shown(&rows, order);
-    let counts = Counts::of(&rows);
+    let counts = tally_rows(&rows);
     let checks: Vec<ClosedFormCheck> = run.checks.iter().flatten().cloned().collect();
     let checks_within = checks.iter().filter(|c| c.within).count();
     let mine = figures(run, &rows, order, opts.max_panels);

@@ -4,12 +4,13 @@
 //! judgement are [`super::train_rows`]'s; the figures are [`super::train_plots`]'s.
 use super::fit::{pool_layers, put, step_windows, ByRank, ByStep};
 use super::plots::figure_order;
-use super::row::{Counts, ExponentRow};
+use super::row::{tally_rows, ExponentRow};
 use super::runs::run_lr;
 use super::{train_plots, train_rows};
 use super::{AnalysisOptions, Plot, TheorySection};
 use crate::load::Run;
 use rankstab_records::{Layer, Optimizer, RunStatus, Scaling, Site, Stat, Window};
+use rankstab_theory::predict::verdict::Tally;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,7 +28,7 @@ pub struct TrainSection {
     /// The rows shown in the page: pooled over layers, abs moments and norms.
     pub shown: Vec<ExponentRow>,
     /// Outcomes and rivals counted over the fits that can discriminate.
-    pub counts: Counts,
+    pub counts: Tally,
     /// The counts in words.
     pub headline: String,
     /// Where the predictions come from in these runs.
@@ -304,7 +305,7 @@ pub(super) fn section(
     notes.extend(figure_notes);
     let figures = mine.iter().map(|p| p.name.clone()).collect();
     plots.extend(mine);
-    let counts = Counts::of(&rows);
+    let counts = tally_rows(&rows);
     let has_mc = rows
         .iter()
         .any(|r| r.mc_coherent.is_some() || r.mc_fresh.is_some());

@@ -250,8 +250,9 @@ pub fn judge_all(items: &[Claims]) -> Vec<Judged> {
 }
 
 /// Counts over a family of judged fits: how many, with a prediction, able to discriminate
-/// it from a rival, and their outcomes; how many distinct rivals were rejected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// it from a rival, and their outcomes; how many distinct rivals were rejected. The
+/// headline of the checker's table and of the report's sections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Tally {
     /// Fits.
     pub fits: usize,
@@ -271,27 +272,83 @@ pub struct Tally {
     pub rivals_rejected: usize,
 }
 
+impl Tally {
+    /// Counts one fit: whether it has a prediction, whether a rival is distinct from it, its
+    /// outcome, and its distinct and rejected rivals.
+    pub fn add(
+        &mut self,
+        predicted: bool,
+        discriminating: bool,
+        outcome: Outcome,
+        rivals_distinct: usize,
+        rivals_rejected: usize,
+    ) {
+        self.fits += 1;
+        self.rivals_distinct += rivals_distinct;
+        self.rivals_rejected += rivals_rejected;
+        if !predicted {
+            return;
+        }
+        self.predicted += 1;
+        if !discriminating {
+            return;
+        }
+        self.discriminating += 1;
+        match outcome {
+            Outcome::Agrees => self.agrees += 1,
+            Outcome::Disagrees => self.disagrees += 1,
+            Outcome::Inconclusive => self.inconclusive += 1,
+        }
+    }
+
+    /// The headline: "of the N fits that can tell their law from a rival: a agree, d
+    /// disagree, i inconclusive; x of y distinct rivals rejected (z%)".
+    ///
+    /// ```
+    /// use rankstab_theory::predict::verdict::Tally;
+    /// use rankstab_records::Outcome;
+    /// let mut t = Tally::default();
+    /// t.add(true, true, Outcome::Agrees, 2, 2);
+    /// t.add(true, false, Outcome::Inconclusive, 0, 0);
+    /// assert_eq!(t.headline(), "of the 1 fit that can tell its law from a rival: 1 agree, 0 disagree, 0 inconclusive; 2 of 2 distinct rivals rejected (100%)");
+    /// ```
+    pub fn headline(&self) -> String {
+        let one = self.discriminating == 1;
+        format!(
+            "of the {} fit{} that can tell {} law from a rival: {} agree, {} disagree, {} inconclusive; \
+             {} of {} distinct rivals rejected{}",
+            self.discriminating,
+            if one { "" } else { "s" },
+            if one { "its" } else { "their" },
+            self.agrees,
+            self.disagrees,
+            self.inconclusive,
+            self.rivals_rejected,
+            self.rivals_distinct,
+            if self.rivals_distinct > 0 {
+                format!(
+                    " ({:.0}%)",
+                    100.0 * self.rivals_rejected as f64 / self.rivals_distinct as f64
+                )
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
 /// The [`Tally`] of judged fits.
 pub fn tally(fits: &[rankstab_records::Fit]) -> Tally {
-    let mut t = Tally {
-        fits: fits.len(),
-        ..Tally::default()
-    };
+    let mut t = Tally::default();
     for f in fits {
-        let predicted = f.predicted.is_finite();
-        t.predicted += usize::from(predicted);
-        if predicted && f.discriminating {
-            t.discriminating += 1;
-            match f.outcome {
-                Outcome::Agrees => t.agrees += 1,
-                Outcome::Disagrees => t.disagrees += 1,
-                Outcome::Inconclusive => t.inconclusive += 1,
-            }
-        }
-        for r in f.rivals.iter().filter(|r| r.distinct) {
-            t.rivals_distinct += 1;
-            t.rivals_rejected += usize::from(r.rejected);
-        }
+        let distinct = f.rivals.iter().filter(|r| r.distinct);
+        t.add(
+            f.predicted.is_finite(),
+            f.discriminating,
+            f.outcome,
+            distinct.clone().count(),
+            distinct.filter(|r| r.rejected).count(),
+        );
     }
     t
 }
