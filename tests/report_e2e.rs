@@ -84,9 +84,16 @@ fn report_of_theory_and_training_runs_prints_index_html() {
     // The training fits are judged by the rule: the fixture's law rows agree at step 1.
     assert!(
         html.contains(
-            "of the 18 fits that can tell their law from a rival: 18 agree, 0 disagree, 0 inconclusive"
-        ),
+            "of the 6 fits that can tell their law from a rival: 6 agree, 0 disagree, 0 inconclusive"
+        ) && html.contains("per-layer fits, a family of their own: of the 12 fits that can tell their law from a rival: 12 agree"),
         "no training headline"
+    );
+    // ... and the command says so on its last screen.
+    assert!(
+        stdout.contains(
+            "Verdicts, training (30 runs): of the 6 fits that can tell their law from a rival: 6 agree"
+        ) && stdout.contains("Verdicts, theory theory: "),
+        "{stdout}"
     );
     let csv = std::fs::read_to_string(out.join("exponents.csv")).expect("csv");
     let header = csv.lines().next().expect("header");

@@ -93,6 +93,9 @@ pub fn run(args: ReportArgs) -> Result<()> {
         outcome.figures,
         outcome.exponents
     );
+    for v in &outcome.verdicts {
+        println!("Verdicts, {v}.");
+    }
     println!("Markdown: {}", outcome.report_md.display());
     println!("{}", outcome.index_html.display());
     Ok(())

@@ -259,8 +259,9 @@ pub fn run(a: TheoryArgs) -> Result<()> {
         t.headline()
     );
     println!(
-        "(90% intervals; Benjamini-Hochberg at 5% over the run's fits; bands from the moment order, the \
-         fitted ranks and the law's known error: proofs/verdicts.md)"
+        "(the table's intervals are 95% intervals of the slope over trials; outcomes come from 90% intervals of the \
+         paired difference from the law, Benjamini-Hochberg at 5% over the run's fits, and bands from the moment \
+         order, the fitted ranks and the law's known error: proofs/verdicts.md)"
     );
     if !outcome.checks.is_empty() {
         let within = outcome.checks.iter().filter(|c| c.within).count();

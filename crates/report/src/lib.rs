@@ -74,6 +74,9 @@ pub struct ReportOutcome {
     pub figures: usize,
     /// Exponent rows written.
     pub exponents: usize,
+    /// The verdicts in one line per section ("theory RUN: ..." and "training: ..."), the
+    /// headlines the page shows.
+    pub verdicts: Vec<String>,
 }
 
 /// Reads `run_dirs`, analyses them and writes the report into `out` (created if needed;
@@ -157,6 +160,17 @@ pub fn build_report(
         skipped,
         figures: figures.len(),
         exponents: rows.len(),
+        verdicts: analysis
+            .theory
+            .iter()
+            .map(|t| format!("theory {}: {}", t.run, t.headline))
+            .chain(
+                analysis
+                    .train
+                    .iter()
+                    .map(|t| format!("training ({} runs): {}", t.runs, t.headline)),
+            )
+            .collect(),
     })
 }
 

@@ -95,11 +95,13 @@ computed from its own step-0 data (its law rows: E|fwd|^m after one step, in exp
 given that run's batch). It is tested at step 1 on the paired difference of slopes, measured minus law seed by seed, \
 against a band around 0; other statistics and windows, and runs written before the trainer recorded law rows, have no \
 prediction (the law column says why). Outcomes come from 90% intervals, with the Benjamini-Hochberg procedure over \
-every training fit of the report as one family: adding or removing training runs can change a borderline outcome, \
-adding theory runs changes none. Each fit is also set against the rival laws (the paper's coherent limit, the \
+two families of the report's training fits: the primary one (each module's fit on the mean over its layers, or on its \
+one layer), which the headline counts, and the per-layer fits, many and noisier, judged apart so that they do not \
+dilute the primary fits' power. Adding or removing training runs can change a borderline outcome, adding theory runs \
+changes none. Each fit is also set against the rival laws (the paper's coherent limit, the \
 incoherent limit, the other optimizer's law, slope 0), and its stability comes from its interval against the \
 resolution band around 0. A fit is judged only with >= 3 seeds (common to every rank) and >= 5 ranks whose largest \
-reaches d/8 of the module; otherwise its outcome is inconclusive and its verdict undetermined, and the training notes \
+reaches d/8 of the smallest adapted module of its model; otherwise its outcome is inconclusive and its verdict undetermined, and the training notes \
 say which cells lacked what. Exponents are fitted per module and layer and on the mean over layers, within step \
 windows (step 0, step 1, then equal-count chunks of the later recorded steps). A run still running is used with the \
 rows it has so far, a diverged run with its rows before the divergence; both are named in the training notes and the \

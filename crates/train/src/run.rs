@@ -37,6 +37,12 @@ pub struct ModelSpec {
     /// Steps for this model (default: the sweep's).
     #[serde(default)]
     pub steps: Option<usize>,
+    /// Seeds for this model (default: the sweep's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<u64>>,
+    /// Optimizers for this model (default: the sweep's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizers: Option<Vec<rankstab_records::Optimizer>>,
     /// Adapted modules (default: every attention and MLP linear).
     #[serde(default)]
     pub target_modules: Vec<String>,

@@ -312,7 +312,22 @@ impl SweepConfig {
         if self.scalings.is_empty() || self.optimizers.is_empty() || self.seeds.is_empty() {
             return bad("scalings, optimizers and seeds must not be empty".into());
         }
-        for &o in &self.optimizers {
+        for (i, m) in self.models.iter().enumerate() {
+            if m.seeds.as_ref().is_some_and(Vec::is_empty)
+                || m.optimizers.as_ref().is_some_and(Vec::is_empty)
+            {
+                return bad(format!(
+                    "models[{i}] ({}): seeds and optimizers, when given, must not be empty",
+                    m.name
+                ));
+            }
+        }
+        for &o in self.optimizers.iter().chain(
+            self.models
+                .iter()
+                .filter_map(|m| m.optimizers.as_ref())
+                .flatten(),
+        ) {
             check_supported(o).map_err(|e| e.within(origin))?;
         }
         for (name, lr) in [("lr.adamw", self.lr.adamw), ("lr.sgd", self.lr.sgd)] {
@@ -334,8 +349,8 @@ impl SweepConfig {
         for m in &self.models {
             for &rank in m.ranks.as_ref().unwrap_or(&self.ranks) {
                 for &scaling in &self.scalings {
-                    for &optimizer in &self.optimizers {
-                        for &seed in &self.seeds {
+                    for &optimizer in m.optimizers.as_ref().unwrap_or(&self.optimizers) {
+                        for &seed in m.seeds.as_ref().unwrap_or(&self.seeds) {
                             let index = cells.len();
                             cells.push(Cell {
                                 index,
@@ -459,22 +474,29 @@ pub fn load_data(cfg: &SweepConfig, lm: &LoadedModel, seed: u64) -> Result<Datas
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn the_embedded_audit_sweep_has_the_power_to_judge() {
         let c = SweepConfig::audit();
         let cells = c.cells();
         let smol: Vec<&Cell> = cells.iter().filter(|c| c.model == "smollm2-135m").collect();
-        let mut ranks: Vec<usize> = smol.iter().map(|c| c.rank).collect();
-        ranks.dedup();
+        let gptj: Vec<&Cell> = cells.iter().filter(|c| c.model == "gpt-j-mini").collect();
         // The verdicts' minimum for a training exponent (proofs/verdicts.md): 5 ranks whose
-        // largest reaches d/8 of the smallest adapted module (SmolLM2's 576 -> 192: 24), and
-        // 3 seeds.
-        assert_eq!(ranks, [4, 8, 16, 32, 64]);
-        assert!(*ranks.last().expect("ranks") >= 192 / 8);
-        assert!(c.seeds.len() >= 3);
-        assert_eq!(smol.len(), 5 * 2 * 2 * 3);
-        assert!(cells.iter().any(|c| c.model.starts_with("gpt-j")));
+        // largest reaches d/8 of the smallest adapted module (SmolLM2's v_proj 576 -> 192:
+        // 24; GPT-J-mini's 256: 32), and 3 seeds.
+        for (of, d, seeds, optimizers) in [(&smol, 192, 3, 1), (&gptj, 256, 6, 2)] {
+            let ranks: BTreeSet<usize> = of.iter().map(|c| c.rank).collect();
+            assert_eq!(ranks.into_iter().collect::<Vec<_>>(), [4, 8, 16, 32, 64]);
+            assert!(64 >= d / 8);
+            let s: BTreeSet<u64> = of.iter().map(|c| c.seed).collect();
+            assert_eq!(s.len(), seeds);
+            assert_eq!(of.len(), 5 * 2 * optimizers * seeds);
+        }
+        assert_eq!(
+            c.model(smol[0]).target_modules,
+            ["q_proj", "v_proj", "down_proj"]
+        );
         // Names are unique and carry the index.
         for (i, c) in cells.iter().enumerate() {
             assert_eq!(c.index, i);
@@ -486,6 +508,30 @@ mod tests {
     fn bad_configs_are_named() {
         let base = "data = \"x.txt\"\n[[models]]\nname = \"m\"\npath = \"m.gguf\"\n";
         assert!(SweepConfig::from_toml(base, "s.toml").is_ok());
+        // Per-model seeds and optimizers override the sweep's, and are checked the same way.
+        let own = SweepConfig::from_toml(
+            &format!("{base}seeds = [7, 8]\noptimizers = [\"sgd\"]\n"),
+            "s.toml",
+        )
+        .expect("per-model seeds");
+        assert!(own.cells().iter().all(|c| c.optimizer == Optimizer::Sgd));
+        assert_eq!(
+            own.cells()
+                .iter()
+                .map(|c| c.seed)
+                .collect::<BTreeSet<_>>()
+                .len(),
+            2
+        );
+        for (extra, want) in [
+            ("seeds = []\n", "must not be empty"),
+            ("optimizers = [\"adam\"]\n", "adamw or sgd"),
+        ] {
+            let e = SweepConfig::from_toml(&format!("{base}{extra}"), "s.toml")
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains("s.toml") && e.contains(want), "{extra}: {e}");
+        }
         for (extra, want) in [
             ("ranks = [0]\n", "ranks"),
             ("scalings = [\"wide\"]\n", "wide"),

@@ -27,7 +27,8 @@ pub struct TrainSection {
     pub rows: Vec<ExponentRow>,
     /// The rows shown in the page: pooled over layers, abs moments and norms.
     pub shown: Vec<ExponentRow>,
-    /// Outcomes and rivals counted over the fits that can discriminate.
+    /// Outcomes and rivals counted over the primary family's fits that can discriminate (per module
+    /// on the mean over layers; the headline adds the per-layer family's).
     pub counts: Tally,
     /// The counts in words.
     pub headline: String,
@@ -195,6 +196,24 @@ impl TrainData {
             .unwrap_or_else(|| self.width(key))
     }
 
+    /// The d of the smallest adapted module of `model` (min(in, out)): the rank range a
+    /// training sweep needs reaches d / 8 of it (0 when no width is recorded).
+    pub(super) fn smallest_d(&self, model: &str) -> u32 {
+        self.dims
+            .iter()
+            .filter(|(at, _)| at.model == model)
+            .map(|(_, &d)| d)
+            .chain(
+                self.widths
+                    .iter()
+                    .filter(|(at, _)| at.model == model)
+                    .map(|(_, &d)| d),
+            )
+            .filter(|&d| d > 0)
+            .min()
+            .unwrap_or(0)
+    }
+
     /// The models present.
     fn models(&self) -> BTreeSet<String> {
         self.groups.keys().map(|k| k.model.clone()).collect()
@@ -286,6 +305,14 @@ pub(super) fn section(
         .collect();
     let fitted = train_rows::fit_rows(&data, &windows, theory);
     let rows = fitted.rows;
+    let (primary, per_layer): (Vec<(&ExponentRow, bool)>, Vec<(&ExponentRow, bool)>) = rows
+        .iter()
+        .zip(fitted.primary.iter().copied())
+        .partition(|(_, p)| *p);
+    let take =
+        |v: Vec<(&ExponentRow, bool)>| v.into_iter().map(|(r, _)| r.clone()).collect::<Vec<_>>();
+    let counts = tally_rows(&take(primary));
+    let layer_counts = tally_rows(&take(per_layer));
     let figure_data = train_plots::Inputs {
         runs: train_runs,
         data: &data,
@@ -305,7 +332,6 @@ pub(super) fn section(
     notes.extend(figure_notes);
     let figures = mine.iter().map(|p| p.name.clone()).collect();
     plots.extend(mine);
-    let counts = tally_rows(&rows);
     let has_mc = rows
         .iter()
         .any(|r| r.mc_coherent.is_some() || r.mc_fresh.is_some());
@@ -316,7 +342,15 @@ pub(super) fn section(
         shown: shown(&rows),
         law_note: law_note(&data, &rows, has_mc),
         rows,
-        headline: counts.headline(),
+        headline: if layer_counts.fits > 0 {
+            format!(
+                "{} (fits per module on the mean over layers; per-layer fits, a family of their own: {})",
+                counts.headline(),
+                layer_counts.headline()
+            )
+        } else {
+            counts.headline()
+        },
         counts,
         has_mc,
         notes,

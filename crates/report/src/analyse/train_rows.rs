@@ -11,7 +11,8 @@
 //!   prediction (`law` says why);
 //! * rivals: `rankstab_theory::predict::rivals` with PEFT's default init;
 //! * judgeable only with [`MIN_SEEDS`] seeds and [`MIN_RANKS`] ranks whose largest reaches
-//!   d / [`RANK_REACH`] of the module (else inconclusive / undetermined, with a note).
+//!   d / [`RANK_REACH`] of the model's smallest adapted module (else inconclusive /
+//!   undetermined, with a note).
 use super::fit::{fit_by_rank, paired, pool_layers, window_mean, ByRank};
 use super::row::{fmt_ranks, ExponentRow};
 use super::train::{TrainData, TrainKey};
@@ -26,7 +27,9 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const MIN_SEEDS: u32 = 3;
 /// Ranks a training fit needs to be judged.
 pub const MIN_RANKS: usize = 5;
-/// The largest rank of a judged fit reaches d / `RANK_REACH` of its module.
+/// The largest rank of a judged fit reaches d / `RANK_REACH` of the smallest adapted module
+/// of its model (d = min(in, out)): the sweep's rank range, as issue 10 and
+/// proofs/verdicts.md set it.
 pub const RANK_REACH: u32 = 8;
 
 /// The law's name in the rows that have one.
@@ -44,7 +47,7 @@ impl Unjudged {
     pub(super) fn note(&self, cell: &str) -> String {
         format!(
             "{cell}: {} of {} fits not judged (outcome inconclusive, verdict undetermined): {}. A judgement needs >= \
-             {MIN_SEEDS} seeds and >= {MIN_RANKS} ranks, the largest reaching d/{RANK_REACH} of the module.",
+             {MIN_SEEDS} seeds and >= {MIN_RANKS} ranks, the largest reaching d/{RANK_REACH} of the smallest adapted module.",
             self.fits,
             self.of,
             self.why.iter().cloned().collect::<Vec<_>>().join("; ")
@@ -55,6 +58,9 @@ impl Unjudged {
 /// Every training row, judged, with what the notes need.
 pub(super) struct Fitted {
     pub rows: Vec<ExponentRow>,
+    /// Per row: whether it belongs to the primary family (a module's fit pooled over its
+    /// layers, or the fit of a module with one layer) rather than to the per-layer family.
+    pub primary: Vec<bool>,
     /// Cells with one rank in all their data (no exponent to fit).
     pub single_rank: BTreeSet<String>,
     /// Per cell, the fits that could not be judged.
@@ -68,10 +74,15 @@ struct Pending {
     row: ExponentRow,
     claims: Claims,
     why_not: Vec<String>,
+    /// In the primary family (see [`Fitted::primary`]).
+    primary: bool,
 }
 
-/// Every training row: per group, window and layer, and on the mean over layers; judged as
-/// one family.
+/// Every training row: per group, window and layer, and on the mean over layers. Judged as
+/// two families, each with Benjamini-Hochberg: the primary one (every module's fit on the
+/// mean over its layers, or its one layer's fit) and the per-layer fits of modules with
+/// several layers, which are many and noisier and would otherwise dilute the primary
+/// fits' power.
 pub(super) fn fit_rows(
     data: &TrainData,
     windows: &BTreeMap<String, Vec<Window>>,
@@ -87,9 +98,15 @@ pub(super) fn fit_rows(
             .flat_map(|st| st.values().flat_map(|br| br.keys().copied()))
             .collect::<BTreeSet<u32>>()
             .len();
+        let several = by_layer.len() > 1;
         let mut at = |layer: Layer, w: Window, br: &ByRank| {
             let law = data.law_at(key, layer, w);
-            pending.extend(pending_row(data, key, layer, w, br, law, theory));
+            pending.extend(
+                pending_row(data, key, layer, w, br, law, theory).map(|p| Pending {
+                    primary: !several || layer == Layer::All,
+                    ..p
+                }),
+            );
         };
         for &w in windows.get(&key.model).into_iter().flatten() {
             for (&layer, by_step) in by_layer {
@@ -101,7 +118,7 @@ pub(super) fn fit_rows(
                 }
                 at(Layer::Index(layer), w, &br);
             }
-            if by_layer.len() > 1 {
+            if several {
                 at(Layer::All, w, &window_mean(&pooled, w));
             }
         }
@@ -115,14 +132,27 @@ pub(super) fn fit_rows(
         }
     }
     unjudged.retain(|_, u| u.fits > 0);
-    let claims: Vec<Claims> = pending.iter().map(|p| p.claims.clone()).collect();
+    let mut judged: Vec<Option<rankstab_theory::predict::Judged>> = vec![None; pending.len()];
+    for family in [true, false] {
+        let (at, claims): (Vec<usize>, Vec<Claims>) = pending
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.primary == family)
+            .map(|(i, p)| (i, p.claims.clone()))
+            .unzip();
+        for (i, j) in at.into_iter().zip(judge_all(&claims)) {
+            judged[i] = Some(j);
+        }
+    }
+    let primary = pending.iter().map(|p| p.primary).collect();
     let rows = pending
         .into_iter()
-        .zip(judge_all(&claims))
-        .map(|(p, j)| p.row.judged(j))
+        .zip(judged)
+        .map(|(p, j)| p.row.judged(j.expect("every row is in one family")))
         .collect();
     Fitted {
         rows,
+        primary,
         single_rank,
         unjudged,
     }
@@ -195,7 +225,7 @@ fn pending_row(
             }
         },
     }
-    let why_not = unjudgeable(seeds, &ranks, d, &key.module);
+    let why_not = unjudgeable(seeds, &ranks, data.smallest_d(&key.model), &key.model);
     let claims = Claims {
         measured: Some(Estimate::from(fit)),
         test,
@@ -218,6 +248,7 @@ fn pending_row(
         row,
         claims,
         why_not,
+        primary: true,
     })
 }
 
@@ -265,9 +296,9 @@ fn exact_test(by_rank: &ByRank, law: &ByRank, p: f64, d: u32) -> Result<ExactTes
     })
 }
 
-/// Why a fit of `seeds` seeds over `ranks` of a module of width `d` cannot be judged (empty
-/// when it can).
-fn unjudgeable(seeds: u32, ranks: &[u32], d: u32, module: &str) -> Vec<String> {
+/// Why a fit of `seeds` seeds over `ranks` of `model`, whose smallest adapted module has
+/// width `d`, cannot be judged (empty when it can).
+fn unjudgeable(seeds: u32, ranks: &[u32], d: u32, model: &str) -> Vec<String> {
     let mut why = Vec::new();
     if seeds < MIN_SEEDS {
         why.push(format!(
@@ -284,10 +315,10 @@ fn unjudgeable(seeds: u32, ranks: &[u32], d: u32, module: &str) -> Vec<String> {
     }
     let r_max = ranks.last().copied().unwrap_or(0);
     if d == 0 {
-        why.push(format!("no width recorded for {module}"));
+        why.push(format!("no module width recorded for {model}"));
     } else if r_max * RANK_REACH < d {
         why.push(format!(
-            "largest rank {r_max} below d/{RANK_REACH} = {} ({module}, d = {d})",
+            "largest rank {r_max} below d/{RANK_REACH} = {} (smallest adapted module of {model}, d = {d})",
             f64::from(d) / f64::from(RANK_REACH)
         ));
     }
