@@ -350,3 +350,53 @@ fn kill_then_rerun_resumes_to_identical_results() {
         assert!(a == b, "{f} differs after resume");
     }
 }
+
+/// The committed example's theory run is what this rankstab computes from its configuration:
+/// every fit's slope (to 1e-6: another CPU may round differently), outcome and verdict, and
+/// every closed-form check's relative difference. A change that moves the example's numbers
+/// must regenerate it (README, "The report").
+#[test]
+fn the_committed_example_theory_run_is_reproduced() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let example = root.join("reports/example/runs/theory-small");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("run");
+    let config = root.join("reports/example/theory-small.toml");
+    let o = run(&[
+        "theory",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |dir: &Path, file: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(file)).expect(file)).expect(file)
+    };
+    for (file, number, labels) in [
+        (
+            "fits.json",
+            "slope",
+            &["outcome", "verdict", "predicted"][..],
+        ),
+        ("checks.json", "rel_diff", &["within"][..]),
+    ] {
+        let (want, got) = (read(&example, file), read(&out, file));
+        let (want, got) = (want.as_array().expect(file), got.as_array().expect(file));
+        assert_eq!(want.len(), got.len(), "{file}");
+        for (w, g) in want.iter().zip(got) {
+            let (a, b) = (w[number].as_f64(), g[number].as_f64());
+            assert!(
+                matches!((a, b), (Some(a), Some(b)) if (a - b).abs() < 1e-6) || a == b,
+                "{file}: {w} vs {g}"
+            );
+            for l in labels {
+                match (w[l].as_f64(), g[l].as_f64()) {
+                    (Some(a), Some(b)) => assert!((a - b).abs() < 1e-6, "{file} {l}: {w} vs {g}"),
+                    _ => assert_eq!(w[l], g[l], "{file} {l}"),
+                }
+            }
+        }
+    }
+}

@@ -264,15 +264,15 @@ pub fn run(a: TheoryArgs) -> Result<()> {
          order, the fitted ranks and the law's known error: proofs/verdicts.md)"
     );
     if !outcome.checks.is_empty() {
-        let within = outcome.checks.iter().filter(|c| c.within).count();
+        let (distinct, within) = rankstab_theory::distinct_checks(&outcome.checks);
         let worst = outcome
             .checks
             .iter()
             .map(|c| c.rel_diff.abs())
             .fold(0.0, f64::max);
         println!(
-            "Exact first-step SGD moment: Monte Carlo within the 95% interval of the closed form in {within} of {} cells \
-             (largest relative difference {:.1}%).",
+            "Exact first-step SGD moment: Monte Carlo within the 95% interval of the closed form in {within} of {distinct} \
+             distinct checks ({} cells; gamma cancels and held-out inputs are shared; largest relative difference {:.1}%).",
             outcome.checks.len(),
             100.0 * worst
         );

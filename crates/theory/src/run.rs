@@ -4,6 +4,10 @@
 //! Resume: after each trial the rows are appended and `progress.json` records the trial
 //! and the table lengths. Running the same command again skips recorded trials and cuts
 //! anything written after the last record, so a kill loses at most the trial in flight.
+//!
+//! Longer than 600 lines because the run's lifecycle (resume state, the tables written as
+//! trials finish, fits, summaries, closed-form checks) is one sequence over one directory;
+//! the fits themselves are `fits.rs`, the verdicts `predict/`.
 use crate::closed_form::Coefficients;
 use crate::config::{Reuse, TheoryConfig};
 use crate::data::TrialData;
@@ -81,6 +85,28 @@ pub struct ClosedFormCheck {
     pub rel_ci_high: f64,
     /// Whether 0 lies in the interval.
     pub within: bool,
+}
+
+/// The distinct checks among `checks` and how many of them have 0 in their interval. Gamma
+/// cancels from the relative difference and held-out inputs (and, at step 1, every input
+/// regime's shared data) are the same across cells, so many cells repeat one check: cells
+/// with the same optimizer, site, rank and the same relative difference and interval (to
+/// 1e-6: gamma cancels in exact arithmetic, not in floating point) count once.
+pub fn distinct_checks(checks: &[ClosedFormCheck]) -> (usize, usize) {
+    let micro = |x: f64| (x * 1e6).round() as i64;
+    let mut seen = std::collections::BTreeMap::new();
+    for c in checks {
+        seen.entry((
+            c.optimizer,
+            c.site,
+            c.rank,
+            micro(c.rel_diff),
+            micro(c.rel_ci_low),
+            micro(c.rel_ci_high),
+        ))
+        .or_insert(c.within);
+    }
+    (seen.len(), seen.values().filter(|&&w| w).count())
 }
 
 /// What a finished run produced.
@@ -684,4 +710,55 @@ pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
         total += cells_per_rank * (cfg.layers as f64 * per_layer + frozen);
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(scaling: Scaling, inputs: &str, site: Site, rank: u32, rel: f64) -> ClosedFormCheck {
+        ClosedFormCheck {
+            optimizer: Optimizer::Sgd,
+            scaling,
+            beta: scaling.beta(),
+            inputs: inputs.into(),
+            site,
+            rank,
+            trials: 8,
+            monte_carlo: 1.0 + rel,
+            closed_form: 1.0,
+            rel_diff: rel,
+            rel_ci_low: rel - 0.1,
+            rel_ci_high: rel + 0.1,
+            within: rel.abs() < 0.1,
+        }
+    }
+
+    #[test]
+    fn repeated_checks_count_once() {
+        let mut checks = Vec::new();
+        for scaling in [Scaling::LORA, Scaling::RSLORA] {
+            for (inputs, fwd) in [("coherent", 0.01), ("fresh", 0.02)] {
+                for rank in [4, 8] {
+                    // Gamma cancels up to rounding.
+                    let wobble = if scaling == Scaling::LORA {
+                        1.0
+                    } else {
+                        1.0 + 1e-12
+                    };
+                    let rel = fwd * f64::from(rank) * wobble;
+                    checks.push(check(scaling, inputs, Site::Fwd, rank, rel));
+                    // Held-out inputs are shared by every regime: one check per rank.
+                    checks.push(check(scaling, inputs, Site::FwdHeldout, rank, 0.5));
+                }
+            }
+        }
+        assert_eq!(checks.len(), 16);
+        // Per rank: fwd coherent, fwd fresh, held-out; the held-out ones and fresh rank 8 lie
+        // outside.
+        assert_eq!(distinct_checks(&checks), (6, 3));
+        // A check that differs in anything but the scaling and the input label is distinct.
+        checks.push(check(Scaling::LORA, "coherent", Site::Fwd, 16, 0.01));
+        assert_eq!(distinct_checks(&checks), (7, 4));
+    }
 }

@@ -3,6 +3,10 @@
 //!
 //! Layer l maps h to h' = [h +] act(W_l u + gamma B_l A_l u), u = [rmsnorm](h). Gradients
 //! are written out by hand (the network is small and the point is to see every term).
+//!
+//! Longer than 600 lines because the forward pass, the hand-written backward pass, the
+//! optimizers' steps and the probes of every site are one cell's computation and share its
+//! buffers; the exact law is in `exact/`, the data in `data.rs`.
 use crate::config::{Activation, Init, Loss, Reuse, TheoryConfig};
 use crate::data::TrialData;
 use ndarray::linalg::general_mat_mul;

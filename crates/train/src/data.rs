@@ -38,6 +38,10 @@
 //! With `max_examples = Some(n)` only the first `n` rows (or text windows) of the file are
 //! used. The sequences are shuffled with `ChaCha8Rng::seed_from_u64(seed)`; the last
 //! `ceil(n * heldout_fraction)` of them (at least one) are held out.
+//!
+//! Longer than 600 lines because both formats (text windows and OpenOrca rows, from JSONL
+//! and Parquet) share the cutting, shuffling and split, and each bad-input case has its
+//! own error naming file, row and field.
 use crate::text::{read_text, TextTokenizer};
 use crate::TrainError;
 use rand::seq::SliceRandom;

@@ -11,6 +11,10 @@
 //! f32 model, and every length in the file is checked against the file size before
 //! anything is allocated: a truncated or corrupt file is an error, never a panic or an
 //! allocation of garbage size.
+//!
+//! Longer than 600 lines because the format's parts (header, metadata, tensor infos, the
+//! quantised block layouts and their dequantisation, the llama name mapping) are read in one
+//! pass with every length checked.
 use crate::llama::{self, Llama};
 use crate::weights::Weights;
 use crate::TrainError;

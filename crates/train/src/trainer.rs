@@ -7,6 +7,11 @@
 //! through the adapter, `(gamma B A)^T v` (`bwd`), and the norms of the gradients of A and
 //! B, of `gamma B A` and its stable rank (`param`). Rows go to the run directory's
 //! `moments.csv` (source = train) and `metrics.csv`.
+//!
+//! Longer than 600 lines because the step is one piece: accumulation, the optimizer, the
+//! probes (zero leaves around each adapter), the law's step-0/step-1 hooks and the rows all
+//! share the step's tensors; what can stand alone already does (`lora`, `inject`, `probe`,
+//! `law`, `optim`, `loss`, `checkpoint`, `run`).
 use crate::checkpoint;
 use crate::data::{collate, heldout_count, shuffle_split, Dataset, Sequence};
 use crate::inject::{self, module_and_layer};

@@ -36,6 +36,9 @@ pub struct TheorySection {
     pub checks: Vec<ClosedFormCheck>,
     /// Checks with 0 in the interval.
     pub checks_within: usize,
+    /// Distinct checks among `checks` (`rankstab_theory::distinct_checks`): gamma cancels and
+    /// held-out inputs are shared, so cells repeat checks; `checks_within` counts these.
+    pub checks_distinct: usize,
     /// Names of this section's figures.
     pub figures: Vec<String>,
 }
@@ -59,7 +62,7 @@ pub(super) fn section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) 
     let shown = shown(&rows, order);
     let counts = tally_rows(&rows);
     let checks: Vec<ClosedFormCheck> = run.checks.iter().flatten().cloned().collect();
-    let checks_within = checks.iter().filter(|c| c.within).count();
+    let (checks_distinct, checks_within) = rankstab_theory::distinct_checks(&checks);
     let mine = figures(run, &rows, order, opts.max_panels);
     let figures = mine.iter().map(|p| p.name.clone()).collect();
     plots.extend(mine);
@@ -73,6 +76,7 @@ pub(super) fn section(run: &Run, opts: &AnalysisOptions, plots: &mut Vec<Plot>) 
         counts,
         checks,
         checks_within,
+        checks_distinct,
         figures,
     }
 }
