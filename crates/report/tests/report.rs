@@ -436,9 +436,10 @@ fn runs_without_law_rows_get_no_prediction_and_say_why() {
 
 #[test]
 fn an_old_theory_run_is_judged_again_by_today_s_rule() {
-    // The committed example: written before law rows and outcomes existed (its fits.json has
-    // `agrees`). It loads, and its fits are recomputed from its moments.
-    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reports/example/runs/theory-small");
+    // The example as committed before law rows and outcomes existed (its fits.json has
+    // `agrees`; tests/fixtures/README.md). It loads, and its fits are recomputed from its
+    // moments.
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/old-theory-small");
     let a = analysis_of(&[old]);
     assert_eq!(a.theory.len(), 1);
     let sec = &a.theory[0];

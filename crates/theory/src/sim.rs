@@ -424,6 +424,18 @@ struct Cache {
     z: Array2<f32>,
 }
 
+/// The loss gradient at layer l's pre-activation (training rows `..n`) from the gradient
+/// `dh` at its output.
+fn to_pre_activation(activation: Activation, c: &Cache, dh: &Array2<f32>, n: usize) -> Array2<f32> {
+    let mut v = dh.clone();
+    if activation != Activation::Identity {
+        Zip::from(&mut v)
+            .and(c.z.slice(s![..n, ..]))
+            .for_each(|g, &z| *g *= act_grad(activation, z));
+    }
+    v
+}
+
 /// The loss gradient at layer l's input h (training rows `..n`), from the gradient `du` at
 /// its adapter input u and the gradient `dh` that reaches h around the layer: back through
 /// the RMSNorm (when on), plus `dh` itself with a residual connection.
@@ -629,12 +641,7 @@ pub(crate) fn run_cell(
         losses.push((t as u32, loss, loss_h));
         for l in (0..layers.len()).rev() {
             let c = &caches[l];
-            let mut v = dh.clone();
-            if cfg.activation != Activation::Identity {
-                Zip::from(&mut v)
-                    .and(c.z.slice(s![..n, ..]))
-                    .for_each(|g, &z| *g *= act_grad(cfg.activation, z));
-            }
+            let v = to_pre_activation(cfg.activation, c, &dh, n);
             let ax = c.ax.slice(s![..n, ..]); // gamma A u, training rows
             let u = c.u.slice(s![..n, ..]);
             // Measurements first need the old A and B; the fused passes return the backward
@@ -746,12 +753,7 @@ pub(crate) fn frozen_pass(
     let mut vs = Vec::new();
     for l in (0..layers.len()).rev() {
         let c = &caches[l];
-        let mut v = dh.clone();
-        if cfg.activation != Activation::Identity {
-            Zip::from(&mut v)
-                .and(c.z.slice(s![..n, ..]))
-                .for_each(|g, &z| *g *= act_grad(cfg.activation, z));
-        }
+        let v = to_pre_activation(cfg.activation, c, &dh, n);
         if l > 0 {
             let du = v.dot(&data.weights[l]);
             dh = to_layer_input(cfg, c, &dh, du, n);
