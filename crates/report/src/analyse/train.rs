@@ -172,19 +172,7 @@ impl TrainData {
     /// modules (`module = all`) the smallest module's.
     pub(super) fn module_d(&self, key: &TrainKey) -> u32 {
         if key.module == "all" {
-            let of_model = self
-                .dims
-                .iter()
-                .filter(|(at, _)| at.model == key.model)
-                .map(|(_, &d)| d)
-                .chain(
-                    self.widths
-                        .iter()
-                        .filter(|(at, _)| at.model == key.model && at.site == key.site)
-                        .map(|(_, &d)| d),
-                )
-                .filter(|&d| d > 0);
-            return of_model.min().unwrap_or(0);
+            return self.smallest_d(&key.model, Some(key.site));
         }
         let at = ModuleOf {
             model: key.model.clone(),
@@ -196,9 +184,10 @@ impl TrainData {
             .unwrap_or_else(|| self.width(key))
     }
 
-    /// The d of the smallest adapted module of `model` (min(in, out)): the rank range a
+    /// The d of the smallest adapted module of `model` (min(in, out) from
+    /// `config.run.modules`, and the rows' widths, at `site` when given): the rank range a
     /// training sweep needs reaches d / 8 of it (0 when no width is recorded).
-    pub(super) fn smallest_d(&self, model: &str) -> u32 {
+    pub(super) fn smallest_d(&self, model: &str, site: Option<Site>) -> u32 {
         self.dims
             .iter()
             .filter(|(at, _)| at.model == model)
@@ -206,7 +195,7 @@ impl TrainData {
             .chain(
                 self.widths
                     .iter()
-                    .filter(|(at, _)| at.model == model)
+                    .filter(|(at, _)| at.model == model && site.is_none_or(|s| at.site == s))
                     .map(|(_, &d)| d),
             )
             .filter(|&d| d > 0)
@@ -305,14 +294,15 @@ pub(super) fn section(
         .collect();
     let fitted = train_rows::fit_rows(&data, &windows, theory);
     let rows = fitted.rows;
-    let (primary, per_layer): (Vec<(&ExponentRow, bool)>, Vec<(&ExponentRow, bool)>) = rows
-        .iter()
-        .zip(fitted.primary.iter().copied())
-        .partition(|(_, p)| *p);
-    let take =
-        |v: Vec<(&ExponentRow, bool)>| v.into_iter().map(|(r, _)| r.clone()).collect::<Vec<_>>();
-    let counts = tally_rows(&take(primary));
-    let layer_counts = tally_rows(&take(per_layer));
+    let family = |primary: bool| -> Vec<ExponentRow> {
+        rows.iter()
+            .zip(&fitted.primary)
+            .filter(|&(_, &p)| p == primary)
+            .map(|(r, _)| r.clone())
+            .collect()
+    };
+    let counts = tally_rows(&family(true));
+    let layer_counts = tally_rows(&family(false));
     let figure_data = train_plots::Inputs {
         runs: train_runs,
         data: &data,

@@ -225,7 +225,7 @@ fn pending_row(
             }
         },
     }
-    let why_not = unjudgeable(seeds, &ranks, data.smallest_d(&key.model), &key.model);
+    let why_not = unjudgeable(seeds, &ranks, data.smallest_d(&key.model, None), &key.model);
     let claims = Claims {
         measured: Some(Estimate::from(fit)),
         test,

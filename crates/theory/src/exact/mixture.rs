@@ -230,15 +230,7 @@ mod tests {
             for rho in [0.0, 0.2, 0.6, 0.95] {
                 let a = Mixture::adam(rho, 1e-7).abs_moments(r);
                 let s = sgd::abs_moments(r, rho, &chi);
-                for k in 0..4 {
-                    assert!(
-                        (a[k] / s[k] - 1.0).abs() < 2e-6,
-                        "r {r} rho {rho} m {}: {} vs {}",
-                        k + 1,
-                        a[k],
-                        s[k]
-                    );
-                }
+                crate::exact::assert_moments_close(a, s, 2e-6, &format!("r {r} rho {rho}"));
             }
         }
     }
@@ -252,15 +244,7 @@ mod tests {
             for rho in [0.0, 0.05, 0.4, 0.97] {
                 let a = Mixture::gaussian_product(rho).abs_moments(r);
                 let s = sgd::abs_moments(r, rho, &chi);
-                for k in 0..4 {
-                    assert!(
-                        (a[k] / s[k] - 1.0).abs() < 1e-5,
-                        "r {r} rho {rho} m {}: {} vs {}",
-                        k + 1,
-                        a[k],
-                        s[k]
-                    );
-                }
+                crate::exact::assert_moments_close(a, s, 1e-5, &format!("r {r} rho {rho}"));
             }
         }
     }

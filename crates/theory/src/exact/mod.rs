@@ -17,3 +17,17 @@ pub mod quad;
 pub mod rows;
 pub mod sgd;
 pub mod table;
+
+/// Test helper: the four absolute moments `got` each within relative `tol` of `want`.
+#[cfg(test)]
+pub(crate) fn assert_moments_close(got: [f64; 4], want: [f64; 4], tol: f64, what: &str) {
+    for m in 0..4 {
+        assert!(
+            (got[m] / want[m] - 1.0).abs() < tol,
+            "{what} m {}: {} vs {}",
+            m + 1,
+            got[m],
+            want[m]
+        );
+    }
+}

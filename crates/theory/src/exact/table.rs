@@ -354,38 +354,29 @@ mod tests {
             for rho in [0.0, 0.0013, 0.013, 0.041, 0.27, 0.61, 0.93, 0.999] {
                 let direct = sgd::abs_moments(r, rho, &chi);
                 let got = s.get(ri, rho);
-                for m in 0..4 {
-                    assert!(
-                        (got[m] / direct[m] - 1.0).abs() < 1e-5,
-                        "sgd r {r} rho {rho} m {}: {} vs {}",
-                        m + 1,
-                        got[m],
-                        direct[m]
-                    );
-                }
+                crate::exact::assert_moments_close(
+                    got,
+                    direct,
+                    1e-5,
+                    &format!("sgd r {r} rho {rho}"),
+                );
                 let direct = Mixture::uniform_entry(rho).abs_moments(r);
                 let got = u.get(ri, rho);
-                for m in 0..4 {
-                    assert!(
-                        (got[m] / direct[m] - 1.0).abs() < 1e-5,
-                        "uniform r {r} rho {rho} m {}: {} vs {}",
-                        m + 1,
-                        got[m],
-                        direct[m]
-                    );
-                }
+                crate::exact::assert_moments_close(
+                    got,
+                    direct,
+                    1e-5,
+                    &format!("uniform r {r} rho {rho}"),
+                );
                 for lambda in [3e-4, 0.07, 1.3, 45.0, 2e3] {
                     let direct = Mixture::adam(rho, lambda).abs_moments(r);
                     let got = a.get(ri, rho, lambda);
-                    for m in 0..4 {
-                        assert!(
-                            (got[m] / direct[m] - 1.0).abs() < 2e-4,
-                            "adam r {r} rho {rho} lambda {lambda} m {}: {} vs {}",
-                            m + 1,
-                            got[m],
-                            direct[m]
-                        );
-                    }
+                    crate::exact::assert_moments_close(
+                        got,
+                        direct,
+                        2e-4,
+                        &format!("adam r {r} rho {rho} lambda {lambda}"),
+                    );
                 }
             }
         }
