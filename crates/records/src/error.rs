@@ -47,4 +47,21 @@ pub enum RecordsError {
         /// Header expected.
         expected: Vec<String>,
     },
+    /// A file or value that is refused (not a regular file, too large, outside its
+    /// directory, damaged, ...): the message says what is allowed.
+    #[error("{path}: {msg}")]
+    Invalid {
+        /// File concerned.
+        path: PathBuf,
+        /// What is wrong and what is allowed.
+        msg: String,
+    },
+    /// Another process holds the run directory's lock.
+    #[error("{path} is in use by {holder}: wait for it to finish, or choose another --out")]
+    Locked {
+        /// The locked directory.
+        path: PathBuf,
+        /// "pid N on HOST".
+        holder: String,
+    },
 }

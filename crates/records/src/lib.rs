@@ -18,11 +18,13 @@
 //! ([`scaling_factor`]).
 
 mod error;
+pub mod guard;
 mod table;
 mod types;
 pub mod vocab;
 
 pub use error::RecordsError;
+pub use guard::RunLock;
 #[doc(hidden)]
 pub use serde as __serde;
 pub use table::{read_json, read_moments, read_table, write_json_atomic, TableWriter};
