@@ -3,6 +3,7 @@
 //! Argument parsing, config files, progress and printing live here; the science lives in
 //! the library crates. Every error ends the process with one line and exit code 2.
 mod eval_cmd;
+mod interrupt;
 mod report_cmd;
 mod sweep_cmd;
 mod theory_cmd;
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_exit(e),
     };
+    interrupt::install();
     // Before libtorch starts its threads: subnormal gradients make CPU training many times
     // slower (see rankstab_train::device::flush_denormals).
     if matches!(
@@ -98,12 +100,20 @@ fn clap_exit(e: clap::Error) -> ExitCode {
         return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
     }
     let text = e.render().to_string();
-    let first = text
+    // clap's message up to its usage block, on one line (a missing argument is named on
+    // the line after "the following required arguments were not provided:").
+    let body: Vec<&str> = text
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid arguments")
-        .trim_start_matches("error: ");
-    eprintln!("rankstab: error: {first}");
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = body.join(" ");
+    let line = line.trim_start_matches("error: ");
+    eprintln!(
+        "rankstab: error: {}",
+        if line.is_empty() { "invalid arguments" } else { line }
+    );
     ExitCode::from(2)
 }
 

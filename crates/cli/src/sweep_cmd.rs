@@ -128,6 +128,16 @@ pub fn run(a: SweepArgs) -> Result<()> {
             skipped += 1;
             continue;
         }
+        // The cell's lock, held while it runs (another process running it: exit at once).
+        let cell_lock = rankstab_records::RunLock::exclusive(&dir)
+            .with_context(|| format!("cell {} ({})", cell.index, cell.name))?;
+        if RunState::of(&dir).is_finished() {
+            // Finished by another process meanwhile.
+            pb.inc(tc.steps as u64);
+            skipped += 1;
+            continue;
+        }
+        crate::interrupt::running(&out, "rankstab sweep");
         let t0 = Instant::now();
         if loaded.as_ref().is_none_or(|(n, _)| *n != cell.model) {
             pb.set_message(format!("loading {}", cell.model));
@@ -157,7 +167,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         };
         let mut meta = meta.clone();
         meta.extra["model"] = serde_json::json!(model);
-        let o = run_dir(&mut lm.model, ds, &tc, &dir, &meta, |step, loss| {
+        let o = run_dir(&mut lm.model, ds, &tc, &dir, &meta, &cell_lock, |step, loss| {
             pb.set_position(base + step as u64 + 1);
             pb.set_message(format!("{} loss {loss:.3}", cell.name));
         })

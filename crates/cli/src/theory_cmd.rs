@@ -130,9 +130,13 @@ pub struct TheoryArgs {
     /// 4096 and rank 2048 more than everything else together).
     #[arg(long)]
     delta_norm: bool,
-    /// Worker threads (default: all cores). Results do not depend on it.
+    /// Worker threads (default: all cores; 1..=1024). Results do not depend on it.
     #[arg(long)]
     threads: Option<usize>,
+    /// Refuse the run if its up-front memory estimate exceeds SIZE (e.g. 16G, 512M);
+    /// default: this machine's available memory.
+    #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
+    max_memory: Option<u64>,
     /// Run directory (default runs/theory-<time>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -221,8 +225,8 @@ impl rankstab_theory::Progress for Bar {
 
 pub fn run(a: TheoryArgs) -> Result<()> {
     let cfg = resolve_config(&a)?;
-    if a.threads == Some(0) {
-        bail!("--threads 0 is not allowed: use >= 1");
+    if let Some(t) = a.threads.filter(|t| !(1..=1024).contains(t)) {
+        bail!("--threads {t} is not allowed: use 1..=1024 (one worker per core is fastest)");
     }
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
@@ -241,8 +245,10 @@ pub fn run(a: TheoryArgs) -> Result<()> {
         threads: a.threads,
         git_revision: crate::git_revision(),
         max_trials_this_run: None,
+        max_memory: a.max_memory,
     };
     let t0 = std::time::Instant::now();
+    crate::interrupt::running(&out, "rankstab theory");
     let outcome = rankstab_theory::run(&cfg, &out, &opts, &Bar(pb.clone()))?;
     pb.finish_and_clear();
     if a.json {

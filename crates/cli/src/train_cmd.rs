@@ -6,7 +6,7 @@ use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
 use rankstab_train::device::{DeviceName, Dtype};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::run::{
-    discard_failed, load_model, prepare_out, run_dir, ModelSpec, RunMeta, Start,
+    claim_out, discard_failed, load_model, run_dir, ModelSpec, RunMeta, Start,
 };
 use rankstab_train::trainer::TrainConfig;
 use std::path::PathBuf;
@@ -184,12 +184,29 @@ pub fn run(a: TrainArgs) -> Result<()> {
             chrono::Utc::now().format("%Y%m%d-%H%M%S")
         ))
     });
-    let start = prepare_out(&out)?;
+    let (start, lock) = claim_out(&out)?;
     if start == Start::Resume {
         eprintln!("resuming the run in {}", out.display());
     }
+    crate::interrupt::running(&out, "rankstab train");
+    let result = train_locked(&a, &spec, &cfg, &out, &lock);
+    if result.is_err() && start == Start::New {
+        // A new run that failed wrote nothing usable: do not leave it behind.
+        discard_failed(&out);
+    }
+    result
+}
+
+/// `rankstab train` once its run directory is locked.
+fn train_locked(
+    a: &TrainArgs,
+    spec: &ModelSpec,
+    cfg: &TrainConfig,
+    out: &std::path::Path,
+    lock: &rankstab_records::RunLock,
+) -> Result<()> {
     let device = a.device.device()?;
-    let mut lm = load_model(&spec, a.dtype.kind(), device)?;
+    let mut lm = load_model(spec, a.dtype.kind(), device)?;
     let data = load_dataset(
         &a.data,
         &lm.tokenizer,
@@ -217,19 +234,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let outcome = match run_dir(&mut lm.model, &data, &cfg, &out, &meta, |step, loss| {
+    let outcome = run_dir(&mut lm.model, &data, cfg, out, &meta, lock, |step, loss| {
         pb.set_position(step as u64 + 1);
         pb.set_message(format!("loss {loss:.4}"));
-    }) {
-        Ok(o) => o,
-        Err(e) => {
-            // A new run that failed wrote nothing usable: do not leave it behind.
-            if start == Start::New {
-                discard_failed(&out);
-            }
-            return Err(e.into());
-        }
-    };
+    })?;
     pb.finish_and_clear();
     if let Some(s) = outcome.resumed_from {
         println!("resumed from step {s}");

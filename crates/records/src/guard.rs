@@ -241,6 +241,11 @@ impl RunLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The locked directory.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
 }
 
 /// Whether a directory holds nothing but (possibly) a lock file.

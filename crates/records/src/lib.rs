@@ -27,7 +27,9 @@ pub use error::RecordsError;
 pub use guard::RunLock;
 #[doc(hidden)]
 pub use serde as __serde;
-pub use table::{read_json, read_moments, read_table, write_json_atomic, TableWriter};
+pub use table::{
+    read_json, read_moments, read_table, table_sizes, verify_tables, write_json_atomic, TableWriter,
+};
 pub use types::*;
 pub use vocab::{
     Layer, Metric, Optimizer, Outcome, ParseError, Rival, Scaling, Site, Stat, Verdict, Window,

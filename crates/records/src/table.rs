@@ -186,22 +186,100 @@ impl<T: Serialize + DeserializeOwned + Default> TableWriter<T> {
 /// I/O errors, a header that does not match `T`, or a malformed row (the error names the
 /// file and the line).
 pub fn read_table<T: Serialize + DeserializeOwned + Default>(path: &Path) -> Result<Vec<T>> {
+    let text = read_complete_lines(path)?;
+    check_header::<T>(path, text.lines().next().unwrap_or_default())?;
+    let csv_err = |source| RecordsError::Csv {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(text.as_bytes());
+    let headers = rdr.headers().map_err(csv_err)?.clone();
+    let mut unique = Unique::new(path, &headers);
+    let mut rows = Vec::new();
+    for rec in rdr.records() {
+        let rec = rec.map_err(csv_err)?;
+        unique.check(&text, &rec)?;
+        rows.push(rec.deserialize(Some(&headers)).map_err(csv_err)?);
+    }
+    Ok(rows)
+}
+
+/// The complete lines of a table file (a final line without its newline, left by a kill
+/// during a write, is dropped).
+fn read_complete_lines(path: &Path) -> Result<String> {
     let mut text = std::fs::read_to_string(path).map_err(io_err(path))?;
     if !text.ends_with('\n') {
         text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
     }
-    check_header::<T>(path, text.lines().next().unwrap_or_default())?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(text.as_bytes());
-    rdr.deserialize()
-        .map(|r| {
-            r.map_err(|source| RecordsError::Csv {
-                path: path.to_path_buf(),
-                source,
-            })
-        })
-        .collect()
+    Ok(text)
+}
+
+/// Finds rows that repeat another row in every column but `value`: every table written by
+/// rankstab has one row per key (the axes, seed or trial, step, ...), so a repeated key
+/// means two writers appended to one table (or a table was concatenated), and the numbers
+/// read from it would be wrong.
+struct Unique<'a> {
+    path: &'a Path,
+    value: Option<usize>,
+    /// Hash of a row's key -> byte offset of the first row with that hash.
+    seen: std::collections::HashMap<u64, u64>,
+}
+
+impl<'a> Unique<'a> {
+    fn new(path: &'a Path, headers: &csv::StringRecord) -> Self {
+        Self {
+            path,
+            value: headers.iter().position(|h| h == "value"),
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    fn key<'r>(&self, rec: &'r csv::StringRecord) -> impl Iterator<Item = &'r str> + 'r {
+        let value = self.value;
+        rec.iter()
+            .enumerate()
+            .filter(move |(i, _)| Some(*i) != value)
+            .map(|(_, f)| f)
+    }
+
+    fn check(&mut self, text: &str, rec: &csv::StringRecord) -> Result<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for f in self.key(rec) {
+            f.hash(&mut h);
+        }
+        let offset = rec.position().map_or(0, csv::Position::byte);
+        let Some(&first) = self.seen.get(&h.finish()) else {
+            self.seen.insert(h.finish(), offset);
+            return Ok(());
+        };
+        // Same hash: compare the keys themselves (the earlier row is re-read from the text).
+        let earlier = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(text.as_bytes().get(first as usize..).unwrap_or_default())
+            .records()
+            .next();
+        let same = match earlier {
+            Some(Ok(e)) => self.key(&e).eq(self.key(rec)),
+            _ => false,
+        };
+        if same {
+            let line = |off: u64| text[..(off as usize).min(text.len())].matches('\n').count() + 1;
+            return Err(RecordsError::Invalid {
+                path: self.path.to_path_buf(),
+                msg: format!(
+                    "line {} repeats line {} (every column but the value): the table holds \
+                     duplicate rows, as two processes writing one run leave; rerun it into a new \
+                     directory",
+                    line(offset),
+                    line(first)
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Reads `moments.csv` (and the `coefficients.csv` beside it, when there is one) of a run
@@ -212,10 +290,7 @@ pub fn read_table<T: Serialize + DeserializeOwned + Default>(path: &Path) -> Res
 /// # Errors
 /// As [`read_table`], for either file.
 pub fn read_moments(path: &Path) -> Result<(Vec<MomentRow>, Vec<CoefRow>)> {
-    let mut text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    if !text.ends_with('\n') {
-        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
-    }
+    let text = read_complete_lines(path)?;
     check_header::<MomentRow>(path, text.lines().next().unwrap_or_default())?;
     let csv_err = |source| RecordsError::Csv {
         path: path.to_path_buf(),
@@ -226,9 +301,11 @@ pub fn read_moments(path: &Path) -> Result<(Vec<MomentRow>, Vec<CoefRow>)> {
         .from_reader(text.as_bytes());
     let headers = rdr.headers().map_err(csv_err)?.clone();
     let optimizer = headers.iter().position(|h| h == "optimizer");
+    let mut unique = Unique::new(path, &headers);
     let (mut rows, mut coefs) = (Vec::new(), Vec::new());
     for rec in rdr.records() {
         let rec = rec.map_err(csv_err)?;
+        unique.check(&text, &rec)?;
         if optimizer.and_then(|i| rec.get(i)) == Some("any") {
             coefs.push(rec.deserialize(Some(&headers)).map_err(csv_err)?);
         } else {
@@ -248,7 +325,9 @@ pub fn read_moments(path: &Path) -> Result<(Vec<MomentRow>, Vec<CoefRow>)> {
 /// # Errors
 /// I/O or serialisation errors.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
+    // One temporary name per process, so that two writers of the same document (the
+    // tasks of a sweep writing its identical sweep.json) cannot rename each other's file.
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| RecordsError::Json {
         path: path.to_path_buf(),
         source,
@@ -273,6 +352,69 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Rows and bytes of every CSV table in a run directory (a finished run records them in
+/// its manifest).
+///
+/// # Errors
+/// I/O errors.
+pub fn table_sizes(dir: &Path) -> Result<std::collections::BTreeMap<String, crate::TableSize>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".csv") && entry.file_type().map_err(io_err(dir))?.is_file() {
+            names.push(name);
+        }
+    }
+    for name in names {
+        out.insert(name.clone(), size_of_table(&dir.join(&name))?);
+    }
+    Ok(out)
+}
+
+fn size_of_table(path: &Path) -> Result<crate::TableSize> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let lines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+    Ok(crate::TableSize {
+        rows: lines.saturating_sub(1),
+        bytes: bytes.len() as u64,
+    })
+}
+
+/// Checks a finished run's tables against the sizes its manifest recorded at completion:
+/// a table cut short, appended to or rewritten since is refused, naming the file, what it
+/// holds and what was recorded. Runs that recorded no sizes (written before rankstab
+/// recorded them, or still running) pass.
+///
+/// # Errors
+/// [`RecordsError::Invalid`] naming the damaged table; I/O errors.
+pub fn verify_tables(dir: &Path, manifest: &crate::Manifest) -> Result<()> {
+    for (name, want) in &manifest.tables {
+        let path = dir.join(name);
+        if !path.exists() {
+            return Err(RecordsError::Invalid {
+                path,
+                msg: format!(
+                    "is missing, but the manifest recorded {} rows in it at completion: the run is damaged; rerun it into a new directory",
+                    want.rows
+                ),
+            });
+        }
+        let got = size_of_table(&path)?;
+        if got != *want {
+            return Err(RecordsError::Invalid {
+                path,
+                msg: format!(
+                    "holds {} rows ({} bytes), but the manifest recorded {} rows ({} bytes) at completion: the table was cut, appended to or rewritten since, so the run is damaged; rerun it into a new directory",
+                    got.rows, got.bytes, want.rows, want.bytes
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -408,6 +550,59 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_rows_are_refused_naming_both_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("moments.csv");
+        let mut w = TableWriter::<MomentRow>::open(&p).expect("open");
+        w.append(&[row(0), row(1), row(2)]).expect("append");
+        // The same key with another value: what two writers of one run leave.
+        w.append(&[MomentRow { value: 9.0, ..row(1) }]).expect("append");
+        for err in [
+            read_table::<MomentRow>(&p).expect_err("duplicate").to_string(),
+            read_moments(&p).expect_err("duplicate").to_string(),
+        ] {
+            assert!(err.contains("moments.csv") && err.contains("line 5 repeats line 3"), "{err}");
+        }
+        // Rows that differ in any key column are not duplicates.
+        let q = dir.path().join("other.csv");
+        let mut w = TableWriter::<MomentRow>::open(&q).expect("open");
+        w.append(&[row(0), row(1), MomentRow { seed: 5, ..row(1) }]).expect("append");
+        assert_eq!(read_table::<MomentRow>(&q).expect("distinct").len(), 3);
+    }
+
+    #[test]
+    fn finished_tables_are_checked_against_their_recorded_sizes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("moments.csv");
+        let mut w = TableWriter::<MomentRow>::open(&p).expect("open");
+        w.append(&[row(0), row(1), row(2)]).expect("append");
+        let sizes = table_sizes(dir.path()).expect("sizes");
+        assert_eq!(sizes["moments.csv"].rows, 3);
+        let manifest = crate::Manifest {
+            schema_version: crate::SCHEMA_VERSION,
+            tool: "rankstab".into(),
+            tool_version: "0".into(),
+            git_revision: None,
+            command: "theory".into(),
+            config: serde_json::json!({}),
+            seeds: vec![],
+            device: String::new(),
+            created: String::new(),
+            finished: None,
+            status: crate::RunStatus::Complete,
+            note: None,
+            tables: sizes,
+        };
+        verify_tables(dir.path(), &manifest).expect("as recorded");
+        w.truncate(w.len().expect("len") - 5).expect("cut");
+        let e = verify_tables(dir.path(), &manifest).expect_err("cut").to_string();
+        assert!(e.contains("moments.csv") && e.contains("recorded 3 rows"), "{e}");
+        std::fs::remove_file(&p).expect("rm");
+        let e = verify_tables(dir.path(), &manifest).expect_err("missing").to_string();
+        assert!(e.contains("is missing"), "{e}");
+    }
+
+    #[test]
     fn json_round_trip_is_atomic_and_exact() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("fits.json");
@@ -429,7 +624,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let p = dir.path().join("m.csv");
             let mut w = TableWriter::<MomentRow>::open(&p).expect("open");
-            let rows: Vec<MomentRow> = values.iter().map(|&v| MomentRow { value: v, alpha: v, ..Default::default() }).collect();
+            let rows: Vec<MomentRow> = values.iter().enumerate().map(|(i, &v)| MomentRow { value: v, alpha: v, step: i as u32, ..Default::default() }).collect();
             w.append(&rows).expect("append");
             let back: Vec<MomentRow> = read_table(&p).expect("read");
             proptest::prop_assert_eq!(back, rows);

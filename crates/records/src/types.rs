@@ -46,6 +46,20 @@ pub struct Manifest {
     /// A remark on how the run ended, e.g. "diverged at step 3".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Rows and bytes of every table at completion (empty while running, and in runs
+    /// written before rankstab recorded them): readers check a finished run's tables
+    /// against them ([`crate::verify_tables`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tables: std::collections::BTreeMap<String, TableSize>,
+}
+
+/// Size of one table of a finished run, recorded in its manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TableSize {
+    /// Data rows (lines after the header).
+    pub rows: u64,
+    /// Bytes of the file.
+    pub bytes: u64,
 }
 
 /// One row of `moments.csv` (long format: one measured number per row).

@@ -41,6 +41,16 @@ pub enum ReportError {
         /// What is wrong.
         what: String,
     },
+    /// A run directory's tables are damaged (cut, appended to or rewritten after
+    /// completion, or holding duplicate rows): the report refuses it rather than use wrong
+    /// numbers.
+    #[error("run {dir} is damaged: {source}")]
+    Damaged {
+        /// Run directory.
+        dir: PathBuf,
+        /// What is damaged (names the file).
+        source: rankstab_records::RecordsError,
+    },
     /// None of the given directories could be used.
     #[error("no usable run directory among the {given} given: {reasons}")]
     NoUsableRuns {

@@ -85,11 +85,44 @@ pub struct ReportOutcome {
 /// # Errors
 /// [`ReportError::NoUsableRuns`] when none of the directories can be used (the others are
 /// listed in [`ReportOutcome::skipped`]); I/O, plotting or template errors.
+/// A report is never written into a run directory (or a sweep's), nor inside one of the
+/// directories it reads: its files would mix with the run's and be read as part of it.
+fn refuse_run_dir_as_out(run_dirs: &[PathBuf], out: &Path) -> Result<(), ReportError> {
+    let out_abs = absolute(out);
+    for dir in out_abs.ancestors() {
+        for marker in [rankstab_records::files::MANIFEST, "sweep.json"] {
+            if dir.join(marker).is_file() {
+                return Err(ReportError::Invalid {
+                    path: out.to_path_buf(),
+                    what: format!(
+                        "is inside the run directory {} (it holds {marker}): choose a --out outside every run directory",
+                        dir.display()
+                    ),
+                });
+            }
+        }
+    }
+    for run in run_dirs {
+        let run_abs = absolute(run);
+        if out_abs.starts_with(&run_abs) {
+            return Err(ReportError::Invalid {
+                path: out.to_path_buf(),
+                what: format!(
+                    "is inside {}, which the report reads: choose a --out outside the run directories",
+                    run.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 pub fn build_report(
     run_dirs: &[PathBuf],
     out: &Path,
     opts: &ReportOptions,
 ) -> Result<ReportOutcome, ReportError> {
+    refuse_run_dir_as_out(run_dirs, out)?;
     let (runs, skipped) = load::load_runs(run_dirs)?;
     let analysis = analyse::analyse(&runs, &skipped, &opts.analysis);
     let figures: Vec<figures::Figure> = analysis

@@ -152,6 +152,16 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
             })
         }
     };
+    // Damage (a table that is not as it was at completion, duplicate rows) is an error of
+    // its own: `load_runs` refuses such a run instead of leaving it out.
+    let damaged = |dir: &Path| {
+        let dir = dir.to_path_buf();
+        move |e: rankstab_records::RecordsError| match e {
+            rankstab_records::RecordsError::Invalid { .. } => ReportError::Damaged { dir, source: e },
+            other => ReportError::Records(other),
+        }
+    };
+    rankstab_records::verify_tables(dir, &manifest).map_err(damaged(dir))?;
     let mut notes = Vec::new();
     let moments_path = dir.join(files::MOMENTS);
     if manifest.status == RunStatus::Running && !moments_path.is_file() {
@@ -169,7 +179,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
             file: files::MOMENTS,
         });
     }
-    let (mut moments, coefficients) = read_moments(&moments_path)?;
+    let (mut moments, coefficients) = read_moments(&moments_path).map_err(damaged(dir))?;
     check_source(
         &moments_path,
         kind,
@@ -177,7 +187,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
     )?;
     let metrics_path = dir.join(files::METRICS);
     let mut metrics: Vec<MetricRow> = if metrics_path.is_file() {
-        read_table(&metrics_path)?
+        read_table(&metrics_path).map_err(damaged(dir))?
     } else {
         notes.push(format!(
             "no {}: no loss, perplexity or gradient-norm curves from this run",
@@ -457,6 +467,7 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<(Vec<Run>, Vec<Skipped>), ReportErr
             seen.push(canon);
             match load_run(&dir) {
                 Ok(run) => runs.push(run),
+                Err(e @ ReportError::Damaged { .. }) => return Err(e),
                 Err(e) => {
                     tracing::debug!("not using {}: {e}", dir.display());
                     skipped.push(Skipped {
@@ -528,6 +539,7 @@ mod tests {
             finished: None,
             status: RunStatus::Complete,
             note: None,
+            tables: Default::default(),
         }
     }
 

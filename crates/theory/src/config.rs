@@ -258,6 +258,14 @@ impl Default for TheoryConfig {
 
 /// Largest width accepted (memory grows as width^2).
 pub const MAX_WIDTH: usize = 65_536;
+/// Largest number of layers accepted (each holds a width x width weight).
+pub const MAX_LAYERS: usize = 1024;
+/// Largest batch, held-out batch and class count accepted (rows held per layer).
+pub const MAX_ROWS: usize = 1 << 20;
+/// Largest number of trials accepted.
+pub const MAX_TRIALS: usize = 100_000;
+/// Largest number of steps accepted.
+pub const MAX_STEPS: usize = 100_000;
 
 impl TheoryConfig {
     /// Parses a TOML document; unknown keys are errors.
@@ -331,8 +339,18 @@ impl TheoryConfig {
         if sorted.len() != self.ranks.len() {
             return bad(format!("ranks {:?} contain duplicates", self.ranks));
         }
-        if self.layers == 0 {
-            return bad("layers 0 is not allowed: use >= 1".into());
+        for (name, v, max, why) in [
+            ("layers", self.layers, MAX_LAYERS, "each layer holds a width x width weight"),
+            ("batch", self.batch, MAX_ROWS, "a batch is held as batch x width numbers per layer"),
+            ("heldout", self.heldout, MAX_ROWS, "the held-out batch is held as heldout x width numbers per layer"),
+            ("trials", self.trials, MAX_TRIALS, "each trial is a unit of work and of replication"),
+            ("steps", self.steps, MAX_STEPS, "every step is measured and written"),
+        ] {
+            if v == 0 || v > max {
+                return bad(format!(
+                    "{name} = {v} is not allowed: use 1..={max} ({why})"
+                ));
+            }
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
             return bad(format!(
@@ -440,19 +458,12 @@ impl TheoryConfig {
                 self.batch, self.heldout
             ));
         }
-        if self.loss == Loss::Ce && self.classes < 2 {
+        if self.loss == Loss::Ce && !(2..=MAX_ROWS).contains(&self.classes) {
             return bad(format!(
-                "classes = {} is not allowed for cross-entropy: use >= 2",
+                "classes = {} is not allowed for cross-entropy: use 2..={MAX_ROWS} (the label \
+                 teacher and the readout are classes x width each)",
                 self.classes
             ));
-        }
-        if self.steps == 0 {
-            return bad(
-                "steps 0 is not allowed: use >= 1 (step 0 is initialisation, where B = 0)".into(),
-            );
-        }
-        if self.trials == 0 {
-            return bad("trials 0 is not allowed: use >= 1 (>= 2 for confidence intervals)".into());
         }
         Ok(())
     }

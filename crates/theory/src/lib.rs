@@ -28,7 +28,7 @@ pub use config::{Activation, Init, InputDist, Loss, Reuse, TheoryConfig};
 pub use data::trial_seed;
 pub use fits::fit_rows;
 pub use run::{
-    cells, closed_form_checks, distinct_checks, run, summarize, trial_flops, trial_rows,
+    cells, closed_form_checks, distinct_checks, memory_estimate, run, summarize, trial_flops, trial_rows,
     ClosedFormCheck, NoProgress, Progress, RunOptions, RunOutcome, TrialRows, CHECKS, SUMMARY,
 };
 

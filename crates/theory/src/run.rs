@@ -17,7 +17,7 @@ use crate::sim::{frozen_pass, prepare, run_cell, CellSpec};
 use crate::stats::mean_ci;
 use crate::TheoryError;
 use rankstab_records::{
-    files, read_json, read_moments, write_json_atomic, CoefRow, CoefStat, Fit, Manifest, Metric,
+    files, read_json, read_moments, write_json_atomic, CoefRow, RunLock, CoefStat, Fit, Manifest, Metric,
     MetricRow, MomentRow, Optimizer, RunStatus, Scaling, Site, Stat, SummaryRow, TableWriter,
     SCHEMA_VERSION,
 };
@@ -54,6 +54,9 @@ pub struct RunOptions {
     pub git_revision: Option<String>,
     /// Stop after this many trials in this invocation (for tests of resume).
     pub max_trials_this_run: Option<usize>,
+    /// Refuse a run whose memory estimate exceeds this many bytes (None: the machine's
+    /// available memory).
+    pub max_memory: Option<u64>,
 }
 
 /// Closed-form check of the first-step SGD second moment against the Monte Carlo.
@@ -187,7 +190,14 @@ pub fn run(
     progress: &dyn Progress,
 ) -> Result<RunOutcome, TheoryError> {
     cfg.validate()?;
-    let dist = cfg.input_dist()?;
+    if cfg.ranks.len() < 2 {
+        return Err(TheoryError::Invalid(format!(
+            "ranks {:?}: a run fits rank exponents, which need at least two ranks (three or \
+             more for a judged slope), e.g. --ranks 4,8,16",
+            cfg.ranks
+        )));
+    }
+    cfg.input_dist()?;
     let cell_list = cells(cfg);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
@@ -196,7 +206,46 @@ pub fn run(
             TheoryError::Invalid(format!("cannot start {:?} threads: {e}", opts.threads))
         })?;
     let threads = pool.current_num_threads();
+    let estimate = memory_estimate(cfg, threads);
+    rankstab_records::guard::check_memory(
+        &format!("this theory run (width {}, {} layers, {threads} threads)", cfg.width, cfg.layers),
+        estimate.min(u64::MAX as f64) as u64,
+        opts.max_memory,
+    )
+    .map_err(TheoryError::Invalid)?;
 
+    let manifest_path = out.join(files::MANIFEST);
+    let existed = out.exists();
+    if existed
+        && !manifest_path.exists()
+        && !rankstab_records::guard::is_empty_dir(out)?
+    {
+        return Err(TheoryError::Exists(format!(
+            "{} exists and is not a rankstab run directory: choose another --out",
+            out.display()
+        )));
+    }
+    // Held until this function returns; the OS releases it if the process dies.
+    let lock = RunLock::exclusive(out)?;
+    let result = run_locked(cfg, out, opts, progress, &pool, &cell_list);
+    if result.is_err() && !existed && rankstab_records::guard::is_empty_dir(out).unwrap_or(false) {
+        let _ = std::fs::remove_dir_all(out);
+    }
+    drop(lock);
+    result
+}
+
+/// [`run`] once the run directory is locked.
+fn run_locked(
+    cfg: &TheoryConfig,
+    out: &Path,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    pool: &rayon::ThreadPool,
+    cell_list: &[CellSpec],
+) -> Result<RunOutcome, TheoryError> {
+    let dist = cfg.input_dist()?;
+    let threads = pool.current_num_threads();
     let manifest_path = out.join(files::MANIFEST);
     let mut manifest = if manifest_path.exists() {
         let m: Manifest = read_json(&manifest_path)?;
@@ -218,15 +267,10 @@ pub fn run(
                 out.display()
             )));
         }
+        // A finished run is only re-read: its tables must be as they were at completion.
+        rankstab_records::verify_tables(out, &m)?;
         m
     } else {
-        if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
-            return Err(TheoryError::Exists(format!(
-                "{} exists and is not a rankstab run directory: choose another --out",
-                out.display()
-            )));
-        }
-        std::fs::create_dir_all(out).map_err(io(out))?;
         let m = Manifest {
             schema_version: SCHEMA_VERSION,
             tool: "rankstab".into(),
@@ -242,6 +286,7 @@ pub fn run(
             finished: None,
             status: RunStatus::Running,
             note: None,
+            tables: Default::default(),
         };
         write_json_atomic(&manifest_path, &m)?;
         m
@@ -280,7 +325,7 @@ pub fn run(
     for &trial in &todo {
         progress.message(&format!("trial {}/{}", trial + 1, cfg.trials));
         let rows =
-            pool.install(|| trial_rows_inner(cfg, dist, &cell_list, trial, &tables, progress));
+            pool.install(|| trial_rows_inner(cfg, dist, cell_list, trial, &tables, progress));
         moments.append(&rows.moments)?;
         metrics.append(&rows.metrics)?;
         coefficients.append(&rows.coefficients)?;
@@ -308,6 +353,7 @@ pub fn run(
         if manifest.status != RunStatus::Complete {
             manifest.status = RunStatus::Complete;
             manifest.finished = Some(now());
+            manifest.tables = rankstab_records::table_sizes(out)?;
             write_json_atomic(&manifest_path, &manifest)?;
         }
         (fits, checks)
@@ -710,6 +756,45 @@ pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
         total += cells_per_rank * (cfg.layers as f64 * per_layer + frozen);
     }
     total
+}
+
+/// Up-front estimate of the peak memory of a run of `cfg` on `threads` workers, in bytes,
+/// from the sizes the run allocates (f32 entries): the trial's frozen weights, adapters'
+/// initial A and teacher; its batches, each stacked with the held-out batch (inputs,
+/// adapter inputs, frozen outputs, targets); per worker, one cell in flight at the largest
+/// rank (A, B, their gradients and optimizer state, cached activations per layer); the rows
+/// of a trial before they are written, and the whole moment table when it is read back to
+/// fit (about 400 bytes a row in memory). Computed in floating point, so absurd sizes give
+/// absurd estimates instead of overflowing.
+///
+/// ```
+/// let small = rankstab_theory::TheoryConfig { width: 64, ranks: vec![4, 8], ..Default::default() };
+/// let deep = rankstab_theory::TheoryConfig { layers: 1 << 10, ..small.clone() };
+/// let bytes = |c| rankstab_theory::memory_estimate(c, 2);
+/// assert!(bytes(&deep) > 500.0 * bytes(&small) / 2.0 && bytes(&small) > 4.0 * 64.0 * 64.0);
+/// ```
+pub fn memory_estimate(cfg: &TheoryConfig, threads: usize) -> f64 {
+    let f = 4.0; // bytes of an f32
+    let d = cfg.width as f64;
+    let l = cfg.layers as f64;
+    let r = cfg.ranks.iter().copied().max().unwrap_or(0) as f64;
+    let n = cfg.batch as f64;
+    let m = (cfg.batch + cfg.heldout) as f64;
+    let c = cfg.classes as f64;
+    let fresh = cfg.inputs.contains(&Reuse::Fresh);
+    let n_batches = if fresh { cfg.steps as f64 + 1.0 } else { 1.0 };
+    let teacher = match cfg.loss {
+        crate::config::Loss::Mse => d * d,
+        crate::config::Loss::Ce => 2.0 * c * d,
+    };
+    let trial = f * (l * d * d + l * r * d + teacher + n_batches * n * d + cfg.heldout as f64 * d);
+    let prepared = f * n_batches * 4.0 * m * d;
+    let per_cell = f * l * (6.0 * r * d + 5.0 * m * d + 2.0 * m * r);
+    let cells = cells(cfg).len() as f64;
+    let rows_per_trial =
+        cells * l * (cfg.steps as f64 + 1.0) * (6.0 + 6.0 * cfg.moments.len() as f64);
+    let rows = 400.0 * rows_per_trial * (1.0 + cfg.trials as f64);
+    trial + prepared + threads.max(1) as f64 * per_cell + rows
 }
 
 #[cfg(test)]

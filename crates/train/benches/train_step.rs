@@ -156,12 +156,15 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
     let mut rss_loaded = f64::NAN;
     let mut peak = f64::NAN;
     let last = sh.steps;
+    let run_out = tmp.path().join(name);
+    let lock = rankstab_records::RunLock::exclusive(&run_out).expect("lock the run directory");
     let outcome = run_dir(
         &mut lm.model,
         &data,
         &cfg,
-        &tmp.path().join(name),
+        &run_out,
         &meta,
+        &lock,
         |step, _loss| {
             ends.push(Instant::now());
             if step == 0 {

@@ -7,7 +7,9 @@ use crate::load::{load, tokenizer_from_vocab_merges};
 use crate::text::TextTokenizer;
 use crate::trainer::{train, TrainConfig, TrainOutcome};
 use crate::{CausalLm, TrainError};
-use rankstab_records::{read_json, write_json_atomic, Manifest, RunStatus, SCHEMA_VERSION};
+use rankstab_records::{
+    read_json, write_json_atomic, Manifest, RunLock, RunStatus, SCHEMA_VERSION,
+};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind};
 
@@ -143,11 +145,13 @@ pub enum Start {
 /// # Errors
 /// `out` holds a finished run, or is not empty and holds no run; `out` cannot be read.
 pub fn prepare_out(out: &Path) -> Result<Start, TrainError> {
-    let existed = out.exists()
-        && std::fs::read_dir(out)
-            .map_err(TrainError::io(out))?
-            .next()
-            .is_some();
+    if out.exists() && !out.is_dir() {
+        return Err(TrainError::Invalid(format!(
+            "{} is not a directory: --out takes a run directory (absent, empty, or an unfinished run)",
+            out.display()
+        )));
+    }
+    let existed = !rankstab_records::guard::is_empty_dir(out)?;
     if !existed {
         return Ok(Start::New);
     }
@@ -162,6 +166,21 @@ pub fn prepare_out(out: &Path) -> Result<Start, TrainError> {
             out.display()
         ))),
     }
+}
+
+/// Checks that `out` can take a run ([`prepare_out`]) and takes its exclusive lock, held
+/// for the run's life (pass it to [`run_dir`]); the OS releases it when the process ends.
+/// A directory that holds something else is refused before the lock file is written into
+/// it.
+///
+/// # Errors
+/// As [`prepare_out`]; another process holds the lock (naming its pid and host).
+pub fn claim_out(out: &Path) -> Result<(Start, RunLock), TrainError> {
+    prepare_out(out)?;
+    let lock = RunLock::exclusive(out)?;
+    // Checked again under the lock: another process may have finished the run meanwhile.
+    let start = prepare_out(out)?;
+    Ok((start, lock))
 }
 
 /// Removes the directory of a new run that failed (it holds nothing usable), unless it
@@ -197,8 +216,16 @@ pub fn run_dir(
     cfg: &TrainConfig,
     out: &Path,
     meta: &RunMeta,
+    lock: &RunLock,
     progress: impl FnMut(usize, f64),
 ) -> Result<TrainOutcome, TrainError> {
+    if lock.dir() != out {
+        return Err(TrainError::Invalid(format!(
+            "{}: the run directory is not the one locked ({})",
+            out.display(),
+            lock.dir().display()
+        )));
+    }
     std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
     let mut run = meta.extra.clone();
     if let Some(obj) = run.as_object_mut() {
@@ -217,6 +244,7 @@ pub fn run_dir(
         finished: None,
         status: RunStatus::Running,
         note: None,
+        tables: Default::default(),
     };
     if let Ok(old) = read_json::<Manifest>(&out.join("manifest.json")) {
         manifest.created = old.created;
@@ -232,6 +260,7 @@ pub fn run_dir(
     };
     manifest.note.clone_from(&outcome.diverged);
     manifest.finished = Some(now());
+    manifest.tables = rankstab_records::table_sizes(out)?;
     write_json_atomic(&out.join("manifest.json"), &manifest)?;
     Ok(outcome)
 }

@@ -175,6 +175,7 @@ pub fn write_train_run(
         finished: (status != RunStatus::Running).then(|| "2024-01-01T00:01:00Z".into()),
         status,
         note: note.map(str::to_string),
+        tables: Default::default(),
     };
     write_json_atomic(&dir.join(files::MANIFEST), &manifest).expect("manifest");
     let base = MomentRow {

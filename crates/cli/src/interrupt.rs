@@ -1,0 +1,36 @@
+//! SIGINT, SIGTERM and SIGHUP end a command with one line that says what was running and
+//! how to resume it. Every run directory is written crash-safely (whole rows, atomic
+//! documents, progress records), so ending at once loses at most the unit of work in
+//! flight; the run directory's lock is released by the operating system.
+use std::path::Path;
+use std::sync::Mutex;
+
+/// What is running: (command as typed, run directory).
+static RUNNING: Mutex<Option<(String, String)>> = Mutex::new(None);
+
+/// Installs the handler (once, at start-up).
+pub fn install() {
+    let result = ctrlc::set_handler(|| {
+        let running = RUNNING
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        match running {
+            Some((cmd, dir)) => eprintln!(
+                "rankstab: interrupted: the run in {dir} stopped at its last completed unit of work; run the same {cmd} command again to resume it"
+            ),
+            None => eprintln!("rankstab: interrupted"),
+        }
+        std::process::exit(130);
+    });
+    if let Err(e) = result {
+        tracing::warn!("cannot install the interrupt handler: {e}");
+    }
+}
+
+/// Records that `command` is running into `dir` (for the interrupt message).
+pub fn running(dir: &Path, command: &str) {
+    if let Ok(mut g) = RUNNING.lock() {
+        *g = Some((command.to_string(), dir.display().to_string()));
+    }
+}
