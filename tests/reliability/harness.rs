@@ -122,9 +122,20 @@ pub fn run_cases(cases: &[Case]) -> usize {
             }
         }
         if !why.is_empty() {
-            failures.push(format!("{}: {} -- stderr: {}", case.name, why.join("; "), stderr.trim()));
+            failures.push(format!(
+                "{}: {} -- stderr: {}",
+                case.name,
+                why.join("; "),
+                stderr.trim()
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
     cases.len()
 }

@@ -7,15 +7,46 @@ use std::time::{Duration, Instant};
 
 /// A small theory run (about a second in a debug build).
 const SMALL: &[&str] = &[
-    "theory", "--width", "32", "--ranks", "4,8,16", "--trials", "3", "--steps", "1",
-    "--optimizers", "sgd", "--scalings", "lora,rslora", "--inputs", "coherent", "--moments", "2",
+    "theory",
+    "--width",
+    "32",
+    "--ranks",
+    "4,8,16",
+    "--trials",
+    "3",
+    "--steps",
+    "1",
+    "--optimizers",
+    "sgd",
+    "--scalings",
+    "lora,rslora",
+    "--inputs",
+    "coherent",
+    "--moments",
+    "2",
 ];
 
 /// A theory run that takes several seconds (so a second process can meet it running).
 const SLOW: &[&str] = &[
-    "theory", "--width", "256", "--ranks", "4,8,16,32", "--trials", "24", "--steps", "2",
-    "--optimizers", "sgd,adam", "--scalings", "lora,rslora", "--inputs", "coherent,fresh",
-    "--moments", "2", "--threads", "1",
+    "theory",
+    "--width",
+    "256",
+    "--ranks",
+    "4,8,16,32",
+    "--trials",
+    "24",
+    "--steps",
+    "2",
+    "--optimizers",
+    "sgd,adam",
+    "--scalings",
+    "lora,rslora",
+    "--inputs",
+    "coherent,fresh",
+    "--moments",
+    "2",
+    "--threads",
+    "1",
 ];
 
 fn args_with_out(base: &[&str], out: &Path) -> Vec<String> {
@@ -87,7 +118,10 @@ fn two_theory_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(took < Duration::from_secs(10), "the second process waited {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the second process waited {took:?}"
+    );
     let status = first.wait().expect("first ends");
     assert!(status.success(), "the first run failed");
     // The first run's numbers are those of a run alone.
@@ -123,9 +157,21 @@ fn two_train_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     .expect("write");
     let out = dir.path().join("run");
     let args: Vec<String> = [
-        "train", "--model", &tiny_llama().display().to_string(), "--data",
-        &text.display().to_string(), "--rank", "4", "--steps", "40", "--context", "16",
-        "--batch", "2", "--out", &out.display().to_string(),
+        "train",
+        "--model",
+        &tiny_llama().display().to_string(),
+        "--data",
+        &text.display().to_string(),
+        "--rank",
+        "4",
+        "--steps",
+        "40",
+        "--context",
+        "16",
+        "--batch",
+        "2",
+        "--out",
+        &out.display().to_string(),
     ]
     .iter()
     .map(|s| (*s).to_string())
@@ -143,7 +189,10 @@ fn two_train_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains(&format!("in use by pid {}", first.id())), "{err}");
+    assert!(
+        err.contains(&format!("in use by pid {}", first.id())),
+        "{err}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert!(first.wait().expect("first ends").success());
     // One row per key: no step written twice.
@@ -173,7 +222,12 @@ fn damaged_tables_of_a_finished_run_are_refused_by_rerun_and_report() {
     let report = |name: &str| {
         Case::err(
             name,
-            &["report", &out.display().to_string(), "--out", &report_out.display().to_string()],
+            &[
+                "report",
+                &out.display().to_string(),
+                "--out",
+                &report_out.display().to_string(),
+            ],
             &["run", "damaged", "moments.csv"],
         )
         .leaves_nothing(&[&report_out])
@@ -206,7 +260,12 @@ fn damaged_tables_of_a_finished_run_are_refused_by_rerun_and_report() {
     rankstab_records::write_json_atomic(&out.join("manifest.json"), &m).expect("write");
     run_cases(&[Case::err(
         "report on a running run with duplicate rows",
-        &["report", &out.display().to_string(), "--out", &report_out.display().to_string()],
+        &[
+            "report",
+            &out.display().to_string(),
+            "--out",
+            &report_out.display().to_string(),
+        ],
         &["damaged", "repeats line 2"],
     )
     .leaves_nothing(&[&report_out])]);
@@ -237,29 +296,73 @@ fn theory_sizes_are_refused_before_they_are_allocated() {
         c
     };
     let cases = vec![
-        case("--layers 2^32+1", &["--layers", "4294967297"], &["layers = 4294967297", "1..=1024"]),
-        case("--batch 2^32+1", &["--batch", "4294967297"], &["batch = 4294967297", "1..="]),
-        case("--heldout 2^32+1", &["--heldout", "4294967297"], &["heldout = 4294967297"]),
+        case(
+            "--layers 2^32+1",
+            &["--layers", "4294967297"],
+            &["layers = 4294967297", "1..=1024"],
+        ),
+        case(
+            "--batch 2^32+1",
+            &["--batch", "4294967297"],
+            &["batch = 4294967297", "1..="],
+        ),
+        case(
+            "--heldout 2^32+1",
+            &["--heldout", "4294967297"],
+            &["heldout = 4294967297"],
+        ),
         case(
             "--classes 2^32+1",
             &["--loss", "ce", "--classes", "4294967297"],
             &["classes = 4294967297"],
         ),
         case("--trials 0", &["--trials", "0"], &["trials = 0"]),
-        case("--trials absurd", &["--trials", "99999999"], &["trials = 99999999"]),
-        case("--steps absurd", &["--steps", "99999999"], &["steps = 99999999"]),
-        case("--threads 0", &["--threads", "0"], &["--threads 0", "1..=1024"]),
-        case("--threads huge", &["--threads", "100000"], &["--threads 100000"]),
-        case("--layers from TOML", &["--config", &t], &["layers = 4294967297"]),
+        case(
+            "--trials absurd",
+            &["--trials", "99999999"],
+            &["trials = 99999999"],
+        ),
+        case(
+            "--steps absurd",
+            &["--steps", "99999999"],
+            &["steps = 99999999"],
+        ),
+        case(
+            "--threads 0",
+            &["--threads", "0"],
+            &["--threads 0", "1..=1024"],
+        ),
+        case(
+            "--threads huge",
+            &["--threads", "100000"],
+            &["--threads 100000"],
+        ),
+        case(
+            "--layers from TOML",
+            &["--config", &t],
+            &["layers = 4294967297"],
+        ),
         case(
             "a run larger than --max-memory",
             &["--max-memory", "1M"],
             &["needs about", "--max-memory cap (1.0 MiB)"],
         ),
-        case("--max-memory not a size", &["--max-memory", "lots"], &["lots", "memory size"]),
-        case("--ranks 4 alone", &["--ranks", "4"], &["at least two ranks"]),
+        case(
+            "--max-memory not a size",
+            &["--max-memory", "lots"],
+            &["lots", "memory size"],
+        ),
+        case(
+            "--ranks 4 alone",
+            &["--ranks", "4"],
+            &["at least two ranks"],
+        ),
         case("--width 0", &["--width", "0"], &["width 0"]),
-        case("--width beyond the maximum", &["--width", "65537"], &["width 65537", "65536"]),
+        case(
+            "--width beyond the maximum",
+            &["--width", "65537"],
+            &["width 65537", "65536"],
+        ),
     ];
     // The documented maximum width is refused on a machine without the memory, with the
     // estimate (four width x width matrices of f32 at 65536 are 64 GiB).
@@ -278,9 +381,17 @@ fn theory_sizes_are_refused_before_they_are_allocated() {
 #[test]
 fn usage_errors_are_one_line_and_name_the_argument() {
     let cases = vec![
-        Case::err("eval without --model", &["eval", "--text", "x.txt"], &["--model"]),
+        Case::err(
+            "eval without --model",
+            &["eval", "--text", "x.txt"],
+            &["--model"],
+        ),
         Case::err("an unknown flag", &["theory", "--widht", "4"], &["--widht"]),
-        Case::err("a value that is not a number", &["theory", "--width", "wide"], &["wide", "--width"]),
+        Case::err(
+            "a value that is not a number",
+            &["theory", "--width", "wide"],
+            &["wide", "--width"],
+        ),
         Case::err("an unknown subcommand", &["theroy"], &["theroy"]),
     ];
     run_cases(&cases);
@@ -298,9 +409,17 @@ fn a_report_is_not_written_into_a_run_directory() {
     let o = out.display().to_string();
     let inside = out.join("report").display().to_string();
     run_cases(&[
-        Case::err("--out is the run directory", &["report", &o, "--out", &o], &["inside the run directory"]),
-        Case::err("--out inside the run directory", &["report", &o, "--out", &inside], &["inside"])
-            .leaves_nothing(&[&out.join("report")]),
+        Case::err(
+            "--out is the run directory",
+            &["report", &o, "--out", &o],
+            &["inside the run directory"],
+        ),
+        Case::err(
+            "--out inside the run directory",
+            &["report", &o, "--out", &inside],
+            &["inside"],
+        )
+        .leaves_nothing(&[&out.join("report")]),
     ]);
     let after: Vec<PathBuf> = std::fs::read_dir(&out)
         .expect("read")
@@ -326,10 +445,16 @@ fn an_interrupt_says_how_to_resume_and_the_resumed_run_equals_an_uninterrupted_o
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(
-        err.contains("interrupted") && err.contains(&out.display().to_string()) && err.contains("resume"),
+        err.contains("interrupted")
+            && err.contains(&out.display().to_string())
+            && err.contains("resume"),
         "{err}"
     );
-    assert_eq!(err.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{err}"
+    );
     ok(&args);
     let alone = dir.path().join("alone");
     ok(&args_with_out(SLOW, &alone));

@@ -112,7 +112,11 @@ fn clap_exit(e: clap::Error) -> ExitCode {
     let line = line.trim_start_matches("error: ");
     eprintln!(
         "rankstab: error: {}",
-        if line.is_empty() { "invalid arguments" } else { line }
+        if line.is_empty() {
+            "invalid arguments"
+        } else {
+            line
+        }
     );
     ExitCode::from(2)
 }

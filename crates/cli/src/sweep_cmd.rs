@@ -167,10 +167,18 @@ pub fn run(a: SweepArgs) -> Result<()> {
         };
         let mut meta = meta.clone();
         meta.extra["model"] = serde_json::json!(model);
-        let o = run_dir(&mut lm.model, ds, &tc, &dir, &meta, &cell_lock, |step, loss| {
-            pb.set_position(base + step as u64 + 1);
-            pb.set_message(format!("{} loss {loss:.3}", cell.name));
-        })
+        let o = run_dir(
+            &mut lm.model,
+            ds,
+            &tc,
+            &dir,
+            &meta,
+            &cell_lock,
+            |step, loss| {
+                pb.set_position(base + step as u64 + 1);
+                pb.set_message(format!("{} loss {loss:.3}", cell.name));
+            },
+        )
         .with_context(|| format!("cell {} ({})", cell.index, cell.name))?;
         pb.set_position(base + tc.steps as u64);
         let what = match &o.diverged {

@@ -54,7 +54,10 @@ pub fn open_regular(path: &Path, max_bytes: u64) -> Result<(File, u64)> {
         } else {
             "not a regular file (a device, FIFO or socket)"
         };
-        return Err(invalid(path, format!("is {what}: only regular files are read")));
+        return Err(invalid(
+            path,
+            format!("is {what}: only regular files are read"),
+        ));
     }
     if meta.len() > max_bytes {
         return Err(invalid(
@@ -102,7 +105,10 @@ pub fn read_regular_text(path: &Path, max_bytes: u64) -> Result<String> {
     let mut text = String::from_utf8(bytes).map_err(|e| {
         invalid(
             path,
-            format!("is not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+            format!(
+                "is not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
         )
     })?;
     if text.starts_with('\u{feff}') {
@@ -127,7 +133,10 @@ pub fn confined(dir: &Path, rel: &str) -> Result<PathBuf> {
             ),
         )
     };
-    if rel.is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if rel.is_empty()
+        || p.components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
         return Err(outside());
     }
     let joined = dir.join(p);
@@ -302,7 +311,9 @@ pub fn parse_memory(text: &str) -> std::result::Result<u64, String> {
     };
     let bytes = value * mult as f64;
     if !(bytes.is_finite() && bytes >= 1.0 && bytes < 2f64.powi(62)) {
-        return Err(format!("{text:?} is not a memory size between 1 byte and 4 EiB"));
+        return Err(format!(
+            "{text:?} is not a memory size between 1 byte and 4 EiB"
+        ));
     }
     Ok(bytes as u64)
 }
@@ -313,7 +324,11 @@ pub fn parse_memory(text: &str) -> std::result::Result<u64, String> {
 ///
 /// # Errors
 /// A one-line message with the estimate, the limit and how to override it.
-pub fn check_memory(what: &str, estimate: u64, max: Option<u64>) -> std::result::Result<(), String> {
+pub fn check_memory(
+    what: &str,
+    estimate: u64,
+    max: Option<u64>,
+) -> std::result::Result<(), String> {
     let (limit, whose) = match max {
         Some(m) => (m, "the --max-memory cap"),
         None => match available_memory() {
@@ -342,13 +357,23 @@ mod tests {
         std::fs::write(&p, "\u{feff}hello").expect("write");
         assert_eq!(read_regular_text(&p, 100).expect("read"), "hello");
         let e = read_regular(&p, 3).expect_err("too big").to_string();
-        assert!(e.contains("a.txt") && e.contains("more than the 3 B"), "{e}");
+        assert!(
+            e.contains("a.txt") && e.contains("more than the 3 B"),
+            "{e}"
+        );
         let e = read_regular(dir.path(), 100).expect_err("dir").to_string();
         assert!(e.contains("a directory"), "{e}");
-        let e = read_regular(Path::new("/dev/zero"), 100).expect_err("device").to_string();
-        assert!(e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
+        let e = read_regular(Path::new("/dev/zero"), 100)
+            .expect_err("device")
+            .to_string();
+        assert!(
+            e.contains("/dev/zero") && e.contains("not a regular file"),
+            "{e}"
+        );
         std::fs::write(&p, [0xff, 0xfe, 0x41]).expect("write");
-        let e = read_regular_text(&p, 100).expect_err("not utf8").to_string();
+        let e = read_regular_text(&p, 100)
+            .expect_err("not utf8")
+            .to_string();
         assert!(e.contains("not UTF-8") && e.contains("offset 0"), "{e}");
     }
 
@@ -389,10 +414,15 @@ mod tests {
         assert_eq!(parse_memory("512MiB"), Ok(512 << 20));
         assert_eq!(parse_memory("1000"), Ok(1000));
         assert!(parse_memory("lots").is_err());
-        assert!(parse_memory("5X").expect_err("unit").contains("unknown unit"));
+        assert!(parse_memory("5X")
+            .expect_err("unit")
+            .contains("unknown unit"));
         assert!(check_memory("x", 10, Some(20)).is_ok());
         let e = check_memory("the run", 30 << 30, Some(1 << 30)).expect_err("over");
-        assert!(e.contains("30.0 GiB") && e.contains("1.0 GiB") && e.contains("--max-memory"), "{e}");
+        assert!(
+            e.contains("30.0 GiB") && e.contains("1.0 GiB") && e.contains("--max-memory"),
+            "{e}"
+        );
         assert_eq!(human_bytes(300), "300 B");
     }
 }

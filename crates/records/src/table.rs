@@ -556,17 +556,27 @@ mod tests {
         let mut w = TableWriter::<MomentRow>::open(&p).expect("open");
         w.append(&[row(0), row(1), row(2)]).expect("append");
         // The same key with another value: what two writers of one run leave.
-        w.append(&[MomentRow { value: 9.0, ..row(1) }]).expect("append");
+        w.append(&[MomentRow {
+            value: 9.0,
+            ..row(1)
+        }])
+        .expect("append");
         for err in [
-            read_table::<MomentRow>(&p).expect_err("duplicate").to_string(),
+            read_table::<MomentRow>(&p)
+                .expect_err("duplicate")
+                .to_string(),
             read_moments(&p).expect_err("duplicate").to_string(),
         ] {
-            assert!(err.contains("moments.csv") && err.contains("line 5 repeats line 3"), "{err}");
+            assert!(
+                err.contains("moments.csv") && err.contains("line 5 repeats line 3"),
+                "{err}"
+            );
         }
         // Rows that differ in any key column are not duplicates.
         let q = dir.path().join("other.csv");
         let mut w = TableWriter::<MomentRow>::open(&q).expect("open");
-        w.append(&[row(0), row(1), MomentRow { seed: 5, ..row(1) }]).expect("append");
+        w.append(&[row(0), row(1), MomentRow { seed: 5, ..row(1) }])
+            .expect("append");
         assert_eq!(read_table::<MomentRow>(&q).expect("distinct").len(), 3);
     }
 
@@ -595,10 +605,17 @@ mod tests {
         };
         verify_tables(dir.path(), &manifest).expect("as recorded");
         w.truncate(w.len().expect("len") - 5).expect("cut");
-        let e = verify_tables(dir.path(), &manifest).expect_err("cut").to_string();
-        assert!(e.contains("moments.csv") && e.contains("recorded 3 rows"), "{e}");
+        let e = verify_tables(dir.path(), &manifest)
+            .expect_err("cut")
+            .to_string();
+        assert!(
+            e.contains("moments.csv") && e.contains("recorded 3 rows"),
+            "{e}"
+        );
         std::fs::remove_file(&p).expect("rm");
-        let e = verify_tables(dir.path(), &manifest).expect_err("missing").to_string();
+        let e = verify_tables(dir.path(), &manifest)
+            .expect_err("missing")
+            .to_string();
         assert!(e.contains("is missing"), "{e}");
     }
 

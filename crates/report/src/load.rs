@@ -157,7 +157,9 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
     let damaged = |dir: &Path| {
         let dir = dir.to_path_buf();
         move |e: rankstab_records::RecordsError| match e {
-            rankstab_records::RecordsError::Invalid { .. } => ReportError::Damaged { dir, source: e },
+            rankstab_records::RecordsError::Invalid { .. } => {
+                ReportError::Damaged { dir, source: e }
+            }
             other => ReportError::Records(other),
         }
     };

@@ -340,11 +340,36 @@ impl TheoryConfig {
             return bad(format!("ranks {:?} contain duplicates", self.ranks));
         }
         for (name, v, max, why) in [
-            ("layers", self.layers, MAX_LAYERS, "each layer holds a width x width weight"),
-            ("batch", self.batch, MAX_ROWS, "a batch is held as batch x width numbers per layer"),
-            ("heldout", self.heldout, MAX_ROWS, "the held-out batch is held as heldout x width numbers per layer"),
-            ("trials", self.trials, MAX_TRIALS, "each trial is a unit of work and of replication"),
-            ("steps", self.steps, MAX_STEPS, "every step is measured and written"),
+            (
+                "layers",
+                self.layers,
+                MAX_LAYERS,
+                "each layer holds a width x width weight",
+            ),
+            (
+                "batch",
+                self.batch,
+                MAX_ROWS,
+                "a batch is held as batch x width numbers per layer",
+            ),
+            (
+                "heldout",
+                self.heldout,
+                MAX_ROWS,
+                "the held-out batch is held as heldout x width numbers per layer",
+            ),
+            (
+                "trials",
+                self.trials,
+                MAX_TRIALS,
+                "each trial is a unit of work and of replication",
+            ),
+            (
+                "steps",
+                self.steps,
+                MAX_STEPS,
+                "every step is measured and written",
+            ),
         ] {
             if v == 0 || v > max {
                 return bad(format!(

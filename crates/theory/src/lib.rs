@@ -28,8 +28,9 @@ pub use config::{Activation, Init, InputDist, Loss, Reuse, TheoryConfig};
 pub use data::trial_seed;
 pub use fits::fit_rows;
 pub use run::{
-    cells, closed_form_checks, distinct_checks, memory_estimate, run, summarize, trial_flops, trial_rows,
-    ClosedFormCheck, NoProgress, Progress, RunOptions, RunOutcome, TrialRows, CHECKS, SUMMARY,
+    cells, closed_form_checks, distinct_checks, memory_estimate, run, summarize, trial_flops,
+    trial_rows, ClosedFormCheck, NoProgress, Progress, RunOptions, RunOutcome, TrialRows, CHECKS,
+    SUMMARY,
 };
 
 use std::path::PathBuf;

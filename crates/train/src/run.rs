@@ -206,10 +206,12 @@ pub struct RunMeta {
 
 /// Runs one training configuration in `out`, with its manifest: `running` while it
 /// trains, then `complete` or `diverged` (with the step in `note`). A directory holding a
-/// checkpoint of the same configuration resumes from it.
+/// checkpoint of the same configuration resumes from it. `lock` is the directory's lock
+/// ([`claim_out`], or `RunLock::exclusive` for a sweep cell): no run is written without it.
+/// At the end the manifest records every table's rows and bytes.
 ///
 /// # Errors
-/// Training errors; I/O.
+/// Training errors; I/O; a lock of another directory.
 pub fn run_dir(
     model: &mut CausalLm,
     data: &crate::data::Dataset,
