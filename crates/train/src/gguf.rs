@@ -382,7 +382,7 @@ impl GgufFile {
         let left = len.saturating_sub(c.pos);
         if n_kv > left / 13 || n_tensors > left / 29 {
             return Err(bad(format!(
-                "corrupt GGUF header: {n_kv} metadata entries and {n_tensors} tensors cannot fit in the {left} bytes left"
+                "truncated or corrupt GGUF file: {n_kv} metadata entries and {n_tensors} tensors cannot fit in the {left} bytes left"
             )));
         }
         let mut metadata = BTreeMap::new();
