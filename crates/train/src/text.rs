@@ -3,6 +3,18 @@ use crate::{CausalLm, TrainError};
 use std::path::Path;
 use tch::{Device, Tensor};
 
+/// Parses the text of a `tokenizer.json`. The text must be JSON first (serde_json's
+/// error, with line and column): tokenizers 0.23 panics on some malformed JSON (its
+/// decoders' untagged helper unwraps), and any panic left in the library is turned into
+/// an error here rather than ending the process.
+fn parse_tokenizer(json: &str) -> Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| format!("not JSON ({e})"))?;
+    match std::panic::catch_unwind(|| json.parse::<tokenizers::Tokenizer>()) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the tokenizers library could not read it (it panicked)".into()),
+    }
+}
+
 /// A Hugging Face tokenizer checked against a model's embedding.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -18,12 +30,10 @@ impl TextTokenizer {
             path,
             crate::weights::MAX_TOKENIZER_BYTES,
         )?;
-        let inner = text
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| TrainError::Config {
-                path: path.to_path_buf(),
-                message: format!("not a tokenizer.json: {e}"),
-            })?;
+        let inner = parse_tokenizer(&text).map_err(|e| TrainError::Config {
+            path: path.to_path_buf(),
+            message: format!("not a tokenizer.json: {e}"),
+        })?;
         Ok(Self { inner })
     }
 
@@ -33,12 +43,10 @@ impl TextTokenizer {
     /// # Errors
     /// Malformed JSON or an unknown component (named).
     pub fn from_json(json: &str, origin: &Path) -> Result<Self, TrainError> {
-        let inner = json
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| TrainError::Config {
-                path: origin.to_path_buf(),
-                message: format!("not a valid tokenizer: {e}"),
-            })?;
+        let inner = parse_tokenizer(json).map_err(|e| TrainError::Config {
+            path: origin.to_path_buf(),
+            message: format!("not a valid tokenizer: {e}"),
+        })?;
         Ok(Self { inner })
     }
 

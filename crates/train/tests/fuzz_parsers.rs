@@ -169,7 +169,7 @@ fn gguf_reader_survives_mutations() {
     ];
     // The metadata and tensor directory come first: most mutations go there.
     let p = tmp.path().join("m.gguf");
-    let mut r = runner(160);
+    let mut r = runner(1500);
     r.run(
         &(0..seeds.len(), prop::collection::vec(mutation(), 1..6), any::<bool>()),
         |(s, muts, header_only)| {
@@ -202,7 +202,7 @@ fn safetensors_reader_survives_mutations() {
     .map(|f| read(&fixtures().join(f)))
     .collect();
     let p = tmp.path().join("m.safetensors");
-    let mut r = runner(300);
+    let mut r = runner(1500);
     r.run(
         &(0..seeds.len(), prop::collection::vec(mutation(), 1..5)),
         |(s, muts)| {
@@ -292,7 +292,7 @@ fn tokenizer_json_loading_survives_mutations() {
         .map(|f| String::from_utf8(read(&fixtures().join(f))).expect("utf-8"))
         .collect();
     let p = tmp.path().join("tokenizer.json");
-    let mut r = runner(200);
+    let mut r = runner(1500);
     r.run(
         &(
             0..seeds.len(),
@@ -321,7 +321,7 @@ fn config_json_parsing_survives_mutations() {
         .map(|f| String::from_utf8(read(&fixtures().join(f))).expect("utf-8"))
         .collect();
     let p = Path::new("config.json");
-    let mut r = runner(600);
+    let mut r = runner(4000);
     r.run(
         &(
             0..seeds.len(),
