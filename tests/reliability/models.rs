@@ -5,7 +5,6 @@
 //! end with exit code 2 and one line naming the file, field or value, and leave nothing
 //! behind; the untampered fixture must still give its committed perplexity.
 use super::harness::*;
-#[allow(dead_code)]
 #[path = "../../crates/train/tests/common/gguf_writer.rs"]
 mod gguf_writer;
 
@@ -234,7 +233,7 @@ fn reads_are_bounded_and_confined() {
     h["model.layers.0.post_attention_layernorm.weight"]["data_offsets"] =
         h["model.layers.0.input_layernorm.weight"]["data_offsets"].clone();
     let mut hb = h.to_string().into_bytes();
-    while hb.len() % 8 != 0 {
+    while !hb.len().is_multiple_of(8) {
         hb.push(b' ');
     }
     let mut out = (hb.len() as u64).to_le_bytes().to_vec();
