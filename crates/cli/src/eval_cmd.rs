@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rankstab_train::device::{DeviceName, Dtype};
+use rankstab_train::memory;
 use rankstab_train::text::{evaluate, read_text};
 use std::path::{Path, PathBuf};
 
@@ -51,6 +52,10 @@ pub struct EvalArgs {
     /// attach before evaluating.
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
+    /// Refuse to start when the up-front memory estimate exceeds SIZE (e.g. 16G, 512M;
+    /// default: the machine's available memory).
+    #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
+    max_memory: Option<u64>,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -61,6 +66,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.context < 2 || a.batch == 0 {
         bail!("--context {} / --batch {}: use a context of at least 2 tokens and a batch of at least 1", a.context, a.batch);
     }
+    // The model's shape from its configuration alone: a model that cannot fit is refused
+    // before a byte of its weights is read.
+    let shape = rankstab_train::load::inspect(&a.model)?;
+    let text_len = std::fs::metadata(&a.text).map(|m| m.len()).unwrap_or(0);
+    // The text, its tokens (8 bytes each, about one per 4 bytes of text) and the model.
+    let estimate = memory::eval_bytes(&shape, kind, a.batch, a.context)
+        .saturating_add(text_len.saturating_mul(3));
+    memory::check(
+        &format!(
+            "evaluating {} (batch {} x context {})",
+            a.model.display(),
+            a.batch,
+            a.context
+        ),
+        estimate,
+        a.max_memory,
+    )?;
     let text = read_text(&a.text)?;
     let mut loaded = rankstab_train::load::load(&a.model, kind, device)?;
     if let Some(dir) = &a.adapter {
@@ -146,6 +168,10 @@ pub struct GenerateArgs {
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: Dtype,
+    /// Refuse to start when the up-front memory estimate exceeds SIZE (e.g. 16G, 512M;
+    /// default: the machine's available memory).
+    #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
+    max_memory: Option<u64>,
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -154,6 +180,14 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_empty() || a.max_tokens == 0 {
         bail!("--prompt must not be empty and --max-tokens must be at least 1");
     }
+    let shape = rankstab_train::load::inspect(&a.model)?;
+    // The prompt has at most one token per byte, plus the chat template's few hundred.
+    let tokens = a.prompt.len().saturating_add(a.max_tokens).saturating_add(512);
+    memory::check(
+        &format!("generating with {}", a.model.display()),
+        memory::eval_bytes(&shape, kind, 1, tokens),
+        a.max_memory,
+    )?;
     let loaded = rankstab_train::load::load(&a.model, kind, device)?;
     let answer = rankstab_train::generate::answer(&loaded, &a.prompt, a.max_tokens, device)?;
     println!("{}", answer.trim_end());

@@ -40,6 +40,73 @@ pub struct SweepArgs {
     /// Print the embedded default configuration and exit.
     #[arg(long)]
     print_default: bool,
+    /// Refuse to start when any model's up-front memory estimate exceeds SIZE (e.g. 16G,
+    /// 512M; default: the machine's available memory). Checked for every cell before the
+    /// first one runs.
+    #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
+    max_memory: Option<u64>,
+}
+
+/// Before the first cell runs: every model's shape from its configuration alone
+/// (`inspect`), every target module exists, every rank fits every targeted module (the
+/// rule `train` applies, `lora::check_rank`), and every cell's memory estimate fits.
+fn preflight(cfg: &SweepConfig, cells: &[rankstab_train::sweep::Cell], max: Option<u64>) -> Result<()> {
+    use rankstab_train::memory;
+    let mut shapes = std::collections::BTreeMap::new();
+    for cell in cells {
+        let spec = cfg.model(cell);
+        if !shapes.contains_key(&cell.model) {
+            let shape = rankstab_train::load::inspect_spec(spec)
+                .with_context(|| format!("model {:?}", spec.name))?;
+            shapes.insert(cell.model.clone(), shape);
+        }
+        let shape = &shapes[&cell.model];
+        let tc = cfg.train_config(cell);
+        let modules = shape.modules();
+        if let Some(t) = tc
+            .target_modules
+            .iter()
+            .find(|t| !modules.iter().any(|m| m.name == t.as_str()))
+        {
+            let names: Vec<&str> = modules.iter().map(|m| m.name).collect();
+            bail!(
+                "model {:?}: target module {t:?} does not exist in this model (available: {})",
+                spec.name,
+                names.join(", ")
+            );
+        }
+        for m in modules
+            .iter()
+            .filter(|m| tc.target_modules.is_empty() || tc.target_modules.iter().any(|t| t == m.name))
+        {
+            let fits = rankstab_train::lora::check_rank(tc.rank, m.in_features, m.out_features);
+            if fits.is_err() {
+                bail!(
+                    "model {:?}: rank {} does not fit module {} ({} -> {}): ranks from 1 to {} are allowed",
+                    spec.name,
+                    tc.rank,
+                    m.name,
+                    m.in_features,
+                    m.out_features,
+                    m.in_features.max(m.out_features)
+                );
+            }
+        }
+        let sizes = memory::TrainSizes {
+            rank: tc.rank,
+            target_modules: tc.target_modules.clone(),
+            optimizer: tc.optimizer,
+            micro_batch: tc.micro(),
+            context: tc.context,
+            activation_checkpointing: tc.activation_checkpointing,
+        };
+        memory::check(
+            &format!("cell {} ({}: model {:?}, rank {})", cell.index, cell.name, spec.name, tc.rank),
+            memory::train_bytes(shape, cfg.dtype.kind(), &sizes),
+            max,
+        )?;
+    }
+    Ok(())
 }
 
 pub fn run(a: SweepArgs) -> Result<()> {
@@ -92,6 +159,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         }
         return Ok(());
     }
+    preflight(&cfg, &cells, a.max_memory)?;
     let device = cfg.device.device()?;
     let manifest = prepare_dir(&out, &cfg)?;
     let chosen: Vec<usize> = if a.cell.is_empty() {

@@ -111,6 +111,10 @@ pub struct TrainArgs {
     /// Run directory (default runs/train-<time>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Refuse to start when the up-front memory estimate exceeds SIZE (e.g. 16G, 512M;
+    /// default: the machine's available memory).
+    #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
+    max_memory: Option<u64>,
 }
 
 /// The model `--model` names: a path, or `preset:NAME` with `--tokenizer`.
@@ -178,6 +182,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let spec = model_spec(&a)?;
     let cfg = train_config(&a, spec.name.clone())?;
     cfg.validate()?;
+    // The model's shape from its configuration alone: a run that cannot fit is refused
+    // before the run directory is made or a weight is read.
+    let shape = rankstab_train::load::inspect_spec(&spec)?;
+    let sizes = rankstab_train::memory::TrainSizes {
+        rank: cfg.rank,
+        target_modules: cfg.target_modules.clone(),
+        optimizer: cfg.optimizer,
+        micro_batch: cfg.micro(),
+        context: cfg.context,
+        activation_checkpointing: cfg.activation_checkpointing,
+    };
+    rankstab_train::memory::check(
+        &format!("training {} at rank {}", a.model, cfg.rank),
+        rankstab_train::memory::train_bytes(&shape, a.dtype.kind(), &sizes),
+        a.max_memory,
+    )?;
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "train-{}",

@@ -79,7 +79,7 @@ pub fn greedy(
     }
     let mut ids = prompt.to_vec();
     let mut out = Vec::new();
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<(), TrainError> {
         for _ in 0..max_tokens {
             let t = Tensor::from_slice(&ids)
                 .view([1, ids.len() as i64])
@@ -88,6 +88,13 @@ pub fn greedy(
                 .forward(&t, false)
                 .select(1, ids.len() as i64 - 1)
                 .to_kind(Kind::Float);
+            if logits.isfinite().all().int64_value(&[]) == 0 {
+                return Err(TrainError::Invalid(format!(
+                    "the model's logits are NaN or infinite at token position {} (new token {}): the weights or their metadata are damaged",
+                    ids.len() - 1,
+                    out.len() + 1
+                )));
+            }
             let next = logits.argmax(-1, false).int64_value(&[0]);
             ids.push(next);
             out.push(next);
@@ -95,7 +102,8 @@ pub fn greedy(
                 break;
             }
         }
-    });
+        Ok(())
+    })?;
     Ok(out)
 }
 

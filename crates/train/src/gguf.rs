@@ -19,7 +19,6 @@ use crate::llama::{self, Llama};
 use crate::weights::Weights;
 use crate::TrainError;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -307,8 +306,19 @@ impl<R: Read> Cursor<R> {
                 }
                 let elem = self.u32(key)?;
                 let n = self.u64(key)?;
-                // Every element takes at least one byte: a count beyond the bytes left is corrupt.
-                if n > self.len.saturating_sub(self.pos) {
+                // Every element takes at least its fixed size (a string its 8-byte length, an
+                // array its type and count): a count beyond the bytes left is corrupt.
+                let min = match elem {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    _ => 1,
+                };
+                if n.checked_mul(min)
+                    .is_none_or(|need| need > self.len.saturating_sub(self.pos))
+                {
                     return Err(self.truncated(key));
                 }
                 // The capacity is capped: the count is only an upper bound until read.
@@ -345,56 +355,70 @@ impl GgufFile {
     /// Unreadable file, not GGUF, an unsupported version, truncated or corrupt content,
     /// tensor data that would lie beyond the end of the file.
     pub fn open(path: &Path) -> Result<Self, TrainError> {
-        let file = File::open(path).map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
+        let (file, len) =
+            rankstab_records::guard::open_regular(path, crate::weights::MAX_WEIGHT_FILE_BYTES)?;
         let mut c = Cursor {
             inner: BufReader::new(file),
             pos: 0,
             len,
             path: path.to_path_buf(),
         };
+        let bad = |m: String| TrainError::Invalid(format!("{}: {m}", path.display()));
         let magic = c.array::<4>("the magic number")?;
         if &magic != MAGIC {
-            return Err(TrainError::Invalid(format!(
-                "{}: not a GGUF file (magic {magic:?})",
-                path.display()
-            )));
+            return Err(bad(format!("not a GGUF file (magic {magic:?})")));
         }
         let version = c.u32("the version")?;
         if !(2..=3).contains(&version) {
-            return Err(TrainError::Invalid(format!(
-                "{}: GGUF version {version} is not supported (2 or 3)",
-                path.display()
+            return Err(bad(format!(
+                "GGUF version {version} is not supported (2 or 3)"
             )));
         }
         let n_tensors = c.u64("the tensor count")?;
         let n_kv = c.u64("the metadata count")?;
-        if n_tensors > len || n_kv > len {
-            return Err(c.truncated("the counts"));
+        // A metadata entry takes at least 13 bytes (key length, a one-byte key, type, a
+        // one-byte value), a tensor entry at least 29 (name length, a one-byte name, one
+        // dimension, type, offset): counts the rest of the file cannot hold are corrupt.
+        let left = len.saturating_sub(c.pos);
+        if n_kv > left / 13 || n_tensors > left / 29 {
+            return Err(bad(format!(
+                "truncated or corrupt GGUF file: {n_kv} metadata entries and {n_tensors} tensors cannot fit in the {left} bytes left"
+            )));
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = c.string("a metadata key")?;
             let ty = c.u32(&key)?;
             let v = c.value(ty, &key, 0)?;
-            metadata.insert(key, v);
+            if metadata.insert(key.clone(), v).is_some() {
+                return Err(bad(format!("GGUF metadata key {key} appears twice")));
+            }
         }
-        let mut tensors = Vec::with_capacity(n_tensors.min(1 << 16) as usize);
+        let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors.min(1 << 16) as usize);
+        let mut names = std::collections::BTreeSet::new();
         for _ in 0..n_tensors {
             let name = c.string("a tensor name")?;
             let n_dims = c.u32(&name)?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(TrainError::Invalid(format!(
-                    "{}: tensor {name} has {n_dims} dimensions",
-                    path.display()
+                return Err(bad(format!(
+                    "tensor {name} has {n_dims} dimensions (1 to 4 allowed)"
                 )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
-                dims.push(c.u64(&name)?);
+                let d = c.u64(&name)?;
+                if d == 0 || d > i64::MAX as u64 {
+                    return Err(bad(format!(
+                        "tensor {name} has a dimension of {d} (1 to 2^63-1 allowed)"
+                    )));
+                }
+                dims.push(d);
             }
             let type_id = c.u32(&name)?;
             let offset = c.u64(&name)?;
+            if !names.insert(name.clone()) {
+                return Err(bad(format!("GGUF tensor {name} appears twice")));
+            }
             tensors.push(TensorInfo {
                 name,
                 dims,
@@ -402,11 +426,15 @@ impl GgufFile {
                 offset,
             });
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(DEFAULT_ALIGNMENT)
-            .max(1);
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(Value::U32(a)) if a.is_power_of_two() => u64::from(*a),
+            Some(v) => {
+                return Err(bad(format!(
+                    "GGUF general.alignment = {v:?} is not allowed (a uint32 power of two)"
+                )))
+            }
+        };
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let this = Self {
             path: path.to_path_buf(),
@@ -416,15 +444,37 @@ impl GgufFile {
             data_start,
             file_len: len,
         };
+        let mut ranges = Vec::with_capacity(this.tensors.len());
         for t in &this.tensors {
+            if t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
+                return Err(bad(format!(
+                    "tensor {} has dimensions {:?} whose product overflows",
+                    t.name, t.dims
+                )));
+            }
+            if t.offset % alignment != 0 {
+                return Err(bad(format!(
+                    "tensor {} starts at offset {}, not a multiple of the alignment {alignment}",
+                    t.name, t.offset
+                )));
+            }
             // Checked here so that a truncated file fails at open, naming the tensor.
             let (start, n) = this.byte_range(t)?;
             if start.checked_add(n).is_none_or(|end| end > len) {
-                return Err(TrainError::Invalid(format!(
-                    "{}: truncated GGUF file: tensor {} needs bytes {start}..{} but the file has {len}",
-                    path.display(),
+                return Err(bad(format!(
+                    "truncated GGUF file: tensor {} needs bytes {start}..{} but the file has {len}",
                     t.name,
                     start.saturating_add(n)
+                )));
+            }
+            ranges.push((start, start + n, &t.name));
+        }
+        ranges.sort();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(bad(format!(
+                    "GGUF tensors {} and {} overlap (bytes {}..{} and {}..{}): a damaged file",
+                    w[0].2, w[1].2, w[0].0, w[0].1, w[1].0, w[1].1
                 )));
             }
         }
@@ -488,14 +538,22 @@ impl GgufFile {
     pub fn read_f32(&self, t: &TensorInfo) -> Result<Tensor, TrainError> {
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| self.unsupported(t))?;
         let (start, len) = self.byte_range(t)?;
-        if start + len > self.file_len {
+        if start.saturating_add(len) > self.file_len {
             return Err(TrainError::Invalid(format!(
                 "{}: truncated GGUF file at tensor {}",
                 self.path.display(),
                 t.name
             )));
         }
-        let mut f = File::open(&self.path).map_err(io_err(&self.path))?;
+        let (mut f, now) =
+            rankstab_records::guard::open_regular(&self.path, crate::weights::MAX_WEIGHT_FILE_BYTES)?;
+        if now != self.file_len {
+            return Err(TrainError::Invalid(format!(
+                "{}: changed since it was opened ({} bytes, now {now}): not read",
+                self.path.display(),
+                self.file_len
+            )));
+        }
         f.seek(SeekFrom::Start(start)).map_err(io_err(&self.path))?;
         let mut raw = vec![0u8; len as usize];
         f.read_exact(&mut raw).map_err(io_err(&self.path))?;
@@ -675,90 +733,198 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 }
 
 impl GgufFile {
-    fn meta_u64(&self, key: &str) -> Result<u64, TrainError> {
-        self.get(key)
-            .and_then(Value::as_u64)
-            .ok_or_else(|| TrainError::Config {
-                path: self.path.clone(),
-                message: format!("GGUF metadata {key} is missing or not an integer"),
-            })
+    /// The one-line error about metadata `key` holding `v`.
+    fn bad_meta(&self, key: &str, v: &Value, allowed: &str) -> TrainError {
+        crate::weights::field_error(&self.path, &format!("GGUF {key}"), short(v), allowed)
     }
 
-    /// The runtime Llama configuration from the `llama.*` metadata.
+    /// An integer metadata value in `lo..=hi` (any integer type), None when absent.
+    fn meta_uint(&self, key: &str, lo: u64, hi: u64) -> Result<Option<u64>, TrainError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        match v.as_u64() {
+            Some(n) if (lo..=hi).contains(&n) => Ok(Some(n)),
+            _ => Err(self.bad_meta(key, v, &format!("an integer from {lo} to {hi}"))),
+        }
+    }
+
+    /// A required integer metadata value in `lo..=hi`.
+    fn need_uint(&self, key: &str, lo: u64, hi: u64) -> Result<u64, TrainError> {
+        self.meta_uint(key, lo, hi)?.ok_or_else(|| TrainError::Config {
+            path: self.path.clone(),
+            message: format!("GGUF metadata {key} is missing (an integer from {lo} to {hi})"),
+        })
+    }
+
+    /// A float metadata value (f32 or f64) accepted by `ok`, None when absent.
+    fn meta_float(
+        &self,
+        key: &str,
+        ok: impl Fn(f64) -> bool,
+        allowed: &str,
+    ) -> Result<Option<f64>, TrainError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        match v {
+            Value::F32(_) | Value::F64(_) => {}
+            _ => return Err(self.bad_meta(key, v, allowed)),
+        }
+        match v.as_f64() {
+            Some(x) if x.is_finite() && ok(x) => Ok(Some(x)),
+            _ => Err(self.bad_meta(key, v, allowed)),
+        }
+    }
+
+    /// A string metadata value, None when absent.
+    fn meta_str(&self, key: &str) -> Result<Option<&str>, TrainError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.bad_meta(key, v, "a string")),
+        }
+    }
+
+    /// The runtime Llama configuration from the `llama.*` metadata, every value checked for
+    /// its type and range, and the block count checked against the tensors present.
     ///
     /// # Errors
-    /// Another architecture, missing keys, sizes that do not fit together.
+    /// Another architecture, missing keys, values of the wrong type or out of range, sizes
+    /// that do not fit together, settings rankstab does not implement (RoPE scaling,
+    /// partial rotary, mixtures of experts).
     pub fn llama_config(&self) -> Result<llama::Config, TrainError> {
+        use crate::weights::bounds::*;
         let bad = |message: String| TrainError::Config {
             path: self.path.clone(),
             message,
         };
-        let arch = self
-            .get("general.architecture")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let arch = self.meta_str("general.architecture")?.unwrap_or("");
         if arch != "llama" {
             return Err(bad(format!(
                 "GGUF general.architecture is {arch:?}; only \"llama\" is supported"
             )));
         }
-        let hidden = self.meta_u64("llama.embedding_length")? as i64;
-        let heads = self.meta_u64("llama.attention.head_count")? as i64;
+        let hidden = self.need_uint("llama.embedding_length", 1, WIDTH)?;
+        let heads = self.need_uint("llama.attention.head_count", 1, HEADS)?;
         let kv = self
-            .get("llama.attention.head_count_kv")
-            .and_then(Value::as_u64)
-            .map_or(heads, |v| v as i64);
-        let layers = self.meta_u64("llama.block_count")? as usize;
-        let ffn = self.meta_u64("llama.feed_forward_length")? as i64;
-        if heads <= 0 || kv <= 0 || heads % kv != 0 || hidden % heads != 0 {
+            .meta_uint("llama.attention.head_count_kv", 1, HEADS)?
+            .unwrap_or(heads);
+        let layers = self.need_uint("llama.block_count", 1, LAYERS)?;
+        let ffn = self.need_uint("llama.feed_forward_length", 1, WIDTH)?;
+        if !heads.is_multiple_of(kv) {
             return Err(bad(format!(
-                "GGUF heads {heads} / kv heads {kv} / width {hidden} do not fit together"
+                "GGUF llama.attention.head_count_kv = {kv} is not allowed (a divisor of llama.attention.head_count {heads})"
             )));
         }
-        let head_dim = self
-            .get("llama.attention.key_length")
-            .and_then(Value::as_u64)
-            .map_or(hidden / heads, |v| v as i64);
+        let head_dim = match self.meta_uint("llama.attention.key_length", 2, HEAD_DIM)? {
+            Some(h) => h,
+            None if hidden.is_multiple_of(heads) => hidden / heads,
+            None => {
+                return Err(bad(format!(
+                    "GGUF llama.embedding_length = {hidden} is not allowed (a multiple of llama.attention.head_count {heads})"
+                )))
+            }
+        };
+        if !head_dim.is_multiple_of(2) || heads * head_dim > WIDTH {
+            return Err(bad(format!(
+                "GGUF head size {head_dim} is not allowed (even, and heads x head size at most {WIDTH})"
+            )));
+        }
+        for (key, what) in [
+            ("llama.attention.value_length", "the key length"),
+            ("llama.rope.dimension_count", "the head size: rankstab rotates whole heads"),
+        ] {
+            if let Some(v) = self.meta_uint(key, 1, HEAD_DIM)? {
+                if v != head_dim {
+                    return Err(bad(format!(
+                        "GGUF {key} = {v} is not allowed (equal to {what}, {head_dim})"
+                    )));
+                }
+            }
+        }
+        if let Some(n) = self.meta_uint("llama.expert_count", 0, u64::MAX)? {
+            if n > 0 {
+                return Err(bad(format!(
+                    "GGUF llama.expert_count = {n} is not allowed (mixtures of experts are not supported: 0 or absent)"
+                )));
+            }
+        }
+        if let Some(s) = self.meta_str("llama.rope.scaling.type")? {
+            if s != "none" {
+                return Err(bad(format!(
+                    "GGUF llama.rope.scaling.type = {s:?} is not allowed (only \"none\": plain RoPE)"
+                )));
+            }
+        }
+        self.meta_float(
+            "llama.rope.scaling.factor",
+            |x| x == 1.0 || x == 0.0,
+            "0 or 1: rankstab implements plain RoPE, no scaling",
+        )?;
+        // Every block's tensors, and no block beyond the count.
+        let mut seen = vec![false; layers as usize];
+        for t in &self.tensors {
+            if let Some(rest) = t.name.strip_prefix("blk.") {
+                let i = rest.split('.').next().and_then(|i| i.parse::<u64>().ok());
+                match i {
+                    Some(i) if i < layers => seen[i as usize] = true,
+                    _ => {
+                        return Err(bad(format!(
+                            "GGUF tensor {} does not belong to one of the llama.block_count = {layers} blocks",
+                            t.name
+                        )))
+                    }
+                }
+            }
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(bad(format!(
+                "GGUF llama.block_count = {layers} but block {i} has no tensors (blk.{i}.*)"
+            )));
+        }
         let embed = self
             .info("token_embd.weight")
             .ok_or_else(|| TrainError::MissingTensor {
                 path: self.path.clone(),
                 name: "token_embd.weight".into(),
             })?;
+        let embed_rows = embed.dims.get(1).copied().unwrap_or(0);
         let vocab = self
-            .get("llama.vocab_size")
-            .and_then(Value::as_u64)
-            .map_or_else(|| embed.shape()[0], |v| v as i64);
-        if let Some(s) = self.get("llama.rope.scaling.type").and_then(Value::as_str) {
-            if s != "none" {
-                return Err(bad(format!(
-                    "GGUF llama.rope.scaling.type {s:?} is not supported (only the default RoPE)"
-                )));
-            }
+            .meta_uint("llama.vocab_size", 1, VOCAB)?
+            .unwrap_or(embed_rows);
+        if !(1..=VOCAB).contains(&vocab) {
+            return Err(bad(format!(
+                "GGUF token_embd.weight has {vocab} rows (1 to {VOCAB} allowed)"
+            )));
         }
+        let eps = self
+            .meta_float(
+                "llama.attention.layer_norm_rms_epsilon",
+                |x| x > 0.0 && x < 1.0,
+                "a float in (0, 1)",
+            )?
+            .unwrap_or(1e-5);
+        let theta = self
+            .meta_float("llama.rope.freq_base", |x| x > 0.0, "a finite float > 0")?
+            .unwrap_or(10_000.0);
+        let ctx = self
+            .meta_uint("llama.context_length", 1, POSITIONS)?
+            .unwrap_or(4096);
         Ok(llama::Config {
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: ffn,
-            num_layers: layers,
-            num_heads: heads,
-            num_kv_heads: kv,
-            head_dim,
-            rms_norm_eps: self
-                .get("llama.attention.layer_norm_rms_epsilon")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-5),
-            rope_theta: self
-                .get("llama.rope.freq_base")
-                .and_then(Value::as_f64)
-                .unwrap_or(10_000.0),
+            vocab_size: vocab as i64,
+            hidden_size: hidden as i64,
+            intermediate_size: ffn as i64,
+            num_layers: layers as usize,
+            num_heads: heads as i64,
+            num_kv_heads: kv as i64,
+            head_dim: head_dim as i64,
+            rms_norm_eps: eps,
+            rope_theta: theta,
             tie_word_embeddings: self.info("output.weight").is_none(),
             attention_bias: self.info("blk.0.attn_q.bias").is_some(),
             mlp_bias: self.info("blk.0.ffn_up.bias").is_some(),
-            max_position_embeddings: self
-                .get("llama.context_length")
-                .and_then(Value::as_u64)
-                .unwrap_or(4096) as usize,
+            max_position_embeddings: ctx as usize,
         })
     }
 
@@ -804,6 +970,28 @@ impl GgufFile {
     }
 }
 
+/// A metadata value for a message: scalars as they are, strings and arrays shortened.
+fn short(v: &Value) -> String {
+    match v {
+        Value::String(s) => {
+            let cut: String = s.chars().take(40).collect();
+            format!("{cut:?}")
+        }
+        Value::Array(a) => format!("an array of {} values", a.len()),
+        Value::U8(x) => x.to_string(),
+        Value::I8(x) => x.to_string(),
+        Value::U16(x) => x.to_string(),
+        Value::I16(x) => x.to_string(),
+        Value::U32(x) => x.to_string(),
+        Value::I32(x) => x.to_string(),
+        Value::U64(x) => x.to_string(),
+        Value::I64(x) => x.to_string(),
+        Value::F32(x) => x.to_string(),
+        Value::F64(x) => x.to_string(),
+        Value::Bool(x) => x.to_string(),
+    }
+}
+
 /// Loads a llama-architecture GGUF file as a [`Llama`] in `kind` on `device`.
 ///
 /// # Errors
@@ -834,14 +1022,24 @@ fn tokens(file: &GgufFile) -> Result<Vec<&str>, TrainError> {
         .collect()
 }
 
-/// llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-fn token_types(file: &GgufFile, n: usize) -> Vec<i64> {
-    match file
-        .get("tokenizer.ggml.token_type")
-        .and_then(Value::as_array)
-    {
-        Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect(),
-        _ => vec![1; n],
+/// llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+/// (absent: all normal).
+fn token_types(file: &GgufFile, n: usize) -> Result<Vec<i64>, TrainError> {
+    let key = "tokenizer.ggml.token_type";
+    let Some(v) = file.get(key) else {
+        return Ok(vec![1; n]);
+    };
+    let allowed = format!("an array of {n} integer token types, one per token");
+    match v.as_array() {
+        Some(a) if a.len() == n => a
+            .iter()
+            .map(|t| {
+                t.as_u64()
+                    .map(|t| t as i64)
+                    .ok_or_else(|| file.bad_meta(key, v, &allowed))
+            })
+            .collect(),
+        _ => Err(file.bad_meta(key, v, &allowed)),
     }
 }
 
@@ -872,11 +1070,10 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
         message: m,
     };
     let model = file
-        .get("tokenizer.ggml.model")
-        .and_then(Value::as_str)
+        .meta_str("tokenizer.ggml.model")?
         .ok_or_else(|| bad("GGUF has no tokenizer.ggml.model".into()))?;
     let toks = tokens(file)?;
-    let types = token_types(file, toks.len());
+    let types = token_types(file, toks.len())?;
     let mut vocab = serde_json::Map::new();
     for (i, t) in toks.iter().enumerate() {
         // Duplicate strings (rare, unused slots) keep their first id, as llama.cpp's map does.
@@ -904,10 +1101,7 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
                         .ok_or_else(|| bad("GGUF merges hold a non-string".into()))
                 })
                 .collect::<Result<_, _>>()?;
-            let pre = file
-                .get("tokenizer.ggml.pre")
-                .and_then(Value::as_str)
-                .unwrap_or("default");
+            let pre = file.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
             let digits = match pre {
                 "default" | "gpt-2" | "gpt2" => false,
                 "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => true,
@@ -922,9 +1116,14 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
         "llama" => {
             let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array)
             {
-                Some(a) if a.len() == toks.len() => {
-                    a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect()
-                }
+                Some(a) if a.len() == toks.len() => a
+                    .iter()
+                    .map(|v| {
+                        v.as_f64().filter(|x| !x.is_nan()).ok_or_else(|| {
+                            bad("GGUF tokenizer.ggml.scores holds a value that is not a number".into())
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
                 _ => return Err(bad(
                     "GGUF llama tokenizer has no tokenizer.ggml.scores of the vocabulary's length"
                         .into(),

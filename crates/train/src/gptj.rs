@@ -4,40 +4,14 @@
 //! fc_in, fc_out and lm_head. Weight names are exactly the Hugging Face ones.
 use crate::linear::Linear;
 use crate::llama::{causal_attention, embedding};
-use crate::weights::Weights;
+use crate::weights::{ConfigJson, Weights};
 use crate::TrainError;
-use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// The adaptable linear modules of every block, in [`Gptj::linears_mut`]'s order (PEFT's
 /// `target_modules` for every attention and MLP linear).
 pub const MODULES: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"];
-
-/// `config.json` of a GPT-J checkpoint.
-#[derive(Debug, Clone, Deserialize)]
-pub struct GptjHfConfig {
-    /// "gptj".
-    pub model_type: Option<String>,
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Width.
-    pub n_embd: usize,
-    /// Layers.
-    pub n_layer: usize,
-    /// Heads.
-    pub n_head: usize,
-    /// Rotary features per head (None: the whole head).
-    pub rotary_dim: Option<usize>,
-    /// MLP width (None: 4 n_embd).
-    pub n_inner: Option<usize>,
-    /// LayerNorm epsilon.
-    pub layer_norm_epsilon: Option<f64>,
-    /// Activation (only gelu_new).
-    pub activation_function: Option<String>,
-    /// Longest context.
-    pub n_positions: Option<usize>,
-}
 
 /// Runtime configuration of GPT-J.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,53 +36,73 @@ pub struct Config {
     pub n_positions: usize,
 }
 
-impl GptjHfConfig {
-    /// Checks the values and fills defaults.
-    ///
-    /// # Errors
-    /// Unsupported activation, heads that do not divide the width, odd rotary_dim.
-    pub fn into_config(self, path: &Path) -> Result<Config, TrainError> {
-        let bad = |message: String| TrainError::Config {
-            path: path.to_path_buf(),
-            message,
-        };
-        if let Some(t) = &self.model_type {
-            if t != "gptj" {
-                return Err(bad(format!("model_type {t:?} is not a GPT-J model")));
-            }
+/// The runtime configuration from a GPT-J `config.json`, every field the model uses
+/// checked for its type and range; absent fields take transformers' `GPTJConfig` defaults
+/// (GPT-J-6B's shape, rotary_dim 64). Settings rankstab does not implement (another
+/// activation, tied embeddings, dropout, rotary over the whole width) are errors naming
+/// them.
+///
+/// # Errors
+/// A field of the wrong type or out of range, sizes that do not fit together, an
+/// unsupported setting (each named with the file, the field and what is allowed).
+pub fn config_from_json(c: &ConfigJson) -> Result<Config, TrainError> {
+    use crate::weights::bounds::*;
+    if let Some(t) = c.str("model_type")? {
+        if t != "gptj" {
+            return Err(c.bad("model_type", format!("{t:?}"), "\"gptj\" for a GPT-J model"));
         }
-        if let Some(a) = &self.activation_function {
-            if a != "gelu_new" {
-                return Err(bad(format!(
-                    "activation_function {a:?} is not supported (only gelu_new)"
-                )));
-            }
-        }
-        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(bad(format!(
-                "n_embd {} is not divisible by n_head {}",
-                self.n_embd, self.n_head
-            )));
-        }
-        let head_dim = self.n_embd / self.n_head;
-        let rotary_dim = self.rotary_dim.unwrap_or(head_dim);
-        if !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
-            return Err(bad(format!(
-                "rotary_dim {rotary_dim} must be even and at most the head size {head_dim}"
-            )));
-        }
-        Ok(Config {
-            vocab_size: self.vocab_size as i64,
-            n_embd: self.n_embd as i64,
-            n_layer: self.n_layer,
-            n_head: self.n_head as i64,
-            head_dim: head_dim as i64,
-            rotary_dim: rotary_dim as i64,
-            n_inner: self.n_inner.unwrap_or(4 * self.n_embd) as i64,
-            eps: self.layer_norm_epsilon.unwrap_or(1e-5),
-            n_positions: self.n_positions.unwrap_or(2048),
-        })
     }
+    c.one_of("activation_function", &["gelu_new", "gelu_pytorch_tanh"])?;
+    if c.bool("tie_word_embeddings")? == Some(true) {
+        return Err(c.bad(
+            "tie_word_embeddings",
+            true,
+            "false: GPT-J's lm_head has its own weight and bias",
+        ));
+    }
+    for p in ["attn_pdrop", "resid_pdrop", "embd_pdrop"] {
+        c.float(p, |x| x == 0.0, "0: rankstab implements no dropout in the base model")?;
+    }
+    let vocab = c.uint("vocab_size", 1, VOCAB)?.unwrap_or(50400);
+    let d = c.uint("n_embd", 1, WIDTH)?.unwrap_or(4096);
+    let layers = c.uint("n_layer", 1, LAYERS)?.unwrap_or(28);
+    let heads = c.uint("n_head", 1, HEADS)?.unwrap_or(16);
+    if !d.is_multiple_of(heads) {
+        return Err(c.bad("n_embd", d, &format!("a multiple of n_head {heads}")));
+    }
+    let head_dim = d / heads;
+    // transformers' default is 64; null would rotate the whole width, which its GPT-J
+    // only computes for one head.
+    let rotary_dim = match c.map.get("rotary_dim") {
+        None => 64,
+        Some(serde_json::Value::Null) => {
+            return Err(c.bad("rotary_dim", "null", "an even number of rotary features per head"))
+        }
+        Some(_) => c.uint("rotary_dim", 2, HEAD_DIM)?.unwrap_or(64),
+    };
+    if !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+        return Err(c.bad(
+            "rotary_dim",
+            rotary_dim,
+            &format!("even and at most the head size n_embd / n_head = {head_dim}"),
+        ));
+    }
+    let inner = c.uint("n_inner", 1, WIDTH)?.unwrap_or(4 * d);
+    let eps = c
+        .float("layer_norm_epsilon", |x| x > 0.0 && x < 1.0, "a number in (0, 1)")?
+        .unwrap_or(1e-5);
+    let positions = c.uint("n_positions", 1, POSITIONS)?.unwrap_or(2048);
+    Ok(Config {
+        vocab_size: vocab as i64,
+        n_embd: d as i64,
+        n_layer: layers as usize,
+        n_head: heads as i64,
+        head_dim: head_dim as i64,
+        rotary_dim: rotary_dim as i64,
+        n_inner: inner as i64,
+        eps,
+        n_positions: positions as usize,
+    })
 }
 
 impl Config {
@@ -279,9 +273,9 @@ impl Gptj {
     /// Loads a Hugging Face model directory (config.json + safetensors).
     ///
     /// # Errors
-    /// See [`Weights::from_dir`], [`GptjHfConfig::into_config`], [`Gptj::load`].
+    /// See [`Weights::from_dir`], [`config_from_json`], [`Gptj::load`].
     pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
-        crate::weights::load_dir(dir, kind, device, GptjHfConfig::into_config, Self::load)
+        crate::weights::load_dir(dir, kind, device, config_from_json, Self::load)
     }
 
     /// Every adaptable linear layer with its Hugging Face module path.

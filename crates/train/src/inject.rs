@@ -151,8 +151,10 @@ fn check_peft_dir(dir: &Path) -> Result<(), TrainError> {
             dir.display()
         )));
     }
+    // exists(), not is_file(): a device or FIFO in its place is refused by the bounded
+    // read, with that reason.
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        if !dir.join(f).is_file() {
+        if !dir.join(f).exists() {
             return Err(TrainError::Invalid(format!(
                 "{}: not a PEFT adapter directory (no {f})",
                 dir.display()

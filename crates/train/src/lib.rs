@@ -21,6 +21,7 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 mod loss;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod probe;

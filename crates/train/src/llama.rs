@@ -2,9 +2,8 @@
 //! the rotate-half layout, grouped-query attention, SwiGLU MLP, tied or untied embeddings.
 //! Weight names are exactly the Hugging Face ones.
 use crate::linear::Linear;
-use crate::weights::Weights;
+use crate::weights::{ConfigJson, Weights};
 use crate::TrainError;
-use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -19,46 +18,6 @@ pub const MODULES: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
-
-/// `config.json` of a Llama checkpoint as written by transformers (4.x or 5.x).
-#[derive(Debug, Clone, Deserialize)]
-pub struct LlamaHfConfig {
-    /// "llama".
-    pub model_type: Option<String>,
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Model width.
-    pub hidden_size: usize,
-    /// MLP width.
-    pub intermediate_size: usize,
-    /// Layers.
-    pub num_hidden_layers: usize,
-    /// Query heads.
-    pub num_attention_heads: usize,
-    /// Key/value heads (grouped-query attention); defaults to the query heads.
-    pub num_key_value_heads: Option<usize>,
-    /// Head size; defaults to hidden_size / heads.
-    pub head_dim: Option<usize>,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: Option<f64>,
-    /// RoPE base (transformers 4).
-    pub rope_theta: Option<f64>,
-    /// RoPE parameters (transformers 5: `{rope_theta, rope_type}`).
-    pub rope_parameters: Option<serde_json::Value>,
-    /// RoPE scaling (only absent / null / type "default" is supported).
-    pub rope_scaling: Option<serde_json::Value>,
-    /// Whether lm_head shares the embedding matrix.
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    /// Bias on q/k/v/o.
-    #[serde(default)]
-    pub attention_bias: bool,
-    /// Bias on the MLP projections.
-    #[serde(default)]
-    pub mlp_bias: bool,
-    /// Longest context.
-    pub max_position_embeddings: Option<usize>,
-}
 
 /// Runtime configuration of a Llama model.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,79 +50,118 @@ pub struct Config {
     pub max_position_embeddings: usize,
 }
 
-impl LlamaHfConfig {
-    /// Checks the values and fills defaults.
-    ///
-    /// # Errors
-    /// Unsupported RoPE scaling, heads that do not divide the width, zero sizes.
-    pub fn into_config(self, path: &Path) -> Result<Config, TrainError> {
-        let bad = |message: String| TrainError::Config {
-            path: path.to_path_buf(),
-            message,
-        };
-        if let Some(t) = &self.model_type {
-            if t != "llama" {
-                return Err(bad(format!("model_type {t:?} is not a Llama model")));
-            }
+/// The runtime configuration from a Llama `config.json` (transformers 4.x or 5.x), every
+/// field the model uses checked for its type and range; absent fields take
+/// transformers' `LlamaConfig` defaults. Settings rankstab does not implement (RoPE
+/// scaling of any kind, an activation other than SiLU, attention dropout) are errors
+/// naming them.
+///
+/// # Errors
+/// A field of the wrong type or out of range, sizes that do not fit together, an
+/// unsupported setting (each named with the file, the field and what is allowed).
+pub fn config_from_json(c: &ConfigJson) -> Result<Config, TrainError> {
+    use crate::weights::bounds::*;
+    if let Some(t) = c.str("model_type")? {
+        if t != "llama" {
+            return Err(c.bad("model_type", format!("{t:?}"), "\"llama\" for a Llama model"));
         }
-        if let Some(s) = &self.rope_scaling {
-            let kind = s
-                .get("rope_type")
-                .or_else(|| s.get("type"))
-                .and_then(|v| v.as_str());
-            if !s.is_null() && kind != Some("default") {
-                return Err(bad(format!(
-                    "rope_scaling {s} is not supported (only the default RoPE)"
-                )));
-            }
-        }
-        let heads = self.num_attention_heads;
-        let kv = self.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
-            return Err(bad(format!("num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}")));
-        }
-        let head_dim = match self.head_dim {
-            Some(h) => h,
-            None if self.hidden_size.is_multiple_of(heads) => self.hidden_size / heads,
-            None => {
-                return Err(bad(format!(
-                    "hidden_size {} is not divisible by {heads} heads",
-                    self.hidden_size
-                )))
-            }
-        };
-        if head_dim % 2 != 0
-            || self.vocab_size == 0
-            || self.num_hidden_layers == 0
-            || self.intermediate_size == 0
-        {
-            return Err(bad("head_dim must be even and every size positive".into()));
-        }
-        let rope_theta = self
-            .rope_theta
-            .or_else(|| {
-                self.rope_parameters
-                    .as_ref()
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|v| v.as_f64())
-            })
-            .unwrap_or(10_000.0);
-        Ok(Config {
-            vocab_size: self.vocab_size as i64,
-            hidden_size: self.hidden_size as i64,
-            intermediate_size: self.intermediate_size as i64,
-            num_layers: self.num_hidden_layers,
-            num_heads: heads as i64,
-            num_kv_heads: kv as i64,
-            head_dim: head_dim as i64,
-            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta,
-            tie_word_embeddings: self.tie_word_embeddings,
-            attention_bias: self.attention_bias,
-            mlp_bias: self.mlp_bias,
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
-        })
     }
+    c.one_of("hidden_act", &["silu", "swish"])?;
+    let vocab = c.uint("vocab_size", 1, VOCAB)?.unwrap_or(32000);
+    let hidden = c.uint("hidden_size", 1, WIDTH)?.unwrap_or(4096);
+    let ffn = c.uint("intermediate_size", 1, WIDTH)?.unwrap_or(11008);
+    let layers = c.uint("num_hidden_layers", 1, LAYERS)?.unwrap_or(32);
+    let heads = c.uint("num_attention_heads", 1, HEADS)?.unwrap_or(32);
+    let kv = c.uint("num_key_value_heads", 1, HEADS)?.unwrap_or(heads);
+    if !heads.is_multiple_of(kv) {
+        return Err(c.bad(
+            "num_key_value_heads",
+            kv,
+            &format!("a divisor of num_attention_heads {heads}"),
+        ));
+    }
+    let head_dim = match c.uint("head_dim", 2, HEAD_DIM)? {
+        Some(h) => h,
+        None if hidden.is_multiple_of(heads) => hidden / heads,
+        None => {
+            return Err(c.bad(
+                "hidden_size",
+                hidden,
+                &format!("a multiple of num_attention_heads {heads} when head_dim is not given"),
+            ))
+        }
+    };
+    if !head_dim.is_multiple_of(2) || heads * head_dim > WIDTH {
+        return Err(c.bad(
+            "head_dim",
+            head_dim,
+            &format!("even, and heads x head_dim at most {WIDTH}"),
+        ));
+    }
+    let eps = c
+        .float("rms_norm_eps", |x| x > 0.0 && x < 1.0, "a number in (0, 1)")?
+        .unwrap_or(1e-6);
+    let positive = |x: f64| x > 0.0;
+    let mut rope_theta = c.float("rope_theta", positive, "a finite number > 0")?;
+    // transformers 5 writes {rope_type, rope_theta} as rope_parameters; 4.x as rope_theta
+    // and rope_scaling (null or {"rope_type": "default"} for plain RoPE).
+    for field in ["rope_parameters", "rope_scaling"] {
+        let Some(v) = c.get(field) else { continue };
+        let serde_json::Value::Object(m) = v else {
+            return Err(c.bad(field, v, "an object or null"));
+        };
+        // The type first: it names what is not implemented better than its parameters.
+        for k in ["rope_type", "type"] {
+            if let Some(x) = m.get(k).filter(|x| x.as_str() != Some("default")) {
+                return Err(c.bad(
+                    &format!("{field}.{k}"),
+                    x,
+                    "only \"default\": rankstab implements plain RoPE, no scaling (linear, dynamic, yarn, llama3, ...)",
+                ));
+            }
+        }
+        for (k, x) in m {
+            match k.as_str() {
+                "rope_type" | "type" => {}
+                "rope_theta" => {
+                    let t = x.as_f64().filter(|t| t.is_finite() && *t > 0.0).ok_or_else(|| {
+                        c.bad(&format!("{field}.rope_theta"), x, "a finite number > 0")
+                    })?;
+                    rope_theta.get_or_insert(t);
+                }
+                _ => {
+                    return Err(c.bad(
+                        &format!("{field}.{k}"),
+                        x,
+                        "not supported: rankstab implements plain RoPE (rope_type \"default\" and rope_theta only)",
+                    ))
+                }
+            }
+        }
+    }
+    c.float(
+        "attention_dropout",
+        |x| x == 0.0,
+        "0: rankstab implements no attention dropout",
+    )?;
+    let max_pos = c
+        .uint("max_position_embeddings", 1, POSITIONS)?
+        .unwrap_or(2048);
+    Ok(Config {
+        vocab_size: vocab as i64,
+        hidden_size: hidden as i64,
+        intermediate_size: ffn as i64,
+        num_layers: layers as usize,
+        num_heads: heads as i64,
+        num_kv_heads: kv as i64,
+        head_dim: head_dim as i64,
+        rms_norm_eps: eps,
+        rope_theta: rope_theta.unwrap_or(10_000.0),
+        tie_word_embeddings: c.bool("tie_word_embeddings")?.unwrap_or(false),
+        attention_bias: c.bool("attention_bias")?.unwrap_or(false),
+        mlp_bias: c.bool("mlp_bias")?.unwrap_or(false),
+        max_position_embeddings: max_pos as usize,
+    })
 }
 
 impl Config {
@@ -389,9 +387,9 @@ impl Llama {
     /// Loads a Hugging Face model directory (config.json + safetensors).
     ///
     /// # Errors
-    /// See [`Weights::from_dir`], [`LlamaHfConfig::into_config`], [`Llama::load`].
+    /// See [`Weights::from_dir`], [`config_from_json`], [`Llama::load`].
     pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self, TrainError> {
-        crate::weights::load_dir(dir, kind, device, LlamaHfConfig::into_config, Self::load)
+        crate::weights::load_dir(dir, kind, device, config_from_json, Self::load)
     }
 
     /// Every adaptable linear layer with its Hugging Face module path.

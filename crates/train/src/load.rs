@@ -4,8 +4,10 @@
 //! template all from the file). Pickle checkpoints are refused, never opened.
 use crate::gguf::{self, GgufFile, Value};
 use crate::text::TextTokenizer;
-use crate::weights::pickle_advice;
+use crate::random::Shape;
+use crate::weights::{pickle_advice, ConfigJson, MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, MAX_WEIGHT_FILE_BYTES};
 use crate::{CausalLm, TrainError};
+use rankstab_records::guard;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
@@ -37,15 +39,17 @@ impl std::fmt::Debug for Loaded {
     }
 }
 
-/// Loads a model directory or a GGUF file, with its tokenizer.
-///
-/// # Errors
-/// Every loading error of the model (see [`CausalLm::from_dir`], [`gguf::load_llama`]),
-/// a missing or malformed tokenizer, a tokenizer vocabulary larger than the embedding, a
-/// pickle checkpoint, a file that is neither a directory nor GGUF.
-pub fn load(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainError> {
+/// What a path holds, judged without loading it.
+enum Format {
+    Dir,
+    Gguf,
+}
+
+/// A model directory, or a regular file starting with GGUF's magic; pickle checkpoints
+/// and anything else are refused (devices and FIFOs without being opened).
+fn format_of(path: &Path) -> Result<Format, TrainError> {
     if path.is_dir() {
-        return load_dir(path, kind, device);
+        return Ok(Format::Dir);
     }
     if !path.exists() {
         return Err(TrainError::Invalid(format!(
@@ -53,17 +57,17 @@ pub fn load(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainErro
             path.display()
         )));
     }
+    let (f, _) = guard::open_regular(path, MAX_WEIGHT_FILE_BYTES)?;
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let n = f.read(&mut magic).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let n = f
+        .take(4)
+        .read(&mut magic)
+        .map_err(|source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if n == 4 && &magic == b"GGUF" {
-        return load_gguf(path, kind, device);
+        return Ok(Format::Gguf);
     }
     // torch.save writes a zip (PK..) since 1.6 and a raw pickle (0x80 protocol) before.
     let name = path.file_name().and_then(|s| s.to_str()).unwrap_or("");
@@ -81,14 +85,69 @@ pub fn load(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainErro
     )))
 }
 
+/// The shape of the model at `path` from its configuration only: a Hugging Face
+/// directory's `config.json` (checked as loading checks it) or a GGUF file's header and
+/// tensor directory. No weights are read, so this is cheap for any model size (memory
+/// estimates, rank checks before a sweep).
+///
+/// # Errors
+/// As [`load`] for everything but the weights and the tokenizer.
+pub fn inspect(path: &Path) -> Result<Shape, TrainError> {
+    match format_of(path)? {
+        Format::Dir => {
+            let cfg = ConfigJson::read(&path.join("config.json"))?;
+            match cfg.str("model_type")? {
+                Some("llama") => Ok(Shape::Llama(crate::llama::config_from_json(&cfg)?)),
+                Some("gptj") => Ok(Shape::Gptj(crate::gptj::config_from_json(&cfg)?)),
+                Some(other) => Err(cfg.bad(
+                    "model_type",
+                    format!("{other:?}"),
+                    "supported: llama, gptj",
+                )),
+                None => Err(TrainError::Config {
+                    path: cfg.path.clone(),
+                    message: "no \"model_type\" (supported: llama, gptj)".into(),
+                }),
+            }
+        }
+        Format::Gguf => Ok(Shape::Llama(GgufFile::open(path)?.llama_config()?)),
+    }
+}
+
+/// The shape of a model spec: [`inspect`] of its path, or its preset's shape.
+///
+/// # Errors
+/// See [`inspect`]; an unknown preset; a spec with neither.
+pub fn inspect_spec(spec: &crate::run::ModelSpec) -> Result<Shape, TrainError> {
+    match (&spec.path, &spec.preset) {
+        (Some(p), _) => inspect(p),
+        (None, Some(name)) => crate::random::preset_shape(name),
+        (None, None) => Err(TrainError::Invalid(format!(
+            "model {:?} has neither a path nor a preset",
+            spec.name
+        ))),
+    }
+}
+
+/// Loads a model directory or a GGUF file, with its tokenizer.
+///
+/// # Errors
+/// Every loading error of the model (see [`CausalLm::from_dir`], [`gguf::load_llama`]),
+/// a missing or malformed tokenizer, a tokenizer vocabulary larger than the embedding, a
+/// pickle checkpoint, a file that is neither a directory nor GGUF.
+pub fn load(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainError> {
+    match format_of(path)? {
+        Format::Dir => load_dir(path, kind, device),
+        Format::Gguf => load_gguf(path, kind, device),
+    }
+}
+
+/// An optional JSON file of the model directory (absent: None), bounded.
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>, TrainError> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = guard::read_regular_text(path, MAX_CONFIG_BYTES)?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| TrainError::Config {
@@ -164,9 +223,9 @@ fn load_dir(dir: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainError
 
 fn load_gguf(path: &Path, kind: Kind, device: Device) -> Result<Loaded, TrainError> {
     let file = GgufFile::open(path)?;
+    let config = file.llama_config()?;
     let json = gguf::tokenizer_json(&file)?;
     let tokenizer = TextTokenizer::from_json(&json.to_string(), path)?;
-    let config = file.llama_config()?;
     // Checked before the (slow) dequantization: the tokenizer must fit the embedding.
     tokenizer.check_fits(path, config.vocab_size)?;
     let tensors = file.hf_tensors(&config)?;
@@ -205,7 +264,7 @@ pub fn tokenizer_from_vocab_merges(
     vocab_path: &Path,
     merges_path: &Path,
 ) -> Result<TextTokenizer, TrainError> {
-    let vocab = match read_json(vocab_path)? {
+    let vocab = match read_tokenizer_json(vocab_path)? {
         Some(serde_json::Value::Object(m)) => m,
         Some(_) => {
             return Err(TrainError::Config {
@@ -220,10 +279,7 @@ pub fn tokenizer_from_vocab_merges(
             )))
         }
     };
-    let text = std::fs::read_to_string(merges_path).map_err(|source| TrainError::Io {
-        path: merges_path.to_path_buf(),
-        source,
-    })?;
+    let text = guard::read_regular_text(merges_path, MAX_TOKENIZER_BYTES)?;
     let merges: Vec<serde_json::Value> = text
         .lines()
         .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -239,4 +295,18 @@ pub fn tokenizer_from_vocab_merges(
     }
     let json = gguf::byte_level_bpe_json(vocab, merges, added, false);
     TextTokenizer::from_json(&json.to_string(), vocab_path)
+}
+
+/// A tokenizer-sized JSON file (vocab.json), bounded by [`MAX_TOKENIZER_BYTES`].
+fn read_tokenizer_json(path: &Path) -> Result<Option<serde_json::Value>, TrainError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = guard::read_regular_text(path, MAX_TOKENIZER_BYTES)?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TrainError::Config {
+            path: path.to_path_buf(),
+            message: format!("not valid JSON: {e}"),
+        })
 }

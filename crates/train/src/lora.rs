@@ -392,9 +392,17 @@ pub fn load_peft(
             cfg.peft_type
         )));
     }
+    check_adapter_numbers(&cfg_path, &cfg)?;
     let file = dir.join("adapter_model.safetensors");
-    let tensors = Tensor::read_safetensors(&file)
-        .map_err(TrainError::torch(format!("reading {}", file.display())))?;
+    let tensors = crate::weights::read_safetensors(&file, crate::weights::MAX_WEIGHT_FILE_BYTES)?;
+    for (name, t) in &tensors {
+        if let Err(bad) = crate::weights::check_finite(t) {
+            return Err(TrainError::Invalid(format!(
+                "{}: tensor {name} holds {bad} NaN or infinite value(s): a damaged adapter (only finite weights are loaded)",
+                file.display()
+            )));
+        }
+    }
     let mut a_map = std::collections::BTreeMap::new();
     let mut b_map = std::collections::BTreeMap::new();
     for (name, t) in tensors {
@@ -475,9 +483,47 @@ pub(crate) fn check_supported_peft_options(cfg_path: &Path) -> Result<(), TrainE
     Ok(())
 }
 
-/// A JSON file read into `T`.
+/// Largest |alpha| and |gamma_r| accepted from an adapter file: the paper's alphas are
+/// 8..64, and a scaling beyond 1e6 multiplies the adapter's output into overflow.
+pub const MAX_ADAPTER_ALPHA: f64 = 1e6;
+
+/// The numbers of an adapter config that change what it computes: a rank of 1..=2^20,
+/// finite alphas and betas of sane size, a dropout in [0, 1), a finite scaling.
+fn check_adapter_numbers(path: &Path, c: &PeftAdapterConfig) -> Result<(), TrainError> {
+    use crate::weights::field_error;
+    if c.r == 0 || c.r > 1 << 20 {
+        return Err(field_error(path, "r", c.r, "an integer from 1 to 1048576"));
+    }
+    let alpha_ok = |a: f64| a.is_finite() && a.abs() <= MAX_ADAPTER_ALPHA;
+    let allowed = format!("a finite number of magnitude at most {MAX_ADAPTER_ALPHA:e}");
+    if !alpha_ok(c.lora_alpha) {
+        return Err(field_error(path, "lora_alpha", c.lora_alpha, &allowed));
+    }
+    if let Some(a) = c.rankstab_alpha.filter(|&a| !alpha_ok(a)) {
+        return Err(field_error(path, "rankstab_alpha", a, &allowed));
+    }
+    if let Some(b) = c.rankstab_beta.filter(|b| !(b.is_finite() && b.abs() <= 16.0)) {
+        return Err(field_error(path, "rankstab_beta", b, "a finite number in [-16, 16]"));
+    }
+    if !(c.lora_dropout.is_finite() && (0.0..1.0).contains(&c.lora_dropout)) {
+        return Err(field_error(path, "lora_dropout", c.lora_dropout, "a number in [0, 1)"));
+    }
+    let g = c.scaling();
+    if !alpha_ok(g) {
+        return Err(field_error(
+            path,
+            "the scaling (lora_alpha, r, use_rslora, rankstab_beta)",
+            g,
+            &allowed,
+        ));
+    }
+    Ok(())
+}
+
+/// A JSON file read into `T` (a regular file of at most
+/// [`crate::weights::MAX_CONFIG_BYTES`]).
 fn read_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    let text = rankstab_records::guard::read_regular_text(path, crate::weights::MAX_CONFIG_BYTES)?;
     serde_json::from_str(&text).map_err(|source| TrainError::Json {
         path: path.to_path_buf(),
         source,

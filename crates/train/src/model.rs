@@ -29,25 +29,18 @@ impl CausalLm {
                 dir.display()
             )));
         }
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io {
-            path: cfg_path.clone(),
-            source,
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Config {
-            path: cfg_path.clone(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        match v.get("model_type").and_then(|t| t.as_str()) {
+        let cfg = crate::weights::ConfigJson::read(&dir.join("config.json"))?;
+        match cfg.str("model_type")? {
             Some("llama") => Ok(Self::Llama(Llama::from_dir(dir, kind, device)?)),
             Some("gptj") => Ok(Self::Gptj(Gptj::from_dir(dir, kind, device)?)),
-            Some(other) => Err(TrainError::Config {
-                path: cfg_path,
-                message: format!("model_type {other:?} is not supported (supported: llama, gptj)"),
-            }),
+            Some(other) => Err(cfg.bad(
+                "model_type",
+                format!("{other:?}"),
+                "supported: llama, gptj",
+            )),
             None => Err(TrainError::Config {
-                path: cfg_path,
-                message: "no \"model_type\"".into(),
+                path: cfg.path.clone(),
+                message: "no \"model_type\" (supported: llama, gptj)".into(),
             }),
         }
     }

@@ -116,7 +116,84 @@ pub enum Shape {
     Gptj(gptj::Config),
 }
 
+/// One kind of adaptable linear module of a block: its name (PEFT's target module) and
+/// its widths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleWidths {
+    /// Module name (q_proj, ..., fc_out).
+    pub name: &'static str,
+    /// in_features.
+    pub in_features: i64,
+    /// out_features.
+    pub out_features: i64,
+}
+
 impl Shape {
+    /// Every adaptable linear module of a block, in [`llama::MODULES`] / [`gptj::MODULES`]
+    /// order, with its (in, out) widths (the same in every block).
+    pub fn modules(&self) -> Vec<ModuleWidths> {
+        let m = |name, in_features, out_features| ModuleWidths {
+            name,
+            in_features,
+            out_features,
+        };
+        match self {
+            Shape::Llama(c) => {
+                let (d, f) = (c.hidden_size, c.intermediate_size);
+                let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                vec![
+                    m("q_proj", d, q),
+                    m("k_proj", d, kv),
+                    m("v_proj", d, kv),
+                    m("o_proj", q, d),
+                    m("gate_proj", d, f),
+                    m("up_proj", d, f),
+                    m("down_proj", f, d),
+                ]
+            }
+            Shape::Gptj(c) => {
+                let (d, f) = (c.n_embd, c.n_inner);
+                vec![
+                    m("q_proj", d, d),
+                    m("k_proj", d, d),
+                    m("v_proj", d, d),
+                    m("out_proj", d, d),
+                    m("fc_in", d, f),
+                    m("fc_out", f, d),
+                ]
+            }
+        }
+    }
+
+    /// Number of decoder blocks.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Shape::Llama(c) => c.num_layers,
+            Shape::Gptj(c) => c.n_layer,
+        }
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            Shape::Llama(c) => c.vocab_size,
+            Shape::Gptj(c) => c.vocab_size,
+        }
+    }
+
+    /// Width of the residual stream.
+    pub fn hidden_size(&self) -> i64 {
+        match self {
+            Shape::Llama(c) => c.hidden_size,
+            Shape::Gptj(c) => c.n_embd,
+        }
+    }
+
+    /// Number of parameters ([`parameter_count`] of [`Self::tensors`]).
+    pub fn parameters(&self) -> i64 {
+        parameter_count(&self.tensors())
+    }
+
     /// (Hugging Face name, shape) of every tensor ([`llama_shapes`], [`gptj_shapes`]).
     pub fn tensors(&self) -> Vec<(String, Vec<i64>)> {
         match self {
@@ -183,7 +260,15 @@ pub fn llama2_mini() -> llama::Config {
 /// # Errors
 /// An unknown name.
 pub fn preset(name: &str, kind: Kind, device: Device, seed: i64) -> Result<CausalLm, TrainError> {
-    let shape = match name {
+    model(preset_shape(name)?, kind, device, seed)
+}
+
+/// The shape of a preset ([`PRESETS`]), without building it.
+///
+/// # Errors
+/// An unknown name.
+pub fn preset_shape(name: &str) -> Result<Shape, TrainError> {
+    Ok(match name {
         "llama-2-mini" => Shape::Llama(llama2_mini()),
         "gpt-j-mini" => Shape::Gptj(gptj_mini()),
         "llama-2-7b" => Shape::Llama(llama::Config::llama2_7b()),
@@ -194,8 +279,7 @@ pub fn preset(name: &str, kind: Kind, device: Device, seed: i64) -> Result<Causa
                 PRESETS.join(", ")
             )))
         }
-    };
-    model(shape, kind, device, seed)
+    })
 }
 
 #[cfg(test)]

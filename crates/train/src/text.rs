@@ -3,6 +3,18 @@ use crate::{CausalLm, TrainError};
 use std::path::Path;
 use tch::{Device, Tensor};
 
+/// Parses the text of a `tokenizer.json`. The text must be JSON first (serde_json's
+/// error, with line and column): tokenizers 0.23 panics on some malformed JSON (its
+/// decoders' untagged helper unwraps), and any panic left in the library is turned into
+/// an error here rather than ending the process.
+fn parse_tokenizer(json: &str) -> Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| format!("not JSON ({e})"))?;
+    match std::panic::catch_unwind(|| json.parse::<tokenizers::Tokenizer>()) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the tokenizers library could not read it (it panicked)".into()),
+    }
+}
+
 /// A Hugging Face tokenizer checked against a model's embedding.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -14,7 +26,11 @@ impl TextTokenizer {
     /// # Errors
     /// Missing or malformed file (named).
     pub fn from_file(path: &Path) -> Result<Self, TrainError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TrainError::Config {
+        let text = rankstab_records::guard::read_regular_text(
+            path,
+            crate::weights::MAX_TOKENIZER_BYTES,
+        )?;
+        let inner = parse_tokenizer(&text).map_err(|e| TrainError::Config {
             path: path.to_path_buf(),
             message: format!("not a tokenizer.json: {e}"),
         })?;
@@ -27,12 +43,10 @@ impl TextTokenizer {
     /// # Errors
     /// Malformed JSON or an unknown component (named).
     pub fn from_json(json: &str, origin: &Path) -> Result<Self, TrainError> {
-        let inner = json
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| TrainError::Config {
-                path: origin.to_path_buf(),
-                message: format!("not a valid tokenizer: {e}"),
-            })?;
+        let inner = parse_tokenizer(json).map_err(|e| TrainError::Config {
+            path: origin.to_path_buf(),
+            message: format!("not a valid tokenizer: {e}"),
+        })?;
         Ok(Self { inner })
     }
 
@@ -101,22 +115,18 @@ impl TextTokenizer {
     }
 }
 
-/// Reads a UTF-8 text file that is not empty.
+/// Largest text `eval` reads: 1 GiB of text is ~250 M tokens, hours of evaluation on
+/// one accelerator; the token ids alone take 8 bytes a token (2 GiB). A larger file is
+/// refused before it is read rather than filling memory.
+pub const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// Reads a UTF-8 text file that is not empty: a regular file of at most
+/// [`MAX_TEXT_BYTES`] (a device such as /dev/zero or a FIFO is refused unopened).
 ///
 /// # Errors
-/// Unreadable, empty or non-UTF-8 files (named).
+/// Unreadable, too large, not a regular file, empty or non-UTF-8 files (named).
 pub fn read_text(path: &Path) -> Result<String, TrainError> {
-    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        TrainError::Invalid(format!(
-            "{}: not UTF-8 text (invalid byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        ))
-    })?;
+    let text = rankstab_records::guard::read_regular_text(path, MAX_TEXT_BYTES)?;
     if text.trim().is_empty() {
         return Err(TrainError::Invalid(format!(
             "{}: the text is empty",
@@ -124,6 +134,55 @@ pub fn read_text(path: &Path) -> Result<String, TrainError> {
         )));
     }
     Ok(text)
+}
+
+/// Mean next-token NLL of windows `ids` (B, T) whose first token is token `first` of the
+/// text, windows `stride` tokens apart, and the number of predicted tokens.
+///
+/// # Errors
+/// A NaN or infinite loss (non-finite logits), naming the first token position where it
+/// occurs.
+fn window_nll(
+    model: &CausalLm,
+    ids: &Tensor,
+    first: usize,
+    stride: usize,
+) -> Result<(f64, i64), TrainError> {
+    let t = ids.size()[1];
+    let logits = model
+        .forward(ids, false)
+        .narrow(1, 0, t - 1)
+        .to_kind(tch::Kind::Float);
+    let v = logits.size()[2];
+    let targets = ids.narrow(1, 1, t - 1).reshape([-1]);
+    let losses = logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(
+        &targets,
+        None,
+        tch::Reduction::None,
+        -100,
+        0.0,
+    );
+    let bad = losses.isfinite().logical_not();
+    if bad.any().int64_value(&[]) != 0 {
+        let i = bad.to_kind(tch::Kind::Int64).argmax(None, false).int64_value(&[]) as usize;
+        let (row, col) = (i / (t as usize - 1), i % (t as usize - 1));
+        let pos = first + row * stride + col;
+        let logits_bad = logits
+            .reshape([-1, v])
+            .get(i as i64)
+            .isfinite()
+            .logical_not()
+            .any()
+            .int64_value(&[])
+            != 0;
+        let what = if logits_bad { "logits" } else { "loss" };
+        return Err(TrainError::Invalid(format!(
+            "the model's {what} is NaN or infinite at token position {pos} (predicting token {}): the weights or their metadata are damaged; no perplexity is reported",
+            pos + 1
+        )));
+    }
+    let n = losses.numel() as i64;
+    Ok((losses.mean(tch::Kind::Float).double_value(&[]), n))
 }
 
 /// Result of an evaluation.
@@ -165,13 +224,13 @@ pub fn evaluate(
         windows.into_iter().partition(|w| w.len() == context);
     let mut total = 0.0f64;
     let mut count = 0i64;
-    tch::no_grad(|| {
-        for group in full.chunks(batch) {
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for (g, group) in full.chunks(batch).enumerate() {
             let flat: Vec<i64> = group.iter().flat_map(|w| w.iter().copied()).collect();
             let t = Tensor::from_slice(&flat)
                 .view([group.len() as i64, context as i64])
                 .to_device(device);
-            let (nll, n) = model.nll(&t);
+            let (nll, n) = window_nll(model, &t, g * batch * context, context)?;
             total += nll * n as f64;
             count += n;
         }
@@ -179,11 +238,12 @@ pub fn evaluate(
             let t = Tensor::from_slice(w)
                 .view([1, w.len() as i64])
                 .to_device(device);
-            let (nll, n) = model.nll(&t);
+            let (nll, n) = window_nll(model, &t, full.len() * context, context)?;
             total += nll * n as f64;
             count += n;
         }
-    });
+        Ok(())
+    })?;
     let nll = total / count as f64;
     Ok(EvalResult {
         tokens: count,

@@ -1,0 +1,307 @@
+//! Up-front memory estimates, checked before anything large is allocated: loading a model
+//! (its weights in the compute dtype; a GGUF file dequantised to it), evaluating it (weights
+//! and the activations of one forward pass) and training it (weights, LoRA adapters of rank
+//! r on the target modules, their gradients and optimizer state, the activations kept for
+//! the backward pass through every block, and the logits). The shapes come from
+//! [`crate::load::inspect`] (config.json or the GGUF header, no weights), so a model
+//! that cannot fit is refused in milliseconds with the estimate in the message
+//! ([`check`]: `rankstab_records::guard::check_memory`, against `--max-memory` or the
+//! machine's available memory).
+//!
+//! The estimates count the tensors that are alive at the peak, in the dtype they are held
+//! in; they leave out libtorch's own working buffers and allocator slack, which add a few
+//! hundred MiB ([`OVERHEAD`]), and the tokenizer and data (small next to any model).
+use crate::random::Shape;
+use crate::TrainError;
+use tch::Kind;
+
+/// Fixed cost of a process that runs libtorch (its libraries, thread pools and allocator),
+/// counted once in every estimate.
+pub const OVERHEAD: u64 = 256 << 20;
+
+/// Bytes of one element of `kind` (the model's compute dtype: f32 or bf16).
+pub fn bytes_of(kind: Kind) -> u64 {
+    match kind {
+        Kind::Double | Kind::Int64 => 8,
+        Kind::Half | Kind::BFloat16 | Kind::Int16 => 2,
+        Kind::Int8 | Kind::Uint8 | Kind::Bool => 1,
+        _ => 4,
+    }
+}
+
+/// The largest tensor of a shape, in elements (the embedding or the head, usually).
+fn largest_tensor(shape: &Shape) -> u64 {
+    shape
+        .tensors()
+        .iter()
+        .map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Memory to load a model of `shape` in `kind`: every weight in `kind`, plus the largest
+/// tensor twice more in f32 while it is read and converted (a GGUF tensor is dequantised to
+/// f32 before conversion; a safetensors tensor is read raw, then converted).
+pub fn load_bytes(shape: &Shape, kind: Kind) -> u64 {
+    let params = shape.parameters().max(0) as u64;
+    params
+        .saturating_mul(bytes_of(kind))
+        .saturating_add(largest_tensor(shape).saturating_mul(8))
+        .saturating_add(OVERHEAD)
+}
+
+/// Widths that set the activations of one block: (width, MLP width, query heads,
+/// key/value width).
+fn block_widths(shape: &Shape) -> (u64, u64, u64, u64) {
+    match shape {
+        Shape::Llama(c) => (
+            c.hidden_size as u64,
+            c.intermediate_size as u64,
+            c.num_heads as u64,
+            (c.num_kv_heads * c.head_dim) as u64,
+        ),
+        Shape::Gptj(c) => (c.n_embd as u64, c.n_inner as u64, c.n_head as u64, c.n_embd as u64),
+    }
+}
+
+/// Elements of the activations one block keeps for its backward pass for `tokens` tokens
+/// of sequences of `context`: its input and norm outputs, q, k and v, the attention output
+/// and its projection, the MLP's inputs and outputs (Llama: gate, up, their product), and
+/// the attention probabilities when the attention kernel materialises them (counted, as
+/// the CPU path may).
+fn block_activations(shape: &Shape, tokens: u64, context: u64) -> u64 {
+    let (d, f, heads, kv) = block_widths(shape);
+    let per_token = match shape {
+        Shape::Llama(_) => 4 * d + d + 2 * kv + d + 4 * f,
+        Shape::Gptj(_) => 3 * d + 3 * d + d + 2 * f,
+    };
+    tokens
+        .saturating_mul(per_token)
+        .saturating_add(tokens.saturating_mul(heads).saturating_mul(context))
+}
+
+/// Bytes of the logits of `tokens` tokens and what the loss makes of them: the logits in
+/// `kind`, their f32 copy, the log-softmax and its gradient (f32).
+fn logits_bytes(shape: &Shape, kind: Kind, tokens: u64, train: bool) -> u64 {
+    let v = shape.vocab_size().max(0) as u64;
+    let n = tokens.saturating_mul(v);
+    let f32_copies = if train { 3 } else { 2 };
+    n.saturating_mul(bytes_of(kind) + 4 * f32_copies)
+}
+
+/// Memory to evaluate a model of `shape` in `kind` on `batch` windows of `context` tokens:
+/// the weights, one block's activations at a time (no gradients are kept) and the logits.
+pub fn eval_bytes(shape: &Shape, kind: Kind, batch: usize, context: usize) -> u64 {
+    let tokens = (batch as u64).saturating_mul(context as u64);
+    let weights = (shape.parameters().max(0) as u64).saturating_mul(bytes_of(kind));
+    let block = block_activations(shape, tokens, context as u64).saturating_mul(bytes_of(kind));
+    let logits = logits_bytes(shape, kind, tokens, false);
+    weights
+        .saturating_add(block.max(logits))
+        .saturating_add(OVERHEAD)
+}
+
+/// What a training run adds to a model: the adapters and how they are trained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSizes {
+    /// Adapter rank.
+    pub rank: usize,
+    /// Adapted modules (empty: every module of [`Shape::modules`]).
+    pub target_modules: Vec<String>,
+    /// Adam(W) keeps two moments per adapter parameter, SGD with momentum one, SGD none.
+    pub optimizer: rankstab_records::Optimizer,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Tokens per sequence.
+    pub context: usize,
+    /// Whether block activations are recomputed in the backward pass.
+    pub activation_checkpointing: bool,
+}
+
+/// Number of adapter parameters (A and B of every targeted module of every block).
+pub fn adapter_parameters(shape: &Shape, rank: usize, target_modules: &[String]) -> u64 {
+    let per_block: u64 = shape
+        .modules()
+        .iter()
+        .filter(|m| target_modules.is_empty() || target_modules.iter().any(|t| t == m.name))
+        .map(|m| (rank as u64).saturating_mul((m.in_features + m.out_features) as u64))
+        .sum();
+    per_block.saturating_mul(shape.num_layers() as u64)
+}
+
+/// Memory to train LoRA adapters on a model of `shape` in `kind`: the weights; the
+/// adapters (f32) with their gradients and, for AdamW, two moments; the activations of
+/// every block kept for the backward pass (with activation checkpointing: every block's
+/// input and one block's activations) plus each adapter's `A x`; the logits and the loss's
+/// f32 copies and gradient.
+pub fn train_bytes(shape: &Shape, kind: Kind, t: &TrainSizes) -> u64 {
+    let tokens = (t.micro_batch as u64).saturating_mul(t.context as u64);
+    let weights = (shape.parameters().max(0) as u64).saturating_mul(bytes_of(kind));
+    // Values and gradients, plus two moments (Adam, AdamW) or one momentum buffer.
+    let states: u64 = match t.optimizer {
+        rankstab_records::Optimizer::Adam | rankstab_records::Optimizer::Adamw => 4,
+        rankstab_records::Optimizer::SgdMomentum => 3,
+        _ => 2,
+    };
+    let adapters = adapter_parameters(shape, t.rank, &t.target_modules)
+        .saturating_mul(4)
+        .saturating_mul(states);
+    let layers = shape.num_layers() as u64;
+    let block = block_activations(shape, tokens, t.context as u64).saturating_mul(bytes_of(kind));
+    let n_targets = shape
+        .modules()
+        .iter()
+        .filter(|m| t.target_modules.is_empty() || t.target_modules.iter().any(|x| x == m.name))
+        .count() as u64;
+    let lora_acts = tokens
+        .saturating_mul(t.rank as u64)
+        .saturating_mul(n_targets)
+        .saturating_mul(4);
+    let kept = if t.activation_checkpointing {
+        let d = shape.hidden_size().max(0) as u64;
+        tokens
+            .saturating_mul(d)
+            .saturating_mul(bytes_of(kind))
+            .saturating_mul(layers)
+            .saturating_add(block.saturating_add(lora_acts))
+    } else {
+        block.saturating_add(lora_acts).saturating_mul(layers)
+    };
+    weights
+        .saturating_add(adapters)
+        .saturating_add(kept)
+        .saturating_add(logits_bytes(shape, kind, tokens, true))
+        .saturating_add(OVERHEAD)
+}
+
+/// Refuses `estimate` bytes for `what` when it exceeds `max` (`--max-memory`) or, without
+/// it, the machine's available memory; the message gives the estimate and the limit.
+///
+/// # Errors
+/// [`TrainError::Invalid`] with rankstab_records::guard::check_memory's message.
+pub fn check(what: &str, estimate: u64, max: Option<u64>) -> Result<(), TrainError> {
+    rankstab_records::guard::check_memory(what, estimate, max).map_err(TrainError::Invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::{gptj_mini, llama2_mini, preset_shape};
+    use tch::Device;
+
+    /// Resident memory of this process (Linux), in bytes.
+    fn rss() -> Option<u64> {
+        let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * 4096)
+    }
+
+    /// The parameter count behind every estimate is the built model's.
+    #[test]
+    fn parameter_counts_are_the_loaded_models() {
+        for name in ["llama-2-mini", "gpt-j-mini"] {
+            let shape = preset_shape(name).expect("preset");
+            let mut m = crate::random::preset(name, Kind::Float, Device::Cpu, 0).expect("builds");
+            let built: i64 = match &m {
+                crate::CausalLm::Llama(l) => {
+                    let mut n = l.embed_tokens.numel() as i64 + l.norm.weight.numel() as i64;
+                    n += l.lm_head.as_ref().map_or(0, |h| h.numel() as i64);
+                    for b in &l.layers {
+                        n += (b.input_layernorm.weight.numel() + b.post_attention_layernorm.weight.numel()) as i64;
+                    }
+                    n
+                }
+                crate::CausalLm::Gptj(g) => {
+                    let mut n = (g.wte.numel()
+                        + g.ln_f.weight.numel()
+                        + g.ln_f.bias.numel()
+                        + g.lm_head.weight.numel()
+                        + g.lm_head.bias.as_ref().map_or(0, |b| b.numel())) as i64;
+                    for b in &g.h {
+                        n += (b.ln_1.weight.numel() + b.ln_1.bias.numel()) as i64;
+                    }
+                    n
+                }
+            };
+            let linears: i64 = m
+                .linears_mut()
+                .into_iter()
+                .map(|(_, l)| {
+                    (l.weight.numel() + l.bias.as_ref().map_or(0, |b| b.numel())) as i64
+                })
+                .sum();
+            assert_eq!(built + linears, shape.parameters(), "{name}");
+        }
+        assert_eq!(
+            Shape::Llama(llama2_mini()).parameters(),
+            preset_shape("llama-2-mini").expect("preset").parameters()
+        );
+        assert!(Shape::Gptj(gptj_mini()).parameters() > 20_000_000);
+    }
+
+    /// Loading estimate against the resident memory a preset really adds (within a factor
+    /// of two, after the fixed overhead). Measured in a child process of this test binary,
+    /// alone, so that other tests' threads do not move the process's resident memory.
+    #[test]
+    fn load_estimate_is_within_a_factor_two_of_the_real_growth() {
+        const CHILD: &str = "RANKSTAB_MEMORY_TEST_CHILD";
+        let name = "memory::tests::load_estimate_is_within_a_factor_two_of_the_real_growth";
+        if std::env::var_os(CHILD).is_some() {
+            // libtorch's own start-up (thread pools, allocator) before the measurement.
+            let _ = tch::Tensor::ones([4, 4], (Kind::Float, Device::Cpu)).matmul(
+                &tch::Tensor::ones([4, 4], (Kind::Float, Device::Cpu)),
+            );
+            let before = rss().expect("rss");
+            let m = crate::random::preset("llama-2-mini", Kind::Float, Device::Cpu, 0)
+                .expect("builds");
+            let after = rss().expect("rss");
+            drop(m);
+            println!("GREW {}", after.saturating_sub(before));
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+            .env(CHILD, "1")
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let grew: u64 = text
+            .lines()
+            .find_map(|l| l.split("GREW ").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no measurement: {text}"));
+        let shape = preset_shape("llama-2-mini").expect("preset");
+        let est = load_bytes(&shape, Kind::Float) - OVERHEAD;
+        assert!(
+            grew * 2 >= est && grew <= est * 2,
+            "estimate {est} bytes, resident memory grew by {grew}"
+        );
+    }
+
+    #[test]
+    fn estimates_grow_with_what_they_count() {
+        let s = preset_shape("llama-2-7b").expect("preset");
+        // 6.74e9 parameters: ~25 GiB in f32, ~12.5 GiB in bf16.
+        let f = load_bytes(&s, Kind::Float);
+        let b = load_bytes(&s, Kind::BFloat16);
+        assert!(f > 25 << 30 && f < 28 << 30, "{f}");
+        assert!(b > 12 << 30 && b < 15 << 30, "{b}");
+        assert!(eval_bytes(&s, Kind::Float, 4, 512) > eval_bytes(&s, Kind::Float, 1, 512));
+        let t = |opt, rank| TrainSizes {
+            rank,
+            target_modules: vec![],
+            optimizer: opt,
+            micro_batch: 4,
+            context: 512,
+            activation_checkpointing: false,
+        };
+        use rankstab_records::Optimizer::{Adamw, Sgd};
+        assert!(train_bytes(&s, Kind::Float, &t(Adamw, 64)) > train_bytes(&s, Kind::Float, &t(Sgd, 64)));
+        assert!(train_bytes(&s, Kind::Float, &t(Adamw, 2048)) > train_bytes(&s, Kind::Float, &t(Adamw, 4)));
+        // Rank 2048 on every module of Llama-2-7B: 2048 * (7 modules' in + out) * 32 blocks.
+        let per_block = 2048 * (4 * (4096 + 4096) + 3 * (4096 + 11008));
+        assert_eq!(adapter_parameters(&s, 2048, &[]), per_block * 32);
+        let e = check("loading llama-2-7b", f, Some(24 << 30)).expect_err("too big").to_string();
+        assert!(e.contains("GiB") && e.contains("--max-memory"), "{e}");
+    }
+}
