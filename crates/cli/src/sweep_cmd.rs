@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rankstab_train::data::Dataset;
 use rankstab_train::run::{load_model, run_dir, LoadedModel, RunMeta, RunState};
+use rankstab_train::limits::MAX_CONFIG_BYTES;
 use rankstab_train::sweep::{load_data, prepare_dir, SweepConfig, AUDIT_SWEEP};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,7 +50,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
     }
     let cfg = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
+            // A regular file of at most 1 MiB: a FIFO or a device cannot hang or fill memory.
+            let text = rankstab_records::guard::read_regular_text(p, MAX_CONFIG_BYTES)
                 .with_context(|| format!("{}: cannot read the sweep configuration", p.display()))?;
             SweepConfig::from_toml(&text, &p.display().to_string())?
         }
@@ -62,23 +64,9 @@ pub fn run(a: SweepArgs) -> Result<()> {
             cells.len() - 1
         );
     }
-    for m in &cfg.models {
-        for p in m.path.iter().chain(m.tokenizer.iter()) {
-            if !p.exists() {
-                bail!(
-                    "model {:?}: {} does not exist (the default sweep's assets come from `bash scripts/setup.sh`)",
-                    m.name,
-                    p.display()
-                );
-            }
-        }
-    }
-    if !cfg.data.exists() {
-        bail!(
-            "{}: the sweep's data file does not exist (the default's comes from `bash scripts/setup.sh`)",
-            cfg.data.display()
-        );
-    }
+    // The whole sweep is checked before sweep.json or cells/ are written: the
+    // configuration (above), the models' paths and the data file.
+    cfg.check_inputs()?;
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "sweep-{}",

@@ -1,15 +1,17 @@
 //! `rankstab train`: one instrumented LoRA / rsLoRA fine-tuning run (one sweep cell).
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
-use rankstab_records::{Optimizer, Scaling};
-use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
+use rankstab_records::{read_json, Manifest, Optimizer, Scaling};
+use rankstab_train::data::{check_data_file, load_dataset, DataFormat, DataSpec};
 use rankstab_train::device::{DeviceName, Dtype};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::run::{
     discard_failed, load_model, prepare_out, run_dir, ModelSpec, RunMeta, Start,
 };
-use rankstab_train::trainer::TrainConfig;
-use std::path::PathBuf;
+use rankstab_train::limits;
+use rankstab_train::optim::check_supported;
+use rankstab_train::trainer::{differences, TrainConfig};
+use std::path::{Path, PathBuf};
 
 /// Options of `rankstab train`.
 #[derive(Args, Debug)]
@@ -174,17 +176,71 @@ fn train_config(a: &TrainArgs, model_name: String) -> Result<TrainConfig> {
     })
 }
 
+/// Checks every flag against its bound ([`rankstab_train::limits`]) before anything is
+/// loaded, allocated or written; an error names the flag, the value and what is allowed.
+fn check_flags(a: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
+    check_supported(cfg.optimizer)?;
+    cfg.check().map_err(|mut e| {
+        // The exponent comes from --scaling unless --beta gave it.
+        if e.field == "beta" && a.beta.is_none() {
+            e.field = "scaling".into();
+            e.value = a.scaling.to_string();
+        }
+        e.as_flag()
+    })?;
+    limits::max_examples("max_examples", a.max_examples).map_err(|e| e.as_flag())?;
+    Ok(())
+}
+
+/// Refuses to resume a run of another configuration in `out`: one line naming the
+/// fields that differ (the run's manifest records the configuration and the model, data
+/// and dtype it was started with).
+fn check_resume(out: &Path, cfg: &TrainConfig, extra: &serde_json::Value) -> Result<()> {
+    let path = out.join("manifest.json");
+    let m: Manifest = read_json(&path)?;
+    let mut diff = match serde_json::from_value::<TrainConfig>(m.config["train"].clone()) {
+        Ok(old) => differences(&old, cfg),
+        Err(e) => vec![format!("its configuration is unreadable ({e})")],
+    };
+    for key in ["model", "data", "dtype"] {
+        let old = &m.config["run"][key];
+        if *old != extra[key] {
+            diff.push(format!("{key}: {old} -> {}", extra[key]));
+        }
+    }
+    if !diff.is_empty() {
+        bail!(
+            "--out {} holds an unfinished run of another configuration ({}): choose another --out, or repeat that run's command to resume it",
+            out.display(),
+            diff.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let spec = model_spec(&a)?;
     let cfg = train_config(&a, spec.name.clone())?;
-    cfg.validate()?;
+    check_flags(&a, &cfg)?;
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "train-{}",
             chrono::Utc::now().format("%Y%m%d-%H%M%S")
         ))
     });
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {}: is a file, not a directory: a run directory is absent, empty, or holds an unfinished run of the same command",
+            out.display()
+        );
+    }
+    let extra = serde_json::json!({ "model": a.model, "data": a.data, "dtype": a.dtype });
     let start = prepare_out(&out)?;
+    if start == Start::Resume {
+        check_resume(&out, &cfg, &extra)?;
+    }
+    // The data file before the model: a regular, non-empty file that parses in its format.
+    check_data_file(&a.data, a.format, a.max_examples)?;
     if start == Start::Resume {
         eprintln!("resuming the run in {}", out.display());
     }
@@ -208,7 +264,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: crate::git_revision(),
         device: crate::device_description(device),
-        extra: serde_json::json!({ "model": a.model, "data": a.data, "dtype": a.dtype }),
+        extra,
     };
     let pb = indicatif::ProgressBar::new(a.steps as u64);
     pb.set_style(
