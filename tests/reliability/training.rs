@@ -31,7 +31,7 @@ fn mkfifo(p: &Path) {
 }
 
 /// `rankstab train` on the tiny Llama with tiny sizes; `changes` replace or add flags
-/// (a value of "" for a flag removes it).
+/// (a flag with the value "" is passed alone, as in `--alpha=-1e-300`).
 fn train_args(data: &Path, out: &Path, changes: &[(&str, &str)]) -> Vec<String> {
     let mut flags: Vec<(String, String)> = [
         ("--model", s(&tiny_llama())),
@@ -55,7 +55,9 @@ fn train_args(data: &Path, out: &Path, changes: &[(&str, &str)]) -> Vec<String> 
     let mut args = vec!["train".to_string()];
     for (k, v) in flags {
         args.push(k);
-        args.push(v);
+        if !v.is_empty() {
+            args.push(v);
+        }
     }
     args
 }
@@ -194,6 +196,8 @@ fn train_flags_out_of_range_are_refused_before_anything_is_loaded() {
         (vec![("--target-modules", "q_proj,")], vec!["--target-modules", "non-empty"]),
         (vec![("--optimizer", "adam")], vec!["adamw or sgd"]),
         (vec![("--dtype", "f8")], vec!["f8"]),
+        (vec![("--alpha=-1e-300", "")], vec!["--alpha -1e-300"]),
+        (vec![("--context", "1e3")], vec!["--context", "1e3"]),
     ];
     let mut cases = Vec::new();
     for (i, (changes, fragments)) in table.iter().enumerate() {

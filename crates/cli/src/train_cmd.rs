@@ -45,10 +45,10 @@ pub struct TrainArgs {
     #[arg(long, default_value = "auto")]
     format: DataFormat,
     /// Use only the first N rows of an instruction dataset.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_examples: Option<usize>,
     /// Adapter rank.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     rank: usize,
     /// lora (alpha/r), rslora (alpha/sqrt r), constant, or beta=B (alpha r^-B).
     #[arg(long, default_value = "rslora")]
@@ -57,43 +57,43 @@ pub struct TrainArgs {
     #[arg(long, allow_hyphen_values = true)]
     beta: Option<f64>,
     /// Scaling numerator alpha.
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 16.0)]
     alpha: f64,
     /// adamw or sgd.
     #[arg(long, default_value = "adamw")]
     optimizer: Optimizer,
     /// Learning rate (rank-independent). Default 5e-5 (the paper's, HF's default).
-    #[arg(long, default_value_t = 5e-5)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5e-5)]
     lr: f64,
     /// Optimisation steps.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     steps: usize,
     /// Sequences per optimisation step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 4)]
     batch: usize,
     /// Sequences per forward/backward pass (gradient accumulation; default: --batch).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     micro_batch: usize,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 128)]
     context: usize,
     /// Clip the adapters' global gradient norm.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     clip_grad_norm: Option<f64>,
     /// Adapter dropout.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     dropout: f64,
     /// Probe every k steps (0: never).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     probe_every: usize,
     /// Held-out evaluation every k steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
     eval_every: usize,
     /// Evaluate held-out perplexity on at most N held-out sequences (0: all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     heldout_max: usize,
     /// Write a resumable checkpoint every k steps (0: never).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     checkpoint_every: usize,
     /// Recompute block activations in the backward pass (less memory).
     #[arg(long)]
@@ -108,7 +108,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "f32")]
     dtype: Dtype,
     /// Seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     /// Run directory (default runs/train-<time>).
     #[arg(long, value_name = "DIR")]
