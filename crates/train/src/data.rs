@@ -525,8 +525,13 @@ fn orca_sequences<'a>(
     let (file, len) = open_regular(path, MAX_ROWS_BYTES).map_err(guard_error)?;
     if len == 0 {
         return Err(TrainError::Invalid(format!(
-            "{}: the file is empty (0 bytes): the dataset has no rows",
-            path.display()
+            "{}: the file is empty (0 bytes){}: the dataset has no rows",
+            path.display(),
+            if extension(path) == "parquet" {
+                ", not a readable Parquet file"
+            } else {
+                ""
+            }
         )));
     }
     let mut reader = BufReader::with_capacity(1 << 16, file);
