@@ -8,6 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+/// Flag or key changes: (name, value).
+type Changes<'a> = Vec<(&'a str, &'a str)>;
+/// A train row: flag changes and the fragments the message must hold.
+type FlagRow<'a> = (Changes<'a>, Vec<&'a str>);
+/// A row naming a file: what it is, the file, changes and fragments.
+type FileRow<'a> = (&'a str, &'a Path, Changes<'a>, Vec<String>);
+/// A sweep row: top-level changes, [[models]] additions and fragments.
+type SweepRow<'a> = (Changes<'a>, &'a str, Vec<&'a str>);
+
 const TEXT: &str = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ";
 const ROW: &str = r#"{"system_prompt": "", "question": "Q?", "response": "A fine answer."}"#;
 
@@ -140,7 +149,7 @@ fn train_flags_out_of_range_are_refused_before_anything_is_loaded() {
     let text = write(d, "t.txt", TEXT.repeat(8));
     let huge = "4294967297";
     // (flag changes, fragments the message must hold)
-    let table: Vec<(Vec<(&str, &str)>, Vec<&str>)> = vec![
+    let table: Vec<FlagRow> = vec![
         (vec![("--rank", "0")], vec!["--rank 0", "1..=65536"]),
         (vec![("--rank", "65537")], vec!["--rank 65537", "65536"]),
         (vec![("--rank", huge)], vec!["--rank 4294967297", "65536"]),
@@ -234,7 +243,7 @@ fn train_data_files_and_out_paths_are_refused_with_their_names() {
     let csv = write(d, "rows.csv", "a,b\n");
     let missing = d.join("absent.txt");
     let dev_zero = PathBuf::from("/dev/zero");
-    let table: Vec<(&str, &Path, Vec<(&str, &str)>, Vec<String>)> = vec![
+    let table: Vec<FileRow> = vec![
         ("missing text", &missing, vec![], vec![s(&missing)]),
         ("empty text", &empty, vec![], vec![s(&empty), "empty".into()]),
         ("blank text", &blank, vec![], vec![s(&blank), "empty".into()]),
@@ -320,7 +329,7 @@ fn sweep_fields_out_of_range_duplicates_and_unknown_keys_are_refused_whole() {
     let many_seeds = format!("[{}]", (0..1000).map(|i| i.to_string()).collect::<Vec<_>>().join(", "));
     let many_ranks = format!("[{}]", (1..=200).map(|i| i.to_string()).collect::<Vec<_>>().join(", "));
     // (top-level changes, [[models]] additions, fragments)
-    let table: Vec<(Vec<(&str, &str)>, &str, Vec<&str>)> = vec![
+    let table: Vec<SweepRow> = vec![
         (vec![("ranks", "[0]")], "", vec!["ranks = [.., 0, ..]", "1..=65536"]),
         (vec![("ranks", "[65537]")], "", vec!["ranks", "65537"]),
         (vec![("ranks", "[]")], "", vec!["ranks = []", "must not be empty"]),
@@ -417,7 +426,7 @@ fn sweep_inputs_are_checked_before_sweep_json_or_cells_are_written() {
     let missing = d.join("absent.txt");
     let dev_zero = PathBuf::from("/dev/zero");
     let mut cases = Vec::new();
-    let data_table: Vec<(&str, &Path, Vec<(&str, &str)>, Vec<String>)> = vec![
+    let data_table: Vec<FileRow> = vec![
         ("missing data", &missing, vec![], vec![s(&missing), "does not exist".into()]),
         ("empty data", &empty, vec![], vec![s(&empty), "empty".into()]),
         ("blank data", &blank, vec![], vec![s(&blank), "empty".into()]),
