@@ -482,3 +482,156 @@ fn a_theory_run_resumed_with_another_configuration_is_refused_on_one_line() {
         absent: vec![],
     }]);
 }
+
+/// A small sweep of the tiny Llama: 4 cells of 30 steps.
+fn sweep_config(dir: &Path) -> PathBuf {
+    let text = dir.join("t.txt");
+    std::fs::write(
+        &text,
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. "
+            .repeat(40),
+    )
+    .expect("write");
+    let cfg = dir.join("sweep.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data = {:?}\nranks = [2, 8]\nscalings = [\"lora\", \"rslora\"]\noptimizers = [\"adamw\"]\n\
+             steps = 30\nbatch = 4\nmicro_batch = 2\ncontext = 16\nalpha = 8.0\neval_every = 10\nheldout_fraction = 0.2\n\
+             [lr]\nadamw = 0.01\nsgd = 0.1\n[[models]]\nname = \"tiny\"\npath = {:?}\n",
+            text.display().to_string(),
+            tiny_llama().display().to_string()
+        ),
+    )
+    .expect("write");
+    cfg
+}
+
+/// The moment and metric rows (without wall-clock seconds) of every cell of a sweep.
+fn sweep_numbers(out: &Path) -> Vec<(String, String, String)> {
+    let mut cells: Vec<PathBuf> = std::fs::read_dir(out.join("cells"))
+        .expect("cells")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    cells.sort();
+    cells
+        .iter()
+        .map(|c| {
+            let metrics: String = std::fs::read_to_string(c.join("metrics.csv"))
+                .expect("metrics")
+                .lines()
+                .filter(|l| !l.contains(",seconds,"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            (
+                c.file_name().expect("name").to_string_lossy().into_owned(),
+                std::fs::read_to_string(c.join("moments.csv")).expect("moments"),
+                metrics,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_sweeps_on_one_out_one_runs_and_the_other_exits_2_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = sweep_config(dir.path());
+    let out = dir.path().join("sweep");
+    let args: Vec<String> = [
+        "sweep",
+        "--config",
+        &cfg.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect();
+    let mut first = spawn(&args);
+    wait_for(&out.join(LOCK), Duration::from_secs(60));
+    for extra in [None, Some("1")] {
+        // A second whole sweep, and a task running one cell beside the whole sweep.
+        let mut c = bin();
+        c.args(&args);
+        if let Some(cell) = extra {
+            c.args(["--cell", cell]);
+        }
+        let t0 = Instant::now();
+        let o = run_limited(c, Duration::from_secs(60));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains(&format!("in use by pid {}", first.id())),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+    assert!(first.wait().expect("ends").success());
+    // The tables are those of the same sweep run alone.
+    let alone = dir.path().join("alone");
+    let mut a2 = args.clone();
+    *a2.last_mut().expect("out") = alone.display().to_string();
+    ok(&a2);
+    assert_eq!(sweep_numbers(&out), sweep_numbers(&alone));
+    assert_eq!(sweep_numbers(&out).len(), 4);
+}
+
+#[test]
+fn cell_tasks_run_side_by_side_and_one_cell_is_run_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = sweep_config(dir.path());
+    let out = dir.path().join("sweep");
+    let base: Vec<String> = [
+        "sweep",
+        "--config",
+        &cfg.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect();
+    let with_cell = |c: &str| {
+        let mut a = base.clone();
+        a.extend(["--cell".to_string(), c.to_string()]);
+        a
+    };
+    let mut first = spawn(&with_cell("0"));
+    wait_for(&out.join("cells"), Duration::from_secs(60));
+    // Another cell runs beside it; the same cell does not.
+    let other = spawn(&with_cell("1"));
+    // Until cell 0's lock is taken by the first task.
+    let t0 = Instant::now();
+    while !std::fs::read_dir(out.join("cells")).is_ok_and(|mut d| {
+        d.any(|e| {
+            e.is_ok_and(|e| {
+                e.file_name().to_string_lossy().starts_with("000") && e.path().join(LOCK).exists()
+            })
+        })
+    }) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "cell 0 did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = bin();
+    c.args(with_cell("0"));
+    let o = run_limited(c, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Either cell 0 is still running (refused, naming its holder) or it has finished
+    // meanwhile (skipped): never run twice.
+    if o.status.code() == Some(2) {
+        assert!(
+            err.contains(&format!("in use by pid {}", first.id())),
+            "{err}"
+        );
+    } else {
+        assert!(o.status.success(), "{err}");
+        assert!(String::from_utf8_lossy(&o.stdout).contains("0 cell(s) run, 1 already finished"));
+    }
+    assert!(first.wait().expect("ends").success());
+    let o = other.wait_with_output().expect("ends");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

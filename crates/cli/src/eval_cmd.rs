@@ -182,7 +182,11 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     }
     let shape = rankstab_train::load::inspect(&a.model)?;
     // The prompt has at most one token per byte, plus the chat template's few hundred.
-    let tokens = a.prompt.len().saturating_add(a.max_tokens).saturating_add(512);
+    let tokens = a
+        .prompt
+        .len()
+        .saturating_add(a.max_tokens)
+        .saturating_add(512);
     memory::check(
         &format!("generating with {}", a.model.display()),
         memory::eval_bytes(&shape, kind, 1, tokens),

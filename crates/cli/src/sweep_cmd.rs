@@ -4,8 +4,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rankstab_train::data::Dataset;
+use rankstab_train::limits::MAX_CONFIG_BYTES;
 use rankstab_train::run::{load_model, run_dir, LoadedModel, RunMeta, RunState};
-use rankstab_train::sweep::{load_data, prepare_dir, SweepConfig, AUDIT_SWEEP};
+use rankstab_train::sweep::{claim_dir, load_data, SweepConfig, AUDIT_SWEEP};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -50,7 +51,11 @@ pub struct SweepArgs {
 /// Before the first cell runs: every model's shape from its configuration alone
 /// (`inspect`), every target module exists, every rank fits every targeted module (the
 /// rule `train` applies, `lora::check_rank`), and every cell's memory estimate fits.
-fn preflight(cfg: &SweepConfig, cells: &[rankstab_train::sweep::Cell], max: Option<u64>) -> Result<()> {
+fn preflight(
+    cfg: &SweepConfig,
+    cells: &[rankstab_train::sweep::Cell],
+    max: Option<u64>,
+) -> Result<()> {
     use rankstab_train::memory;
     let mut shapes = std::collections::BTreeMap::new();
     for cell in cells {
@@ -75,10 +80,9 @@ fn preflight(cfg: &SweepConfig, cells: &[rankstab_train::sweep::Cell], max: Opti
                 names.join(", ")
             );
         }
-        for m in modules
-            .iter()
-            .filter(|m| tc.target_modules.is_empty() || tc.target_modules.iter().any(|t| t == m.name))
-        {
+        for m in modules.iter().filter(|m| {
+            tc.target_modules.is_empty() || tc.target_modules.iter().any(|t| t == m.name)
+        }) {
             let fits = rankstab_train::lora::check_rank(tc.rank, m.in_features, m.out_features);
             if fits.is_err() {
                 bail!(
@@ -101,7 +105,10 @@ fn preflight(cfg: &SweepConfig, cells: &[rankstab_train::sweep::Cell], max: Opti
             activation_checkpointing: tc.activation_checkpointing,
         };
         memory::check(
-            &format!("cell {} ({}: model {:?}, rank {})", cell.index, cell.name, spec.name, tc.rank),
+            &format!(
+                "cell {} ({}: model {:?}, rank {})",
+                cell.index, cell.name, spec.name, tc.rank
+            ),
             memory::train_bytes(shape, cfg.dtype.kind(), &sizes),
             max,
         )?;
@@ -116,7 +123,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
     }
     let cfg = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
+            // A regular file of at most 1 MiB: a FIFO or a device cannot hang or fill memory.
+            let text = rankstab_records::guard::read_regular_text(p, MAX_CONFIG_BYTES)
                 .with_context(|| format!("{}: cannot read the sweep configuration", p.display()))?;
             SweepConfig::from_toml(&text, &p.display().to_string())?
         }
@@ -129,23 +137,9 @@ pub fn run(a: SweepArgs) -> Result<()> {
             cells.len() - 1
         );
     }
-    for m in &cfg.models {
-        for p in m.path.iter().chain(m.tokenizer.iter()) {
-            if !p.exists() {
-                bail!(
-                    "model {:?}: {} does not exist (the default sweep's assets come from `bash scripts/setup.sh`)",
-                    m.name,
-                    p.display()
-                );
-            }
-        }
-    }
-    if !cfg.data.exists() {
-        bail!(
-            "{}: the sweep's data file does not exist (the default's comes from `bash scripts/setup.sh`)",
-            cfg.data.display()
-        );
-    }
+    // The whole sweep is checked before sweep.json or cells/ are written: the
+    // configuration (above), the models' paths and the data file.
+    cfg.check_inputs()?;
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "sweep-{}",
@@ -161,7 +155,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
     }
     preflight(&cfg, &cells, a.max_memory)?;
     let device = cfg.device.device()?;
-    let manifest = prepare_dir(&out, &cfg)?;
+    // Held for the sweep's life: exclusive for the whole sweep, shared for --cell tasks.
+    let (manifest, _sweep_lock) = claim_dir(&out, &cfg, a.cell.is_empty())?;
     let chosen: Vec<usize> = if a.cell.is_empty() {
         (0..cells.len()).collect()
     } else {

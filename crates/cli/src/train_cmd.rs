@@ -1,15 +1,17 @@
 //! `rankstab train`: one instrumented LoRA / rsLoRA fine-tuning run (one sweep cell).
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
-use rankstab_records::{Optimizer, Scaling};
-use rankstab_train::data::{load_dataset, DataFormat, DataSpec};
+use rankstab_records::{read_json, Manifest, Optimizer, Scaling};
+use rankstab_train::data::{check_data_file, load_dataset, DataFormat, DataSpec};
 use rankstab_train::device::{DeviceName, Dtype};
+use rankstab_train::limits;
 use rankstab_train::lora::LoraInit;
+use rankstab_train::optim::check_supported;
 use rankstab_train::run::{
     claim_out, discard_failed, load_model, run_dir, ModelSpec, RunMeta, Start,
 };
-use rankstab_train::trainer::TrainConfig;
-use std::path::PathBuf;
+use rankstab_train::trainer::{differences, TrainConfig};
+use std::path::{Path, PathBuf};
 
 /// Options of `rankstab train`.
 #[derive(Args, Debug)]
@@ -43,10 +45,10 @@ pub struct TrainArgs {
     #[arg(long, default_value = "auto")]
     format: DataFormat,
     /// Use only the first N rows of an instruction dataset.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_examples: Option<usize>,
     /// Adapter rank.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     rank: usize,
     /// lora (alpha/r), rslora (alpha/sqrt r), constant, or beta=B (alpha r^-B).
     #[arg(long, default_value = "rslora")]
@@ -55,43 +57,43 @@ pub struct TrainArgs {
     #[arg(long, allow_hyphen_values = true)]
     beta: Option<f64>,
     /// Scaling numerator alpha.
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 16.0)]
     alpha: f64,
     /// adamw or sgd.
     #[arg(long, default_value = "adamw")]
     optimizer: Optimizer,
     /// Learning rate (rank-independent). Default 5e-5 (the paper's, HF's default).
-    #[arg(long, default_value_t = 5e-5)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5e-5)]
     lr: f64,
     /// Optimisation steps.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     steps: usize,
     /// Sequences per optimisation step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 4)]
     batch: usize,
     /// Sequences per forward/backward pass (gradient accumulation; default: --batch).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     micro_batch: usize,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 128)]
     context: usize,
     /// Clip the adapters' global gradient norm.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     clip_grad_norm: Option<f64>,
     /// Adapter dropout.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     dropout: f64,
     /// Probe every k steps (0: never).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     probe_every: usize,
     /// Held-out evaluation every k steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
     eval_every: usize,
     /// Evaluate held-out perplexity on at most N held-out sequences (0: all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     heldout_max: usize,
     /// Write a resumable checkpoint every k steps (0: never).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     checkpoint_every: usize,
     /// Recompute block activations in the backward pass (less memory).
     #[arg(long)]
@@ -106,7 +108,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "f32")]
     dtype: Dtype,
     /// Seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     /// Run directory (default runs/train-<time>).
     #[arg(long, value_name = "DIR")]
@@ -178,10 +180,52 @@ fn train_config(a: &TrainArgs, model_name: String) -> Result<TrainConfig> {
     })
 }
 
+/// Checks every flag against its bound ([`rankstab_train::limits`]) before anything is
+/// loaded, allocated or written; an error names the flag, the value and what is allowed.
+fn check_flags(a: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
+    check_supported(cfg.optimizer)?;
+    cfg.check().map_err(|mut e| {
+        // The exponent comes from --scaling unless --beta gave it.
+        if e.field == "beta" && a.beta.is_none() {
+            e.field = "scaling".into();
+            e.value = a.scaling.to_string();
+        }
+        e.as_flag()
+    })?;
+    limits::max_examples("max_examples", a.max_examples).map_err(|e| e.as_flag())?;
+    Ok(())
+}
+
+/// Refuses to resume a run of another configuration in `out`: one line naming the
+/// fields that differ (the run's manifest records the configuration and the model, data
+/// and dtype it was started with).
+fn check_resume(out: &Path, cfg: &TrainConfig, extra: &serde_json::Value) -> Result<()> {
+    let path = out.join("manifest.json");
+    let m: Manifest = read_json(&path)?;
+    let mut diff = match serde_json::from_value::<TrainConfig>(m.config["train"].clone()) {
+        Ok(old) => differences(&old, cfg),
+        Err(e) => vec![format!("its configuration is unreadable ({e})")],
+    };
+    for key in ["model", "data", "dtype"] {
+        let old = &m.config["run"][key];
+        if *old != extra[key] {
+            diff.push(format!("{key}: {old} -> {}", extra[key]));
+        }
+    }
+    if !diff.is_empty() {
+        bail!(
+            "--out {} holds an unfinished run of another configuration ({}): choose another --out, or repeat that run's command to resume it",
+            out.display(),
+            diff.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let spec = model_spec(&a)?;
     let cfg = train_config(&a, spec.name.clone())?;
-    cfg.validate()?;
+    check_flags(&a, &cfg)?;
     // The model's shape from its configuration alone: a run that cannot fit is refused
     // before the run directory is made or a weight is read.
     let shape = rankstab_train::load::inspect_spec(&spec)?;
@@ -204,12 +248,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
             chrono::Utc::now().format("%Y%m%d-%H%M%S")
         ))
     });
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {}: is a file, not a directory: a run directory is absent, empty, or holds an unfinished run of the same command",
+            out.display()
+        );
+    }
+    let extra = serde_json::json!({ "model": a.model, "data": a.data, "dtype": a.dtype });
+    // The data file before the run directory: a regular, non-empty file that parses in its
+    // format.
+    check_data_file(&a.data, a.format, a.max_examples)?;
     let (start, lock) = claim_out(&out)?;
     if start == Start::Resume {
+        check_resume(&out, &cfg, &extra)?;
         eprintln!("resuming the run in {}", out.display());
     }
     crate::interrupt::running(&out, "rankstab train");
-    let result = train_locked(&a, &spec, &cfg, &out, &lock);
+    let result = train_locked(&a, &spec, &cfg, &out, &lock, extra);
     if result.is_err() && start == Start::New {
         // A new run that failed wrote nothing usable: do not leave it behind.
         discard_failed(&out);
@@ -224,6 +279,7 @@ fn train_locked(
     cfg: &TrainConfig,
     out: &std::path::Path,
     lock: &rankstab_records::RunLock,
+    extra: serde_json::Value,
 ) -> Result<()> {
     let device = a.device.device()?;
     let mut lm = load_model(spec, a.dtype.kind(), device)?;
@@ -245,7 +301,7 @@ fn train_locked(
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: crate::git_revision(),
         device: crate::device_description(device),
-        extra: serde_json::json!({ "model": a.model, "data": a.data, "dtype": a.dtype }),
+        extra,
     };
     let pb = indicatif::ProgressBar::new(a.steps as u64);
     pb.set_style(

@@ -42,11 +42,12 @@
 //! Longer than 600 lines because both formats (text windows and OpenOrca rows, from JSONL
 //! and Parquet) share the cutting, shuffling and split, and each bad-input case has its
 //! own error naming file, row and field.
-use crate::text::{read_text, TextTokenizer};
+use crate::text::TextTokenizer;
 use crate::TrainError;
+use rankstab_records::guard::{open_regular, read_regular_text};
+use rankstab_records::RecordsError;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -63,6 +64,20 @@ pub const PROMPT_TEMPLATE_NO_SYSTEM: &str = "### User:\n{question}\n\n### Assist
 
 /// The three string fields of an OpenOrca row, in the order they are checked.
 pub const ORCA_FIELDS: [&str; 3] = ["system_prompt", "question", "response"];
+
+/// The largest text file read (1 GiB). A text is read and tokenized whole, and the
+/// tokenizer holds tens of bytes per token, so 1 GiB of text already needs tens of GiB of
+/// memory; 10,000 steps of 32 sequences of 512 tokens read about 650 MiB. Cut larger texts.
+pub const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// The largest JSON Lines or Parquet file read (16 GiB): rows are read one by one and only
+/// the rows used are kept (`max_examples`), so the bound only refuses a runaway file; the
+/// whole of OpenOrca is about 6 GiB as JSON Lines.
+pub const MAX_ROWS_BYTES: u64 = 16 << 30;
+
+/// The largest `.json` array read (1 GiB): it is parsed whole, and its values take several
+/// times its size in memory (JSON Lines have no such bound).
+pub const MAX_JSON_ARRAY_BYTES: u64 = 1 << 30;
 
 rankstab_records::named_enum! {
     /// How a data file is read (`--format`, a sweep's `format`): `auto`, `text` or `orca`.
@@ -242,7 +257,7 @@ pub fn load_dataset(
     let (seqs, what) = match format {
         DataFormat::Text => (text_windows(path, tok, spec.context, limit)?, "window"),
         _ => (
-            orca_sequences(path, tok, spec.context, eos_id, limit)?,
+            orca_sequences(path, Some(tok), spec.context, eos_id, limit)?.out,
             "row",
         ),
     };
@@ -340,7 +355,7 @@ fn text_windows(
     context: usize,
     limit: usize,
 ) -> Result<Vec<Sequence>, TrainError> {
-    let text = read_text(path)?;
+    let text = read_data_text(path)?;
     let ids = tok.encode(&text)?;
     Ok(ids
         .chunks_exact(context + 1)
@@ -352,6 +367,78 @@ fn text_windows(
         .collect())
 }
 
+/// A refusal of the guarded reader as this crate's error: I/O errors stay I/O errors
+/// (naming the file), refusals become one-line `Invalid` messages naming the file.
+fn guard_error(e: RecordsError) -> TrainError {
+    match e {
+        RecordsError::Io { path, source } => TrainError::Io { path, source },
+        RecordsError::Invalid { path, msg } => {
+            TrainError::Invalid(format!("{}: {msg}", path.display()))
+        }
+        other => TrainError::Records(other),
+    }
+}
+
+/// A text data file: a regular file of at most [`MAX_TEXT_BYTES`], UTF-8 (a byte-order
+/// mark is dropped), with some text other than white space.
+///
+/// # Errors
+/// Not a regular file (a directory, FIFO, device), too large, not UTF-8 (with the byte
+/// offset), empty or only white space; each naming the file.
+pub fn read_data_text(path: &Path) -> Result<String, TrainError> {
+    let text = read_regular_text(path, MAX_TEXT_BYTES).map_err(guard_error)?;
+    if text.trim().is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "{}: the text is empty ({}): give a text to train on",
+            path.display(),
+            if text.is_empty() {
+                "0 bytes".to_string()
+            } else {
+                format!("{} bytes of white space", text.len())
+            }
+        )));
+    }
+    Ok(text)
+}
+
+/// Checks a data file without a tokenizer, before a sweep writes anything: a regular,
+/// non-empty file of its format (resolved as [`DataFormat::resolve`] does) whose text is
+/// UTF-8 with something in it, or whose first `max_examples` rows (all when `None`) are
+/// OpenOrca rows (objects with the three string fields, a non-empty response), at least
+/// two of them. Returns the format and the number of rows (0 for text).
+///
+/// What needs the model's tokenizer (enough windows of the context, prompts that fit) is
+/// checked when the data is loaded.
+///
+/// # Errors
+/// Every error of [`load_dataset`] that does not need the tokenizer.
+pub fn check_data_file(
+    path: &Path,
+    format: DataFormat,
+    max_examples: Option<usize>,
+) -> Result<(DataFormat, usize), TrainError> {
+    let format = format.resolve(path)?;
+    if format == DataFormat::Text {
+        read_data_text(path)?;
+        return Ok((format, 0));
+    }
+    let limit = max_examples.unwrap_or(usize::MAX);
+    let rows = orca_sequences(path, None, 0, None, limit)?.count;
+    if rows == 0 {
+        return Err(TrainError::Invalid(format!(
+            "{}: the dataset has no rows",
+            path.display()
+        )));
+    }
+    if rows < 2 {
+        return Err(TrainError::Invalid(format!(
+            "{}: the dataset has {rows} row(s): need at least 2 (one or more to train on, one held out)",
+            path.display()
+        )));
+    }
+    Ok((format, rows))
+}
+
 /// The fields of one instruction row.
 struct OrcaRow {
     system_prompt: String,
@@ -360,18 +447,20 @@ struct OrcaRow {
 }
 
 /// Turns rows into sequences, stopping after `limit`.
+/// Without a tokenizer it only checks and counts the rows ([`check_data_file`]).
 struct OrcaBuilder<'a> {
     path: &'a Path,
-    tok: &'a TextTokenizer,
+    tok: Option<&'a TextTokenizer>,
     context: usize,
     eos_id: Option<i64>,
     limit: usize,
     out: Vec<Sequence>,
+    count: usize,
 }
 
 impl OrcaBuilder<'_> {
     fn full(&self) -> bool {
-        self.out.len() >= self.limit
+        self.count >= self.limit
     }
 
     fn push(&mut self, row: &OrcaRow, label: &str) -> Result<(), TrainError> {
@@ -381,12 +470,14 @@ impl OrcaBuilder<'_> {
                 "{path}: {label}: field `response` is empty"
             )));
         }
-        let prompt = self
-            .tok
+        self.count += 1;
+        let Some(tok) = self.tok else {
+            return Ok(());
+        };
+        let prompt = tok
             .encode(&format_prompt(&row.system_prompt, &row.question))
             .map_err(|e| e.within(format!("{path}: {label}")))?;
-        let mut response = self
-            .tok
+        let mut response = tok
             .encode(&row.response)
             .map_err(|e| e.within(format!("{path}: {label}")))?;
         if let Some(eos) = self.eos_id {
@@ -408,14 +499,16 @@ impl OrcaBuilder<'_> {
     }
 }
 
-/// Sequences of the first `limit` rows of a JSON Lines, JSON array or Parquet file.
-fn orca_sequences(
-    path: &Path,
-    tok: &TextTokenizer,
+/// Sequences of the first `limit` rows of a JSON Lines, JSON array or Parquet file (only
+/// checked and counted without a tokenizer). The file must be a regular file of at most
+/// [`MAX_ROWS_BYTES`] ([`MAX_JSON_ARRAY_BYTES`] for a JSON array), and not empty.
+fn orca_sequences<'a>(
+    path: &'a Path,
+    tok: Option<&'a TextTokenizer>,
     context: usize,
     eos_id: Option<i64>,
     limit: usize,
-) -> Result<Vec<Sequence>, TrainError> {
+) -> Result<OrcaBuilder<'a>, TrainError> {
     let io = |source| TrainError::Io {
         path: path.to_path_buf(),
         source,
@@ -427,9 +520,23 @@ fn orca_sequences(
         eos_id,
         limit,
         out: Vec::new(),
+        count: 0,
     };
-    let mut reader = BufReader::with_capacity(1 << 16, File::open(path).map_err(io)?);
+    let (file, len) = open_regular(path, MAX_ROWS_BYTES).map_err(guard_error)?;
+    if len == 0 {
+        return Err(TrainError::Invalid(format!(
+            "{}: the file is empty (0 bytes){}: the dataset has no rows",
+            path.display(),
+            if extension(path) == "parquet" {
+                ", not a readable Parquet file"
+            } else {
+                ""
+            }
+        )));
+    }
+    let mut reader = BufReader::with_capacity(1 << 16, file);
     let head = reader.fill_buf().map_err(io)?;
+    let head = head.strip_prefix(BOM).unwrap_or(head);
     let parquet = head.starts_with(b"PAR1") || extension(path) == "parquet";
     let array = head
         .iter()
@@ -439,12 +546,20 @@ fn orca_sequences(
         drop(reader);
         read_parquet(&mut b)?;
     } else if array {
-        read_json_array(reader, &mut b)?;
+        drop(reader);
+        read_json_array(&mut b)?;
     } else {
         read_jsonl(reader, &mut b)?;
     }
-    Ok(b.out)
+    Ok(b)
 }
+
+/// The longest JSON Lines line read (64 MiB): one row; a longer line is refused before it
+/// is held in memory.
+pub const MAX_LINE_BYTES: u64 = 64 << 20;
+
+/// UTF-8's byte-order mark, which some editors put at the start of a file (dropped).
+const BOM: &[u8] = b"\xef\xbb\xbf";
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
@@ -502,7 +617,8 @@ fn read_jsonl(mut reader: impl BufRead, b: &mut OrcaBuilder<'_>) -> Result<(), T
     let mut row = 0usize;
     while !b.full() {
         buf.clear();
-        let n = reader
+        let n = (&mut reader)
+            .take(MAX_LINE_BYTES + 1)
             .read_until(b'\n', &mut buf)
             .map_err(|source| TrainError::Io {
                 path: path.to_path_buf(),
@@ -512,7 +628,15 @@ fn read_jsonl(mut reader: impl BufRead, b: &mut OrcaBuilder<'_>) -> Result<(), T
             break;
         }
         line_no += 1;
-        let line = std::str::from_utf8(&buf).map_err(|e| {
+        if n as u64 > MAX_LINE_BYTES {
+            return Err(TrainError::Invalid(format!(
+                "{}: line {line_no}: longer than {} MiB: one row is at most that long (OpenOrca's rows are a few KiB)",
+                path.display(),
+                MAX_LINE_BYTES >> 20
+            )));
+        }
+        let bytes = buf.strip_prefix(BOM).unwrap_or(&buf);
+        let line = std::str::from_utf8(bytes).map_err(|e| {
             TrainError::Invalid(format!(
                 "{}: line {line_no}: not UTF-8 text (invalid byte at column {})",
                 path.display(),
@@ -543,9 +667,10 @@ fn read_jsonl(mut reader: impl BufRead, b: &mut OrcaBuilder<'_>) -> Result<(), T
     Ok(())
 }
 
-fn read_json_array(reader: impl Read, b: &mut OrcaBuilder<'_>) -> Result<(), TrainError> {
+fn read_json_array(b: &mut OrcaBuilder<'_>) -> Result<(), TrainError> {
     let path = b.path;
-    let values: Vec<serde_json::Value> = serde_json::from_reader(reader).map_err(|e| {
+    let text = read_regular_text(path, MAX_JSON_ARRAY_BYTES).map_err(guard_error)?;
+    let values: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
         TrainError::Invalid(format!(
             "{}: line {}: malformed JSON at column {}: {} (a .json file must be one array of row objects, or JSON Lines)",
             path.display(),
@@ -573,10 +698,7 @@ fn read_parquet(b: &mut OrcaBuilder<'_>) -> Result<(), TrainError> {
 
     let path = b.path;
     let shown = path.display();
-    let file = File::open(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (file, _) = open_regular(path, MAX_ROWS_BYTES).map_err(guard_error)?;
     let corrupt = |what: &str, e: &dyn std::fmt::Display| {
         let e = e.to_string();
         let e = one_line(&e);

@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod gptj;
 pub mod inject;
 mod law;
+pub mod limits;
 pub mod linear;
 pub mod llama;
 pub mod load;

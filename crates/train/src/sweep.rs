@@ -33,8 +33,9 @@
 //! tokenizer = "assets/gpt2-tokenizer"     # tokenizer.json, or vocab.json + merges.txt, in it
 //! ranks = [4, 16, 64]                     # per-model override
 //! ```
-use crate::data::{load_dataset, DataFormat, DataSpec, Dataset};
+use crate::data::{check_data_file, load_dataset, DataFormat, DataSpec, Dataset};
 use crate::device::{DeviceName, Dtype};
+use crate::limits::{self, OutOfRange};
 use crate::lora::LoraInit;
 use crate::optim::check_supported;
 use crate::run::{LoadedModel, ModelSpec};
@@ -256,16 +257,24 @@ impl SweepConfig {
         Self::from_toml(AUDIT_SWEEP, "embedded audit sweep").expect("the embedded sweep is valid")
     }
 
-    /// Checks the configuration.
+    /// Checks the whole configuration before anything is loaded or written: every field
+    /// against its bound ([`crate::limits`]), every list for duplicates, the number of
+    /// cells, and [`TrainConfig::check`] on the first cell for the shared fields. Errors
+    /// name `origin` and the field path (`origin: models[1].ranks = [4, 4]: ...`).
     ///
     /// # Errors
-    /// No models, no ranks (or rank 0), a model with neither or both of path and preset,
-    /// an unknown preset, duplicate model names, unsupported optimizers, and the
-    /// checks of [`TrainConfig::validate`] on the first cell.
+    /// No models; a model with neither or both of path and preset, an unknown preset, a
+    /// preset without tokenizer, a bad or repeated name; empty or repeated ranks, seeds,
+    /// scalings, optimizers, target modules or moment orders; a value out of range;
+    /// unsupported optimizers; more than [`MAX_CELLS`](crate::limits::MAX_CELLS) cells.
     pub fn validate(&self, origin: &str) -> Result<(), TrainError> {
         let bad = |m: String| Err(TrainError::Invalid(format!("{origin}: {m}")));
+        let field = |e: OutOfRange| e.in_file(origin);
         if self.models.is_empty() {
             return bad("no [[models]]: name at least one model".into());
+        }
+        if self.data.as_os_str().is_empty() {
+            return bad("data = \"\": name the training data file".into());
         }
         for (i, m) in self.models.iter().enumerate() {
             match (&m.path, &m.preset) {
@@ -293,34 +302,69 @@ impl SweepConfig {
                 }
             }
             if self.models[..i].iter().any(|o| o.name == m.name) {
-                return bad(format!("models[{i}]: the name {:?} is used twice", m.name));
-            }
-            if m.name.is_empty() || m.name.contains(['/', '\\']) {
                 return bad(format!(
-                    "models[{i}]: name {:?} must be non-empty and without slashes",
+                    "models[{i}].name = {:?}: the name is used twice (duplicate model names make cells of one model look like two)",
                     m.name
                 ));
             }
-        }
-        for ranks in
-            std::iter::once(&self.ranks).chain(self.models.iter().filter_map(|m| m.ranks.as_ref()))
-        {
-            if ranks.is_empty() || ranks.contains(&0) {
-                return bad(format!("ranks {ranks:?}: give ranks >= 1"));
-            }
-        }
-        if self.scalings.is_empty() || self.optimizers.is_empty() || self.seeds.is_empty() {
-            return bad("scalings, optimizers and seeds must not be empty".into());
-        }
-        for (i, m) in self.models.iter().enumerate() {
-            if m.seeds.as_ref().is_some_and(Vec::is_empty)
-                || m.optimizers.as_ref().is_some_and(Vec::is_empty)
+            if m.name.is_empty()
+                || m.name.chars().count() > 64
+                || m.name.contains(['/', '\\'])
+                || m.name.chars().any(char::is_control)
+                || m.name == "."
+                || m.name == ".."
             {
                 return bad(format!(
-                    "models[{i}] ({}): seeds and optimizers, when given, must not be empty",
+                    "models[{i}].name = {:?}: use 1 to 64 characters without slashes or control characters (it names the cells' directories)",
                     m.name
                 ));
             }
+            let at = format!("models[{i}]");
+            if let Some(r) = &m.ranks {
+                check_ranks(r).map_err(|e| field(e.under(&at)))?;
+            }
+            if let Some(steps) = m.steps {
+                limits::steps("steps", steps).map_err(|e| field(e.under(&at)))?;
+            }
+            if let Some(seeds) = &m.seeds {
+                check_seeds(seeds).map_err(|e| field(e.under(&at)))?;
+            }
+            if let Some(o) = &m.optimizers {
+                limits::distinct(
+                    "optimizers",
+                    o,
+                    "duplicate optimizers make duplicate cells that look like replication",
+                )
+                .map_err(|e| field(e.under(&at)))?;
+            }
+            if !m.target_modules.is_empty() {
+                limits::distinct(
+                    "target_modules",
+                    &m.target_modules,
+                    "a module is adapted once",
+                )
+                .map_err(|e| field(e.under(&at)))?;
+            }
+        }
+        check_ranks(&self.ranks).map_err(field)?;
+        check_seeds(&self.seeds).map_err(field)?;
+        limits::distinct(
+            "optimizers",
+            &self.optimizers,
+            "duplicate optimizers make duplicate cells that look like replication",
+        )
+        .map_err(field)?;
+        limits::distinct("scalings", &self.scalings, "a scaling is its beta: duplicate scalings make duplicate cells that look like replication")
+            .map_err(field)?;
+        for s in &self.scalings {
+            limits::float(
+                "scalings",
+                s.beta(),
+                (-limits::MAX_ABS_BETA, false),
+                (limits::MAX_ABS_BETA, false),
+                "as beta (alpha r^-beta must stay inside f32 for every rank up to 65536)",
+            )
+            .map_err(field)?;
         }
         for &o in self.optimizers.iter().chain(
             self.models
@@ -331,15 +375,71 @@ impl SweepConfig {
             check_supported(o).map_err(|e| e.within(origin))?;
         }
         for (name, lr) in [("lr.adamw", self.lr.adamw), ("lr.sgd", self.lr.sgd)] {
-            if !lr.is_finite() || lr <= 0.0 {
-                return bad(format!("{name} = {lr}: use a finite number > 0"));
-            }
+            limits::float(
+                name,
+                lr,
+                (limits::MIN_LR, false),
+                (limits::MAX_LR, false),
+                "(outside it the f32 update is zero or overflows)",
+            )
+            .map_err(field)?;
+        }
+        limits::max_examples("max_examples", self.max_examples).map_err(field)?;
+        let mut n_cells: usize = 0;
+        for m in &self.models {
+            let n = [
+                m.ranks.as_ref().unwrap_or(&self.ranks).len(),
+                self.scalings.len(),
+                m.optimizers.as_ref().unwrap_or(&self.optimizers).len(),
+                m.seeds.as_ref().unwrap_or(&self.seeds).len(),
+            ]
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .and_then(|n| n.checked_add(n_cells));
+            n_cells = match n {
+                Some(n) if n <= limits::MAX_CELLS => n,
+                _ => {
+                    return bad(format!(
+                        "the sweep has more than {} cells (models x ranks x scalings x optimizers x seeds): sweep.json lists every cell; shorten the lists or split the sweep",
+                        limits::MAX_CELLS
+                    ))
+                }
+            };
         }
         if let Some(c) = self.cells().first() {
-            self.train_config(c)
-                .validate()
-                .map_err(|e| e.within(origin))?;
+            let tc = self.train_config(c);
+            tc.check().map_err(field)?;
         }
+        Ok(())
+    }
+
+    /// Checks what the sweep reads, before it writes anything: every model path and
+    /// tokenizer exists, and the data file is a regular, non-empty file that parses in its
+    /// format ([`check_data_file`]: text, or OpenOrca rows). What needs a model's tokenizer
+    /// (windows of the context, prompt lengths) is checked when a model's data is loaded.
+    ///
+    /// # Errors
+    /// A missing model or tokenizer path (named with its model); every error of
+    /// [`check_data_file`].
+    pub fn check_inputs(&self) -> Result<(), TrainError> {
+        for m in &self.models {
+            for p in m.path.iter().chain(m.tokenizer.iter()) {
+                if !p.exists() {
+                    return Err(TrainError::Invalid(format!(
+                        "model {:?}: {} does not exist (the default sweep's assets come from `bash scripts/setup.sh`)",
+                        m.name,
+                        p.display()
+                    )));
+                }
+            }
+        }
+        if !self.data.exists() {
+            return Err(TrainError::Invalid(format!(
+                "{}: the sweep's data file does not exist (the default's comes from `bash scripts/setup.sh`)",
+                self.data.display()
+            )));
+        }
+        check_data_file(&self.data, self.format, self.max_examples)?;
         Ok(())
     }
 
@@ -433,11 +533,55 @@ impl SweepConfig {
     }
 }
 
+/// Ranks of a sweep: distinct, each in 1..=65536.
+fn check_ranks(ranks: &[usize]) -> Result<(), OutOfRange> {
+    limits::distinct(
+        "ranks",
+        ranks,
+        "duplicate ranks make duplicate cells that look like replication",
+    )?;
+    for &r in ranks {
+        limits::rank("ranks", r)
+            .map_err(|e| OutOfRange::new("ranks", format!("[.., {r}, ..]"), e.allowed))?;
+    }
+    Ok(())
+}
+
+/// Seeds of a sweep: distinct, each at most 2^53 - 1.
+fn check_seeds(seeds: &[u64]) -> Result<(), OutOfRange> {
+    limits::distinct(
+        "seeds",
+        seeds,
+        "duplicate seeds make duplicate cells that look like replication",
+    )?;
+    for &s in seeds {
+        limits::seed("seeds", s)
+            .map_err(|e| OutOfRange::new("seeds", format!("[.., {s}, ..]"), e.allowed))?;
+    }
+    Ok(())
+}
+
 /// Writes `sweep.json` in `dir`, or checks that the one there describes the same sweep.
 ///
 /// # Errors
-/// `dir` holds a different sweep; I/O.
+/// `dir` holds a different sweep, is not a directory, or is a non-empty directory without
+/// `sweep.json`; I/O.
 pub fn prepare_dir(dir: &Path, cfg: &SweepConfig) -> Result<SweepManifest, TrainError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(TrainError::Invalid(format!(
+            "--out {}: is a file, not a directory: a sweep directory is absent, empty or holds the same sweep",
+            dir.display()
+        )));
+    }
+    if dir.is_dir()
+        && !dir.join("sweep.json").exists()
+        && !rankstab_records::guard::is_empty_dir(dir)?
+    {
+        return Err(TrainError::Invalid(format!(
+            "--out {}: exists, is not empty and holds no sweep.json: choose another --out (a sweep directory is absent, empty or holds the same sweep)",
+            dir.display()
+        )));
+    }
     let m = SweepManifest {
         schema_version: SCHEMA_VERSION,
         config: cfg.clone(),
@@ -457,6 +601,44 @@ pub fn prepare_dir(dir: &Path, cfg: &SweepConfig) -> Result<SweepManifest, Train
     std::fs::create_dir_all(dir.join("cells")).map_err(TrainError::io(dir))?;
     write_json_atomic(&path, &m)?;
     Ok(m)
+}
+
+/// Locks the sweep directory and prepares it ([`prepare_dir`]): exclusively for a process
+/// that runs the whole sweep, shared for one that runs chosen cells (`--cell`: tasks of a
+/// job array run side by side, each cell under its own lock). A second whole-sweep process,
+/// or a whole sweep beside cell tasks, is refused at once naming the holder. A directory
+/// that holds something else is refused before the lock file is written into it, and a
+/// directory made here is removed again if preparing it fails.
+///
+/// # Errors
+/// As [`prepare_dir`]; the lock is held by another process.
+pub fn claim_dir(
+    dir: &Path,
+    cfg: &SweepConfig,
+    whole: bool,
+) -> Result<(SweepManifest, rankstab_records::RunLock), TrainError> {
+    let existed = dir.exists();
+    if existed
+        && (!dir.is_dir()
+            || (!dir.join("sweep.json").exists() && !rankstab_records::guard::is_empty_dir(dir)?))
+    {
+        // prepare_dir's error, before anything is written.
+        prepare_dir(dir, cfg)?;
+    }
+    let lock = if whole {
+        rankstab_records::RunLock::exclusive(dir)?
+    } else {
+        rankstab_records::RunLock::shared(dir)?
+    };
+    match prepare_dir(dir, cfg) {
+        Ok(m) => Ok((m, lock)),
+        Err(e) => {
+            if !existed {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Loads a sweep's data for a model's tokenizer.
@@ -552,5 +734,131 @@ mod tests {
         .expect_err("unknown preset")
         .to_string();
         assert!(e.contains("gpt-j-huge") && e.contains("gpt-j-mini"), "{e}");
+    }
+
+    #[test]
+    fn the_example_configurations_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut n = 0;
+        for dir in ["reports/example", "reports"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
+            for e in entries {
+                let p = e.expect("entry").path();
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                if p.extension().is_some_and(|x| x == "toml") && text.contains("[[models]]") {
+                    SweepConfig::from_toml(&text, &p.display().to_string())
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    n += 1;
+                }
+            }
+        }
+        assert!(n >= 1, "no example sweep found");
+        SweepConfig::audit().validate("audit").expect("audit");
+    }
+
+    #[test]
+    fn every_list_and_field_is_bounded_and_named_with_its_path() {
+        let base = "data = \"x.txt\"\n";
+        let model = "[[models]]\nname = \"m\"\npath = \"m.gguf\"\n";
+        for (top, in_model, want) in [
+            (
+                "ranks = [4, 4]\n",
+                "",
+                "s.toml: ranks = [4, 4]: 4 appears twice",
+            ),
+            (
+                "",
+                "ranks = [8, 8]\n",
+                "s.toml: models[0].ranks = [8, 8]: 8 appears twice",
+            ),
+            (
+                "ranks = [65537]\n",
+                "",
+                "s.toml: ranks = [.., 65537, ..]: use 1..=65536",
+            ),
+            (
+                "seeds = [3, 3]\n",
+                "",
+                "duplicate seeds make duplicate cells",
+            ),
+            ("", "seeds = [9007199254740992]\n", "models[0].seeds"),
+            (
+                "scalings = [\"rslora\", \"beta=0.5\"]\n",
+                "",
+                "rslora appears twice",
+            ),
+            ("optimizers = [\"sgd\", \"sgd\"]\n", "", "sgd appears twice"),
+            ("moments = [1, 1]\n", "", "moments = [1, 1]"),
+            (
+                "",
+                "target_modules = [\"q_proj\", \"q_proj\"]\n",
+                "models[0].target_modules",
+            ),
+            (
+                "batch = 4294967297\n",
+                "",
+                "s.toml: batch = 4294967297: use 1..=65536",
+            ),
+            ("context = 4294967297\n", "", "s.toml: context = 4294967297"),
+            ("", "steps = 0\n", "s.toml: models[0].steps = 0"),
+            ("alpha = nan\n", "", "s.toml: alpha = NaN"),
+            (
+                "heldout_fraction = 0.0\n",
+                "",
+                "heldout_fraction = 0: use a finite number in (0, 1)",
+            ),
+            ("max_examples = 1\n", "", "max_examples = 1"),
+            ("[lr]\nsgd = inf\n", "", "s.toml: lr.sgd = inf"),
+        ] {
+            let text = format!("{base}{top}{model}{in_model}");
+            let e = SweepConfig::from_toml(&text, "s.toml")
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains(want), "{top}{in_model}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        // The number of cells is bounded before the cells are made.
+        let seeds: Vec<String> = (0..400).map(|i| i.to_string()).collect();
+        let ranks: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
+        let text = format!(
+            "{base}seeds = [{}]\nranks = [{}]\n{model}",
+            seeds.join(","),
+            ranks.join(",")
+        );
+        let e = SweepConfig::from_toml(&text, "s.toml")
+            .expect_err("too many")
+            .to_string();
+        assert!(e.contains("more than 100000 cells"), "{e}");
+    }
+
+    #[test]
+    fn data_files_are_checked_before_the_sweep_directory_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, "x").expect("write");
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, "").expect("write");
+        let text = format!(
+            "data = {:?}\n[[models]]\nname = \"m\"\npath = {:?}\n",
+            data.display().to_string(),
+            model.display().to_string()
+        );
+        let c = SweepConfig::from_toml(&text, "s.toml").expect("valid");
+        let e = c.check_inputs().expect_err("empty").to_string();
+        assert!(e.contains("d.jsonl") && e.contains("no rows"), "{e}");
+        let row = r#"{"system_prompt": "", "question": "Q", "response": "A"}"#;
+        std::fs::write(&data, format!("\u{feff}{row}\n{row}\n")).expect("write");
+        c.check_inputs().expect("two rows with a BOM");
+        // A directory that is neither empty nor a sweep is refused, and left as it was.
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("mkdir");
+        std::fs::write(theirs.join("notes"), "mine").expect("write");
+        let e = prepare_dir(&theirs, &c)
+            .expect_err("not a sweep")
+            .to_string();
+        assert!(e.contains("holds no sweep.json"), "{e}");
+        assert!(!theirs.join("cells").exists() && !theirs.join("sweep.json").exists());
     }
 }

@@ -20,6 +20,7 @@ use crate::lora::{save_peft, LoraConfig, LoraInit, PeftAdapterConfig};
 use crate::loss::{self, checkpointed_backward, masked_loss_sum};
 use crate::optim::{check_supported, AdamwParams, AdapterOptimizer};
 use crate::probe::{self, delta_norm_and_stable_rank, fro, rows_of, valid_rows, SiteSums};
+use crate::limits::OutOfRange;
 use crate::{CausalLm, TrainError};
 use rankstab_records::{Metric, MetricRow, MomentRow, Optimizer, Scaling, Site, Stat, TableWriter};
 use std::path::Path;
@@ -120,61 +121,209 @@ impl TrainConfig {
         }
     }
 
-    /// Checks values a run cannot use.
+    /// Checks every value of the run against its bound ([`crate::limits`]), before
+    /// anything is loaded, allocated or written: the first value out of range, as its
+    /// field (`batch`, `micro_batch`, ...), value and what is allowed.
     ///
     /// # Errors
-    /// Rank 0, steps 0, batch 0, a batch that micro-batches do not divide, context < 2,
-    /// a non-finite or non-positive learning rate or alpha, moment orders outside 1..=8,
-    /// a clipping norm that is not finite and positive.
-    pub fn validate(&self) -> Result<(), TrainError> {
-        let bad = |m: String| Err(TrainError::Invalid(m));
-        check_supported(self.optimizer)?;
-        if self.rank == 0 {
-            return bad("rank 0 is not allowed: ranks are integers >= 1".into());
-        }
-        if self.steps == 0 || self.batch == 0 || self.context < 2 {
-            return bad(format!(
-                "steps {} / batch {} / context {}: use steps >= 1, batch >= 1, context >= 2",
-                self.steps, self.batch, self.context
+    /// Rank outside 1..=65536; steps outside 1..=10^6; batch outside 1..=65536; a
+    /// micro-batch above the batch or not dividing it; context outside 2..=131072; more
+    /// than 2^20 tokens per pass; intervals above 10^6 steps; alpha outside (0, 1e6];
+    /// |beta| > 4; a learning rate or clipping norm outside [1e-20, 1e30]; dropout outside
+    /// [0, 1); a held-out fraction outside (0, 1); held-out max above 2^24; moment orders
+    /// empty, repeated or outside 1..=8; target modules repeated, empty or more than 64; a
+    /// seed above 2^53 - 1; weight decay outside [0, 1]. NaN and infinities everywhere.
+    pub fn check(&self) -> Result<(), OutOfRange> {
+        use crate::limits::{self as l, float, int};
+        l::rank("rank", self.rank)?;
+        l::steps("steps", self.steps)?;
+        int(
+            "batch",
+            self.batch,
+            1,
+            l::MAX_BATCH,
+            "sequences per step (larger is refused before memory is allocated)",
+        )?;
+        if self.micro_batch > self.batch {
+            return Err(OutOfRange::new(
+                "micro_batch",
+                self.micro_batch,
+                format!(
+                    "at most the batch ({}): use a divisor of it, or 0 for the whole batch",
+                    self.batch
+                ),
             ));
         }
         if !self.batch.is_multiple_of(self.micro()) {
-            return bad(format!(
-                "micro-batch {} does not divide batch {}: use a divisor",
+            return Err(OutOfRange::new(
+                "micro_batch",
+                self.micro_batch,
+                format!(
+                    "does not divide batch {}: use a divisor (gradients accumulate over batch / micro-batch passes)",
+                    self.batch
+                ),
+            ));
+        }
+        int(
+            "context",
+            self.context,
+            2,
+            l::MAX_CONTEXT,
+            "tokens per sequence (no supported model has more positions; attention memory grows with its square)",
+        )?;
+        if self.micro().saturating_mul(self.context) > l::MAX_TOKENS_PER_PASS {
+            return Err(OutOfRange::new(
+                "micro_batch",
                 self.micro(),
-                self.batch
+                format!(
+                    "{} sequences of {} tokens is {} tokens per pass, more than {} (the logits alone hold a vocabulary row per token): use a smaller --micro-batch or --context",
+                    self.micro(),
+                    self.context,
+                    self.micro().saturating_mul(self.context),
+                    l::MAX_TOKENS_PER_PASS
+                ),
             ));
         }
-        if !self.lr.is_finite() || self.lr <= 0.0 {
-            return bad(format!(
-                "lr {} is not allowed: use a finite number > 0",
-                self.lr
-            ));
+        for (field, v) in [
+            ("probe_every", self.probe_every),
+            ("eval_every", self.eval_every),
+            ("norm_every", self.norm_every),
+            ("checkpoint_every", self.checkpoint_every),
+        ] {
+            l::every(field, v)?;
         }
-        if !self.alpha.is_finite() || self.alpha <= 0.0 || !self.beta.is_finite() {
-            return bad(format!(
-                "alpha {} / beta {}: use a finite alpha > 0 and a finite beta",
-                self.alpha, self.beta
-            ));
-        }
-        if let Some(m) = self.moments.iter().find(|&&m| m == 0 || m > 8) {
-            return bad(format!("moment order {m} is not allowed: use 1..=8"));
-        }
+        float(
+            "alpha",
+            self.alpha,
+            (0.0, true),
+            (l::MAX_ALPHA, false),
+            "(the scaling numerator; the paper uses 16)",
+        )?;
+        float(
+            "beta",
+            self.beta,
+            (-l::MAX_ABS_BETA, false),
+            (l::MAX_ABS_BETA, false),
+            "(alpha r^-beta must stay inside f32 for every rank up to 65536)",
+        )?;
+        float(
+            "lr",
+            self.lr,
+            (l::MIN_LR, false),
+            (l::MAX_LR, false),
+            "(outside it the f32 update is zero or overflows)",
+        )?;
         if let Some(c) = self.clip_grad_norm {
-            if !c.is_finite() || c <= 0.0 {
-                return bad(format!(
-                    "clip-grad-norm {c} is not allowed: use a finite number > 0"
-                ));
-            }
+            float(
+                "clip_grad_norm",
+                c,
+                (l::MIN_LR, false),
+                (l::MAX_LR, false),
+                "(a gradient norm in f32)",
+            )?;
         }
-        if !(0.0..1.0).contains(&self.dropout) || !(0.0..1.0).contains(&self.heldout_fraction) {
-            return bad(format!(
-                "dropout {} / held-out fraction {}: use values in [0, 1)",
-                self.dropout, self.heldout_fraction
+        float(
+            "weight_decay",
+            self.weight_decay,
+            (0.0, false),
+            (l::MAX_WEIGHT_DECAY, false),
+            "(AdamW's decoupled decay)",
+        )?;
+        float(
+            "dropout",
+            self.dropout,
+            (0.0, false),
+            (1.0, true),
+            "(a probability; 1 would drop every input)",
+        )?;
+        float(
+            "heldout_fraction",
+            self.heldout_fraction,
+            (0.0, true),
+            (1.0, true),
+            "(a fraction of the sequences; at least one is held out and one trained on)",
+        )?;
+        int(
+            "heldout_max",
+            self.heldout_max,
+            0,
+            l::MAX_HELDOUT,
+            "held-out sequences (0: all of them)",
+        )?;
+        l::distinct(
+            "moments",
+            &self.moments,
+            "each order is recorded once per probe",
+        )?;
+        if let Some(&m) = self.moments.iter().find(|&&m| m == 0 || m > l::MAX_MOMENT) {
+            return Err(OutOfRange::new(
+                "moments",
+                m,
+                format!("use orders 1..={} (sums of x^k overflow beyond)", l::MAX_MOMENT),
             ));
         }
+        if !self.target_modules.is_empty() {
+            l::distinct(
+                "target_modules",
+                &self.target_modules,
+                "a module is adapted once",
+            )?;
+        }
+        if self.target_modules.len() > l::MAX_TARGET_MODULES {
+            return Err(OutOfRange::new(
+                "target_modules",
+                format!("({} names)", self.target_modules.len()),
+                format!("at most {} module names", l::MAX_TARGET_MODULES),
+            ));
+        }
+        if let Some(m) = self
+            .target_modules
+            .iter()
+            .find(|m| m.trim().is_empty())
+        {
+            return Err(OutOfRange::new(
+                "target_modules",
+                format!("{m:?}"),
+                "module names are non-empty (q_proj, down_proj, ...)",
+            ));
+        }
+        l::seed("seed", self.seed)?;
         Ok(())
     }
+
+    /// Checks values a run cannot use: the optimizer, then [`Self::check`] as
+    /// `field value: allowed`.
+    ///
+    /// # Errors
+    /// An optimizer the trainer does not implement; every error of [`Self::check`].
+    pub fn validate(&self) -> Result<(), TrainError> {
+        check_supported(self.optimizer)?;
+        self.check()?;
+        Ok(())
+    }
+}
+
+/// The fields in which two configurations differ, as `field: old -> new` (in field order;
+/// empty when they are equal).
+pub fn differences(old: &TrainConfig, new: &TrainConfig) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return vec!["(unreadable configuration)".into()];
+    };
+    let mut out = Vec::new();
+    for (k, v) in &b {
+        let was = a.get(k).unwrap_or(&serde_json::Value::Null);
+        if was != v {
+            out.push(format!("{k}: {was} -> {v}"));
+        }
+    }
+    for (k, v) in &a {
+        if !b.contains_key(k) {
+            out.push(format!("{k}: {v} -> (none)"));
+        }
+    }
+    out
 }
 
 /// Token windows of `context + 1` tokens (inputs and shifted targets), shuffled by seed,
@@ -324,8 +473,9 @@ fn resume(
     };
     if state.config != *cfg {
         return Err(TrainError::Invalid(format!(
-            "{}: the checkpoint there was written by another configuration; use a new output directory",
-            checkpoint::dir(out).display()
+            "{}: the checkpoint there was written by another configuration ({}); choose another --out",
+            checkpoint::dir(out).display(),
+            differences(&state.config, cfg).join(", ")
         )));
     }
     for (i, p) in opt.params().iter().enumerate() {
@@ -698,4 +848,138 @@ pub fn train(
         diverged: None,
         resumed_from,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> TrainConfig {
+        TrainConfig {
+            model_name: "m".into(),
+            rank: 4,
+            alpha: 16.0,
+            beta: 0.5,
+            init: LoraInit::KaimingUniform,
+            dropout: 0.0,
+            optimizer: Optimizer::Adamw,
+            lr: 5e-5,
+            steps: 10,
+            batch: 4,
+            micro_batch: 0,
+            context: 32,
+            probe_every: 1,
+            eval_every: 10,
+            norm_every: 0,
+            heldout_fraction: 0.1,
+            heldout_max: 0,
+            target_modules: vec![],
+            moments: vec![1, 2, 3, 4],
+            seed: 0,
+            clip_grad_norm: None,
+            weight_decay: 0.0,
+            checkpoint_every: 0,
+            activation_checkpointing: false,
+        }
+    }
+
+    /// Every bound: the value just inside is accepted, the one just outside (and NaN, and
+    /// 2^32 + 1) refused naming the field.
+    #[test]
+    fn every_field_is_bounded_and_named() {
+        cfg().validate().expect("the base configuration");
+        type Edit = fn(&mut TrainConfig);
+        let ok: Vec<(&str, Edit)> = vec![
+            ("rank", |c| c.rank = 65_536),
+            ("steps", |c| c.steps = 1_000_000),
+            ("batch", |c| {
+                c.batch = 65_536;
+                c.micro_batch = 8;
+            }),
+            ("context", |c| {
+                c.context = 131_072;
+                c.batch = 8;
+            }),
+            ("alpha", |c| c.alpha = 1e6),
+            ("beta", |c| c.beta = -4.0),
+            ("lr", |c| c.lr = 1e30),
+            ("lr", |c| c.lr = 1e-20),
+            ("dropout", |c| c.dropout = 0.999),
+            ("heldout_fraction", |c| c.heldout_fraction = 0.999),
+            ("heldout_max", |c| c.heldout_max = 1 << 24),
+            ("moments", |c| c.moments = vec![8, 1]),
+            ("seed", |c| c.seed = (1 << 53) - 1),
+            ("checkpoint_every", |c| c.checkpoint_every = 1_000_000),
+        ];
+        for (field, edit) in ok {
+            let mut c = cfg();
+            edit(&mut c);
+            c.validate().unwrap_or_else(|e| panic!("{field}: {e}"));
+        }
+        let refused: Vec<(&str, Edit)> = vec![
+            ("rank", |c| c.rank = 0),
+            ("rank", |c| c.rank = 65_537),
+            ("steps", |c| c.steps = 0),
+            ("steps", |c| c.steps = 4_294_967_297),
+            ("batch", |c| c.batch = 0),
+            ("batch", |c| c.batch = 4_294_967_297),
+            ("micro_batch", |c| c.micro_batch = 5),
+            ("micro_batch", |c| c.micro_batch = 3),
+            ("micro_batch", |c| {
+                c.batch = 64;
+                c.context = 32_768;
+            }),
+            ("context", |c| c.context = 1),
+            ("context", |c| c.context = 131_073),
+            ("context", |c| c.context = usize::MAX),
+            ("alpha", |c| c.alpha = 0.0),
+            ("alpha", |c| c.alpha = f64::NAN),
+            ("alpha", |c| c.alpha = 1.1e6),
+            ("beta", |c| c.beta = 4.5),
+            ("beta", |c| c.beta = f64::INFINITY),
+            ("lr", |c| c.lr = 0.0),
+            ("lr", |c| c.lr = f64::NAN),
+            ("lr", |c| c.lr = 2e30),
+            ("clip_grad_norm", |c| c.clip_grad_norm = Some(0.0)),
+            ("clip_grad_norm", |c| c.clip_grad_norm = Some(f64::INFINITY)),
+            ("weight_decay", |c| c.weight_decay = -0.1),
+            ("dropout", |c| c.dropout = 1.0),
+            ("dropout", |c| c.dropout = f64::NAN),
+            ("heldout_fraction", |c| c.heldout_fraction = 0.0),
+            ("heldout_fraction", |c| c.heldout_fraction = 1.0),
+            ("heldout_max", |c| c.heldout_max = 4_294_967_297),
+            ("probe_every", |c| c.probe_every = 4_294_967_297),
+            ("eval_every", |c| c.eval_every = 1_000_001),
+            ("norm_every", |c| c.norm_every = 1_000_001),
+            ("checkpoint_every", |c| c.checkpoint_every = 1_000_001),
+            ("moments", |c| c.moments = vec![]),
+            ("moments", |c| c.moments = vec![2, 2]),
+            ("moments", |c| c.moments = vec![0]),
+            ("moments", |c| c.moments = vec![9]),
+            ("target_modules", |c| c.target_modules = vec!["q_proj".into(), "q_proj".into()]),
+            ("target_modules", |c| c.target_modules = vec![String::new()]),
+            ("seed", |c| c.seed = 1 << 53),
+        ];
+        for (field, edit) in refused {
+            let mut c = cfg();
+            edit(&mut c);
+            let e = c.check().expect_err(field);
+            assert_eq!(e.field, field, "{e}");
+            let msg = c.validate().expect_err(field).to_string();
+            assert!(msg.starts_with(field) && !msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn differences_name_each_changed_field() {
+        let a = cfg();
+        assert!(differences(&a, &a).is_empty());
+        let mut b = cfg();
+        b.rank = 8;
+        b.lr = 1e-3;
+        let d = differences(&a, &b);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d.contains(&"rank: 4 -> 8".to_string()), "{d:?}");
+        assert!(d.iter().any(|x| x.starts_with("lr: ")), "{d:?}");
+    }
 }

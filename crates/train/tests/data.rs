@@ -833,3 +833,107 @@ fn collate_of_loaded_orca_batches() {
         .sum();
     assert_eq!(total as usize, want);
 }
+
+// ---------------------------------------------------------------------------------------
+// Hostile files: only regular files of bounded size, byte-order marks, checks without a
+// tokenizer.
+
+#[test]
+fn byte_order_marks_are_dropped_from_text_and_rows() {
+    let tok = byte_tok();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let plain = write(d, "plain.jsonl", &format!("{GOOD}\n{GOOD}\n{GOOD}\n"));
+    let bom = write(d, "bom.jsonl", &format!("\u{feff}{GOOD}\n{GOOD}\n\u{feff}{GOOD}\n"));
+    let a = load_dataset(&plain, &tok, &orca_spec(1)).expect("plain");
+    let b = load_dataset(&bom, &tok, &orca_spec(1)).expect("a BOM is not malformed JSON");
+    assert_eq!(all(&a), all(&b));
+    let arr = write(d, "bom.json", &format!("\u{feff}[{GOOD}, {GOOD}]"));
+    assert_eq!(load_dataset(&arr, &tok, &orca_spec(1)).expect("array").examples, 2);
+    let t = write(d, "plain.txt", TEXT);
+    let tb = write(d, "bom.txt", &format!("\u{feff}{TEXT}"));
+    let s = spec(DataFormat::Auto, 12, 0.2, 0);
+    let x = load_dataset(&t, &tok, &s).expect("text");
+    let y = load_dataset(&tb, &tok, &s).expect("text with a BOM");
+    assert_eq!(all(&x), all(&y));
+}
+
+#[test]
+fn devices_fifos_and_directories_are_refused_by_name() {
+    let tok = byte_tok();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let fifo = d.join("fifo.jsonl");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    let folder = d.join("folder.txt");
+    std::fs::create_dir(&folder).expect("mkdir");
+    for (path, format, want) in [
+        (fifo.clone(), DataFormat::Auto, "regular file"),
+        (folder.clone(), DataFormat::Auto, "directory"),
+        (PathBuf::from("/dev/zero"), DataFormat::Text, "regular file"),
+        (PathBuf::from("/dev/zero"), DataFormat::Orca, "regular file"),
+    ] {
+        let shown = path.display().to_string();
+        let msg = invalid(load_dataset(&path, &tok, &spec(format, 12, 0.2, 0)));
+        assert_mentions(&msg, &[&shown, want]);
+        let msg = rankstab_train::data::check_data_file(&path, format, None)
+            .expect_err("refused")
+            .to_string();
+        assert_mentions(&msg, &[&shown, want]);
+    }
+    let empty = write(d, "e.txt", "");
+    assert_mentions(
+        &invalid(load_dataset(&empty, &tok, &spec(DataFormat::Auto, 12, 0.2, 0))),
+        &["e.txt", "empty", "0 bytes"],
+    );
+    let latin = d.join("l.txt");
+    std::fs::write(&latin, b"ab\xffcd").expect("write");
+    assert_mentions(
+        &invalid(load_dataset(&latin, &tok, &spec(DataFormat::Auto, 12, 0.2, 0))),
+        &["l.txt", "UTF-8", "offset 2"],
+    );
+}
+
+#[test]
+fn data_files_are_checked_without_a_tokenizer() {
+    use rankstab_train::data::check_data_file;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let rows = write(d, "r.jsonl", &format!("{GOOD}\n\n{GOOD}\n{GOOD}\n"));
+    assert_eq!(
+        check_data_file(&rows, DataFormat::Auto, None).expect("rows"),
+        (DataFormat::Orca, 3)
+    );
+    assert_eq!(
+        check_data_file(&rows, DataFormat::Auto, Some(2)).expect("two rows").1,
+        2
+    );
+    let t = write(d, "t.txt", TEXT);
+    assert_eq!(
+        check_data_file(&t, DataFormat::Auto, None).expect("text").0,
+        DataFormat::Text
+    );
+    for (name, text, want) in [
+        ("empty.jsonl", String::new(), "no rows"),
+        ("blank.jsonl", "\n \n".to_string(), "no rows"),
+        ("one.jsonl", format!("{GOOD}\n"), "need at least 2"),
+        ("bad.jsonl", format!("{GOOD}\n{{\"question\": 1}}\n"), "row 2"),
+        ("broken.jsonl", format!("{GOOD}\n{{\n"), "line 2"),
+        ("blank.txt", " \n ".to_string(), "empty"),
+        ("x.csv", "a,b".to_string(), "\".csv\""),
+    ] {
+        let p = write(d, name, &text);
+        let msg = check_data_file(&p, DataFormat::Auto, None)
+            .expect_err(name)
+            .to_string();
+        assert_mentions(&msg, &[name, want]);
+    }
+    let msg = check_data_file(&d.join("absent.txt"), DataFormat::Auto, None)
+        .expect_err("absent")
+        .to_string();
+    assert_mentions(&msg, &["absent.txt"]);
+}

@@ -188,7 +188,6 @@ pub fn tiny_llama_gguf_edit(
     w
 }
 
-
 impl Writer {
     /// A metadata value of any type: `ty` the GGUF type id, `raw` its encoding.
     pub fn raw(&mut self, k: &str, ty: u32, raw: &[u8]) -> &mut Self {
@@ -202,7 +201,8 @@ impl Writer {
         while at < self.infos.len() {
             let n = u64::from_le_bytes(self.infos[at..at + 8].try_into().expect("8")) as usize;
             let this = &self.infos[at + 8..at + 8 + n];
-            let nd = u32::from_le_bytes(self.infos[at + 8 + n..at + 12 + n].try_into().expect("4")) as usize;
+            let nd = u32::from_le_bytes(self.infos[at + 8 + n..at + 12 + n].try_into().expect("4"))
+                as usize;
             let off_at = at + 12 + n + 8 * nd + 4;
             if this == name.as_bytes() {
                 self.infos[off_at..off_at + 8].copy_from_slice(&offset.to_le_bytes());
@@ -218,7 +218,8 @@ impl Writer {
         while at < self.infos.len() {
             let n = u64::from_le_bytes(self.infos[at..at + 8].try_into().expect("8")) as usize;
             let this = &self.infos[at + 8..at + 8 + n];
-            let nd = u32::from_le_bytes(self.infos[at + 8 + n..at + 12 + n].try_into().expect("4")) as usize;
+            let nd = u32::from_le_bytes(self.infos[at + 8 + n..at + 12 + n].try_into().expect("4"))
+                as usize;
             let off_at = at + 12 + n + 8 * nd + 4;
             if this == name.as_bytes() {
                 return u64::from_le_bytes(self.infos[off_at..off_at + 8].try_into().expect("8"));
