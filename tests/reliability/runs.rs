@@ -635,3 +635,53 @@ fn cell_tasks_run_side_by_side_and_one_cell_is_run_once() {
     let o = other.wait_with_output().expect("ends");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn a_terminated_training_run_ends_with_one_line_and_no_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "It is a truth universally acknowledged, that a single man. ".repeat(400),
+    )
+    .expect("write");
+    let out = dir.path().join("run");
+    let args: Vec<String> = [
+        "train",
+        "--model",
+        &tiny_llama().display().to_string(),
+        "--data",
+        &text.display().to_string(),
+        "--rank",
+        "4",
+        "--steps",
+        "100000",
+        "--context",
+        "16",
+        "--batch",
+        "2",
+        "--out",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect();
+    let child = spawn(&args);
+    // Inside libtorch's training loop when the signal arrives.
+    wait_for(&out.join("metrics.csv"), Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let o = child.wait_with_output().expect("ends");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(!err.contains("panicked") && err.contains("resume"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{err}"
+    );
+}

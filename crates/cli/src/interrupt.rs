@@ -21,7 +21,10 @@ pub fn install() {
             ),
             None => eprintln!("rankstab: interrupted"),
         }
-        std::process::exit(130);
+        // _exit, not exit: exit would run libtorch's static destructors while the main
+        // thread is still inside libtorch, which then fails with an internal assertion
+        // and a panic trace after this line.
+        exit_now(130);
     });
     if let Err(e) = result {
         tracing::warn!("cannot install the interrupt handler: {e}");
@@ -33,4 +36,12 @@ pub fn running(dir: &Path, command: &str) {
     if let Ok(mut g) = RUNNING.lock() {
         *g = Some((command.to_string(), dir.display().to_string()));
     }
+}
+
+/// Ends the process at once, without running exit handlers (`_exit(2)`).
+#[allow(unsafe_code)]
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` takes no pointers, cannot fail and never returns; it is
+    // async-signal-safe and sound to call from any thread at any time.
+    unsafe { libc::_exit(code) }
 }
