@@ -383,10 +383,7 @@ fn the_largest_rank_must_reach_an_eighth_of_the_smallest_adapted_module() {
         };
         common::write_sweep(&dir, &spec);
         let a = analysis_of(&[dir]);
-        let law: Vec<&ExponentRow> = train_rows(&a)
-            .iter()
-            .filter(|r| is_law_row(r))
-            .collect();
+        let law: Vec<&ExponentRow> = train_rows(&a).iter().filter(|r| is_law_row(r)).collect();
         assert_eq!(law.len(), 3 * 3 * 2);
         for r in &law {
             assert_eq!(r.outcome, want, "{ranks:?}: {r:?}");

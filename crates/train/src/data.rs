@@ -44,10 +44,10 @@
 //! own error naming file, row and field.
 use crate::text::TextTokenizer;
 use crate::TrainError;
-use rankstab_records::guard::{open_regular, read_regular_text};
-use rankstab_records::RecordsError;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rankstab_records::guard::{open_regular, read_regular_text};
+use rankstab_records::RecordsError;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use tch::{Device, Tensor};

@@ -446,7 +446,11 @@ impl GgufFile {
         };
         let mut ranges = Vec::with_capacity(this.tensors.len());
         for t in &this.tensors {
-            if t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
+            if t.dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .is_none()
+            {
                 return Err(bad(format!(
                     "tensor {} has dimensions {:?} whose product overflows",
                     t.name, t.dims
@@ -545,8 +549,10 @@ impl GgufFile {
                 t.name
             )));
         }
-        let (mut f, now) =
-            rankstab_records::guard::open_regular(&self.path, crate::weights::MAX_WEIGHT_FILE_BYTES)?;
+        let (mut f, now) = rankstab_records::guard::open_regular(
+            &self.path,
+            crate::weights::MAX_WEIGHT_FILE_BYTES,
+        )?;
         if now != self.file_len {
             return Err(TrainError::Invalid(format!(
                 "{}: changed since it was opened ({} bytes, now {now}): not read",
@@ -751,10 +757,11 @@ impl GgufFile {
 
     /// A required integer metadata value in `lo..=hi`.
     fn need_uint(&self, key: &str, lo: u64, hi: u64) -> Result<u64, TrainError> {
-        self.meta_uint(key, lo, hi)?.ok_or_else(|| TrainError::Config {
-            path: self.path.clone(),
-            message: format!("GGUF metadata {key} is missing (an integer from {lo} to {hi})"),
-        })
+        self.meta_uint(key, lo, hi)?
+            .ok_or_else(|| TrainError::Config {
+                path: self.path.clone(),
+                message: format!("GGUF metadata {key} is missing (an integer from {lo} to {hi})"),
+            })
     }
 
     /// A float metadata value (f32 or f64) accepted by `ok`, None when absent.
@@ -833,7 +840,10 @@ impl GgufFile {
         }
         for (key, what) in [
             ("llama.attention.value_length", "the key length"),
-            ("llama.rope.dimension_count", "the head size: rankstab rotates whole heads"),
+            (
+                "llama.rope.dimension_count",
+                "the head size: rankstab rotates whole heads",
+            ),
         ] {
             if let Some(v) = self.meta_uint(key, 1, HEAD_DIM)? {
                 if v != head_dim {
@@ -1120,7 +1130,10 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<serde_json::Value, TrainError> 
                     .iter()
                     .map(|v| {
                         v.as_f64().filter(|x| !x.is_nan()).ok_or_else(|| {
-                            bad("GGUF tokenizer.ggml.scores holds a value that is not a number".into())
+                            bad(
+                                "GGUF tokenizer.ggml.scores holds a value that is not a number"
+                                    .into(),
+                            )
                         })
                     })
                     .collect::<Result<_, _>>()?,

@@ -61,7 +61,11 @@ pub fn config_from_json(c: &ConfigJson) -> Result<Config, TrainError> {
         ));
     }
     for p in ["attn_pdrop", "resid_pdrop", "embd_pdrop"] {
-        c.float(p, |x| x == 0.0, "0: rankstab implements no dropout in the base model")?;
+        c.float(
+            p,
+            |x| x == 0.0,
+            "0: rankstab implements no dropout in the base model",
+        )?;
     }
     let vocab = c.uint("vocab_size", 1, VOCAB)?.unwrap_or(50400);
     let d = c.uint("n_embd", 1, WIDTH)?.unwrap_or(4096);
@@ -76,7 +80,11 @@ pub fn config_from_json(c: &ConfigJson) -> Result<Config, TrainError> {
     let rotary_dim = match c.map.get("rotary_dim") {
         None => 64,
         Some(serde_json::Value::Null) => {
-            return Err(c.bad("rotary_dim", "null", "an even number of rotary features per head"))
+            return Err(c.bad(
+                "rotary_dim",
+                "null",
+                "an even number of rotary features per head",
+            ))
         }
         Some(_) => c.uint("rotary_dim", 2, HEAD_DIM)?.unwrap_or(64),
     };
@@ -89,7 +97,11 @@ pub fn config_from_json(c: &ConfigJson) -> Result<Config, TrainError> {
     }
     let inner = c.uint("n_inner", 1, WIDTH)?.unwrap_or(4 * d);
     let eps = c
-        .float("layer_norm_epsilon", |x| x > 0.0 && x < 1.0, "a number in (0, 1)")?
+        .float(
+            "layer_norm_epsilon",
+            |x| x > 0.0 && x < 1.0,
+            "a number in (0, 1)",
+        )?
         .unwrap_or(1e-5);
     let positions = c.uint("n_positions", 1, POSITIONS)?.unwrap_or(2048);
     Ok(Config {

@@ -115,7 +115,13 @@ impl From<OutOfRange> for TrainError {
 ///
 /// # Errors
 /// The value out of range, with the range and `what`.
-pub fn int(field: &str, value: usize, min: usize, max: usize, what: &str) -> Result<(), OutOfRange> {
+pub fn int(
+    field: &str,
+    value: usize,
+    min: usize,
+    max: usize,
+    what: &str,
+) -> Result<(), OutOfRange> {
     if value < min || value > max {
         let range = if min == 0 {
             format!("at most {max}")
@@ -149,7 +155,11 @@ pub fn float(
             num(hi),
             if open_hi { ")" } else { "]" }
         );
-        return Err(OutOfRange::new(field, num(value), format!("{range} {what}")));
+        return Err(OutOfRange::new(
+            field,
+            num(value),
+            format!("{range} {what}"),
+        ));
     }
     Ok(())
 }
@@ -169,7 +179,11 @@ pub fn num(x: f64) -> String {
 ///
 /// # Errors
 /// An empty list, or the first duplicate.
-pub fn distinct<T: PartialEq + Display>(field: &str, values: &[T], why: &str) -> Result<(), OutOfRange> {
+pub fn distinct<T: PartialEq + Display>(
+    field: &str,
+    values: &[T],
+    why: &str,
+) -> Result<(), OutOfRange> {
     let shown = || {
         format!(
             "[{}]",
@@ -181,7 +195,11 @@ pub fn distinct<T: PartialEq + Display>(field: &str, values: &[T], why: &str) ->
         )
     };
     if values.is_empty() {
-        return Err(OutOfRange::new(field, "[]", "must not be empty: give at least one value"));
+        return Err(OutOfRange::new(
+            field,
+            "[]",
+            "must not be empty: give at least one value",
+        ));
     }
     for (i, v) in values.iter().enumerate() {
         if values[..i].contains(v) {
@@ -278,8 +296,14 @@ mod tests {
         let e = rank("rank", 0).expect_err("0");
         assert_eq!(e.as_flag().to_string().split(':').next(), Some("--rank 0"));
         assert!(rank("rank", 1).is_ok() && rank("rank", MAX_RANK).is_ok());
-        let e = rank("ranks", MAX_RANK + 1).expect_err("too large").in_file("s.toml");
-        assert!(e.to_string().starts_with("s.toml: ranks = 65537: use 1..=65536"), "{e}");
+        let e = rank("ranks", MAX_RANK + 1)
+            .expect_err("too large")
+            .in_file("s.toml");
+        assert!(
+            e.to_string()
+                .starts_with("s.toml: ranks = 65537: use 1..=65536"),
+            "{e}"
+        );
         let e = int("batch", 4_294_967_297, 1, MAX_BATCH, "sequences").expect_err("huge");
         assert_eq!(
             e.as_flag().to_string(),
@@ -297,13 +321,20 @@ mod tests {
         assert!(steps("steps", 0).is_err() && steps("steps", MAX_STEPS + 1).is_err());
         assert!(every("eval_every", 0).is_ok() && every("eval_every", MAX_STEPS + 1).is_err());
         assert!(max_examples("m", Some(1)).is_err() && max_examples("m", None).is_ok());
-        assert_eq!(OutOfRange::new("ranks", 3, "x").under("models[1]").field, "models[1].ranks");
+        assert_eq!(
+            OutOfRange::new("ranks", 3, "x").under("models[1]").field,
+            "models[1].ranks"
+        );
     }
 
     #[test]
     fn duplicates_and_empty_lists_are_named() {
-        let e = distinct("seeds", &[0u64, 1, 0], "duplicate seeds make duplicate cells")
-            .expect_err("duplicate");
+        let e = distinct(
+            "seeds",
+            &[0u64, 1, 0],
+            "duplicate seeds make duplicate cells",
+        )
+        .expect_err("duplicate");
         assert_eq!(
             e.in_file("s.toml").to_string(),
             "s.toml: seeds = [0, 1, 0]: 0 appears twice (duplicate seeds make duplicate cells)"

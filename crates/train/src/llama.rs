@@ -63,7 +63,11 @@ pub fn config_from_json(c: &ConfigJson) -> Result<Config, TrainError> {
     use crate::weights::bounds::*;
     if let Some(t) = c.str("model_type")? {
         if t != "llama" {
-            return Err(c.bad("model_type", format!("{t:?}"), "\"llama\" for a Llama model"));
+            return Err(c.bad(
+                "model_type",
+                format!("{t:?}"),
+                "\"llama\" for a Llama model",
+            ));
         }
     }
     c.one_of("hidden_act", &["silu", "swish"])?;

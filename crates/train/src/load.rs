@@ -3,9 +3,11 @@
 //! generation_config.json) or a llama-architecture GGUF file (weights, tokenizer and chat
 //! template all from the file). Pickle checkpoints are refused, never opened.
 use crate::gguf::{self, GgufFile, Value};
-use crate::text::TextTokenizer;
 use crate::random::Shape;
-use crate::weights::{pickle_advice, ConfigJson, MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, MAX_WEIGHT_FILE_BYTES};
+use crate::text::TextTokenizer;
+use crate::weights::{
+    pickle_advice, ConfigJson, MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, MAX_WEIGHT_FILE_BYTES,
+};
 use crate::{CausalLm, TrainError};
 use rankstab_records::guard;
 use std::io::Read;
@@ -99,11 +101,9 @@ pub fn inspect(path: &Path) -> Result<Shape, TrainError> {
             match cfg.str("model_type")? {
                 Some("llama") => Ok(Shape::Llama(crate::llama::config_from_json(&cfg)?)),
                 Some("gptj") => Ok(Shape::Gptj(crate::gptj::config_from_json(&cfg)?)),
-                Some(other) => Err(cfg.bad(
-                    "model_type",
-                    format!("{other:?}"),
-                    "supported: llama, gptj",
-                )),
+                Some(other) => {
+                    Err(cfg.bad("model_type", format!("{other:?}"), "supported: llama, gptj"))
+                }
                 None => Err(TrainError::Config {
                     path: cfg.path.clone(),
                     message: "no \"model_type\" (supported: llama, gptj)".into(),

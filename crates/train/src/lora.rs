@@ -502,11 +502,24 @@ fn check_adapter_numbers(path: &Path, c: &PeftAdapterConfig) -> Result<(), Train
     if let Some(a) = c.rankstab_alpha.filter(|&a| !alpha_ok(a)) {
         return Err(field_error(path, "rankstab_alpha", a, &allowed));
     }
-    if let Some(b) = c.rankstab_beta.filter(|b| !(b.is_finite() && b.abs() <= 16.0)) {
-        return Err(field_error(path, "rankstab_beta", b, "a finite number in [-16, 16]"));
+    if let Some(b) = c
+        .rankstab_beta
+        .filter(|b| !(b.is_finite() && b.abs() <= 16.0))
+    {
+        return Err(field_error(
+            path,
+            "rankstab_beta",
+            b,
+            "a finite number in [-16, 16]",
+        ));
     }
     if !(c.lora_dropout.is_finite() && (0.0..1.0).contains(&c.lora_dropout)) {
-        return Err(field_error(path, "lora_dropout", c.lora_dropout, "a number in [0, 1)"));
+        return Err(field_error(
+            path,
+            "lora_dropout",
+            c.lora_dropout,
+            "a number in [0, 1)",
+        ));
     }
     let g = c.scaling();
     if !alpha_ok(g) {

@@ -60,7 +60,12 @@ fn block_widths(shape: &Shape) -> (u64, u64, u64, u64) {
             c.num_heads as u64,
             (c.num_kv_heads * c.head_dim) as u64,
         ),
-        Shape::Gptj(c) => (c.n_embd as u64, c.n_inner as u64, c.n_head as u64, c.n_embd as u64),
+        Shape::Gptj(c) => (
+            c.n_embd as u64,
+            c.n_inner as u64,
+            c.n_head as u64,
+            c.n_embd as u64,
+        ),
     }
 }
 
@@ -207,7 +212,9 @@ mod tests {
                     let mut n = l.embed_tokens.numel() as i64 + l.norm.weight.numel() as i64;
                     n += l.lm_head.as_ref().map_or(0, |h| h.numel() as i64);
                     for b in &l.layers {
-                        n += (b.input_layernorm.weight.numel() + b.post_attention_layernorm.weight.numel()) as i64;
+                        n += (b.input_layernorm.weight.numel()
+                            + b.post_attention_layernorm.weight.numel())
+                            as i64;
                     }
                     n
                 }
@@ -216,7 +223,8 @@ mod tests {
                         + g.ln_f.weight.numel()
                         + g.ln_f.bias.numel()
                         + g.lm_head.weight.numel()
-                        + g.lm_head.bias.as_ref().map_or(0, |b| b.numel())) as i64;
+                        + g.lm_head.bias.as_ref().map_or(0, |b| b.numel()))
+                        as i64;
                     for b in &g.h {
                         n += (b.ln_1.weight.numel() + b.ln_1.bias.numel()) as i64;
                     }
@@ -226,9 +234,7 @@ mod tests {
             let linears: i64 = m
                 .linears_mut()
                 .into_iter()
-                .map(|(_, l)| {
-                    (l.weight.numel() + l.bias.as_ref().map_or(0, |b| b.numel())) as i64
-                })
+                .map(|(_, l)| (l.weight.numel() + l.bias.as_ref().map_or(0, |b| b.numel())) as i64)
                 .sum();
             assert_eq!(built + linears, shape.parameters(), "{name}");
         }
@@ -248,12 +254,11 @@ mod tests {
         let name = "memory::tests::load_estimate_is_within_a_factor_two_of_the_real_growth";
         if std::env::var_os(CHILD).is_some() {
             // libtorch's own start-up (thread pools, allocator) before the measurement.
-            let _ = tch::Tensor::ones([4, 4], (Kind::Float, Device::Cpu)).matmul(
-                &tch::Tensor::ones([4, 4], (Kind::Float, Device::Cpu)),
-            );
+            let _ = tch::Tensor::ones([4, 4], (Kind::Float, Device::Cpu))
+                .matmul(&tch::Tensor::ones([4, 4], (Kind::Float, Device::Cpu)));
             let before = rss().expect("rss");
-            let m = crate::random::preset("llama-2-mini", Kind::Float, Device::Cpu, 0)
-                .expect("builds");
+            let m =
+                crate::random::preset("llama-2-mini", Kind::Float, Device::Cpu, 0).expect("builds");
             let after = rss().expect("rss");
             drop(m);
             println!("GREW {}", after.saturating_sub(before));
@@ -296,12 +301,19 @@ mod tests {
             activation_checkpointing: false,
         };
         use rankstab_records::Optimizer::{Adamw, Sgd};
-        assert!(train_bytes(&s, Kind::Float, &t(Adamw, 64)) > train_bytes(&s, Kind::Float, &t(Sgd, 64)));
-        assert!(train_bytes(&s, Kind::Float, &t(Adamw, 2048)) > train_bytes(&s, Kind::Float, &t(Adamw, 4)));
+        assert!(
+            train_bytes(&s, Kind::Float, &t(Adamw, 64)) > train_bytes(&s, Kind::Float, &t(Sgd, 64))
+        );
+        assert!(
+            train_bytes(&s, Kind::Float, &t(Adamw, 2048))
+                > train_bytes(&s, Kind::Float, &t(Adamw, 4))
+        );
         // Rank 2048 on every module of Llama-2-7B: 2048 * (7 modules' in + out) * 32 blocks.
         let per_block = 2048 * (4 * (4096 + 4096) + 3 * (4096 + 11008));
         assert_eq!(adapter_parameters(&s, 2048, &[]), per_block * 32);
-        let e = check("loading llama-2-7b", f, Some(24 << 30)).expect_err("too big").to_string();
+        let e = check("loading llama-2-7b", f, Some(24 << 30))
+            .expect_err("too big")
+            .to_string();
         assert!(e.contains("GiB") && e.contains("--max-memory"), "{e}");
     }
 }

@@ -33,11 +33,9 @@ impl CausalLm {
         match cfg.str("model_type")? {
             Some("llama") => Ok(Self::Llama(Llama::from_dir(dir, kind, device)?)),
             Some("gptj") => Ok(Self::Gptj(Gptj::from_dir(dir, kind, device)?)),
-            Some(other) => Err(cfg.bad(
-                "model_type",
-                format!("{other:?}"),
-                "supported: llama, gptj",
-            )),
+            Some(other) => {
+                Err(cfg.bad("model_type", format!("{other:?}"), "supported: llama, gptj"))
+            }
             None => Err(TrainError::Config {
                 path: cfg.path.clone(),
                 message: "no \"model_type\" (supported: llama, gptj)".into(),

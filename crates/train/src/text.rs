@@ -26,10 +26,8 @@ impl TextTokenizer {
     /// # Errors
     /// Missing or malformed file (named).
     pub fn from_file(path: &Path) -> Result<Self, TrainError> {
-        let text = rankstab_records::guard::read_regular_text(
-            path,
-            crate::weights::MAX_TOKENIZER_BYTES,
-        )?;
+        let text =
+            rankstab_records::guard::read_regular_text(path, crate::weights::MAX_TOKENIZER_BYTES)?;
         let inner = parse_tokenizer(&text).map_err(|e| TrainError::Config {
             path: path.to_path_buf(),
             message: format!("not a tokenizer.json: {e}"),
@@ -164,7 +162,10 @@ fn window_nll(
     );
     let bad = losses.isfinite().logical_not();
     if bad.any().int64_value(&[]) != 0 {
-        let i = bad.to_kind(tch::Kind::Int64).argmax(None, false).int64_value(&[]) as usize;
+        let i = bad
+            .to_kind(tch::Kind::Int64)
+            .argmax(None, false)
+            .int64_value(&[]) as usize;
         let (row, col) = (i / (t as usize - 1), i % (t as usize - 1));
         let pos = first + row * stride + col;
         let logits_bad = logits

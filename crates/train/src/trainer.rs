@@ -16,11 +16,11 @@ use crate::checkpoint;
 use crate::data::{collate, heldout_count, shuffle_split, Dataset, Sequence};
 use crate::inject::{self, module_and_layer};
 use crate::law::Law;
+use crate::limits::OutOfRange;
 use crate::lora::{save_peft, LoraConfig, LoraInit, PeftAdapterConfig};
 use crate::loss::{self, checkpointed_backward, masked_loss_sum};
 use crate::optim::{check_supported, AdamwParams, AdapterOptimizer};
 use crate::probe::{self, delta_norm_and_stable_rank, fro, rows_of, valid_rows, SiteSums};
-use crate::limits::OutOfRange;
 use crate::{CausalLm, TrainError};
 use rankstab_records::{Metric, MetricRow, MomentRow, Optimizer, Scaling, Site, Stat, TableWriter};
 use std::path::Path;
@@ -259,7 +259,10 @@ impl TrainConfig {
             return Err(OutOfRange::new(
                 "moments",
                 m,
-                format!("use orders 1..={} (sums of x^k overflow beyond)", l::MAX_MOMENT),
+                format!(
+                    "use orders 1..={} (sums of x^k overflow beyond)",
+                    l::MAX_MOMENT
+                ),
             ));
         }
         if !self.target_modules.is_empty() {
@@ -276,11 +279,7 @@ impl TrainConfig {
                 format!("at most {} module names", l::MAX_TARGET_MODULES),
             ));
         }
-        if let Some(m) = self
-            .target_modules
-            .iter()
-            .find(|m| m.trim().is_empty())
-        {
+        if let Some(m) = self.target_modules.iter().find(|m| m.trim().is_empty()) {
             return Err(OutOfRange::new(
                 "target_modules",
                 format!("{m:?}"),
@@ -956,7 +955,9 @@ mod tests {
             ("moments", |c| c.moments = vec![2, 2]),
             ("moments", |c| c.moments = vec![0]),
             ("moments", |c| c.moments = vec![9]),
-            ("target_modules", |c| c.target_modules = vec!["q_proj".into(), "q_proj".into()]),
+            ("target_modules", |c| {
+                c.target_modules = vec!["q_proj".into(), "q_proj".into()]
+            }),
             ("target_modules", |c| c.target_modules = vec![String::new()]),
             ("seed", |c| c.seed = 1 << 53),
         ];

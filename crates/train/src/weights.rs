@@ -149,7 +149,13 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, TrainError> {
     let cfg = ConfigJson::read(index)?;
     let map = match cfg.get("weight_map") {
         Some(serde_json::Value::Object(m)) => m,
-        Some(v) => return Err(cfg.bad("weight_map", kind_of(v), "an object of tensor name -> shard file")),
+        Some(v) => {
+            return Err(cfg.bad(
+                "weight_map",
+                kind_of(v),
+                "an object of tensor name -> shard file",
+            ))
+        }
         None => {
             return Err(TrainError::Config {
                 path: index.to_path_buf(),
@@ -159,9 +165,9 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, TrainError> {
     };
     let mut names = Vec::new();
     for (tensor, f) in map {
-        let f = f.as_str().ok_or_else(|| {
-            cfg.bad(&format!("weight_map[{tensor:?}]"), f, "a shard file name")
-        })?;
+        let f = f
+            .as_str()
+            .ok_or_else(|| cfg.bad(&format!("weight_map[{tensor:?}]"), f, "a shard file name"))?;
         names.push(f.to_string());
     }
     names.sort();
@@ -221,10 +227,15 @@ pub fn parse_safetensors_header(
         path: path.to_path_buf(),
         message,
     };
-    let v: serde_json::Value = serde_json::from_slice(header)
-        .map_err(|e| bad(format!("not a safetensors file: its header is not JSON ({e})")))?;
+    let v: serde_json::Value = serde_json::from_slice(header).map_err(|e| {
+        bad(format!(
+            "not a safetensors file: its header is not JSON ({e})"
+        ))
+    })?;
     let serde_json::Value::Object(map) = v else {
-        return Err(bad("not a safetensors file: its header is not a JSON object".into()));
+        return Err(bad(
+            "not a safetensors file: its header is not a JSON object".into(),
+        ));
     };
     let mut out = Vec::with_capacity(map.len());
     for (name, info) in &map {
@@ -235,7 +246,10 @@ pub fn parse_safetensors_header(
         let serde_json::Value::Object(o) = info else {
             return Err(t("not an object of dtype, shape, data_offsets"));
         };
-        if let Some(k) = o.keys().find(|k| !["dtype", "shape", "data_offsets"].contains(&k.as_str())) {
+        if let Some(k) = o
+            .keys()
+            .find(|k| !["dtype", "shape", "data_offsets"].contains(&k.as_str()))
+        {
             return Err(t(&format!("unknown field {k:?}")));
         }
         let dtype = o.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
@@ -247,13 +261,21 @@ pub fn parse_safetensors_header(
         let shape: Vec<u64> = o
             .get("shape")
             .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(serde_json::Value::as_u64).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(serde_json::Value::as_u64)
+                    .collect::<Option<Vec<_>>>()
+            })
             .filter(|s| s.len() <= 8)
             .ok_or_else(|| t("shape is not a list of at most 8 sizes"))?;
         let offsets: Vec<u64> = o
             .get("data_offsets")
             .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(serde_json::Value::as_u64).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(serde_json::Value::as_u64)
+                    .collect::<Option<Vec<_>>>()
+            })
             .filter(|s| s.len() == 2)
             .ok_or_else(|| t("data_offsets is not a pair of byte offsets"))?;
         let (begin, end) = (offsets[0], offsets[1]);

@@ -844,12 +844,21 @@ fn byte_order_marks_are_dropped_from_text_and_rows() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let plain = write(d, "plain.jsonl", &format!("{GOOD}\n{GOOD}\n{GOOD}\n"));
-    let bom = write(d, "bom.jsonl", &format!("\u{feff}{GOOD}\n{GOOD}\n\u{feff}{GOOD}\n"));
+    let bom = write(
+        d,
+        "bom.jsonl",
+        &format!("\u{feff}{GOOD}\n{GOOD}\n\u{feff}{GOOD}\n"),
+    );
     let a = load_dataset(&plain, &tok, &orca_spec(1)).expect("plain");
     let b = load_dataset(&bom, &tok, &orca_spec(1)).expect("a BOM is not malformed JSON");
     assert_eq!(all(&a), all(&b));
     let arr = write(d, "bom.json", &format!("\u{feff}[{GOOD}, {GOOD}]"));
-    assert_eq!(load_dataset(&arr, &tok, &orca_spec(1)).expect("array").examples, 2);
+    assert_eq!(
+        load_dataset(&arr, &tok, &orca_spec(1))
+            .expect("array")
+            .examples,
+        2
+    );
     let t = write(d, "plain.txt", TEXT);
     let tb = write(d, "bom.txt", &format!("\u{feff}{TEXT}"));
     let s = spec(DataFormat::Auto, 12, 0.2, 0);
@@ -887,13 +896,21 @@ fn devices_fifos_and_directories_are_refused_by_name() {
     }
     let empty = write(d, "e.txt", "");
     assert_mentions(
-        &invalid(load_dataset(&empty, &tok, &spec(DataFormat::Auto, 12, 0.2, 0))),
+        &invalid(load_dataset(
+            &empty,
+            &tok,
+            &spec(DataFormat::Auto, 12, 0.2, 0),
+        )),
         &["e.txt", "empty", "0 bytes"],
     );
     let latin = d.join("l.txt");
     std::fs::write(&latin, b"ab\xffcd").expect("write");
     assert_mentions(
-        &invalid(load_dataset(&latin, &tok, &spec(DataFormat::Auto, 12, 0.2, 0))),
+        &invalid(load_dataset(
+            &latin,
+            &tok,
+            &spec(DataFormat::Auto, 12, 0.2, 0),
+        )),
         &["l.txt", "UTF-8", "offset 2"],
     );
 }
@@ -909,7 +926,9 @@ fn data_files_are_checked_without_a_tokenizer() {
         (DataFormat::Orca, 3)
     );
     assert_eq!(
-        check_data_file(&rows, DataFormat::Auto, Some(2)).expect("two rows").1,
+        check_data_file(&rows, DataFormat::Auto, Some(2))
+            .expect("two rows")
+            .1,
         2
     );
     let t = write(d, "t.txt", TEXT);
@@ -921,7 +940,11 @@ fn data_files_are_checked_without_a_tokenizer() {
         ("empty.jsonl", String::new(), "no rows"),
         ("blank.jsonl", "\n \n".to_string(), "no rows"),
         ("one.jsonl", format!("{GOOD}\n"), "need at least 2"),
-        ("bad.jsonl", format!("{GOOD}\n{{\"question\": 1}}\n"), "row 2"),
+        (
+            "bad.jsonl",
+            format!("{GOOD}\n{{\"question\": 1}}\n"),
+            "row 2",
+        ),
         ("broken.jsonl", format!("{GOOD}\n{{\n"), "line 2"),
         ("blank.txt", " \n ".to_string(), "empty"),
         ("x.csv", "a,b".to_string(), "\".csv\""),

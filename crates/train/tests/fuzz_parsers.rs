@@ -171,7 +171,11 @@ fn gguf_reader_survives_mutations() {
     let p = tmp.path().join("m.gguf");
     let mut r = runner(1500);
     r.run(
-        &(0..seeds.len(), prop::collection::vec(mutation(), 1..6), any::<bool>()),
+        &(
+            0..seeds.len(),
+            prop::collection::vec(mutation(), 1..6),
+            any::<bool>(),
+        ),
         |(s, muts, header_only)| {
             let focus = if header_only { 4096 } else { usize::MAX };
             let bytes = mutate(&seeds[s], &muts, focus);
@@ -250,7 +254,9 @@ fn replacement() -> impl Strategy<Value = serde_json::Value> {
         Just(json!(true)),
         Just(json!(0.5)),
         any::<i64>().prop_map(|i| json!(i)),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(json!(0), serde_json::Value::Number)),
+        any::<f64>().prop_map(
+            |f| serde_json::Number::from_f64(f).map_or(json!(0), serde_json::Value::Number)
+        ),
     ]
 }
 
@@ -271,7 +277,12 @@ fn replace_nth(v: &mut serde_json::Value, n: &mut usize, with: &serde_json::Valu
 }
 
 /// Mutated JSON text: byte mutations, or value replacements (which keep it parseable).
-fn json_case(seed: &str, by_value: bool, muts: &[Mutation], values: &[(usize, serde_json::Value)]) -> Vec<u8> {
+fn json_case(
+    seed: &str,
+    by_value: bool,
+    muts: &[Mutation],
+    values: &[(usize, serde_json::Value)],
+) -> Vec<u8> {
     if by_value {
         let mut v: serde_json::Value = serde_json::from_str(seed).expect("seed is JSON");
         for (i, with) in values {
