@@ -561,17 +561,6 @@ pub const MAX_LINE_BYTES: u64 = 64 << 20;
 /// UTF-8's byte-order mark, which some editors put at the start of a file (dropped).
 const BOM: &[u8] = b"\xef\xbb\xbf";
 
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
 /// The three fields of a JSON row.
 fn json_row(path: &Path, label: &str, value: serde_json::Value) -> Result<OrcaRow, TrainError> {
     let serde_json::Value::Object(mut obj) = value else {
@@ -579,7 +568,7 @@ fn json_row(path: &Path, label: &str, value: serde_json::Value) -> Result<OrcaRo
             "{}: {label}: expected a JSON object with the fields {}, found {}",
             path.display(),
             ORCA_FIELDS.join(", "),
-            json_kind(&value)
+            crate::weights::kind_of(&value)
         )));
     };
     let mut take = |name: &str| match obj.remove(name) {
@@ -587,7 +576,7 @@ fn json_row(path: &Path, label: &str, value: serde_json::Value) -> Result<OrcaRo
         Some(other) => Err(TrainError::Invalid(format!(
             "{}: {label}: field `{name}` is not a string (found {})",
             path.display(),
-            json_kind(&other)
+            crate::weights::kind_of(&other)
         ))),
         None => Err(TrainError::Invalid(format!(
             "{}: {label}: missing field `{name}`",
