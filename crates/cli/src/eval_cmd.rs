@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rankstab_train::device::{DeviceName, Dtype};
 use rankstab_train::memory;
-use rankstab_train::text::{evaluate, read_text};
+use rankstab_train::text::{evaluate_strided, read_text};
 use std::path::{Path, PathBuf};
 
 /// Options of `rankstab eval`.
@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 Examples:
   rankstab eval --model path/to/hf-model-dir --text book.txt
   rankstab eval --model path/to/hf-model-dir --text book.txt --context 512 --batch 4 --json
+  rankstab eval --model path/to/hf-model-dir --text book.txt --context 1024 --stride 512
   rankstab eval --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --text assets/texts/moby-dick.txt
   rankstab eval --model path/to/hf-model-dir --text book.txt --adapter runs/train-1/adapters
 
@@ -36,6 +37,12 @@ pub struct EvalArgs {
     /// Tokens per window.
     #[arg(long, default_value_t = 512)]
     context: usize,
+    /// Sliding windows: a window of --context tokens every S tokens, each scoring the
+    /// tokens no earlier window scored (the transformers documentation's "Perplexity of
+    /// fixed-length models"); every predicted token then has at least context - S tokens
+    /// of context. Default: the context (non-overlapping windows).
+    #[arg(long, value_name = "S")]
+    stride: Option<usize>,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -65,6 +72,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let kind = a.dtype.kind();
     if a.context < 2 || a.batch == 0 {
         bail!("--context {} / --batch {}: use a context of at least 2 tokens and a batch of at least 1", a.context, a.batch);
+    }
+    let stride = a.stride.unwrap_or(a.context);
+    if stride == 0 || stride > a.context {
+        bail!(
+            "--stride {stride}: use a stride from 1 to --context ({}); a larger one would skip tokens",
+            a.context
+        );
     }
     // The model's shape from its configuration alone: a model that cannot fit is refused
     // before a byte of its weights is read.
@@ -104,7 +118,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .tokenizer
         .encode(&text)
         .context("tokenizing the text")?;
-    let r = evaluate(&loaded.model, &ids, a.context, a.batch, device)?;
+    let r = evaluate_strided(&loaded.model, &ids, a.context, stride, a.batch, device)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -4,6 +4,7 @@
 //! the library crates. Every error ends the process with one line and exit code 2.
 mod eval_cmd;
 mod interrupt;
+mod progress;
 mod report_cmd;
 mod sweep_cmd;
 mod theory_cmd;
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 
 /// Verification and analysis tools for rank-stabilized LoRA (rsLoRA).
 #[derive(Parser, Debug)]
-#[command(name = "rankstab", version, about, long_about = None, after_help = "\
+#[command(name = "rankstab", version = VERSION, about, long_about = None, after_help = "\
 Examples:
   rankstab theory                                  # the default check (~2 min on 2 cores)
   rankstab theory --width 256 --ranks 4,16,64 --trials 4 --out runs/small
@@ -54,11 +55,19 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal, never in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return clap_exit(e),
     };
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Sweep(_) | Command::Eval(_) | Command::Generate(_)
+    ) {
+        passive_openmp();
+    }
     interrupt::install();
     // Before libtorch starts its threads: subnormal gradients make CPU training many times
     // slower (see rankstab_train::device::flush_denormals).
@@ -83,6 +92,28 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Runs libtorch's OpenMP threads with `OMP_WAIT_POLICY=PASSIVE` unless the user set a
+/// policy: idle threads then sleep instead of spinning. On a machine where anything else
+/// runs (a build, another run), spinning threads take the cores from the ones with work
+/// and a training step gets several times slower (measured: 3 to 4 times on 2 cores beside
+/// a build; see the README's "Threads"). libgomp reads the variable when it is loaded,
+/// before `main`, so the process re-executes itself once with it set (same pid, same
+/// arguments); if that fails it goes on as it is.
+fn passive_openmp() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .exec();
+    tracing::debug!("could not re-execute with OMP_WAIT_POLICY=PASSIVE: {err}");
 }
 
 /// Help and version print as clap prints them; a usage error is one line on stderr (the
@@ -135,16 +166,20 @@ fn one_line(e: &anyhow::Error) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// `git rev-parse HEAD` of the working directory, if it is a git checkout.
+/// The git revision this binary was built from (baked in by build.rs; "-modified" when
+/// its sources differed from that commit), None when it was built outside a checkout.
 pub(crate) fn git_revision() -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let r = env!("RANKSTAB_GIT_REVISION");
+    (r != "unknown").then(|| r.to_string())
 }
+
+/// `rankstab --version`: the crate version and the revision it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("RANKSTAB_GIT_REVISION"),
+    ")"
+);
 
 /// "cpu (N threads)" or "cuda:N (device name)".
 pub(crate) fn device_description(device: tch::Device) -> String {

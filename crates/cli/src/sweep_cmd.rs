@@ -172,13 +172,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .iter()
         .map(|&i| cfg.train_config(&manifest.cells[i]).steps as u64)
         .sum();
-    let pb = indicatif::ProgressBar::new(total_steps);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} sweep [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}",
-        )
-        .expect("valid template"),
-    );
+    let mut pb = crate::progress::Progress::new("sweep", total_steps);
     let mut loaded: Option<(String, LoadedModel)> = None;
     let mut data: Option<((String, u64), Dataset)> = None;
     let (mut done, mut skipped, mut diverged) = (0, 0, 0);
@@ -187,7 +181,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         let dir = out.join("cells").join(&cell.name);
         let tc = cfg.train_config(cell);
         if RunState::of(&dir).is_finished() {
-            pb.inc(tc.steps as u64);
+            pb.skip(tc.steps as u64);
             skipped += 1;
             continue;
         }
@@ -196,14 +190,14 @@ pub fn run(a: SweepArgs) -> Result<()> {
             .with_context(|| format!("cell {} ({})", cell.index, cell.name))?;
         if RunState::of(&dir).is_finished() {
             // Finished by another process meanwhile.
-            pb.inc(tc.steps as u64);
+            pb.skip(tc.steps as u64);
             skipped += 1;
             continue;
         }
         crate::interrupt::running(&out, "rankstab sweep");
         let t0 = Instant::now();
         if loaded.as_ref().is_none_or(|(n, _)| *n != cell.model) {
-            pb.set_message(format!("loading {}", cell.model));
+            pb.message(&format!("loading {}", cell.model));
             // Free the previous model before loading the next.
             drop(loaded.take());
             data = None;
@@ -219,8 +213,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
             data = Some((key, load_data(&cfg, lm, cell.seed)?));
         }
         let ds = &data.as_ref().expect("loaded above").1;
-        let base = pb.position();
-        pb.set_message(cell.name.clone());
+        let label = format!("cell {} ({})", cell.index, cell.name);
         // The model as `rankstab train --model` spells it: a path, or preset:NAME.
         let spec = cfg.model(cell);
         let model = match (&spec.path, &spec.preset) {
@@ -230,20 +223,16 @@ pub fn run(a: SweepArgs) -> Result<()> {
         };
         let mut meta = meta.clone();
         meta.extra["model"] = serde_json::json!(model);
-        let o = run_dir(
-            &mut lm.model,
-            ds,
-            &tc,
-            &dir,
-            &meta,
-            &cell_lock,
-            |step, loss| {
-                pb.set_position(base + step as u64 + 1);
-                pb.set_message(format!("{} loss {loss:.3}", cell.name));
-            },
-        )
-        .with_context(|| format!("cell {} ({})", cell.index, cell.name))?;
-        pb.set_position(base + tc.steps as u64);
+        // Steps of this cell counted so far (a resumed cell skips to its checkpoint).
+        let mut counted = 0u64;
+        let o = run_dir(&mut lm.model, ds, &tc, &dir, &meta, &cell_lock, |p| {
+            pb.skip((p.step as u64).saturating_sub(counted));
+            pb.step(&label, p);
+            counted = p.step as u64 + 1;
+        })
+        .with_context(|| label.clone())?;
+        // A diverged cell stops early: count its remaining steps.
+        pb.skip((tc.steps as u64).saturating_sub(counted));
         let what = match &o.diverged {
             Some(d) => {
                 diverged += 1;
@@ -260,10 +249,10 @@ pub fn run(a: SweepArgs) -> Result<()> {
             cell.name,
             t0.elapsed().as_secs_f64()
         );
-        pb.suspend(|| println!("{line}"));
+        pb.println(&line);
         done += 1;
     }
-    pb.finish_and_clear();
+    pb.finish();
     println!(
         "sweep: {done} cell(s) run, {skipped} already finished, {diverged} diverged; sweep directory: {}",
         out.display()

@@ -86,12 +86,20 @@ pub struct TrainArgs {
     /// Probe every k steps (0: never).
     #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     probe_every: usize,
-    /// Held-out evaluation every k steps.
+    /// Held-out evaluation after every k-th step and after the last one (0: only the final
+    /// held-out loss, printed at the end).
     #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
     eval_every: usize,
-    /// Evaluate held-out perplexity on at most N held-out sequences (0: all).
-    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
+    /// Also evaluate before the first update (one more held-out pass).
+    #[arg(long)]
+    eval_at_start: bool,
+    /// Evaluate held-out perplexity on at most N held-out sequences (0: all of them,
+    /// which for a book is thousands of windows and minutes per evaluation on a CPU).
+    #[arg(long, allow_negative_numbers = true, default_value_t = rankstab_train::trainer::DEFAULT_HELDOUT_MAX)]
     heldout_max: usize,
+    /// Fraction of the data's sequences held out for evaluation (never trained on).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.1)]
+    heldout_fraction: f64,
     /// Write a resumable checkpoint every k steps (0: never).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     checkpoint_every: usize,
@@ -167,7 +175,8 @@ fn train_config(a: &TrainArgs, model_name: String) -> Result<TrainConfig> {
         context: a.context,
         probe_every: a.probe_every,
         eval_every: a.eval_every,
-        heldout_fraction: 0.1,
+        eval_at_start: a.eval_at_start,
+        heldout_fraction: a.heldout_fraction,
         heldout_max: a.heldout_max,
         norm_every: 0,
         target_modules: a.target_modules.clone(),
@@ -303,18 +312,17 @@ fn train_locked(
         device: crate::device_description(device),
         extra,
     };
-    let pb = indicatif::ProgressBar::new(a.steps as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} train [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
-        )
-        .expect("valid template"),
-    );
-    let outcome = run_dir(&mut lm.model, &data, cfg, out, &meta, lock, |step, loss| {
-        pb.set_position(step as u64 + 1);
-        pb.set_message(format!("loss {loss:.4}"));
+    let mut progress = crate::progress::Progress::new("train", a.steps as u64);
+    let mut first = true;
+    let outcome = run_dir(&mut lm.model, &data, cfg, out, &meta, lock, |p| {
+        if first {
+            // A resumed run starts past its checkpoint.
+            progress.skip(p.step as u64);
+            first = false;
+        }
+        progress.step("", p);
     })?;
-    pb.finish_and_clear();
+    progress.finish();
     if let Some(s) = outcome.resumed_from {
         println!("resumed from step {s}");
     }

@@ -158,24 +158,17 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
     let last = sh.steps;
     let run_out = tmp.path().join(name);
     let lock = rankstab_records::RunLock::exclusive(&run_out).expect("lock the run directory");
-    let outcome = run_dir(
-        &mut lm.model,
-        &data,
-        &cfg,
-        &run_out,
-        &meta,
-        &lock,
-        |step, _loss| {
-            ends.push(Instant::now());
-            if step == 0 {
-                // After the warm-up step: reset the peak resident set.
-                rss_loaded = status_mb("VmRSS");
-                let _ = std::fs::write("/proc/self/clear_refs", "5");
-            } else if step == last {
-                peak = status_mb("VmHWM");
-            }
-        },
-    )
+    let outcome = run_dir(&mut lm.model, &data, &cfg, &run_out, &meta, &lock, |p| {
+        let step = p.step;
+        ends.push(Instant::now());
+        if step == 0 {
+            // After the warm-up step: reset the peak resident set.
+            rss_loaded = status_mb("VmRSS");
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        } else if step == last {
+            peak = status_mb("VmHWM");
+        }
+    })
     .map_err(err)?;
     if let Some(d) = outcome.diverged {
         return Err(format!("{name}: {d}"));

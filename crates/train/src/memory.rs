@@ -138,7 +138,7 @@ pub fn adapter_parameters(shape: &Shape, rank: usize, target_modules: &[String])
 /// adapters (f32) with their gradients and, for AdamW, two moments; the activations of
 /// every block kept for the backward pass (with activation checkpointing: every block's
 /// input and one block's activations) plus each adapter's `A x`; the logits and the loss's
-/// f32 copies and gradient.
+/// f32 copies and gradient; or, when larger, a held-out pass ([`crate::loss::eval_batch`]).
 pub fn train_bytes(shape: &Shape, kind: Kind, t: &TrainSizes) -> u64 {
     let tokens = (t.micro_batch as u64).saturating_mul(t.context as u64);
     let weights = (shape.parameters().max(0) as u64).saturating_mul(bytes_of(kind));
@@ -172,10 +172,16 @@ pub fn train_bytes(shape: &Shape, kind: Kind, t: &TrainSizes) -> u64 {
     } else {
         block.saturating_add(lora_acts).saturating_mul(layers)
     };
+    let training = kept.saturating_add(logits_bytes(shape, kind, tokens, true));
+    // The held-out passes (no gradients) run wider than the micro-batch.
+    let eval_tokens =
+        (crate::loss::eval_batch(t.micro_batch, t.context) as u64).saturating_mul(t.context as u64);
+    let evaluation = block_activations(shape, eval_tokens, t.context as u64)
+        .saturating_mul(bytes_of(kind))
+        .max(logits_bytes(shape, kind, eval_tokens, false));
     weights
         .saturating_add(adapters)
-        .saturating_add(kept)
-        .saturating_add(logits_bytes(shape, kind, tokens, true))
+        .saturating_add(training.max(evaluation))
         .saturating_add(OVERHEAD)
 }
 

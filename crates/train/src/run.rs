@@ -219,7 +219,7 @@ pub fn run_dir(
     out: &Path,
     meta: &RunMeta,
     lock: &RunLock,
-    progress: impl FnMut(usize, f64),
+    progress: impl FnMut(&crate::trainer::StepProgress),
 ) -> Result<TrainOutcome, TrainError> {
     if lock.dir() != out {
         return Err(TrainError::Invalid(format!(

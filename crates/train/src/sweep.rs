@@ -111,6 +111,9 @@ fn d_eval() -> usize {
 fn d_ckpt() -> usize {
     10
 }
+fn d_heldout_max() -> usize {
+    crate::trainer::DEFAULT_HELDOUT_MAX
+}
 fn d_heldout() -> f64 {
     0.1
 }
@@ -174,9 +177,13 @@ pub struct SweepConfig {
     /// Fraction held out.
     #[serde(default = "d_heldout")]
     pub heldout_fraction: f64,
-    /// Held-out perplexity on at most this many held-out sequences (0: all).
-    #[serde(default)]
+    /// Held-out perplexity on at most this many held-out sequences (0: all; default
+    /// [`crate::trainer::DEFAULT_HELDOUT_MAX`]).
+    #[serde(default = "d_heldout_max")]
     pub heldout_max: usize,
+    /// Also evaluate before the first update.
+    #[serde(default)]
+    pub eval_at_start: bool,
     /// Norm and stable rank of gamma B A every k steps and at the last step (0: with the
     /// held-out evaluation).
     #[serde(default)]
@@ -507,6 +514,7 @@ impl SweepConfig {
             context: self.context,
             probe_every: self.probe_every,
             eval_every: self.eval_every,
+            eval_at_start: self.eval_at_start,
             heldout_fraction: self.heldout_fraction,
             heldout_max: self.heldout_max,
             norm_every: self.norm_every,

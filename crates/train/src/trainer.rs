@@ -27,6 +27,32 @@ use std::path::Path;
 use tch::nn;
 use tch::{Device, Tensor};
 
+/// Held-out sequences evaluated by default: enough for a perplexity to two or three
+/// digits, few enough that a small run is not dominated by its evaluation (the whole
+/// held-out split of a book is thousands of sequences). `heldout_max = 0` evaluates all.
+pub const DEFAULT_HELDOUT_MAX: usize = 64;
+
+fn default_heldout_max() -> usize {
+    DEFAULT_HELDOUT_MAX
+}
+
+/// What the trainer reports after each step (for progress lines and bars).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepProgress {
+    /// The step just taken (0-based).
+    pub step: usize,
+    /// Steps of the run.
+    pub steps: usize,
+    /// Its training loss.
+    pub loss: f64,
+    /// Tokens it trained on (the loss tokens of its batch).
+    pub tokens: usize,
+    /// Seconds it took (forward, backward, update, probes and evaluation).
+    pub seconds: f64,
+    /// The held-out loss, when the step ended with an evaluation.
+    pub heldout: Option<f64>,
+}
+
 /// Configuration of one training run (one cell of a sweep).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
@@ -58,16 +84,22 @@ pub struct TrainConfig {
     pub context: usize,
     /// Probe every k steps (0: never).
     pub probe_every: usize,
-    /// Held-out perplexity every k steps (and at the end).
+    /// Held-out perplexity after every k-th step (steps k-1, 2k-1, ...) and after the last
+    /// one; 0: no held-out rows (the final held-out loss is still measured).
     pub eval_every: usize,
+    /// Also evaluate before training (step 0's row measures the initial adapters, with
+    /// B = 0 the base model): off by default, as it costs one held-out pass.
+    #[serde(default)]
+    pub eval_at_start: bool,
     /// Norm and stable rank of gamma B A every k steps (and at the last step) on probed
     /// steps; 0: with the held-out evaluation (`eval_every`).
     #[serde(default)]
     pub norm_every: usize,
     /// Fraction of sequences held out.
     pub heldout_fraction: f64,
-    /// Evaluate held-out perplexity on at most this many held-out sequences (0: all).
-    #[serde(default)]
+    /// Evaluate held-out perplexity on at most this many held-out sequences (0: all;
+    /// default [`DEFAULT_HELDOUT_MAX`]).
+    #[serde(default = "default_heldout_max")]
     pub heldout_max: usize,
     /// Module names to adapt (empty: every attention and MLP linear).
     pub target_modules: Vec<String>,
@@ -110,6 +142,15 @@ impl TrainConfig {
             dropout: self.dropout,
             seed: None,
         }
+    }
+
+    /// Whether the held-out loss is recorded after `step` (0-based): after every
+    /// `eval_every`-th step and after the last one (with `eval_every = 0`, at none: the
+    /// final held-out loss is then measured after the loop and not recorded as a row), and
+    /// after step 0 with `eval_at_start`.
+    pub fn evaluates_after(&self, step: usize) -> bool {
+        (self.eval_every > 0 && ((step + 1) % self.eval_every == 0 || step + 1 == self.steps))
+            || (self.eval_at_start && step == 0)
     }
 
     /// Sequences per forward/backward pass.
@@ -517,6 +558,22 @@ fn save_checkpoint(
     checkpoint::save(out, &state, &tensors)
 }
 
+/// The training sequences of step `step` (the batch cycles through the training split).
+fn step_sequences<'d>(data: &'d Dataset, cfg: &TrainConfig, step: usize) -> Vec<&'d Sequence> {
+    let n_train = data.train.len();
+    (0..cfg.batch)
+        .map(|k| &data.train[(step * cfg.batch + k) % n_train])
+        .collect()
+}
+
+/// The loss tokens of step `step`'s batch.
+fn step_tokens(data: &Dataset, cfg: &TrainConfig, step: usize) -> usize {
+    step_sequences(data, cfg, step)
+        .iter()
+        .map(|s| s.mask.iter().filter(|&&m| m).count())
+        .sum()
+}
+
 /// The forward and backward passes of step `step` over its micro-batches: the loss (its
 /// gradients accumulated into the adapters; the passes stop at a non-finite loss) and,
 /// when probing, the moment sums of every adapter at `fwd`, `grad_out` and `bwd`.
@@ -530,14 +587,8 @@ fn forward_backward(
     mut law: Option<&mut Law>,
 ) -> (f64, Vec<[SiteSums; 3]>) {
     let max_m = cfg.moments.iter().copied().max().unwrap_or(4);
-    let n_train = data.train.len();
-    let seqs: Vec<&Sequence> = (0..cfg.batch)
-        .map(|k| &data.train[(step * cfg.batch + k) % n_train])
-        .collect();
-    let total_tokens: usize = seqs
-        .iter()
-        .map(|s| s.mask.iter().filter(|&&m| m).count())
-        .sum();
+    let seqs = step_sequences(data, cfg, step);
+    let total_tokens = step_tokens(data, cfg, step);
     let mut sums: Vec<[SiteSums; 3]> = Vec::new();
     let mut lv = 0.0;
     for (k, chunk) in seqs.chunks(cfg.micro()).enumerate() {
@@ -739,7 +790,7 @@ pub fn train(
     data: &Dataset,
     cfg: &TrainConfig,
     out: &Path,
-    mut progress: impl FnMut(usize, f64),
+    mut progress: impl FnMut(&StepProgress),
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
     if data.train.is_empty() || data.heldout.is_empty() {
@@ -771,6 +822,7 @@ pub fn train(
     let mut final_heldout = None;
     let t0 = std::time::Instant::now();
     for step in resumed_from.unwrap_or(0)..cfg.steps {
+        let t_step = std::time::Instant::now();
         let probing = cfg.probe_every > 0 && step % cfg.probe_every == 0;
         probe::capture(model, probing);
         opt.zero_grad();
@@ -815,13 +867,15 @@ pub fn train(
             rows.metric(step, Metric::Lr, cfg.lr),
             rows.metric(step, Metric::Seconds, t0.elapsed().as_secs_f64()),
         ];
-        if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step + 1 == cfg.steps) {
+        let mut heldout = None;
+        if cfg.evaluates_after(step) {
             let h = loss::heldout_loss(model, data, cfg.heldout_max, cfg.micro(), device);
             metrics.push(rows.metric(step, Metric::HeldoutLoss, h));
             metrics.push(rows.metric(step, Metric::HeldoutPerplexity, h.exp()));
             if step + 1 == cfg.steps {
                 final_heldout = Some(h);
             }
+            heldout = Some(h);
         }
         tables.moments.append(&mrows)?;
         tables.metrics.append(&metrics)?;
@@ -831,7 +885,14 @@ pub fn train(
         {
             save_checkpoint(out, cfg, step, &opt, &tables, law.as_ref())?;
         }
-        progress(step, lv);
+        progress(&StepProgress {
+            step,
+            steps: cfg.steps,
+            loss: lv,
+            tokens: step_tokens(data, cfg, step),
+            seconds: t_step.elapsed().as_secs_f64(),
+            heldout,
+        });
     }
     probe::capture(model, false);
     // The last step's evaluation already measured the final adapters.
@@ -869,6 +930,7 @@ mod tests {
             context: 32,
             probe_every: 1,
             eval_every: 10,
+            eval_at_start: false,
             norm_every: 0,
             heldout_fraction: 0.1,
             heldout_max: 0,

@@ -109,3 +109,62 @@ fn evaluation_matches_a_direct_cross_entropy() {
         b.nll
     );
 }
+
+/// `eval --stride` against transformers: the documentation's sliding-window loop on the
+/// tiny models (fixtures/stride, scripts/make_stride_fixtures.py), every scored token
+/// weighted once. The documentation's own weighting (one token fewer per window) is a
+/// different number for strides below the context: rankstab must not be it there (a
+/// check that the reference can tell the two apart), and must equal it at stride =
+/// context, where the two agree.
+#[test]
+fn eval_stride_matches_the_transformers_recipe() {
+    use rankstab_train::text::evaluate_strided;
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/stride/reference.json"),
+    )
+    .expect("fixtures/stride/reference.json");
+    let reference: serde_json::Value = serde_json::from_str(&text).expect("json");
+    for name in ["tiny-llama", "tiny-gptj"] {
+        let model = rankstab_train::CausalLm::from_dir(&fixture(name), Kind::Float, Device::Cpu)
+            .expect("loads");
+        let r = &reference[name];
+        let ids: Vec<i64> = r["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_i64().expect("id"))
+            .collect();
+        for w in r["windows"].as_array().expect("windows") {
+            let context = w["context"].as_u64().expect("context") as usize;
+            let stride = w["stride"].as_u64().expect("stride") as usize;
+            let (exact, doc) = (
+                w["exact_nll"].as_f64().expect("exact"),
+                w["doc_nll"].as_f64().expect("doc"),
+            );
+            for batch in [1, 3] {
+                let got = evaluate_strided(&model, &ids, context, stride, batch, Device::Cpu)
+                    .expect("evaluates");
+                let what = format!("{name} context {context} stride {stride} batch {batch}");
+                assert_eq!(got.tokens, w["tokens"].as_i64().expect("tokens"), "{what}");
+                assert!(
+                    (got.nll - exact).abs() < 1e-5,
+                    "{what}: {} vs {exact}",
+                    got.nll
+                );
+                if stride == context {
+                    assert!((got.nll - doc).abs() < 1e-5, "{what}: {} vs {doc}", got.nll);
+                } else if (exact - doc).abs() > 1e-3 {
+                    assert!((got.nll - doc).abs() > 1e-4, "{what}");
+                }
+            }
+        }
+    }
+    let model =
+        rankstab_train::CausalLm::from_dir(&fixture("tiny-llama"), Kind::Float, Device::Cpu)
+            .expect("loads");
+    for (c, s) in [(8, 0), (8, 9)] {
+        let e = evaluate_strided(&model, &[1, 2, 3, 4], c, s, 1, Device::Cpu).expect_err("refused");
+        assert!(e.to_string().contains("stride"), "{e}");
+    }
+}

@@ -33,6 +33,7 @@ fn cfg(rank: usize, beta: f64, optimizer: Optimizer, steps: usize, seed: u64) ->
         context: 12,
         probe_every: 1,
         eval_every: 5,
+        eval_at_start: false,
         heldout_fraction: 0.2,
         heldout_max: 0,
         norm_every: 0,
@@ -70,7 +71,7 @@ fn run_in(c: &TrainConfig, dir: &Path) -> TrainOutcome {
     tch::manual_seed(c.seed as i64);
     let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
     let vs = nn::VarStore::new(Device::Cpu);
-    train(&mut model, &vs, &dataset(c), c, dir, |_, _| {}).expect("trains")
+    train(&mut model, &vs, &dataset(c), c, dir, |_| {}).expect("trains")
 }
 
 fn run(c: &TrainConfig) -> (tempfile::TempDir, TrainOutcome) {
@@ -166,7 +167,7 @@ fn unknown_target_module_lists_the_available_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut model = CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
     let vs = nn::VarStore::new(Device::Cpu);
-    let e = train(&mut model, &vs, &dataset(&c), &c, dir.path(), |_, _| {})
+    let e = train(&mut model, &vs, &dataset(&c), &c, dir.path(), |_| {})
         .expect_err("unknown")
         .to_string();
     assert!(
@@ -237,8 +238,8 @@ fn a_killed_run_resumes_from_its_checkpoint_with_identical_numbers() {
             let mut model =
                 CausalLm::from_dir(&fixture(), Kind::Float, Device::Cpu).expect("loads");
             let vs = nn::VarStore::new(Device::Cpu);
-            train(&mut model, &vs, &dataset(&c), &c, dir.path(), |step, _| {
-                assert!(step < 2, "killed at step {step}");
+            train(&mut model, &vs, &dataset(&c), &c, dir.path(), |p| {
+                assert!(p.step < 2, "killed at step {}", p.step);
             })
         }));
         assert!(killed.is_err());
@@ -492,7 +493,7 @@ fn bf16_base_weights_train_with_f32_adapters() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut model = CausalLm::from_dir(&fixture(), Kind::BFloat16, Device::Cpu).expect("loads");
     let vs = nn::VarStore::new(Device::Cpu);
-    let out = train(&mut model, &vs, &dataset(&c), &c, dir.path(), |_, _| {}).expect("trains");
+    let out = train(&mut model, &vs, &dataset(&c), &c, dir.path(), |_| {}).expect("trains");
     assert!(out.diverged.is_none() && out.heldout_loss.is_finite());
     for (_, lin) in model.linears_mut() {
         let ad = lin.adapter.as_ref().expect("adapter");
