@@ -43,6 +43,49 @@ fn eval_prints_tokens_nll_perplexity_as_json() {
     assert!(ppl > 10.0 && ppl < 2000.0, "{ppl}");
 }
 
+/// `--stride`: overlapping windows give every predicted token more context; the default
+/// (stride = context) is the plain chunking; a stride outside 1..=context is refused.
+#[test]
+fn eval_stride_slides_the_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.").expect("write");
+    let m = model();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            m.to_str().expect("utf8"),
+            "--text",
+            text.to_str().expect("utf8"),
+            "--context",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        eval(&args)
+    };
+    let tokens = |o: &Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        v["tokens"].as_i64().expect("tokens")
+    };
+    let plain = tokens(&run(&[]));
+    let same = tokens(&run(&["--stride", "8"]));
+    let sliding = tokens(&run(&["--stride", "3"]));
+    assert_eq!(plain, same);
+    // Sliding windows predict every token after the first; chunks skip each window's first.
+    assert!(sliding > plain, "{sliding} vs {plain}");
+    for bad in ["0", "9"] {
+        let o = run(&["--stride", bad]);
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--stride") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn eval_bad_input_is_one_line_and_exit_2() {
     let dir = tempfile::tempdir().expect("tempdir");

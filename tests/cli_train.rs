@@ -58,6 +58,42 @@ fn train_writes_a_run_directory_in_the_shared_format() {
         rankstab_records::read_json(&out.join("manifest.json")).expect("manifest");
     assert_eq!(manifest.status, rankstab_records::RunStatus::Complete);
     assert!(out.join("adapters/adapter_model.safetensors").exists());
+    // Not on a terminal (a pipe here): one plain progress line per step, no colour codes.
+    let err = String::from_utf8_lossy(&o.stderr);
+    for k in 1..=6 {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&format!("train: step {k}/6 loss "))
+                    && l.contains("tokens/s")),
+            "no progress line for step {k}: {err}"
+        );
+    }
+    assert!(
+        !err.contains('\x1b'),
+        "colour codes in a piped log: {err:?}"
+    );
+    // Held-out rows after steps 5 (eval_every 10 > steps: the last step only), none at step 0.
+    let held: Vec<u32> = x
+        .iter()
+        .filter(|r| r.metric.as_str() == "heldout_loss")
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(held, vec![5]);
+    // The revision the binary was built from, as `--version` prints it.
+    let v = Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .arg("--version")
+        .output()
+        .expect("runs");
+    let version = String::from_utf8_lossy(&v.stdout);
+    if let Some(rev) = &manifest.git_revision {
+        assert!(version.contains(rev.as_str()), "{version} vs {rev}");
+        assert!(
+            rev.len() >= 40 && rev[..40].chars().all(|c| c.is_ascii_hexdigit()),
+            "{rev}"
+        );
+    } else {
+        assert!(version.contains("git unknown"), "{version}");
+    }
 }
 
 #[test]

@@ -361,9 +361,8 @@ mod tests {
                     }
                     // Non-overlapping windows (stride = context) cannot predict their
                     // first token; overlapping ones predict every token after the first.
-                    let want = |p: usize| {
-                        usize::from(p > 0 && (stride < context || p % context != 0))
-                    };
+                    let want =
+                        |p: usize| usize::from(p > 0 && (stride < context || p % context != 0));
                     assert!(
                         hits.iter().enumerate().all(|(p, &h)| h == want(p)),
                         "n {n} context {context} stride {stride}: {ws:?}"
