@@ -148,3 +148,87 @@ fn train_bad_input_is_one_line_exit_2_and_no_directory() {
         assert!(!out.exists(), "{extra:?}: left a run directory");
     }
 }
+
+/// The run's TensorBoard event file, read by TensorBoard's own reader (its
+/// EventAccumulator, which checks every record's CRC-32C): the training loss per step equals
+/// metrics.csv's, and the per-adapter moments are there. Needs .deps/python (setup.sh
+/// --python); skipped without it unless RANKSTAB_REQUIRE_PYTHON is set.
+#[test]
+fn train_writes_tensorboard_events_that_tensorboard_reads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let deps = root.join(".deps/python");
+    if !deps.join("tensorboard").exists() {
+        assert!(
+            std::env::var("RANKSTAB_REQUIRE_PYTHON").is_err(),
+            "tensorboard missing in .deps/python: run `bash scripts/setup.sh --python`"
+        );
+        eprintln!("SKIPPED: tensorboard not installed (bash scripts/setup.sh --python)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .args(["train", "--model"])
+        .arg(model())
+        .arg("--data")
+        .arg(text(dir.path()))
+        .args([
+            "--rank",
+            "4",
+            "--steps",
+            "4",
+            "--context",
+            "16",
+            "--eval-every",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = r#"
+import sys, json
+from tensorboard.backend.event_processing import event_accumulator
+ea = event_accumulator.EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+ea.Reload()
+tags = ea.Tags()["scalars"]
+out = {t: [[e.step, e.value] for e in ea.Scalars(t)] for t in tags}
+print(json.dumps(out))
+"#;
+    let py = Command::new("python3")
+        .env("PYTHONPATH", &deps)
+        .arg("-c")
+        .arg(script)
+        .arg(out.join("tensorboard"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let tb: std::collections::BTreeMap<String, Vec<(i64, f64)>> =
+        serde_json::from_slice(&py.stdout).expect("json");
+    let x: Vec<rankstab_records::MetricRow> =
+        rankstab_records::read_table(&out.join("metrics.csv")).expect("metrics");
+    let want: Vec<(i64, f64)> = x
+        .iter()
+        .filter(|r| r.metric.as_str() == "loss")
+        .map(|r| (i64::from(r.step), r.value))
+        .collect();
+    let got = &tb["metrics/loss"];
+    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+    for ((s1, v1), (s2, v2)) in got.iter().zip(&want) {
+        assert_eq!(s1, s2);
+        // TensorBoard keeps scalars as f32.
+        assert!((v1 - v2).abs() <= 1e-6 * v2.abs().max(1.0), "{v1} vs {v2}");
+    }
+    let held: Vec<i64> = tb["metrics/heldout_loss"].iter().map(|p| p.0).collect();
+    assert_eq!(held, vec![1, 3]);
+    assert!(tb.contains_key("speed/tokens_per_second"));
+    let fwd = tb.keys().filter(|k| k.starts_with("fwd_abs2/")).count();
+    let bwd = tb.keys().filter(|k| k.starts_with("bwd_abs2/")).count();
+    // Every attention and MLP linear of the tiny Llama's 2 blocks: 7 modules each.
+    assert_eq!((fwd, bwd), (14, 14), "{:?}", tb.keys().collect::<Vec<_>>());
+}

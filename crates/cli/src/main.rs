@@ -7,6 +7,7 @@ mod interrupt;
 mod progress;
 mod report_cmd;
 mod sweep_cmd;
+mod tensorboard;
 mod theory_cmd;
 mod train_cmd;
 

@@ -86,7 +86,7 @@ impl Progress {
     }
 
     /// One step finished; `what` names the run (a sweep's cell) or is empty.
-    pub(crate) fn step(&mut self, what: &str, p: &StepProgress) {
+    pub(crate) fn step(&mut self, what: &str, p: &StepProgress<'_>) {
         if self.done == self.skipped {
             // The first step run here: time from now on, not from the model's loading.
             self.start = Instant::now()
@@ -168,6 +168,8 @@ mod tests {
             tokens: 200,
             seconds: 0.5,
             heldout: None,
+            metrics: &[],
+            moments: &[],
         };
         p.step("", &s);
         p.step("", &s);

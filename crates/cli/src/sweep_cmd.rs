@@ -225,9 +225,11 @@ pub fn run(a: SweepArgs) -> Result<()> {
         meta.extra["model"] = serde_json::json!(model);
         // Steps of this cell counted so far (a resumed cell skips to its checkpoint).
         let mut counted = 0u64;
+        let mut events = crate::tensorboard::EventWriter::create(&dir);
         let o = run_dir(&mut lm.model, ds, &tc, &dir, &meta, &cell_lock, |p| {
             pb.skip((p.step as u64).saturating_sub(counted));
             pb.step(&label, p);
+            events.step(p);
             counted = p.step as u64 + 1;
         })
         .with_context(|| label.clone())?;

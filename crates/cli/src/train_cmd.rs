@@ -314,6 +314,7 @@ fn train_locked(
     };
     let mut progress = crate::progress::Progress::new("train", a.steps as u64);
     let mut first = true;
+    let mut events = crate::tensorboard::EventWriter::create(out);
     let outcome = run_dir(&mut lm.model, &data, cfg, out, &meta, lock, |p| {
         if first {
             // A resumed run starts past its checkpoint.
@@ -321,6 +322,7 @@ fn train_locked(
             first = false;
         }
         progress.step("", p);
+        events.step(p);
     })?;
     progress.finish();
     if let Some(s) = outcome.resumed_from {

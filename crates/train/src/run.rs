@@ -219,7 +219,7 @@ pub fn run_dir(
     out: &Path,
     meta: &RunMeta,
     lock: &RunLock,
-    progress: impl FnMut(&crate::trainer::StepProgress),
+    progress: impl FnMut(&crate::trainer::StepProgress<'_>),
 ) -> Result<TrainOutcome, TrainError> {
     if lock.dir() != out {
         return Err(TrainError::Invalid(format!(

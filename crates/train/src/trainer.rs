@@ -36,9 +36,9 @@ fn default_heldout_max() -> usize {
     DEFAULT_HELDOUT_MAX
 }
 
-/// What the trainer reports after each step (for progress lines and bars).
+/// What the trainer reports after each step (for progress lines, bars and event files).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepProgress {
+pub struct StepProgress<'a> {
     /// The step just taken (0-based).
     pub step: usize,
     /// Steps of the run.
@@ -51,6 +51,10 @@ pub struct StepProgress {
     pub seconds: f64,
     /// The held-out loss, when the step ended with an evaluation.
     pub heldout: Option<f64>,
+    /// The step's rows of metrics.csv.
+    pub metrics: &'a [MetricRow],
+    /// The step's rows of moments.csv.
+    pub moments: &'a [MomentRow],
 }
 
 /// Configuration of one training run (one cell of a sweep).
@@ -790,7 +794,7 @@ pub fn train(
     data: &Dataset,
     cfg: &TrainConfig,
     out: &Path,
-    mut progress: impl FnMut(&StepProgress),
+    mut progress: impl FnMut(&StepProgress<'_>),
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
     if data.train.is_empty() || data.heldout.is_empty() {
@@ -892,6 +896,8 @@ pub fn train(
             tokens: step_tokens(data, cfg, step),
             seconds: t_step.elapsed().as_secs_f64(),
             heldout,
+            metrics: &metrics,
+            moments: &mrows,
         });
     }
     probe::capture(model, false);
