@@ -246,3 +246,34 @@ fn bad_sweeps_are_one_line_exit_2() {
         assert!(!out.exists(), "{want}: left a directory");
     }
 }
+
+/// `--json`: JSON lines only on stdout; `--list --json` one state per cell, then a run
+/// with a step object per step, a cell object per cell and the sweep object last.
+#[test]
+fn sweep_json_is_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), "steps = 2\nseeds = [0]");
+    let out = dir.path().join("sweep");
+    let parse = |o: &Output| -> Vec<serde_json::Value> {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    };
+    let listed = parse(&sweep(&cfg, &out, &["--list", "--json"]));
+    assert_eq!(listed.len(), 4);
+    assert!(listed.iter().all(|v| v["event"] == "cell_state"));
+    let lines = parse(&sweep(&cfg, &out, &["--cell", "0,3", "--json"]));
+    let events: Vec<&str> = lines
+        .iter()
+        .map(|v| v["event"].as_str().expect("event"))
+        .collect();
+    assert_eq!(
+        events,
+        ["step", "step", "cell", "step", "step", "cell", "sweep"]
+    );
+    assert_eq!(lines[3]["cell"], 3);
+    assert_eq!(lines[5]["status"], "complete");
+    assert_eq!(lines[6]["run"], 2);
+}

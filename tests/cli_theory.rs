@@ -118,7 +118,10 @@ fn json_output_matches_fits_file() {
     let file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("fits.json")).expect("read"))
             .expect("json");
-    assert_eq!(printed, file);
+    // One line, one object: the run directory and fits.json's fits.
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim().lines().count(), 1);
+    assert_eq!(printed["event"], "theory");
+    assert_eq!(printed["fits"], file);
 }
 
 fn python() -> Option<(PathBuf, PathBuf)> {

@@ -232,3 +232,45 @@ print(json.dumps(out))
     // Every attention and MLP linear of the tiny Llama's 2 blocks: 7 modules each.
     assert_eq!((fwd, bwd), (14, 14), "{:?}", tb.keys().collect::<Vec<_>>());
 }
+
+/// `--json`: stdout is JSON lines only, one `step` object per step then the `train` object.
+#[test]
+fn train_json_is_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .args(["train", "--model"])
+        .arg(model())
+        .arg("--data")
+        .arg(text(dir.path()))
+        .args([
+            "--rank",
+            "4",
+            "--steps",
+            "3",
+            "--context",
+            "16",
+            "--json",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let events: Vec<&str> = lines
+        .iter()
+        .map(|v| v["event"].as_str().expect("event"))
+        .collect();
+    assert_eq!(events, ["step", "step", "step", "train"]);
+    assert_eq!(lines[2]["step"], 2);
+    assert!(lines[2]["heldout_loss"].as_f64().is_some());
+    let last = &lines[3];
+    assert_eq!(last["status"], "complete");
+    assert_eq!(last["run_dir"].as_str(), out.to_str());
+    let h = last["heldout_loss"].as_f64().expect("heldout");
+    assert!((last["heldout_perplexity"].as_f64().expect("ppl") / h.exp() - 1.0).abs() < 1e-9);
+}

@@ -174,6 +174,12 @@ pub(crate) fn git_revision() -> Option<String> {
     (r != "unknown").then(|| r.to_string())
 }
 
+/// Prints one JSON object on one line of stdout (`--json` output: one object per line, each
+/// with an `event` field saying what it is; see the README's "Machine-readable output").
+pub(crate) fn json_line(v: &serde_json::Value) {
+    println!("{v}");
+}
+
 /// `rankstab --version`: the crate version and the revision it was built from.
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),

@@ -46,6 +46,11 @@ pub struct SweepArgs {
     /// first one runs.
     #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
     max_memory: Option<u64>,
+    /// Print JSON lines on stdout instead of text: `{"event":"step",...}` per step (with
+    /// the cell's index), `{"event":"cell",...}` per cell and a final `{"event":"sweep",...}`;
+    /// with --list, one `{"event":"cell_state",...}` per cell.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Before the first cell runs: every model's shape from its configuration alone
@@ -149,7 +154,14 @@ pub fn run(a: SweepArgs) -> Result<()> {
     if a.list {
         for c in &cells {
             let state = RunState::of(&out.join("cells").join(&c.name));
-            println!("{:>4}  {state:<9} {}", c.index, c.name);
+            if a.json {
+                crate::json_line(&serde_json::json!({
+                    "event": "cell_state", "cell": c.index, "name": c.name,
+                    "state": state.to_string(),
+                }));
+            } else {
+                println!("{:>4}  {state:<9} {}", c.index, c.name);
+            }
         }
         return Ok(());
     }
@@ -230,6 +242,11 @@ pub fn run(a: SweepArgs) -> Result<()> {
             pb.skip((p.step as u64).saturating_sub(counted));
             pb.step(&label, p);
             events.step(p);
+            if a.json {
+                let mut v = crate::train_cmd::step_json(p);
+                v["cell"] = serde_json::json!(cell.index);
+                crate::json_line(&v);
+            }
             counted = p.step as u64 + 1;
         })
         .with_context(|| label.clone())?;
@@ -251,10 +268,31 @@ pub fn run(a: SweepArgs) -> Result<()> {
             cell.name,
             t0.elapsed().as_secs_f64()
         );
-        pb.println(&line);
+        if a.json {
+            crate::json_line(&serde_json::json!({
+                "event": "cell",
+                "cell": cell.index,
+                "name": cell.name,
+                "run_dir": dir,
+                "status": if o.diverged.is_some() { "diverged" } else { "complete" },
+                "note": o.diverged,
+                "resumed_from": o.resumed_from,
+                "heldout_perplexity": crate::train_cmd::finite(o.heldout_loss.exp()),
+                "seconds": t0.elapsed().as_secs_f64(),
+            }));
+        } else {
+            pb.println(&line);
+        }
         done += 1;
     }
     pb.finish();
+    if a.json {
+        crate::json_line(&serde_json::json!({
+            "event": "sweep", "run_dir": out, "run": done, "already_finished": skipped,
+            "diverged": diverged,
+        }));
+        return Ok(());
+    }
     println!(
         "sweep: {done} cell(s) run, {skipped} already finished, {diverged} diverged; sweep directory: {}",
         out.display()

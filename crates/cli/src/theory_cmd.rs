@@ -252,7 +252,10 @@ pub fn run(a: TheoryArgs) -> Result<()> {
     let outcome = rankstab_theory::run(&cfg, &out, &opts, &Bar(pb.clone()))?;
     pb.finish_and_clear();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&outcome.fits)?);
+        // One JSON object on one line (every command's --json).
+        crate::json_line(
+            &serde_json::json!({ "event": "theory", "run_dir": out, "fits": outcome.fits }),
+        );
         return Ok(());
     }
     print_table(&outcome.fits, cfg.steps as u32, a.all_steps);

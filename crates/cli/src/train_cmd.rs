@@ -125,6 +125,10 @@ pub struct TrainArgs {
     /// default: the machine's available memory).
     #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
     max_memory: Option<u64>,
+    /// Print JSON lines on stdout instead of text: one `{"event":"step",...}` per step and a
+    /// final `{"event":"train",...}` (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 /// The model `--model` names: a path, or `preset:NAME` with `--tokenizer`.
@@ -323,8 +327,24 @@ fn train_locked(
         }
         progress.step("", p);
         events.step(p);
+        if a.json {
+            crate::json_line(&step_json(p));
+        }
     })?;
     progress.finish();
+    if a.json {
+        crate::json_line(&serde_json::json!({
+            "event": "train",
+            "run_dir": out,
+            "status": if outcome.diverged.is_some() { "diverged" } else { "complete" },
+            "note": outcome.diverged,
+            "resumed_from": outcome.resumed_from,
+            "last_loss": finite(outcome.last_loss),
+            "heldout_loss": finite(outcome.heldout_loss),
+            "heldout_perplexity": finite(outcome.heldout_loss.exp()),
+        }));
+        return Ok(());
+    }
     if let Some(s) = outcome.resumed_from {
         println!("resumed from step {s}");
     }
@@ -340,4 +360,23 @@ fn train_locked(
     }
     println!("Run directory: {}", out.display());
     Ok(())
+}
+
+/// A number for JSON: null when NaN or infinite (JSON has no such numbers).
+pub(crate) fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// One step as a JSON object (`--json` of `train` and `sweep`).
+pub(crate) fn step_json(p: &rankstab_train::trainer::StepProgress<'_>) -> serde_json::Value {
+    serde_json::json!({
+        "event": "step",
+        "step": p.step,
+        "steps": p.steps,
+        "loss": finite(p.loss),
+        "tokens": p.tokens,
+        "seconds": p.seconds,
+        "tokens_per_second": p.tokens as f64 / p.seconds.max(1e-9),
+        "heldout_loss": p.heldout.and_then(finite),
+    })
 }
