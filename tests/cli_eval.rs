@@ -345,3 +345,59 @@ fn eval_with_a_bad_adapter_is_one_line_and_exit_2() {
         assert_eq!(err.trim().lines().count(), 1, "{adapter:?}: {err}");
     }
 }
+
+/// `generate`: the streamed text equals the `--json` answer; sampling with a seed is
+/// reproducible and differs from greedy for some seed; bad sampling values are one line.
+#[test]
+fn generate_streams_and_samples_reproducibly() {
+    let m = model();
+    let run = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rankstab"));
+        c.args([
+            "generate",
+            "--model",
+            m.to_str().expect("utf8"),
+            "--prompt",
+            "It is a truth",
+            "--max-tokens",
+            "12",
+        ]);
+        c.args(extra);
+        c.output().expect("runs")
+    };
+    let text = |o: &Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let answer = |o: &Output| {
+        let v: serde_json::Value = serde_json::from_str(&text(o)).expect("json");
+        assert_eq!(v["event"], "generate");
+        v["answer"].as_str().expect("answer").to_string()
+    };
+    let greedy = answer(&run(&["--json"]));
+    assert_eq!(text(&run(&[])).trim(), greedy);
+    let s1 = answer(&run(&["--json", "--temperature", "1.5", "--seed", "1"]));
+    assert_eq!(
+        s1,
+        answer(&run(&["--json", "--temperature", "1.5", "--seed", "1"]))
+    );
+    let differs = (1..6).any(|seed| {
+        answer(&run(&[
+            "--json",
+            "--temperature",
+            "1.5",
+            "--seed",
+            &seed.to_string(),
+        ])) != greedy
+    });
+    assert!(differs, "sampling never left the greedy answer");
+    for bad in [["--temperature", "-1"], ["--top-p", "0"]] {
+        let o = run(&bad);
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(bad[0]) && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+}

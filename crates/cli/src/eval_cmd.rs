@@ -162,8 +162,11 @@ fn base_model_mismatch(model: &Path, base: Option<&str>) -> Option<String> {
 Examples:
   rankstab generate --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'What is the capital of France?'
   rankstab generate --model path/to/hf-model-dir --prompt 'Once upon a time' --max-tokens 40
+  rankstab generate --model DIR --prompt 'Write a haiku' --temperature 0.8 --top-p 0.95 --seed 3
 
-Greedy decoding. When the model has a chat template (GGUF metadata tokenizer.chat_template,
+Greedy decoding by default; --temperature T > 0 samples (with --top-p, seeded by --seed: the
+same seed gives the same text). A KV cache keeps each new token one position of work, and
+the text is printed as it comes. When the model has a chat template (GGUF metadata tokenizer.chat_template,
 or chat_template in tokenizer_config.json) the prompt is sent as one user message with the
 generation prompt; otherwise the text is continued as is. Prints the new text only.")]
 pub struct GenerateArgs {
@@ -176,6 +179,19 @@ pub struct GenerateArgs {
     /// Most new tokens.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f64,
+    /// Nucleus sampling: draw from the most likely tokens holding this much probability.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    top_p: f64,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object {prompt, answer, tokens, seconds} at the end instead of
+    /// streaming the text.
+    #[arg(long)]
+    json: bool,
     /// cpu or cuda (cuda:N for another GPU).
     #[arg(long, default_value = "cpu")]
     device: DeviceName,
@@ -206,8 +222,46 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         memory::eval_bytes(&shape, kind, 1, tokens),
         a.max_memory,
     )?;
+    let sampling = rankstab_train::generate::Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    sampling.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
     let loaded = rankstab_train::load::load(&a.model, kind, device)?;
-    let answer = rankstab_train::generate::answer(&loaded, &a.prompt, a.max_tokens, device)?;
-    println!("{}", answer.trim_end());
+    let t0 = std::time::Instant::now();
+    let mut pieces = 0usize;
+    let mut stdout = std::io::stdout();
+    let answer = rankstab_train::generate::answer_streaming(
+        &loaded,
+        &a.prompt,
+        a.max_tokens,
+        &sampling,
+        device,
+        |piece| {
+            pieces += 1;
+            if !a.json {
+                use std::io::Write;
+                // The first piece without the template's leading whitespace.
+                let piece = if pieces == 1 {
+                    piece.trim_start()
+                } else {
+                    piece
+                };
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+        },
+    )?;
+    if a.json {
+        crate::json_line(&serde_json::json!({
+            "event": "generate",
+            "prompt": a.prompt,
+            "answer": answer.trim(),
+            "seconds": t0.elapsed().as_secs_f64(),
+        }));
+    } else {
+        println!();
+    }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! interleaved (rotate-every-two) layout, gelu_new MLP, no bias on q/k/v/out, biases on
 //! fc_in, fc_out and lm_head. Weight names are exactly the Hugging Face ones.
 use crate::linear::Linear;
-use crate::llama::{causal_attention, embedding};
+use crate::llama::{causal_attention, embedding, LayerCache};
 use crate::weights::{ConfigJson, Weights};
 use crate::TrainError;
 use std::path::Path;
@@ -321,12 +321,28 @@ impl Gptj {
 
     /// Block `i` (attention and MLP in parallel on one LayerNorm) on hidden states (B, T, d).
     pub fn block(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        self.block_cached(i, x, train, None)
+    }
+
+    /// Block `i` on the hidden states (B, T, d) of the T positions after those in `cache`
+    /// (which then holds them too).
+    pub fn block_cached(
+        &self,
+        i: usize,
+        x: &Tensor,
+        train: bool,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor {
         let blk = &self.h[i];
         let (b, t) = (x.size()[0], x.size()[1]);
         let c = &self.config;
         let (h, hd) = (c.n_head, c.head_dim);
-        let (sin, cos) = rope_interleaved(c.rotary_dim, t, x.device());
-        let (sin, cos) = (sin.to_kind(x.kind()), cos.to_kind(x.kind()));
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (sin, cos) = rope_interleaved(c.rotary_dim, past + t, x.device());
+        let (sin, cos) = (
+            sin.narrow(0, past, t).to_kind(x.kind()),
+            cos.narrow(0, past, t).to_kind(x.kind()),
+        );
         let y = blk.ln_1.forward(x);
         let split = |z: Tensor| z.view([b, t, h, hd]).transpose(1, 2);
         let q = apply_rotary(
@@ -342,6 +358,10 @@ impl Gptj {
             &cos,
         );
         let v = split(blk.attn.v_proj.forward(&y, train));
+        let (k, v) = match cache {
+            Some(cache) => cache.extend(k, v),
+            None => (k, v),
+        };
         let a = causal_attention(&q, &k, &v)
             .transpose(1, 2)
             .reshape([b, t, h * hd]);

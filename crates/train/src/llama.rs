@@ -284,7 +284,47 @@ fn rotate_half(x: &Tensor) -> Tensor {
 /// keeps long contexts at transformers' speed and memory.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     let gqa = q.size()[1] != k.size()[1];
-    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, gqa)
+    let (tq, tk) = (q.size()[2], k.size()[2]);
+    if tq == tk {
+        return Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, None, gqa);
+    }
+    // Queries at the last tq of tk positions (a KV cache): query i sees keys 0..=tk-tq+i.
+    // (libtorch's is_causal aligns the mask top-left, which is wrong here.)
+    let mask = Tensor::ones([tq, tk], (Kind::Bool, q.device())).tril(tk - tq);
+    Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, gqa)
+}
+
+/// Keys and values of one block for the positions already processed (B, KVH, T, hd).
+#[derive(Debug, Default)]
+pub struct LayerCache {
+    /// Keys, after the rotary embedding.
+    pub k: Option<Tensor>,
+    /// Values.
+    pub v: Option<Tensor>,
+}
+
+impl LayerCache {
+    /// Positions already cached.
+    pub fn len(&self) -> i64 {
+        self.k.as_ref().map_or(0, |k| k.size()[2])
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.k.is_none()
+    }
+
+    /// Appends new keys and values; returns all of them.
+    pub(crate) fn extend(&mut self, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let cat = |old: &Option<Tensor>, new: Tensor| match old {
+            Some(o) => Tensor::cat(&[o, &new], 2),
+            None => new,
+        };
+        let (k, v) = (cat(&self.k, k), cat(&self.v, v));
+        self.k = Some(k.shallow_clone());
+        self.v = Some(v.shallow_clone());
+        (k, v)
+    }
 }
 
 /// Rows of the embedding `table` (vocab, d) for token ids (B, T): (B, T, d).
@@ -295,7 +335,15 @@ pub(crate) fn embedding(table: &Tensor, ids: &Tensor) -> Tensor {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, cfg: &Config, cos: &Tensor, sin: &Tensor, train: bool) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cfg: &Config,
+        cos: &Tensor,
+        sin: &Tensor,
+        train: bool,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let q = self
@@ -315,6 +363,10 @@ impl Attention {
             .transpose(1, 2);
         let q = &q * cos + rotate_half(&q) * sin;
         let k = &k * cos + rotate_half(&k) * sin;
+        let (k, v) = match cache {
+            Some(c) => c.extend(k, v),
+            None => (k, v),
+        };
         let y = causal_attention(&q, &k, &v)
             .transpose(1, 2)
             .reshape([b, t, h * hd]);
@@ -430,16 +482,38 @@ impl Llama {
 
     /// Decoder block `i` on hidden states (B, T, d).
     pub fn block(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        self.block_cached(i, x, train, None)
+    }
+
+    /// Decoder block `i` on the hidden states (B, T, d) of the T positions after those in
+    /// `cache` (which then holds them too).
+    pub fn block_cached(
+        &self,
+        i: usize,
+        x: &Tensor,
+        train: bool,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor {
         let b = &self.layers[i];
         let t = x.size()[1];
-        let (cos, sin) = rope_tables(self.config.rope_theta, self.config.head_dim, t, x.device());
-        let (cos, sin) = (cos.to_kind(x.kind()), sin.to_kind(x.kind()));
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (cos, sin) = rope_tables(
+            self.config.rope_theta,
+            self.config.head_dim,
+            past + t,
+            x.device(),
+        );
+        let (cos, sin) = (
+            cos.narrow(0, past, t).to_kind(x.kind()),
+            sin.narrow(0, past, t).to_kind(x.kind()),
+        );
         let h = b.self_attn.forward(
             &b.input_layernorm.forward(x),
             &self.config,
             &cos,
             &sin,
             train,
+            cache,
         );
         let x = x + h;
         let h = b

@@ -2,6 +2,7 @@
 //! builds the matching model.
 use crate::gptj::Gptj;
 use crate::linear::Linear;
+pub use crate::llama::LayerCache;
 use crate::llama::Llama;
 use crate::TrainError;
 use std::path::Path;
@@ -49,6 +50,28 @@ impl CausalLm {
             Self::Llama(m) => m.forward(ids, train),
             Self::Gptj(m) => m.forward(ids, train),
         }
+    }
+
+    /// Logits (B, T, vocab) of the T new token ids (B, T) that follow the positions in
+    /// `cache` (one [`LayerCache`] per block; empty at the start), which then holds their
+    /// keys and values too: generation without recomputing the prefix. Inference only.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut [LayerCache]) -> Tensor {
+        assert_eq!(cache.len(), self.num_layers(), "one cache per block");
+        let mut x = self.embed(ids);
+        for (i, c) in cache.iter_mut().enumerate() {
+            x = match self {
+                Self::Llama(m) => m.block_cached(i, &x, false, Some(c)),
+                Self::Gptj(m) => m.block_cached(i, &x, false, Some(c)),
+            };
+        }
+        self.head(&x, false)
+    }
+
+    /// An empty cache for [`Self::forward_cached`].
+    pub fn new_cache(&self) -> Vec<LayerCache> {
+        (0..self.num_layers())
+            .map(|_| LayerCache::default())
+            .collect()
     }
 
     /// Number of decoder blocks.

@@ -168,3 +168,45 @@ fn eval_stride_matches_the_transformers_recipe() {
         assert!(e.to_string().contains("stride"), "{e}");
     }
 }
+
+/// The KV cache changes nothing: logits of 20 ids fed as a prefix of 5, then chunks of 3,
+/// then one at a time equal one forward pass over all of them (both architectures, the
+/// Llama one with grouped-query heads), and cached greedy decoding picks the tokens that
+/// re-running the whole sequence picks.
+#[test]
+fn the_kv_cache_gives_the_full_forward_logits() {
+    for name in ["tiny-llama", "tiny-gptj"] {
+        let model = rankstab_train::CausalLm::from_dir(&fixture(name), Kind::Float, Device::Cpu)
+            .expect("loads");
+        let ids: Vec<i64> = (0..20).map(|i| (i * 37 + 11) % 90).collect();
+        let full = tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).view([1, 20]), false));
+        let mut cache = model.new_cache();
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for len in [5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1] {
+            let t = Tensor::from_slice(&ids[at..at + len]).view([1, len as i64]);
+            parts.push(tch::no_grad(|| model.forward_cached(&t, &mut cache)));
+            at += len;
+        }
+        assert_eq!(at, 20);
+        let cached = Tensor::cat(&parts, 1);
+        let diff = (&cached - &full).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{name}: max |logit difference| {diff}");
+        assert_eq!(cache[0].len(), 20);
+        // Greedy with the cache against re-running the whole sequence every step.
+        let mut seq = ids[..6].to_vec();
+        let mut want = Vec::new();
+        for _ in 0..8 {
+            let t = Tensor::from_slice(&seq).view([1, seq.len() as i64]);
+            let next = tch::no_grad(|| model.forward(&t, false))
+                .select(1, seq.len() as i64 - 1)
+                .argmax(-1, false)
+                .int64_value(&[0]);
+            seq.push(next);
+            want.push(next);
+        }
+        let got = rankstab_train::generate::greedy(&model, &ids[..6], 8, &[], Device::Cpu)
+            .expect("generates");
+        assert_eq!(got, want, "{name}");
+    }
+}
