@@ -166,8 +166,21 @@ sel = m[(m.site == "fwd") & (m.stat == "abs") & (m.m == 2) & (m.optimizer == "sg
 g = sel.groupby("rank")["value"].mean()
 slope = np.polyfit(np.log(g.index.values), np.log(g.values), 1)[0]
 assert abs(slope - one.slope) < 1e-9, (slope, one.slope)
+# The Parquet copy (written here by the test: this run is below the 4 MiB threshold) holds
+# the CSV's rows, columns, types and values, as polars reads them.
+p = pl.read_parquet(f"{d}/copy.parquet")
+c = pl.read_csv(f"{d}/moments.csv")
+assert p.columns == c.columns and p.height == c.height
+assert p["value"].dtype == pl.Float64 and p["rank"].dtype == pl.Int64 and p["site"].dtype == pl.String
+assert p["m"].null_count() == c["m"].null_count()
+assert p.equals(c.with_columns(pl.col("m").cast(pl.Int64))), "values differ"
 print("ok", len(m))
 "#;
+    rankstab_records::parquet_copy::write_parquet(
+        &out.join("moments.csv"),
+        &out.join("copy.parquet"),
+    )
+    .expect("parquet copy");
     let o = Command::new(py)
         .arg("-c")
         .arg(script)

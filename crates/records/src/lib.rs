@@ -11,6 +11,7 @@
 //! | `fits.json`     | `Vec<`[`Fit`]`>`     | JSON array, replaced atomically          |
 //!
 //! | `coefficients.csv` | [`CoefRow`]      | long-format CSV (theory runs)            |
+//! | `NAME.parquet`  | a copy of `NAME.csv` | Parquet, for tables of 4 MiB or more, written when the run finishes ([`parquet_copy`]) |
 //!
 //! It also owns the project's vocabulary ([`vocab`]: sites, statistics, metrics,
 //! optimizers, scalings, step windows, layers), one type per axis with one spelling, and
@@ -19,6 +20,7 @@
 
 mod error;
 pub mod guard;
+pub mod parquet_copy;
 mod table;
 mod types;
 pub mod vocab;

@@ -353,6 +353,10 @@ fn run_locked(
         if manifest.status != RunStatus::Complete {
             manifest.status = RunStatus::Complete;
             manifest.finished = Some(now());
+            rankstab_records::parquet_copy::write_parquet_copies(
+                out,
+                rankstab_records::parquet_copy::PARQUET_MIN_BYTES,
+            )?;
             manifest.tables = rankstab_records::table_sizes(out)?;
             write_json_atomic(&manifest_path, &manifest)?;
         }

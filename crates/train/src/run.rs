@@ -262,6 +262,10 @@ pub fn run_dir(
     };
     manifest.note.clone_from(&outcome.diverged);
     manifest.finished = Some(now());
+    rankstab_records::parquet_copy::write_parquet_copies(
+        out,
+        rankstab_records::parquet_copy::PARQUET_MIN_BYTES,
+    )?;
     manifest.tables = rankstab_records::table_sizes(out)?;
     write_json_atomic(&out.join("manifest.json"), &manifest)?;
     Ok(outcome)
