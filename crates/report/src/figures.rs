@@ -62,7 +62,7 @@ fn size_of(plot: &Plot) -> (u32, u32) {
                 .max(520),
             (rows.len() as u32 * 18 + 150).clamp(300, 1400),
         ),
-        PlotKind::Forest(points) => (820, points.len() as u32 * 24 + 110),
+        PlotKind::Forest(points) => (880, points.len() as u32 * 26 + 110),
     }
 }
 
@@ -755,7 +755,7 @@ where
     let mut chart = ChartBuilder::on(&plot_area)
         .margin(10)
         .x_label_area_size(40)
-        .y_label_area_size(320)
+        .y_label_area_size(360)
         .build_cartesian_2d(x0..x1, -0.6..n as f64 - 0.4)
         .map_err(e)?;
     chart
@@ -772,7 +772,7 @@ where
                 .map_or(String::new(), |p| p.label.clone())
         })
         .x_label_formatter(&|x| format!("{x:+.1}"))
-        .label_style((FAMILY, 12))
+        .label_style((FAMILY, 15))
         .light_line_style(WHITE)
         .draw()
         .map_err(e)?;
@@ -964,6 +964,74 @@ mod tests {
             }]),
         };
         draw(&p).expect("draws");
+    }
+
+    #[test]
+    fn tick_labels_tell_neighbours_apart() {
+        // Perplexities near 5e4 used to read "5e4" at every tick.
+        let labels: Vec<String> = [50100.0, 50150.0, 50200.0].map(tick).to_vec();
+        assert_eq!(labels, ["50100", "50150", "50200"]);
+        assert_eq!(tick(2.5), "2.5");
+        assert_eq!(tick(0.0012), "0.0012");
+        assert_eq!(tick(2e-9), "2e-9");
+        assert_eq!(integer_label(3.0), "3");
+        assert_eq!(integer_label(1.5), "");
+    }
+
+    #[test]
+    fn log_axes_have_ticks_even_within_one_decade() {
+        assert_eq!(log_ticks(3.0, 70.0), vec![5.0, 10.0, 20.0, 50.0]);
+        // Within one decade: 1-2-5 gives one tick at most, the finer set gives several.
+        let t = log_ticks(1.1e-9, 1.9e-9);
+        assert!(t.len() >= 2, "{t:?}");
+        assert!(t.iter().all(|v| (1.1e-9..=1.9e-9).contains(v)), "{t:?}");
+        // Many decades: at most eight.
+        assert!(log_ticks(1e-12, 1e3).len() <= 8);
+    }
+
+    #[test]
+    fn rank_axes_label_every_rank_and_legends_sit_below_the_data() {
+        let f = draw(&rank_plot()).expect("draws");
+        let texts: Vec<String> = roxmltree::Document::parse(&f.svg)
+            .expect("svg")
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+            .collect();
+        for r in ["4", "16", "64", "256", "1024"] {
+            assert!(
+                texts.iter().any(|t| t == r),
+                "no tick at rank {r}: {texts:?}"
+            );
+        }
+        // y ticks on a log axis spanning powers of ten.
+        assert!(texts.iter().any(|t| t.contains("e-")), "{texts:?}");
+    }
+
+    #[test]
+    fn heatmaps_are_white_at_the_prediction() {
+        let heat = |predicted: Option<f64>| Plot {
+            name: "h".into(),
+            title: "heat".into(),
+            caption: String::new(),
+            kind: PlotKind::Heat {
+                rows: vec!["layer 0".into()],
+                cols: vec!["q_proj".into(), "v_proj".into()],
+                values: vec![vec![Some(-1.0), Some(-1.0)]],
+                predicted,
+            },
+        };
+        // Centred on 0 (no prediction), cells of -1 take the map's darkest blue; centred on
+        // a prediction of -1, the same cells are white and that blue appears nowhere.
+        let rgb = diverging(-1.0);
+        let hex = format!("fill=\"#{:02X}{:02X}{:02X}\"", rgb.0, rgb.1, rgb.2);
+        let blue = draw(&heat(None)).expect("draws").svg;
+        assert!(blue.contains(&hex), "no {hex} cell");
+        let white = draw(&heat(Some(-1.0))).expect("draws").svg;
+        assert!(
+            !white.contains(&hex),
+            "a cell at the prediction is not white"
+        );
     }
 
     #[test]
