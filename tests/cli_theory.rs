@@ -55,6 +55,29 @@ fn small_run_writes_a_complete_run_directory() {
         "{stdout}"
     );
     assert!(stdout.contains("Run directory:"), "{stdout}");
+    // The run ends with the verdict in sentences, one per optimizer and input regime, after
+    // the tables.
+    let verdict = stdout
+        .find("Verdict (is it rank-stable?):")
+        .unwrap_or_else(|| panic!("no verdict sentences: {stdout}"));
+    assert!(verdict > stdout.find("Run directory:").expect("tables first"));
+    let sentences: Vec<&str> = stdout[verdict..]
+        .lines()
+        .filter(|l| l.starts_with("* [theory "))
+        .collect();
+    assert!(sentences.len() >= 2, "{stdout}");
+    for s in &sentences {
+        assert!(
+            s.contains("Under SGD (theory checker") || s.contains("Under Adam (theory checker"),
+            "{s}"
+        );
+        assert!(s.contains(" trials): "), "{s}");
+        let lower = s.to_lowercase();
+        assert!(
+            lower.contains("rank-stable here") || lower.contains("not resolved here"),
+            "no answer to the question: {s}"
+        );
+    }
     for f in [
         "manifest.json",
         "moments.csv",

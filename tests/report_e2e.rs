@@ -95,6 +95,14 @@ fn report_of_theory_and_training_runs_prints_index_html() {
         ) && stdout.contains("Verdicts, theory theory: "),
         "{stdout}"
     );
+    // ... and in plain sentences, one per source and setting: the fixture's law holds.
+    assert!(
+        stdout.contains("Verdict (is it rank-stable?):")
+            && stdout.contains("* [train AGREES] Under AdamW (training tiny-llama")
+            && stdout.contains("the theorem's prediction holds for every fit.")
+            && stdout.contains("* [theory "),
+        "{stdout}"
+    );
     let csv = std::fs::read_to_string(out.join("exponents.csv")).expect("csv");
     let header = csv.lines().next().expect("header");
     for col in [

@@ -195,3 +195,20 @@ pub(crate) fn device_description(device: tch::Device) -> String {
         _ => format!("cpu ({} threads)", tch::get_num_threads()),
     }
 }
+
+/// The verdict in plain sentences, one per source and setting, at the end of `theory`,
+/// `sweep` and `report` (the one screen a user reads).
+pub(crate) fn print_headline(h: &rankstab_report::Headline) {
+    if h.sentences.is_empty() {
+        return;
+    }
+    println!("\nVerdict (is it rank-stable?):");
+    for s in &h.sentences {
+        let tag = match s.outcome {
+            rankstab_records::Outcome::Agrees => "AGREES",
+            rankstab_records::Outcome::Disagrees => "DISAGREES",
+            rankstab_records::Outcome::Inconclusive => "INCONCLUSIVE",
+        };
+        println!("* [{} {tag}] {}", s.source, s.text);
+    }
+}

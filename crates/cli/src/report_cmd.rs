@@ -96,6 +96,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     for v in &outcome.verdicts {
         println!("Verdicts, {v}.");
     }
+    crate::print_headline(&outcome.headline);
     println!("Markdown: {}", outcome.report_md.display());
     println!("{}", outcome.index_html.display());
     Ok(())

@@ -297,5 +297,10 @@ pub fn run(a: SweepArgs) -> Result<()> {
         "sweep: {done} cell(s) run, {skipped} already finished, {diverged} diverged; sweep directory: {}",
         out.display()
     );
+    // The verdict over every finished cell of the sweep, as the report judges it.
+    match rankstab_report::headline(std::slice::from_ref(&out)) {
+        Ok(h) => crate::print_headline(&h),
+        Err(e) => eprintln!("rankstab: no verdict sentences: {e}"),
+    }
     Ok(())
 }

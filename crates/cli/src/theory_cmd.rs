@@ -291,6 +291,11 @@ pub fn run(a: TheoryArgs) -> Result<()> {
         outcome.dir.display(),
         t0.elapsed().as_secs_f64()
     );
+    // The same sentences as the report's first screen, from the run as the report judges it.
+    match rankstab_report::headline(std::slice::from_ref(&outcome.dir)) {
+        Ok(h) => crate::print_headline(&h),
+        Err(e) => eprintln!("rankstab: no verdict sentences: {e}"),
+    }
     Ok(())
 }
 

@@ -51,6 +51,23 @@ pub enum ReportError {
         /// What is damaged (names the file).
         source: rankstab_records::RecordsError,
     },
+    /// Two training runs measure the same cell (model, optimizer, scaling, learning rate,
+    /// data, rank and seed) under different configurations: merging them would average two
+    /// different experiments as if they were one seed.
+    #[error(
+        "runs {first} and {second} share {cell} but differ in {fields}: the report would average two different \
+         experiments as one seed; report them separately (or rerun one with another seed)"
+    )]
+    SharedSeed {
+        /// One run directory.
+        first: PathBuf,
+        /// The other.
+        second: PathBuf,
+        /// The cell they share ("gpt-j-mini adamw lora r=4 seed 0").
+        cell: String,
+        /// The configuration fields that differ, with both values.
+        fields: String,
+    },
     /// None of the given directories could be used.
     #[error("no usable run directory among the {given} given: {reasons}")]
     NoUsableRuns {

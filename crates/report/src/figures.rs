@@ -1,7 +1,7 @@
 //! Drawing: every [`Plot`] to a PNG (bytes) and an SVG (text), in memory, with plotters'
 //! pure-Rust backends and the DejaVu Sans font shipped in `assets/` (registered from bytes,
 //! so no system fonts or fontconfig are needed).
-use crate::analyse::{Plot, PlotKind, RankPanel, StepPanel};
+use crate::analyse::{HeadlinePoint, Plot, PlotKind, RankPanel, StepPanel};
 use crate::ReportError;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -37,6 +37,14 @@ fn register() -> Result<(), String> {
     .clone()
 }
 
+/// Height of a legend below a rank panel with `n` entries.
+fn legend_height(n: usize) -> u32 {
+    n as u32 * 18 + 10
+}
+
+/// Width of the legend strip to the right of curves against step.
+const STEP_LEGEND: u32 = 110;
+
 /// Size of a figure in pixels.
 fn size_of(plot: &Plot) -> (u32, u32) {
     match &plot.kind {
@@ -44,15 +52,17 @@ fn size_of(plot: &Plot) -> (u32, u32) {
             let n = p.len().max(1) as u32;
             let cols = n.min(4);
             let rows = n.div_ceil(cols);
-            (cols * 380 + 20, rows * 360 + 50)
+            let most = p.iter().map(|p| p.series.len()).max().unwrap_or(0);
+            (cols * 380 + 20, rows * (360 + legend_height(most)) + 50)
         }
-        PlotKind::Step { panels, .. } => (panels.len().clamp(1, 3) as u32 * 520, 440),
+        PlotKind::Step { panels, .. } => (panels.len().clamp(1, 3) as u32 * 500 + STEP_LEGEND, 440),
         PlotKind::Heat { rows, cols, .. } => (
             (cols.len() as u32 * 70 + 260)
                 .max(plot.title.chars().count() as u32 * 11 + 40)
                 .max(520),
             (rows.len() as u32 * 18 + 150).clamp(300, 1400),
         ),
+        PlotKind::Forest(points) => (880, points.len() as u32 * 26 + 110),
     }
 }
 
@@ -129,7 +139,22 @@ where
             panels,
         } => {
             let n = panels.len().clamp(1, 3);
-            let areas = body.split_evenly((1, n));
+            let (w, _) = body.dim_in_pixel();
+            let (plots_area, legend_area) = body.split_horizontally(w.saturating_sub(STEP_LEGEND));
+            let areas = plots_area.split_evenly((1, n));
+            // One legend for all panels (the ranks), outside the data area.
+            let mut ranks: Vec<u32> = panels
+                .iter()
+                .flat_map(|p| p.series.iter().map(|s| s.rank))
+                .collect();
+            ranks.sort_unstable();
+            ranks.dedup();
+            let entries: Vec<(String, RGBColor, bool)> = ranks
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("r = {r}"), rank_colour(i, ranks.len()), false))
+                .collect();
+            legend(&legend_area, "rank", &entries, 40)?;
             // One y range for all panels, so LoRA and rsLoRA compare at a glance.
             let ys = panels
                 .iter()
@@ -142,7 +167,7 @@ where
                 ys.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             );
             for (area, panel) in areas.iter().zip(panels) {
-                step_panel(area, panel, y_label, *log_y, range)?;
+                step_panel(area, panel, y_label, *log_y, range, &ranks)?;
             }
         }
         PlotKind::Heat {
@@ -151,6 +176,7 @@ where
             values,
             predicted,
         } => heatmap(&body, rows, cols, values, *predicted)?,
+        PlotKind::Forest(points) => forest(&body, points)?,
     }
     Ok(())
 }
@@ -225,15 +251,117 @@ fn log_range(lo: f64, hi: f64) -> (f64, f64) {
     }
 }
 
-fn sci(v: f64) -> String {
-    if v == 0.0 {
-        "0".into()
-    } else if (0.01..1000.0).contains(&v.abs()) {
-        let s = format!("{v:.3}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        format!("{v:.0e}")
+/// A tick label: plain digits between 1e-3 and 1e6 (enough decimals to tell neighbouring
+/// ticks apart: 50100 and 50150, not "5e4" twice), scientific with two digits outside.
+fn tick(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return if v == 0.0 { "0".into() } else { format!("{v}") };
     }
+    let a = v.abs();
+    if (1e-3..1e6).contains(&a) {
+        let decimals = (3 - a.log10().floor() as i32).max(0) as usize;
+        let s = format!("{v:.decimals$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    } else {
+        let s = format!("{v:.1e}");
+        s.replace(".0e", "e")
+    }
+}
+
+/// Ticks of a log axis over `lo..hi`: 1, 2, 5 times powers of ten, thinned to at most eight,
+/// and at least two (geometric points rounded to two digits when the range is narrow).
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo > 0.0 && hi > lo && lo.is_finite() && hi.is_finite()) {
+        return vec![lo];
+    }
+    let (k0, k1) = (lo.log10().floor() as i32 - 1, hi.log10().ceil() as i32 + 1);
+    let at = |mults: &[f64]| -> Vec<f64> {
+        (k0..=k1)
+            .flat_map(|k| mults.iter().map(move |m| m * 10f64.powi(k)))
+            .filter(|v| *v >= lo && *v <= hi)
+            .collect()
+    };
+    let thin = |t: Vec<f64>| -> Vec<f64> {
+        let stride = t.len().div_ceil(8).max(1);
+        t.into_iter().step_by(stride).collect()
+    };
+    let t = at(&[1.0, 2.0, 5.0]);
+    if (2..=8).contains(&t.len()) {
+        return t;
+    }
+    if t.len() > 8 {
+        return thin(at(&[1.0]));
+    }
+    let fine = at(&[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    if fine.len() >= 2 {
+        return thin(fine);
+    }
+    // A range narrower than one step of that set: geometric points, two significant digits.
+    (0..4)
+        .map(|i| {
+            let v = lo * (hi / lo).powf((0.5 + i as f64) / 4.0);
+            let mag = 10f64.powi(v.log10().floor() as i32 - 1);
+            (v / mag).round() * mag
+        })
+        .collect()
+}
+
+/// A step or row label: the integer, nothing for a point between integers.
+fn integer_label(x: f64) -> String {
+    if (x - x.round()).abs() < 1e-6 {
+        format!("{:.0}", x.round())
+    } else {
+        String::new()
+    }
+}
+
+/// Viridis colour of the i-th of n ranks.
+fn rank_colour(i: usize, n: usize) -> RGBColor {
+    viridis(if n > 1 {
+        i as f64 / (n - 1) as f64
+    } else {
+        0.0
+    })
+}
+
+/// A legend drawn in its own area (outside every data area): a title, then one entry per
+/// line, a dot (when the entry's flag is true) or a line, and its text.
+fn legend<DB: DrawingBackend>(
+    area: &Area<DB>,
+    title: &str,
+    entries: &[(String, RGBColor, bool)],
+    top: i32,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let mut y = top;
+    if !title.is_empty() {
+        area.draw(&Text::new(title.to_string(), (6, y), (FAMILY, 12)))
+            .map_err(e)?;
+        y += 18;
+    }
+    for (label, color, dot) in entries {
+        if *dot {
+            area.draw(&Circle::new((12, y + 6), 4, color.filled()))
+                .map_err(e)?;
+        } else {
+            area.draw(&PathElement::new(
+                vec![(4, y + 6), (22, y + 6)],
+                color.stroke_width(3),
+            ))
+            .map_err(e)?;
+        }
+        area.draw(&Text::new(label.clone(), (28, y), (FAMILY, 11)))
+            .map_err(e)?;
+        y += 18;
+    }
+    Ok(())
 }
 
 fn rank_panel<DB: DrawingBackend>(area: &Area<DB>, panel: &RankPanel) -> Result<(), String>
@@ -258,21 +386,33 @@ where
     });
     let (x0, x1) = log_range(xmin, xmax);
     let (y0, y1) = log_range(ymin, ymax);
-    let mut chart = ChartBuilder::on(area)
+    // Every rank present is a tick (4, 8, 16, ...), not only the powers of ten.
+    let mut ranks: Vec<f64> = panel
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect();
+    ranks.sort_by(f64::total_cmp);
+    ranks.dedup();
+    let (_, h) = area.dim_in_pixel();
+    let (plot_area, legend_area) =
+        area.split_vertically(h.saturating_sub(legend_height(panel.series.len())));
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(&panel.title, (FAMILY, 16))
         .margin(8)
         .x_label_area_size(38)
         .y_label_area_size(62)
-        .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+        .build_cartesian_2d(
+            (x0..x1).log_scale().with_key_points(ranks),
+            (y0..y1).log_scale().with_key_points(log_ticks(y0, y1)),
+        )
         .map_err(e)?;
     chart
         .configure_mesh()
         .x_desc("rank r")
         .y_desc(panel.y_label.as_str())
-        .x_labels(8)
-        .y_labels(6)
-        .x_label_formatter(&|x| sci(*x))
-        .y_label_formatter(&|y| sci(*y))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| tick(*y))
         .label_style((FAMILY, 12))
         .light_line_style(WHITE)
         .draw()
@@ -286,9 +426,7 @@ where
                     .iter()
                     .map(|&(x, m, _, _)| Circle::new((x, m), 3, style)),
             )
-            .map_err(e)?
-            .label(s.label.as_str())
-            .legend(move |(x, y)| Circle::new((x + 8, y), 4, ShapeStyle::from(color).filled()));
+            .map_err(e)?;
         chart
             .draw_series(
                 s.points
@@ -333,22 +471,14 @@ where
                 .map_err(e)?;
         }
     }
-    // Legend where the curves are not: top right when they mostly fall, bottom right when
-    // they rise.
-    let mean_fit = panel.series.iter().filter_map(|s| s.fitted).sum::<f64>();
-    let position = if mean_fit <= 0.0 {
-        SeriesLabelPosition::UpperRight
-    } else {
-        SeriesLabelPosition::LowerRight
-    };
-    chart
-        .configure_series_labels()
-        .position(position)
-        .label_font((FAMILY, 11))
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(180, 180, 180))
-        .draw()
-        .map_err(e)?;
+    // The legend below the data area, never over the points.
+    let entries: Vec<(String, RGBColor, bool)> = panel
+        .series
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.label.clone(), SERIES[i % SERIES.len()], true))
+        .collect();
+    legend(&legend_area, "", &entries, 2)?;
     Ok(())
 }
 
@@ -358,6 +488,7 @@ fn step_panel<DB: DrawingBackend>(
     y_label: &str,
     log_y: bool,
     (ymin, ymax): (f64, f64),
+    all_ranks: &[u32],
 ) -> Result<(), String>
 where
     DB::ErrorType: 'static,
@@ -384,13 +515,12 @@ where
         r
     };
     let color_of = |rank: u32| {
-        let i = ranks.iter().position(|&r| r == rank).unwrap_or(0);
-        viridis(if ranks.len() > 1 {
-            i as f64 / (ranks.len() - 1) as f64
-        } else {
-            0.0
-        })
+        // The figure's legend colours ranks by their order among all panels' ranks.
+        let i = all_ranks.iter().position(|&r| r == rank).unwrap_or(0);
+        rank_colour(i, all_ranks.len())
     };
+    let _ = &ranks;
+    let step_labels = ((x1 - x0).round() as usize + 1).clamp(2, 10);
     // A log axis shows only powers of ten: use it when the curves span more than a decade.
     let log_y = log_y && ymin > 0.0 && ymax / ymin > 10.0;
     let mut builder = ChartBuilder::on(area);
@@ -406,16 +536,12 @@ where
                 .configure_mesh()
                 .x_desc("step")
                 .y_desc(y_label)
-                .x_labels(8)
+                // At most one label per whole step, so the nice spacing is 1, 2, 5, ...:
+                // integer steps only.
+                .x_labels(step_labels)
+                .x_label_formatter(&|x| integer_label(*x))
                 .y_labels(8)
-                .x_label_formatter(&|x| {
-                    if x1 - x0 >= 5.0 {
-                        format!("{x:.0}")
-                    } else {
-                        sci(*x)
-                    }
-                })
-                .y_label_formatter(&|y| sci(*y))
+                .y_label_formatter(&|y| tick(*y))
                 .label_style((FAMILY, 12))
                 .light_line_style(WHITE)
                 .draw()
@@ -429,27 +555,23 @@ where
                     .filter(|p| p.1.is_finite() && (!log_y || p.1 > 0.0))
                     .collect();
                 chart
-                    .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-                    .map_err(e)?
-                    .label(s.label.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                    });
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                    .map_err(e)?;
+                if pts.len() == 1 {
+                    chart
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                        .map_err(e)?;
+                }
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .label_font((FAMILY, 11))
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(180, 180, 180))
-                .draw()
-                .map_err(e)?;
         }};
     }
     if log_y {
         let (y0, y1) = log_range(ymin, ymax);
         finish!(builder
-            .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
+            .build_cartesian_2d(
+                x0..x1,
+                (y0..y1).log_scale().with_key_points(log_ticks(y0, y1))
+            )
             .map_err(e)?);
     } else {
         let (y0, y1) = if ymin.is_finite() && ymax > ymin {
@@ -465,6 +587,8 @@ where
     Ok(())
 }
 
+/// Exponents, rows x columns, on a diverging map centred on the prediction (white: as
+/// predicted; blue below, red above), or on 0 when there is none.
 fn heatmap<DB: DrawingBackend>(
     area: &Area<DB>,
     rows: &[String],
@@ -476,14 +600,15 @@ where
     DB::ErrorType: 'static,
 {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let centre = predicted.filter(|p| p.is_finite()).unwrap_or(0.0);
     let vmax = values
         .iter()
         .flatten()
         .flatten()
         .filter(|v| v.is_finite())
-        .fold(0.5f64, |a, v| a.max(v.abs()));
+        .fold(0.25f64, |a, v| a.max((v - centre).abs()));
     let (w, _) = area.dim_in_pixel();
-    let (main, bar) = area.split_horizontally(w.saturating_sub(110));
+    let (main, bar) = area.split_horizontally(w.saturating_sub(120));
     let (nc, nr) = (cols.len().max(1) as i32, rows.len().max(1) as i32);
     let mut chart = ChartBuilder::on(&main)
         .margin(10)
@@ -520,7 +645,7 @@ where
         for (ci, v) in row.iter().enumerate() {
             let (ri, ci) = (ri as i32, ci as i32);
             let color = match v {
-                Some(v) if v.is_finite() => diverging(v / vmax),
+                Some(v) if v.is_finite() => diverging((v - centre) / vmax),
                 _ => RGBColor(200, 200, 200),
             };
             chart
@@ -547,43 +672,165 @@ where
             }
         }
     }
-    // Colour bar.
+    // Colour bar, centred on the prediction.
+    let (lo, hi) = (centre - vmax, centre + vmax);
     let mut cb = ChartBuilder::on(&bar)
         .margin_top(10)
         .margin_bottom(50)
         .margin_right(40)
-        .y_label_area_size(40)
+        .y_label_area_size(44)
         .caption(
-            predicted.map_or("slope".to_string(), |p| format!("pred {p:+.2}")),
+            predicted.map_or("slope (white: 0)".to_string(), |p| {
+                format!("white: pred {p:+.2}")
+            }),
             (FAMILY, 11),
         )
-        .build_cartesian_2d(0.0..1.0, -vmax..vmax)
+        .build_cartesian_2d(0.0..1.0, lo..hi)
         .map_err(e)?;
     cb.configure_mesh()
         .disable_mesh()
         .disable_x_axis()
         .y_labels(5)
-        .y_label_formatter(&|y| format!("{y:+.1}"))
+        .y_label_formatter(&|y| format!("{y:+.2}"))
         .label_style((FAMILY, 11))
         .draw()
         .map_err(e)?;
     let steps = 60;
     cb.draw_series((0..steps).map(|i| {
-        let a = -vmax + 2.0 * vmax * i as f64 / steps as f64;
-        let b = -vmax + 2.0 * vmax * (i + 1) as f64 / steps as f64;
+        let a = lo + 2.0 * vmax * i as f64 / steps as f64;
+        let b = lo + 2.0 * vmax * (i + 1) as f64 / steps as f64;
         Rectangle::new(
             [(0.0, a), (1.0, b)],
-            diverging((a + b) / 2.0 / vmax).filled(),
+            diverging(((a + b) / 2.0 - centre) / vmax).filled(),
         )
     }))
     .map_err(e)?;
-    if let Some(p) = predicted.filter(|p| p.abs() <= vmax) {
-        cb.draw_series(std::iter::once(PathElement::new(
-            vec![(0.0, p), (1.0, p)],
-            BLACK.stroke_width(2),
-        )))
-        .map_err(e)?;
+    cb.draw_series(std::iter::once(PathElement::new(
+        vec![(0.0, centre), (1.0, centre)],
+        BLACK.stroke_width(2),
+    )))
+    .map_err(e)?;
+    Ok(())
+}
+
+/// Colour of an outcome: green agrees, red disagrees, grey inconclusive.
+fn outcome_colour(o: rankstab_records::Outcome) -> RGBColor {
+    match o {
+        rankstab_records::Outcome::Agrees => RGBColor(27, 120, 55),
+        rankstab_records::Outcome::Disagrees => RGBColor(200, 30, 30),
+        rankstab_records::Outcome::Inconclusive => RGBColor(120, 120, 120),
     }
+}
+
+/// The headline figure: one row per primary fit, its exponent with the 90% interval
+/// against the predicted band (shaded), and a dotted line at 0 (rank-flat).
+fn forest<DB: DrawingBackend>(area: &Area<DB>, points: &[HeadlinePoint]) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let n = points.len().max(1);
+    let xs = points
+        .iter()
+        .flat_map(|p| {
+            let band = p.predicted.zip(p.band).map(|(c, b)| [c - b, c + b]);
+            [p.lo90, p.hi90, p.slope, 0.0]
+                .into_iter()
+                .chain(band.into_iter().flatten())
+        })
+        .filter(|x| x.is_finite());
+    let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    let pad = ((hi - lo) * 0.06).max(0.05);
+    let (x0, x1) = if lo.is_finite() {
+        (lo - pad, hi + pad)
+    } else {
+        (-1.0, 1.0)
+    };
+    let (w, _) = area.dim_in_pixel();
+    let (plot_area, legend_area) = area.split_horizontally(w.saturating_sub(150));
+    // Row i sits at y = n - 1 - i (the first point on top); a label at every row (n labels
+    // over a range of n + 0.2: the nice spacing is 1).
+    let mut chart = ChartBuilder::on(&plot_area)
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(360)
+        .build_cartesian_2d(x0..x1, -0.6..n as f64 - 0.4)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("rank exponent (slope of log moment against log rank)")
+        .y_labels(n)
+        .y_label_formatter(&|y| {
+            if integer_label(*y).is_empty() {
+                return String::new();
+            }
+            let i = n as i64 - 1 - y.round() as i64;
+            points
+                .get(usize::try_from(i).unwrap_or(usize::MAX))
+                .map_or(String::new(), |p| p.label.clone())
+        })
+        .x_label_formatter(&|x| format!("{x:+.1}"))
+        .label_style((FAMILY, 15))
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(e)?;
+    let y_of = |i: usize| (n - 1 - i) as f64;
+    chart
+        .draw_series(points.iter().enumerate().filter_map(|(i, p)| {
+            let (c, b) = p.predicted.zip(p.band)?;
+            let y = y_of(i);
+            Some(Rectangle::new(
+                [(c - b, y - 0.38), (c + b, y + 0.38)],
+                RGBColor(150, 170, 200).mix(0.45).filled(),
+            ))
+        }))
+        .map_err(e)?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(0.0, -0.6), (0.0, n as f64 - 0.4)],
+            4,
+            4,
+            RGBColor(60, 60, 60).stroke_width(1),
+        ))
+        .map_err(e)?;
+    for (i, p) in points.iter().enumerate() {
+        let y = y_of(i);
+        let c = outcome_colour(p.outcome);
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(p.lo90.max(x0), y), (p.hi90.min(x1), y)],
+                c.stroke_width(3),
+            )))
+            .map_err(e)?;
+        chart
+            .draw_series(std::iter::once(Circle::new((p.slope, y), 5, c.filled())))
+            .map_err(e)?;
+    }
+    legend(
+        &legend_area,
+        "outcome",
+        &[
+            (
+                "agrees".into(),
+                outcome_colour(rankstab_records::Outcome::Agrees),
+                true,
+            ),
+            (
+                "disagrees".into(),
+                outcome_colour(rankstab_records::Outcome::Disagrees),
+                true,
+            ),
+            (
+                "inconclusive".into(),
+                outcome_colour(rankstab_records::Outcome::Inconclusive),
+                true,
+            ),
+            ("predicted band".into(), RGBColor(150, 170, 200), false),
+        ],
+        20,
+    )?;
     Ok(())
 }
 
@@ -717,6 +964,74 @@ mod tests {
             }]),
         };
         draw(&p).expect("draws");
+    }
+
+    #[test]
+    fn tick_labels_tell_neighbours_apart() {
+        // Perplexities near 5e4 used to read "5e4" at every tick.
+        let labels: Vec<String> = [50100.0, 50150.0, 50200.0].map(tick).to_vec();
+        assert_eq!(labels, ["50100", "50150", "50200"]);
+        assert_eq!(tick(2.5), "2.5");
+        assert_eq!(tick(0.0012), "0.0012");
+        assert_eq!(tick(2e-9), "2e-9");
+        assert_eq!(integer_label(3.0), "3");
+        assert_eq!(integer_label(1.5), "");
+    }
+
+    #[test]
+    fn log_axes_have_ticks_even_within_one_decade() {
+        assert_eq!(log_ticks(3.0, 70.0), vec![5.0, 10.0, 20.0, 50.0]);
+        // Within one decade: 1-2-5 gives one tick at most, the finer set gives several.
+        let t = log_ticks(1.1e-9, 1.9e-9);
+        assert!(t.len() >= 2, "{t:?}");
+        assert!(t.iter().all(|v| (1.1e-9..=1.9e-9).contains(v)), "{t:?}");
+        // Many decades: at most eight.
+        assert!(log_ticks(1e-12, 1e3).len() <= 8);
+    }
+
+    #[test]
+    fn rank_axes_label_every_rank_and_legends_sit_below_the_data() {
+        let f = draw(&rank_plot()).expect("draws");
+        let texts: Vec<String> = roxmltree::Document::parse(&f.svg)
+            .expect("svg")
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+            .collect();
+        for r in ["4", "16", "64", "256", "1024"] {
+            assert!(
+                texts.iter().any(|t| t == r),
+                "no tick at rank {r}: {texts:?}"
+            );
+        }
+        // y ticks on a log axis spanning powers of ten.
+        assert!(texts.iter().any(|t| t.contains("e-")), "{texts:?}");
+    }
+
+    #[test]
+    fn heatmaps_are_white_at_the_prediction() {
+        let heat = |predicted: Option<f64>| Plot {
+            name: "h".into(),
+            title: "heat".into(),
+            caption: String::new(),
+            kind: PlotKind::Heat {
+                rows: vec!["layer 0".into()],
+                cols: vec!["q_proj".into(), "v_proj".into()],
+                values: vec![vec![Some(-1.0), Some(-1.0)]],
+                predicted,
+            },
+        };
+        // Centred on 0 (no prediction), cells of -1 take the map's darkest blue; centred on
+        // a prediction of -1, the same cells are white and that blue appears nowhere.
+        let rgb = diverging(-1.0);
+        let hex = format!("fill=\"#{:02X}{:02X}{:02X}\"", rgb.0, rgb.1, rgb.2);
+        let blue = draw(&heat(None)).expect("draws").svg;
+        assert!(blue.contains(&hex), "no {hex} cell");
+        let white = draw(&heat(Some(-1.0))).expect("draws").svg;
+        assert!(
+            !white.contains(&hex),
+            "a cell at the prediction is not white"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod figures;
 pub mod load;
 pub mod render;
 
-pub use analyse::{AnalysisOptions, ExponentRow};
+pub use analyse::{AnalysisOptions, ExponentRow, Headline, Sentence};
 pub use error::ReportError;
 pub use load::{RunKind, Skipped};
 
@@ -77,6 +77,42 @@ pub struct ReportOutcome {
     /// The verdicts in one line per section ("theory RUN: ..." and "training: ..."), the
     /// headlines the page shows.
     pub verdicts: Vec<String>,
+    /// The verdict in plain sentences (the page's first screen).
+    pub headline: Headline,
+}
+
+/// The verdict of the runs under `run_dirs` in plain sentences, one per source and setting
+/// ("Under AdamW in training gpt-j-mini (5 ranks 4-64, 6 seeds ...): standard LoRA's shrink
+/// with rank ...; rsLoRA's are rank-flat ... Rank-stable here: rsLoRA; the theorem's
+/// prediction holds for every fit."), from the fits judged as the report judges them.
+///
+/// # Errors
+/// As [`build_report`]'s loading: [`ReportError::NoUsableRuns`], damaged runs, and
+/// [`ReportError::SharedSeed`] for runs sharing a seed under different configurations.
+pub fn headline(run_dirs: &[PathBuf]) -> Result<Headline, ReportError> {
+    let (runs, skipped) = load::load_runs(run_dirs)?;
+    Ok(analyse::analyse(&runs, &skipped, &AnalysisOptions::default()).headline)
+}
+
+/// Where the report's links to the derivations point, and what to write for them: a path
+/// relative to the report when it is written inside the repository that holds `proofs_dir`
+/// (nothing copied), else `proofs/` next to the report, filled with the built-in copies.
+fn proofs_links(proofs_dir: Option<&Path>, out_abs: &Path) -> (String, String, bool) {
+    if let Some(p) = proofs_dir.map(absolute) {
+        if p.parent().is_some_and(|repo| out_abs.starts_with(repo)) {
+            let rel = relative_to(&p, out_abs);
+            return (
+                format!("{}/", rel.display()),
+                format!("links are relative to this report: {}", rel.display()),
+                false,
+            );
+        }
+    }
+    (
+        "proofs/".into(),
+        "a copy of the rankstab repository's proofs/ folder, written next to this report".into(),
+        true,
+    )
 }
 
 /// Reads `run_dirs`, analyses them and writes the report into `out` (created if needed;
@@ -133,19 +169,14 @@ pub fn build_report(
 
     std::fs::create_dir_all(out.join("figures")).map_err(io_err(out))?;
     let out_abs = absolute(out);
-    let (proofs_href, proofs_where) = match &opts.proofs_dir {
-        Some(p) => {
-            let rel = relative_to(&absolute(p), &out_abs);
-            (
-                format!("{}/", rel.display()),
-                format!("links are relative to this report: {}", rel.display()),
-            )
+    let (proofs_href, proofs_where, copy_proofs) =
+        proofs_links(opts.proofs_dir.as_deref(), &out_abs);
+    if copy_proofs {
+        std::fs::create_dir_all(out.join("proofs")).map_err(io_err(out))?;
+        for (file, text) in render::PROOF_TEXTS {
+            write(&out.join("proofs").join(file), text.as_bytes())?;
         }
-        None => (
-            "proofs/".into(),
-            "the proofs/ folder of the rankstab repository".into(),
-        ),
-    };
+    }
     let meta = render::PageMeta {
         title: opts.title.clone(),
         generated: opts.generated.clone().unwrap_or_else(|| {
@@ -204,6 +235,7 @@ pub fn build_report(
                     .map(|t| format!("training ({} runs): {}", t.runs, t.headline)),
             )
             .collect(),
+        headline: analysis.headline,
     })
 }
 

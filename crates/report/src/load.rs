@@ -95,6 +95,90 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// The training cell a run measures: one key per (model, optimizer, scaling, inputs,
+/// rank, seed) in its moments, with its learning rate.
+fn cells_of(run: &Run) -> std::collections::BTreeSet<String> {
+    let lr = crate::analyse::run_lr(run).unwrap_or_default();
+    run.moments
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} (lr {lr}, {}) r={} seed {}",
+                r.model, r.optimizer, r.scaling, r.inputs, r.rank, r.seed
+            )
+        })
+        .collect()
+}
+
+/// Configuration fields that do not change a run's numbers (where it was written, how often
+/// it checkpointed).
+const NEUTRAL_FIELDS: [&str; 2] = ["/run/sweep", "/train/checkpoint_every"];
+
+/// The leaves of a JSON value as (pointer, value) pairs.
+fn leaves(v: &serde_json::Value, at: String, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                leaves(x, format!("{at}/{k}"), out);
+            }
+        }
+        x => out.push((at, x.to_string())),
+    }
+}
+
+/// Refuses training runs that share a cell (model, optimizer, scaling, learning rate, data,
+/// rank and seed) but were run under different configurations: their rows would be
+/// averaged as one seed. Runs of identical configurations (the same cell run twice) are
+/// deterministic repeats and are kept.
+///
+/// # Errors
+/// [`ReportError::SharedSeed`] naming both directories and the differing fields.
+pub fn check_shared_seeds(runs: &[Run]) -> Result<(), ReportError> {
+    let train: Vec<(&Run, std::collections::BTreeSet<String>)> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Train)
+        .map(|r| (r, cells_of(r)))
+        .collect();
+    for (i, (a, ca)) in train.iter().enumerate() {
+        for (b, cb) in &train[i + 1..] {
+            let Some(cell) = ca.intersection(cb).next() else {
+                continue;
+            };
+            let (mut la, mut lb) = (Vec::new(), Vec::new());
+            leaves(&a.manifest.config, String::new(), &mut la);
+            leaves(&b.manifest.config, String::new(), &mut lb);
+            let ma: std::collections::BTreeMap<_, _> = la.into_iter().collect();
+            let mb: std::collections::BTreeMap<_, _> = lb.into_iter().collect();
+            let keys: std::collections::BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
+            let differ: Vec<String> = keys
+                .into_iter()
+                .filter(|k| !NEUTRAL_FIELDS.contains(&k.as_str()))
+                .filter(|k| ma.get(*k) != mb.get(*k))
+                .map(|k| {
+                    let show = |m: &std::collections::BTreeMap<String, String>| {
+                        m.get(k).cloned().unwrap_or_else(|| "absent".into())
+                    };
+                    format!(
+                        "{} ({} vs {})",
+                        k.trim_start_matches('/'),
+                        show(&ma),
+                        show(&mb)
+                    )
+                })
+                .collect();
+            if !differ.is_empty() {
+                return Err(ReportError::SharedSeed {
+                    first: a.dir.clone(),
+                    second: b.dir.clone(),
+                    cell: cell.clone(),
+                    fields: differ.join(", "),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads one run directory.
 ///
 /// # Errors
@@ -492,6 +576,7 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<(Vec<Run>, Vec<Skipped>), ReportErr
         });
     }
     assign_ids(&mut runs);
+    check_shared_seeds(&runs)?;
     Ok((runs, skipped))
 }
 

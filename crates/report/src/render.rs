@@ -5,7 +5,6 @@
 use crate::analyse::Analysis;
 use crate::figures::Figure;
 use crate::ReportError;
-use base64::Engine as _;
 use minijinja::{Environment, Value};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -14,7 +13,7 @@ const INDEX: &str = include_str!("../templates/index.html");
 const MARKDOWN: &str = include_str!("../templates/report.md");
 
 /// The derivations the report links to (`proofs/` in the repository).
-pub const PROOFS: [(&str, &str); 6] = [
+pub const PROOFS: [(&str, &str); 7] = [
     ("README.md", "notation and index of the derivations"),
     (
         "theorem-3.2-sgd.md",
@@ -36,6 +35,32 @@ pub const PROOFS: [(&str, &str); 6] = [
         "exact-law.md",
         "the exact first-step law of every moment order, given the data: the law rows",
     ),
+    (
+        "verdicts.md",
+        "the verdict rule: three outcomes from 90% intervals, derived bands, rivals, Benjamini-Hochberg",
+    ),
+];
+
+/// The text of every file of [`PROOFS`], built in, so that a report written outside the
+/// repository carries its own copy and its links resolve wherever it is read (the proofs
+/// link only to each other).
+pub const PROOF_TEXTS: [(&str, &str); 7] = [
+    ("README.md", include_str!("../../../proofs/README.md")),
+    (
+        "theorem-3.2-sgd.md",
+        include_str!("../../../proofs/theorem-3.2-sgd.md"),
+    ),
+    ("adam.md", include_str!("../../../proofs/adam.md")),
+    (
+        "first-step.md",
+        include_str!("../../../proofs/first-step.md"),
+    ),
+    (
+        "finite-rank.md",
+        include_str!("../../../proofs/finite-rank.md"),
+    ),
+    ("exact-law.md", include_str!("../../../proofs/exact-law.md")),
+    ("verdicts.md", include_str!("../../../proofs/verdicts.md")),
 ];
 
 /// Most training rows shown inline (the rest are in exponents.csv).
@@ -65,7 +90,8 @@ struct FigureView {
     name: String,
     title: String,
     caption: String,
-    data_uri: String,
+    /// The SVG document, inline in the HTML (vector); empty for Markdown.
+    svg: String,
     png_file: String,
     svg_file: String,
     width: u32,
@@ -240,11 +266,8 @@ fn page<'a>(
     let figures = figures
         .iter()
         .map(|f| {
-            let data_uri = if inline {
-                format!(
-                    "data:image/png;base64,{}",
-                    base64::engine::general_purpose::STANDARD.encode(&f.png)
-                )
+            let svg = if inline {
+                inline_svg(&f.svg)
             } else {
                 String::new()
             };
@@ -252,7 +275,7 @@ fn page<'a>(
                 name: f.name.clone(),
                 title: f.title.clone(),
                 caption: f.caption.clone(),
-                data_uri,
+                svg,
                 png_file: format!("figures/{}.png", f.name),
                 svg_file: format!("figures/{}.svg", f.name),
                 width: f.size.0,
@@ -274,7 +297,13 @@ fn page<'a>(
     }
 }
 
-/// The self-contained `index.html`: figures inline as base64 PNG.
+/// An SVG document as an element of the page: without the XML declaration.
+fn inline_svg(svg: &str) -> String {
+    let start = svg.find("<svg").unwrap_or(0);
+    svg[start..].to_string()
+}
+
+/// The self-contained `index.html`: figures inline as SVG (vector).
 ///
 /// # Errors
 /// [`ReportError::Template`] if the template fails.
@@ -319,6 +348,20 @@ mod tests {
         assert_eq!(yesno(Value::from(())), "-");
         assert_eq!(pm(Value::from(0.0845)), "\u{b1}0.08");
         assert_eq!(pm(Value::from(())), "-");
+    }
+
+    #[test]
+    fn built_in_proofs_are_the_linked_ones() {
+        let linked: Vec<&str> = PROOFS.iter().map(|p| p.0).collect();
+        let built_in: Vec<&str> = PROOF_TEXTS.iter().map(|p| p.0).collect();
+        assert_eq!(linked, built_in);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proofs");
+        let on_disk = std::fs::read_dir(&dir).expect("proofs/").count();
+        assert_eq!(
+            on_disk,
+            PROOF_TEXTS.len(),
+            "a file of proofs/ is not built in"
+        );
     }
 
     #[test]

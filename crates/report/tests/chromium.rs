@@ -1,6 +1,9 @@
 //! Opens a full report in headless Chromium and checks that it renders: a non-blank
-//! screenshot, every figure decoded (`naturalWidth > 0`, counted by the page's own check
-//! script into attributes of `<html>`), and no script, resource or console error.
+//! screenshot, every figure parsed as inline SVG (counted by the page's own check script
+//! into attributes of `<html>`), and no script, resource or console error; and that the
+//! example report's first screen (1400 x 900) holds the verdict card and the headline
+//! figure (their positions, from the same script), with a screenshot of it left in
+//! `target/tmp/example-first-screen.png`.
 //!
 //! Skips with a message when Chromium is absent, unless `RANKSTAB_REQUIRE_CHROMIUM=1`
 //! (then it fails). Debian: `apt-get install chromium`.
@@ -83,13 +86,114 @@ fn attr(dom: &str, name: &str) -> Option<String> {
     Some(dom[i..].split('"').next()?.to_string())
 }
 
-#[test]
-fn report_renders_in_headless_chromium() {
-    let Some(bin) = chromium() else {
+/// Chromium, or `None` after saying why the test skips (a failure under
+/// `RANKSTAB_REQUIRE_CHROMIUM=1`).
+fn chromium_or_skip(test: &str) -> Option<PathBuf> {
+    let bin = chromium();
+    if bin.is_none() {
         if std::env::var("RANKSTAB_REQUIRE_CHROMIUM").as_deref() == Ok("1") {
             panic!("chromium not found (RANKSTAB_REQUIRE_CHROMIUM=1): apt-get install chromium");
         }
-        eprintln!("SKIPPED report_renders_in_headless_chromium: no chromium on PATH (apt-get install chromium; set RANKSTAB_REQUIRE_CHROMIUM=1 to make this a failure)");
+        eprintln!("SKIPPED {test}: no chromium on PATH (apt-get install chromium; set RANKSTAB_REQUIRE_CHROMIUM=1 to make this a failure)");
+    }
+    bin
+}
+
+fn num_attr(dom: &str, name: &str, stderr: &str) -> i64 {
+    attr(dom, name)
+        .unwrap_or_else(|| {
+            panic!("{name} missing: the page's check script did not run; stderr: {stderr}")
+        })
+        .parse()
+        .expect("number")
+}
+
+#[test]
+fn the_example_report_s_first_screen_holds_the_verdict_and_the_headline_figure() {
+    let Some(bin) = chromium_or_skip(
+        "the_example_report_s_first_screen_holds_the_verdict_and_the_headline_figure",
+    ) else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reports/example/runs");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("example-report");
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = ReportOptions {
+        title: "rankstab example report (small theory run and a small training sweep)".into(),
+        generated: Some("2024-01-01T00:00:00Z".into()),
+        ..ReportOptions::default()
+    };
+    let outcome = build_report(
+        &[root.join("theory-small"), root.join("sweep-small")],
+        &out,
+        &opts,
+    )
+    .expect("the example report");
+    let url = format!(
+        "file://{}",
+        outcome.index_html.canonicalize().expect("path").display()
+    );
+    let o = run_chromium(
+        &bin,
+        &tmp.path().join("profile-dom"),
+        &[
+            "--window-size=1400,900".into(),
+            "--virtual-time-budget=10000".into(),
+            "--dump-dom".into(),
+            url.clone(),
+        ],
+        Duration::from_secs(180),
+    );
+    let dom = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "chromium --dump-dom failed: {stderr}");
+    let v_top = num_attr(&dom, "data-verdict-top", &stderr);
+    let v_bottom = num_attr(&dom, "data-verdict-bottom", &stderr);
+    let f_top = num_attr(&dom, "data-headline-top", &stderr);
+    let f_bottom = num_attr(&dom, "data-headline-bottom", &stderr);
+    let f_height = num_attr(&dom, "data-headline-height", &stderr);
+    eprintln!("verdict card {v_top}..{v_bottom} px, headline figure {f_top}..{f_bottom} px");
+    assert!(
+        v_top >= 0 && v_bottom <= 900,
+        "verdict card at {v_top}..{v_bottom} px: not within the first 900 px"
+    );
+    assert!(f_height > 150, "headline figure only {f_height} px tall");
+    assert!(
+        f_bottom <= 900,
+        "headline figure ends at {f_bottom} px: not within the first 900 px"
+    );
+    assert_eq!(num_attr(&dom, "data-errors", &stderr), 0);
+
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("example-first-screen.png");
+    let _ = std::fs::remove_file(&shot);
+    let o = run_chromium(
+        &bin,
+        &tmp.path().join("profile-shot"),
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1400,900".into(),
+            "--virtual-time-budget=10000".into(),
+            url,
+        ],
+        Duration::from_secs(180),
+    );
+    assert!(
+        o.status.success() && shot.is_file(),
+        "screenshot failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let bytes = std::fs::read(&shot).expect("screenshot");
+    let reader = png::Decoder::new(bytes.as_slice())
+        .read_info()
+        .expect("PNG");
+    assert_eq!((reader.info().width, reader.info().height), (1400, 900));
+    eprintln!("first screen: {}", shot.display());
+}
+
+#[test]
+fn report_renders_in_headless_chromium() {
+    let Some(bin) = chromium_or_skip("report_renders_in_headless_chromium") else {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -129,7 +233,10 @@ fn report_renders_in_headless_chromium() {
         .expect("attribute")
         .parse()
         .expect("number");
-    assert_eq!(total, outcome.figures, "every figure is an <img>");
+    assert_eq!(
+        total, outcome.figures,
+        "every figure is an inline SVG figure"
+    );
     assert_eq!(loaded, total, "only {loaded} of {total} figures decoded");
     assert_eq!(errors, 0, "{errors} script or resource errors");
     // Console messages are logged as ...:CONSOLE(line)] "text"; the page logs none.

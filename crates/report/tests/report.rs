@@ -106,12 +106,12 @@ fn theory_and_training_runs_make_a_full_report() {
         let text = std::fs::read_to_string(p).expect("svg");
         roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
+    // Figures are inline SVG (vector), one <figure> each, no raster in the page.
     assert_eq!(
-        html.matches("<img src=\"data:image&#x2f;png;base64,")
-            .count()
-            + html.matches("<img src=\"data:image/png;base64,").count(),
+        html.matches("<figure class=\"plot\"").count(),
         outcome.figures
     );
+    assert!(!html.contains("<img"));
     for needle in [
         "How to read this report",
         "The paper's findings next to ours",
@@ -125,14 +125,12 @@ fn theory_and_training_runs_make_a_full_report() {
     }
     // (minijinja escapes '/' as &#x2f; inside attributes; browsers decode it.)
     let unescaped = html.replace("&#x2f;", "/");
+    // Written outside the repository: the links point at the copy of proofs/ next to it.
     assert!(
-        unescaped.contains("href=\"../"),
-        "proofs links should be relative"
-    );
-    assert!(
-        unescaped.contains("/proofs/finite-rank.md\""),
+        unescaped.contains("href=\"proofs/finite-rank.md\""),
         "no link to proofs/finite-rank.md"
     );
+    assert!(out.join("proofs/finite-rank.md").is_file());
     // Escaping: the unusable directory's name is shown, escaped.
     assert!(!html.contains("bad<b>dir"), "unescaped text in index.html");
     assert!(html.contains("bad&lt;b&gt;dir"));
@@ -666,8 +664,9 @@ fn a_theory_run_alone_gets_panels_and_tables() {
     let theory = theory_run(tmp.path());
     let out = tmp.path().join("r");
     let outcome = build_report(&[theory], &out, &ReportOptions::default()).expect("report");
-    // 2 optimizers x 2 input regimes x (fwd, fwd_heldout, bwd, B-gradient norm).
-    assert_eq!(outcome.figures, 16);
+    // The headline figure, then 2 optimizers x 2 input regimes x (fwd, fwd_heldout, bwd,
+    // B-gradient norm).
+    assert_eq!(outcome.figures, 1 + 16);
     let html = std::fs::read_to_string(&outcome.index_html).expect("html");
     assert!(!html.contains("id=\"train\""));
     assert!(
@@ -690,5 +689,218 @@ fn only_unusable_directories_is_an_error_naming_them() {
     assert!(
         !tmp.path().join("out").exists(),
         "nothing is written when nothing is usable"
+    );
+}
+
+#[test]
+fn two_runs_sharing_a_seed_under_different_configurations_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let sweep = tmp.path().join("sweep");
+    common::write_train_sweep(&sweep);
+    // The cell r=4 lora seed 0 once more, from other weights: a different experiment.
+    let other = tmp.path().join("other-r4-lora-s0");
+    let cell = common::Cell {
+        rank: 4,
+        scaling: "lora",
+        beta: 1.0,
+        seed: 0,
+        lr: common::LR,
+    };
+    let spec = common::Sweep {
+        model: "/models/another-checkpoint".into(),
+        ..common::Sweep::default()
+    };
+    common::write_train_run(
+        &other,
+        cell,
+        &spec,
+        rankstab_records::RunStatus::Complete,
+        None,
+    );
+    let err = rankstab_report::load::load_runs(&[sweep.clone(), other.clone()])
+        .expect_err("two experiments under one seed are refused");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, rankstab_report::ReportError::SharedSeed { .. }),
+        "{msg}"
+    );
+    assert!(msg.contains(&other.display().to_string()), "{msg}");
+    assert!(msg.contains("-r4-lora-s0"), "names the sweep's run: {msg}");
+    assert!(msg.contains("seed 0"), "{msg}");
+    assert!(
+        msg.contains("run/model (\"preset:tiny-llama\" vs \"/models/another-checkpoint\")")
+            || msg.contains("run/model (\"/models/another-checkpoint\" vs \"preset:tiny-llama\")"),
+        "{msg}"
+    );
+    // The same report is refused too, and nothing is written.
+    let out = tmp.path().join("report");
+    assert!(build_report(&[sweep.clone(), other], &out, &ReportOptions::default()).is_err());
+    assert!(!out.join("index.html").exists());
+    // The same cell run again under the same configuration is a deterministic repeat: kept.
+    let again = tmp.path().join("again-r4-lora-s0");
+    common::write_train_run(
+        &again,
+        cell,
+        &common::Sweep::default(),
+        rankstab_records::RunStatus::Complete,
+        None,
+    );
+    rankstab_report::load::load_runs(&[sweep, again]).expect("a repeat is not a conflict");
+}
+
+/// Every `href` and `src` of a page that names a local file, resolved against `dir`.
+fn local_links(html: &str, dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for attr in ["href=\"", "src=\""] {
+        for piece in html.split(attr).skip(1) {
+            // minijinja escapes '/' in attributes; browsers decode it.
+            let link = piece
+                .split('"')
+                .next()
+                .unwrap_or_default()
+                .replace("&#x2f;", "/");
+            let link = link.as_str();
+            if link.starts_with('#')
+                || link.starts_with("http:")
+                || link.starts_with("https:")
+                || link.starts_with("data:")
+                || link.is_empty()
+            {
+                continue;
+            }
+            let path = link.split('#').next().unwrap_or_default();
+            out.push((link.to_string(), dir.join(path)));
+        }
+    }
+    out
+}
+
+#[test]
+fn links_to_the_proofs_resolve_wherever_the_report_is_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let theory = theory_run(tmp.path());
+    let repo_proofs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proofs");
+    // Outside the repository (a temporary directory), with and without a known proofs/.
+    for proofs_dir in [Some(repo_proofs.clone()), None] {
+        let out = tmp
+            .path()
+            .join(format!("elsewhere-{}", proofs_dir.is_some()));
+        let opts = ReportOptions {
+            proofs_dir,
+            ..ReportOptions::default()
+        };
+        let o = build_report(std::slice::from_ref(&theory), &out, &opts).expect("report");
+        let html = std::fs::read_to_string(&o.index_html).expect("html");
+        let md = std::fs::read_to_string(&o.report_md).expect("md");
+        let links = local_links(&html, &out);
+        assert!(
+            links.iter().any(|(l, _)| l.ends_with("exact-law.md")),
+            "no link to the proofs: {links:?}"
+        );
+        for (link, path) in &links {
+            assert!(
+                path.exists(),
+                "{link} does not resolve from {}",
+                out.display()
+            );
+        }
+        assert!(
+            md.contains("](proofs/verdicts.md)"),
+            "markdown links the copy"
+        );
+        // The copies are the repository's files, and they link only to each other.
+        let copy = std::fs::read_to_string(out.join("proofs/adam.md")).expect("copied");
+        assert_eq!(
+            copy,
+            std::fs::read_to_string(repo_proofs.join("adam.md")).expect("repo")
+        );
+    }
+    // Inside the repository the links are relative to the repository's proofs/, no copy.
+    let inside = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report-inside-repo");
+    let _ = std::fs::remove_dir_all(&inside);
+    let opts = ReportOptions {
+        proofs_dir: Some(repo_proofs),
+        ..ReportOptions::default()
+    };
+    let o = build_report(std::slice::from_ref(&theory), &inside, &opts).expect("report");
+    let html = std::fs::read_to_string(&o.index_html).expect("html");
+    assert!(
+        !inside.join("proofs").exists(),
+        "no copy inside the repository"
+    );
+    for (link, path) in local_links(&html, &inside) {
+        assert!(path.exists(), "{link} does not resolve");
+    }
+}
+
+#[test]
+fn the_report_opens_with_the_verdict_and_the_headline_figure() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let theory = theory_run(tmp.path());
+    let sweep = tmp.path().join("sweep");
+    common::write_train_sweep(&sweep);
+    let out = tmp.path().join("report");
+    let o = build_report(
+        &[theory.clone(), sweep.clone()],
+        &out,
+        &ReportOptions::default(),
+    )
+    .expect("report");
+    let html = std::fs::read_to_string(&o.index_html).expect("html");
+    let verdict = html.find("id=\"verdict\"").expect("a verdict card");
+    let headline = html.find("id=\"fig-headline\"").expect("a headline figure");
+    let first_section = html
+        .find("<details class=\"section\"")
+        .expect("folded sections");
+    assert!(verdict < headline && headline < first_section);
+    // Every other section is folded; figures are inline SVG, no raster.
+    assert!(!html.contains("data:image/png"));
+    assert_eq!(html.matches("<figure class=\"plot\"").count(), o.figures);
+    assert_eq!(html.matches("<details class=\"section\" open").count(), 0);
+    // One provenance table.
+    let prov = &html[html.find("id=\"provenance\"").expect("provenance")..];
+    let prov = &prov[..prov.find("</details>\n\n").unwrap_or(prov.len())];
+    assert_eq!(prov.matches("<table").count(), 1, "one provenance table");
+    // Sentences for theory and training, each with ranks, seeds and a plain outcome.
+    let h = &o.headline;
+    assert!(h.sentences.iter().any(|s| s.source == "theory"));
+    assert!(h.sentences.iter().any(|s| s.source == "train"));
+    for s in &h.sentences {
+        assert!(s.text.contains(" ranks "), "{}", s.text);
+        assert!(
+            s.text.contains(" seeds") || s.text.contains(" trials"),
+            "{}",
+            s.text
+        );
+        let plain = rankstab_report::render::escape_html(&s.text).replace("&#x2f;", "/");
+        assert!(html.replace("&#x2f;", "/").contains(&plain), "{}", s.text);
+    }
+    // The training fixture's law is right: its sentences say it holds, and rsLoRA is not
+    // called rank-flat under Adam (its moments grow as r^1 there).
+    let train = h
+        .sentences
+        .iter()
+        .find(|s| s.source == "train")
+        .expect("train");
+    assert_eq!(train.outcome, Outcome::Agrees, "{}", train.text);
+    assert!(
+        train.text.contains("the theorem's prediction holds"),
+        "{}",
+        train.text
+    );
+    assert!(
+        train.text.contains("Rank-stable here: standard LoRA;"),
+        "{}",
+        train.text
+    );
+    assert_eq!(
+        rankstab_report::headline(&[theory, sweep]).expect("headline"),
+        *h
+    );
+    // Markdown: the verdict comes first.
+    let md = std::fs::read_to_string(&o.report_md).expect("md");
+    assert!(
+        md.find("## Is it rank-stable?").expect("verdict")
+            < md.find("## How to read").expect("guide")
     );
 }

@@ -15,6 +15,7 @@
 //! | `train_plots`   | the training figures: curves against step, rank panels, heatmaps     |
 //! | `plots`         | what a figure holds ([`Plot`]) and the helpers shared by figures     |
 //! | `findings`      | the paper's findings next to ours                                    |
+//! | `headline`      | the verdict in plain sentences and the headline figure's points       |
 //!
 //! Statistics come from `rankstab_theory::stats` (one implementation for the checker and the
 //! report): `fit_slope` (slope of log mean against log rank, jackknife over seeds paired
@@ -46,6 +47,7 @@
 
 mod findings;
 mod fit;
+mod headline;
 mod plots;
 mod row;
 mod runs;
@@ -56,8 +58,10 @@ mod train_rows;
 
 pub use findings::PaperRow;
 pub use fit::{fit_by_rank, step_windows, ByRank};
+pub use headline::{outcome_words, sentences, slope_90, Headline, HeadlinePoint, Sentence};
 pub use plots::{slug, Plot, PlotKind, RankPanel, RankSeries, StepPanel, StepSeries};
 pub use row::{tally_rows, ExponentRow};
+pub(crate) use runs::run_lr;
 pub use runs::RunInfo;
 pub use theory::TheorySection;
 pub use train::TrainSection;
@@ -86,6 +90,8 @@ impl Default for AnalysisOptions {
 /// Everything a report shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Analysis {
+    /// The verdict in sentences (the page's first screen) and the headline figure's data.
+    pub headline: Headline,
     /// Provenance of every run used.
     pub runs: Vec<RunInfo>,
     /// Directories not used, with reasons.
@@ -112,7 +118,17 @@ pub fn analyse(runs: &[Run], skipped: &[Skipped], opts: &AnalysisOptions) -> Ana
     let train =
         (!train_runs.is_empty()).then(|| train::section(&train_runs, &theory, opts, &mut plots));
     let paper = findings::paper_rows(&theory, &train_runs, opts);
+    let primary: Vec<&ExponentRow> = theory
+        .iter()
+        .flat_map(|s| headline::theory_primary(&s.shown))
+        .chain(train.iter().flat_map(|t| headline::train_primary(&t.shown)))
+        .collect();
+    let headline = headline::sentences(&primary);
+    if !headline.points.is_empty() {
+        plots.insert(0, plots::headline_plot(&headline));
+    }
     Analysis {
+        headline,
         runs: runs.iter().map(runs::run_info).collect(),
         skipped: skipped.to_vec(),
         theory,

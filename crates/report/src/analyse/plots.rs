@@ -20,9 +20,12 @@ pub struct Plot {
     pub kind: PlotKind,
 }
 
-/// The three kinds of figure.
+/// The kinds of figure.
 #[derive(Debug, Clone, Serialize)]
 pub enum PlotKind {
+    /// The headline: one fitted exponent per row with its 90% interval, against the
+    /// predicted band (shaded), coloured by outcome.
+    Forest(Vec<super::HeadlinePoint>),
     /// Statistic against rank, log-log, one panel per step.
     Rank(Vec<RankPanel>),
     /// A curve per rank against step, one panel per scaling.
@@ -45,6 +48,20 @@ pub enum PlotKind {
         /// Predicted exponent, drawn as the reference in the title.
         predicted: Option<f64>,
     },
+}
+
+/// The headline figure: every primary fit's exponent against its predicted band.
+pub(super) fn headline_plot(h: &super::Headline) -> Plot {
+    Plot {
+        name: "headline".into(),
+        title: "Fitted rank exponent vs the predicted band".into(),
+        caption: "One row per scaling, optimizer and setting (theory: input regime; training and audit: model and \
+                  module): the fitted exponent of E|adapter output|^m against log rank (point) with its 90% interval \
+                  (bar), and the predicted exponent with its band (shaded; none when the fit has no law). Colour: \
+                  green agrees, red disagrees, grey inconclusive. An exponent of 0 (dotted line) is rank-flat."
+            .into(),
+        kind: PlotKind::Forest(h.points.clone()),
+    }
 }
 
 /// One panel of a moment-vs-rank figure.

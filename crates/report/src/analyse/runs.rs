@@ -150,7 +150,7 @@ fn json_list(v: Option<&serde_json::Value>) -> String {
 
 /// Learning rate recorded in a run's config (`lr` or `learning_rate`, at the top or in the
 /// `train` object that `rankstab train` and `sweep` write), as text.
-pub(super) fn run_lr(run: &Run) -> Option<String> {
+pub(crate) fn run_lr(run: &Run) -> Option<String> {
     let c = &run.manifest.config;
     [Some(c), c.get("train")]
         .into_iter()
