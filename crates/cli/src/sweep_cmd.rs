@@ -287,9 +287,12 @@ pub fn run(a: SweepArgs) -> Result<()> {
     }
     pb.finish();
     if a.json {
+        let verdict = rankstab_report::headline(std::slice::from_ref(&out))
+            .map(|h| h.sentences)
+            .unwrap_or_default();
         crate::json_line(&serde_json::json!({
             "event": "sweep", "run_dir": out, "run": done, "already_finished": skipped,
-            "diverged": diverged,
+            "diverged": diverged, "verdict": verdict,
         }));
         return Ok(());
     }

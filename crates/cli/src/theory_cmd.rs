@@ -253,9 +253,12 @@ pub fn run(a: TheoryArgs) -> Result<()> {
     pb.finish_and_clear();
     if a.json {
         // One JSON object on one line (every command's --json).
-        crate::json_line(
-            &serde_json::json!({ "event": "theory", "run_dir": out, "fits": outcome.fits }),
-        );
+        let verdict = rankstab_report::headline(std::slice::from_ref(&outcome.dir))
+            .map(|h| h.sentences)
+            .unwrap_or_default();
+        crate::json_line(&serde_json::json!({
+            "event": "theory", "run_dir": out, "fits": outcome.fits, "verdict": verdict,
+        }));
         return Ok(());
     }
     print_table(&outcome.fits, cfg.steps as u32, a.all_steps);

@@ -86,12 +86,10 @@ pub fn write_parquet(csv_path: &Path, out: &Path) -> Result<(), RecordsError> {
     let fields: Vec<String> = header
         .iter()
         .zip(&kinds)
-        .map(|(name, k)| {
-            match k {
-                Kind::Int => format!("OPTIONAL INT64 {name};"),
-                Kind::Double => format!("OPTIONAL DOUBLE {name};"),
-                Kind::Text => format!("OPTIONAL BINARY {name} (UTF8);"),
-            }
+        .map(|(name, k)| match k {
+            Kind::Int => format!("OPTIONAL INT64 {name};"),
+            Kind::Double => format!("OPTIONAL DOUBLE {name};"),
+            Kind::Text => format!("OPTIONAL BINARY {name} (UTF8);"),
         })
         .collect();
     let message = format!("message table {{ {} }}", fields.join(" "));
