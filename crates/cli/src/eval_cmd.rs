@@ -83,6 +83,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         estimate,
         a.max_memory,
     )?;
+    // The adapter's files and config before the model is loaded.
+    if let Some(dir) = &a.adapter {
+        rankstab_train::inject::check_peft(dir)?;
+    }
     let text = read_text(&a.text)?;
     let mut loaded = rankstab_train::load::load(&a.model, kind, device)?;
     if let Some(dir) = &a.adapter {
@@ -149,6 +153,8 @@ Examples:
   rankstab generate --model assets/SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'What is the capital of France?'
   rankstab generate --model path/to/hf-model-dir --prompt 'Once upon a time' --max-tokens 40
 
+--adapter attaches a PEFT-format LoRA / rsLoRA adapter directory first (as for eval).
+
 Greedy decoding. When the model has a chat template (GGUF metadata tokenizer.chat_template,
 or chat_template in tokenizer_config.json) the prompt is sent as one user message with the
 generation prompt; otherwise the text is continued as is. Prints the new text only.")]
@@ -168,6 +174,10 @@ pub struct GenerateArgs {
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: Dtype,
+    /// PEFT-format adapter directory (adapter_config.json + adapter_model.safetensors) to
+    /// attach before generating.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Refuse to start when the up-front memory estimate exceeds SIZE (e.g. 16G, 512M;
     /// default: the machine's available memory).
     #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
@@ -192,7 +202,18 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         memory::eval_bytes(&shape, kind, 1, tokens),
         a.max_memory,
     )?;
-    let loaded = rankstab_train::load::load(&a.model, kind, device)?;
+    if let Some(dir) = &a.adapter {
+        rankstab_train::inject::check_peft(dir)?;
+    }
+    let mut loaded = rankstab_train::load::load(&a.model, kind, device)?;
+    if let Some(dir) = &a.adapter {
+        let att = rankstab_train::inject::attach_peft(&mut loaded.model, dir)?;
+        if let Some(warning) =
+            base_model_mismatch(&a.model, att.config.base_model_name_or_path.as_deref())
+        {
+            eprintln!("rankstab: warning: {}: {warning}", dir.display());
+        }
+    }
     let answer = rankstab_train::generate::answer(&loaded, &a.prompt, a.max_tokens, device)?;
     println!("{}", answer.trim_end());
     Ok(())

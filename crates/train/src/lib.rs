@@ -8,6 +8,7 @@
 //! (`run`: model, run directory, manifest) and sweeps of runs (`sweep`).
 
 mod checkpoint;
+pub mod audit;
 pub mod data;
 pub mod device;
 mod error;
@@ -25,6 +26,7 @@ mod loss;
 pub mod memory;
 pub mod model;
 pub mod optim;
+pub mod peft;
 pub mod probe;
 pub mod random;
 pub mod run;
