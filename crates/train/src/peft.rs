@@ -441,7 +441,9 @@ pub fn validate_config_file(cfg_path: &Path) -> Result<PeftAdapterConfig, TrainE
             }
         }
     }
-    let cfg: PeftAdapterConfig = serde_json::from_value(v.clone()).map_err(|source| TrainError::Json {
+    // From the text, not the Value: a Value's object is sorted, and rank_pattern and
+    // alpha_pattern keys keep the file's order (PEFT takes the first that matches).
+    let cfg: PeftAdapterConfig = serde_json::from_str(&text).map_err(|source| TrainError::Json {
         path: cfg_path.to_path_buf(),
         source,
     })?;
