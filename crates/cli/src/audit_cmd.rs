@@ -223,8 +223,9 @@ fn print_outcome(o: &AuditOutcome, json: bool) -> Result<()> {
 }
 
 /// The rank exponents of the audit, fitted and judged by the report's training section
-/// (the same path `rankstab report` takes): the rows pooled over layers that the report
-/// shows.
+/// (the same path `rankstab report` takes): its rows pooled over layers, of absolute
+/// moments and norms, at every step window (step 0 included: the page leaves it out because
+/// a training run's B is zero there, an audited adapter's is not).
 fn print_exponents(out: &Path, json: bool) -> Result<()> {
     let run = rankstab_report::load::load_run(out)?;
     let analysis = rankstab_report::analyse::analyse(
@@ -232,7 +233,14 @@ fn print_exponents(out: &Path, json: bool) -> Result<()> {
         &[],
         &rankstab_report::AnalysisOptions::default(),
     );
-    let rows = analysis.train.map(|t| t.shown).unwrap_or_default();
+    use rankstab_records::{Layer, Site, Stat};
+    let rows: Vec<_> = analysis
+        .train
+        .map(|t| t.rows)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.layer == Layer::All && (r.stat == Stat::Abs || r.site == Site::Param))
+        .collect();
     if rows.is_empty() {
         if json {
             println!("{}", serde_json::json!({"kind": "note", "note": "no rank exponents: the adapters need at least two ranks of one scaling"}));
