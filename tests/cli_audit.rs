@@ -36,8 +36,14 @@ fn audit_of_three_ranks_gives_exponents_and_a_run_the_report_reads() {
     let peft = fixtures().join("peft");
     // r = 8 as a trainer's output: the same adapter at steps 10 and 20.
     let trainer = dir.path().join("trainer-r8");
-    copy_adapter(&peft.join("tiny-llama-r8-list"), &trainer.join("checkpoint-10"));
-    copy_adapter(&peft.join("tiny-llama-r8-list"), &trainer.join("checkpoint-20"));
+    copy_adapter(
+        &peft.join("tiny-llama-r8-list"),
+        &trainer.join("checkpoint-10"),
+    );
+    copy_adapter(
+        &peft.join("tiny-llama-r8-list"),
+        &trainer.join("checkpoint-20"),
+    );
     let out = dir.path().join("audit");
     let data = text(dir.path());
     let o = rankstab(&[
@@ -63,11 +69,17 @@ fn audit_of_three_ranks_gives_exponents_and_a_run_the_report_reads() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
-    assert_eq!(stderr.matches("audit ").count(), 5, "one progress line per adapter: {stderr}");
+    assert_eq!(
+        stderr.matches("audit ").count(),
+        5,
+        "one progress line per adapter: {stderr}"
+    );
     assert!(stdout.contains("rank exponents"), "{stdout}");
     // Ranks 2, 4, 8 of rsLoRA: exponents of fwd, grad_out, bwd and the norms at step 0.
     assert!(
-        stdout.lines().any(|l| l.contains("fwd") && l.contains("2,4,8") && l.contains("slope")),
+        stdout
+            .lines()
+            .any(|l| l.contains("fwd") && l.contains("2,4,8") && l.contains("slope")),
         "{stdout}"
     );
     let m: Vec<rankstab_records::MomentRow> =
@@ -76,20 +88,33 @@ fn audit_of_three_ranks_gives_exponents_and_a_run_the_report_reads() {
     assert_eq!(ranks.into_iter().collect::<Vec<_>>(), [2, 4, 8]);
     let steps: std::collections::BTreeSet<u32> = m.iter().map(|r| r.step).collect();
     assert_eq!(steps.into_iter().collect::<Vec<_>>(), [0, 10, 20]);
-    assert!(m.iter().all(|r| r.source == "audit" && r.scaling.to_string() == "rslora"));
+    assert!(m
+        .iter()
+        .all(|r| r.source == "audit" && r.scaling.to_string() == "rslora"));
     let x: Vec<rankstab_records::MetricRow> =
         rankstab_records::read_table(&out.join("metrics.csv")).expect("metrics");
     assert_eq!(
-        x.iter().filter(|r| r.metric.as_str() == "heldout_loss").count(),
+        x.iter()
+            .filter(|r| r.metric.as_str() == "heldout_loss")
+            .count(),
         5
     );
 
     // The report reads it like a training sweep.
     let rep = dir.path().join("report");
-    let o = rankstab(&["report".as_ref(), out.as_os_str(), "--out".as_ref(), rep.as_os_str()]);
+    let o = rankstab(&[
+        "report".as_ref(),
+        out.as_os_str(),
+        "--out".as_ref(),
+        rep.as_os_str(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let exps = std::fs::read_to_string(rep.join("exponents.csv")).expect("exponents.csv");
-    assert!(exps.lines().any(|l| l.contains("fwd") && l.contains("2,4,8")), "{exps}");
+    assert!(
+        exps.lines()
+            .any(|l| l.contains("fwd") && l.contains("2,4,8")),
+        "{exps}"
+    );
 
     // The same command again: the directory holds a finished audit.
     let o = rankstab(&[
@@ -104,7 +129,10 @@ fn audit_of_three_ranks_gives_exponents_and_a_run_the_report_reads() {
         out.as_os_str(),
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(out.join("manifest.json").exists(), "the earlier audit is kept");
+    assert!(
+        out.join("manifest.json").exists(),
+        "the earlier audit is kept"
+    );
 }
 
 #[test]
@@ -138,7 +166,10 @@ fn bad_adapters_are_one_line_errors_and_leave_nothing() {
         ]);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains(says) && stderr.trim().lines().count() == 1, "{stderr}");
+        assert!(
+            stderr.contains(says) && stderr.trim().lines().count() == 1,
+            "{stderr}"
+        );
         assert!(!out.exists(), "nothing written");
     }
 }

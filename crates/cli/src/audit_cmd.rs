@@ -243,7 +243,10 @@ fn print_exponents(out: &Path, json: bool) -> Result<()> {
         .collect();
     if rows.is_empty() {
         if json {
-            println!("{}", serde_json::json!({"kind": "note", "note": "no rank exponents: the adapters need at least two ranks of one scaling"}));
+            println!(
+                "{}",
+                serde_json::json!({"kind": "note", "note": "no rank exponents: the adapters need at least two ranks of one scaling"})
+            );
         } else {
             println!("rank exponents: none (the adapters need at least two ranks of one scaling)");
         }

@@ -431,7 +431,8 @@ fn module_widths(model: &mut CausalLm) -> serde_json::Value {
     for (path, lin) in model.linears_mut() {
         let (module, _) = inject::module_and_layer(&path);
         let (o, i) = lin.dims();
-        map.entry(module).or_insert_with(|| serde_json::json!([i, o]));
+        map.entry(module)
+            .or_insert_with(|| serde_json::json!([i, o]));
     }
     serde_json::Value::Object(map)
 }
@@ -442,7 +443,8 @@ mod tests {
 
     fn write_adapter(dir: &Path, r: usize, alpha: f64, rslora: bool) {
         std::fs::create_dir_all(dir).expect("mkdir");
-        let mut c = crate::lora::PeftAdapterConfig::for_scaling(r, alpha, if rslora { 0.5 } else { 1.0 });
+        let mut c =
+            crate::lora::PeftAdapterConfig::for_scaling(r, alpha, if rslora { 0.5 } else { 1.0 });
         c.target_modules = vec!["q_proj".to_string()].into();
         std::fs::write(
             dir.join("adapter_config.json"),
@@ -462,14 +464,24 @@ mod tests {
         write_adapter(&d.path().join("a"), 4, 8.0, true);
         write_adapter(&d.path().join("b"), 4, 8.0, true);
         write_adapter(&d.path().join("c"), 8, 8.0, true);
-        let dirs = [run.clone(), d.path().join("a"), d.path().join("b"), d.path().join("c")];
+        let dirs = [
+            run.clone(),
+            d.path().join("a"),
+            d.path().join("b"),
+            d.path().join("c"),
+        ];
         let got = replicates(&dirs, 3).expect("valid");
         let summary: Vec<(u32, u64, usize)> = got.iter().map(|a| (a.step, a.seed, a.r)).collect();
-        assert_eq!(summary, [(5, 3, 4), (20, 3, 4), (0, 3, 4), (0, 4, 4), (0, 3, 8)]);
+        assert_eq!(
+            summary,
+            [(5, 3, 4), (20, 3, 4), (0, 3, 4), (0, 4, 4), (0, 3, 8)]
+        );
         assert!(got[0].dir.ends_with("checkpoint-5"));
         let e = replicates(&[d.path().join("a"), d.path().join("a")], 0).expect_err("twice");
         assert!(e.to_string().contains("given twice"), "{e}");
-        let e = expand_dir(&run.join("runs")).expect_err("empty").to_string();
+        let e = expand_dir(&run.join("runs"))
+            .expect_err("empty")
+            .to_string();
         assert!(e.contains("neither a PEFT adapter directory"), "{e}");
         write_adapter(&run.join("checkpoint-x"), 4, 8.0, true);
         let e = expand_dir(&run).expect_err("bad step").to_string();

@@ -213,10 +213,11 @@ pub fn peft_targets(
     let matcher = ModuleMatcher::new(cfg_path, config)?;
     let paths: Vec<String> = model.linears_mut().into_iter().map(|(p, _)| p).collect();
     if let Some(names) = matcher.names() {
-        if let Some(t) = names
-            .iter()
-            .find(|t| !paths.iter().any(|p| p == *t || p.ends_with(&format!(".{t}"))))
-        {
+        if let Some(t) = names.iter().find(|t| {
+            !paths
+                .iter()
+                .any(|p| p == *t || p.ends_with(&format!(".{t}")))
+        }) {
             let t = t.clone();
             return Err(TrainError::Invalid(format!(
                 "{}: target module {t:?} does not exist in this model (available: {})",

@@ -7,8 +7,8 @@
 //! (`checkpoint`), the instrumented training loop (`trainer`), one run's lifecycle
 //! (`run`: model, run directory, manifest) and sweeps of runs (`sweep`).
 
-mod checkpoint;
 pub mod audit;
+mod checkpoint;
 pub mod data;
 pub mod device;
 mod error;

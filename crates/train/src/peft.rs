@@ -102,7 +102,10 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for OrderedMap<T> 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("an object {pattern: value} or null")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some((k, v)) = a.next_entry::<String, T>()? {
                     out.push((k, v));
@@ -174,11 +177,22 @@ impl ModuleMatcher {
             TargetModules::Names(n) => Targets::Names(n.clone()),
         };
         let mut layer_patterns = Vec::new();
-        for p in cfg.layers_pattern.as_ref().map(OneOrMany::to_vec).unwrap_or_default() {
+        for p in cfg
+            .layers_pattern
+            .as_ref()
+            .map(OneOrMany::to_vec)
+            .unwrap_or_default()
+        {
             // PEFT: (?:^|.*?\.){pattern}\.(\d+)\. — the first index after the pattern.
-            let re = fancy_regex::Regex::new(&format!(r"^(?:.*?\.)?(?:{p})\.(\d+)\.")).map_err(|e| {
-                field_error(path, "layers_pattern", format!("{p:?}"), &format!("a module-name pattern such as \"layers\" or \"h\" ({e})"))
-            })?;
+            let re =
+                fancy_regex::Regex::new(&format!(r"^(?:.*?\.)?(?:{p})\.(\d+)\.")).map_err(|e| {
+                    field_error(
+                        path,
+                        "layers_pattern",
+                        format!("{p:?}"),
+                        &format!("a module-name pattern such as \"layers\" or \"h\" ({e})"),
+                    )
+                })?;
             layer_patterns.push(re);
         }
         let compile = |field: &str, k: &str| {
@@ -319,7 +333,11 @@ fn unsupported_options(v: &serde_json::Value) -> Vec<String> {
         Some(serde_json::Value::String(s)) if s == "none" => {}
         Some(b) => what.push(format!("bias {b}")),
     }
-    if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()).filter(|t| *t != "LORA") {
+    if let Some(t) = v
+        .get("peft_type")
+        .and_then(|t| t.as_str())
+        .filter(|t| *t != "LORA")
+    {
         what.push(format!("peft_type {t:?}"));
     }
     what
@@ -358,9 +376,8 @@ pub fn validate_config_file(cfg_path: &Path) -> Result<PeftAdapterConfig, TrainE
     }
     // Field by field, so that a wrong type names its field.
     let field = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
-    let shape_of = |k: &str, allowed: &str| -> TrainError {
-        field_error(cfg_path, k, field(k), allowed)
-    };
+    let shape_of =
+        |k: &str, allowed: &str| -> TrainError { field_error(cfg_path, k, field(k), allowed) };
     match field("target_modules") {
         serde_json::Value::String(s) if !s.is_empty() => {}
         serde_json::Value::Array(a)
@@ -410,7 +427,10 @@ pub fn validate_config_file(cfg_path: &Path) -> Result<PeftAdapterConfig, TrainE
     }
     for (k, what) in [
         ("rank_pattern", "ranks (integers from 1 to 1048576)"),
-        ("alpha_pattern", "alphas (finite numbers of magnitude at most 1e6)"),
+        (
+            "alpha_pattern",
+            "alphas (finite numbers of magnitude at most 1e6)",
+        ),
     ] {
         match field(k) {
             serde_json::Value::Null => {}
@@ -443,10 +463,11 @@ pub fn validate_config_file(cfg_path: &Path) -> Result<PeftAdapterConfig, TrainE
     }
     // From the text, not the Value: a Value's object is sorted, and rank_pattern and
     // alpha_pattern keys keep the file's order (PEFT takes the first that matches).
-    let cfg: PeftAdapterConfig = serde_json::from_str(&text).map_err(|source| TrainError::Json {
-        path: cfg_path.to_path_buf(),
-        source,
-    })?;
+    let cfg: PeftAdapterConfig =
+        serde_json::from_str(&text).map_err(|source| TrainError::Json {
+            path: cfg_path.to_path_buf(),
+            source,
+        })?;
     if cfg.rankstab_beta.is_some() && !(cfg.rank_pattern.is_empty() && cfg.alpha_pattern.is_empty())
     {
         return Err(shape_of(
@@ -489,9 +510,14 @@ mod tests {
         assert!(m.targets("model.layers.0.self_attn.q_proj"));
         assert!(m.targets("model.layers.3.mlp.down_proj"));
         assert!(!m.targets("model.layers.3.self_attn.k_proj"));
-        assert!(!m.targets("model.layers.3.mlp.xq_proj"), "a suffix after a dot only");
+        assert!(
+            !m.targets("model.layers.3.mlp.xq_proj"),
+            "a suffix after a dot only"
+        );
         let m = matcher(r#""target_modules":"ALL-LINEAR""#);
-        assert!(m.targets("model.layers.0.self_attn.q_proj") && m.targets("transformer.h.1.mlp.fc_in"));
+        assert!(
+            m.targets("model.layers.0.self_attn.q_proj") && m.targets("transformer.h.1.mlp.fc_in")
+        );
         let m = matcher(r#""target_modules":".*\\.(q|v)_proj""#);
         assert!(m.targets("model.layers.0.self_attn.q_proj"));
         assert!(m.targets("model.layers.1.self_attn.v_proj"));
@@ -512,10 +538,22 @@ mod tests {
         assert!(m.targets("model.layers.2.self_attn.q_proj"));
         assert!(m.targets("transformer.h.0.mlp.fc_in"));
         assert!(!m.targets("transformer.h.1.mlp.fc_in"));
-        let m = matcher(r#""target_modules":["q_proj"],"layers_to_transform":[0],"layers_pattern":"blocks""#);
-        assert!(!m.targets("model.layers.0.self_attn.q_proj"), "no .blocks.N. in the name");
-        assert_eq!(layer_index_default("model.layers.12.self_attn.q_proj"), Some(12));
-        assert_eq!(layer_index_default("model.layers.1.experts.3.w1"), Some(1), "the first index");
+        let m = matcher(
+            r#""target_modules":["q_proj"],"layers_to_transform":[0],"layers_pattern":"blocks""#,
+        );
+        assert!(
+            !m.targets("model.layers.0.self_attn.q_proj"),
+            "no .blocks.N. in the name"
+        );
+        assert_eq!(
+            layer_index_default("model.layers.12.self_attn.q_proj"),
+            Some(12)
+        );
+        assert_eq!(
+            layer_index_default("model.layers.1.experts.3.w1"),
+            Some(1),
+            "the first index"
+        );
         assert_eq!(layer_index_default("q_proj"), None);
     }
 
@@ -529,7 +567,9 @@ mod tests {
         assert_eq!(m.rank_alpha("model.layers.0.self_attn.q_proj"), (6, 3.0));
         assert_eq!(m.rank_alpha("model.layers.0.mlp.up_proj"), (4, 8.0));
         // The first key in the file's order wins, even when a later one is more specific.
-        let m = matcher(r#""target_modules":["q_proj"],"rank_pattern":{"q_proj":6,"model.layers.1.self_attn.q_proj":8}"#);
+        let m = matcher(
+            r#""target_modules":["q_proj"],"rank_pattern":{"q_proj":6,"model.layers.1.self_attn.q_proj":8}"#,
+        );
         assert_eq!(m.rank_alpha("model.layers.1.self_attn.q_proj").0, 6);
         // "proj" is not a suffix after a dot: no match.
         let m = matcher(r#""target_modules":["q_proj"],"rank_pattern":{"proj":2}"#);
@@ -542,20 +582,47 @@ mod tests {
             (r#""target_modules":[]"#, "target_modules"),
             (r#""target_modules":7"#, "target_modules"),
             (r#""target_modules":"(unclosed""#, "target_modules"),
-            (r#""target_modules":["q_proj"],"layers_to_transform":"0""#, "layers_to_transform"),
-            (r#""target_modules":["q_proj"],"layers_to_transform":[-1]"#, "layers_to_transform"),
-            (r#""target_modules":["q_proj"],"layers_pattern":"layers""#, "layers_pattern"),
-            (r#""target_modules":"all-linear","layers_to_transform":[0]"#, "layers_to_transform"),
-            (r#""target_modules":["q_proj"],"rank_pattern":{"q_proj":0}"#, "rank_pattern[\"q_proj\"]"),
-            (r#""target_modules":["q_proj"],"rank_pattern":[1]"#, "rank_pattern"),
-            (r#""target_modules":["q_proj"],"alpha_pattern":{"q_proj":"x"}"#, "alpha_pattern[\"q_proj\"]"),
-            (r#""target_modules":["q_proj"],"rank_pattern":{"(":2}"#, "rank_pattern key"),
+            (
+                r#""target_modules":["q_proj"],"layers_to_transform":"0""#,
+                "layers_to_transform",
+            ),
+            (
+                r#""target_modules":["q_proj"],"layers_to_transform":[-1]"#,
+                "layers_to_transform",
+            ),
+            (
+                r#""target_modules":["q_proj"],"layers_pattern":"layers""#,
+                "layers_pattern",
+            ),
+            (
+                r#""target_modules":"all-linear","layers_to_transform":[0]"#,
+                "layers_to_transform",
+            ),
+            (
+                r#""target_modules":["q_proj"],"rank_pattern":{"q_proj":0}"#,
+                "rank_pattern[\"q_proj\"]",
+            ),
+            (
+                r#""target_modules":["q_proj"],"rank_pattern":[1]"#,
+                "rank_pattern",
+            ),
+            (
+                r#""target_modules":["q_proj"],"alpha_pattern":{"q_proj":"x"}"#,
+                "alpha_pattern[\"q_proj\"]",
+            ),
+            (
+                r#""target_modules":["q_proj"],"rank_pattern":{"(":2}"#,
+                "rank_pattern key",
+            ),
             (r#""target_modules":["q_proj"],"use_dora":true"#, "use_dora"),
             (r#""target_modules":["q_proj"],"bias":"all""#, "bias"),
         ] {
             let (_d, r) = config(&with(extra));
             let e = r.expect_err(extra).to_string();
-            assert!(e.contains(field) && e.contains("adapter_config.json") && !e.contains('\n'), "{extra}: {e}");
+            assert!(
+                e.contains(field) && e.contains("adapter_config.json") && !e.contains('\n'),
+                "{extra}: {e}"
+            );
         }
     }
 }

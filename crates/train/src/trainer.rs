@@ -720,7 +720,10 @@ pub fn check_init_adapter(cfg: &TrainConfig, dir: &Path) -> Result<PeftAdapterCo
     let cfg_path = dir.join("adapter_config.json");
     let mut diff = Vec::new();
     if !(pc.rank_pattern.is_empty() && pc.alpha_pattern.is_empty()) {
-        diff.push("rank_pattern / alpha_pattern: per-module ranks or alphas -> one for every module".to_string());
+        diff.push(
+            "rank_pattern / alpha_pattern: per-module ranks or alphas -> one for every module"
+                .to_string(),
+        );
     }
     if pc.r != cfg.rank {
         diff.push(format!("rank: {} -> {}", pc.r, cfg.rank));
@@ -749,13 +752,20 @@ pub fn check_init_adapter(cfg: &TrainConfig, dir: &Path) -> Result<PeftAdapterCo
 /// Copies A and B of the PEFT adapter in `dir` into the freshly attached adapters (the
 /// run's variables), after [`check_init_adapter`]: the file must hold exactly the run's
 /// adapted modules.
-fn init_from_adapter(model: &mut CausalLm, cfg: &TrainConfig, dir: &Path) -> Result<(), TrainError> {
+fn init_from_adapter(
+    model: &mut CausalLm,
+    cfg: &TrainConfig,
+    dir: &Path,
+) -> Result<(), TrainError> {
     check_init_adapter(cfg, dir)?;
     let file = dir.join("adapter_model.safetensors");
     let (_, tensors) = crate::lora::load_peft(dir)?;
     let mut by_path: std::collections::BTreeMap<String, (Tensor, Tensor)> =
         tensors.into_iter().map(|(p, a, b)| (p, (a, b))).collect();
-    let attached: Vec<String> = inject::adapters(model).into_iter().map(|(p, _)| p).collect();
+    let attached: Vec<String> = inject::adapters(model)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
     if let Some(p) = attached.iter().find(|p| !by_path.contains_key(*p)) {
         return Err(TrainError::Invalid(format!(
             "{}: has no lora_A / lora_B for {p}, which the run adapts (--target-modules)",
@@ -803,7 +813,11 @@ fn save_adapters(
     let pc = PeftAdapterConfig {
         target_modules: targets.into(),
         lora_dropout: cfg.dropout,
-        base_model_name_or_path: Some(cfg.base_model.clone().unwrap_or_else(|| cfg.model_name.clone())),
+        base_model_name_or_path: Some(
+            cfg.base_model
+                .clone()
+                .unwrap_or_else(|| cfg.model_name.clone()),
+        ),
         init_lora_weights: match cfg.init {
             LoraInit::KaimingUniform => serde_json::Value::Bool(true),
             LoraInit::Gaussian => serde_json::Value::String("gaussian".into()),
@@ -881,8 +895,14 @@ pub fn train(
             });
         }
         let norms_now = step + 1 == cfg.steps || (norm_every > 0 && step % norm_every == 0);
-        let (mut mrows, grad_sq, n_params) =
-            adapter_rows(model, &cfg.moments, |p| rows.moment(step, p), &sums, probing, norms_now);
+        let (mut mrows, grad_sq, n_params) = adapter_rows(
+            model,
+            &cfg.moments,
+            |p| rows.moment(step, p),
+            &sums,
+            probing,
+            norms_now,
+        );
         if let (Some(l), 1) = (&law, step) {
             mrows.extend(law_rows(model, &rows, cfg, l));
         }

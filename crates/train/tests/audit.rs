@@ -24,7 +24,8 @@ a neighbourhood, this truth is so well fixed in the minds of the surrounding fam
 rightful property of some one or other of their daughters.";
 
 fn dataset(context: usize, seed: u64) -> Dataset {
-    let tok = TextTokenizer::from_file(&fixtures().join("tiny-llama/tokenizer.json")).expect("tokenizer");
+    let tok =
+        TextTokenizer::from_file(&fixtures().join("tiny-llama/tokenizer.json")).expect("tokenizer");
     let ids = tok.encode(TEXT).expect("ids");
     let (train, held) = windows(&ids, context, 0.1, seed).expect("windows");
     let seq = |w: Vec<i64>| Sequence {
@@ -121,7 +122,11 @@ fn audit_rows_equal_the_trainers_step_zero_probes_of_the_same_adapter() {
     let audited: Vec<MomentRow> = read_table(&out.join("moments.csv")).expect("moments");
 
     let (t, a) = (keyed(&trained, 0), keyed(&audited, 0));
-    assert_eq!(a.len(), 14 * (3 * 4 * 2 + 4), "14 modules: 24 moments, 4 norms each");
+    assert_eq!(
+        a.len(),
+        14 * (3 * 4 * 2 + 4),
+        "14 modules: 24 moments, 4 norms each"
+    );
     let mut nonzero = 0;
     for (k, av) in &a {
         let tv = t.get(k).unwrap_or_else(|| panic!("{k:?}: no training row"));
@@ -134,7 +139,9 @@ fn audit_rows_equal_the_trainers_step_zero_probes_of_the_same_adapter() {
     }
     // B is not zero: fwd and bwd moments are measured, not vacuous zeros.
     assert!(nonzero > a.len() * 3 / 4, "{nonzero} of {}", a.len());
-    assert!(audited.iter().all(|r| r.source == "audit" && r.rank == 8 && r.step == 0 && r.seed == 0));
+    assert!(audited
+        .iter()
+        .all(|r| r.source == "audit" && r.rank == 8 && r.step == 0 && r.seed == 0));
     // The sample's loss is the trainer's step-0 loss.
     let tm: Vec<MetricRow> = read_table(&tdir.path().join("metrics.csv")).expect("metrics");
     let tloss = tm
@@ -142,7 +149,11 @@ fn audit_rows_equal_the_trainers_step_zero_probes_of_the_same_adapter() {
         .find(|r| r.step == 0 && r.metric.as_str() == "loss")
         .expect("loss")
         .value;
-    assert!((outcomes[0].loss - tloss).abs() < 1e-6 * tloss, "{} vs {tloss}", outcomes[0].loss);
+    assert!(
+        (outcomes[0].loss - tloss).abs() < 1e-6 * tloss,
+        "{} vs {tloss}",
+        outcomes[0].loss
+    );
     assert!(outcomes[0].heldout_loss.is_finite());
     let manifest: rankstab_records::Manifest =
         rankstab_records::read_json(&out.join("manifest.json")).expect("manifest");
@@ -182,11 +193,15 @@ fn init_adapter_must_match_rank_alpha_and_scaling() {
         base_model: None,
         init_adapter: Some(adapter.clone()),
     };
-    let e = rankstab_train::trainer::check_init_adapter(&tc, &adapter).expect_err("rank").to_string();
+    let e = rankstab_train::trainer::check_init_adapter(&tc, &adapter)
+        .expect_err("rank")
+        .to_string();
     assert!(e.contains("rank: 8 -> 4") && !e.contains('\n'), "{e}");
     tc.rank = 8;
     tc.beta = 1.0;
-    let e = rankstab_train::trainer::check_init_adapter(&tc, &adapter).expect_err("beta").to_string();
+    let e = rankstab_train::trainer::check_init_adapter(&tc, &adapter)
+        .expect_err("beta")
+        .to_string();
     assert!(e.contains("beta (scaling): 0.5 -> 1"), "{e}");
     tc.beta = 0.5;
     rankstab_train::trainer::check_init_adapter(&tc, &adapter).expect("matches");

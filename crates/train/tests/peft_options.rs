@@ -63,12 +63,16 @@ fn check_against_peft(dir: &Path, reference: &Path) {
         let (gr, ga, gs) = got[p];
         assert_eq!(gr, *r, "{p}: r");
         assert!((ga - a).abs() < 1e-12, "{p}: alpha {ga} vs peft {a}");
-        assert!((gs - s).abs() < 1e-12 * s.abs().max(1.0), "{p}: scaling {gs} vs peft {s}");
+        assert!(
+            (gs - s).abs() < 1e-12 * s.abs().max(1.0),
+            "{p}: scaling {gs} vs peft {s}"
+        );
     }
-    let refs: BTreeMap<String, Tensor> = Tensor::read_safetensors(reference.join("reference.safetensors"))
-        .expect("reference")
-        .into_iter()
-        .collect();
+    let refs: BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(reference.join("reference.safetensors"))
+            .expect("reference")
+            .into_iter()
+            .collect();
     let logits = tch::no_grad(|| model.forward(&refs["input_ids"], false));
     let diff = (logits - &refs["logits"]).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "{}: max |logit - peft| {diff}", dir.display());
@@ -76,7 +80,11 @@ fn check_against_peft(dir: &Path, reference: &Path) {
 
 #[test]
 fn regex_list_and_patterns_match_peft_modules_ranks_scalings_and_logits() {
-    for tag in ["tiny-llama-r4-regex", "tiny-llama-r8-list", "tiny-llama-patterns"] {
+    for tag in [
+        "tiny-llama-r4-regex",
+        "tiny-llama-r8-list",
+        "tiny-llama-patterns",
+    ] {
         let d = fixtures().join("peft").join(tag);
         check_against_peft(&d, &d);
     }
@@ -84,7 +92,10 @@ fn regex_list_and_patterns_match_peft_modules_ranks_scalings_and_logits() {
     let m = peft_modules(&fixtures().join("peft/tiny-llama-patterns"));
     let ranks: std::collections::BTreeSet<usize> = m.values().map(|v| v.0).collect();
     assert!(ranks.len() >= 3, "{ranks:?}");
-    assert!(m.keys().all(|k| k.contains("layers.1.")), "layers_to_transform = [1]");
+    assert!(
+        m.keys().all(|k| k.contains("layers.1.")),
+        "layers_to_transform = [1]"
+    );
 }
 
 /// peft saves the list it expanded "all-linear" to; the same adapter with the config saying
@@ -116,10 +127,26 @@ fn all_linear_is_every_linear_but_the_head() {
 fn bad_configs_are_refused_before_loading_the_model() {
     let src = fixtures().join("peft/tiny-llama-patterns");
     for (field, value, named) in [
-        ("target_modules", serde_json::json!("(unclosed"), "target_modules"),
-        ("layers_to_transform", serde_json::json!(["one"]), "layers_to_transform"),
-        ("rank_pattern", serde_json::json!({"q_proj": 0}), "rank_pattern"),
-        ("alpha_pattern", serde_json::json!({"q_proj": "big"}), "alpha_pattern"),
+        (
+            "target_modules",
+            serde_json::json!("(unclosed"),
+            "target_modules",
+        ),
+        (
+            "layers_to_transform",
+            serde_json::json!(["one"]),
+            "layers_to_transform",
+        ),
+        (
+            "rank_pattern",
+            serde_json::json!({"q_proj": 0}),
+            "rank_pattern",
+        ),
+        (
+            "alpha_pattern",
+            serde_json::json!({"q_proj": "big"}),
+            "alpha_pattern",
+        ),
         ("use_dora", serde_json::json!(true), "use_dora"),
         ("bias", serde_json::json!("lora_only"), "bias"),
         ("r", serde_json::json!(0), "r"),
