@@ -18,6 +18,20 @@ B = 0 would make the test vacuous), and writes fixtures/peft/<model>-<lora|rslor
                             PeftModel's / base model's mean next-token NLL on it in one window
 crates/train/tests/peft_parity.rs and tests/cli_eval.rs check rankstab against these.
 
+Ranks and LoraConfig options (also written by the default run; `--ranks` writes only these).
+For tiny-llama, rsLoRA adapters made by peft at three ranks on every linear but lm_head,
+each naming its modules another way, and a fourth with per-module ranks and alphas:
+    tiny-llama-r2-all-linear   r=2, target_modules="all-linear"
+    tiny-llama-r4-regex        r=4, target_modules=a regular expression over full names
+    tiny-llama-r8-list         r=8, target_modules=the seven module names
+    tiny-llama-patterns        LoRA r=4, lora_alpha=8, target_modules=[q_proj, v_proj, down_proj],
+                               layers_to_transform=[1], rank_pattern, alpha_pattern
+lora_B seeded nonzero as above; adapter_config.json as peft saved it (peft writes the list it
+expanded "all-linear" to), and reference.json: the target_modules asked for, and for every
+module peft adapted its r, lora_alpha and scaling as peft's layers hold them; reference.safetensors:
+the base fixture's input_ids and the PeftModel's logits. crates/train/tests/peft_options.rs
+checks rankstab's reading of each option against these, and tests/cli_audit.rs audits them.
+
 Reverse direction (checks adapters that rankstab wrote; writes nothing):
     RANKSTAB_PEFT_EXPORT=/tmp/rankstab-peft cargo test -p rankstab-train --test peft_parity export_rankstab_adapters -- --ignored
         (rankstab attaches its own adapters, r = 4, alpha = 8, LoRA, rsLoRA and beta = 0.75,
@@ -141,6 +155,67 @@ def make(name, rslora, seed):
           + (f", NLL {out['nll']:.6f} (base {out['nll_base']:.6f})" if "nll" in out else ""), file=sys.stderr)
 
 
+RANK_CONFIGS = [
+    ("tiny-llama-r2-all-linear", dict(r=2, lora_alpha=16, use_rslora=True, target_modules="all-linear")),
+    ("tiny-llama-r4-regex", dict(r=4, lora_alpha=16, use_rslora=True,
+                                 target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj")),
+    ("tiny-llama-r8-list", dict(r=8, lora_alpha=16, use_rslora=True,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
+    ("tiny-llama-patterns", dict(r=4, lora_alpha=8, use_rslora=False, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 layers_to_transform=[1], layers_pattern="layers",
+                                 rank_pattern={"v_proj": 2, "model.layers.1.mlp.down_proj": 6},
+                                 alpha_pattern={"q_proj": 4})),
+]
+
+
+def make_ranked(tag, kwargs, seed):
+    """One adapter of RANK_CONFIGS: peft's files, its per-module r / alpha / scaling, logits."""
+    name = "tiny-llama"
+    d = os.path.join(OUT, tag)
+    shutil.rmtree(d, ignore_errors=True)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **kwargs)
+    model = get_peft_model(load_base(name), cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(B_STD * torch.randn(p.shape, generator=g))
+    modules = {}
+    for n, m in model.base_model.model.named_modules():
+        if hasattr(m, "scaling") and isinstance(m.scaling, dict) and "default" in m.scaling:
+            modules[n] = {"r": m.r["default"], "lora_alpha": m.lora_alpha["default"], "scaling": m.scaling["default"]}
+    assert modules, tag
+    model.peft_config["default"].base_model_name_or_path = name
+    model.save_pretrained(d, safe_serialization=True)
+    readme = os.path.join(d, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
+    cfg_path = os.path.join(d, "adapter_config.json")
+    saved = json.load(open(cfg_path))
+    if isinstance(saved["target_modules"], list):
+        saved["target_modules"] = sorted(saved["target_modules"])
+    with open(cfg_path, "w") as f:
+        f.write(json.dumps(saved, indent=2, sort_keys=False))
+    ids = base_ids(name)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float().contiguous()
+    back = PeftModel.from_pretrained(load_base(name), d).eval()
+    with torch.no_grad():
+        back_logits = back(input_ids=ids).logits.float()
+    assert torch.equal(back_logits, logits), f"{tag}: PEFT's own round trip changed the logits"
+    save_file({"input_ids": ids.to(torch.int64).contiguous(), "logits": logits}, os.path.join(d, "reference.safetensors"))
+    out = {"name": tag, "base_model": name, "asked": {k: v for k, v in kwargs.items()}, "seed": seed, "b_std": B_STD,
+           "modules": modules,
+           "versions": {"torch": torch.__version__, "peft": __import__("peft").__version__,
+                        "transformers": __import__("transformers").__version__}}
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"{tag}: {len(modules)} modules, ranks {sorted({m['r'] for m in modules.values()})}, "
+          f"scalings {sorted({round(m['scaling'], 6) for m in modules.values()})}", file=sys.stderr)
+
+
 def check(root):
     """Loads adapters written by rankstab (see the module docstring) with PEFT."""
     worst = 0.0
@@ -177,10 +252,13 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if len(sys.argv) == 3 and sys.argv[1] == "--check":
         check(sys.argv[2])
-    elif len(sys.argv) == 1:
+    elif len(sys.argv) in (1, 2) and sys.argv[1:] in ([], ["--ranks"]):
         os.makedirs(OUT, exist_ok=True)
-        for i, (name, rslora) in enumerate([("tiny-llama", False), ("tiny-llama", True),
-                                            ("tiny-gptj", False), ("tiny-gptj", True)]):
-            make(name, rslora, seed=10 + i)
+        if sys.argv[1:] != ["--ranks"]:
+            for i, (name, rslora) in enumerate([("tiny-llama", False), ("tiny-llama", True),
+                                                ("tiny-gptj", False), ("tiny-gptj", True)]):
+                make(name, rslora, seed=10 + i)
+        for i, (tag, kwargs) in enumerate(RANK_CONFIGS):
+            make_ranked(tag, kwargs, seed=30 + i)
     else:
-        sys.exit("usage: make_peft_fixtures.py [--check DIR]")
+        sys.exit("usage: make_peft_fixtures.py [--ranks | --check DIR]")

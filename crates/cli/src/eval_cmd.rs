@@ -97,6 +97,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         estimate,
         a.max_memory,
     )?;
+    // The adapter's files and config before the model is loaded.
+    if let Some(dir) = &a.adapter {
+        rankstab_train::inject::check_peft(dir)?;
+    }
     let text = read_text(&a.text)?;
     let mut loaded = rankstab_train::load::load(&a.model, kind, device)?;
     if let Some(dir) = &a.adapter {
@@ -164,6 +168,8 @@ Examples:
   rankstab generate --model path/to/hf-model-dir --prompt 'Once upon a time' --max-tokens 40
   rankstab generate --model DIR --prompt 'Write a haiku' --temperature 0.8 --top-p 0.95 --seed 3
 
+--adapter attaches a PEFT-format LoRA / rsLoRA adapter directory first (as for eval).
+
 Greedy decoding by default; --temperature T > 0 samples (with --top-p, seeded by --seed: the
 same seed gives the same text). A KV cache keeps each new token one position of work, and
 the text is printed as it comes. When the model has a chat template (GGUF metadata tokenizer.chat_template,
@@ -198,6 +204,10 @@ pub struct GenerateArgs {
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: Dtype,
+    /// PEFT-format adapter directory (adapter_config.json + adapter_model.safetensors) to
+    /// attach before generating.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Refuse to start when the up-front memory estimate exceeds SIZE (e.g. 16G, 512M;
     /// default: the machine's available memory).
     #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
@@ -228,7 +238,18 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
-    let loaded = rankstab_train::load::load(&a.model, kind, device)?;
+    if let Some(dir) = &a.adapter {
+        rankstab_train::inject::check_peft(dir)?;
+    }
+    let mut loaded = rankstab_train::load::load(&a.model, kind, device)?;
+    if let Some(dir) = &a.adapter {
+        let att = rankstab_train::inject::attach_peft(&mut loaded.model, dir)?;
+        if let Some(warning) =
+            base_model_mismatch(&a.model, att.config.base_model_name_or_path.as_deref())
+        {
+            eprintln!("rankstab: warning: {}: {warning}", dir.display());
+        }
+    }
     let t0 = std::time::Instant::now();
     let mut pieces = 0usize;
     let mut stdout = std::io::stdout();

@@ -2,6 +2,7 @@
 //!
 //! Argument parsing, config files, progress and printing live here; the science lives in
 //! the library crates. Every error ends the process with one line and exit code 2.
+mod audit_cmd;
 mod eval_cmd;
 mod interrupt;
 mod progress;
@@ -24,6 +25,7 @@ Examples:
   rankstab eval --model path/to/hf-model-dir --text book.txt --json
   rankstab sweep --out runs/sweep                  # the default sweep of make audit (~5 min)
   rankstab report runs/sweep runs/theory --out reports/mine
+  rankstab audit --model DIR --adapters peft/r8 peft/r32 peft/r128 --data book.txt
 
 Logs go to stderr; set RUST_LOG=debug for more.")]
 struct Cli {
@@ -47,6 +49,9 @@ enum Command {
     /// A rank sweep: models x ranks x scalings x optimizers x seeds, one run directory per
     /// cell; finished cells are skipped, killed ones resume.
     Sweep(sweep_cmd::SweepArgs),
+    /// The training probes' statistics of PEFT / TRL / rankstab adapters (any ranks, any
+    /// checkpoints) on a fixed data sample, and the rank exponents across them.
+    Audit(Box<audit_cmd::AuditArgs>),
 }
 
 fn main() -> ExitCode {
@@ -74,7 +79,11 @@ fn main() -> ExitCode {
     // slower (see rankstab_train::device::flush_denormals).
     if matches!(
         cli.command,
-        Command::Train(_) | Command::Sweep(_) | Command::Eval(_) | Command::Generate(_)
+        Command::Train(_)
+            | Command::Sweep(_)
+            | Command::Eval(_)
+            | Command::Generate(_)
+            | Command::Audit(_)
     ) {
         rankstab_train::device::flush_denormals();
     }
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
         Command::Sweep(args) => sweep_cmd::run(args),
         Command::Generate(args) => eval_cmd::run_generate(args),
         Command::Report(args) => report_cmd::run(args),
+        Command::Audit(args) => audit_cmd::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

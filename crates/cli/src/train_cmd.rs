@@ -25,6 +25,8 @@ Examples:
 Data: .txt is plain text (packed into windows of --context tokens); .jsonl and .parquet
 rows have OpenOrca's fields system_prompt, question, response (loss on the response only).
 With --checkpoint-every K a killed run resumes when the same command is run again.
+--init-adapter DIR continues a PEFT adapter (same rank, alpha and scaling; its modules the
+run's --target-modules): its A and B replace the init.
 
 Writes OUT/manifest.json, moments.csv (probes of every adapter), metrics.csv (loss,
 perplexity, held-out perplexity, average parameter gradient norm) and OUT/adapters/
@@ -118,6 +120,10 @@ pub struct TrainArgs {
     /// Seed.
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
+    /// Continue from a PEFT adapter directory: its A and B are the initial values instead
+    /// of the init (its rank, alpha and scaling must be the run's).
+    #[arg(long, value_name = "DIR")]
+    init_adapter: Option<PathBuf>,
     /// Run directory (default runs/train-<time>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -190,6 +196,8 @@ fn train_config(a: &TrainArgs, model_name: String) -> Result<TrainConfig> {
         weight_decay: 0.0,
         checkpoint_every: a.checkpoint_every,
         activation_checkpointing: a.activation_checkpointing,
+        base_model: (!a.model.starts_with("preset:")).then(|| a.model.clone()),
+        init_adapter: a.init_adapter.clone(),
     })
 }
 
@@ -239,6 +247,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let spec = model_spec(&a)?;
     let cfg = train_config(&a, spec.name.clone())?;
     check_flags(&a, &cfg)?;
+    // The initial adapter's files, config, rank, alpha and scaling before the model.
+    if let Some(dir) = &cfg.init_adapter {
+        rankstab_train::trainer::check_init_adapter(&cfg, dir)?;
+    }
     // The model's shape from its configuration alone: a run that cannot fit is refused
     // before the run directory is made or a weight is read.
     let shape = rankstab_train::load::inspect_spec(&spec)?;

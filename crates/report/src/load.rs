@@ -226,13 +226,18 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
             path: mpath.clone(),
             source,
         })?;
-    let kind = match manifest.command.as_str() {
-        "theory" => RunKind::Theory,
-        "train" => RunKind::Train,
+    // An audit (`rankstab audit`: adapters trained anywhere, measured by the trainer's
+    // probes) is read as a training run; its rows say source "audit".
+    let (kind, source) = match manifest.command.as_str() {
+        "theory" => (RunKind::Theory, "theory"),
+        "train" => (RunKind::Train, "train"),
+        "audit" => (RunKind::Train, "audit"),
         other => {
             return Err(ReportError::Invalid {
                 path: mpath,
-                what: format!("command '{other}' is not a run the report reads (theory, train)"),
+                what: format!(
+                    "command '{other}' is not a run the report reads (theory, train, audit)"
+                ),
             })
         }
     };
@@ -268,7 +273,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
     let (mut moments, coefficients) = read_moments(&moments_path).map_err(damaged(dir))?;
     check_source(
         &moments_path,
-        kind,
+        source,
         moments.iter().map(|r| r.source.as_str()),
     )?;
     let metrics_path = dir.join(files::METRICS);
@@ -283,7 +288,7 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
     };
     check_source(
         &metrics_path,
-        kind,
+        source,
         metrics.iter().map(|r| r.source.as_str()),
     )?;
     let fits_path = dir.join(files::FITS);
@@ -366,17 +371,16 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
 
 fn check_source<'a>(
     path: &Path,
-    kind: RunKind,
+    source: &str,
     sources: impl Iterator<Item = &'a str>,
 ) -> Result<(), ReportError> {
     for (i, s) in sources.enumerate() {
-        if s != kind.source() {
+        if s != source {
             return Err(ReportError::Invalid {
                 path: path.to_path_buf(),
                 what: format!(
-                    "data row {} has source '{s}' but manifest.json says command '{}'",
+                    "data row {} has source '{s}' but manifest.json says command '{source}'",
                     i + 1,
-                    kind.source()
                 ),
             });
         }

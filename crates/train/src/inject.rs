@@ -3,9 +3,8 @@
 //! ranks against them, and attach adapters, fresh for training ([`attach`]) or read from
 //! a PEFT directory ([`attach_peft`]). `lora` owns one adapter and its file format; the
 //! trainer owns the loop.
-use crate::lora::{
-    check_rank, check_supported_peft_options, load_peft, LoraAdapter, LoraConfig, PeftAdapterConfig,
-};
+use crate::lora::{check_rank, load_peft, LoraAdapter, LoraConfig, PeftAdapterConfig};
+use crate::peft::ModuleMatcher;
 use crate::{CausalLm, TrainError};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -132,6 +131,28 @@ pub fn adapters(model: &mut CausalLm) -> Vec<(String, &LoraAdapter)> {
         .collect()
 }
 
+/// Removes every adapter (and probe) from the model.
+pub fn detach_all(model: &mut CausalLm) {
+    for (_, lin) in model.linears_mut() {
+        lin.adapter = None;
+        lin.capture = None;
+    }
+}
+
+/// One module an adapter directory adapts, with its own rank, alpha and scaling (PEFT's
+/// `rank_pattern` and `alpha_pattern` give each module its own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachedModule {
+    /// Module path (model.layers.0.self_attn.q_proj, ...).
+    pub path: String,
+    /// Its rank.
+    pub r: usize,
+    /// Its PEFT alpha (`lora_alpha` or its `alpha_pattern` entry).
+    pub alpha: f64,
+    /// Its gamma ([`PeftAdapterConfig::scaling_at`]).
+    pub scaling: f64,
+}
+
 /// What [`attach_peft`] attached.
 #[derive(Debug, Clone)]
 pub struct AttachedPeft {
@@ -139,8 +160,11 @@ pub struct AttachedPeft {
     pub config: PeftAdapterConfig,
     /// The adapted module paths, in the model's order.
     pub paths: Vec<String>,
-    /// gamma_r of every adapter ([`PeftAdapterConfig::scaling`]).
+    /// gamma_r of the config's own r and alpha ([`PeftAdapterConfig::scaling`]); modules
+    /// of a `rank_pattern` or `alpha_pattern` have their own (`modules`).
     pub scaling: f64,
+    /// Every adapted module with its rank, alpha and scaling, in the model's order.
+    pub modules: Vec<AttachedModule>,
 }
 
 /// Checks that `dir` holds the two files of a PEFT adapter.
@@ -164,30 +188,91 @@ fn check_peft_dir(dir: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Checks a PEFT adapter directory without a model: both files are there and
+/// `adapter_config.json` passes [`crate::peft::validate_config_file`]. What `eval`, `audit`,
+/// `generate` and `train --init-adapter` run before loading the model.
+///
+/// # Errors
+/// A missing file; every error of [`crate::peft::validate_config_file`].
+pub fn check_peft(dir: &Path) -> Result<PeftAdapterConfig, TrainError> {
+    check_peft_dir(dir)?;
+    crate::peft::validate_config_file(&dir.join("adapter_config.json"))
+}
+
+/// The modules of the model that `config` targets (PEFT's rules, [`crate::peft`]), each
+/// with its rank, alpha and scaling, in the model's order.
+///
+/// # Errors
+/// A target module name that matches no linear layer of the model, or a config that
+/// targets none (the available names listed).
+pub fn peft_targets(
+    model: &mut CausalLm,
+    config: &PeftAdapterConfig,
+    cfg_path: &Path,
+) -> Result<Vec<AttachedModule>, TrainError> {
+    let matcher = ModuleMatcher::new(cfg_path, config)?;
+    let paths: Vec<String> = model.linears_mut().into_iter().map(|(p, _)| p).collect();
+    if let Some(names) = matcher.names() {
+        if let Some(t) = names.iter().find(|t| {
+            !paths
+                .iter()
+                .any(|p| p == *t || p.ends_with(&format!(".{t}")))
+        }) {
+            let t = t.clone();
+            return Err(TrainError::Invalid(format!(
+                "{}: target module {t:?} does not exist in this model (available: {})",
+                cfg_path.display(),
+                module_names(model).join(", ")
+            )));
+        }
+    }
+    let out: Vec<AttachedModule> = paths
+        .iter()
+        .filter(|p| matcher.targets(p))
+        .map(|p| {
+            let (r, alpha) = matcher.rank_alpha(p);
+            AttachedModule {
+                path: p.clone(),
+                r,
+                alpha,
+                scaling: config.scaling_at(r, alpha),
+            }
+        })
+        .collect();
+    if out.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "{}: target_modules (with layers_to_transform) matches no linear layer of this model (available: {})",
+            cfg_path.display(),
+            module_names(model).join(", ")
+        )));
+    }
+    Ok(out)
+}
+
 /// Attaches the adapters of a PEFT adapter directory (as `rankstab train` writes into
 /// `RUN/adapters`, or peft's `save_pretrained`) to the model's linear layers, unmerged,
-/// with PEFT's scaling ([`PeftAdapterConfig::scaling`]); `A` and `B` take the kind and
-/// device of each layer's weight. Nothing is attached unless everything fits.
+/// with PEFT's scaling per module ([`PeftAdapterConfig::scaling_at`] of its rank and alpha,
+/// `rank_pattern` and `alpha_pattern` included); `A` and `B` take the kind and device of
+/// each layer's weight. Nothing is attached unless everything fits.
 ///
 /// # Errors
 /// A missing `adapter_config.json` or `adapter_model.safetensors`, a malformed config or
-/// PEFT options rankstab does not implement (DoRA, rank or alpha patterns, biases, ...), a
-/// target module or module path the model lacks, a tensor whose shape does not fit its
-/// layer (named, with the expected and found shapes), a layer that already has an adapter.
+/// PEFT options rankstab does not implement (DoRA, biases, ...), a target module or module
+/// path the model lacks, a module the config targets without tensors or tensors of a module
+/// it does not target, a tensor whose shape does not fit its layer (named, with the
+/// expected and found shapes), a layer that already has an adapter.
 pub fn attach_peft(model: &mut CausalLm, dir: &Path) -> Result<AttachedPeft, TrainError> {
-    check_peft_dir(dir)?;
+    check_peft(dir)?;
     let cfg_path = dir.join("adapter_config.json");
     let file = dir.join("adapter_model.safetensors");
     let (config, tensors) = load_peft(dir)?;
-    check_supported_peft_options(&cfg_path)?;
     if tensors.is_empty() {
         return Err(TrainError::Invalid(format!(
             "{}: holds no lora_A / lora_B tensors",
             file.display()
         )));
     }
-    check_modules(model, &config.target_modules)
-        .map_err(|e| e.within(cfg_path.display().to_string()))?;
+    let modules = peft_targets(model, &config, &cfg_path)?;
     let layer_paths: BTreeSet<String> = model.linears_mut().into_iter().map(|(p, _)| p).collect();
     let mut by_path: BTreeMap<String, (Tensor, Tensor)> =
         tensors.into_iter().map(|(p, a, b)| (p, (a, b))).collect();
@@ -198,11 +283,29 @@ pub fn attach_peft(model: &mut CausalLm, dir: &Path) -> Result<AttachedPeft, Tra
             file.display()
         )));
     }
-    let r = config.r as i64;
+    let targeted: BTreeMap<&str, &AttachedModule> =
+        modules.iter().map(|m| (m.path.as_str(), m)).collect();
+    if let Some(p) = by_path.keys().find(|p| !targeted.contains_key(p.as_str())) {
+        return Err(TrainError::Invalid(format!(
+            "{}: holds tensors for {p}, which {} does not target (target_modules, layers_to_transform)",
+            file.display(),
+            cfg_path.display()
+        )));
+    }
+    if let Some(m) = modules.iter().find(|m| !by_path.contains_key(&m.path)) {
+        return Err(TrainError::Invalid(format!(
+            "{}: {} targets {} but the file has no base_model.model.{}.lora_A.weight",
+            file.display(),
+            cfg_path.display(),
+            m.path,
+            m.path
+        )));
+    }
     for (path, lin) in model.linears_mut() {
         let Some((a, b)) = by_path.get(&path) else {
             continue;
         };
+        let r = targeted[path.as_str()].r as i64;
         let (out, inp) = lin.dims();
         for (t, name, want) in [(a, "lora_A", vec![r, inp]), (b, "lora_B", vec![out, r])] {
             if t.size() != want {
@@ -219,7 +322,6 @@ pub fn attach_peft(model: &mut CausalLm, dir: &Path) -> Result<AttachedPeft, Tra
             )));
         }
     }
-    let scaling = config.scaling();
     let mut paths = Vec::new();
     for (path, lin) in model.linears_mut() {
         let Some((a, b)) = by_path.remove(&path) else {
@@ -229,7 +331,7 @@ pub fn attach_peft(model: &mut CausalLm, dir: &Path) -> Result<AttachedPeft, Tra
         let ad = LoraAdapter::from_tensors(
             a.to_kind(kind).to_device(device),
             b.to_kind(kind).to_device(device),
-            scaling,
+            targeted[path.as_str()].scaling,
             config.lora_dropout,
         )
         .map_err(|e| e.within(&path))?;
@@ -237,8 +339,9 @@ pub fn attach_peft(model: &mut CausalLm, dir: &Path) -> Result<AttachedPeft, Tra
         paths.push(path);
     }
     Ok(AttachedPeft {
+        scaling: config.scaling(),
         config,
         paths,
-        scaling,
+        modules,
     })
 }

@@ -7,6 +7,7 @@
 //! (`checkpoint`), the instrumented training loop (`trainer`), one run's lifecycle
 //! (`run`: model, run directory, manifest) and sweeps of runs (`sweep`).
 
+pub mod audit;
 mod checkpoint;
 pub mod data;
 pub mod device;
@@ -25,6 +26,7 @@ mod loss;
 pub mod memory;
 pub mod model;
 pub mod optim;
+pub mod peft;
 pub mod probe;
 pub mod random;
 pub mod run;

@@ -261,22 +261,40 @@ pub struct PeftAdapterConfig {
     /// Always "LORA".
     pub peft_type: String,
     /// Always "CAUSAL_LM".
+    #[serde(default)]
     pub task_type: String,
     /// Rank.
     pub r: usize,
     /// alpha.
     pub lora_alpha: f64,
     /// Whether the scaling is alpha / sqrt(r).
+    #[serde(default)]
     pub use_rslora: bool,
-    /// Adapted module names (q_proj, ...).
-    pub target_modules: Vec<String>,
+    /// Adapted modules: names (q_proj, ...), `"all-linear"`, or a regular expression over
+    /// module names ([`crate::peft`] says how each is matched, as PEFT does).
+    pub target_modules: crate::peft::TargetModules,
+    /// Only modules of these layers (PEFT's `layers_to_transform`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<crate::peft::OneOrMany<i64>>,
+    /// The module-list names that precede layer indexes (PEFT's `layers_pattern`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_pattern: Option<crate::peft::OneOrMany<String>>,
+    /// Per-module ranks: module pattern -> r (PEFT's `rank_pattern`, first match wins).
+    #[serde(default, skip_serializing_if = "crate::peft::OrderedMap::is_empty")]
+    pub rank_pattern: crate::peft::OrderedMap<usize>,
+    /// Per-module alphas: module pattern -> alpha (PEFT's `alpha_pattern`).
+    #[serde(default, skip_serializing_if = "crate::peft::OrderedMap::is_empty")]
+    pub alpha_pattern: crate::peft::OrderedMap<f64>,
     /// Dropout.
+    #[serde(default)]
     pub lora_dropout: f64,
     /// Base model name or path.
     pub base_model_name_or_path: Option<String>,
     /// "none".
+    #[serde(default = "bias_none")]
     pub bias: String,
     /// PEFT's init flag: true (Kaiming-uniform) or "gaussian".
+    #[serde(default)]
     pub init_lora_weights: serde_json::Value,
     /// Not used by rankstab; kept for PEFT.
     #[serde(default)]
@@ -288,6 +306,10 @@ pub struct PeftAdapterConfig {
     /// `alpha * r^(1 - beta)`, so that PEFT's `lora_alpha / r` is `alpha * r^-beta`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rankstab_alpha: Option<f64>,
+}
+
+fn bias_none() -> String {
+    "none".into()
 }
 
 impl PeftAdapterConfig {
@@ -305,12 +327,25 @@ impl PeftAdapterConfig {
     /// `alpha * r^(1 - beta)`, see [`Self::for_scaling`]). Files written before
     /// `rankstab_alpha` existed carry the plain alpha: `lora_alpha * r^-rankstab_beta`.
     pub fn scaling(&self) -> f64 {
-        let r = self.r as f64;
+        self.scaling_at(self.r, self.lora_alpha)
+    }
+
+    /// gamma of a module of rank `r` and alpha `alpha` (from `rank_pattern` /
+    /// `alpha_pattern`, or the config's own): `alpha / sqrt(r)` with `use_rslora`, else
+    /// `alpha / r`, as PEFT's `update_layer` computes it.
+    pub fn scaling_at(&self, r: usize, alpha: f64) -> f64 {
+        let rf = r as f64;
         match (self.rankstab_beta, self.rankstab_alpha) {
-            (Some(b), None) => scaling_factor(self.lora_alpha, b, self.r),
-            _ if self.use_rslora => self.lora_alpha / r.sqrt(),
-            _ => self.lora_alpha / r,
+            (Some(b), None) => scaling_factor(alpha, b, r),
+            _ if self.use_rslora => alpha / rf.sqrt(),
+            _ => alpha / rf,
         }
+    }
+
+    /// The alpha that rows record for a module of PEFT alpha `alpha`: rankstab's own alpha
+    /// when the file carries it (`rankstab_alpha`), else `alpha`.
+    pub fn row_alpha(&self, alpha: f64) -> f64 {
+        self.rankstab_alpha.unwrap_or(alpha)
     }
 
     /// The configuration PEFT needs for `gamma = alpha * r^-beta`: `use_rslora` for
@@ -329,7 +364,11 @@ impl PeftAdapterConfig {
                 alpha
             },
             use_rslora: beta == 0.5,
-            target_modules: Vec::new(),
+            target_modules: Default::default(),
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
             lora_dropout: 0.0,
             base_model_name_or_path: None,
             bias: "none".into(),
@@ -384,15 +423,8 @@ pub fn load_peft(
     dir: &Path,
 ) -> Result<(PeftAdapterConfig, Vec<(String, Tensor, Tensor)>), TrainError> {
     let cfg_path = dir.join("adapter_config.json");
-    let cfg: PeftAdapterConfig = read_json_file(&cfg_path)?;
-    if cfg.peft_type != "LORA" {
-        return Err(TrainError::Invalid(format!(
-            "{}: peft_type {:?}, expected \"LORA\"",
-            cfg_path.display(),
-            cfg.peft_type
-        )));
-    }
-    check_adapter_numbers(&cfg_path, &cfg)?;
+    let cfg = crate::peft::validate_config_file(&cfg_path)?;
+    let matcher = crate::peft::ModuleMatcher::new(&cfg_path, &cfg)?;
     let file = dir.join("adapter_model.safetensors");
     let tensors = crate::weights::read_safetensors(&file, crate::weights::MAX_WEIGHT_FILE_BYTES)?;
     for (name, t) in &tensors {
@@ -427,11 +459,11 @@ pub fn load_peft(
             TrainError::Invalid(format!("{}: {p}.lora_B.weight is missing", file.display()))
         })?;
         let (asz, bsz) = (a.size(), b.size());
-        if asz.len() != 2 || bsz.len() != 2 || asz[0] != cfg.r as i64 || bsz[1] != cfg.r as i64 {
+        let r = matcher.rank_alpha(&p).0 as i64;
+        if asz.len() != 2 || bsz.len() != 2 || asz[0] != r || bsz[1] != r {
             return Err(TrainError::Invalid(format!(
-                "{}: {p}: lora_A {asz:?} / lora_B {bsz:?} do not have rank r = {} ([r, in] and [out, r])",
+                "{}: {p}: lora_A {asz:?} / lora_B {bsz:?} do not have rank r = {r} ([r, in] and [out, r]; r and rank_pattern of adapter_config.json)",
                 file.display(),
-                cfg.r
             )));
         }
         out.push((p, a, b));
@@ -445,51 +477,13 @@ pub fn load_peft(
     Ok((cfg, out))
 }
 
-/// PEFT options that change what an adapter computes and that rankstab does not implement:
-/// refused rather than silently ignored.
-pub(crate) fn check_supported_peft_options(cfg_path: &Path) -> Result<(), TrainError> {
-    let v: serde_json::Value = read_json_file(cfg_path)?;
-    let set = |k: &str| match v.get(k) {
-        None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => false,
-        Some(serde_json::Value::Object(m)) => !m.is_empty(),
-        Some(serde_json::Value::Array(a)) => !a.is_empty(),
-        Some(_) => true,
-    };
-    let unsupported: Vec<&str> = [
-        "use_dora",
-        "rank_pattern",
-        "alpha_pattern",
-        "lora_bias",
-        "fan_in_fan_out",
-        "modules_to_save",
-        "layer_replication",
-        "target_parameters",
-    ]
-    .into_iter()
-    .filter(|k| set(k))
-    .collect();
-    let bias = v.get("bias").and_then(|b| b.as_str()).unwrap_or("none");
-    if !unsupported.is_empty() || bias != "none" {
-        let mut what: Vec<String> = unsupported.iter().map(|k| (*k).to_string()).collect();
-        if bias != "none" {
-            what.push(format!("bias {bias:?}"));
-        }
-        return Err(TrainError::Invalid(format!(
-            "{}: uses PEFT options rankstab does not support: {} (plain LoRA / rsLoRA adapters only)",
-            cfg_path.display(),
-            what.join(", ")
-        )));
-    }
-    Ok(())
-}
-
 /// Largest |alpha| and |gamma_r| accepted from an adapter file: the paper's alphas are
 /// 8..64, and a scaling beyond 1e6 multiplies the adapter's output into overflow.
 pub const MAX_ADAPTER_ALPHA: f64 = 1e6;
 
 /// The numbers of an adapter config that change what it computes: a rank of 1..=2^20,
 /// finite alphas and betas of sane size, a dropout in [0, 1), a finite scaling.
-fn check_adapter_numbers(path: &Path, c: &PeftAdapterConfig) -> Result<(), TrainError> {
+pub(crate) fn check_adapter_numbers(path: &Path, c: &PeftAdapterConfig) -> Result<(), TrainError> {
     use crate::weights::field_error;
     if c.r == 0 || c.r > 1 << 20 {
         return Err(field_error(path, "r", c.r, "an integer from 1 to 1048576"));
@@ -531,16 +525,6 @@ fn check_adapter_numbers(path: &Path, c: &PeftAdapterConfig) -> Result<(), Train
         ));
     }
     Ok(())
-}
-
-/// A JSON file read into `T` (a regular file of at most
-/// [`crate::weights::MAX_CONFIG_BYTES`]).
-fn read_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainError> {
-    let text = rankstab_records::guard::read_regular_text(path, crate::weights::MAX_CONFIG_BYTES)?;
-    serde_json::from_str(&text).map_err(|source| TrainError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 #[cfg(test)]
@@ -688,7 +672,11 @@ mod tests {
             r: 3,
             lora_alpha: 16.0,
             use_rslora: true,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            target_modules: vec!["q_proj".to_string(), "v_proj".to_string()].into(),
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
             lora_dropout: 0.0,
             base_model_name_or_path: Some("tiny".into()),
             bias: "none".into(),

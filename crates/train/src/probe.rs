@@ -169,6 +169,24 @@ pub(crate) struct SiteSums {
 }
 
 impl SiteSums {
+    /// Adds the sums of `other` (another batch of the same site).
+    pub(crate) fn merge(&mut self, other: &SiteSums) {
+        if other.n == 0.0 {
+            return;
+        }
+        if self.abs.is_empty() {
+            self.abs = vec![0.0; other.abs.len()];
+            self.raw = vec![0.0; other.raw.len()];
+        }
+        for (s, v) in self.abs.iter_mut().zip(&other.abs) {
+            *s += v;
+        }
+        for (s, v) in self.raw.iter_mut().zip(&other.raw) {
+            *s += v;
+        }
+        self.n += other.n;
+    }
+
     /// Adds the moments of order 1..=max_m of `t`'s entries, weighted by their count.
     pub(crate) fn add(&mut self, t: &Tensor, max_m: u32) {
         let n = t.numel() as f64;

@@ -525,6 +525,8 @@ impl SweepConfig {
             weight_decay: 0.0,
             checkpoint_every: self.checkpoint_every,
             activation_checkpointing: self.activation_checkpointing,
+            base_model: m.path.as_ref().map(|p| p.display().to_string()),
+            init_adapter: None,
         }
     }
 

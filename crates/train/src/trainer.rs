@@ -124,6 +124,15 @@ pub struct TrainConfig {
     /// (less memory, about one more forward pass of time): for large models.
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// The model as the user named it (a directory, a hub-style id, a GGUF file's path):
+    /// the saved adapter's `base_model_name_or_path`, which PEFT resolves (default: the
+    /// model name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    /// A PEFT adapter directory whose A and B are the initial values (instead of the
+    /// init): its rank, alpha and scaling must be the run's, its modules the run's targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<std::path::PathBuf>,
 }
 
 impl TrainConfig {
@@ -581,7 +590,7 @@ fn step_tokens(data: &Dataset, cfg: &TrainConfig, step: usize) -> usize {
 /// The forward and backward passes of step `step` over its micro-batches: the loss (its
 /// gradients accumulated into the adapters; the passes stop at a non-finite loss) and,
 /// when probing, the moment sums of every adapter at `fwd`, `grad_out` and `bwd`.
-fn forward_backward(
+pub(crate) fn forward_backward(
     model: &mut CausalLm,
     data: &Dataset,
     cfg: &TrainConfig,
@@ -656,10 +665,10 @@ fn forward_backward(
 /// The probe rows of a step (moments of every adapter at its three sites, its gradient
 /// norms, and on `norms_now` steps the norm and stable rank of `gamma B A`) when probing,
 /// and the sum of squares and count of the adapters' gradient norms (always).
-fn adapter_rows(
+pub(crate) fn adapter_rows(
     model: &mut CausalLm,
-    rows: &RowMaker<'_>,
-    step: usize,
+    moments: &[u32],
+    base: impl Fn(&str) -> MomentRow,
     sums: &[[SiteSums; 3]],
     probing: bool,
     norms_now: bool,
@@ -674,12 +683,12 @@ fn adapter_rows(
         if !probing || i >= sums.len() {
             continue;
         }
-        let base = rows.moment(step, &path);
+        let base = base(&path);
         for (site, s) in [Site::Fwd, Site::GradOut, Site::Bwd]
             .into_iter()
             .zip(&sums[i])
         {
-            for &m in &rows.cfg.moments {
+            for &m in moments {
                 let k = m as usize - 1;
                 for (stat, v) in [(Stat::Abs, &s.abs), (Stat::Raw, &s.raw)] {
                     out.push(MomentRow {
@@ -755,6 +764,97 @@ fn law_rows(
     )
 }
 
+/// Checks that the PEFT adapter in `dir` can continue a run of `cfg` without loading it:
+/// the same rank, alpha and scaling exponent, one rank and alpha for every module. The
+/// first difference named as `field: adapter -> run`.
+///
+/// # Errors
+/// An unreadable or unsupported adapter directory, or a difference.
+pub fn check_init_adapter(cfg: &TrainConfig, dir: &Path) -> Result<PeftAdapterConfig, TrainError> {
+    let pc = inject::check_peft(dir)?;
+    let cfg_path = dir.join("adapter_config.json");
+    let mut diff = Vec::new();
+    if !(pc.rank_pattern.is_empty() && pc.alpha_pattern.is_empty()) {
+        diff.push(
+            "rank_pattern / alpha_pattern: per-module ranks or alphas -> one for every module"
+                .to_string(),
+        );
+    }
+    if pc.r != cfg.rank {
+        diff.push(format!("rank: {} -> {}", pc.r, cfg.rank));
+    }
+    let alpha = pc.row_alpha(pc.lora_alpha);
+    if (alpha - cfg.alpha).abs() > 1e-9 * cfg.alpha.abs().max(1.0) {
+        diff.push(format!("alpha: {alpha} -> {}", cfg.alpha));
+    }
+    if (pc.beta() - cfg.beta).abs() > 1e-12 {
+        diff.push(format!("beta (scaling): {} -> {}", pc.beta(), cfg.beta));
+    }
+    let want = rankstab_records::scaling_factor(cfg.alpha, cfg.beta, cfg.rank);
+    if diff.is_empty() && (pc.scaling() - want).abs() > 1e-9 * want.abs().max(1.0) {
+        diff.push(format!("scaling: {} -> {want}", pc.scaling()));
+    }
+    if !diff.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "{}: the adapter differs from the run ({}): --init-adapter continues an adapter of the same rank, alpha and scaling",
+            cfg_path.display(),
+            diff.join(", ")
+        )));
+    }
+    Ok(pc)
+}
+
+/// Copies A and B of the PEFT adapter in `dir` into the freshly attached adapters (the
+/// run's variables), after [`check_init_adapter`]: the file must hold exactly the run's
+/// adapted modules.
+fn init_from_adapter(
+    model: &mut CausalLm,
+    cfg: &TrainConfig,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    check_init_adapter(cfg, dir)?;
+    let file = dir.join("adapter_model.safetensors");
+    let (_, tensors) = crate::lora::load_peft(dir)?;
+    let mut by_path: std::collections::BTreeMap<String, (Tensor, Tensor)> =
+        tensors.into_iter().map(|(p, a, b)| (p, (a, b))).collect();
+    let attached: Vec<String> = inject::adapters(model)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    if let Some(p) = attached.iter().find(|p| !by_path.contains_key(*p)) {
+        return Err(TrainError::Invalid(format!(
+            "{}: has no lora_A / lora_B for {p}, which the run adapts (--target-modules)",
+            file.display()
+        )));
+    }
+    if let Some(p) = by_path.keys().find(|p| !attached.contains(p)) {
+        return Err(TrainError::Invalid(format!(
+            "{}: adapts {p}, which the run does not (--target-modules)",
+            file.display()
+        )));
+    }
+    for (path, lin) in model.linears_mut() {
+        let (Some(ad), Some((a, b))) = (lin.adapter.as_mut(), by_path.remove(&path)) else {
+            continue;
+        };
+        for (name, dst, src) in [("lora_A", &ad.a, a), ("lora_B", &ad.b, b)] {
+            if dst.size() != src.size() {
+                return Err(TrainError::Invalid(format!(
+                    "{}: {path}.{name} has shape {:?}, the run's adapter {:?}",
+                    file.display(),
+                    src.size(),
+                    dst.size()
+                )));
+            }
+            tch::no_grad(|| {
+                dst.shallow_clone()
+                    .copy_(&src.to_kind(dst.kind()).to_device(dst.device()))
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Saves the adapters in PEFT's format to `out/adapters`.
 fn save_adapters(
     model: &mut CausalLm,
@@ -766,9 +866,13 @@ fn save_adapters(
     targets.sort();
     targets.dedup();
     let pc = PeftAdapterConfig {
-        target_modules: targets,
+        target_modules: targets.into(),
         lora_dropout: cfg.dropout,
-        base_model_name_or_path: Some(cfg.model_name.clone()),
+        base_model_name_or_path: Some(
+            cfg.base_model
+                .clone()
+                .unwrap_or_else(|| cfg.model_name.clone()),
+        ),
         init_lora_weights: match cfg.init {
             LoraInit::KaimingUniform => serde_json::Value::Bool(true),
             LoraInit::Gaussian => serde_json::Value::String("gaussian".into()),
@@ -804,6 +908,9 @@ pub fn train(
     }
     let device = vs.device();
     let paths = inject::attach(model, vs, &cfg.lora(), &cfg.target_modules, cfg.seed)?;
+    if let Some(dir) = &cfg.init_adapter {
+        init_from_adapter(model, cfg, dir)?;
+    }
     let mut opt = optimizer(model, cfg)?;
     let mut tables = Tables::open(out)?;
     let mut law = Law::new(cfg);
@@ -844,8 +951,14 @@ pub fn train(
             });
         }
         let norms_now = step + 1 == cfg.steps || (norm_every > 0 && step % norm_every == 0);
-        let (mut mrows, grad_sq, n_params) =
-            adapter_rows(model, &rows, step, &sums, probing, norms_now);
+        let (mut mrows, grad_sq, n_params) = adapter_rows(
+            model,
+            &cfg.moments,
+            |p| rows.moment(step, p),
+            &sums,
+            probing,
+            norms_now,
+        );
         if let (Some(l), 1) = (&law, step) {
             mrows.extend(law_rows(model, &rows, cfg, l));
         }
@@ -947,6 +1060,8 @@ mod tests {
             weight_decay: 0.0,
             checkpoint_every: 0,
             activation_checkpointing: false,
+            base_model: None,
+            init_adapter: None,
         }
     }
 

@@ -45,6 +45,8 @@ fn cfg(rank: usize, beta: f64, optimizer: Optimizer, steps: usize, seed: u64) ->
         weight_decay: 0.0,
         checkpoint_every: 0,
         activation_checkpointing: false,
+        base_model: None,
+        init_adapter: None,
     }
 }
 
