@@ -36,13 +36,15 @@ pub(crate) struct Law {
 
 impl Law {
     /// The law for `cfg`, when it applies: moments of order <= 4 recorded, probes at steps
-    /// 0 and 1, at least two steps, no dropout, no clipping.
+    /// 0 and 1, at least two steps, no dropout, no clipping, and the run starts from the
+    /// init (B = 0, A drawn), not from an existing adapter (`init_adapter`).
     pub(crate) fn new(cfg: &TrainConfig) -> Option<Self> {
         let applies = cfg.moments.iter().any(|m| (1..=4).contains(m))
             && cfg.probe_every == 1
             && cfg.steps >= 2
             && cfg.dropout == 0.0
-            && cfg.clip_grad_norm.is_none();
+            && cfg.clip_grad_norm.is_none()
+            && cfg.init_adapter.is_none();
         let init = match cfg.init {
             LoraInit::KaimingUniform => Init::KaimingUniform,
             LoraInit::Gaussian => Init::PeftGaussian,

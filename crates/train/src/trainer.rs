@@ -1154,6 +1154,16 @@ mod tests {
         }
     }
 
+    /// The exact first-step law assumes the init (B = 0): a run continuing an adapter has no
+    /// law rows.
+    #[test]
+    fn the_law_does_not_apply_to_a_continued_adapter() {
+        let mut c = cfg();
+        assert!(Law::new(&c).is_some());
+        c.init_adapter = Some("adapters".into());
+        assert!(Law::new(&c).is_none());
+    }
+
     #[test]
     fn differences_name_each_changed_field() {
         let a = cfg();
