@@ -109,6 +109,23 @@ fn audit_of_three_ranks_gives_exponents_and_a_run_the_report_reads() {
         rep.as_os_str(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The audit and its report end / open with the verdict sentences about the audit.
+    assert!(
+        stdout.contains("Verdict (is it rank-stable?)") && stdout.contains("[audit "),
+        "{stdout}"
+    );
+    let html = std::fs::read_to_string(rep.join("index.html")).expect("index.html");
+    let card = html.find("<section id=\"verdict\">").expect("verdict card");
+    assert!(
+        card < html.find("<details").unwrap_or(usize::MAX),
+        "the card comes first"
+    );
+    let card_end = card + html[card..].find("</section>").expect("card ends");
+    assert!(
+        html[card..card_end].contains("audit:"),
+        "{}",
+        &html[card..card_end]
+    );
     let exps = std::fs::read_to_string(rep.join("exponents.csv")).expect("exponents.csv");
     assert!(
         exps.lines()

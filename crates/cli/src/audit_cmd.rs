@@ -192,8 +192,19 @@ fn audit_locked(
         print_outcome(o, a.json)?;
     }
     print_exponents(out, a.json)?;
-    if !a.json {
+    // The verdict in sentences, as the report's first screen says it.
+    let headline = rankstab_report::headline(&[out.to_path_buf()]);
+    if a.json {
+        let verdict = headline.map(|h| h.sentences).unwrap_or_default();
+        crate::json_line(&serde_json::json!({
+            "event": "audit", "run_dir": out, "adapters": outcomes.len(), "verdict": verdict,
+        }));
+    } else {
         println!("Run directory: {}", out.display());
+        match headline {
+            Ok(h) => crate::print_headline(&h),
+            Err(e) => eprintln!("rankstab: no verdict sentences: {e}"),
+        }
     }
     Ok(())
 }
@@ -201,7 +212,7 @@ fn audit_locked(
 fn print_outcome(o: &AuditOutcome, json: bool) -> Result<()> {
     if json {
         let mut v = serde_json::to_value(o)?;
-        v["kind"] = "adapter".into();
+        v["event"] = "adapter".into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
@@ -245,7 +256,7 @@ fn print_exponents(out: &Path, json: bool) -> Result<()> {
         if json {
             println!(
                 "{}",
-                serde_json::json!({"kind": "note", "note": "no rank exponents: the adapters need at least two ranks of one scaling"})
+                serde_json::json!({"event": "note", "note": "no rank exponents: the adapters need at least two ranks of one scaling"})
             );
         } else {
             println!("rank exponents: none (the adapters need at least two ranks of one scaling)");
@@ -258,7 +269,7 @@ fn print_exponents(out: &Path, json: bool) -> Result<()> {
     for r in rows {
         if json {
             let mut v = serde_json::to_value(&r)?;
-            v["kind"] = "exponent".into();
+            v["event"] = "exponent".into();
             println!("{}", serde_json::to_string(&v)?);
         } else {
             println!(

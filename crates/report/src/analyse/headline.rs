@@ -249,13 +249,21 @@ pub(super) fn train_primary(rows: &[ExponentRow]) -> Vec<&ExponentRow> {
     }
     let first = rows
         .iter()
-        .filter(|r| r.window != Window::step(0))
+        .filter(|r| r.source == "audit" || r.window != Window::step(0))
         .map(|r| r.window)
         .min();
-    rows.iter()
+    let fwd: Vec<&ExponentRow> = rows
+        .iter()
         .filter(pooled)
         .filter(|r| r.site == Site::Fwd && r.stat == Stat::Abs && Some(r.window) == first)
-        .collect()
+        .collect();
+    // Without a law, one moment per module keeps the sentence short: the second (the
+    // output's scale, E|y|^2), when it was recorded.
+    if fwd.iter().any(|r| r.m == 2) {
+        fwd.into_iter().filter(|r| r.m == 2).collect()
+    } else {
+        fwd
+    }
 }
 
 /// "4-64".
@@ -314,7 +322,12 @@ pub fn sentences(rows: &[&ExponentRow]) -> Headline {
         } else {
             format!("{min_seeds}-{max_seeds}")
         };
-        let unit = if theory { "trials" } else { "seeds" };
+        let unit = match (theory, max_seeds) {
+            (true, 1) => "trial",
+            (true, _) => "trials",
+            (false, 1) => "seed",
+            (false, _) => "seeds",
+        };
         let span = rows.first().map_or(String::new(), |r| rank_span(&r.ranks));
         let mut by_scaling: BTreeMap<Scaling, Vec<&ExponentRow>> = BTreeMap::new();
         for r in &rows {
@@ -326,21 +339,31 @@ pub fn sentences(rows: &[&ExponentRow]) -> Headline {
         for (scaling, fits) in &by_scaling {
             let who = scaling_words(*scaling);
             let one = fits.len() == 1;
-            let parts: Vec<String> = fits
+            // One shared outcome is said once, after the list, not after every module.
+            let words: Vec<String> = fits.iter().map(|r| outcome_words(r)).collect();
+            let shared = !one && words.iter().all(|w| *w == words[0]);
+            let mut parts: Vec<String> = fits
                 .iter()
-                .map(|r| {
+                .zip(&words)
+                .map(|(r, w)| {
                     let module = if theory || one || r.module.is_empty() {
                         String::new()
                     } else {
                         format!("{} ", r.module)
                     };
-                    format!(
-                        "{module}{} ({})",
-                        exponent(r.slope, slope_90(r)),
-                        outcome_words(r)
-                    )
+                    let e = exponent(r.slope, slope_90(r));
+                    if shared {
+                        format!("{module}{e}")
+                    } else {
+                        format!("{module}{e} ({w})")
+                    }
                 })
                 .collect();
+            if shared {
+                if let Some(last) = parts.last_mut() {
+                    last.push_str(&format!(" (each {})", words[0]));
+                }
+            }
             let verdicts: Vec<Verdict> = fits.iter().map(|r| r.verdict).collect();
             let same = verdicts.iter().all(|v| *v == verdicts[0]);
             let verb = if same {

@@ -46,6 +46,9 @@ pub struct TrainSection {
 /// A group of training moments: everything but layer, step, rank and seed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct TrainKey {
+    /// The rows' source: `train` (rankstab's trainer) or `audit` (adapters trained
+    /// elsewhere, measured by `rankstab audit`); never merged with each other.
+    pub source: String,
     pub model: String,
     pub optimizer: Optimizer,
     /// Ordered by decreasing beta: lora, rslora, constant.
@@ -127,6 +130,7 @@ impl TrainData {
                     s => (&mut groups, s),
                 };
                 let key = TrainKey {
+                    source: r.source.clone(),
                     model: r.model.clone(),
                     optimizer: r.optimizer,
                     scaling: r.scaling,
@@ -381,7 +385,9 @@ impl<'a> ModelModule<'a> {
 }
 
 /// The rows shown in the page: pooled over layers (or the one layer of a module that has
-/// no pooled rows), abs moments and norms, after step 0.
+/// no pooled rows), abs moments and norms, after step 0 of a training run (its adapters
+/// start with B = 0) and at every step of an audit (its step 0 is an adapter trained
+/// elsewhere).
 fn shown(rows: &[ExponentRow]) -> Vec<ExponentRow> {
     let pooled: BTreeSet<ModelModule> = rows
         .iter()
@@ -391,7 +397,7 @@ fn shown(rows: &[ExponentRow]) -> Vec<ExponentRow> {
     rows.iter()
         .filter(|r| r.layer == Layer::All || !pooled.contains(&ModelModule::of(r)))
         .filter(|r| r.stat == Stat::Abs || r.site == Site::Param)
-        .filter(|r| r.window != Window::step(0))
+        .filter(|r| r.source == "audit" || r.window != Window::step(0))
         .cloned()
         .collect()
 }

@@ -179,7 +179,7 @@ fn pending_row(
     };
     let (mc_coherent, mc_fresh) = mc_slopes(theory, key);
     let mut row = ExponentRow {
-        source: "train".into(),
+        source: key.source.clone(),
         run: "merged".into(),
         model: key.model.clone(),
         module: key.module.clone(),
