@@ -122,6 +122,30 @@ fn report_of_theory_and_training_runs_prints_index_html() {
             .contains("proofs/theorem-3.2-sgd.md"),
         "no proofs link"
     );
+    // --json: the same report as one JSON line, with the same sentences.
+    let out2 = tmp.path().join("report-json");
+    let o = rankstab(
+        &[
+            "report",
+            th.to_str().expect("utf-8"),
+            sweep.to_str().expect("utf-8"),
+            "--out",
+            out2.to_str().expect("utf-8"),
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
+    assert_eq!(v["event"], "report");
+    assert_eq!(v["used"], 31);
+    assert_eq!(v["index_html"].as_str(), out2.join("index.html").to_str());
+    let sentences = v["verdict"].as_array().expect("verdict");
+    assert!(sentences
+        .iter()
+        .any(|s| s["source"] == "train" && s["outcome"] == "agrees"));
 }
 
 #[test]

@@ -124,7 +124,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .context("tokenizing the text")?;
     let r = evaluate_strided(&loaded.model, &ids, a.context, stride, a.batch, device)?;
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        let mut v = serde_json::to_value(r)?;
+        v["event"] = "eval".into();
+        v["context"] = a.context.into();
+        v["stride"] = stride.into();
+        crate::json_line(&v);
     } else {
         println!("tokens      {}", r.tokens);
         println!("nll         {:.6}", r.nll);

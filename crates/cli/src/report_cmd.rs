@@ -37,6 +37,10 @@ pub struct ReportArgs {
     /// Generation time printed in the report (RFC 3339) instead of now, for reproducible reports.
     #[arg(long, value_name = "TIME", hide = true)]
     generated: Option<String>,
+    /// Print one JSON line {"event":"report", index_html, report_md, used, not_used,
+    /// figures, exponents, verdict} instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The repository's proofs/ folder: from the current directory upwards, then from the
@@ -84,6 +88,19 @@ pub fn run(args: ReportArgs) -> Result<()> {
         .with_context(|| format!("report into {}", out.display()))?;
     for s in &outcome.skipped {
         eprintln!("rankstab: not used: {}: {}", s.dir.display(), s.reason);
+    }
+    if args.json {
+        crate::json_line(&serde_json::json!({
+            "event": "report",
+            "index_html": outcome.index_html,
+            "report_md": outcome.report_md,
+            "used": outcome.used.len(),
+            "not_used": outcome.skipped.len(),
+            "figures": outcome.figures,
+            "exponents": outcome.exponents,
+            "verdict": outcome.headline.sentences,
+        }));
+        return Ok(());
     }
     println!(
         "Report: {} run director{} used, {} not used, {} figures, {} exponents.",
