@@ -68,23 +68,22 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_exit(e),
     };
-    if matches!(
-        cli.command,
-        Command::Train(_) | Command::Sweep(_) | Command::Eval(_) | Command::Generate(_)
-    ) {
-        passive_openmp();
-    }
-    interrupt::install();
-    // Before libtorch starts its threads: subnormal gradients make CPU training many times
-    // slower (see rankstab_train::device::flush_denormals).
-    if matches!(
+    // The commands that run models on libtorch.
+    let torch = matches!(
         cli.command,
         Command::Train(_)
             | Command::Sweep(_)
             | Command::Eval(_)
             | Command::Generate(_)
             | Command::Audit(_)
-    ) {
+    );
+    if torch {
+        passive_openmp();
+    }
+    interrupt::install();
+    // Before libtorch starts its threads: subnormal gradients make CPU training many times
+    // slower (see rankstab_train::device::flush_denormals).
+    if torch {
         rankstab_train::device::flush_denormals();
     }
     let result = match cli.command {
@@ -109,7 +108,7 @@ fn main() -> ExitCode {
 /// policy: idle threads then sleep instead of spinning. On a machine where anything else
 /// runs (a build, another run), spinning threads take the cores from the ones with work
 /// and a training step gets several times slower (measured: 3 to 4 times on 2 cores beside
-/// a build; see the README's "Threads"). libgomp reads the variable when it is loaded,
+/// a build; see the README's "Threads" under "Training and sweeps"). libgomp reads the variable when it is loaded,
 /// before `main`, so the process re-executes itself once with it set (same pid, same
 /// arguments); if that fails it goes on as it is.
 fn passive_openmp() {
