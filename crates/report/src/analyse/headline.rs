@@ -243,33 +243,36 @@ pub(super) fn theory_primary(shown: &[ExponentRow]) -> Vec<&ExponentRow> {
 
 /// The primary fits among training (or audit) rows shown (each module pooled over its
 /// layers, or its one layer).
-pub(super) fn train_primary(rows: &[ExponentRow]) -> Vec<&ExponentRow> {
+pub(super) fn train_primary<'a>(rows: &'a [ExponentRow]) -> Vec<&'a ExponentRow> {
     let pooled = |_: &&ExponentRow| true;
+    // One moment per module keeps a sentence short: the second (the output's scale,
+    // E|y|^2) when it was recorded; every fit stays in the tables below the card.
+    let second = |v: Vec<&'a ExponentRow>| -> Vec<&'a ExponentRow> {
+        if v.iter().any(|r| r.m == 2) {
+            v.into_iter().filter(|r| r.m == 2).collect()
+        } else {
+            v
+        }
+    };
     let with_law: Vec<&ExponentRow> = rows
         .iter()
         .filter(pooled)
         .filter(|r| r.predicted.is_some())
         .collect();
     if !with_law.is_empty() {
-        return with_law;
+        return second(with_law);
     }
     let first = rows
         .iter()
         .filter(|r| r.source == "audit" || r.window != Window::step(0))
         .map(|r| r.window)
         .min();
-    let fwd: Vec<&ExponentRow> = rows
-        .iter()
-        .filter(pooled)
-        .filter(|r| r.site == Site::Fwd && r.stat == Stat::Abs && Some(r.window) == first)
-        .collect();
-    // Without a law, one moment per module keeps the sentence short: the second (the
-    // output's scale, E|y|^2), when it was recorded.
-    if fwd.iter().any(|r| r.m == 2) {
-        fwd.into_iter().filter(|r| r.m == 2).collect()
-    } else {
-        fwd
-    }
+    second(
+        rows.iter()
+            .filter(pooled)
+            .filter(|r| r.site == Site::Fwd && r.stat == Stat::Abs && Some(r.window) == first)
+            .collect(),
+    )
 }
 
 /// "4-64".
@@ -485,7 +488,10 @@ mod tests {
         }
         assert!((t_at(0.95, 4.0) - 2.776_445).abs() < 1e-5);
         let (lo, hi) = to_90(0.0, -2.776_445, 2.776_445, 4.0);
-        assert!((hi - 2.131_847).abs() < 1e-5 && (lo + hi).abs() < 1e-12, "{lo} {hi}");
+        assert!(
+            (hi - 2.131_847).abs() < 1e-5 && (lo + hi).abs() < 1e-12,
+            "{lo} {hi}"
+        );
         assert!(t0.elapsed().as_secs_f64() < 5.0);
     }
 
