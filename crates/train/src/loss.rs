@@ -76,8 +76,8 @@ pub(crate) fn checkpointed_backward(
 }
 
 /// Tokens per held-out forward pass: evaluation keeps no activations for a backward
-/// pass, so it runs wider passes than training's micro-batches (a CPU's matrix products
-/// are several times faster on 2048 rows than on 128); its memory is in
+/// pass, so it runs wider passes than training's micro-batches (fewer, larger matrix
+/// products; the gain over micro-batch passes is not yet measured); its memory is in
 /// [`crate::memory::train_bytes`].
 pub(crate) const EVAL_PASS_TOKENS: usize = 2048;
 
