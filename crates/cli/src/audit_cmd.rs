@@ -7,7 +7,7 @@ use rankstab_records::Optimizer;
 use rankstab_train::audit::{replicates, run_audit, AuditConfig, AuditOutcome};
 use rankstab_train::data::{check_data_file, load_dataset, DataFormat, DataSpec};
 use rankstab_train::device::{DeviceName, Dtype};
-use rankstab_train::run::{load_model, ModelSpec, RunMeta};
+use rankstab_train::run::{load_model, ModelSpec};
 use std::path::{Path, PathBuf};
 
 /// Options of `rankstab audit`.
@@ -176,12 +176,10 @@ fn audit_locked(
             eos_token: lm.eos_token.clone(),
         },
     )?;
-    let meta = RunMeta {
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        git_revision: crate::git_revision(),
-        device: crate::device_description(device),
-        extra: serde_json::json!({ "model": a.model, "data": a.data, "dtype": a.dtype }),
-    };
+    let meta = crate::run_meta(
+        device,
+        serde_json::json!({ "model": a.model, "data": a.data, "dtype": a.dtype }),
+    );
     let n = adapters.len();
     let mut i = 0;
     let outcomes = run_audit(&mut lm.model, &data, cfg, adapters, out, &meta, lock, |o| {
@@ -193,7 +191,7 @@ fn audit_locked(
     }
     print_exponents(out, a.json)?;
     // The verdict in sentences, as the report's first screen says it.
-    let headline = rankstab_report::headline(&[out.to_path_buf()]);
+    let headline = crate::verdict_of(out);
     if a.json {
         let verdict = headline.map(|h| h.sentences).unwrap_or_default();
         crate::json_line(&serde_json::json!({
@@ -201,9 +199,8 @@ fn audit_locked(
         }));
     } else {
         println!("Run directory: {}", out.display());
-        match headline {
-            Ok(h) => crate::print_headline(&h),
-            Err(e) => eprintln!("rankstab: no verdict sentences: {e}"),
+        if let Some(h) = headline {
+            crate::print_headline(&h);
         }
     }
     Ok(())

@@ -205,6 +205,27 @@ pub(crate) fn device_description(device: tch::Device) -> String {
     }
 }
 
+/// The verdict of the runs under `dir` as the report judges them, or None with a warning
+/// on stderr when it cannot be had.
+pub(crate) fn verdict_of(dir: &std::path::Path) -> Option<rankstab_report::Headline> {
+    rankstab_report::headline(&[dir.to_path_buf()])
+        .map_err(|e| eprintln!("rankstab: no verdict sentences: {e}"))
+        .ok()
+}
+
+/// What every run directory's manifest records about the binary and the device.
+pub(crate) fn run_meta(
+    device: tch::Device,
+    extra: serde_json::Value,
+) -> rankstab_train::run::RunMeta {
+    rankstab_train::run::RunMeta {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        git_revision: git_revision(),
+        device: device_description(device),
+        extra,
+    }
+}
+
 /// The verdict in plain sentences, one per source and setting, at the end of `theory`,
 /// `sweep` and `report` (the one screen a user reads).
 pub(crate) fn print_headline(h: &rankstab_report::Headline) {

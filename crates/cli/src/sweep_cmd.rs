@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rankstab_train::data::Dataset;
 use rankstab_train::limits::MAX_CONFIG_BYTES;
-use rankstab_train::run::{load_model, run_dir, LoadedModel, RunMeta, RunState};
+use rankstab_train::run::{load_model, run_dir, LoadedModel, RunState};
 use rankstab_train::sweep::{claim_dir, load_data, SweepConfig, AUDIT_SWEEP};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -174,12 +174,10 @@ pub fn run(a: SweepArgs) -> Result<()> {
     } else {
         a.cell.clone()
     };
-    let meta = RunMeta {
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        git_revision: crate::git_revision(),
-        device: crate::device_description(device),
-        extra: serde_json::json!({ "sweep": out, "data": cfg.data, "dtype": cfg.dtype }),
-    };
+    let meta = crate::run_meta(
+        device,
+        serde_json::json!({ "sweep": out, "data": cfg.data, "dtype": cfg.dtype }),
+    );
     let total_steps: u64 = chosen
         .iter()
         .map(|&i| cfg.train_config(&manifest.cells[i]).steps as u64)
@@ -287,7 +285,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
     }
     pb.finish();
     if a.json {
-        let verdict = rankstab_report::headline(std::slice::from_ref(&out))
+        let verdict = crate::verdict_of(&out)
             .map(|h| h.sentences)
             .unwrap_or_default();
         crate::json_line(&serde_json::json!({
@@ -301,9 +299,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
         out.display()
     );
     // The verdict over every finished cell of the sweep, as the report judges it.
-    match rankstab_report::headline(std::slice::from_ref(&out)) {
-        Ok(h) => crate::print_headline(&h),
-        Err(e) => eprintln!("rankstab: no verdict sentences: {e}"),
+    if let Some(h) = crate::verdict_of(&out) {
+        crate::print_headline(&h);
     }
     Ok(())
 }

@@ -253,7 +253,7 @@ pub fn run(a: TheoryArgs) -> Result<()> {
     pb.finish_and_clear();
     if a.json {
         // One JSON object on one line (every command's --json).
-        let verdict = rankstab_report::headline(std::slice::from_ref(&outcome.dir))
+        let verdict = crate::verdict_of(&outcome.dir)
             .map(|h| h.sentences)
             .unwrap_or_default();
         crate::json_line(&serde_json::json!({
@@ -295,9 +295,8 @@ pub fn run(a: TheoryArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     // The same sentences as the report's first screen, from the run as the report judges it.
-    match rankstab_report::headline(std::slice::from_ref(&outcome.dir)) {
-        Ok(h) => crate::print_headline(&h),
-        Err(e) => eprintln!("rankstab: no verdict sentences: {e}"),
+    if let Some(h) = crate::verdict_of(&outcome.dir) {
+        crate::print_headline(&h);
     }
     Ok(())
 }

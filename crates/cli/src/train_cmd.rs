@@ -7,9 +7,7 @@ use rankstab_train::device::{DeviceName, Dtype};
 use rankstab_train::limits;
 use rankstab_train::lora::LoraInit;
 use rankstab_train::optim::check_supported;
-use rankstab_train::run::{
-    claim_out, discard_failed, load_model, run_dir, ModelSpec, RunMeta, Start,
-};
+use rankstab_train::run::{claim_out, discard_failed, load_model, run_dir, ModelSpec, Start};
 use rankstab_train::trainer::{differences, TrainConfig};
 use std::path::{Path, PathBuf};
 
@@ -322,12 +320,7 @@ fn train_locked(
     )?;
     // Check the adapters fit before creating the run directory (without allocating them).
     rankstab_train::inject::targets(&mut lm.model, &cfg.target_modules, cfg.rank)?;
-    let meta = RunMeta {
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        git_revision: crate::git_revision(),
-        device: crate::device_description(device),
-        extra,
-    };
+    let meta = crate::run_meta(device, extra);
     let mut progress = crate::progress::Progress::new("train", a.steps as u64);
     let mut first = true;
     let mut events = crate::tensorboard::EventWriter::create(out);
