@@ -11,6 +11,7 @@ mod sweep_cmd;
 mod tensorboard;
 mod theory_cmd;
 mod train_cmd;
+mod transfer_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -26,6 +27,7 @@ Examples:
   rankstab sweep --out runs/sweep                  # the default sweep of make audit (~5 min)
   rankstab report runs/sweep runs/theory --out reports/mine
   rankstab audit --model DIR --adapters peft/r8 peft/r32 peft/r128 --data book.txt
+  rankstab transfer                                # lr* across ranks (~few min)
 
 Logs go to stderr; set RUST_LOG=debug for more.")]
 struct Cli {
@@ -52,6 +54,9 @@ enum Command {
     /// The training probes' statistics of PEFT / TRL / rankstab adapters (any ranks, any
     /// checkpoints) on a fixed data sample, and the rank exponents across them.
     Audit(Box<audit_cmd::AuditArgs>),
+    /// Does the learning rate transfer across ranks? Optimal learning rates per rank on
+    /// synthetic networks, their exponent against the one-step law and published claims.
+    Transfer(Box<transfer_cmd::TransferArgs>),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +99,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => eval_cmd::run_generate(args),
         Command::Report(args) => report_cmd::run(args),
         Command::Audit(args) => audit_cmd::run(*args),
+        Command::Transfer(args) => transfer_cmd::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

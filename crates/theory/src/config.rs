@@ -61,6 +61,19 @@ impl Init {
 }
 
 rankstab_records::named_enum! {
+    /// Which adapter factor starts random (the other starts at zero, so the update
+    /// `gamma B A` is zero at initialisation either way).
+    AdapterInit, "adapter init" {
+        /// A random with the distribution [`Init`] gives, B zero: PEFT's default ("Init[A]"
+        /// of Hayou et al. 2024).
+        #[default]
+        A => "a",
+        /// B random with the same distribution as A would have, A zero ("Init[B]").
+        B => "b",
+    }
+}
+
+rankstab_records::named_enum! {
     /// How training batches are drawn.
     Reuse, "input regime" {
         /// One fixed batch reused at every step (the theorem's coherent sums).

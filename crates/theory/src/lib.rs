@@ -22,9 +22,11 @@ mod fits;
 pub mod predict;
 mod run;
 pub mod sim;
+pub mod spectrum;
 pub mod stats;
+pub mod transfer;
 
-pub use config::{Activation, Init, InputDist, Loss, Reuse, TheoryConfig};
+pub use config::{Activation, AdapterInit, Init, InputDist, Loss, Reuse, TheoryConfig};
 pub use data::trial_seed;
 pub use fits::fit_rows;
 pub use run::{

@@ -7,7 +7,7 @@
 //! Longer than 600 lines because the forward pass, the hand-written backward pass, the
 //! optimizers' steps and the probes of every site are one cell's computation and share its
 //! buffers; the exact law is in `exact/`, the data in `data.rs`.
-use crate::config::{Activation, Init, Loss, Reuse, TheoryConfig};
+use crate::config::{Activation, AdapterInit, Init, Loss, Reuse, TheoryConfig};
 use crate::data::TrialData;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
@@ -464,8 +464,12 @@ fn to_layer_input(
 pub struct CellResult {
     /// Moments and norms.
     pub obs: Vec<Obs>,
-    /// (step, training loss, held-out loss).
+    /// (step, training loss, held-out loss), up to the last step run.
     pub losses: Vec<(u32, f64, f64)>,
+    /// Whether the run was stopped as diverging ([`CellRun::divergence`]).
+    pub diverged: bool,
+    /// (layer, step, summary of the singular values of `gamma B A`).
+    pub spectra: Vec<(u32, u32, crate::spectrum::Spectrum)>,
 }
 
 struct Net<'a> {
@@ -555,12 +559,59 @@ impl Net<'_> {
     }
 }
 
-/// Runs one cell for `cfg.steps` steps and measures everything.
+/// How a cell is trained and what it records beyond its [`CellSpec`]. The checker's cells
+/// use [`CellRun::checker`]; `rankstab transfer` sets the learning rates of A and B, the
+/// init, the steps to measure, and stops a diverging run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellRun {
+    /// Learning rate of every A.
+    pub lr_a: f64,
+    /// Learning rate of every B (LoRA+ sets it above `lr_a`).
+    pub lr_b: f64,
+    /// Which factor starts random.
+    pub adapter_init: AdapterInit,
+    /// Steps whose moments and norms are recorded (`None`: every step).
+    pub record: Option<Vec<u32>>,
+    /// Stop once the training loss is not finite or exceeds this multiple of its initial
+    /// value (the run is then marked diverged). `None`: always run every step.
+    pub divergence: Option<f64>,
+    /// Steps at which the singular values of each layer's `gamma B A` are summarised.
+    pub spectrum_steps: Vec<u32>,
+}
+
+impl CellRun {
+    /// The checker's cell: the configuration's learning rate for both factors, A random,
+    /// every step recorded, no early stop, no spectra.
+    pub fn checker(cfg: &TheoryConfig, opt: Optimizer) -> Self {
+        let lr = cfg.lr(opt);
+        CellRun {
+            lr_a: lr,
+            lr_b: lr,
+            adapter_init: AdapterInit::A,
+            record: None,
+            divergence: None,
+            spectrum_steps: Vec::new(),
+        }
+    }
+}
+
+/// Runs one cell of the checker for `cfg.steps` steps and measures everything.
 pub(crate) fn run_cell(
     cfg: &TheoryConfig,
     data: &TrialData,
     prep: &Prepared,
     cell: &CellSpec,
+) -> CellResult {
+    run_cell_with(cfg, data, prep, cell, &CellRun::checker(cfg, cell.opt))
+}
+
+/// Runs one cell as `how` says.
+pub(crate) fn run_cell_with(
+    cfg: &TheoryConfig,
+    data: &TrialData,
+    prep: &Prepared,
+    cell: &CellSpec,
+    how: &CellRun,
 ) -> CellResult {
     let r = cell.rank;
     let d = cfg.width;
@@ -574,12 +625,20 @@ pub(crate) fn run_cell(
         .iter()
         .map(|a_max| {
             let mut a = pool::zeros(r, d);
-            Zip::from(&mut a)
-                .and(&a_max.slice(s![..r, ..]))
-                .for_each(|x, &y| *x = y * std_scale);
+            let mut b = pool::zeros(d, r);
+            match how.adapter_init {
+                // A random (the first r rows of the largest rank's draw), B zero.
+                AdapterInit::A => Zip::from(&mut a)
+                    .and(&a_max.slice(s![..r, ..]))
+                    .for_each(|x, &y| *x = y * std_scale),
+                // B random with A's distribution (the same draw, transposed), A zero.
+                AdapterInit::B => Zip::from(&mut b)
+                    .and(&a_max.slice(s![..r, ..]).t())
+                    .for_each(|x, &y| *x = y * std_scale),
+            }
             Layer {
                 a,
-                b: pool::zeros(d, r),
+                b,
                 sa: OptState::new(cell.opt, (r, d)),
                 sb: OptState::new(cell.opt, (d, r)),
             }
@@ -587,13 +646,20 @@ pub(crate) fn run_cell(
         .collect();
     let hyper = Hyper {
         opt: cell.opt,
-        lr: cfg.lr(cell.opt) as f32,
+        lr: how.lr_a as f32,
         momentum: cfg.momentum as f32,
         beta1: cfg.adam_beta1 as f32,
         beta2: cfg.adam_beta2 as f32,
         eps: cfg.adam_eps as f32,
         wd: cfg.weight_decay as f32,
     };
+    let hyper_b = Hyper {
+        lr: how.lr_b as f32,
+        ..hyper
+    };
+    let recorded = |t: usize| how.record.as_ref().is_none_or(|r| r.contains(&(t as u32)));
+    let mut diverged = false;
+    let mut spectra = Vec::new();
     let net = Net {
         cfg,
         data,
@@ -639,6 +705,19 @@ pub(crate) fn run_cell(
         let (loss, mut dh) = net.loss(f.view(), idx, 0..n);
         let (loss_h, _) = net.loss(f.view(), idx, n..total);
         losses.push((t as u32, loss, loss_h));
+        if how.spectrum_steps.contains(&(t as u32)) {
+            for (l, layer) in layers.iter().enumerate() {
+                let sv = crate::spectrum::update_singular_values(&layer.b, &layer.a, gamma);
+                spectra.push((l as u32, t as u32, crate::spectrum::Spectrum::of(&sv)));
+            }
+        }
+        if let Some(limit) = how.divergence {
+            if !(loss.is_finite() && loss_h.is_finite() && loss <= limit * losses[0].1.max(f64::MIN_POSITIVE)) {
+                diverged = true;
+                break;
+            }
+        }
+        let record = recorded(t);
         for l in (0..layers.len()).rev() {
             let c = &caches[l];
             let v = to_pre_activation(cfg.activation, c, &dh, n);
@@ -652,7 +731,7 @@ pub(crate) fn run_cell(
                 &mut layer.b,
                 v.view(),
                 ax,
-                step.map(|s| (&hyper, &mut layer.sb, s)),
+                step.map(|s| (&hyper_b, &mut layer.sb, s)),
             );
             bv.mapv_inplace(|x| x * gamma); // gamma v B
             let g_in = fused_pass(
@@ -661,6 +740,14 @@ pub(crate) fn run_cell(
                 u,
                 step.map(|s| (&hyper, &mut layer.sa, s)),
             );
+            if !record {
+                if l > 0 {
+                    let mut du = v.dot(&data.weights[l]);
+                    du += &g_in;
+                    dh = to_layer_input(cfg, c, &dh, du, n);
+                }
+                continue;
+            }
             push_moments(&mut obs, l, t, Site::Fwd, c.ad.slice(s![..n, ..]), true);
             push_moments(
                 &mut obs,
@@ -720,7 +807,12 @@ pub(crate) fn run_cell(
         layer.sa.release();
         layer.sb.release();
     }
-    CellResult { obs, losses }
+    CellResult {
+        obs,
+        losses,
+        diverged,
+        spectra,
+    }
 }
 
 /// The frozen network (every B = 0, as at step 0) on stack `idx`: adapter inputs u_l of all

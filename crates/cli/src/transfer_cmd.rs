@@ -1,0 +1,364 @@
+//! `rankstab transfer`.
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rankstab_records::{Optimizer, Outcome, Scaling};
+use rankstab_theory::transfer::analyse::{Exponent, TransferSummary};
+use rankstab_theory::transfer::{LrGrid, Study, TransferConfig};
+use rankstab_theory::{AdapterInit, Init, Reuse, RunOptions};
+use std::path::PathBuf;
+
+/// Options of `rankstab transfer`. Every option overrides the config file's value.
+#[derive(Args, Debug, Default)]
+#[command(after_help = "\
+Examples:
+  rankstab transfer
+      the default study: SGD and Adam x LoRA and rsLoRA, PEFT's init, ranks 2..64 at
+      width 128, widths 64..256 at rank 8, 25 learning rates, 200 steps, 6 seeds
+  rankstab transfer --optimizers adam --adapter-init a,b --lr-ratio 1,16 --out runs/plus
+  rankstab transfer --ranks 4,16,64 --lrs 1e-3:1e3:25 --steps 400 --seeds 8
+  rankstab transfer --config transfer.toml
+
+Config file (TOML): any field of the run's manifest.json 'config', e.g.
+  ranks = [2, 8, 32]
+  widths = []
+  lrs_adam = \"1e-4:1e0:17\"
+
+Writes OUT/manifest.json, transfer_runs.csv, transfer_steps.csv, transfer.json.
+Running the same command again resumes an interrupted study.")]
+pub struct TransferArgs {
+    /// TOML config file (unknown keys are errors).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Optimizers: sgd, sgd-momentum, adam, adamw.
+    #[arg(long, value_delimiter = ',', value_name = "OPT,...")]
+    optimizers: Option<Vec<Optimizer>>,
+    /// Scalings: lora, rslora, constant, beta=B (a bare number is a beta too).
+    #[arg(long, value_delimiter = ',', value_name = "S,...")]
+    scalings: Option<Vec<Scaling>>,
+    /// Ranks of the rank study.
+    #[arg(long, value_delimiter = ',', value_name = "R,...")]
+    ranks: Option<Vec<usize>>,
+    /// Width of the rank study.
+    #[arg(long, value_name = "N")]
+    width: Option<usize>,
+    /// Widths of the width study ('' for none).
+    #[arg(long, value_delimiter = ',', value_name = "D,...")]
+    widths: Option<Vec<String>>,
+    /// Rank of the width study.
+    #[arg(long, value_name = "R")]
+    width_rank: Option<usize>,
+    /// Training batch size.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+    /// Held-out batch size (the loss that locates lr*).
+    #[arg(long, value_name = "N")]
+    heldout: Option<usize>,
+    /// Input regime: fresh (a new batch every step) or coherent (one batch reused).
+    #[arg(long)]
+    inputs: Option<Reuse>,
+    /// Input distribution: gaussian, rademacher, student-t:NU, mean-shift:MU, low-rank:K.
+    #[arg(long)]
+    dist: Option<String>,
+    /// Distribution of the random factor: kaiming-uniform (PEFT), gaussian, peft-gaussian.
+    #[arg(long)]
+    init: Option<Init>,
+    /// Which factor starts random: a (A random, B zero: PEFT), b (B random, A zero).
+    #[arg(long, value_delimiter = ',', value_name = "a|b,...")]
+    adapter_init: Option<Vec<AdapterInit>>,
+    /// Ratios lr_B / lr_A (1 = LoRA, > 1 = LoRA+); the grid's lr is A's.
+    #[arg(long, value_delimiter = ',', value_name = "X,...")]
+    lr_ratio: Option<Vec<f64>>,
+    /// Scaling numerator alpha.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Learning-rate grid for every optimizer: LO:HI:N, N log-spaced values.
+    #[arg(long, value_name = "LO:HI:N")]
+    lrs: Option<LrGrid>,
+    /// Grid of the SGD family.
+    #[arg(long, value_name = "LO:HI:N")]
+    lrs_sgd: Option<LrGrid>,
+    /// Grid of the Adam family.
+    #[arg(long, value_name = "LO:HI:N")]
+    lrs_adam: Option<LrGrid>,
+    /// Optimisation steps per run.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Seeds (independent trials).
+    #[arg(long)]
+    seeds: Option<usize>,
+    /// Base seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Bootstrap resamples of the seeds.
+    #[arg(long)]
+    bootstrap: Option<usize>,
+    /// A run is diverged once its training loss exceeds this multiple of the initial one.
+    #[arg(long)]
+    divergence: Option<f64>,
+    /// Worker threads (default: all cores). Results do not depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Refuse the run if its memory estimate exceeds SIZE (e.g. 4G).
+    #[arg(long, value_name = "SIZE", value_parser = rankstab_records::guard::parse_memory)]
+    max_memory: Option<u64>,
+    /// Run directory (default runs/transfer-<time>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print one JSON object (transfer.json and the verdict sentences) instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The config file (or defaults) with the command-line overrides applied.
+pub fn resolve_config(a: &TransferArgs) -> Result<TransferConfig> {
+    let mut c = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            TransferConfig::from_toml(&text)
+                .with_context(|| format!("config file {}", p.display()))?
+        }
+        None => TransferConfig::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
+    }
+    set!(
+        optimizers, scalings, ranks, width, width_rank, batch, heldout, inputs, dist, init,
+        alpha, lrs_sgd, lrs_adam, steps, seeds, seed, bootstrap, divergence
+    );
+    if let Some(v) = &a.adapter_init {
+        c.adapter_inits = v.clone();
+    }
+    if let Some(v) = &a.lr_ratio {
+        c.lr_ratios = v.clone();
+    }
+    if a.lrs.is_some() {
+        c.lrs = a.lrs;
+    }
+    if let Some(w) = &a.widths {
+        c.widths = w
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("--widths: '{s}' is not a width (a positive integer)"))
+            })
+            .collect::<Result<_>>()?;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+struct Bar(ProgressBar);
+
+impl rankstab_theory::Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(0);
+    }
+    fn inc(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn message(&self, msg: &str) {
+        tracing::info!("{msg}");
+        self.0.set_message(msg.to_string());
+        // Off a terminal the bar is hidden: a line per seed instead.
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!(
+                "transfer: {msg} ({}/{} runs done, {:.0} s)",
+                self.0.position(),
+                self.0.length().unwrap_or(0),
+                self.0.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+pub fn run(a: TransferArgs) -> Result<()> {
+    let cfg = resolve_config(&a)?;
+    if let Some(t) = a.threads.filter(|t| !(1..=1024).contains(t)) {
+        bail!("--threads {t} is not allowed: use 1..=1024 (one worker per core is fastest)");
+    }
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "transfer-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        ))
+    });
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} transfer [{elapsed_precise}] {bar:30} {pos}/{len} runs ({eta}) {msg}",
+        )
+        .expect("valid template"),
+    );
+    let opts = RunOptions {
+        threads: a.threads,
+        git_revision: crate::git_revision(),
+        max_trials_this_run: None,
+        max_memory: a.max_memory,
+    };
+    let t0 = std::time::Instant::now();
+    crate::interrupt::running(&out, "rankstab transfer");
+    let outcome = rankstab_theory::transfer::run(&cfg, &out, &opts, &Bar(pb.clone()))?;
+    pb.finish_and_clear();
+    let Some(summary) = outcome.summary else {
+        bail!("{}: the study is not complete; run the same command again to resume", out.display());
+    };
+    let sentences = verdict_sentences(&summary);
+    if a.json {
+        crate::json_line(&serde_json::json!({
+            "event": "transfer", "run_dir": out, "transfer": summary, "verdict": sentences,
+        }));
+        return Ok(());
+    }
+    print_cells(&summary);
+    print_exponents(&summary);
+    print_findings(&summary);
+    println!(
+        "\n(lr* from the final held-out loss, a parabola in ln lr around the grid minimum; intervals: \
+         {} bootstrap resamples of {} seeds, exponents with t({}) at 90%; outcomes by the rule of \
+         proofs/verdicts.md against the one-step law of proofs/lr-transfer.md)",
+        summary.bootstrap,
+        summary.seeds,
+        summary.seeds.saturating_sub(1)
+    );
+    println!(
+        "Run directory: {} ({:.1} s)",
+        outcome.dir.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    println!();
+    for s in &sentences {
+        println!("{s}");
+    }
+    Ok(())
+}
+
+fn opt_f(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.prec$e}"))
+}
+
+fn scaling_name(beta: f64) -> String {
+    Scaling::from_beta(beta).map_or(format!("beta={beta}"), |s| s.to_string())
+}
+
+fn print_cells(s: &TransferSummary) {
+    println!(
+        "{:<5} {:<6} {:<9} {:>4} {:>5} {:>5} {:>5}  {:>9} {:>21} {:>9} {:>9} {:>7} {:>6}",
+        "axis", "opt", "scaling", "init", "ratio", "width", "rank", "lr*", "90% CI", "law lr*", "loss*", "eff.rk", "div"
+    );
+    for c in &s.cells {
+        let lr = match (&c.edge, c.lr_opt) {
+            (Some(e), _) => e.clone(),
+            (None, v) => opt_f(v, 2),
+        };
+        println!(
+            "{:<5} {:<6} {:<9} {:>4} {:>5} {:>5} {:>5}  {:>9} [{:>9},{:>9}] {:>9} {:>9} {:>7} {:>3}/{}",
+            c.axis.to_string(),
+            c.optimizer.to_string(),
+            scaling_name(c.beta),
+            c.init.to_string(),
+            c.lr_ratio,
+            c.width,
+            c.rank,
+            lr,
+            opt_f(c.lr_opt_ci_low, 2),
+            opt_f(c.lr_opt_ci_high, 2),
+            opt_f(c.predicted_lr, 2),
+            opt_f(c.loss_at_opt, 3),
+            c.effective_rank.map_or("-".into(), |v| format!("{v:.1}")),
+            c.diverged_runs,
+            c.runs
+        );
+    }
+}
+
+fn interval(e: &Exponent) -> String {
+    match (e.slope, e.ci_low, e.ci_high) {
+        (Some(s), Some(l), Some(h)) => format!("{s:>6.2} [{l:>6.2},{h:>6.2}]"),
+        (Some(s), _, _) => format!("{s:>6.2} [    -,     -]"),
+        _ => "     -                 ".into(),
+    }
+}
+
+fn print_exponents(s: &TransferSummary) {
+    println!(
+        "\nExponent c of lr* ~ r^c (axis rank) and ~ d^c (axis width); law = the long-horizon law, 1-step = the one-step law:\n{:<5} {:<6} {:<9} {:>4} {:>5}  {:<23} {:>6} {:>6} {:>6}  {:<12} {:<12} {:<12} reason",
+        "axis", "opt", "scaling", "init", "ratio", "c [90% CI]", "law", "1-step", "band", "vs law", "vs 1-step", "vs c = 0"
+    );
+    for e in &s.exponents {
+        println!(
+            "{:<5} {:<6} {:<9} {:>4} {:>5}  {:<23} {:>6.2} {:>6.2} {:>6.2}  {:<12} {:<12} {:<12} {}",
+            e.axis.to_string(),
+            e.optimizer.to_string(),
+            scaling_name(e.beta),
+            e.init.to_string(),
+            e.lr_ratio,
+            interval(e),
+            e.predicted,
+            e.first_step,
+            e.band,
+            e.outcome.to_string(),
+            e.first_step_outcome.to_string(),
+            e.flat.to_string(),
+            e.reason
+        );
+    }
+}
+
+fn print_findings(s: &TransferSummary) {
+    println!("\nPublished claims:");
+    for f in &s.findings {
+        println!("- [{}] {} ({}) on {}: {}", f.verdict, f.claim, f.source, f.setting, f.rests_on);
+    }
+}
+
+/// The study in a few sentences: per setting, the exponent against the law and whether
+/// rank helps at lr*.
+pub fn verdict_sentences(s: &TransferSummary) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in s.exponents.iter().filter(|e| e.axis == Study::Rank) {
+        let what = match e.outcome {
+            Outcome::Agrees => "as the long-horizon law predicts",
+            Outcome::Disagrees => "which the long-horizon law does NOT predict",
+            Outcome::Inconclusive => "against the long-horizon law inconclusive",
+        };
+        let transfer = match e.flat {
+            Outcome::Agrees => "the learning rate transfers across ranks",
+            Outcome::Disagrees => "the learning rate must be retuned when the rank changes",
+            Outcome::Inconclusive => "whether the learning rate transfers is undetermined",
+        };
+        let c = match (e.slope, e.ci_low, e.ci_high) {
+            (Some(c), Some(l), Some(h)) => format!(
+                "lr* ~ r^{c:.2} [{l:.2}, {h:.2}] (law {:.2} +- {:.2}, one-step law {:.2})",
+                e.predicted, e.band, e.first_step
+            ),
+            _ => format!("no exponent ({})", e.reason),
+        };
+        let ratio = if e.lr_ratio == 1.0 { String::new() } else { format!(", lr_B/lr_A {}", e.lr_ratio) };
+        let helps = match (e.loss_slope_ci_low, e.loss_slope_ci_high) {
+            (_, Some(h)) if h < 0.0 => "; at lr* more rank ends lower",
+            (Some(l), _) if l > 0.0 => "; at lr* more rank ends higher",
+            _ => "; at lr* the loss does not measurably change with rank",
+        };
+        out.push(format!(
+            "Under {}, {} with init {}{ratio} ({} ranks {}..{}, {} seeds): {c}, {what}: {transfer}{helps}.",
+            e.optimizer,
+            match e.beta {
+                b if b == 1.0 => "LoRA".to_string(),
+                b if b == 0.5 => "rsLoRA".to_string(),
+                b => format!("alpha r^-{b}"),
+            },
+            e.init,
+            e.values.len(),
+            e.values.first().copied().unwrap_or(0),
+            e.values.last().copied().unwrap_or(0),
+            s.seeds
+        ));
+    }
+    out
+}
