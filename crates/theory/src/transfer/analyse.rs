@@ -195,7 +195,7 @@ pub struct HorizonRow {
     /// Whether the interval lies outside the step-1 exponent's resolution band.
     pub departs: bool,
     /// Mean effective rank of the update per rank at this step.
-    pub effective_rank: Vec<(u32, f64)>,
+    pub effective_rank: Vec<(u32, Option<f64>)>,
 }
 
 /// Everything `transfer.json` holds.
@@ -1045,7 +1045,7 @@ fn horizon(cfg: &TransferConfig, groups: &BTreeMap<Key, Group>, steps: &[StepRow
                         .filter(|x| x.rank as usize == r && x.step == t && x.effective_rank.is_finite())
                         .map(|x| x.effective_rank)
                         .collect();
-                    (r as u32, if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 })
+                    (r as u32, (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64))
                 })
                 .collect();
             out.push(HorizonRow {
