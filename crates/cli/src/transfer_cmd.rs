@@ -125,8 +125,8 @@ pub fn resolve_config(a: &TransferArgs) -> Result<TransferConfig> {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
     }
     set!(
-        optimizers, scalings, ranks, width, width_rank, batch, heldout, inputs, dist, init,
-        alpha, lrs_sgd, lrs_adam, steps, seeds, seed, bootstrap, divergence
+        optimizers, scalings, ranks, width, width_rank, batch, heldout, inputs, dist, init, alpha,
+        lrs_sgd, lrs_adam, steps, seeds, seed, bootstrap, divergence
     );
     if let Some(v) = &a.adapter_init {
         c.adapter_inits = v.clone();
@@ -142,9 +142,9 @@ pub fn resolve_config(a: &TransferArgs) -> Result<TransferConfig> {
             .iter()
             .filter(|s| !s.trim().is_empty())
             .map(|s| {
-                s.trim()
-                    .parse::<usize>()
-                    .map_err(|_| anyhow::anyhow!("--widths: '{s}' is not a width (a positive integer)"))
+                s.trim().parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("--widths: '{s}' is not a width (a positive integer)")
+                })
             })
             .collect::<Result<_>>()?;
     }
@@ -206,7 +206,10 @@ pub fn run(a: TransferArgs) -> Result<()> {
     let outcome = rankstab_theory::transfer::run(&cfg, &out, &opts, &Bar(pb.clone()))?;
     pb.finish_and_clear();
     let Some(summary) = outcome.summary else {
-        bail!("{}: the study is not complete; run the same command again to resume", out.display());
+        bail!(
+            "{}: the study is not complete; run the same command again to resume",
+            out.display()
+        );
     };
     let sentences = verdict_sentences(&summary);
     if a.json {
@@ -249,7 +252,19 @@ fn scaling_name(beta: f64) -> String {
 fn print_cells(s: &TransferSummary) {
     println!(
         "{:<5} {:<6} {:<9} {:>4} {:>5} {:>5} {:>5}  {:>9} {:>21} {:>9} {:>9} {:>7} {:>6}",
-        "axis", "opt", "scaling", "init", "ratio", "width", "rank", "lr*", "90% CI", "law lr*", "loss*", "eff.rk", "div"
+        "axis",
+        "opt",
+        "scaling",
+        "init",
+        "ratio",
+        "width",
+        "rank",
+        "lr*",
+        "90% CI",
+        "law lr*",
+        "loss*",
+        "eff.rk",
+        "div"
     );
     for c in &s.cells {
         let lr = match (&c.edge, c.lr_opt) {
@@ -313,7 +328,10 @@ fn print_exponents(s: &TransferSummary) {
 fn print_findings(s: &TransferSummary) {
     println!("\nPublished claims:");
     for f in &s.findings {
-        println!("- [{}] {} ({}) on {}: {}", f.verdict, f.claim, f.source, f.setting, f.rests_on);
+        println!(
+            "- [{}] {} ({}) on {}: {}",
+            f.verdict, f.claim, f.source, f.setting, f.rests_on
+        );
     }
 }
 
@@ -339,7 +357,11 @@ pub fn verdict_sentences(s: &TransferSummary) -> Vec<String> {
             ),
             _ => format!("no exponent ({})", e.reason),
         };
-        let ratio = if e.lr_ratio == 1.0 { String::new() } else { format!(", lr_B/lr_A {}", e.lr_ratio) };
+        let ratio = if e.lr_ratio == 1.0 {
+            String::new()
+        } else {
+            format!(", lr_B/lr_A {}", e.lr_ratio)
+        };
         let helps = match (e.loss_slope_ci_low, e.loss_slope_ci_high) {
             (_, Some(h)) if h < 0.0 => "; at lr* more rank ends lower",
             (Some(l), _) if l > 0.0 => "; at lr* more rank ends higher",

@@ -712,7 +712,10 @@ pub(crate) fn run_cell_with(
             }
         }
         if let Some(limit) = how.divergence {
-            if !(loss.is_finite() && loss_h.is_finite() && loss <= limit * losses[0].1.max(f64::MIN_POSITIVE)) {
+            if !(loss.is_finite()
+                && loss_h.is_finite()
+                && loss <= limit * losses[0].1.max(f64::MIN_POSITIVE))
+            {
                 diverged = true;
                 break;
             }

@@ -123,7 +123,12 @@ mod tests {
         let mut want: Vec<f64> = full.singular_values().iter().copied().collect();
         want.sort_by(|x, y| y.total_cmp(x));
         for k in 0..r {
-            assert!((sv[k] - want[k]).abs() < 1e-5 * (1.0 + want[0]), "{k}: {} vs {}", sv[k], want[k]);
+            assert!(
+                (sv[k] - want[k]).abs() < 1e-5 * (1.0 + want[0]),
+                "{k}: {} vs {}",
+                sv[k],
+                want[k]
+            );
         }
         assert!(want[r..].iter().all(|s| s.abs() < 1e-4));
     }

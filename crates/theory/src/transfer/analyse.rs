@@ -347,7 +347,11 @@ impl Group {
     }
 }
 
-fn estimate_of(point: Option<f64>, boot: &[Option<f64>], df: f64) -> (Option<f64>, Option<f64>, Option<f64>, Option<f64>) {
+fn estimate_of(
+    point: Option<f64>,
+    boot: &[Option<f64>],
+    df: f64,
+) -> (Option<f64>, Option<f64>, Option<f64>, Option<f64>) {
     let valid: Vec<f64> = boot.iter().flatten().copied().collect();
     let Some(p) = point else {
         return (None, None, None, None);
@@ -419,7 +423,12 @@ pub fn analyse(
     let all = vec![1u32; seeds];
     let stars: BTreeMap<Key, (Star, Vec<Star>)> = groups
         .iter()
-        .map(|(k, g)| (*k, (g.star(&all), weights.iter().map(|w| g.star(w)).collect())))
+        .map(|(k, g)| {
+            (
+                *k,
+                (g.star(&all), weights.iter().map(|w| g.star(w)).collect()),
+            )
+        })
         .collect();
     // Data terms per width, averaged over trials.
     let mut tw: BTreeMap<usize, Vec<DataTerms>> = BTreeMap::new();
@@ -439,15 +448,30 @@ pub fn analyse(
     let law_ln = |k: &Key| {
         let (_, width, opt, beta, init, _, rank) = *k;
         let t = terms_at.get(&(width as usize)).copied().unwrap_or_default();
-        law::ln_lr_long(law_setting(opt, f64::from_bits(beta), init), rank as usize, width as usize, &t)
+        law::ln_lr_long(
+            law_setting(opt, f64::from_bits(beta), init),
+            rank as usize,
+            width as usize,
+            &t,
+        )
     };
     // Final-step spectra per (key, lr).
     let mut spec: BTreeMap<(Key, u64), Vec<(f64, f64, f64)>> = BTreeMap::new();
     for s in steps.iter().filter(|s| s.step as usize == cfg.steps) {
-        let k = (s.study, s.width, s.optimizer, s.beta.to_bits(), s.init, s.lr_ratio.to_bits(), s.rank);
-        spec.entry((k, s.lr.to_bits()))
-            .or_default()
-            .push((s.effective_rank, s.stable_rank, s.top_share));
+        let k = (
+            s.study,
+            s.width,
+            s.optimizer,
+            s.beta.to_bits(),
+            s.init,
+            s.lr_ratio.to_bits(),
+            s.rank,
+        );
+        spec.entry((k, s.lr.to_bits())).or_default().push((
+            s.effective_rank,
+            s.stable_rank,
+            s.top_share,
+        ));
     }
     let mean_finite = |v: &[f64]| {
         let f: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -461,8 +485,16 @@ pub fn analyse(
             Star::Interior(x, y) => Some((x, y)),
             _ => None,
         };
-        let bx: Vec<f64> = boot.iter().filter_map(interior).map(|p| p.0.exp()).collect();
-        let by: Vec<f64> = boot.iter().filter_map(interior).map(|p| p.1.exp()).collect();
+        let bx: Vec<f64> = boot
+            .iter()
+            .filter_map(interior)
+            .map(|p| p.0.exp())
+            .collect();
+        let by: Vec<f64> = boot
+            .iter()
+            .filter_map(interior)
+            .map(|p| p.1.exp())
+            .collect();
         let enough = (bx.len() as f64) >= (1.0 - EDGE_SHARE) * boot.len() as f64 && bx.len() >= 2;
         let ci = |mut v: Vec<f64>| {
             if !enough {
@@ -529,11 +561,22 @@ pub fn analyse(
     let mut anchor: BTreeMap<(Study, SettingKey), Vec<f64>> = BTreeMap::new();
     let skey = |c: &OptCell| (c.optimizer, c.beta.to_bits(), c.init, c.lr_ratio.to_bits());
     let ckey = |c: &OptCell| -> Key {
-        (c.axis, c.width, c.optimizer, c.beta.to_bits(), c.init, c.lr_ratio.to_bits(), c.rank)
+        (
+            c.axis,
+            c.width,
+            c.optimizer,
+            c.beta.to_bits(),
+            c.init,
+            c.lr_ratio.to_bits(),
+            c.rank,
+        )
     };
     for c in &cells {
         if let Some(lr) = c.lr_opt {
-            anchor.entry((c.axis, skey(c))).or_default().push(lr.ln() - law_ln(&ckey(c)));
+            anchor
+                .entry((c.axis, skey(c)))
+                .or_default()
+                .push(lr.ln() - law_ln(&ckey(c)));
         }
     }
     for c in &mut cells {
@@ -550,7 +593,9 @@ pub fn analyse(
             Study::Rank => rank,
             Study::Width => width,
         };
-        axes.entry((study, (opt, beta, init, ratio))).or_default().push((along, *k));
+        axes.entry((study, (opt, beta, init, ratio)))
+            .or_default()
+            .push((along, *k));
     }
     let mut exps = Vec::new();
     let mut loss_boot: Boot = BTreeMap::new();
@@ -570,27 +615,46 @@ pub fn analyse(
             .map(|b| members.iter().map(|m| per(&stars[&m.1].1[b])).collect())
             .collect();
         let slope_of = |v: &[(f64, f64)], which: usize| {
-            let y: Vec<f64> = v.iter().map(|p| if which == 0 { p.0 } else { p.1 }).collect();
+            let y: Vec<f64> = v
+                .iter()
+                .map(|p| if which == 0 { p.0 } else { p.1 })
+                .collect();
             ols_slope(&lx, &y)
         };
         let pc = point.as_ref().map(|v| slope_of(v, 0));
         let pl = point.as_ref().map(|v| slope_of(v, 1));
-        let bc: Vec<Option<f64>> = boot.iter().map(|b| b.as_ref().map(|v| slope_of(v, 0))).collect();
-        let bl: Vec<Option<f64>> = boot.iter().map(|b| b.as_ref().map(|v| slope_of(v, 1))).collect();
+        let bc: Vec<Option<f64>> = boot
+            .iter()
+            .map(|b| b.as_ref().map(|v| slope_of(v, 0)))
+            .collect();
+        let bl: Vec<Option<f64>> = boot
+            .iter()
+            .map(|b| b.as_ref().map(|v| slope_of(v, 1)))
+            .collect();
         let (slope, se, lo, hi) = estimate_of(pc, &bc, df);
         let (lslope, _, llo, lhi) = estimate_of(pl, &bl, df);
         loss_boot.insert(
             (study, sk),
             (
-                boot.iter().map(|b| b.as_ref().map(|v| v.iter().map(|p| p.1).collect())).collect(),
-                point.as_ref().map(|v| v.iter().map(|p| p.1).collect()).unwrap_or_default(),
+                boot.iter()
+                    .map(|b| b.as_ref().map(|v| v.iter().map(|p| p.1).collect()))
+                    .collect(),
+                point
+                    .as_ref()
+                    .map(|v| v.iter().map(|p| p.1).collect())
+                    .unwrap_or_default(),
             ),
         );
         x_boot.insert(
             (study, sk),
             (
-                boot.iter().map(|b| b.as_ref().map(|v| v.iter().map(|p| p.0).collect())).collect(),
-                point.as_ref().map(|v| v.iter().map(|p| p.0).collect()).unwrap_or_default(),
+                boot.iter()
+                    .map(|b| b.as_ref().map(|v| v.iter().map(|p| p.0).collect()))
+                    .collect(),
+                point
+                    .as_ref()
+                    .map(|v| v.iter().map(|p| p.0).collect())
+                    .unwrap_or_default(),
             ),
         );
         let ls = law_setting(opt, beta, init);
@@ -609,7 +673,12 @@ pub fn analyse(
             Study::Width => {
                 let w: Vec<(usize, DataTerms)> = values
                     .iter()
-                    .map(|&d| (d as usize, terms_at.get(&(d as usize)).copied().unwrap_or_default()))
+                    .map(|&d| {
+                        (
+                            d as usize,
+                            terms_at.get(&(d as usize)).copied().unwrap_or_default(),
+                        )
+                    })
                     .collect();
                 (
                     law::width_exponent_with(law::ln_lr_long, ls, cfg.width_rank, &w),
@@ -689,7 +758,9 @@ fn estimate(e: &Exponent) -> Option<Estimate> {
 
 /// The claim that every exponent of `exps` is `claim(e)`, judged as a family.
 pub fn judge_claims(exps: &[&Exponent], claim: impl Fn(&Exponent) -> f64) -> Vec<Outcome> {
-    let idx: Vec<usize> = (0..exps.len()).filter(|&i| estimate(exps[i]).is_some()).collect();
+    let idx: Vec<usize> = (0..exps.len())
+        .filter(|&i| estimate(exps[i]).is_some())
+        .collect();
     let items: Vec<(Estimate, Band)> = idx
         .iter()
         .map(|&i| {
@@ -766,17 +837,17 @@ fn paired_diff(
     if a.1.is_empty() || a.1.len() != b.1.len() {
         return None;
     }
-    let mean_diff = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| p - q).sum::<f64>() / x.len() as f64;
+    let mean_diff =
+        |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| p - q).sum::<f64>() / x.len() as f64;
     let point = mean_diff(&a.1, &b.1);
-    let boot: Vec<Option<f64>> = a
-        .0
-        .iter()
-        .zip(&b.0)
-        .map(|(x, y)| match (x, y) {
-            (Some(x), Some(y)) => Some(mean_diff(x, y)),
-            _ => None,
-        })
-        .collect();
+    let boot: Vec<Option<f64>> =
+        a.0.iter()
+            .zip(&b.0)
+            .map(|(x, y)| match (x, y) {
+                (Some(x), Some(y)) => Some(mean_diff(x, y)),
+                _ => None,
+            })
+            .collect();
     let (_, _, lo, hi) = estimate_of(Some(point), &boot, df);
     Some((point, lo?, hi?))
 }
@@ -824,7 +895,12 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
                 source: source.into(),
                 setting: setting_name(e),
                 verdict: verdict_word(e.flat).into(),
-                rests_on: format!("{} against c = 0 +- {:.2}; {}", c_text(e), e.band, ranks_text(e)),
+                rests_on: format!(
+                    "{} against c = 0 +- {:.2}; {}",
+                    c_text(e),
+                    e.band,
+                    ranks_text(e)
+                ),
             });
         }
     }
@@ -858,7 +934,8 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
             _ => "inconclusive",
         };
         out.push(Finding {
-            claim: "with gamma = alpha/sqrt(r) larger ranks end better (loss at lr* falls with r)".into(),
+            claim: "with gamma = alpha/sqrt(r) larger ranks end better (loss at lr* falls with r)"
+                .into(),
             source: "rsLoRA, Kalajdzievski 2023 (arXiv 2312.03732)".into(),
             setting: setting_name(e),
             verdict: v.into(),
@@ -873,9 +950,14 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
     }
     // LoRA+: a larger lr for B lowers the loss at lr*.
     let mut plus = 0;
-    for ((study, sk), data) in loss.iter().filter(|((s, k), _)| *s == Study::Rank && f64::from_bits(k.3) > 1.0) {
+    for ((study, sk), data) in loss
+        .iter()
+        .filter(|((s, k), _)| *s == Study::Rank && f64::from_bits(k.3) > 1.0)
+    {
         let base = (sk.0, sk.1, sk.2, 1.0f64.to_bits());
-        let Some(b) = loss.get(&(*study, base)) else { continue };
+        let Some(b) = loss.get(&(*study, base)) else {
+            continue;
+        };
         plus += 1;
         let setting = format!(
             "{}, beta {}, init {}, lr_B/lr_A = {} vs 1",
@@ -895,7 +977,10 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
                 },
                 format!("mean over ranks of ln(loss*_ratio / loss*_1) = {p:.3} [{lo:.3}, {hi:.3}]"),
             ),
-            None => ("inconclusive", "lr* not located at every rank in both settings".into()),
+            None => (
+                "inconclusive",
+                "lr* not located at every rank in both settings".into(),
+            ),
         };
         out.push(Finding {
             claim: "B needs a larger learning rate than A: lr_B/lr_A > 1 lowers the loss at the best lr".into(),
@@ -916,9 +1001,14 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
     }
     // Init[A] vs Init[B]: different optimal learning rates.
     let mut inits = 0;
-    for ((study, sk), data) in xb.iter().filter(|((s, k), _)| *s == Study::Rank && k.2 == AdapterInit::B) {
+    for ((study, sk), data) in xb
+        .iter()
+        .filter(|((s, k), _)| *s == Study::Rank && k.2 == AdapterInit::B)
+    {
         let other = (sk.0, sk.1, AdapterInit::A, sk.3);
-        let Some(a) = xb.get(&(*study, other)) else { continue };
+        let Some(a) = xb.get(&(*study, other)) else {
+            continue;
+        };
         inits += 1;
         let tol = (1.0 + LR_TOLERANCE).ln();
         let (v, rest) = match paired_diff(data, a, df) {
@@ -956,7 +1046,11 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
     out
 }
 
-fn horizon(cfg: &TransferConfig, groups: &BTreeMap<Key, Group>, steps: &[StepRow]) -> Vec<HorizonRow> {
+fn horizon(
+    cfg: &TransferConfig,
+    groups: &BTreeMap<Key, Group>,
+    steps: &[StepRow],
+) -> Vec<HorizonRow> {
     let mut out = Vec::new();
     for s in cfg.settings() {
         let beta = s.scaling.beta();
@@ -970,7 +1064,9 @@ fn horizon(cfg: &TransferConfig, groups: &BTreeMap<Key, Group>, steps: &[StepRow
                     && k.5 == s.lr_ratio.to_bits()
             })
             .collect();
-        let Some((_, first)) = members.first() else { continue };
+        let Some((_, first)) = members.first() else {
+            continue;
+        };
         // The grid lr with the lowest mean loss over ranks and seeds, among those where no
         // run diverged.
         let best = (0..first.lrs.len())
@@ -1015,7 +1111,9 @@ fn horizon(cfg: &TransferConfig, groups: &BTreeMap<Key, Group>, steps: &[StepRow
                     (0..cfg.seeds)
                         .map(|k| {
                             rows.iter()
-                                .find(|x| x.rank as usize == r && x.trial as usize == k && x.step == t)
+                                .find(|x| {
+                                    x.rank as usize == r && x.trial as usize == k && x.step == t
+                                })
                                 .map_or(f64::NAN, |x| x.fwd_m2)
                         })
                         .collect()
@@ -1042,10 +1140,15 @@ fn horizon(cfg: &TransferConfig, groups: &BTreeMap<Key, Group>, steps: &[StepRow
                 .map(|&r| {
                     let v: Vec<f64> = rows
                         .iter()
-                        .filter(|x| x.rank as usize == r && x.step == t && x.effective_rank.is_finite())
+                        .filter(|x| {
+                            x.rank as usize == r && x.step == t && x.effective_rank.is_finite()
+                        })
                         .map(|x| x.effective_rank)
                         .collect();
-                    (r as u32, (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64))
+                    (
+                        r as u32,
+                        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64),
+                    )
                 })
                 .collect();
             out.push(HorizonRow {
@@ -1077,7 +1180,10 @@ mod tests {
         assert_eq!(locate(&x, &[f64::INFINITY; 4]), Star::Diverged);
         assert_eq!(locate(&x, &[0.5, 1.0, 2.0, f64::INFINITY]), Star::Below);
         // The right neighbour diverged: the grid point itself, not an extrapolation.
-        assert_eq!(locate(&x, &[3.0, 2.0, 1.0, f64::INFINITY]), Star::Interior(2.0, 1.0));
+        assert_eq!(
+            locate(&x, &[3.0, 2.0, 1.0, f64::INFINITY]),
+            Star::Interior(2.0, 1.0)
+        );
     }
 
     #[test]

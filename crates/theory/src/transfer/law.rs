@@ -226,7 +226,13 @@ pub type LnLaw = fn(LawSetting, usize, usize, &DataTerms) -> f64;
 
 /// The predicted exponent of `lr*` over `ranks` at width `d`: the least-squares slope of
 /// a law's `ln eta*` against `ln r`.
-pub fn rank_exponent_with(law: LnLaw, s: LawSetting, ranks: &[usize], d: usize, t: &DataTerms) -> f64 {
+pub fn rank_exponent_with(
+    law: LnLaw,
+    s: LawSetting,
+    ranks: &[usize],
+    d: usize,
+    t: &DataTerms,
+) -> f64 {
     let x: Vec<f64> = ranks.iter().map(|&r| (r as f64).ln()).collect();
     let y: Vec<f64> = ranks.iter().map(|&r| law(s, r, d, t)).collect();
     ols_slope(&x, &y)
@@ -239,7 +245,12 @@ pub fn rank_exponent(s: LawSetting, ranks: &[usize], d: usize, t: &DataTerms) ->
 
 /// The predicted exponent of `lr*` over widths at rank `r`: the slope of a law's `ln eta*`
 /// against `ln d`, each width with its own data terms.
-pub fn width_exponent_with(law: LnLaw, s: LawSetting, r: usize, widths: &[(usize, DataTerms)]) -> f64 {
+pub fn width_exponent_with(
+    law: LnLaw,
+    s: LawSetting,
+    r: usize,
+    widths: &[(usize, DataTerms)],
+) -> f64 {
     let x: Vec<f64> = widths.iter().map(|&(d, _)| (d as f64).ln()).collect();
     let y: Vec<f64> = widths.iter().map(|(d, t)| law(s, r, *d, t)).collect();
     ols_slope(&x, &y)

@@ -455,16 +455,19 @@ impl TransferConfig {
     /// [`TheoryError::Invalid`].
     pub fn validate(&self) -> Result<(), TheoryError> {
         let bad = |m: String| Err(TheoryError::Invalid(m));
-        if self.optimizers.is_empty() || self.scalings.is_empty() || self.adapter_inits.is_empty()
-        {
-            return bad("optimizers, scalings and adapter_inits must each name at least one value".into());
+        if self.optimizers.is_empty() || self.scalings.is_empty() || self.adapter_inits.is_empty() {
+            return bad(
+                "optimizers, scalings and adapter_inits must each name at least one value".into(),
+            );
         }
         if self.lr_ratios.is_empty() {
             return bad("lr_ratios is empty: use 1 for plain LoRA, e.g. --lr-ratio 1,16".into());
         }
         for &x in &self.lr_ratios {
             if !(x.is_finite() && x > 0.0) {
-                return bad(format!("lr ratio {x} is not allowed: use a finite number > 0"));
+                return bad(format!(
+                    "lr ratio {x} is not allowed: use a finite number > 0"
+                ));
             }
         }
         if self.ranks.len() < 3 {
@@ -504,12 +507,15 @@ impl TransferConfig {
             if c.ranks.is_empty() {
                 c.ranks = vec![1];
             }
-            c.validate().map_err(|e| TheoryError::Invalid(format!("width {d}: {e}")))?;
+            c.validate()
+                .map_err(|e| TheoryError::Invalid(format!("width {d}: {e}")))?;
         }
         for &opt in &self.optimizers {
             // The grid's own parse checks LO, HI, N; a config may build one directly.
             let g = self.grid(opt);
-            g.to_string().parse::<LrGrid>().map_err(TheoryError::Invalid)?;
+            g.to_string()
+                .parse::<LrGrid>()
+                .map_err(TheoryError::Invalid)?;
         }
         Ok(())
     }
@@ -521,10 +527,7 @@ impl TransferConfig {
             .iter()
             .map(|&d| self.ranks_at(d).len())
             .sum::<usize>()
-            * settings
-                .iter()
-                .map(|s| self.grid(s.opt).n)
-                .sum::<usize>()
+            * settings.iter().map(|s| self.grid(s.opt).n).sum::<usize>()
     }
 }
 
@@ -568,7 +571,9 @@ pub fn run(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
-        .map_err(|e| TheoryError::Invalid(format!("cannot start {:?} threads: {e}", opts.threads)))?;
+        .map_err(|e| {
+            TheoryError::Invalid(format!("cannot start {:?} threads: {e}", opts.threads))
+        })?;
     let threads = pool.current_num_threads();
     let widest = cfg.all_widths().into_iter().max().unwrap_or(cfg.width);
     let estimate = crate::memory_estimate(&cfg.checker(widest), threads);
@@ -695,7 +700,11 @@ fn run_locked(
     })
 }
 
-type SeedRows = (Vec<RunRow>, Vec<StepRow>, Vec<(usize, usize, law::DataTerms)>);
+type SeedRows = (
+    Vec<RunRow>,
+    Vec<StepRow>,
+    Vec<(usize, usize, law::DataTerms)>,
+);
 
 /// Every run of one seed, at every width.
 ///
@@ -792,7 +801,11 @@ fn rows_of(
     lr: f64,
     res: &crate::sim::CellResult,
 ) -> (RunRow, Vec<StepRow>) {
-    let last = res.losses.last().copied().unwrap_or((0, f64::NAN, f64::NAN));
+    let last = res
+        .losses
+        .last()
+        .copied()
+        .unwrap_or((0, f64::NAN, f64::NAN));
     let final_loss = if res.diverged || !last.2.is_finite() {
         f64::INFINITY
     } else {
