@@ -35,6 +35,8 @@ use std::collections::BTreeMap;
 
 /// lr laws whose lr* differ by less than this factor over the fitted values are the same.
 pub const LR_TOLERANCE: f64 = 0.25;
+/// The least relative loss gain at lr* that counts as a gain (LoRA+'s claim).
+pub const LOSS_GAIN: f64 = 0.01;
 /// Share of bootstrap resamples that may put some lr* at the grid's edge before an
 /// exponent is left inconclusive.
 pub const EDGE_SHARE: f64 = 0.10;
@@ -948,7 +950,8 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
             },
         });
     }
-    // LoRA+: a larger lr for B lowers the loss at lr*.
+    // LoRA+: a larger lr for B lowers the loss at lr* (by at least LOSS_GAIN).
+    let gain = (1.0 + LOSS_GAIN).ln();
     let mut plus = 0;
     for ((study, sk), data) in loss
         .iter()
@@ -968,14 +971,18 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
         );
         let (v, rest) = match paired_diff(data, b, df) {
             Some((p, lo, hi)) => (
-                if hi < 0.0 {
+                if hi < -gain {
                     "supports"
-                } else if lo > 0.0 {
+                } else if lo > -gain {
                     "contradicts"
                 } else {
                     "inconclusive"
                 },
-                format!("mean over ranks of ln(loss*_ratio / loss*_1) = {p:.3} [{lo:.3}, {hi:.3}]"),
+                format!(
+                    "mean over ranks of ln(loss*_ratio / loss*_1) = {p:.3} [{lo:.3}, {hi:.3}] \
+                     (a gain needs < {:.3}, 1% lower)",
+                    -gain
+                ),
             ),
             None => (
                 "inconclusive",
@@ -1029,7 +1036,12 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
         out.push(Finding {
             claim: "Init[A] (PEFT's) and Init[B] have different optimal learning rates".into(),
             source: "Hayou, Ghosh, Yu 2024, The Impact of Initialization on LoRA Finetuning Dynamics (arXiv 2406.08447)".into(),
-            setting: format!("{}, beta {}, init b vs a", sk.0, f64::from_bits(sk.1)),
+            setting: format!(
+                "{}, beta {}, lr_B/lr_A = {}, init b vs a",
+                sk.0,
+                f64::from_bits(sk.1),
+                f64::from_bits(sk.3)
+            ),
             verdict: v.into(),
             rests_on: rest,
         });
