@@ -370,10 +370,12 @@ pub fn verdict_sentences(s: &TransferSummary) -> Vec<String> {
         out.push(format!(
             "Under {}, {} with init {}{ratio} ({} ranks {}..{}, {} seeds): {c}, {what}: {transfer}{helps}.",
             e.optimizer,
-            match e.beta {
-                b if b == 1.0 => "LoRA".to_string(),
-                b if b == 0.5 => "rsLoRA".to_string(),
-                b => format!("alpha r^-{b}"),
+            if e.beta == 1.0 {
+                "LoRA".to_string()
+            } else if e.beta == 0.5 {
+                "rsLoRA".to_string()
+            } else {
+                format!("alpha r^-{}", e.beta)
             },
             e.init,
             e.values.len(),

@@ -104,11 +104,15 @@ fn the_estimator_recovers_a_planted_exponent() {
     )];
     let s = analyse(&cfg, &rows, &[], &terms);
     let e = &s.exponents[0];
-    let (c, lo, hi) = (e.slope.unwrap(), e.ci_low.unwrap(), e.ci_high.unwrap());
+    let (c, lo, hi) = (
+        e.slope.expect("c located"),
+        e.ci_low.expect("interval"),
+        e.ci_high.expect("interval"),
+    );
     assert!((c - 0.7).abs() < 0.03, "c = {c}");
     assert!(lo < 0.7 && 0.7 < hi, "[{lo}, {hi}]");
     for cell in &s.cells {
-        let l = cell.loss_at_opt.unwrap();
+        let l = cell.loss_at_opt.expect("loss at lr*");
         assert!((l - 2.0).abs() < 0.1, "rank {}: loss* {l}", cell.rank);
     }
 }

@@ -223,6 +223,10 @@ pub struct TransferSummary {
 
 type Key = (Study, u32, Optimizer, u64, AdapterInit, u64, u32);
 type SettingKey = (Optimizer, u64, AdapterInit, u64);
+/// Final-step (effective rank, stable rank, top share) per group and lr.
+type Spectra = BTreeMap<(Key, u64), Vec<(f64, f64, f64)>>;
+/// A published claim of c = 0: text, source, which exponents it covers.
+type FlatClaim = (&'static str, &'static str, fn(&Exponent) -> bool);
 
 fn key(r: &RunRow) -> Key {
     (
@@ -458,7 +462,7 @@ pub fn analyse(
         )
     };
     // Final-step spectra per (key, lr).
-    let mut spec: BTreeMap<(Key, u64), Vec<(f64, f64, f64)>> = BTreeMap::new();
+    let mut spec: Spectra = BTreeMap::new();
     for s in steps.iter().filter(|s| s.step as usize == cfg.steps) {
         let k = (
             s.study,
@@ -796,10 +800,12 @@ pub fn judge_exponents(exps: &mut [Exponent]) {
 }
 
 fn setting_name(e: &Exponent) -> String {
-    let scaling = match e.beta {
-        b if b == 1.0 => "LoRA (alpha/r)".to_string(),
-        b if b == 0.5 => "rsLoRA (alpha/sqrt r)".to_string(),
-        b => format!("alpha r^-{b}"),
+    let scaling = if e.beta == 1.0 {
+        "LoRA (alpha/r)".to_string()
+    } else if e.beta == 0.5 {
+        "rsLoRA (alpha/sqrt r)".to_string()
+    } else {
+        format!("alpha r^-{}", e.beta)
     };
     let ratio = if e.lr_ratio == 1.0 {
         String::new()
@@ -868,7 +874,7 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
         )
     };
     // c = 0 claims.
-    let flat_claims: [(&str, &str, fn(&Exponent) -> bool); 2] = [
+    let flat_claims: [FlatClaim; 2] = [
         (
             "with gamma = alpha/sqrt(r) the learning rate transfers across ranks (lr* flat in r)",
             "rsLoRA, Kalajdzievski 2023 (arXiv 2312.03732), as its one-lr-for-all-ranks experiments imply",
