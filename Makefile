@@ -18,8 +18,9 @@ audit: setup
 	$(CARGO) build --release -p rankstab-cli
 	./target/release/rankstab theory --out runs/$(RUN)/theory
 	./target/release/rankstab sweep --out runs/$(RUN)/sweep
+	./target/release/rankstab transfer --out runs/$(RUN)/transfer
 	./target/release/rankstab report runs/$(RUN) --out reports/$(RUN)
-	@echo "audit: runs in runs/$(RUN) (theory/, sweep/cells/*); report: reports/$(RUN)/index.html"
+	@echo "audit: runs in runs/$(RUN) (theory/, sweep/cells/*, transfer/); report: reports/$(RUN)/index.html"
 
 # The Python packages (tables, notebooks) and Chromium (the report's rendering test) are
 # required here, so that those tests cannot skip silently in CI.

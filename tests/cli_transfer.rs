@@ -41,7 +41,12 @@ fn a_small_study_writes_its_tables_and_says_what_it_found() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
-    for f in ["manifest.json", "transfer_runs.csv", "transfer_steps.csv", "transfer.json"] {
+    for f in [
+        "manifest.json",
+        "transfer_runs.csv",
+        "transfer_steps.csv",
+        "transfer.json",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     // 2 scalings x 3 ranks x 13 lrs x 3 seeds.
@@ -53,10 +58,32 @@ fn a_small_study_writes_its_tables_and_says_what_it_found() {
     }
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("transfer.json")).unwrap()).unwrap();
-    for k in ["optimizer", "beta", "init", "lr_ratio", "width", "rank", "lr_opt", "lr_opt_ci_low", "lr_opt_ci_high", "loss_at_opt"] {
+    for k in [
+        "optimizer",
+        "beta",
+        "init",
+        "lr_ratio",
+        "width",
+        "rank",
+        "lr_opt",
+        "lr_opt_ci_low",
+        "lr_opt_ci_high",
+        "loss_at_opt",
+    ] {
         assert!(v["cells"][0].get(k).is_some(), "cells lack {k}");
     }
-    for k in ["optimizer", "beta", "init", "lr_ratio", "width", "slope", "ci_low", "ci_high", "predicted", "outcome"] {
+    for k in [
+        "optimizer",
+        "beta",
+        "init",
+        "lr_ratio",
+        "width",
+        "slope",
+        "ci_low",
+        "ci_high",
+        "predicted",
+        "outcome",
+    ] {
         assert!(v["exponents"][0].get(k).is_some(), "exponents lack {k}");
     }
     assert!(stdout.contains("Exponent c of lr*"), "{stdout}");
@@ -67,7 +94,10 @@ fn a_small_study_writes_its_tables_and_says_what_it_found() {
     let before = std::fs::read(out.join("transfer_runs.csv")).unwrap();
     let o = run(&[SMALL, &["--out", out.to_str().unwrap(), "--json"]].concat());
     assert!(o.status.success());
-    assert_eq!(std::fs::read(out.join("transfer_runs.csv")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(out.join("transfer_runs.csv")).unwrap(),
+        before
+    );
     let line = String::from_utf8_lossy(&o.stdout);
     assert_eq!(line.trim().lines().count(), 1, "{line}");
     let j: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
@@ -88,10 +118,18 @@ fn refused(args: &[&str], needle: &str, dir: &Path) {
 #[test]
 fn bad_values_exit_2_with_one_line_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    refused(&["--lrs", "1:0.1:5"], "learning-rate grid '1:0.1:5'", dir.path());
+    refused(
+        &["--lrs", "1:0.1:5"],
+        "learning-rate grid '1:0.1:5'",
+        dir.path(),
+    );
     refused(&["--lrs", "1e-3:1e3:2"], "3 <= N", dir.path());
     refused(&["--ranks", "2,4"], "at least three ranks", dir.path());
-    refused(&["--ranks", "2,4,512", "--width", "64"], "rank 512 exceeds the width 64", dir.path());
+    refused(
+        &["--ranks", "2,4,512", "--width", "64"],
+        "rank 512 exceeds the width 64",
+        dir.path(),
+    );
     refused(&["--lr-ratio", "0"], "lr ratio 0", dir.path());
     refused(&["--seeds", "1"], "seeds = 1", dir.path());
     refused(&["--widths", "64,x"], "'x' is not a width", dir.path());

@@ -19,7 +19,7 @@
 //! use rankstab_theory::{NoProgress, RunOptions};
 //! let cfg = TransferConfig { ranks: vec![2, 8, 32], seeds: 3, ..Default::default() };
 //! let out = run(&cfg, std::path::Path::new("runs/transfer"), &RunOptions::default(), &NoProgress).unwrap();
-//! for e in &out.summary.unwrap().exponents { println!("{} c = {:.2} (predicted {:.2}): {}", e.optimizer, e.slope, e.predicted, e.outcome); }
+//! for e in &out.summary.unwrap().exponents { println!("{} c = {:?} (predicted {:.2}): {}", e.optimizer, e.slope, e.predicted, e.outcome); }
 //! ```
 pub mod analyse;
 pub mod law;
