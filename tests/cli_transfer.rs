@@ -89,7 +89,7 @@ fn a_small_study_writes_its_tables_and_says_what_it_found() {
     assert!(stdout.contains("Exponent c of lr*"), "{stdout}");
     assert!(stdout.contains("Under sgd, LoRA with init a"), "{stdout}");
     // Progress off a terminal: a line per seed.
-    assert!(stderr.contains("transfer: seed 3/3"), "{stderr}");
+    assert!(stderr.contains("transfer: seed 3/3 ("), "{stderr}");
     // Again: resumed (nothing to do), same tables.
     let before = std::fs::read(out.join("transfer_runs.csv")).unwrap();
     let o = run(&[SMALL, &["--out", out.to_str().unwrap(), "--json"]].concat());

@@ -207,19 +207,43 @@ pub fn resolve_config(a: &TheoryArgs) -> Result<TheoryConfig> {
     Ok(c)
 }
 
-struct Bar(ProgressBar);
+/// The progress of the synthetic studies (`theory`, `transfer`): a bar on a terminal;
+/// off a terminal, when `lines` names the command, a line per message instead.
+pub(crate) struct Bar {
+    pub(crate) bar: ProgressBar,
+    pub(crate) lines: Option<&'static str>,
+}
+
+impl Bar {
+    /// A bar whose line reads `template` (indicatif's syntax).
+    pub(crate) fn new(template: &str, lines: Option<&'static str>) -> Self {
+        let bar = ProgressBar::new(0);
+        bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
+        Bar { bar, lines }
+    }
+}
 
 impl rankstab_theory::Progress for Bar {
     fn start(&self, total: u64) {
-        self.0.set_length(total);
-        self.0.set_position(0);
+        self.bar.set_length(total);
+        self.bar.set_position(0);
     }
     fn inc(&self, n: u64) {
-        self.0.inc(n);
+        self.bar.inc(n);
     }
     fn message(&self, msg: &str) {
         tracing::info!("{msg}");
-        self.0.set_message(msg.to_string());
+        self.bar.set_message(msg.to_string());
+        if let Some(what) = self.lines {
+            if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!(
+                    "{what}: {msg} ({}/{} done, {:.0} s)",
+                    self.bar.position(),
+                    self.bar.length().unwrap_or(0),
+                    self.bar.elapsed().as_secs_f64()
+                );
+            }
+        }
     }
 }
 
@@ -234,12 +258,9 @@ pub fn run(a: TheoryArgs) -> Result<()> {
             chrono::Utc::now().format("%Y%m%d-%H%M%S")
         ))
     });
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} theory [{elapsed_precise}] {bar:30} {pos}/{len} cells ({eta}) {msg}",
-        )
-        .expect("valid template"),
+    let progress = Bar::new(
+        "{spinner} theory [{elapsed_precise}] {bar:30} {pos}/{len} cells ({eta}) {msg}",
+        None,
     );
     let opts = RunOptions {
         threads: a.threads,
@@ -249,8 +270,8 @@ pub fn run(a: TheoryArgs) -> Result<()> {
     };
     let t0 = std::time::Instant::now();
     crate::interrupt::running(&out, "rankstab theory");
-    let outcome = rankstab_theory::run(&cfg, &out, &opts, &Bar(pb.clone()))?;
-    pb.finish_and_clear();
+    let outcome = rankstab_theory::run(&cfg, &out, &opts, &progress)?;
+    progress.bar.finish_and_clear();
     if a.json {
         // One JSON object on one line (every command's --json).
         let verdict = crate::verdict_of(&outcome.dir)

@@ -1,7 +1,6 @@
 //! `rankstab transfer`.
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use rankstab_records::{Optimizer, Outcome, Scaling};
 use rankstab_theory::transfer::analyse::{Exponent, TransferSummary};
 use rankstab_theory::transfer::{LrGrid, Study, TransferConfig};
@@ -152,31 +151,6 @@ pub fn resolve_config(a: &TransferArgs) -> Result<TransferConfig> {
     Ok(c)
 }
 
-struct Bar(ProgressBar);
-
-impl rankstab_theory::Progress for Bar {
-    fn start(&self, total: u64) {
-        self.0.set_length(total);
-        self.0.set_position(0);
-    }
-    fn inc(&self, n: u64) {
-        self.0.inc(n);
-    }
-    fn message(&self, msg: &str) {
-        tracing::info!("{msg}");
-        self.0.set_message(msg.to_string());
-        // Off a terminal the bar is hidden: a line per seed instead.
-        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            eprintln!(
-                "transfer: {msg} ({}/{} runs done, {:.0} s)",
-                self.0.position(),
-                self.0.length().unwrap_or(0),
-                self.0.elapsed().as_secs_f64()
-            );
-        }
-    }
-}
-
 pub fn run(a: TransferArgs) -> Result<()> {
     let cfg = resolve_config(&a)?;
     if let Some(t) = a.threads.filter(|t| !(1..=1024).contains(t)) {
@@ -188,12 +162,9 @@ pub fn run(a: TransferArgs) -> Result<()> {
             chrono::Utc::now().format("%Y%m%d-%H%M%S")
         ))
     });
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} transfer [{elapsed_precise}] {bar:30} {pos}/{len} runs ({eta}) {msg}",
-        )
-        .expect("valid template"),
+    let progress = crate::theory_cmd::Bar::new(
+        "{spinner} transfer [{elapsed_precise}] {bar:30} {pos}/{len} runs ({eta}) {msg}",
+        Some("transfer"),
     );
     let opts = RunOptions {
         threads: a.threads,
@@ -203,8 +174,8 @@ pub fn run(a: TransferArgs) -> Result<()> {
     };
     let t0 = std::time::Instant::now();
     crate::interrupt::running(&out, "rankstab transfer");
-    let outcome = rankstab_theory::transfer::run(&cfg, &out, &opts, &Bar(pb.clone()))?;
-    pb.finish_and_clear();
+    let outcome = rankstab_theory::transfer::run(&cfg, &out, &opts, &progress)?;
+    progress.bar.finish_and_clear();
     let Some(summary) = outcome.summary else {
         bail!(
             "{}: the study is not complete; run the same command again to resume",

@@ -507,7 +507,8 @@ impl TheoryConfig {
     }
 }
 
-fn toml_from_str(text: &str) -> Result<TheoryConfig, TheoryError> {
+/// Parses a TOML document into `T`; errors name the line.
+pub(crate) fn toml_from_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, TheoryError> {
     toml::from_str(text).map_err(|e| {
         let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
         let line = e

@@ -144,7 +144,7 @@ pub const CHECKS: &str = "checks.json";
 /// Trial-aggregated summary file name.
 pub const SUMMARY: &str = "summary.csv";
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
@@ -235,6 +235,58 @@ pub fn run(
     result
 }
 
+/// The manifest of the run directory `out`: an existing one must be of `command`, of this
+/// schema, with a configuration that `same` accepts, and its finished tables as they were
+/// at completion; otherwise a new one is written with status running.
+pub(crate) fn open_manifest(
+    out: &Path,
+    command: &str,
+    config: serde_json::Value,
+    same: impl Fn(&serde_json::Value) -> bool,
+    seeds: Vec<u64>,
+    threads: usize,
+    opts: &RunOptions,
+) -> Result<Manifest, TheoryError> {
+    let manifest_path = out.join(files::MANIFEST);
+    if manifest_path.exists() {
+        let m: Manifest = read_json(&manifest_path)?;
+        if m.schema_version != SCHEMA_VERSION {
+            return Err(rankstab_records::RecordsError::Schema {
+                path: manifest_path,
+                found: m.schema_version,
+                expected: SCHEMA_VERSION,
+            }
+            .into());
+        }
+        if m.command != command || !same(&m.config) {
+            return Err(TheoryError::Exists(format!(
+                "{} holds a run with a different configuration: choose another --out or remove it",
+                out.display()
+            )));
+        }
+        // A finished run is only re-read: its tables must be as they were at completion.
+        rankstab_records::verify_tables(out, &m)?;
+        return Ok(m);
+    }
+    let m = Manifest {
+        schema_version: SCHEMA_VERSION,
+        tool: "rankstab".into(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        git_revision: opts.git_revision.clone(),
+        command: command.into(),
+        config,
+        seeds,
+        device: format!("cpu ({threads} threads)"),
+        created: now(),
+        finished: None,
+        status: RunStatus::Running,
+        note: None,
+        tables: Default::default(),
+    };
+    write_json_atomic(&manifest_path, &m)?;
+    Ok(m)
+}
+
 /// [`run`] once the run directory is locked.
 fn run_locked(
     cfg: &TheoryConfig,
@@ -247,50 +299,19 @@ fn run_locked(
     let dist = cfg.input_dist()?;
     let threads = pool.current_num_threads();
     let manifest_path = out.join(files::MANIFEST);
-    let mut manifest = if manifest_path.exists() {
-        let m: Manifest = read_json(&manifest_path)?;
-        if m.schema_version != SCHEMA_VERSION {
-            return Err(rankstab_records::RecordsError::Schema {
-                path: manifest_path,
-                found: m.schema_version,
-                expected: SCHEMA_VERSION,
-            }
-            .into());
-        }
-        // Compared as configurations, not as JSON: the same run written by an older
-        // rankstab may spell a value differently (a scaling "0.75" is now "beta=0.75").
-        let same = m.command == "theory"
-            && serde_json::from_value::<TheoryConfig>(m.config.clone()).is_ok_and(|c| c == *cfg);
-        if !same {
-            return Err(TheoryError::Exists(format!(
-                "{} holds a run with a different configuration: choose another --out or remove it",
-                out.display()
-            )));
-        }
-        // A finished run is only re-read: its tables must be as they were at completion.
-        rankstab_records::verify_tables(out, &m)?;
-        m
-    } else {
-        let m = Manifest {
-            schema_version: SCHEMA_VERSION,
-            tool: "rankstab".into(),
-            tool_version: env!("CARGO_PKG_VERSION").into(),
-            git_revision: opts.git_revision.clone(),
-            command: "theory".into(),
-            config: config_value(cfg),
-            seeds: (0..cfg.trials)
-                .map(|t| crate::data::trial_seed(cfg.seed, t))
-                .collect(),
-            device: format!("cpu ({threads} threads)"),
-            created: now(),
-            finished: None,
-            status: RunStatus::Running,
-            note: None,
-            tables: Default::default(),
-        };
-        write_json_atomic(&manifest_path, &m)?;
-        m
-    };
+    // Compared as configurations, not as JSON: the same run written by an older rankstab
+    // may spell a value differently (a scaling "0.75" is now "beta=0.75").
+    let mut manifest = open_manifest(
+        out,
+        "theory",
+        config_value(cfg),
+        |v| serde_json::from_value::<TheoryConfig>(v.clone()).is_ok_and(|c| c == *cfg),
+        (0..cfg.trials)
+            .map(|t| crate::data::trial_seed(cfg.seed, t))
+            .collect(),
+        threads,
+        opts,
+    )?;
 
     let progress_path = out.join(PROGRESS);
     let mut state: ProgressFile = if progress_path.exists() {

@@ -29,8 +29,8 @@ use crate::data::TrialData;
 use crate::sim::{frozen_pass, prepare, run_cell_with, CellRun, CellSpec};
 use crate::{NoProgress, Progress, RunOptions, TheoryError};
 use rankstab_records::{
-    files, read_json, read_table, write_json_atomic, Manifest, Optimizer, RunLock, RunStatus,
-    Scaling, Site, Stat, TableWriter, SCHEMA_VERSION,
+    files, read_json, read_table, write_json_atomic, Optimizer, RunLock, RunStatus, Scaling, Site,
+    Stat, TableWriter,
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -344,16 +344,7 @@ impl TransferConfig {
     /// assert!(rankstab_theory::transfer::TransferConfig::from_toml("rank = [2]").is_err());
     /// ```
     pub fn from_toml(text: &str) -> Result<Self, TheoryError> {
-        toml::from_str(text).map_err(|e| {
-            let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            TheoryError::Config(match line {
-                Some(l) => format!("line {l}: {msg}"),
-                None => msg,
-            })
-        })
+        crate::config::toml_from_str(text)
     }
 
     /// The grid of an optimizer.
@@ -553,10 +544,6 @@ struct ProgressFile {
     terms: Vec<(usize, usize, law::DataTerms)>,
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 /// Runs (or resumes) a transfer study into `out`.
 ///
 /// # Errors
@@ -608,40 +595,17 @@ fn run_locked(
     threads: usize,
 ) -> Result<TransferOutcome, TheoryError> {
     let manifest_path = out.join(files::MANIFEST);
-    let config = serde_json::to_value(cfg).expect("the config serialises");
-    let mut manifest = if manifest_path.exists() {
-        let m: Manifest = read_json(&manifest_path)?;
-        let same = m.command == "transfer"
-            && serde_json::from_value::<TransferConfig>(m.config.clone()).is_ok_and(|c| c == *cfg);
-        if m.schema_version != SCHEMA_VERSION || !same {
-            return Err(TheoryError::Exists(format!(
-                "{} holds a run with a different configuration: choose another --out or remove it",
-                out.display()
-            )));
-        }
-        rankstab_records::verify_tables(out, &m)?;
-        m
-    } else {
-        let m = Manifest {
-            schema_version: SCHEMA_VERSION,
-            tool: "rankstab".into(),
-            tool_version: env!("CARGO_PKG_VERSION").into(),
-            git_revision: opts.git_revision.clone(),
-            command: "transfer".into(),
-            config,
-            seeds: (0..cfg.seeds)
-                .map(|t| crate::data::trial_seed(cfg.seed, t))
-                .collect(),
-            device: format!("cpu ({threads} threads)"),
-            created: now(),
-            finished: None,
-            status: RunStatus::Running,
-            note: None,
-            tables: Default::default(),
-        };
-        write_json_atomic(&manifest_path, &m)?;
-        m
-    };
+    let mut manifest = crate::run::open_manifest(
+        out,
+        "transfer",
+        serde_json::to_value(cfg).expect("the config serialises"),
+        |v| serde_json::from_value::<TransferConfig>(v.clone()).is_ok_and(|c| c == *cfg),
+        (0..cfg.seeds)
+            .map(|t| crate::data::trial_seed(cfg.seed, t))
+            .collect(),
+        threads,
+        opts,
+    )?;
     let progress_path = out.join(PROGRESS);
     let mut state: ProgressFile = if progress_path.exists() {
         read_json(&progress_path)?
@@ -684,7 +648,7 @@ fn run_locked(
         write_json_atomic(&out.join(SUMMARY), &summary)?;
         if manifest.status != RunStatus::Complete {
             manifest.status = RunStatus::Complete;
-            manifest.finished = Some(now());
+            manifest.finished = Some(crate::run::now());
             manifest.tables = rankstab_records::table_sizes(out)?;
             write_json_atomic(&manifest_path, &manifest)?;
         }
