@@ -353,10 +353,15 @@ impl Group {
     }
 }
 
+/// Point, standard error and 90% interval from bootstrap values. `floor` is a standard
+/// error that the bootstrap cannot see and that is added in quadrature: locating lr* on a
+/// grid of log-spacing `step` leaves an error uniform over a cell (sd `step / sqrt 12`)
+/// that every resample shares when the minimum sits on the same grid point.
 fn estimate_of(
     point: Option<f64>,
     boot: &[Option<f64>],
     df: f64,
+    floor: f64,
 ) -> (Option<f64>, Option<f64>, Option<f64>, Option<f64>) {
     let valid: Vec<f64> = boot.iter().flatten().copied().collect();
     let Some(p) = point else {
@@ -365,7 +370,7 @@ fn estimate_of(
     if (valid.len() as f64) < (1.0 - EDGE_SHARE) * boot.len() as f64 || valid.len() < 2 {
         return (Some(p), None, None, None);
     }
-    let se = sd(&valid);
+    let se = sd(&valid).hypot(floor);
     let h = t90(df) * se;
     (Some(p), Some(se), Some(p - h), Some(p + h))
 }
@@ -637,8 +642,12 @@ pub fn analyse(
             .iter()
             .map(|b| b.as_ref().map(|v| slope_of(v, 1)))
             .collect();
-        let (slope, se, lo, hi) = estimate_of(pc, &bc, df);
-        let (lslope, _, llo, lhi) = estimate_of(pl, &bl, df);
+        // The grid's resolution, carried through the least-squares slope.
+        let mean_x = lx.iter().sum::<f64>() / lx.len() as f64;
+        let sxx: f64 = lx.iter().map(|x| (x - mean_x).powi(2)).sum();
+        let quantum = cfg.grid(opt).log_step() / 12f64.sqrt();
+        let (slope, se, lo, hi) = estimate_of(pc, &bc, df, quantum / sxx.sqrt());
+        let (lslope, _, llo, lhi) = estimate_of(pl, &bl, df, 0.0);
         loss_boot.insert(
             (study, sk),
             (
@@ -841,6 +850,7 @@ fn paired_diff(
     a: &(Vec<Option<Vec<f64>>>, Vec<f64>),
     b: &(Vec<Option<Vec<f64>>>, Vec<f64>),
     df: f64,
+    floor: f64,
 ) -> Option<(f64, f64, f64)> {
     if a.1.is_empty() || a.1.len() != b.1.len() {
         return None;
@@ -856,7 +866,7 @@ fn paired_diff(
                 _ => None,
             })
             .collect();
-    let (_, _, lo, hi) = estimate_of(Some(point), &boot, df);
+    let (_, _, lo, hi) = estimate_of(Some(point), &boot, df, floor);
     Some((point, lo?, hi?))
 }
 
@@ -975,7 +985,7 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
             sk.2,
             f64::from_bits(sk.3)
         );
-        let (v, rest) = match paired_diff(data, b, df) {
+        let (v, rest) = match paired_diff(data, b, df, 0.0) {
             Some((p, lo, hi)) => (
                 if hi < -gain {
                     "supports"
@@ -1024,7 +1034,10 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
         };
         inits += 1;
         let tol = (1.0 + LR_TOLERANCE).ln();
-        let (v, rest) = match paired_diff(data, a, df) {
+        // Two lr* per rank, each on the grid: the mean of their differences over the ranks.
+        let n = a.1.len().max(1) as f64;
+        let floor = cfg.grid(sk.0).log_step() / 12f64.sqrt() * (2.0 / n).sqrt();
+        let (v, rest) = match paired_diff(data, a, df, floor) {
             Some((p, lo, hi)) => (
                 if lo > tol || hi < -tol {
                     "supports"
