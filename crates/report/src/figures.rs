@@ -1,7 +1,9 @@
 //! Drawing: every [`Plot`] to a PNG (bytes) and an SVG (text), in memory, with plotters'
 //! pure-Rust backends and the DejaVu Sans font shipped in `assets/` (registered from bytes,
 //! so no system fonts or fontconfig are needed).
-use crate::analyse::{HeadlinePoint, Plot, PlotKind, RankPanel, StepPanel};
+use crate::analyse::{
+    HeadlinePoint, LrPanel, Plot, PlotKind, RankPanel, StepPanel, XyAxis, XyPanel,
+};
 use crate::ReportError;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -44,6 +46,25 @@ fn legend_height(n: usize) -> u32 {
 
 /// Width of the legend strip to the right of curves against step.
 const STEP_LEGEND: u32 = 110;
+/// Width of the legend strip to the right of loss-vs-learning-rate curves.
+const LR_LEGEND: u32 = 210;
+/// Entries of an [`XyPanel`]'s legend at most (points, line, edge marks).
+const XY_LEGEND_ENTRIES: usize = 3;
+
+/// How a legend entry is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mark {
+    /// A filled dot.
+    Dot,
+    /// A solid line.
+    Line,
+    /// A dashed line.
+    Dashed,
+    /// A filled triangle pointing up.
+    Triangle,
+    /// A cross.
+    Cross,
+}
 
 /// Size of a figure in pixels.
 fn size_of(plot: &Plot) -> (u32, u32) {
@@ -63,6 +84,19 @@ fn size_of(plot: &Plot) -> (u32, u32) {
             (rows.len() as u32 * 18 + 150).clamp(300, 1400),
         ),
         PlotKind::Forest(points) => (880, points.len() as u32 * 26 + 110),
+        PlotKind::LrCurves(p) => {
+            let n = p.len().max(1) as u32;
+            let cols = lr_columns(n as usize) as u32;
+            (cols * 440 + LR_LEGEND, n.div_ceil(cols) * 400 + 50)
+        }
+        PlotKind::Xy(p) => {
+            let n = p.len().max(1) as u32;
+            let cols = n.min(4);
+            (
+                cols * 390 + 20,
+                n.div_ceil(cols) * (340 + legend_height(XY_LEGEND_ENTRIES)) + 50,
+            )
+        }
     }
 }
 
@@ -149,10 +183,10 @@ where
                 .collect();
             ranks.sort_unstable();
             ranks.dedup();
-            let entries: Vec<(String, RGBColor, bool)> = ranks
+            let entries: Vec<(String, RGBColor, Mark)> = ranks
                 .iter()
                 .enumerate()
-                .map(|(i, r)| (format!("r = {r}"), rank_colour(i, ranks.len()), false))
+                .map(|(i, r)| (format!("r = {r}"), rank_colour(i, ranks.len()), Mark::Line))
                 .collect();
             legend(&legend_area, "rank", &entries, 40)?;
             // One y range for all panels, so LoRA and rsLoRA compare at a glance.
@@ -177,6 +211,15 @@ where
             predicted,
         } => heatmap(&body, rows, cols, values, *predicted)?,
         PlotKind::Forest(points) => forest(&body, points)?,
+        PlotKind::LrCurves(panels) => lr_curves(&body, panels)?,
+        PlotKind::Xy(panels) => {
+            let n = panels.len().max(1);
+            let cols = n.min(4);
+            let areas = body.split_evenly((n.div_ceil(cols), cols));
+            for (area, panel) in areas.iter().zip(panels) {
+                xy_panel(area, panel)?;
+            }
+        }
     }
     Ok(())
 }
@@ -329,11 +372,11 @@ fn rank_colour(i: usize, n: usize) -> RGBColor {
 }
 
 /// A legend drawn in its own area (outside every data area): a title, then one entry per
-/// line, a dot (when the entry's flag is true) or a line, and its text.
+/// line, its mark and its text.
 fn legend<DB: DrawingBackend>(
     area: &Area<DB>,
     title: &str,
-    entries: &[(String, RGBColor, bool)],
+    entries: &[(String, RGBColor, Mark)],
     top: i32,
 ) -> Result<(), String>
 where
@@ -346,16 +389,32 @@ where
             .map_err(e)?;
         y += 18;
     }
-    for (label, color, dot) in entries {
-        if *dot {
-            area.draw(&Circle::new((12, y + 6), 4, color.filled()))
-                .map_err(e)?;
-        } else {
-            area.draw(&PathElement::new(
-                vec![(4, y + 6), (22, y + 6)],
-                color.stroke_width(3),
-            ))
-            .map_err(e)?;
+    for (label, color, mark) in entries {
+        match mark {
+            Mark::Dot => area
+                .draw(&Circle::new((12, y + 6), 4, color.filled()))
+                .map_err(e)?,
+            Mark::Line => area
+                .draw(&PathElement::new(
+                    vec![(4, y + 6), (22, y + 6)],
+                    color.stroke_width(3),
+                ))
+                .map_err(e)?,
+            Mark::Dashed => {
+                for x in [4, 11, 18] {
+                    area.draw(&PathElement::new(
+                        vec![(x, y + 6), (x + 4, y + 6)],
+                        color.stroke_width(2),
+                    ))
+                    .map_err(e)?;
+                }
+            }
+            Mark::Triangle => area
+                .draw(&TriangleMarker::new((12, y + 7), 6, color.filled()))
+                .map_err(e)?,
+            Mark::Cross => area
+                .draw(&Cross::new((12, y + 6), 4, color.stroke_width(2)))
+                .map_err(e)?,
         }
         area.draw(&Text::new(label.clone(), (28, y), (FAMILY, 11)))
             .map_err(e)?;
@@ -472,11 +531,11 @@ where
         }
     }
     // The legend below the data area, never over the points.
-    let entries: Vec<(String, RGBColor, bool)> = panel
+    let entries: Vec<(String, RGBColor, Mark)> = panel
         .series
         .iter()
         .enumerate()
-        .map(|(i, s)| (s.label.clone(), SERIES[i % SERIES.len()], true))
+        .map(|(i, s)| (s.label.clone(), SERIES[i % SERIES.len()], Mark::Dot))
         .collect();
     legend(&legend_area, "", &entries, 2)?;
     Ok(())
@@ -815,29 +874,410 @@ where
             (
                 "agrees".into(),
                 outcome_colour(rankstab_records::Outcome::Agrees),
-                true,
+                Mark::Dot,
             ),
             (
                 "disagrees".into(),
                 outcome_colour(rankstab_records::Outcome::Disagrees),
-                true,
+                Mark::Dot,
             ),
             (
                 "inconclusive".into(),
                 outcome_colour(rankstab_records::Outcome::Inconclusive),
-                true,
+                Mark::Dot,
             ),
-            ("predicted band".into(), RGBColor(150, 170, 200), false),
+            ("predicted band".into(), RGBColor(150, 170, 200), Mark::Line),
         ],
         20,
     )?;
     Ok(())
 }
 
+/// Ticks at the powers of `base` within `lo..hi` (at most eight, evenly thinned); the
+/// ticks of [`dense_log_ticks`] (1-2-5 or finer) when fewer than three powers fall in the
+/// range.
+fn power_ticks(lo: f64, hi: f64, base: f64) -> Vec<f64> {
+    if !(lo > 0.0 && hi > lo && lo.is_finite() && hi.is_finite()) {
+        return log_ticks(lo, hi);
+    }
+    // A small allowance: ln(1e-4) / ln(10) is not exactly -4.
+    let (k0, k1) = (
+        (lo.ln() / base.ln() - 1e-9).ceil() as i32,
+        (hi.ln() / base.ln() + 1e-9).floor() as i32,
+    );
+    let power = |k: i32| {
+        if k < 0 {
+            1.0 / base.powi(-k)
+        } else {
+            base.powi(k)
+        }
+    };
+    let t: Vec<f64> = (k0..=k1).map(power).collect();
+    if t.len() < 3 {
+        return dense_log_ticks(lo, hi);
+    }
+    let stride = t.len().div_ceil(8).max(1);
+    t.into_iter().step_by(stride).collect()
+}
+
+/// [`log_ticks`], with the finer 1, 1.5, 2, 3, ... 9 set when it gives fewer than three
+/// ticks (a range of one decade or less).
+fn dense_log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let t = log_ticks(lo, hi);
+    if t.len() >= 3 || !(lo > 0.0 && hi > lo && lo.is_finite() && hi.is_finite()) {
+        return t;
+    }
+    let (k0, k1) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+    let fine: Vec<f64> = (k0..=k1)
+        .flat_map(|k| {
+            [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+                .into_iter()
+                .map(move |m| m * 10f64.powi(k))
+        })
+        .filter(|v| *v >= lo && *v <= hi)
+        .collect();
+    if fine.len() > t.len() {
+        let stride = fine.len().div_ceil(8).max(1);
+        fine.into_iter().step_by(stride).collect()
+    } else {
+        t
+    }
+}
+
+/// Ticks whose labels are all different (the first of a run of equal labels is kept).
+fn distinct_labels(ticks: Vec<f64>) -> Vec<f64> {
+    let mut seen = std::collections::BTreeSet::new();
+    ticks
+        .into_iter()
+        .filter(|t| seen.insert(tick(*t)))
+        .collect()
+}
+
+/// The x ticks of a rank or width axis: every value when there are at most ten, else the
+/// powers of two among them (or every other value).
+fn value_ticks(mut xs: Vec<f64>) -> Vec<f64> {
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    if xs.len() <= 10 {
+        return xs;
+    }
+    let pow2: Vec<f64> = xs
+        .iter()
+        .copied()
+        .filter(|x| x.log2().fract().abs() < 1e-9)
+        .collect();
+    if (2..=10).contains(&pow2.len()) {
+        pow2
+    } else {
+        let stride = xs.len().div_ceil(10);
+        xs.into_iter().step_by(stride).collect()
+    }
+}
+
+/// Columns of the loss-vs-learning-rate figure: two for four panels (a square), else up
+/// to three.
+fn lr_columns(n: usize) -> usize {
+    if n == 4 {
+        2
+    } else {
+        n.clamp(1, 3)
+    }
+}
+
+/// Final loss against learning rate: one panel per setting, one curve per rank (viridis),
+/// lr* as a triangle, learning rates where some seed diverged as crosses at the top; one
+/// legend to the right of every panel.
+fn lr_curves<DB: DrawingBackend>(area: &Area<DB>, panels: &[LrPanel]) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let (w, _) = area.dim_in_pixel();
+    let (plots_area, legend_area) = area.split_horizontally(w.saturating_sub(LR_LEGEND));
+    let n = panels.len().max(1);
+    let cols = lr_columns(n);
+    let areas = plots_area.split_evenly((n.div_ceil(cols), cols));
+    let mut ranks: Vec<u32> = panels
+        .iter()
+        .flat_map(|p| p.curves.iter().map(|c| c.rank))
+        .collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    let mut entries: Vec<(String, RGBColor, Mark)> = ranks
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("r = {r}"), rank_colour(i, ranks.len()), Mark::Line))
+        .collect();
+    entries.push((
+        "lr* of the rank".into(),
+        RGBColor(60, 60, 60),
+        Mark::Triangle,
+    ));
+    if panels.iter().any(|p| {
+        p.curves
+            .iter()
+            .any(|c| c.points.iter().any(|q| q.1.is_none()))
+    }) {
+        entries.push((
+            "some seed diverged (at top)".into(),
+            RGBColor(60, 60, 60),
+            Mark::Cross,
+        ));
+    }
+    legend(&legend_area, "rank", &entries, 40)?;
+    for (a, panel) in areas.iter().zip(panels) {
+        lr_panel(a, panel, &ranks)?;
+    }
+    Ok(())
+}
+
+fn lr_panel<DB: DrawingBackend>(
+    area: &Area<DB>,
+    panel: &LrPanel,
+    all_ranks: &[u32],
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let fold = |it: &mut dyn Iterator<Item = f64>| {
+        it.filter(|v| v.is_finite() && *v > 0.0)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(v), b.max(v))
+            })
+    };
+    let (xmin, xmax) = fold(
+        &mut panel
+            .curves
+            .iter()
+            .flat_map(|c| c.points.iter().map(|p| p.0)),
+    );
+    let (ymin, ymax) = fold(&mut panel.curves.iter().flat_map(|c| {
+        c.points
+            .iter()
+            .filter_map(|p| p.1)
+            .chain(c.opt.map(|o| o.1))
+    }));
+    let (x0, x1) = log_range(xmin, xmax);
+    let (y0, y1) = log_range(ymin, ymax);
+    let diverged = panel
+        .curves
+        .iter()
+        .any(|c| c.points.iter().any(|p| p.1.is_none()));
+    // Room above the data for the crosses, one row per rank.
+    let rows = all_ranks.len().max(1) as f64;
+    let (l0, l1) = (y0.ln(), y1.ln());
+    let head = if diverged { 0.04 + 0.03 * rows } else { 0.0 };
+    // Ticks over the data only: the crosses' rows above are not loss values.
+    let y_ticks = distinct_labels(dense_log_ticks(y0, y1));
+    let y1 = (l1 + head * (l1 - l0)).exp();
+    let cross_y = |i: usize| (l1 + (0.03 + 0.03 * i as f64) * (l1 - l0)).exp();
+    let colour_of = |rank: u32| {
+        let i = all_ranks.iter().position(|&r| r == rank).unwrap_or(0);
+        (i, rank_colour(i, all_ranks.len()))
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, (FAMILY, 14))
+        .margin(8)
+        .x_label_area_size(38)
+        .y_label_area_size(62)
+        .build_cartesian_2d(
+            (x0..x1)
+                .log_scale()
+                .with_key_points(distinct_labels(power_ticks(x0, x1, 10.0))),
+            (y0..y1).log_scale().with_key_points(y_ticks),
+        )
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("learning rate (A's)")
+        .y_desc("final held-out loss")
+        .x_label_formatter(&|x| tick(*x))
+        .y_label_formatter(&|y| tick(*y))
+        .label_style((FAMILY, 12))
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(e)?;
+    for c in &panel.curves {
+        let (i, colour) = colour_of(c.rank);
+        // Broken where a seed diverged: one line per run of finite points.
+        let mut segment: Vec<(f64, f64)> = Vec::new();
+        let mut segments = Vec::new();
+        for &(lr, loss, _) in &c.points {
+            match loss.filter(|l| l.is_finite() && *l > 0.0) {
+                Some(l) => segment.push((lr, l)),
+                None => segments.push(std::mem::take(&mut segment)),
+            }
+        }
+        segments.push(segment);
+        for seg in segments.iter().filter(|s| s.len() > 1) {
+            chart
+                .draw_series(LineSeries::new(seg.clone(), colour.stroke_width(2)))
+                .map_err(e)?;
+        }
+        chart
+            .draw_series(
+                segments
+                    .iter()
+                    .flatten()
+                    .map(|&p| Circle::new(p, 2, colour.filled())),
+            )
+            .map_err(e)?;
+        chart
+            .draw_series(
+                c.points
+                    .iter()
+                    .filter(|p| p.1.is_none())
+                    .map(|p| Cross::new((p.0, cross_y(i)), 4, colour.stroke_width(2))),
+            )
+            .map_err(e)?;
+        if let Some((lr, loss)) = c.opt.filter(|o| o.0 > 0.0 && o.1 > 0.0) {
+            chart
+                .draw_series(std::iter::once(TriangleMarker::new(
+                    (lr, loss),
+                    7,
+                    colour.filled(),
+                )))
+                .map_err(e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Colour of the marks for values without a point (lr* at the grid's edge).
+const EDGE_COLOUR: RGBColor = RGBColor(200, 30, 30);
+
+/// A quantity against rank or width, log-log: points with interval bars, a dashed
+/// reference line, triangles at the edge for values without a point; its legend below.
+fn xy_panel<DB: DrawingBackend>(area: &Area<DB>, panel: &XyPanel) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let line: &[(f64, f64)] = panel.line.as_ref().map_or(&[], |l| l.1.as_slice());
+    let xs: Vec<f64> = panel
+        .points
+        .iter()
+        .map(|p| p.0)
+        .chain(line.iter().map(|p| p.0))
+        .chain(panel.edges.iter().map(|m| m.x))
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .collect();
+    let ys = panel
+        .points
+        .iter()
+        .flat_map(|p| [p.1, p.2, p.3])
+        .chain(line.iter().map(|p| p.1))
+        .chain(panel.edges.iter().map(|m| m.y))
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let (ymin, ymax) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+        (a.min(y), b.max(y))
+    });
+    let (xmin, xmax) = xs
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
+    let (x0, x1) = log_range(xmin, xmax);
+    let (y0, y1) = log_range(ymin, ymax);
+    let y_ticks = match panel.y_axis {
+        XyAxis::Decades => power_ticks(y0, y1, 10.0),
+        XyAxis::PowersOfTwo => power_ticks(y0, y1, 2.0),
+        XyAxis::Nice => dense_log_ticks(y0, y1),
+    };
+    let mut entries: Vec<(String, RGBColor, Mark)> =
+        vec![(panel.point_label.clone(), SERIES[0], Mark::Dot)];
+    if let Some((label, _)) = &panel.line {
+        entries.push((label.clone(), SERIES[1], Mark::Dashed));
+    }
+    if !panel.edges.is_empty() {
+        entries.push((
+            "lr* at the grid's edge (none located)".into(),
+            EDGE_COLOUR,
+            Mark::Triangle,
+        ));
+    }
+    let (_, h) = area.dim_in_pixel();
+    let (plot_area, legend_area) =
+        area.split_vertically(h.saturating_sub(legend_height(XY_LEGEND_ENTRIES)));
+    let mut chart = ChartBuilder::on(&plot_area)
+        .caption(&panel.title, (FAMILY, 14))
+        .margin(8)
+        .x_label_area_size(38)
+        .y_label_area_size(62)
+        .build_cartesian_2d(
+            (x0..x1)
+                .log_scale()
+                .with_key_points(distinct_labels(value_ticks(xs.clone()))),
+            (y0..y1)
+                .log_scale()
+                .with_key_points(distinct_labels(y_ticks)),
+        )
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc(panel.x_label.as_str())
+        .y_desc(panel.y_label.as_str())
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| tick(*y))
+        .label_style((FAMILY, 12))
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(e)?;
+    if line.len() > 1 {
+        chart
+            .draw_series(DashedLineSeries::new(
+                line.to_vec(),
+                8,
+                6,
+                SERIES[1].stroke_width(2),
+            ))
+            .map_err(e)?;
+    }
+    let colour = SERIES[0];
+    chart
+        .draw_series(
+            panel
+                .points
+                .iter()
+                .filter(|p| p.2 < p.3)
+                .map(|&(x, _, lo, hi)| {
+                    PathElement::new(
+                        vec![(x, lo.max(y0)), (x, hi.min(y1))],
+                        colour.stroke_width(2),
+                    )
+                }),
+        )
+        .map_err(e)?;
+    chart
+        .draw_series(
+            panel
+                .points
+                .iter()
+                .map(|&(x, y, _, _)| Circle::new((x, y), 4, colour.filled())),
+        )
+        .map_err(e)?;
+    for m in &panel.edges {
+        let style = EDGE_COLOUR.filled();
+        // Pixel offsets around the edge value: pointing up above the grid, down below it.
+        let tri = if m.up {
+            vec![(-6, 4), (6, 4), (0, -7)]
+        } else {
+            vec![(-6, -4), (6, -4), (0, 7)]
+        };
+        chart
+            .draw_series(std::iter::once(
+                EmptyElement::at((m.x, m.y)) + Polygon::new(tri, style),
+            ))
+            .map_err(e)?;
+    }
+    legend(&legend_area, "", &entries, 2)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analyse::{RankSeries, StepSeries};
+    use crate::analyse::{EdgeMark, LrCurve, RankSeries, StepSeries};
 
     fn rank_plot() -> Plot {
         let pts = |s: f64| {
@@ -1032,6 +1472,145 @@ mod tests {
             !white.contains(&hex),
             "a cell at the prediction is not white"
         );
+    }
+
+    fn lr_plot(diverged: bool) -> Plot {
+        let curve = |rank: u32, shift: f64| {
+            let lrs: Vec<f64> = (0..9).map(|i| 1e-3 * 10f64.powf(i as f64 * 0.5)).collect();
+            let points = lrs
+                .iter()
+                .enumerate()
+                .map(|(i, &lr)| {
+                    let x = lr.ln() - shift;
+                    let loss = 0.5 + 0.05 * x * x;
+                    if diverged && i == 8 {
+                        (lr, None, 1)
+                    } else {
+                        (lr, Some(loss), 0)
+                    }
+                })
+                .collect();
+            LrCurve {
+                label: format!("r = {rank}"),
+                rank,
+                points,
+                opt: Some((shift.exp(), 0.5)),
+            }
+        };
+        Plot {
+            name: "lr".into(),
+            title: "loss vs lr".into(),
+            caption: String::new(),
+            kind: PlotKind::LrCurves(vec![LrPanel {
+                title: "sgd | rsLoRA | init a".into(),
+                curves: vec![curve(2, -4.0), curve(8, -3.0)],
+            }]),
+        }
+    }
+
+    fn svg_texts(svg: &str) -> Vec<String> {
+        roxmltree::Document::parse(svg)
+            .expect("svg")
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn loss_curves_mark_lr_opt_and_diverged_learning_rates() {
+        let f = draw(&lr_plot(true)).expect("draws");
+        let doc = roxmltree::Document::parse(&f.svg).expect("svg");
+        let count = |tag: &str| doc.descendants().filter(|n| n.has_tag_name(tag)).count();
+        // Two curves of 8 finite points; two lr* and the legend's triangle.
+        assert_eq!(count("circle"), 16);
+        assert_eq!(count("polygon"), 3);
+        let texts = svg_texts(&f.svg);
+        assert!(texts.iter().any(|t| t == "some seed diverged (at top)"));
+        // Decades on the learning-rate axis; no label twice on an axis ("1" is on both).
+        for t in ["0.001", "0.01", "0.1", "10"] {
+            assert_eq!(
+                texts.iter().filter(|x| *x == t).count(),
+                1,
+                "{t}: {texts:?}"
+            );
+        }
+        assert_eq!(texts.iter().filter(|x| *x == "1").count(), 2, "{texts:?}");
+        let mut numeric: Vec<&String> = texts
+            .iter()
+            .filter(|t| *t != "1" && t.parse::<f64>().is_ok())
+            .collect();
+        let n = numeric.len();
+        numeric.sort();
+        numeric.dedup();
+        assert_eq!(numeric.len(), n, "duplicate tick labels: {texts:?}");
+        assert!(n >= 6, "too few ticks: {texts:?}");
+        let clean = draw(&lr_plot(false)).expect("draws");
+        assert!(!svg_texts(&clean.svg).iter().any(|t| t.contains("diverged")));
+    }
+
+    #[test]
+    fn xy_panels_mark_edges_and_label_ranks_once() {
+        let p = Plot {
+            name: "xy".into(),
+            title: "lr* vs rank".into(),
+            caption: String::new(),
+            kind: PlotKind::Xy(vec![XyPanel {
+                title: "adam | LoRA | init a".into(),
+                x_label: "rank r".into(),
+                y_label: "lr*".into(),
+                y_axis: XyAxis::Decades,
+                point_label: "lr*".into(),
+                points: vec![(2.0, 1e-2, 5e-3, 2e-2), (4.0, 3e-3, 2e-3, 5e-3)],
+                line: Some((
+                    "law".into(),
+                    vec![(2.0, 1.1e-2), (4.0, 2.9e-3), (8.0, 8e-4)],
+                )),
+                edges: vec![EdgeMark {
+                    x: 8.0,
+                    y: 1e-4,
+                    up: false,
+                    what: "below the grid".into(),
+                }],
+            }]),
+        };
+        let f = draw(&p).expect("draws");
+        let doc = roxmltree::Document::parse(&f.svg).expect("svg");
+        let count = |tag: &str| doc.descendants().filter(|n| n.has_tag_name(tag)).count();
+        assert_eq!(count("circle"), 2 + 1, "two points and the legend's dot");
+        assert_eq!(count("polygon"), 1 + 1, "one edge mark and the legend's");
+        let texts = svg_texts(&f.svg);
+        let numeric: Vec<&String> = texts.iter().filter(|t| t.parse::<f64>().is_ok()).collect();
+        let mut unique = numeric.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            numeric.len(),
+            "duplicate tick labels: {numeric:?}"
+        );
+        for t in ["2", "4", "8", "1e-4", "0.001", "0.01"] {
+            assert!(texts.iter().any(|x| x == t), "no tick {t}: {texts:?}");
+        }
+    }
+
+    #[test]
+    fn power_ticks_fall_back_within_one_power() {
+        assert_eq!(
+            power_ticks(1e-4, 2e1, 10.0),
+            vec![1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1]
+        );
+        assert_eq!(power_ticks(1.5, 40.0, 2.0), vec![2.0, 4.0, 8.0, 16.0, 32.0]);
+        assert_eq!(power_ticks(2.0, 3.0, 10.0), dense_log_ticks(2.0, 3.0));
+        // Fewer than three decades: 1-2-5 (every decade included), or finer.
+        assert_eq!(power_ticks(0.08, 3.0, 10.0), vec![0.1, 0.2, 0.5, 1.0, 2.0]);
+        assert_eq!(
+            dense_log_ticks(17.0, 65.0),
+            vec![20.0, 30.0, 40.0, 50.0, 60.0]
+        );
+        assert!(power_ticks(1e-12, 1e12, 10.0).len() <= 8);
+        assert_eq!(distinct_labels(vec![0.10001, 0.1, 0.2]), vec![0.10001, 0.2]);
+        assert_eq!(value_ticks(vec![8.0, 2.0, 4.0, 2.0]), vec![2.0, 4.0, 8.0]);
     }
 
     #[test]

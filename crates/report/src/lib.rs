@@ -5,6 +5,10 @@
 //! them by the one rule of `rankstab_theory::predict::verdict` (their laws, rival laws,
 //! stability), shows the Monte Carlo beside them, and writes a
 //! self-contained `index.html`, a `report.md`, `exponents.csv` and `figures/` (PNG and SVG).
+//! Learning-rate transfer studies (`rankstab transfer`) get a section of their own, from
+//! their `transfer.json` as written: loss-vs-learning-rate curves, lr* against rank with the
+//! law's line, the loss at lr* and the update's effective rank, the exponents of lr*, the
+//! published claims, and one sentence per rank exponent on the first screen.
 //!
 //! The stages are separate modules: [`load`] (files to records, reporting unusable
 //! directories), [`analyse`] (pure statistics and figure data), [`figures`] (plotters, in
@@ -74,8 +78,8 @@ pub struct ReportOutcome {
     pub figures: usize,
     /// Exponent rows written.
     pub exponents: usize,
-    /// The verdicts in one line per section ("theory RUN: ..." and "training: ..."), the
-    /// headlines the page shows.
+    /// The verdicts in one line per section ("theory RUN: ...", "training: ..." and
+    /// "transfer RUN: ..."), the headlines the page shows.
     pub verdicts: Vec<String>,
     /// The verdict in plain sentences (the page's first screen).
     pub headline: Headline,
@@ -233,6 +237,12 @@ pub fn build_report(
                     .train
                     .iter()
                     .map(|t| format!("training ({} runs): {}", t.runs, t.headline)),
+            )
+            .chain(
+                analysis
+                    .transfer
+                    .iter()
+                    .map(|t| format!("transfer {}: {}", t.run, t.headline)),
             )
             .collect(),
         headline: analysis.headline,

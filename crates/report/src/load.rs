@@ -14,6 +14,12 @@
 //! per sweep, the cells its `sweep.json` lists that have no directory yet (not started).
 //! Hidden directories and symbolic links met on the way down are not followed.
 //!
+//! **Transfer studies** (`rankstab transfer`, command `transfer`) are runs of their own kind:
+//! no `moments.csv`; the report reads their analysis, `transfer.json`
+//! ([`rankstab_theory::transfer::analyse::TransferSummary`]). A study without it (still
+//! running, or interrupted before its last seed) is not used, and the reason says how many
+//! seeds are done.
+//!
 //! **Status.** A `running` run (a cell still training, or one that was killed) is used with
 //! the rows it has so far, and says so in its notes and in the provenance table. A
 //! `diverged` run (its loss became non-finite at step k: `manifest.json`'s note, or the
@@ -24,6 +30,7 @@ use rankstab_records::{
     files, read_json, read_moments, read_table, CoefRow, Fit, Manifest, Metric, MetricRow,
     MomentRow, RunStatus, SCHEMA_VERSION,
 };
+use rankstab_theory::transfer::analyse::TransferSummary;
 use rankstab_theory::ClosedFormCheck;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +42,8 @@ pub enum RunKind {
     Theory,
     /// `rankstab train`: one real-model cell (rank, scaling, seed) per run.
     Train,
+    /// `rankstab transfer`: the optimal learning rate across ranks (and widths).
+    Transfer,
 }
 
 impl RunKind {
@@ -43,6 +52,7 @@ impl RunKind {
         match self {
             RunKind::Theory => "theory",
             RunKind::Train => "train",
+            RunKind::Transfer => "transfer",
         }
     }
 }
@@ -68,6 +78,8 @@ pub struct Run {
     pub fits: Option<Vec<Fit>>,
     /// `checks.json` (theory), when present.
     pub checks: Option<Vec<ClosedFormCheck>>,
+    /// `transfer.json` (transfer studies; always present for them).
+    pub transfer: Option<Box<TransferSummary>>,
     /// The step at which a diverged run's loss became non-finite, when known.
     pub diverged_at: Option<u32>,
     /// Things a reader should know (incomplete run, missing optional files).
@@ -182,7 +194,8 @@ pub fn check_shared_seeds(runs: &[Run]) -> Result<(), ReportError> {
 /// Reads one run directory.
 ///
 /// # Errors
-/// [`ReportError::Missing`] without `manifest.json` or `moments.csv`,
+/// [`ReportError::Missing`] without `manifest.json` or `moments.csv` (a transfer study:
+/// `transfer.json`),
 /// [`ReportError::Schema`] for another schema version, [`ReportError::Invalid`] for a command
 /// the report does not read or rows whose `source` contradicts the manifest, and parse errors
 /// naming the file (and line).
@@ -232,12 +245,13 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
         "theory" => (RunKind::Theory, "theory"),
         "train" => (RunKind::Train, "train"),
         "audit" => (RunKind::Train, "audit"),
+        "transfer" => (RunKind::Transfer, "transfer"),
         other => {
             return Err(ReportError::Invalid {
                 path: mpath,
                 what: format!(
-                    "command '{other}' is not a run the report reads (theory, train, audit)"
-                ),
+                "command '{other}' is not a run the report reads (theory, train, audit, transfer)"
+            ),
             })
         }
     };
@@ -253,6 +267,9 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
         }
     };
     rankstab_records::verify_tables(dir, &manifest).map_err(damaged(dir))?;
+    if kind == RunKind::Transfer {
+        return load_transfer(dir, manifest);
+    }
     let mut notes = Vec::new();
     let moments_path = dir.join(files::MOMENTS);
     if manifest.status == RunStatus::Running && !moments_path.is_file() {
@@ -364,7 +381,64 @@ pub fn load_run(dir: &Path) -> Result<Run, ReportError> {
         metrics,
         fits,
         checks,
+        transfer: None,
         diverged_at,
+        notes,
+    })
+}
+
+/// The rest of a transfer study's directory: its analysis, `transfer.json`.
+fn load_transfer(dir: &Path, manifest: Manifest) -> Result<Run, ReportError> {
+    use rankstab_theory::transfer::SUMMARY;
+    let status = match manifest.status {
+        RunStatus::Complete => "complete",
+        RunStatus::Running => "running",
+        RunStatus::Diverged => "diverged",
+    };
+    let path = dir.join(SUMMARY);
+    if !path.is_file() {
+        if manifest.status == RunStatus::Complete {
+            return Err(ReportError::Missing {
+                dir: dir.to_path_buf(),
+                file: SUMMARY,
+            });
+        }
+        // progress.json lists the seeds done (a private file of the study: read leniently).
+        let done = read_json::<serde_json::Value>(&dir.join("progress.json"))
+            .ok()
+            .and_then(|p| p.get("done")?.as_array().map(Vec::len))
+            .unwrap_or(0);
+        return Err(ReportError::Invalid {
+            path: dir.to_path_buf(),
+            what: format!(
+                "transfer study unfinished (status '{status}', {done} of {} seeds done): no {SUMMARY} yet; \
+                 resume it with the same rankstab transfer command",
+                manifest.seeds.len()
+            ),
+        });
+    }
+    let summary: TransferSummary = read_json(&path)?;
+    let mut notes = Vec::new();
+    if manifest.status != RunStatus::Complete {
+        notes.push(format!(
+            "status '{status}' although {SUMMARY} exists: its analysis is used as written"
+        ));
+    }
+    if summary.cells.is_empty() {
+        notes.push(format!("{SUMMARY} has no lr* cells"));
+    }
+    Ok(Run {
+        dir: dir.to_path_buf(),
+        id: String::new(),
+        kind: RunKind::Transfer,
+        manifest,
+        moments: Vec::new(),
+        coefficients: Vec::new(),
+        metrics: Vec::new(),
+        fits: None,
+        checks: None,
+        transfer: Some(Box::new(summary)),
+        diverged_at: None,
         notes,
     })
 }
@@ -389,7 +463,14 @@ fn check_source<'a>(
 }
 
 /// Files whose presence marks a directory as (meant to be) a run directory.
-const RUN_FILES: [&str; 4] = [files::MOMENTS, files::METRICS, files::FITS, "checkpoint"];
+const RUN_FILES: [&str; 6] = [
+    files::MOMENTS,
+    files::METRICS,
+    files::FITS,
+    "checkpoint",
+    rankstab_theory::transfer::RUNS,
+    rankstab_theory::transfer::SUMMARY,
+];
 /// The manifest of a sweep: a container of cells, not a run itself.
 const SWEEP_MANIFEST: &str = "sweep.json";
 /// How deep below a given directory runs are looked for.

@@ -195,6 +195,21 @@ fn num(v: Value) -> String {
     }
 }
 
+/// A positive quantity such as a learning rate or a loss: three significant digits, plain
+/// between 1e-3 and 1e4, scientific outside; missing as "-".
+fn sig3(v: Value) -> String {
+    match as_f64(&v) {
+        Some(0.0) => "0".into(),
+        Some(x) if x.is_finite() && (1e-3..1e4).contains(&x.abs()) => {
+            let decimals = (2 - x.abs().log10().floor() as i32).max(0) as usize;
+            format!("{x:.decimals$}")
+        }
+        Some(x) if x.is_finite() => format!("{x:.2e}"),
+        Some(x) => format!("{x}"),
+        None => "-".into(),
+    }
+}
+
 fn sci(v: Value) -> String {
     match as_f64(&v) {
         Some(x) => format!("{x:.4e}"),
@@ -240,6 +255,7 @@ fn env() -> Result<Environment<'static>, ReportError> {
     let mut env = Environment::new();
     env.add_filter("num", num);
     env.add_filter("sci", sci);
+    env.add_filter("sig3", sig3);
     env.add_filter("pm", pm);
     env.add_filter("yesno", yesno);
     env.add_filter("yesno_class", yesno_class);
@@ -348,6 +364,10 @@ mod tests {
         assert_eq!(yesno(Value::from(())), "-");
         assert_eq!(pm(Value::from(0.0845)), "\u{b1}0.08");
         assert_eq!(pm(Value::from(())), "-");
+        assert_eq!(sig3(Value::from(0.031_62)), "0.0316");
+        assert_eq!(sig3(Value::from(12.345)), "12.3");
+        assert_eq!(sig3(Value::from(2.5e-5)), "2.50e-5");
+        assert_eq!(sig3(Value::from(())), "-");
     }
 
     #[test]

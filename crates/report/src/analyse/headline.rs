@@ -10,9 +10,13 @@
 //!   at the last step, per optimizer, input regime and scaling;
 //! * training and audit runs (rows whose `source` is `train` or `audit`): the module fits
 //!   pooled over layers with a prediction (the exact first-step law, step 1), or, when none
-//!   has one, the pooled `fwd` fits of the first window after step 0.
+//!   has one, the pooled `fwd` fits of the first window after step 0;
+//! * learning-rate transfer studies: each exponent of lr* across ranks, as the study judged
+//!   it against its long-horizon law and against c = 0 ([`transfer_sentences`]).
 use super::row::ExponentRow;
 use rankstab_records::{Optimizer, Outcome, Scaling, Site, Stat, Verdict, Window};
+use rankstab_theory::transfer::analyse::{Exponent, TransferSummary};
+use rankstab_theory::transfer::Study;
 use serde::Serialize;
 use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
 use std::collections::BTreeMap;
@@ -470,6 +474,64 @@ pub fn sentences(rows: &[&ExponentRow]) -> Headline {
     out
 }
 
+/// One sentence per rank exponent of lr* of a transfer study: "Under SGD, rsLoRA (init a;
+/// ranks 2..64, 6 seeds): lr* ~ r^+0.52 [+0.44, +0.61]; the long-horizon law says +0.50
+/// (agrees); c = 0 is rejected: the learning rate must be retuned when the rank changes."
+/// The sentence's outcome is the exponent's against the law.
+pub fn transfer_sentences(t: &TransferSummary) -> Vec<Sentence> {
+    t.exponents
+        .iter()
+        .filter(|e| e.axis == Study::Rank)
+        .map(|e| Sentence {
+            source: "transfer".into(),
+            outcome: e.outcome,
+            text: transfer_sentence(e, t.seeds),
+        })
+        .collect()
+}
+
+fn transfer_sentence(e: &Exponent, seeds: usize) -> String {
+    let scaling =
+        Scaling::from_beta(e.beta).map_or_else(|_| format!("beta = {}", e.beta), scaling_words);
+    let ratio = if e.lr_ratio == 1.0 {
+        String::new()
+    } else {
+        format!(", lr_B/lr_A = {}", e.lr_ratio)
+    };
+    let span = match (e.values.first(), e.values.last()) {
+        (Some(a), Some(b)) => format!("ranks {a}..{b}"),
+        _ => "no ranks".into(),
+    };
+    let head = format!(
+        "Under {}, {scaling} (init {}{ratio}; {span}, {seeds} seeds)",
+        optimizer_words(e.optimizer),
+        e.init
+    );
+    let Some(c) = e.slope else {
+        return format!("{head}: lr* is not located at every rank ({}).", e.reason);
+    };
+    let measured = match (e.ci_low, e.ci_high) {
+        (Some(lo), Some(hi)) => format!("lr* ~ r^{c:+.2} [{lo:+.2}, {hi:+.2}]"),
+        _ => format!("lr* ~ r^{c:+.2} (no interval: {})", e.reason),
+    };
+    let law = match e.outcome {
+        Outcome::Agrees => "agrees",
+        Outcome::Disagrees => "does NOT hold",
+        Outcome::Inconclusive => "inconclusive",
+    };
+    let flat = match e.flat {
+        Outcome::Agrees => "c = 0 holds: one learning rate serves every rank",
+        Outcome::Disagrees => {
+            "c = 0 is rejected: the learning rate must be retuned when the rank changes"
+        }
+        Outcome::Inconclusive => "c = 0 is neither confirmed nor rejected",
+    };
+    format!(
+        "{head}: {measured}; the long-horizon law says {:+.2} ({law}); {flat}.",
+        e.predicted
+    )
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -683,6 +745,49 @@ mod tests {
         assert_eq!(
             outcome_words(&none),
             "inconclusive: no law predicts it (no law for Adam after step 1)"
+        );
+    }
+
+    #[test]
+    fn a_rank_exponent_of_lr_opt_is_one_short_sentence() {
+        let mut e = Exponent {
+            axis: Study::Rank,
+            optimizer: Optimizer::Sgd,
+            beta: 0.5,
+            init: rankstab_theory::AdapterInit::A,
+            lr_ratio: 1.0,
+            width: Some(128),
+            rank: None,
+            values: vec![2, 4, 8, 16, 32, 64],
+            slope: Some(0.52),
+            ci_low: Some(0.44),
+            ci_high: Some(0.61),
+            se: Some(0.04),
+            df: 5.0,
+            predicted: 0.5,
+            first_step: 0.0,
+            first_step_outcome: Outcome::Disagrees,
+            limits: None,
+            band: 0.1,
+            outcome: Outcome::Agrees,
+            flat: Outcome::Disagrees,
+            reason: String::new(),
+            loss_slope: None,
+            loss_slope_ci_low: None,
+            loss_slope_ci_high: None,
+        };
+        assert_eq!(
+            transfer_sentence(&e, 6),
+            "Under SGD, rsLoRA (init a; ranks 2..64, 6 seeds): lr* ~ r^+0.52 [+0.44, +0.61]; the \
+             long-horizon law says +0.50 (agrees); c = 0 is rejected: the learning rate must be \
+             retuned when the rank changes."
+        );
+        e.slope = None;
+        e.reason = "lr* at rank 2 below the grid: lower --lrs".into();
+        assert_eq!(
+            transfer_sentence(&e, 6),
+            "Under SGD, rsLoRA (init a; ranks 2..64, 6 seeds): lr* is not located at every rank \
+             (lr* at rank 2 below the grid: lower --lrs)."
         );
     }
 

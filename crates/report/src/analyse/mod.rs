@@ -15,6 +15,7 @@
 //! | `train_plots`   | the training figures: curves against step, rank panels, heatmaps     |
 //! | `plots`         | what a figure holds ([`Plot`]) and the helpers shared by figures     |
 //! | `findings`      | the paper's findings next to ours                                    |
+//! | `transfer`      | the section of a learning-rate transfer study: tables, figure data    |
 //! | `headline`      | the verdict in plain sentences and the headline figure's points       |
 //!
 //! Statistics come from `rankstab_theory::stats` (one implementation for the checker and the
@@ -23,6 +24,10 @@
 //! one rule that judges a fit (three outcomes against its prediction, rival laws, stability)
 //! is `rankstab_theory::predict::verdict`: the report builds the claims and asks, it decides
 //! nothing itself.
+//!
+//! **Transfer studies** (`rankstab transfer`) are shown as their own `transfer.json` says:
+//! lr* per rank, its exponent against the long-horizon law, the one-step law and c = 0, as
+//! the study's rule judged them; the verdict card gains one sentence per rank exponent.
 //!
 //! **Theory runs** are fitted and judged again with `rankstab_theory::fit_rows` whenever
 //! their configuration parses (so an old run directory is judged by today's rule); their
@@ -55,16 +60,23 @@ mod theory;
 mod train;
 mod train_plots;
 mod train_rows;
+mod transfer;
 
 pub use findings::PaperRow;
 pub use fit::{fit_by_rank, step_windows, ByRank};
-pub use headline::{outcome_words, sentences, slope_90, Headline, HeadlinePoint, Sentence};
-pub use plots::{slug, Plot, PlotKind, RankPanel, RankSeries, StepPanel, StepSeries};
+pub use headline::{
+    outcome_words, sentences, slope_90, transfer_sentences, Headline, HeadlinePoint, Sentence,
+};
+pub use plots::{
+    slug, EdgeMark, LrCurve, LrPanel, Plot, PlotKind, RankPanel, RankSeries, StepPanel, StepSeries,
+    XyAxis, XyPanel,
+};
 pub use row::{tally_rows, ExponentRow};
 pub(crate) use runs::run_lr;
 pub use runs::RunInfo;
 pub use theory::TheorySection;
 pub use train::TrainSection;
+pub use transfer::{CellView, HorizonView, TransferExponentRow, TransferSection};
 
 use crate::load::{Run, RunKind, Skipped};
 use serde::Serialize;
@@ -100,6 +112,8 @@ pub struct Analysis {
     pub theory: Vec<TheorySection>,
     /// The merged training runs, when any.
     pub train: Option<TrainSection>,
+    /// One section per learning-rate transfer study.
+    pub transfer: Vec<TransferSection>,
     /// The paper's findings next to ours.
     pub paper: Vec<PaperRow>,
     /// Every figure, in display order.
@@ -117,13 +131,23 @@ pub fn analyse(runs: &[Run], skipped: &[Skipped], opts: &AnalysisOptions) -> Ana
     let train_runs: Vec<&Run> = runs.iter().filter(|r| r.kind == RunKind::Train).collect();
     let train =
         (!train_runs.is_empty()).then(|| train::section(&train_runs, &theory, opts, &mut plots));
+    let transfer: Vec<TransferSection> = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Transfer)
+        .filter_map(|r| transfer::section(r, &mut plots))
+        .collect();
     let paper = findings::paper_rows(&theory, &train_runs, opts);
     let primary: Vec<&ExponentRow> = theory
         .iter()
         .flat_map(|s| headline::theory_primary(&s.shown))
         .chain(train.iter().flat_map(|t| headline::train_primary(&t.shown)))
         .collect();
-    let headline = headline::sentences(&primary);
+    let mut headline = headline::sentences(&primary);
+    for r in runs.iter().filter(|r| r.kind == RunKind::Transfer) {
+        if let Some(t) = r.transfer.as_deref() {
+            headline.sentences.extend(headline::transfer_sentences(t));
+        }
+    }
     if !headline.points.is_empty() {
         plots.insert(0, plots::headline_plot(&headline));
     }
@@ -133,6 +157,7 @@ pub fn analyse(runs: &[Run], skipped: &[Skipped], opts: &AnalysisOptions) -> Ana
         skipped: skipped.to_vec(),
         theory,
         train,
+        transfer,
         paper,
         plots,
     }

@@ -37,6 +37,12 @@ pub enum PlotKind {
         /// Panels.
         panels: Vec<StepPanel>,
     },
+    /// Final loss against learning rate (log-log), one panel per setting, a curve per rank
+    /// (transfer studies).
+    LrCurves(Vec<LrPanel>),
+    /// A quantity against rank or width (log-log), one panel per setting: points with
+    /// intervals, a dashed reference line, marks at the edge for values without a point.
+    Xy(Vec<XyPanel>),
     /// Exponents, rows x columns.
     Heat {
         /// Row labels (layers).
@@ -130,6 +136,74 @@ pub(super) fn rank_panels(
         })
         .collect();
     (!panels.is_empty()).then_some(panels)
+}
+
+/// One panel of the loss-vs-learning-rate figure: a setting.
+#[derive(Debug, Clone, Serialize)]
+pub struct LrPanel {
+    /// Panel title (the setting).
+    pub title: String,
+    /// One curve per rank.
+    pub curves: Vec<LrCurve>,
+}
+
+/// The final loss of one rank against the learning rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct LrCurve {
+    /// Legend label ("r = 4").
+    pub label: String,
+    /// Rank (colour order).
+    pub rank: u32,
+    /// (learning rate, geometric mean loss over seeds or None where some seed diverged,
+    /// seeds that diverged).
+    pub points: Vec<(f64, Option<f64>, u32)>,
+    /// lr* and the loss there, when inside the grid.
+    pub opt: Option<(f64, f64)>,
+}
+
+/// How the y axis of an [`XyPanel`] is labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum XyAxis {
+    /// Powers of ten (learning rates).
+    Decades,
+    /// 1, 2, 5 times powers of ten (losses).
+    Nice,
+    /// Powers of two (ranks).
+    PowersOfTwo,
+}
+
+/// A value with no point, marked at the edge of the grid (lr* at the grid's edge).
+#[derive(Debug, Clone, Serialize)]
+pub struct EdgeMark {
+    /// Rank or width.
+    pub x: f64,
+    /// Where to draw it (the grid's edge).
+    pub y: f64,
+    /// Above the grid (pointing up) or below it (pointing down).
+    pub up: bool,
+    /// Why ("below the grid").
+    pub what: String,
+}
+
+/// One panel of a quantity against rank or width.
+#[derive(Debug, Clone, Serialize)]
+pub struct XyPanel {
+    /// Panel title (the setting).
+    pub title: String,
+    /// x-axis label.
+    pub x_label: String,
+    /// y-axis label.
+    pub y_label: String,
+    /// y-axis ticks.
+    pub y_axis: XyAxis,
+    /// Legend label of the points.
+    pub point_label: String,
+    /// (x, y, interval low, interval high); low = high = y without an interval.
+    pub points: Vec<(f64, f64, f64, f64)>,
+    /// A dashed reference line: legend label and its points.
+    pub line: Option<(String, Vec<(f64, f64)>)>,
+    /// Values without a point.
+    pub edges: Vec<EdgeMark>,
 }
 
 /// One panel of a curve-per-rank figure.

@@ -40,6 +40,9 @@ pub struct RunInfo {
     pub moment_rows: usize,
     /// Rows in metrics.csv.
     pub metric_rows: usize,
+    /// What the run's tables hold, in words ("120 moments, 40 metrics"; a transfer study:
+    /// its lr* cells and training runs).
+    pub rows: String,
     /// Notes (incomplete, missing optional files).
     pub notes: Vec<String>,
 }
@@ -68,6 +71,18 @@ pub(super) fn run_info(run: &Run) -> RunInfo {
         config_json: serde_json::to_string_pretty(&m.config).unwrap_or_default(),
         moment_rows: run.moments.len(),
         metric_rows: run.metrics.len(),
+        rows: match &run.transfer {
+            Some(t) => format!(
+                "{} lr* cells, {} training runs",
+                t.cells.len(),
+                t.cells.iter().map(|c| u64::from(c.runs)).sum::<u64>()
+            ),
+            None => format!(
+                "{} moments, {} metrics",
+                run.moments.len(),
+                run.metrics.len()
+            ),
+        },
         notes: run.notes.clone(),
     }
 }
@@ -102,6 +117,7 @@ pub(super) fn summary(run: &Run) -> String {
                 json_list(cfg.get("inputs")),
             )
         }
+        RunKind::Transfer => super::transfer::summary(run),
         RunKind::Train => {
             let cells: BTreeSet<Cell> = run
                 .moments
