@@ -13,7 +13,7 @@ const INDEX: &str = include_str!("../templates/index.html");
 const MARKDOWN: &str = include_str!("../templates/report.md");
 
 /// The derivations the report links to (`proofs/` in the repository).
-pub const PROOFS: [(&str, &str); 7] = [
+pub const PROOFS: [(&str, &str); 8] = [
     ("README.md", "notation and index of the derivations"),
     (
         "theorem-3.2-sgd.md",
@@ -36,6 +36,10 @@ pub const PROOFS: [(&str, &str); 7] = [
         "the exact first-step law of every moment order, given the data: the law rows",
     ),
     (
+        "lr-transfer.md",
+        "the exponent of the optimal learning rate across ranks: the one-step and long-horizon laws, the published claims",
+    ),
+    (
         "verdicts.md",
         "the verdict rule: three outcomes from 90% intervals, derived bands, rivals, Benjamini-Hochberg",
     ),
@@ -44,7 +48,7 @@ pub const PROOFS: [(&str, &str); 7] = [
 /// The text of every file of [`PROOFS`], built in, so that a report written outside the
 /// repository carries its own copy and its links resolve wherever it is read (the proofs
 /// link only to each other).
-pub const PROOF_TEXTS: [(&str, &str); 7] = [
+pub const PROOF_TEXTS: [(&str, &str); 8] = [
     ("README.md", include_str!("../../../proofs/README.md")),
     (
         "theorem-3.2-sgd.md",
@@ -60,6 +64,10 @@ pub const PROOF_TEXTS: [(&str, &str); 7] = [
         include_str!("../../../proofs/finite-rank.md"),
     ),
     ("exact-law.md", include_str!("../../../proofs/exact-law.md")),
+    (
+        "lr-transfer.md",
+        include_str!("../../../proofs/lr-transfer.md"),
+    ),
     ("verdicts.md", include_str!("../../../proofs/verdicts.md")),
 ];
 
