@@ -354,9 +354,9 @@ impl Group {
 }
 
 /// Point, standard error and 90% interval from bootstrap values. `floor` is a standard
-/// error that the bootstrap cannot see and that is added in quadrature: locating lr* on a
-/// grid of log-spacing `step` leaves an error uniform over a cell (sd `step / sqrt 12`)
-/// that every resample shares when the minimum sits on the same grid point.
+/// error that the bootstrap cannot see and that is added in quadrature: an lr* that is a
+/// grid point of log-spacing `step` (not refined by the parabola) has an error uniform
+/// over a cell (sd `step / sqrt 12`) that every resample shares.
 fn estimate_of(
     point: Option<f64>,
     boot: &[Option<f64>],
@@ -642,11 +642,22 @@ pub fn analyse(
             .iter()
             .map(|b| b.as_ref().map(|v| slope_of(v, 1)))
             .collect();
-        // The grid's resolution, carried through the least-squares slope.
+        // The grid's resolution, carried through the least-squares slope: a rank whose lr*
+        // is a grid point itself (not refined by the parabola: a diverged neighbour, or no
+        // curvature) is known to a cell only, whatever the seeds say.
         let mean_x = lx.iter().sum::<f64>() / lx.len() as f64;
         let sxx: f64 = lx.iter().map(|x| (x - mean_x).powi(2)).sum();
         let quantum = cfg.grid(opt).log_step() / 12f64.sqrt();
-        let (slope, se, lo, hi) = estimate_of(pc, &bc, df, quantum / sxx.sqrt());
+        let floor = point.as_ref().map_or(0.0, |v| {
+            v.iter()
+                .zip(&members)
+                .zip(&lx)
+                .filter(|((p, m), _)| groups[&m.1].x.contains(&p.0))
+                .map(|(_, x)| ((x - mean_x) / sxx * quantum).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        });
+        let (slope, se, lo, hi) = estimate_of(pc, &bc, df, floor);
         let (lslope, _, llo, lhi) = estimate_of(pl, &bl, df, 0.0);
         loss_boot.insert(
             (study, sk),
@@ -1034,7 +1045,8 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
         };
         inits += 1;
         let tol = (1.0 + LR_TOLERANCE).ln();
-        // Two lr* per rank, each on the grid: the mean of their differences over the ranks.
+        // Two lr* per rank, each known at worst to a grid cell: the mean of their
+        // differences over the ranks.
         let n = a.1.len().max(1) as f64;
         let floor = cfg.grid(sk.0).log_step() / 12f64.sqrt() * (2.0 / n).sqrt();
         let (v, rest) = match paired_diff(data, a, df, floor) {
