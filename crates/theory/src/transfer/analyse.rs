@@ -1045,10 +1045,12 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
         };
         inits += 1;
         let tol = (1.0 + LR_TOLERANCE).ln();
-        // Two lr* per rank, each known at worst to a grid cell: the mean of their
-        // differences over the ranks.
+        // The mean over ranks of the differences of two lr*: those that are grid points
+        // (not refined by the parabola) are known to a cell only.
+        let grid_x: Vec<f64> = cfg.grid(sk.0).values().iter().map(|v| v.ln()).collect();
+        let unrefined = a.1.iter().chain(&data.1).filter(|x| grid_x.contains(x)).count();
         let n = a.1.len().max(1) as f64;
-        let floor = cfg.grid(sk.0).log_step() / 12f64.sqrt() * (2.0 / n).sqrt();
+        let floor = cfg.grid(sk.0).log_step() / 12f64.sqrt() * (unrefined as f64).sqrt() / n;
         let (v, rest) = match paired_diff(data, a, df, floor) {
             Some((p, lo, hi)) => (
                 if lo > tol || hi < -tol {
