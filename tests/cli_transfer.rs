@@ -87,7 +87,10 @@ fn a_small_study_writes_its_tables_and_says_what_it_found() {
         assert!(v["exponents"][0].get(k).is_some(), "exponents lack {k}");
     }
     assert!(stdout.contains("Exponent c of lr*"), "{stdout}");
-    assert!(stdout.contains("Under sgd, LoRA with init a"), "{stdout}");
+    assert!(
+        stdout.contains("Under SGD, standard LoRA (init a; ranks 2..32, 3 seeds): lr* ~ r^"),
+        "{stdout}"
+    );
     // Progress off a terminal: a line per seed.
     assert!(stderr.contains("transfer: seed 3/3 ("), "{stderr}");
     // Again: resumed (nothing to do), same tables.

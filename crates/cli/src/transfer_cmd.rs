@@ -1,9 +1,9 @@
 //! `rankstab transfer`.
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rankstab_records::{Optimizer, Outcome, Scaling};
+use rankstab_records::{Optimizer, Scaling};
 use rankstab_theory::transfer::analyse::{Exponent, TransferSummary};
-use rankstab_theory::transfer::{LrGrid, Study, TransferConfig};
+use rankstab_theory::transfer::{LrGrid, TransferConfig};
 use rankstab_theory::{AdapterInit, Init, Reuse, RunOptions};
 use std::path::PathBuf;
 
@@ -306,54 +306,11 @@ fn print_findings(s: &TransferSummary) {
     }
 }
 
-/// The study in a few sentences: per setting, the exponent against the law and whether
-/// rank helps at lr*.
+/// The study in a few sentences, the same as the report's first screen: per rank
+/// exponent of lr*, the measurement, the long-horizon law and whether c = 0 holds.
 pub fn verdict_sentences(s: &TransferSummary) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in s.exponents.iter().filter(|e| e.axis == Study::Rank) {
-        let what = match e.outcome {
-            Outcome::Agrees => "as the long-horizon law predicts",
-            Outcome::Disagrees => "which the long-horizon law does NOT predict",
-            Outcome::Inconclusive => "against the long-horizon law inconclusive",
-        };
-        let transfer = match e.flat {
-            Outcome::Agrees => "the learning rate transfers across ranks",
-            Outcome::Disagrees => "the learning rate must be retuned when the rank changes",
-            Outcome::Inconclusive => "whether the learning rate transfers is undetermined",
-        };
-        let c = match (e.slope, e.ci_low, e.ci_high) {
-            (Some(c), Some(l), Some(h)) => format!(
-                "lr* ~ r^{c:.2} [{l:.2}, {h:.2}] (law {:.2} +- {:.2}, one-step law {:.2})",
-                e.predicted, e.band, e.first_step
-            ),
-            _ => format!("no exponent ({})", e.reason),
-        };
-        let ratio = if e.lr_ratio == 1.0 {
-            String::new()
-        } else {
-            format!(", lr_B/lr_A {}", e.lr_ratio)
-        };
-        let helps = match (e.loss_slope_ci_low, e.loss_slope_ci_high) {
-            (_, Some(h)) if h < 0.0 => "; at lr* more rank ends lower",
-            (Some(l), _) if l > 0.0 => "; at lr* more rank ends higher",
-            _ => "; at lr* the loss does not measurably change with rank",
-        };
-        out.push(format!(
-            "Under {}, {} with init {}{ratio} ({} ranks {}..{}, {} seeds): {c}, {what}: {transfer}{helps}.",
-            e.optimizer,
-            if e.beta == 1.0 {
-                "LoRA".to_string()
-            } else if e.beta == 0.5 {
-                "rsLoRA".to_string()
-            } else {
-                format!("alpha r^-{}", e.beta)
-            },
-            e.init,
-            e.values.len(),
-            e.values.first().copied().unwrap_or(0),
-            e.values.last().copied().unwrap_or(0),
-            s.seeds
-        ));
-    }
-    out
+    rankstab_report::analyse::transfer_sentences(s)
+        .into_iter()
+        .map(|x| x.text)
+        .collect()
 }

@@ -526,8 +526,14 @@ fn transfer_sentence(e: &Exponent, seeds: usize) -> String {
         }
         Outcome::Inconclusive => "c = 0 is neither confirmed nor rejected",
     };
+    let helps = match (e.loss_slope_ci_low, e.loss_slope_ci_high) {
+        (_, Some(h)) if h < 0.0 => "; at lr* more rank ends lower",
+        (Some(l), _) if l > 0.0 => "; at lr* more rank ends higher",
+        (Some(_), Some(_)) => "; at lr* the loss does not measurably change with rank",
+        _ => "",
+    };
     format!(
-        "{head}: {measured}; the long-horizon law says {:+.2} ({law}); {flat}.",
+        "{head}: {measured}; the long-horizon law says {:+.2} ({law}); {flat}{helps}.",
         e.predicted
     )
 }
