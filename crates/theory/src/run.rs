@@ -217,17 +217,31 @@ pub fn run(
     )
     .map_err(TheoryError::Invalid)?;
 
-    let manifest_path = out.join(files::MANIFEST);
+    in_run_dir(out, || {
+        run_locked(cfg, out, opts, progress, &pool, &cell_list)
+    })
+}
+
+/// Runs `work` in the run directory `out`, locked: `out` must be absent, empty or a
+/// rankstab run; a directory this call created is removed again if `work` fails before
+/// writing anything into it.
+pub(crate) fn in_run_dir<T>(
+    out: &Path,
+    work: impl FnOnce() -> Result<T, TheoryError>,
+) -> Result<T, TheoryError> {
     let existed = out.exists();
-    if existed && !manifest_path.exists() && !rankstab_records::guard::is_empty_dir(out)? {
+    if existed
+        && !out.join(files::MANIFEST).exists()
+        && !rankstab_records::guard::is_empty_dir(out)?
+    {
         return Err(TheoryError::Exists(format!(
             "{} exists and is not a rankstab run directory: choose another --out",
             out.display()
         )));
     }
-    // Held until this function returns; the OS releases it if the process dies.
+    // Held until the work returns; the OS releases it if the process dies.
     let lock = RunLock::exclusive(out)?;
-    let result = run_locked(cfg, out, opts, progress, &pool, &cell_list);
+    let result = work();
     if result.is_err() && !existed && rankstab_records::guard::is_empty_dir(out).unwrap_or(false) {
         let _ = std::fs::remove_dir_all(out);
     }

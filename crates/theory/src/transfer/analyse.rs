@@ -1048,7 +1048,11 @@ fn findings(cfg: &TransferConfig, exps: &[Exponent], loss: &Boot, xb: &Boot) -> 
         // The mean over ranks of the differences of two lr*: those that are grid points
         // (not refined by the parabola) are known to a cell only.
         let grid_x: Vec<f64> = cfg.grid(sk.0).values().iter().map(|v| v.ln()).collect();
-        let unrefined = a.1.iter().chain(&data.1).filter(|x| grid_x.contains(x)).count();
+        let unrefined =
+            a.1.iter()
+                .chain(&data.1)
+                .filter(|x| grid_x.contains(x))
+                .count();
         let n = a.1.len().max(1) as f64;
         let floor = cfg.grid(sk.0).log_step() / 12f64.sqrt() * (unrefined as f64).sqrt() / n;
         let (v, rest) = match paired_diff(data, a, df, floor) {

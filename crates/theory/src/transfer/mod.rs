@@ -29,8 +29,8 @@ use crate::data::TrialData;
 use crate::sim::{frozen_pass, prepare, run_cell_with, CellRun, CellSpec};
 use crate::{NoProgress, Progress, RunOptions, TheoryError};
 use rankstab_records::{
-    files, read_json, read_table, write_json_atomic, Optimizer, RunLock, RunStatus, Scaling, Site,
-    Stat, TableWriter,
+    files, read_json, read_table, write_json_atomic, Optimizer, RunStatus, Scaling, Site, Stat,
+    TableWriter,
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -570,21 +570,9 @@ pub fn run(
         opts.max_memory,
     )
     .map_err(TheoryError::Invalid)?;
-    let manifest_path = out.join(files::MANIFEST);
-    let existed = out.exists();
-    if existed && !manifest_path.exists() && !rankstab_records::guard::is_empty_dir(out)? {
-        return Err(TheoryError::Exists(format!(
-            "{} exists and is not a rankstab run directory: choose another --out",
-            out.display()
-        )));
-    }
-    let lock = RunLock::exclusive(out)?;
-    let result = pool.install(|| run_locked(cfg, out, opts, progress, threads));
-    if result.is_err() && !existed && rankstab_records::guard::is_empty_dir(out).unwrap_or(false) {
-        let _ = std::fs::remove_dir_all(out);
-    }
-    drop(lock);
-    result
+    crate::run::in_run_dir(out, || {
+        pool.install(|| run_locked(cfg, out, opts, progress, threads))
+    })
 }
 
 fn run_locked(
