@@ -148,17 +148,50 @@ pub struct TheoryArgs {
     json: bool,
 }
 
+/// The synthetic studies' config file (`theory`, `transfer`) parsed by `parse`, or the
+/// defaults when none is given; errors name the file.
+pub(crate) fn read_config<T: Default>(
+    path: Option<&std::path::Path>,
+    parse: impl FnOnce(&str) -> Result<T, rankstab_theory::TheoryError>,
+) -> Result<T> {
+    let Some(p) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read config file {}", p.display()))?;
+    parse(&text).with_context(|| format!("config file {}", p.display()))
+}
+
+/// What the synthetic studies (`theory`, `transfer`) check and set up before they run:
+/// `--threads` within 1..=1024, the run directory (default `runs/<command>-<time>`) and the
+/// run options.
+pub(crate) fn study_setup(
+    command: &str,
+    threads: Option<usize>,
+    out: Option<&std::path::Path>,
+    max_memory: Option<u64>,
+) -> Result<(PathBuf, RunOptions)> {
+    if let Some(t) = threads.filter(|t| !(1..=1024).contains(t)) {
+        bail!("--threads {t} is not allowed: use 1..=1024 (one worker per core is fastest)");
+    }
+    let out = out.map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{command}-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        ))
+    });
+    let opts = RunOptions {
+        threads,
+        git_revision: crate::git_revision(),
+        max_trials_this_run: None,
+        max_memory,
+    };
+    Ok((out, opts))
+}
+
 /// The config file (or defaults) with the command-line overrides applied.
 pub fn resolve_config(a: &TheoryArgs) -> Result<TheoryConfig> {
-    let mut c = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read config file {}", p.display()))?;
-            TheoryConfig::from_toml(&text)
-                .with_context(|| format!("config file {}", p.display()))?
-        }
-        None => TheoryConfig::default(),
-    };
+    let mut c = read_config(a.config.as_deref(), TheoryConfig::from_toml)?;
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
     }
@@ -249,25 +282,11 @@ impl rankstab_theory::Progress for Bar {
 
 pub fn run(a: TheoryArgs) -> Result<()> {
     let cfg = resolve_config(&a)?;
-    if let Some(t) = a.threads.filter(|t| !(1..=1024).contains(t)) {
-        bail!("--threads {t} is not allowed: use 1..=1024 (one worker per core is fastest)");
-    }
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "theory-{}",
-            chrono::Utc::now().format("%Y%m%d-%H%M%S")
-        ))
-    });
+    let (out, opts) = study_setup("theory", a.threads, a.out.as_deref(), a.max_memory)?;
     let progress = Bar::new(
         "{spinner} theory [{elapsed_precise}] {bar:30} {pos}/{len} cells ({eta}) {msg}",
         None,
     );
-    let opts = RunOptions {
-        threads: a.threads,
-        git_revision: crate::git_revision(),
-        max_trials_this_run: None,
-        max_memory: a.max_memory,
-    };
     let t0 = std::time::Instant::now();
     crate::interrupt::running(&out, "rankstab theory");
     let outcome = rankstab_theory::run(&cfg, &out, &opts, &progress)?;

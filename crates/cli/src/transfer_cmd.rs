@@ -1,10 +1,10 @@
 //! `rankstab transfer`.
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use rankstab_records::{Optimizer, Scaling};
 use rankstab_theory::transfer::analyse::{Exponent, TransferSummary};
 use rankstab_theory::transfer::{LrGrid, TransferConfig};
-use rankstab_theory::{AdapterInit, Init, Reuse, RunOptions};
+use rankstab_theory::{AdapterInit, Init, Reuse};
 use std::path::PathBuf;
 
 /// Options of `rankstab transfer`. Every option overrides the config file's value.
@@ -111,15 +111,7 @@ pub struct TransferArgs {
 
 /// The config file (or defaults) with the command-line overrides applied.
 pub fn resolve_config(a: &TransferArgs) -> Result<TransferConfig> {
-    let mut c = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read config file {}", p.display()))?;
-            TransferConfig::from_toml(&text)
-                .with_context(|| format!("config file {}", p.display()))?
-        }
-        None => TransferConfig::default(),
-    };
+    let mut c = crate::theory_cmd::read_config(a.config.as_deref(), TransferConfig::from_toml)?;
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
     }
@@ -153,25 +145,12 @@ pub fn resolve_config(a: &TransferArgs) -> Result<TransferConfig> {
 
 pub fn run(a: TransferArgs) -> Result<()> {
     let cfg = resolve_config(&a)?;
-    if let Some(t) = a.threads.filter(|t| !(1..=1024).contains(t)) {
-        bail!("--threads {t} is not allowed: use 1..=1024 (one worker per core is fastest)");
-    }
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "transfer-{}",
-            chrono::Utc::now().format("%Y%m%d-%H%M%S")
-        ))
-    });
+    let (out, opts) =
+        crate::theory_cmd::study_setup("transfer", a.threads, a.out.as_deref(), a.max_memory)?;
     let progress = crate::theory_cmd::Bar::new(
         "{spinner} transfer [{elapsed_precise}] {bar:30} {pos}/{len} runs ({eta}) {msg}",
         Some("transfer"),
     );
-    let opts = RunOptions {
-        threads: a.threads,
-        git_revision: crate::git_revision(),
-        max_trials_this_run: None,
-        max_memory: a.max_memory,
-    };
     let t0 = std::time::Instant::now();
     crate::interrupt::running(&out, "rankstab transfer");
     let outcome = rankstab_theory::transfer::run(&cfg, &out, &opts, &progress)?;
