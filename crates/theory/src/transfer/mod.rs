@@ -685,19 +685,28 @@ pub fn seed_rows(
             law::DataTerms::of(u[0].slice(ndarray::s![..n, ..]), v[0].view())
                 .with_target(delta.view()),
         ));
-        let mut jobs = Vec::new();
+        // One training run per rank, setting and lr, whichever studies it serves (at the
+        // main width the width study's rank may also be one of the rank study's).
+        let mut by_rank: Vec<(usize, Vec<Study>)> = Vec::new();
         for (study, rank) in cfg.ranks_at(d) {
+            match by_rank.iter_mut().find(|(r, _)| *r == rank) {
+                Some((_, studies)) => studies.push(study),
+                None => by_rank.push((rank, vec![study])),
+            }
+        }
+        let mut jobs = Vec::new();
+        for (rank, studies) in &by_rank {
             for s in cfg.settings() {
                 for lr in cfg.grid(s.opt).values() {
-                    jobs.push((study, rank, s, lr));
+                    jobs.push((studies, *rank, s, lr));
                 }
             }
         }
         // Largest ranks first so the workers finish together.
         jobs.sort_by_key(|j| std::cmp::Reverse(j.1));
-        let results: Vec<(RunRow, Vec<StepRow>)> = jobs
+        let results: Vec<Vec<(RunRow, Vec<StepRow>)>> = jobs
             .par_iter()
-            .map(|&(study, rank, s, lr)| {
+            .map(|&(studies, rank, s, lr)| {
                 let cell = CellSpec {
                     opt: s.opt,
                     scaling: s.scaling,
@@ -713,11 +722,14 @@ pub fn seed_rows(
                     spectrum_steps: measured.clone(),
                 };
                 let res = run_cell_with(&tc, &data, &prep, &cell, &how);
-                progress.inc(1);
-                rows_of(&tc, trial, data.seed, study, s, rank, lr, &res)
+                progress.inc(studies.len() as u64);
+                studies
+                    .iter()
+                    .map(|&study| rows_of(&tc, trial, data.seed, study, s, rank, lr, &res))
+                    .collect()
             })
             .collect();
-        for (r, s) in results {
+        for (r, s) in results.into_iter().flatten() {
             run_rows.push(r);
             step_rows.extend(s);
         }
