@@ -284,6 +284,36 @@ pub fn run(a: SweepArgs) -> Result<()> {
         done += 1;
     }
     pb.finish();
+    // The lrs axis: each model's lr x rank study, once all of its grid's cells have ended.
+    let widths = |spec: &rankstab_train::run::ModelSpec| {
+        let shape = rankstab_train::load::inspect_spec(spec)?;
+        Ok(shape
+            .modules()
+            .first()
+            .map_or(0, |m| m.in_features as usize))
+    };
+    let studies = rankstab_train::sweep_lr::studies(&cfg, &manifest.cells, &out, &widths, &meta)
+        .context("the sweep's lr x rank study")?;
+    for st in &studies {
+        match (&st.summary, a.json) {
+            (Some(s), true) => crate::json_line(&serde_json::json!({
+                "event": "transfer", "model": st.model, "run_dir": st.dir, "transfer": s,
+                "verdict": crate::transfer_cmd::verdict_sentences(s),
+            })),
+            (Some(s), false) => {
+                println!("\nlr x rank study of {} ({}):", st.model, st.dir.display());
+                crate::transfer_cmd::print_study(s);
+                for line in crate::transfer_cmd::verdict_sentences(s) {
+                    println!("{line}");
+                }
+            }
+            (None, true) => {}
+            (None, false) => println!(
+                "lr x rank study of {}: {} of {} cells ended; it is analysed once all have",
+                st.model, st.ended, st.cells
+            ),
+        }
+    }
     if a.json {
         let verdict = crate::verdict_of(&out)
             .map(|h| h.sentences)

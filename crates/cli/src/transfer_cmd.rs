@@ -168,9 +168,7 @@ pub fn run(a: TransferArgs) -> Result<()> {
         }));
         return Ok(());
     }
-    print_cells(&summary);
-    print_exponents(&summary);
-    print_findings(&summary);
+    print_study(&summary);
     println!(
         "\n(lr* from the final held-out loss, a parabola in ln lr around the grid minimum; intervals: \
          {} bootstrap resamples of {} seeds, exponents with t({}) at 90%; outcomes by the rule of \
@@ -189,6 +187,22 @@ pub fn run(a: TransferArgs) -> Result<()> {
         println!("{s}");
     }
     Ok(())
+}
+
+/// A study's lr* table, exponents and findings (`transfer`, and `sweep` with `lrs`).
+pub(crate) fn print_study(s: &TransferSummary) {
+    print_cells(s);
+    print_exponents(s);
+    print_findings(s);
+}
+
+/// A law's exponent, or "-" where no law predicts one.
+fn law_f(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "-".into()
+    }
 }
 
 fn opt_f(v: Option<f64>, prec: usize) -> String {
@@ -257,15 +271,15 @@ fn print_exponents(s: &TransferSummary) {
     );
     for e in &s.exponents {
         println!(
-            "{:<5} {:<6} {:<9} {:>4} {:>5}  {:<23} {:>6.2} {:>6.2} {:>6.2}  {:<12} {:<12} {:<12} {}",
+            "{:<5} {:<6} {:<9} {:>4} {:>5}  {:<23} {:>6} {:>6} {:>6.2}  {:<12} {:<12} {:<12} {}",
             e.axis.to_string(),
             e.optimizer.to_string(),
             scaling_name(e.beta),
             e.init.to_string(),
             e.lr_ratio,
             interval(e),
-            e.predicted,
-            e.first_step,
+            law_f(e.predicted),
+            law_f(e.first_step),
             e.band,
             e.outcome.to_string(),
             e.first_step_outcome.to_string(),

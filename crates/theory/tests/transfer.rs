@@ -2,7 +2,7 @@
 //! prediction is judged `disagrees`), determinism across thread counts, resume, and how
 //! diverged runs and grid edges are reported.
 use rankstab_records::{Optimizer, Outcome, Scaling};
-use rankstab_theory::transfer::analyse::{analyse, judge_exponents};
+use rankstab_theory::transfer::analyse::{analyse, analyse_with, judge_exponents, Laws, NO_LAW};
 use rankstab_theory::transfer::law::DataTerms;
 use rankstab_theory::transfer::{run, study, RunRow, Study, TransferConfig};
 use rankstab_theory::{AdapterInit, NoProgress, RunOptions};
@@ -115,6 +115,28 @@ fn the_estimator_recovers_a_planted_exponent() {
         let l = cell.loss_at_opt.expect("loss at lr*");
         assert!((l - 2.0).abs() < 0.1, "rank {}: loss* {l}", cell.rank);
     }
+
+    // The same rows as a trained model's (no law): the same c and interval, no prediction
+    // (inconclusive, with the reason), and c = 0 still rejected; transfer.json writes the
+    // missing prediction as null and reads it back.
+    let n = analyse_with(&cfg, &rows, &[], Laws::None);
+    let m = &n.exponents[0];
+    assert_eq!(
+        (m.slope, m.ci_low, m.ci_high),
+        (e.slope, e.ci_low, e.ci_high)
+    );
+    assert!(m.predicted.is_nan() && m.first_step.is_nan());
+    assert_eq!(m.outcome, Outcome::Inconclusive);
+    assert_eq!(m.first_step_outcome, Outcome::Inconclusive);
+    assert_eq!(m.reason, NO_LAW);
+    assert_eq!(m.flat, Outcome::Disagrees, "c = 0.7 is not c = 0");
+    assert!(n.cells.iter().all(|c| c.predicted_lr.is_none()));
+    let json = serde_json::to_string(&n).expect("serialises");
+    assert!(json.contains("\"predicted\":null"), "{json}");
+    let back: rankstab_theory::transfer::analyse::TransferSummary =
+        serde_json::from_str(&json).expect("reads back");
+    assert!(back.exponents[0].predicted.is_nan());
+    assert_eq!(back.exponents[0].slope, m.slope);
 }
 
 /// Runs that diverge are marked and count as infinite; a grid that stops below the optimum

@@ -31,6 +31,7 @@ pub mod probe;
 pub mod random;
 pub mod run;
 pub mod sweep;
+pub mod sweep_lr;
 pub mod text;
 pub mod trainer;
 pub mod weights;

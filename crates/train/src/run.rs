@@ -48,6 +48,9 @@ pub struct ModelSpec {
     /// Adapted modules (default: every attention and MLP linear).
     #[serde(default)]
     pub target_modules: Vec<String>,
+    /// Learning-rate grids for this model (default: the sweep's `lrs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lrs: Option<crate::sweep::LrGrids>,
 }
 
 /// A model with its tokenizer and EOS string.

@@ -42,6 +42,7 @@ use crate::run::{LoadedModel, ModelSpec};
 use crate::trainer::TrainConfig;
 use crate::TrainError;
 use rankstab_records::{read_json, write_json_atomic, Optimizer, Scaling, SCHEMA_VERSION};
+pub use rankstab_theory::transfer::LrGrid;
 use std::path::{Path, PathBuf};
 
 /// The embedded default sweep of `make audit` (see `audit_sweep.toml`).
@@ -57,6 +58,36 @@ pub struct Rates {
     /// SGD.
     #[serde(default = "default_sgd_lr")]
     pub sgd: f64,
+}
+
+/// Learning-rate grids per optimizer family (the `lrs` axis): each value of a grid is a
+/// cell of its own, and the sweep's cells of one model then form an lr x rank study
+/// ([`crate::sweep_lr`]). A family without a grid trains at its single [`Rates`] value.
+///
+/// ```toml
+/// [lrs]
+/// adamw = "1e-4:1e-1:7"    # LO:HI:N, N log-spaced values
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrGrids {
+    /// The Adam family's grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adamw: Option<LrGrid>,
+    /// The SGD family's grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sgd: Option<LrGrid>,
+}
+
+impl LrGrids {
+    /// The grid of `opt`'s family, if any.
+    pub fn of(&self, opt: Optimizer) -> Option<LrGrid> {
+        if opt.is_adaptive() {
+            self.adamw
+        } else {
+            self.sgd
+        }
+    }
 }
 
 fn default_adamw_lr() -> f64 {
@@ -150,6 +181,10 @@ pub struct SweepConfig {
     /// Learning rates per optimizer.
     #[serde(default)]
     pub lr: Rates,
+    /// Learning-rate grids per optimizer (an lr x rank study; overrides `lr` for the
+    /// families it names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lrs: Option<LrGrids>,
     /// Scaling numerator alpha.
     #[serde(default = "d_alpha")]
     pub alpha: f64,
@@ -392,12 +427,41 @@ impl SweepConfig {
             .map_err(field)?;
         }
         limits::max_examples("max_examples", self.max_examples).map_err(field)?;
+        let grids = std::iter::once(("lrs".to_string(), self.lrs.as_ref())).chain(
+            self.models
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (format!("models[{i}].lrs"), m.lrs.as_ref())),
+        );
+        for (at, g) in grids {
+            for (family, grid) in g.iter().flat_map(|g| [("adamw", g.adamw), ("sgd", g.sgd)]) {
+                if let Some(grid) = grid {
+                    for (end, v) in [("low end", grid.lo), ("high end", grid.hi)] {
+                        limits::float(
+                            &format!("{at}.{family} ({end})"),
+                            v,
+                            (limits::MIN_LR, false),
+                            (limits::MAX_LR, false),
+                            "(outside it the f32 update is zero or overflows)",
+                        )
+                        .map_err(field)?;
+                    }
+                }
+            }
+        }
         let mut n_cells: usize = 0;
         for m in &self.models {
+            let per_opt = m
+                .optimizers
+                .as_ref()
+                .unwrap_or(&self.optimizers)
+                .iter()
+                .map(|&o| self.lr_grid(m, o).map_or(1, |g| g.n))
+                .sum::<usize>();
             let n = [
                 m.ranks.as_ref().unwrap_or(&self.ranks).len(),
                 self.scalings.len(),
-                m.optimizers.as_ref().unwrap_or(&self.optimizers).len(),
+                per_opt,
                 m.seeds.as_ref().unwrap_or(&self.seeds).len(),
             ]
             .iter()
@@ -407,7 +471,7 @@ impl SweepConfig {
                 Some(n) if n <= limits::MAX_CELLS => n,
                 _ => {
                     return bad(format!(
-                        "the sweep has more than {} cells (models x ranks x scalings x optimizers x seeds): sweep.json lists every cell; shorten the lists or split the sweep",
+                        "the sweep has more than {} cells (models x ranks x scalings x optimizers x lrs x seeds): sweep.json lists every cell; shorten the lists or split the sweep",
                         limits::MAX_CELLS
                     ))
                 }
@@ -450,39 +514,65 @@ impl SweepConfig {
         Ok(())
     }
 
-    /// The cells: models x ranks x scalings x optimizers x seeds, in that nesting order.
+    /// The cells: models x ranks x scalings x optimizers x lrs (one unless the optimizer
+    /// has an `lrs` grid) x seeds, in that nesting order.
     pub fn cells(&self) -> Vec<Cell> {
         let mut cells = Vec::new();
         for m in &self.models {
             for &rank in m.ranks.as_ref().unwrap_or(&self.ranks) {
                 for &scaling in &self.scalings {
                     for &optimizer in m.optimizers.as_ref().unwrap_or(&self.optimizers) {
-                        for &seed in m.seeds.as_ref().unwrap_or(&self.seeds) {
-                            let index = cells.len();
-                            cells.push(Cell {
-                                index,
-                                name: format!(
-                                    "{index:03}-{}-r{rank}-{scaling}-{optimizer}-s{seed}",
-                                    m.name,
-                                ),
-                                model: m.name.clone(),
-                                rank,
-                                scaling,
-                                beta: scaling.beta(),
-                                optimizer,
-                                lr: if optimizer.is_adaptive() {
+                        let grid = self.lr_grid(m, optimizer);
+                        let lrs = grid.map_or_else(
+                            || {
+                                vec![if optimizer.is_adaptive() {
                                     self.lr.adamw
                                 } else {
                                     self.lr.sgd
-                                },
-                                seed,
-                            });
+                                }]
+                            },
+                            // Seven significant digits: 1e-4, not 1.0000000000000009e-4
+                            // from exp(ln), in names, manifests and the report's keys.
+                            |g| {
+                                g.values()
+                                    .into_iter()
+                                    .map(|v| format!("{v:.6e}").parse().unwrap_or(v))
+                                    .collect()
+                            },
+                        );
+                        for lr in lrs {
+                            // The lr is in the name only on an lr axis: sweeps without one
+                            // keep their cells' names.
+                            let lr_part = grid.map_or(String::new(), |_| format!("-lr{lr:.3e}"));
+                            for &seed in m.seeds.as_ref().unwrap_or(&self.seeds) {
+                                let index = cells.len();
+                                cells.push(Cell {
+                                    index,
+                                    name: format!(
+                                        "{index:03}-{}-r{rank}-{scaling}-{optimizer}{lr_part}-s{seed}",
+                                        m.name,
+                                    ),
+                                    model: m.name.clone(),
+                                    rank,
+                                    scaling,
+                                    beta: scaling.beta(),
+                                    optimizer,
+                                    lr,
+                                    seed,
+                                });
+                            }
                         }
                     }
                 }
             }
         }
         cells
+    }
+
+    /// The learning-rate grid of `model`'s cells under `opt`: the model's `lrs` when it
+    /// has one, else the sweep's; `None` trains at the single rate of `lr`.
+    pub fn lr_grid(&self, model: &ModelSpec, opt: Optimizer) -> Option<LrGrid> {
+        model.lrs.as_ref().or(self.lrs.as_ref())?.of(opt)
     }
 
     /// The model spec of a cell.
@@ -694,6 +784,71 @@ mod tests {
             assert_eq!(c.index, i);
             assert!(c.name.starts_with(&format!("{i:03}-")));
         }
+    }
+
+    /// An `lrs` grid makes one cell per value (the lr in the name), per model or for the
+    /// whole sweep; an optimizer without one keeps its single rate and its cells' names;
+    /// bad grids are refused with their field.
+    #[test]
+    fn an_lrs_axis_makes_one_cell_per_learning_rate() {
+        let base =
+            "data = \"x.txt\"\nranks = [2, 8]\nseeds = [0, 1]\noptimizers = [\"adamw\", \"sgd\"]\n";
+        let model = "[[models]]\nname = \"m\"\npath = \"m.gguf\"\n";
+        let c = SweepConfig::from_toml(
+            &format!("{base}[lrs]\nadamw = \"1e-4:1e-2:3\"\n{model}"),
+            "s.toml",
+        )
+        .expect("valid");
+        let cells = c.cells();
+        // ranks x scalings x (3 adamw lrs + 1 sgd lr) x seeds.
+        assert_eq!(cells.len(), 2 * 2 * (3 + 1) * 2);
+        let adam: BTreeSet<u64> = cells
+            .iter()
+            .filter(|c| c.optimizer == Optimizer::Adamw)
+            .map(|c| c.lr.to_bits())
+            .collect();
+        let want: BTreeSet<u64> = [1e-4, 1e-3, 1e-2]
+            .iter()
+            .map(|v: &f64| v.to_bits())
+            .collect();
+        assert_eq!(adam, want, "the grid's values, exactly");
+        assert!(cells
+            .iter()
+            .any(|c| c.name == "001-m-r2-lora-adamw-lr1.000e-4-s1"));
+        assert!(cells
+            .iter()
+            .filter(|c| c.optimizer == Optimizer::Sgd)
+            .all(|c| c.lr == 1e-3 && !c.name.contains("-lr")));
+        // A model's own grid replaces the sweep's.
+        let own = SweepConfig::from_toml(
+            &format!(
+                "{base}[lrs]\nadamw = \"1e-4:1e-2:3\"\n{model}lrs = {{ sgd = \"1e-2:1:5\" }}\n"
+            ),
+            "s.toml",
+        )
+        .expect("valid");
+        let m = &own.models[0];
+        assert_eq!(own.lr_grid(m, Optimizer::Adamw), None);
+        assert_eq!(own.lr_grid(m, Optimizer::Sgd).map(|g| g.n), Some(5));
+        assert_eq!(own.cells().len(), 2 * 2 * (1 + 5) * 2);
+        for (grid, want) in [
+            ("[lrs]\nadamw = \"1e-2:1e-4:3\"\n", "learning-rate grid"),
+            ("[lrs]\nadamw = \"1e-4:1e-2:2\"\n", "3 <= N"),
+            ("[lrs]\nadam = \"1e-4:1e-2:3\"\n", "adam"),
+            ("[lrs]\nsgd = \"1e-25:1e-2:3\"\n", "lrs.sgd (low end)"),
+        ] {
+            let e = SweepConfig::from_toml(&format!("{base}{grid}{model}"), "s.toml")
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains("s.toml") && e.contains(want), "{grid}: {e}");
+        }
+        let e = SweepConfig::from_toml(
+            &format!("{base}{model}lrs = {{ adamw = \"1e-30:1:3\" }}\n"),
+            "s.toml",
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(e.contains("models[0].lrs.adamw (low end)"), "{e}");
     }
 
     #[test]

@@ -532,10 +532,12 @@ fn transfer_sentence(e: &Exponent, seeds: usize) -> String {
         (Some(_), Some(_)) => "; at lr* the loss does not measurably change with rank",
         _ => "",
     };
-    format!(
-        "{head}: {measured}; the long-horizon law says {:+.2} ({law}); {flat}{helps}.",
-        e.predicted
-    )
+    let law = if e.predicted.is_finite() {
+        format!("the long-horizon law says {:+.2} ({law})", e.predicted)
+    } else {
+        "no law predicts it for a trained model".into()
+    };
+    format!("{head}: {measured}; {law}; {flat}{helps}.")
 }
 
 #[cfg(test)]

@@ -65,6 +65,10 @@ pub struct TransferExponentRow {
     pub at: String,
     /// The ranks (or widths) fitted, comma-separated.
     pub values_text: String,
+    /// The long-horizon law's exponent, "-" where no law predicts one (a trained model).
+    pub law_text: String,
+    /// The one-step law's exponent, "-" likewise.
+    pub first_step_text: String,
 }
 
 /// One row of the horizon table.
@@ -147,6 +151,15 @@ pub(super) fn setting_name(opt: Optimizer, beta: f64, init: AdapterInit, ratio: 
     format!("{opt} | {scaling} | init {init}{ratio}")
 }
 
+/// A law's exponent, signed with two decimals, or "-" where no law predicts one.
+fn law_text(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:+.2}")
+    } else {
+        "-".into()
+    }
+}
+
 /// The configuration of a transfer study, when its manifest holds a readable one.
 fn config(run: &Run) -> Option<TransferConfig> {
     serde_json::from_value(run.manifest.config.clone()).ok()
@@ -197,8 +210,12 @@ pub(super) fn summary(run: &Run) -> String {
             format!(", {}", g.join(", "))
         })
         .unwrap_or_default();
+    let what = t.model.as_ref().map_or_else(
+        || "transfer (synthetic)".to_string(),
+        |m| format!("transfer (model {m}, trained in a sweep; no law, judged against c = 0)"),
+    );
     format!(
-        "transfer: width {width}, ranks {}{width_part}, {} settings, {} seeds, {} steps{grids}",
+        "{what}: width {width}, ranks {}{width_part}, {} settings, {} seeds, {} steps{grids}",
         fmt_ranks(&ranks(Study::Rank)),
         settings.len(),
         t.seeds,
@@ -221,6 +238,8 @@ pub(super) fn section(run: &Run, plots: &mut Vec<Plot>) -> Option<TransferSectio
                 _ => "-".into(),
             },
             values_text: fmt_ranks(&e.values),
+            law_text: law_text(e.predicted),
+            first_step_text: law_text(e.first_step),
             exponent: e.clone(),
         })
         .collect();
@@ -478,7 +497,9 @@ fn lr_opt_plot(
                     .first()
                     .map_or(String::new(), |c| format!(" | rank {}", c.rank)),
             };
-            let law = e.map_or(String::new(), |e| format!(" (c = {:+.2})", e.predicted));
+            let law = e
+                .filter(|e| e.predicted.is_finite())
+                .map_or(String::new(), |e| format!(" (c = {:+.2})", e.predicted));
             XyPanel {
                 title: format!("{name}{at}"),
                 x_label: match axis {

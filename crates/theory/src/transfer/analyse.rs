@@ -37,6 +37,8 @@ use std::collections::BTreeMap;
 pub const LR_TOLERANCE: f64 = 0.25;
 /// The least relative loss gain at lr* that counts as a gain (LoRA+'s claim).
 pub const LOSS_GAIN: f64 = 0.01;
+/// Why a trained model's exponents have no prediction ([`Laws::None`]).
+pub const NO_LAW: &str = "no law predicts lr* for a trained model (the laws of proofs/lr-transfer.md need one layer's data terms); only c = 0 is judged";
 /// Share of bootstrap resamples that may put some lr* at the grid's edge before an
 /// exponent is left inconclusive.
 pub const EDGE_SHARE: f64 = 0.10;
@@ -131,9 +133,12 @@ pub struct Exponent {
     pub se: Option<f64>,
     /// Degrees of freedom of the t reference (seeds - 1).
     pub df: f64,
-    /// The long-horizon law's exponent over the same values (proofs/lr-transfer.md).
+    /// The long-horizon law's exponent over the same values (proofs/lr-transfer.md); NaN
+    /// (`null` in JSON) without a law ([`Laws::None`]).
+    #[serde(deserialize_with = "rankstab_records::nan_as_null::deserialize")]
     pub predicted: f64,
-    /// The one-step law's exponent over the same values.
+    /// The one-step law's exponent over the same values (NaN / `null` without a law).
+    #[serde(deserialize_with = "rankstab_records::nan_as_null::deserialize")]
     pub first_step: f64,
     /// Against the one-step law (judged with the same band).
     pub first_step_outcome: Outcome,
@@ -203,6 +208,10 @@ pub struct HorizonRow {
 /// Everything `transfer.json` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransferSummary {
+    /// The trained model, for a sweep's lr grid (`rankstab sweep` with `lrs`); absent for a
+    /// synthetic study (`rankstab transfer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// Seeds.
     pub seeds: usize,
     /// Bootstrap resamples.
@@ -375,13 +384,41 @@ fn estimate_of(
     (Some(p), Some(se), Some(p - h), Some(p + h))
 }
 
-/// Analyses a study's rows (see the module docs).
+/// What the laws of proofs/lr-transfer.md can be evaluated with.
+#[derive(Debug, Clone, Copy)]
+pub enum Laws<'a> {
+    /// A synthetic study: the data terms of each trial's first batch, per (width, trial).
+    Measured(&'a [(usize, usize, DataTerms)]),
+    /// A trained model (`rankstab sweep` with `lrs`): the laws need the data terms and the
+    /// target scale of one linear layer, which a deep network does not have, so no exponent
+    /// is predicted (`predicted` and `first_step` are NaN, written as `null`, and judged
+    /// inconclusive); c = 0, the published "the learning rate transfers", is still judged.
+    None,
+}
+
+/// Analyses a synthetic study's rows (see the module docs): [`analyse_with`] and the data
+/// terms it measured.
 pub fn analyse(
     cfg: &TransferConfig,
     runs: &[RunRow],
     steps: &[StepRow],
     terms: &[(usize, usize, DataTerms)],
 ) -> TransferSummary {
+    analyse_with(cfg, runs, steps, Laws::Measured(terms))
+}
+
+/// Analyses a study's rows against the laws `laws` can evaluate.
+pub fn analyse_with(
+    cfg: &TransferConfig,
+    runs: &[RunRow],
+    steps: &[StepRow],
+    laws: Laws<'_>,
+) -> TransferSummary {
+    let terms: &[(usize, usize, DataTerms)] = match laws {
+        Laws::Measured(t) => t,
+        Laws::None => &[],
+    };
+    let has_law = matches!(laws, Laws::Measured(_));
     let seeds = cfg.seeds;
     let df = (seeds as f64 - 1.0).max(1.0);
     // Groups.
@@ -457,6 +494,9 @@ pub fn analyse(
     };
     // The long-horizon law's ln lr* per group (up to a constant).
     let law_ln = |k: &Key| {
+        if !has_law {
+            return f64::NAN;
+        }
         let (_, width, opt, beta, init, _, rank) = *k;
         let t = terms_at.get(&(width as usize)).copied().unwrap_or_default();
         law::ln_lr_long(
@@ -591,7 +631,7 @@ pub fn analyse(
         }
     }
     for c in &mut cells {
-        if let Some(v) = anchor.get(&(c.axis, skey(c))) {
+        if let Some(v) = anchor.get(&(c.axis, skey(c))).filter(|_| has_law) {
             let level = v.iter().sum::<f64>() / v.len() as f64;
             c.predicted_lr = Some((law_ln(&ckey(c)) + level).exp());
         }
@@ -684,7 +724,7 @@ pub fn analyse(
             ),
         );
         let ls = law_setting(opt, beta, init);
-        let (predicted, first_step, limits, fixed_width, fixed_rank) = match study {
+        let (mut predicted, mut first_step, limits, fixed_width, fixed_rank) = match study {
             Study::Rank => {
                 let t = terms_at.get(&cfg.width).copied().unwrap_or_default();
                 let ranks: Vec<usize> = values.iter().map(|&r| r as usize).collect();
@@ -715,6 +755,9 @@ pub fn analyse(
                 )
             }
         };
+        if !has_law {
+            (predicted, first_step) = (f64::NAN, f64::NAN);
+        }
         let grid = cfg.grid(opt);
         let band = leverage(&values) * ((1.0 + LR_TOLERANCE).ln() + grid.log_step() / 4.0);
         let reason = if let Some(m) = members.iter().find(|m| per(&stars[&m.1].0).is_none()) {
@@ -729,6 +772,8 @@ pub fn analyse(
                 "lr* reached the grid's edge in more than {:.0}% of bootstrap resamples",
                 EDGE_SHARE * 100.0
             )
+        } else if !has_law {
+            NO_LAW.to_string()
         } else {
             String::new()
         };
@@ -763,6 +808,7 @@ pub fn analyse(
     let findings = findings(cfg, &exps, &loss_boot, &x_boot);
     let horizon = horizon(cfg, &groups, steps);
     TransferSummary {
+        model: None,
         seeds,
         bootstrap: cfg.bootstrap,
         steps: cfg.steps,
@@ -782,10 +828,11 @@ fn estimate(e: &Exponent) -> Option<Estimate> {
     })
 }
 
-/// The claim that every exponent of `exps` is `claim(e)`, judged as a family.
+/// The claim that every exponent of `exps` is `claim(e)`, judged as a family; an exponent
+/// without an estimate or a finite claim is inconclusive and not in the family.
 pub fn judge_claims(exps: &[&Exponent], claim: impl Fn(&Exponent) -> f64) -> Vec<Outcome> {
     let idx: Vec<usize> = (0..exps.len())
-        .filter(|&i| estimate(exps[i]).is_some())
+        .filter(|&i| estimate(exps[i]).is_some() && claim(exps[i]).is_finite())
         .collect();
     let items: Vec<(Estimate, Band)> = idx
         .iter()
