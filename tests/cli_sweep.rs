@@ -277,3 +277,116 @@ fn sweep_json_is_one_object_per_line() {
     assert_eq!(lines[5]["status"], "complete");
     assert_eq!(lines[6]["run"], 2);
 }
+
+/// An `lrs` axis: one cell per learning rate, then the lr x rank study of the model in
+/// `SWEEP/transfer-MODEL/`. Its lr* curve is checked against the cells' own held-out
+/// losses (the geometric mean over seeds, computed here independently), it predicts no
+/// law (inconclusive) but judges c = 0, it is rewritten identically when the finished sweep
+/// is run again, it is not written while cells are missing, and the report reads it.
+#[test]
+fn an_lrs_axis_is_an_lr_x_rank_study_the_report_reads() {
+    use rankstab_theory::transfer::analyse::TransferSummary;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(
+        dir.path(),
+        "steps = 3\ncheckpoint_every = 0\nseeds = [0, 1]\n[lrs]\nadamw = \"1e-3:1e-1:3\"",
+    );
+    let out = dir.path().join("s");
+    // One cell alone: the study waits for the others.
+    let o = sweep(&cfg, &out, &["--cell", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("1 of 24 cells ended"), "{stdout}");
+    assert!(!out.join("transfer-tiny").exists());
+    let o = sweep(&cfg, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("lr x rank study of tiny"), "{stdout}");
+    let names: Vec<String> = cells(&out)
+        .iter()
+        .map(|c| c.file_name().expect("name").to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names.len(), 2 * 2 * 3 * 2, "ranks x scalings x lrs x seeds");
+    assert!(
+        names.contains(&"002-tiny-r2-lora-adamw-lr1.000e-2-s0".to_string()),
+        "{names:?}"
+    );
+    let study = out.join("transfer-tiny");
+    let s: TransferSummary =
+        rankstab_records::read_json(&study.join("transfer.json")).expect("transfer.json");
+    assert_eq!(s.model.as_deref(), Some("tiny"));
+    assert_eq!(
+        (s.seeds, s.steps, s.cells.len(), s.exponents.len()),
+        (2, 3, 4, 2)
+    );
+    // The curve of each (scaling, rank): per lr, the geometric mean over the two seeds of
+    // each cell's last held-out loss.
+    let heldout = |name: &str| {
+        let rows: Vec<MetricRow> =
+            read_table(&out.join("cells").join(name).join("metrics.csv")).expect("metrics");
+        rows.iter()
+            .filter(|r| r.metric.as_str() == "heldout_loss")
+            .max_by_key(|r| r.step)
+            .expect("a held-out loss")
+            .value
+    };
+    for c in &s.cells {
+        let scaling = if c.beta == 1.0 { "lora" } else { "rslora" };
+        assert_eq!(c.curve.len(), 3);
+        for p in &c.curve {
+            let of_seed = |seed: u64| {
+                let n = names
+                    .iter()
+                    .find(|n| {
+                        n.contains(&format!(
+                            "-r{}-{scaling}-adamw-lr{:.3e}-s{seed}",
+                            c.rank, p.lr
+                        ))
+                    })
+                    .expect("the cell of this point");
+                heldout(n)
+            };
+            let want = (0.5 * (of_seed(0).ln() + of_seed(1).ln())).exp();
+            let got = p.loss.expect("no divergence here");
+            assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        }
+        // lr* is reported only inside the grid, at or next to the curve's minimum.
+        if let Some(lr) = c.lr_opt {
+            assert!(c.edge.is_none() && (1e-3..=1e-1).contains(&lr), "{lr}");
+        } else {
+            assert!(c.edge.is_some());
+        }
+    }
+    for e in &s.exponents {
+        assert!(e.predicted.is_nan(), "no law for a trained model");
+        assert_eq!(e.outcome, rankstab_records::Outcome::Inconclusive);
+        assert!(!e.reason.is_empty());
+    }
+    let m: rankstab_records::Manifest =
+        rankstab_records::read_json(&study.join("manifest.json")).expect("manifest");
+    assert_eq!(m.command, "transfer");
+    assert_eq!(m.status, rankstab_records::RunStatus::Complete);
+    // Derived data: the finished sweep run again rewrites the same analysis.
+    let before = std::fs::read(study.join("transfer.json")).expect("read");
+    let o = sweep(&cfg, &out, &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 cell(s) run, 24 already finished"));
+    assert_eq!(
+        std::fs::read(study.join("transfer.json")).expect("read"),
+        before
+    );
+    // The report reads the study beside the cells.
+    let report = dir.path().join("report");
+    let o = Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .arg("report")
+        .arg(&out)
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(report.join("report.md")).expect("report.md");
+    assert!(
+        md.contains("transfer (model tiny, trained in a sweep"),
+        "{md}"
+    );
+}

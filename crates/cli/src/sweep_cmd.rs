@@ -14,9 +14,10 @@ use std::time::Instant;
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Examples:
-  rankstab sweep --out runs/sweep                 # the embedded default (make audit): SmolLM2-135M
-                                                  # ranks 4..256, lora vs rslora, AdamW and SGD,
-                                                  # and a small random GPT-J (~5 min on 2 cores)
+  rankstab sweep --out runs/sweep                 # the embedded default (make audit): a small
+                                                  # random GPT-J and SmolLM2-135M, ranks 4..64,
+                                                  # lora vs rslora, and an lr x rank grid on the
+                                                  # GPT-J (~13 min on 2 cores)
   rankstab sweep --config paper.toml --out runs/paper --list
   rankstab sweep --config paper.toml --out runs/paper --cell 7      # one cell (a job-array task)
   rankstab sweep --print-default > my.toml
@@ -24,7 +25,10 @@ Examples:
 Writes OUT/sweep.json (configuration and cells) and OUT/cells/<NNN-model-rR-scaling-opt-sS>/
 (manifest.json, moments.csv, metrics.csv, adapters/). Run the same command again after a
 kill: finished cells are skipped and an interrupted cell resumes from its last checkpoint.
-A cell whose loss becomes NaN or infinite ends as \"diverged at step k\" and the sweep goes on.")]
+A cell whose loss becomes NaN or infinite ends as \"diverged at step k\" and the sweep goes on.
+With an lrs grid in the configuration ([lrs] adamw = \"1e-4:1e-1:7\", or per model), every
+value is a cell of its own; once all of a model's cells have ended, OUT/transfer-<model>/
+holds its lr x rank study (lr* per rank, the exponent of lr* ~ r^c judged against c = 0).")]
 pub struct SweepArgs {
     /// Sweep configuration (TOML; see --print-default). Default: the embedded audit sweep.
     #[arg(long, value_name = "FILE")]
