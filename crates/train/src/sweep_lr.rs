@@ -102,7 +102,12 @@ pub fn transfer_config(cfg: &SweepConfig, m: &ModelSpec, width: usize) -> Transf
 /// An unreadable `metrics.csv`, or a complete cell without a held-out loss.
 pub fn run_row(cell: &Cell, dir: &Path, trial: u32, width: usize) -> Result<RunRow, TrainError> {
     let state = RunState::of(dir);
-    let metrics: Vec<MetricRow> = read_table(&dir.join("metrics.csv"))?;
+    let diverged = state == RunState::Diverged;
+    // A cell that diverged counts as infinite whatever its table holds (it may have none).
+    let metrics: Vec<MetricRow> = match read_table(&dir.join("metrics.csv")) {
+        Err(_) if diverged => Vec::new(),
+        m => m?,
+    };
     let last = |metric: Metric| {
         metrics
             .iter()
@@ -110,7 +115,6 @@ pub fn run_row(cell: &Cell, dir: &Path, trial: u32, width: usize) -> Result<RunR
             .max_by_key(|r| r.step)
             .map(|r| (r.step, r.value))
     };
-    let diverged = state == RunState::Diverged;
     let heldout = last(Metric::HeldoutLoss);
     let final_loss = match heldout {
         _ if diverged => f64::INFINITY,
@@ -209,6 +213,9 @@ fn write(
 ) -> Result<(), TrainError> {
     let io = |e: std::io::Error| TrainError::Invalid(format!("{}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(io)?;
+    // Job-array tasks (`--cell`) that end together may each write the study: one at a
+    // time (they write the same numbers).
+    let _lock = rankstab_records::RunLock::wait_exclusive(dir)?;
     let manifest_path = dir.join("manifest.json");
     let created = read_json::<Manifest>(&manifest_path)
         .map(|m| m.created)
