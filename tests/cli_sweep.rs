@@ -357,6 +357,48 @@ fn an_lrs_axis_is_an_lr_x_rank_study_the_report_reads() {
             assert!(c.edge.is_some());
         }
     }
+    // The rank the update used: each cell's last recorded stable rank of gamma B A, mean
+    // over its adapters, then over seeds at the grid lr nearest lr* (at most the rank).
+    let moments = |name: &str| -> Vec<MomentRow> {
+        read_table(&out.join("cells").join(name).join("moments.csv")).expect("moments")
+    };
+    for c in s.cells.iter().filter(|c| c.lr_opt.is_some()) {
+        let scaling = if c.beta == 1.0 { "lora" } else { "rslora" };
+        let lr = c.lr_opt.expect("filtered").ln();
+        let nearest = c
+            .curve
+            .iter()
+            .min_by(|a, b| (a.lr.ln() - lr).abs().total_cmp(&(b.lr.ln() - lr).abs()))
+            .expect("a curve")
+            .lr;
+        let mut per_seed = Vec::new();
+        for seed in [0u64, 1] {
+            let n = names
+                .iter()
+                .find(|n| {
+                    n.contains(&format!(
+                        "-r{}-{scaling}-adamw-lr{nearest:.3e}-s{seed}",
+                        c.rank
+                    ))
+                })
+                .expect("the cell");
+            let rows: Vec<MomentRow> = moments(n)
+                .into_iter()
+                .filter(|r| r.stat.as_str() == "stable_rank")
+                .collect();
+            let last = rows.iter().map(|r| r.step).max().expect("a stable rank");
+            let v: Vec<f64> = rows
+                .iter()
+                .filter(|r| r.step == last)
+                .map(|r| r.value)
+                .collect();
+            per_seed.push(v.iter().sum::<f64>() / v.len() as f64);
+        }
+        let want = per_seed.iter().sum::<f64>() / 2.0;
+        let got = c.stable_rank.expect("a stable rank at lr*");
+        assert!((got - want).abs() < 1e-9 * want.max(1.0), "{got} vs {want}");
+        assert!(got >= 1.0 - 1e-9 && got <= c.rank as f64 + 1e-9, "{got}");
+    }
     for e in &s.exponents {
         assert!(e.predicted.is_nan(), "no law for a trained model");
         assert_eq!(e.outcome, rankstab_records::Outcome::Inconclusive);

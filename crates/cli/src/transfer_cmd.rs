@@ -215,7 +215,7 @@ fn scaling_name(beta: f64) -> String {
 
 fn print_cells(s: &TransferSummary) {
     println!(
-        "{:<5} {:<6} {:<9} {:>4} {:>5} {:>5} {:>5}  {:>9} {:>21} {:>9} {:>9} {:>7} {:>6}",
+        "{:<5} {:<6} {:<9} {:>4} {:>5} {:>5} {:>5}  {:>9} {:>21} {:>9} {:>9} {:>7} {:>7} {:>6}",
         "axis",
         "opt",
         "scaling",
@@ -228,6 +228,7 @@ fn print_cells(s: &TransferSummary) {
         "law lr*",
         "loss*",
         "eff.rk",
+        "st.rk",
         "div"
     );
     for c in &s.cells {
@@ -236,7 +237,7 @@ fn print_cells(s: &TransferSummary) {
             (None, v) => opt_f(v, 2),
         };
         println!(
-            "{:<5} {:<6} {:<9} {:>4} {:>5} {:>5} {:>5}  {:>9} [{:>9},{:>9}] {:>9} {:>9} {:>7} {:>3}/{}",
+            "{:<5} {:<6} {:<9} {:>4} {:>5} {:>5} {:>5}  {:>9} [{:>9},{:>9}] {:>9} {:>9} {:>7} {:>7} {:>3}/{}",
             c.axis.to_string(),
             c.optimizer.to_string(),
             scaling_name(c.beta),
@@ -250,6 +251,7 @@ fn print_cells(s: &TransferSummary) {
             opt_f(c.predicted_lr, 2),
             opt_f(c.loss_at_opt, 3),
             c.effective_rank.map_or("-".into(), |v| format!("{v:.1}")),
+            c.stable_rank.map_or("-".into(), |v| format!("{v:.1}")),
             c.diverged_runs,
             c.runs
         );

@@ -15,20 +15,25 @@
 //! c = 0, the published "the learning rate transfers across ranks" (rsLoRA with alpha/sqrt r;
 //! LoRA Without Regret with alpha/r and Adam), with the rule of proofs/verdicts.md.
 //!
+//! The rank the update actually used is the stable rank of `gamma B A` the cells record
+//! (mean over adapters, at the end of the run, at the grid lr nearest lr*), and the
+//! adapters' output moment along the run gives the moment exponent per step (`horizon`).
+//!
 //! The study is written to `SWEEP/transfer-<model>/` (`manifest.json` with command
-//! `transfer`, `transfer_runs.csv`, `transfer.json`), which `rankstab report` reads like a
-//! `rankstab transfer` run. It is derived from the cells and rewritten whenever the sweep
-//! ends with every cell of that model's grid ended.
+//! `transfer`, `transfer_runs.csv`, `transfer_steps.csv`, `transfer.json`), which
+//! `rankstab report` reads like a `rankstab transfer` run. It is derived from the cells
+//! and rewritten whenever the sweep ends with every cell of that model's grid ended.
 use crate::run::{ModelSpec, RunMeta, RunState};
 use crate::sweep::{Cell, LrGrids, SweepConfig};
 use crate::TrainError;
 use rankstab_records::{
-    read_json, read_table, table_sizes, write_json_atomic, Manifest, Metric, MetricRow, RunStatus,
-    TableWriter, SCHEMA_VERSION,
+    read_json, read_table, table_sizes, write_json_atomic, Manifest, Metric, MetricRow, MomentRow,
+    RunStatus, Site, Stat, TableWriter, SCHEMA_VERSION,
 };
 use rankstab_theory::transfer::analyse::{analyse_with, Laws, TransferSummary};
-use rankstab_theory::transfer::{RunRow, Study, TransferConfig, RUNS, SUMMARY};
+use rankstab_theory::transfer::{RunRow, StepRow, Study, TransferConfig, RUNS, STEPS, SUMMARY};
 use rankstab_theory::{AdapterInit, Init, Reuse};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Bootstrap resamples of the seeds for a sweep's lr* intervals.
@@ -146,6 +151,70 @@ pub fn run_row(cell: &Cell, dir: &Path, trial: u32, width: usize) -> Result<RunR
     })
 }
 
+/// A cell along its run, from its `moments.csv`: per probed step, the adapters' output
+/// second moment (`fwd`, `abs`, m = 2) and, where recorded, the stable rank and norm of
+/// `gamma B A`, each the mean over every adapter (layers and modules); then the last
+/// recorded stable rank and norm once more as step `steps` (the end of the run), where the
+/// analysis reads the rank the update used. A diverged cell's rows are kept as recorded.
+///
+/// # Errors
+/// An unreadable `moments.csv` of a cell that did not diverge.
+pub fn step_rows(
+    cell: &Cell,
+    dir: &Path,
+    trial: u32,
+    width: usize,
+    steps: usize,
+) -> Result<Vec<StepRow>, TrainError> {
+    let moments: Vec<MomentRow> = match read_table(&dir.join("moments.csv")) {
+        Err(_) if RunState::of(dir) == RunState::Diverged => Vec::new(),
+        m => m?,
+    };
+    // Per step: sums and counts of (fwd m2, stable rank, delta norm).
+    let mut at: BTreeMap<u32, [(f64, u32); 3]> = BTreeMap::new();
+    for r in &moments {
+        let which = match (r.site, r.stat, r.m) {
+            (Site::Fwd, Stat::Abs, Some(2)) => 0,
+            (Site::Param, Stat::StableRank, _) => 1,
+            (Site::Param, Stat::DeltaNorm, _) => 2,
+            _ => continue,
+        };
+        if r.value.is_finite() {
+            let e = &mut at.entry(r.step).or_default()[which];
+            e.0 += r.value;
+            e.1 += 1;
+        }
+    }
+    let mean = |(s, n): (f64, u32)| if n > 0 { s / f64::from(n) } else { f64::NAN };
+    let row = |step: u32, v: [(f64, u32); 3]| StepRow {
+        trial,
+        study: Study::Rank,
+        width: width as u32,
+        optimizer: cell.optimizer,
+        beta: cell.beta,
+        init: AdapterInit::A,
+        lr_ratio: 1.0,
+        rank: cell.rank as u32,
+        lr: cell.lr,
+        step,
+        heldout_loss: f64::NAN,
+        fwd_m2: mean(v[0]),
+        update_norm: mean(v[2]),
+        stable_rank: mean(v[1]),
+        effective_rank: f64::NAN,
+        top_share: f64::NAN,
+    };
+    let mut out: Vec<StepRow> = at
+        .iter()
+        .filter(|(&k, _)| (k as usize) < steps)
+        .map(|(&k, v)| row(k, *v))
+        .collect();
+    if let Some((_, v)) = at.iter().rev().find(|(_, v)| v[1].1 > 0) {
+        out.push(row(steps as u32, [(0.0, 0), v[1], v[2]]));
+    }
+    Ok(out)
+}
+
 /// Every model of the sweep with an lr grid: how many of its cells have ended and, once all
 /// have, its analysis, written to [`study_dir`]. `widths` gives each model's hidden size.
 ///
@@ -185,16 +254,15 @@ pub fn studies(
             let width = widths(m)?;
             let tc = transfer_config(cfg, m, width);
             let seeds = m.seeds.as_ref().unwrap_or(&cfg.seeds);
-            let rows = mine
-                .iter()
-                .map(|c| {
-                    let trial = seeds.iter().position(|&s| s == c.seed).unwrap_or(0) as u32;
-                    run_row(c, &cell_dir(c), trial, width)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut summary = analyse_with(&tc, &rows, &[], Laws::None);
+            let (mut rows, mut steps) = (Vec::new(), Vec::new());
+            for c in &mine {
+                let trial = seeds.iter().position(|&s| s == c.seed).unwrap_or(0) as u32;
+                rows.push(run_row(c, &cell_dir(c), trial, width)?);
+                steps.extend(step_rows(c, &cell_dir(c), trial, width, tc.steps)?);
+            }
+            let mut summary = analyse_with(&tc, &rows, &steps, Laws::None);
             summary.model = Some(m.name.clone());
-            write(&dir, &tc, seeds, &rows, &summary, meta)?;
+            write(&dir, &tc, seeds, (&rows, &steps), &summary, meta)?;
             study.summary = Some(summary);
         }
         found.push(study);
@@ -207,7 +275,7 @@ fn write(
     dir: &Path,
     tc: &TransferConfig,
     seeds: &[u64],
-    rows: &[RunRow],
+    (rows, steps): (&[RunRow], &[StepRow]),
     summary: &TransferSummary,
     meta: &RunMeta,
 ) -> Result<(), TrainError> {
@@ -226,6 +294,10 @@ fn write(
     let mut table = TableWriter::<RunRow>::open(&dir.join(RUNS))?;
     table.clear()?;
     table.append(rows)?;
+    drop(table);
+    let mut table = TableWriter::<StepRow>::open(&dir.join(STEPS))?;
+    table.clear()?;
+    table.append(steps)?;
     drop(table);
     write_json_atomic(&dir.join(SUMMARY), summary)?;
     let manifest = Manifest {

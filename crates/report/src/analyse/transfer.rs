@@ -112,6 +112,8 @@ pub struct CellView {
     pub loss_ci_high: Option<f64>,
     /// Effective rank of the final update at the grid lr nearest lr*.
     pub effective_rank: Option<f64>,
+    /// Its stable rank (a trained model's: mean over adapters).
+    pub stable_rank: Option<f64>,
     /// Diverged runs.
     pub diverged_runs: u32,
     /// Runs.
@@ -277,6 +279,7 @@ pub(super) fn section(run: &Run, plots: &mut Vec<Plot>) -> Option<TransferSectio
             loss_ci_low: c.loss_ci_low,
             loss_ci_high: c.loss_ci_high,
             effective_rank: c.effective_rank,
+            stable_rank: c.stable_rank,
             diverged_runs: c.diverged_runs,
             runs: c.runs,
         })
@@ -602,6 +605,23 @@ fn loss_at_opt_plot(run: &str, t: &TransferSummary, groups: &[(String, Vec<&OptC
 
 /// (d) Effective rank of the learned update against rank.
 fn effective_rank_plot(run: &str, groups: &[(String, Vec<&OptCell>)]) -> Plot {
+    // A synthetic study has the effective rank; a trained model's cells record the stable
+    // rank only (mean over adapters).
+    let effective = groups
+        .iter()
+        .flat_map(|g| &g.1)
+        .any(|c| c.effective_rank.is_some());
+    let (what, of) = if effective {
+        (
+            "effective rank",
+            (|c: &OptCell| c.effective_rank) as fn(&OptCell) -> Option<f64>,
+        )
+    } else {
+        (
+            "stable rank",
+            (|c: &OptCell| c.stable_rank) as fn(&OptCell) -> Option<f64>,
+        )
+    };
     let panels = groups
         .iter()
         .map(|(name, cells)| {
@@ -609,13 +629,13 @@ fn effective_rank_plot(run: &str, groups: &[(String, Vec<&OptCell>)]) -> Plot {
             XyPanel {
                 title: name.clone(),
                 x_label: "rank r".into(),
-                y_label: "effective rank of gamma B A".into(),
+                y_label: format!("{what} of gamma B A"),
                 y_axis: XyAxis::PowersOfTwo,
-                point_label: "effective rank at lr*".into(),
+                point_label: format!("{what} at lr*"),
                 points: cells
                     .iter()
                     .filter_map(|c| {
-                        let y = c.effective_rank.filter(|y| *y > 0.0)?;
+                        let y = of(c).filter(|y| *y > 0.0)?;
                         Some((f64::from(c.rank), y, y, y))
                     })
                     .collect(),
@@ -629,11 +649,22 @@ fn effective_rank_plot(run: &str, groups: &[(String, Vec<&OptCell>)]) -> Plot {
         .collect();
     Plot {
         name: slug(&format!("transfer-{run}-effective-rank")),
-        title: "Effective rank of the learned update vs rank".into(),
-        caption: "One panel per setting: the effective rank (exponential of the entropy of the normalised singular \
-                  values) of the final update gamma B A, mean over seeds at the grid learning rate nearest lr*; ranks \
-                  without lr* are left out. Dashed: y = r, an update that uses every direction it has."
-            .into(),
+        title: if effective {
+            "Effective rank of the learned update vs rank".into()
+        } else {
+            "Stable rank of the learned update vs rank".into()
+        },
+        caption: format!(
+            "One panel per setting: the {what} ({}) of the final update gamma B A, mean over seeds{} at the grid \
+             learning rate nearest lr*; ranks without lr* are left out. Dashed: y = r, an update that uses every \
+             direction it has.",
+            if effective {
+                "exponential of the entropy of the normalised singular values"
+            } else {
+                "squared Frobenius over squared spectral norm"
+            },
+            if effective { "" } else { " and adapters" }
+        ),
         kind: PlotKind::Xy(panels),
     }
 }

@@ -1231,7 +1231,7 @@ fn horizon(
                 (Some(f), Some(l), Some(h)) => h < f - res || l > f + res,
                 _ => false,
             };
-            let eff = ranks
+            let eff: Vec<(u32, Option<f64>)> = ranks
                 .iter()
                 .map(|&r| {
                     let v: Vec<f64> = rows
@@ -1247,6 +1247,10 @@ fn horizon(
                     )
                 })
                 .collect();
+            if slope.is_none() && eff.iter().all(|e| e.1.is_none()) {
+                // Nothing measured at this step (a trained model probes its own steps).
+                continue;
+            }
             out.push(HorizonRow {
                 optimizer: s.opt,
                 beta,
