@@ -17,7 +17,7 @@ Examples:
   rankstab sweep --out runs/sweep                 # the embedded default (make audit): a small
                                                   # random GPT-J and SmolLM2-135M, ranks 4..64,
                                                   # lora vs rslora, and an lr x rank grid on the
-                                                  # GPT-J (~13 min on 2 cores)
+                                                  # GPT-J (~12 min on 2 cores)
   rankstab sweep --config paper.toml --out runs/paper --list
   rankstab sweep --config paper.toml --out runs/paper --cell 7      # one cell (a job-array task)
   rankstab sweep --print-default > my.toml

@@ -121,6 +121,9 @@ pub fn run_row(cell: &Cell, dir: &Path, trial: u32, width: usize) -> Result<RunR
             .map(|r| (r.step, r.value))
     };
     let heldout = last(Metric::HeldoutLoss);
+    // A run whose last update blew up the weights ends with a finite training loss and a
+    // non-finite held-out loss: it diverged too, at its last step.
+    let diverged = diverged || heldout.is_some_and(|h| !h.1.is_finite());
     let final_loss = match heldout {
         _ if diverged => f64::INFINITY,
         Some((_, v)) => v,
@@ -320,4 +323,77 @@ fn write(
     };
     write_json_atomic(&manifest_path, &manifest)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rankstab_records::{Optimizer, Scaling};
+
+    fn cell() -> Cell {
+        Cell {
+            index: 0,
+            name: "c".into(),
+            model: "m".into(),
+            rank: 8,
+            scaling: Scaling::RSLORA,
+            beta: 0.5,
+            optimizer: Optimizer::Sgd,
+            lr: 0.1,
+            seed: 3,
+        }
+    }
+
+    fn metrics(dir: &Path, rows: &[(u32, Metric, f64)]) {
+        let mut t = TableWriter::<MetricRow>::open(&dir.join("metrics.csv")).expect("open");
+        let rows: Vec<MetricRow> = rows
+            .iter()
+            .map(|&(step, metric, value)| MetricRow {
+                step,
+                metric,
+                value,
+                ..MetricRow::default()
+            })
+            .collect();
+        t.append(&rows).expect("append");
+    }
+
+    /// The row of a cell is its last held-out loss; a non-finite one (the last update blew
+    /// up the weights) is a divergence, counted as infinite; none at all is an error.
+    #[test]
+    fn a_cells_row_is_its_last_heldout_loss_and_a_non_finite_one_diverged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = cell();
+        metrics(
+            dir.path(),
+            &[
+                (0, Metric::Loss, 5.0),
+                (1, Metric::HeldoutLoss, 4.5),
+                (3, Metric::Loss, 4.0),
+                (3, Metric::HeldoutLoss, 3.9),
+            ],
+        );
+        let r = run_row(&c, dir.path(), 2, 64).expect("a row");
+        assert_eq!(
+            (r.final_loss, r.final_train_loss, r.steps_run),
+            (3.9, 4.0, 4)
+        );
+        assert!(!r.diverged && r.trial == 2 && r.seed == 3 && r.rank == 8 && r.width == 64);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        metrics(
+            dir.path(),
+            &[
+                (3, Metric::Loss, 4.0),
+                (3, Metric::HeldoutLoss, f64::INFINITY),
+            ],
+        );
+        let r = run_row(&c, dir.path(), 0, 64).expect("a row");
+        assert!(r.diverged && r.final_loss == f64::INFINITY);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        metrics(dir.path(), &[(3, Metric::Loss, 4.0)]);
+        let e = run_row(&c, dir.path(), 0, 64).expect_err("no held-out loss");
+        assert!(e.to_string().contains("held-out loss"), "{e}");
+    }
 }
