@@ -117,7 +117,7 @@ pub fn attach(
         };
         let ad = LoraAdapter::new(&vpath, inp, out, &lora).map_err(|e| e.within(&path))?;
         lin.adapter = Some(ad);
-        lin.capture = Some(RefCell::new(None));
+        lin.capture = Some(RefCell::new(Default::default()));
     }
     Ok(paths)
 }

@@ -75,7 +75,8 @@ impl Law {
         });
     }
 
-    /// Step 1, adapter `i`, one micro-batch: keeps every k-th input row.
+    /// Step 1, adapter `i`, one micro-batch: keeps every k-th input row (in f32, the
+    /// precision the adapter saw them in; widened to f64 when the rows are computed).
     pub(crate) fn record_step1(&mut self, i: usize, x: &Tensor) {
         if self.inputs.len() <= i {
             self.inputs.resize_with(i + 1, Vec::new);
@@ -83,7 +84,7 @@ impl Law {
         let n = x.size()[0];
         self.inputs[i].push(tch::no_grad(|| {
             x.slice(0, 0, n, self.token_stride)
-                .to_kind(Kind::Double)
+                .to_kind(Kind::Float)
                 .to_device(Device::Cpu)
         }));
     }
@@ -142,7 +143,7 @@ impl Law {
                     1.0
                 },
             };
-            let pairs = pairs(dir, &Tensor::cat(xs, 0));
+            let pairs = pairs(dir, &Tensor::cat(xs, 0).to_kind(Kind::Double));
             let e = self.tables.first_step_outputs(&pairs, &step);
             for &m in cfg.moments.iter().filter(|m| (1..=4).contains(*m)) {
                 out.push(MomentRow {

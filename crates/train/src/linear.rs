@@ -3,25 +3,74 @@
 //! never look at the adapter, so adapters (and the probes around them) are attached
 //! without touching model code — the `with_tracing` pattern of candle.
 use crate::lora::LoraAdapter;
+use crate::probe::{rows_of, SiteSums};
 use std::cell::RefCell;
 use tch::Tensor;
 
-/// What a probe keeps from the last forward pass of an adapter: its output (detached) and
-/// two zero leaves (tch has no hooks and no `retain_grad`): one added to the adapter's
-/// output, whose gradient after `backward` is the loss gradient `v` there, and one added
-/// to the adapter's input (only the adapter sees it), whose gradient is the gradient into
-/// the input through the adapter, `(gamma B A)^T v` — computed by the backward pass that
-/// runs anyway, at the cost of one addition.
+/// What a probe keeps from the last forward pass of an adapter (tch has no hooks and no
+/// `retain_grad`, so the loss gradient is read from a leaf):
+/// - the moment sums of the adapter's output, taken during the pass (the output itself
+///   is not kept);
+/// - a zero leaf added to the output, expanded from a single entry (no memory of its
+///   own), whose gradient after `backward` is the loss gradient `v` there;
+/// - the adapter's input when asked for, and its dropout mask, from which the gradient into the input through the adapter,
+///   `(gamma B A)^T v`, is recomputed after the backward pass
+///   ([`Capture::through_adapter`]): two products of rank r per adapter instead of a
+///   second leaf and gradient buffer of the input's size.
 #[derive(Debug)]
 pub struct Capture {
-    /// The adapter's input x (detached, in the adapter's dtype).
-    pub input: Tensor,
-    /// The adapter's output gamma B A x (detached).
-    pub output: Tensor,
+    /// The adapter's input x (detached, in the adapter's dtype, before dropout), when the
+    /// slot asked for it (the law's first two steps): kept, it would hold every layer's
+    /// input until the end of the backward pass.
+    pub input: Option<Tensor>,
+    /// Moment sums of the adapter's output gamma B A x over the probed rows.
+    pub fwd: SiteSums,
     /// Zero leaf added to the output; its `.grad()` is dL/d(output) after backward.
     pub probe: Tensor,
-    /// Zero leaf added to the adapter's input; its `.grad()` is (gamma B A)^T dL/d(output).
-    pub probe_in: Tensor,
+    /// The dropout mask (true: kept) when dropout was on in this pass.
+    pub mask: Option<Tensor>,
+}
+
+impl Capture {
+    /// `(gamma B A)^T v` per token, with the dropout of the pass: `v` (rows, out) is the
+    /// loss gradient at the output (rows of [`Capture::probe`]'s gradient), `mask` the
+    /// same rows of the dropout mask. Computed as `gamma (v B) A`: 2 r (out + in) flops
+    /// per token.
+    pub fn through_adapter(ad: &LoraAdapter, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        tch::no_grad(|| {
+            let g = v.to_kind(ad.b.kind()).matmul(&ad.b).matmul(&ad.a) * ad.scaling;
+            match mask {
+                Some(m) => g * m * (1.0 / (1.0 - ad.dropout)),
+                None => g,
+            }
+        })
+    }
+}
+
+/// A layer's probe while probing: what the trainer sets before a forward pass (the rows
+/// to measure, the highest moment order) and the capture the pass leaves.
+#[derive(Debug)]
+pub struct ProbeSlot {
+    /// Rows of the flattened (tokens, features) activations that are real tokens (not
+    /// padding); `None`: all.
+    pub rows: Option<Tensor>,
+    /// Highest moment order summed.
+    pub max_m: u32,
+    /// Whether the capture keeps the adapter's input.
+    pub keep_input: bool,
+    /// The capture of the last forward pass that tracked gradients.
+    pub cap: Option<Capture>,
+}
+
+impl Default for ProbeSlot {
+    fn default() -> Self {
+        Self {
+            rows: None,
+            max_m: 4,
+            keep_input: true,
+            cap: None,
+        }
+    }
 }
 
 /// `y = x W^T + b [+ gamma B A x]`.
@@ -33,8 +82,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The adapter, once attached.
     pub adapter: Option<LoraAdapter>,
-    /// When set, forward passes record a [`Capture`] here.
-    pub capture: Option<RefCell<Option<Capture>>>,
+    /// When set, forward passes that track gradients record a [`Capture`] here.
+    pub capture: Option<RefCell<ProbeSlot>>,
 }
 
 impl Linear {
@@ -62,21 +111,30 @@ impl Linear {
         }
         let Some(ad) = &self.adapter else { return y };
         match &self.capture {
-            Some(cell) => {
-                let probe_in =
-                    Tensor::zeros(x.size(), (ad.a.kind(), x.device())).set_requires_grad(true);
-                let xin = x.to_kind(ad.a.kind()) + &probe_in;
-                if let Some(d) = ad.delta(&xin, train) {
-                    let probe = d.zeros_like().set_requires_grad(true);
-                    let kind = y.kind();
-                    y += (&d + &probe).to_kind(kind);
-                    *cell.borrow_mut() = Some(Capture {
-                        input: xin.detach(),
-                        output: d.detach(),
-                        probe,
-                        probe_in,
-                    });
+            Some(slot) => {
+                let xin = x.to_kind(ad.a.kind());
+                let Some((d, mask)) = ad.delta_with_mask(&xin, train) else {
+                    return y;
+                };
+                // Only passes that build a graph are measured: activation checkpointing's
+                // first pass runs without one, and its recomputation is the one measured.
+                if !d.requires_grad() {
+                    y += d.to_kind(y.kind());
+                    return y;
                 }
+                let mut slot = slot.borrow_mut();
+                let fwd = SiteSums::of(&rows_of(&d, slot.rows.as_ref()), slot.max_m);
+                let probe = Tensor::zeros([1], (d.kind(), d.device()))
+                    .expand(d.size(), false)
+                    .set_requires_grad(true);
+                let kind = y.kind();
+                y += (d + &probe).to_kind(kind);
+                slot.cap = Some(Capture {
+                    input: slot.keep_input.then(|| xin.detach()),
+                    fwd,
+                    probe,
+                    mask,
+                });
             }
             None => {
                 if let Some(d) = ad.delta(x, train) {
@@ -85,5 +143,79 @@ impl Linear {
             }
         }
         y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The probe's three sites against autograd on the whole layer: `fwd` is the adapter's
+    /// output, `v` the gradient at the layer's output, and `(gamma B A)^T v` (dropout
+    /// included) is the input's gradient minus the frozen weight's part `v W`.
+    #[test]
+    fn the_probe_sites_match_autograd_with_dropout() {
+        tch::manual_seed(3);
+        let (inp, out, r) = (6i64, 5i64, 3i64);
+        let opts = (Kind::Double, Device::Cpu);
+        let w = Tensor::randn([out, inp], opts);
+        let a = Tensor::randn([r, inp], opts).set_requires_grad(true);
+        let b = Tensor::randn([out, r], opts).set_requires_grad(true);
+        for dropout in [0.0, 0.5] {
+            let ad = LoraAdapter::from_tensors(a.shallow_clone(), b.shallow_clone(), 0.7, dropout)
+                .expect("adapter");
+            let mut lin = Linear::new(w.shallow_clone(), None);
+            lin.adapter = Some(ad);
+            lin.capture = Some(RefCell::new(ProbeSlot::default()));
+            let x = Tensor::randn([2, 4, inp], opts).set_requires_grad(true);
+            let y = lin.forward(&x, true);
+            let target = Tensor::randn([2, 4, out], opts);
+            (&y * &target).sum(Kind::Double).backward();
+            let cap = lin
+                .capture
+                .as_ref()
+                .expect("slot")
+                .borrow_mut()
+                .cap
+                .take()
+                .expect("captured");
+            let v = cap.probe.grad().reshape([-1, out]);
+            let want_v = target.reshape([-1, out]);
+            assert!((&v - &want_v).abs().max().double_value(&[]) < 1e-12);
+            let ad = lin.adapter.as_ref().expect("adapter");
+            assert_eq!(cap.mask.is_some(), dropout > 0.0);
+            let mask = cap.mask.as_ref().map(|m| m.reshape([-1, inp]));
+            let bwd = Capture::through_adapter(ad, &v, mask.as_ref());
+            let want = x.grad().reshape([-1, inp]) - v.matmul(&w);
+            let err = (&bwd - &want).abs().max().double_value(&[]);
+            assert!(err < 1e-10, "dropout {dropout}: bwd vs autograd: {err}");
+            // fwd: the adapter's own output, the frozen part subtracted.
+            let d = (y.detach() - x.detach().matmul(&w.tr())).reshape([-1]);
+            let d: Vec<f64> = Vec::try_from(d).expect("f64");
+            for m in 1..=4i32 {
+                let s: f64 = d.iter().map(|v| v.abs().powi(m)).sum();
+                assert!(
+                    (cap.fwd.abs[m as usize - 1] / s - 1.0).abs() < 1e-10,
+                    "m {m}"
+                );
+            }
+            if dropout > 0.0 {
+                // Some entries were dropped, so the check above is not the no-dropout case.
+                let kept = cap
+                    .mask
+                    .as_ref()
+                    .expect("mask")
+                    .to_kind(Kind::Double)
+                    .mean(Kind::Double);
+                assert!(kept.double_value(&[]) < 1.0);
+            }
+        }
+        // No pass without a graph is measured (activation checkpointing's first pass).
+        let mut lin = Linear::new(w.shallow_clone(), None);
+        lin.adapter = Some(LoraAdapter::from_tensors(a, b, 0.7, 0.0).expect("adapter"));
+        lin.capture = Some(RefCell::new(ProbeSlot::default()));
+        let _ = tch::no_grad(|| lin.forward(&Tensor::randn([1, 2, inp], opts), true));
+        assert!(lin.capture.as_ref().expect("slot").borrow().cap.is_none());
     }
 }

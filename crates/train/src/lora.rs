@@ -181,17 +181,27 @@ impl LoraAdapter {
     /// The adapter's contribution `gamma B A dropout(x)` for `x` (..., in); `None` while
     /// merged (the base weight already carries it).
     pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
+        self.delta_with_mask(x, train).map(|(d, _)| d)
+    }
+
+    /// [`LoraAdapter::delta`] and the dropout mask it drew (true: kept), when dropout is
+    /// on. Both draw the mask the same way, so probing does not change the run.
+    pub fn delta_with_mask(&self, x: &Tensor, train: bool) -> Option<(Tensor, Option<Tensor>)> {
         if self.saved.is_some() {
             return None;
         }
         // Adapters stay in their own dtype (f32) when the base model runs in bf16.
         let x = x.to_kind(self.a.kind());
-        let x = if train && self.dropout > 0.0 {
-            x.dropout(self.dropout, true)
+        let (x, mask) = if train && self.dropout > 0.0 {
+            let (x, mask) = x.native_dropout(self.dropout, true);
+            (x, Some(mask))
         } else {
-            x
+            (x, None)
         };
-        Some(x.matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scaling)
+        Some((
+            x.matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scaling,
+            mask,
+        ))
     }
 
     /// `gamma B A` (out x in).

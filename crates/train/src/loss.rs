@@ -31,26 +31,50 @@ pub(crate) fn masked_loss_sum(
     nll_sum(&logits, &ids.narrow(1, 1, t - 1), mask)
 }
 
-/// Forward and backward of `scale * masked_loss_sum` with activation checkpointing: the
-/// forward pass keeps only each block's input; the backward pass recomputes one block at
-/// a time and back-propagates through it with the surrogate `sum(y * dL/dy)`, which
+/// Forward and backward of `scale * masked_loss_sum` one decoder block at a time: each
+/// block runs on a detached copy of its input (a leaf), and the backward pass goes
+/// through the head, then block by block with the surrogate `sum(y * dL/dy)`, which
 /// accumulates the same gradients into the adapters (and the probes) as one backward
-/// through the whole graph. Dropout is seeded per block so the recomputation draws the
-/// same masks. Returns the loss (nothing is back-propagated when it is not finite).
-pub(crate) fn checkpointed_backward(
-    model: &CausalLm,
+/// through the whole graph. `after_block(model)` runs after each block's backward pass:
+/// the probes read that block's gradients there, while the rest of the graph waits, so
+/// only one block's probe gradients are alive at a time. Returns the loss (nothing is
+/// back-propagated when it is not finite).
+///
+/// With `checkpoint_seed`, activation checkpointing: the forward pass keeps only each
+/// block's input, and each block is recomputed just before its backward pass, its dropout
+/// seeded per block so the recomputation draws the same masks.
+pub(crate) fn blockwise_backward(
+    model: &mut CausalLm,
     ids: &Tensor,
     mask: &Tensor,
     scale: f64,
-    seed: i64,
+    checkpoint_seed: Option<i64>,
+    after_block: &mut dyn FnMut(&mut CausalLm),
 ) -> f64 {
     let t = ids.size()[1];
     let n = model.num_layers();
+    // hs[i]: the input of block i (hs[n]: the head's); outs[i]: block i's output with its
+    // graph, from block i's leaf input (without checkpointing).
     let mut hs = Vec::with_capacity(n + 1);
+    let mut outs: Vec<(Tensor, Tensor)> = Vec::with_capacity(n);
     hs.push(tch::no_grad(|| model.embed(&ids.narrow(1, 0, t - 1))));
     for i in 0..n {
-        tch::manual_seed(seed.wrapping_add(i as i64));
-        let y = tch::no_grad(|| model.block(i, &hs[i], true));
+        let y = match checkpoint_seed {
+            Some(seed) => {
+                tch::manual_seed(seed.wrapping_add(i as i64));
+                tch::no_grad(|| model.block(i, &hs[i], true))
+            }
+            None => {
+                let x = if i == 0 {
+                    hs[0].shallow_clone()
+                } else {
+                    hs[i].detach().set_requires_grad(true)
+                };
+                let y = model.block(i, &x, true);
+                outs.push((x, y.shallow_clone()));
+                y.detach()
+            }
+        };
         hs.push(y);
     }
     let top = hs[n].detach().set_requires_grad(true);
@@ -63,14 +87,22 @@ pub(crate) fn checkpointed_backward(
     let mut g = top.grad();
     drop(loss);
     for i in (0..n).rev() {
-        let x = hs[i].detach().set_requires_grad(i > 0);
-        tch::manual_seed(seed.wrapping_add(i as i64));
-        let y = model.block(i, &x, true);
+        let (x, y) = match checkpoint_seed {
+            Some(seed) => {
+                let x = hs[i].detach().set_requires_grad(i > 0);
+                tch::manual_seed(seed.wrapping_add(i as i64));
+                let y = model.block(i, &x, true);
+                (x, y)
+            }
+            None => outs.pop().expect("one output per block"),
+        };
         (y * &g).sum(Kind::Float).backward();
         if i > 0 {
             g = x.grad();
         }
+        drop(x);
         hs.truncate(i + 1);
+        after_block(model);
     }
     l
 }
@@ -96,7 +128,7 @@ pub(crate) fn heldout_loss(
     micro: usize,
     device: Device,
 ) -> f64 {
-    probe::capture(model, false);
+    probe::capture(model, None);
     let (mut s, mut n) = (0.0, 0.0);
     let held = if max == 0 {
         &data.heldout[..]

@@ -2,80 +2,91 @@
 //! the same quantities as the theory checker (`rankstab_theory::sim`), so that the two
 //! kinds of rows compare directly.
 use crate::data::Sequence;
+use crate::linear::ProbeSlot;
 use crate::CausalLm;
 use std::cell::RefCell;
 use tch::{Device, Kind, Tensor};
 
 /// Absolute and raw moments of order 1..=max_m of all entries of `y`.
 ///
-/// Computed for speed on every adapter at every step: `y` is divided by its largest
-/// absolute entry `s` (so that no power underflows or overflows in f32, whatever the
-/// scale of the gradients), the sums of `|z|`, `z`, `z^2`, `|z| z^2`, `z^3` and `z^4` are
-/// taken in f32 (a BLAS dot product for the last three), and each moment is multiplied by
-/// `s^m` in f64. The relative error is that of an f32 sum, about 1e-6.
+/// Computed by [`SiteSums::of`] (one fused pass in f64 on CPU; see there), divided by the
+/// number of entries.
 ///
 /// ```
 /// use tch::Tensor;
 /// let y = Tensor::from_slice(&[1.0f32, -2.0, 0.0, 3.0]);
 /// let (abs, raw) = rankstab_train::probe::moments(&y, 3);
-/// let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5 * y.abs().max(1.0));
+/// let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12 * y.abs().max(1.0));
 /// assert!(close(&abs, &[1.5, 3.5, 9.0]));
 /// assert!(close(&raw, &[0.5, 3.5, 5.0]));
 /// ```
 pub fn moments(y: &Tensor, max_m: u32) -> (Vec<f64>, Vec<f64>) {
-    tch::no_grad(|| {
-        let y = y.detach().flatten(0, -1).to_kind(Kind::Float);
-        let n = y.numel() as f64;
-        let zeros = (vec![0.0; max_m as usize], vec![0.0; max_m as usize]);
-        if n == 0.0 || max_m == 0 {
-            return zeros;
+    let s = SiteSums::of(y, max_m);
+    let n = s.n.max(1.0);
+    (
+        s.abs.iter().map(|v| v / n).collect(),
+        s.raw.iter().map(|v| v / n).collect(),
+    )
+}
+
+/// Entries per partial sum of the fused moment pass: the partials are added in their
+/// order, so the result does not depend on how many threads computed them.
+const CHUNK: usize = 1 << 14;
+/// Independent accumulators per power in the fused pass (they let the compiler keep
+/// several additions in flight; fixed, so the rounding is too).
+const LANES: usize = 4;
+
+/// Sums of `|x|^m` and `x^m`, m = 1..=M, over `x`, in f64 (each power by repeated
+/// multiplication of the entry converted to f64, so no power of an f32 entry overflows
+/// or underflows, and the subnormal f32 products that are slow on x86 never occur).
+#[inline(always)]
+fn chunk_sums<T: Copy + Into<f64>, const M: usize>(x: &[T]) -> ([f64; M], [f64; M]) {
+    let mut abs = [[0.0f64; LANES]; M];
+    let mut raw = [[0.0f64; LANES]; M];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            let v: f64 = c[l].into();
+            let mut p = 1.0;
+            for m in 0..M {
+                p *= v;
+                abs[m][l] += p.abs();
+                raw[m][l] += p;
+            }
         }
-        let a = y.abs();
-        let s = a.max().double_value(&[]);
-        if s == 0.0 || !s.is_finite() {
-            return if s == 0.0 {
-                zeros
-            } else {
-                (vec![s; max_m as usize], vec![f64::NAN; max_m as usize])
-            };
+    }
+    let (mut a, mut r) = ([0.0; M], [0.0; M]);
+    for m in 0..M {
+        for l in 0..LANES {
+            a[m] += abs[m][l];
+            r[m] += raw[m][l];
         }
-        // Always rescale: besides keeping every power within f32's range, this keeps the
-        // products away from subnormal numbers, which are very slow on x86 (raw loss
-        // gradients are often 1e-9 and below).
-        let z = &y / s;
-        let a = a / s;
-        // Sums in the order abs_1, raw_1, abs_2, raw_2, ...
-        let mut parts = vec![a.sum(Kind::Float), z.sum(Kind::Float)];
-        let z2 = (max_m >= 2).then(|| &z * &z);
-        if let Some(z2) = &z2 {
-            let q = z2.sum(Kind::Float);
-            parts.push(q.shallow_clone());
-            parts.push(q);
+    }
+    for &v in it.remainder() {
+        let v: f64 = v.into();
+        let mut p = 1.0;
+        for m in 0..M {
+            p *= v;
+            a[m] += p.abs();
+            r[m] += p;
         }
-        if let (Some(z2), true) = (&z2, max_m >= 3) {
-            parts.push(a.dot(z2));
-            parts.push(z.dot(z2));
+    }
+    (a, r)
+}
+
+/// [`chunk_sums`] over `x` in chunks of [`CHUNK`] entries on the rayon pool, the partials
+/// added in chunk order (bit-identical at any thread count).
+fn slice_sums<T: Copy + Into<f64> + Sync, const M: usize>(x: &[T]) -> ([f64; M], [f64; M]) {
+    use rayon::prelude::*;
+    let parts: Vec<([f64; M], [f64; M])> = x.par_chunks(CHUNK).map(chunk_sums::<T, M>).collect();
+    let (mut a, mut r) = ([0.0; M], [0.0; M]);
+    for (pa, pr) in parts {
+        for m in 0..M {
+            a[m] += pa[m];
+            r[m] += pr[m];
         }
-        if let (Some(z2), true) = (&z2, max_m >= 4) {
-            let q = z2.dot(z2);
-            parts.push(q.shallow_clone());
-            parts.push(q);
-        }
-        for m in 5..=max_m {
-            parts.push(a.pow_tensor_scalar(i64::from(m)).sum(Kind::Float));
-            parts.push(z.pow_tensor_scalar(i64::from(m)).sum(Kind::Float));
-        }
-        let sums: Vec<f64> =
-            Vec::try_from(Tensor::stack(&parts, 0).to_kind(Kind::Double)).expect("f64 sums");
-        let mut abs = Vec::with_capacity(max_m as usize);
-        let mut raw = Vec::with_capacity(max_m as usize);
-        for m in 1..=max_m as usize {
-            let scale = s.powi(m as i32) / n;
-            abs.push(sums[2 * (m - 1)] * scale);
-            raw.push(sums[2 * (m - 1) + 1] * scale);
-        }
-        (abs, raw)
-    })
+    }
+    (a, r)
 }
 
 /// Frobenius norm (f64 tensors in f64, others by libtorch's f32 norm kernel: no f64
@@ -123,12 +134,30 @@ pub fn delta_norm_and_stable_rank(b: &Tensor, a: &Tensor, gamma: f64) -> (f64, f
     })
 }
 
-/// Turns the probes of every attached adapter on (the next forward pass records a
-/// [`crate::linear::Capture`]) or off.
-pub(crate) fn capture(model: &mut CausalLm, on: bool) {
+/// Turns the probes of every attached adapter on (the next forward passes that track
+/// gradients record a [`crate::linear::Capture`] with moments up to order `max_m`) or off
+/// (`None`).
+pub(crate) fn capture(model: &mut CausalLm, max_m: Option<u32>) {
     for (_, lin) in model.linears_mut() {
         if lin.adapter.is_some() {
-            lin.capture = on.then(|| RefCell::new(None));
+            lin.capture = max_m.map(|max_m| {
+                RefCell::new(ProbeSlot {
+                    max_m,
+                    ..Default::default()
+                })
+            });
+        }
+    }
+}
+
+/// Sets the rows the probes measure in the next forward pass (`None`: all) and whether
+/// the captures keep the adapters' inputs.
+pub(crate) fn prepare(model: &mut CausalLm, rows: Option<&Tensor>, keep_input: bool) {
+    for (_, lin) in model.linears_mut() {
+        if let Some(slot) = &lin.capture {
+            let mut slot = slot.borrow_mut();
+            slot.rows = rows.map(Tensor::shallow_clone);
+            slot.keep_input = keep_input;
         }
     }
 }
@@ -159,18 +188,62 @@ pub(crate) fn rows_of(t: &Tensor, valid: Option<&Tensor>) -> Tensor {
 }
 
 /// Moment sums of one adapter at one site over the micro-batches of a step: element count
-/// and count-weighted absolute and raw moments (the step's moment of order m is
-/// `abs[m - 1] / n`).
-#[derive(Default)]
-pub(crate) struct SiteSums {
-    pub(crate) n: f64,
-    pub(crate) abs: Vec<f64>,
-    pub(crate) raw: Vec<f64>,
+/// and the sums of `|x|^m` and `x^m` (the step's moment of order m is `abs[m - 1] / n`).
+#[derive(Default, Debug, Clone, PartialEq)]
+pub struct SiteSums {
+    /// Number of entries summed.
+    pub n: f64,
+    /// Sums of |x|^m, m = 1..
+    pub abs: Vec<f64>,
+    /// Sums of x^m, m = 1..
+    pub raw: Vec<f64>,
 }
 
 impl SiteSums {
+    /// The sums of orders 1..=max_m over all entries of `t`.
+    ///
+    /// On CPU (f32 or f64 entries) one fused pass over the tensor's memory computes every
+    /// power and both kinds of sum at once in f64 (chunks on the rayon pool, added in a
+    /// fixed order: bit-identical at any thread count). Elsewhere (CUDA) one expression:
+    /// the entries in f64 raised to the exponents 1..=max_m at once (one power kernel for
+    /// the raw sums, one for the absolute ones, each followed by one reduction). A
+    /// non-finite entry makes the sums non-finite.
+    pub fn of(t: &Tensor, max_m: u32) -> Self {
+        tch::no_grad(|| {
+            let n = t.numel();
+            let m = max_m as usize;
+            if n == 0 || m == 0 {
+                return Self {
+                    n: n as f64,
+                    abs: vec![0.0; m],
+                    raw: vec![0.0; m],
+                };
+            }
+            let (abs, raw) = if t.device() == Device::Cpu {
+                let t = t.detach();
+                let t = if t.kind() == Kind::Double {
+                    t.contiguous()
+                } else {
+                    t.to_kind(Kind::Float).contiguous()
+                };
+                if t.kind() == Kind::Double {
+                    cpu_sums::<f64>(&t, m)
+                } else {
+                    cpu_sums::<f32>(&t, m)
+                }
+            } else {
+                tensor_sums(t, m)
+            };
+            Self {
+                n: n as f64,
+                abs,
+                raw,
+            }
+        })
+    }
+
     /// Adds the sums of `other` (another batch of the same site).
-    pub(crate) fn merge(&mut self, other: &SiteSums) {
+    pub fn merge(&mut self, other: &SiteSums) {
         if other.n == 0.0 {
             return;
         }
@@ -187,62 +260,158 @@ impl SiteSums {
         self.n += other.n;
     }
 
-    /// Adds the moments of order 1..=max_m of `t`'s entries, weighted by their count.
-    pub(crate) fn add(&mut self, t: &Tensor, max_m: u32) {
-        let n = t.numel() as f64;
-        if n == 0.0 {
-            return;
-        }
-        let (a, r) = moments(t, max_m);
-        if self.abs.is_empty() {
-            self.abs = vec![0.0; a.len()];
-            self.raw = vec![0.0; r.len()];
-        }
-        for (s, v) in self.abs.iter_mut().zip(&a) {
-            *s += n * v;
-        }
-        for (s, v) in self.raw.iter_mut().zip(&r) {
-            *s += n * v;
-        }
-        self.n += n;
+    /// Adds the sums of orders 1..=max_m of `t`'s entries.
+    pub fn add(&mut self, t: &Tensor, max_m: u32) {
+        self.merge(&Self::of(t, max_m));
     }
+}
+
+/// The fused CPU pass over `t`, a contiguous CPU tensor of `T` entries.
+fn cpu_sums<T: tch::kind::Element + Copy + Into<f64> + Sync>(
+    t: &Tensor,
+    m: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    assert!(t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND);
+    let (a, r): (Vec<f64>, Vec<f64>) = with_slice::<T, _>(t, |x| {
+        if m <= 4 {
+            let (a, r) = slice_sums::<T, 4>(x);
+            (a.to_vec(), r.to_vec())
+        } else {
+            let (a, r) = slice_sums::<T, { crate::limits::MAX_MOMENT as usize }>(x);
+            (a.to_vec(), r.to_vec())
+        }
+    });
+    (a[..m].to_vec(), r[..m].to_vec())
+}
+
+/// Calls `f` on the entries of `t` in place (no copy: the pass reads the tensor's own
+/// memory once).
+#[allow(unsafe_code)]
+fn with_slice<T: tch::kind::Element, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> R {
+    assert!(t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND);
+    let n = t.numel();
+    let ptr = t.data_ptr() as *const T;
+    if n == 0 || ptr.is_null() {
+        return f(&[]);
+    }
+    // SAFETY: `t` is a contiguous CPU tensor of `n` entries of type `T` (asserted above),
+    // so its data is `n` initialised, aligned `T`s from `data_ptr`; `t` is borrowed for
+    // the whole call, which keeps its storage alive, and nothing writes to it meanwhile
+    // (the pass runs in `no_grad` between libtorch calls, and `f` only reads).
+    let x = unsafe { std::slice::from_raw_parts(ptr, n) };
+    f(x)
+}
+
+/// The expression of [`SiteSums::of`] for other devices.
+fn tensor_sums(t: &Tensor, m: usize) -> (Vec<f64>, Vec<f64>) {
+    let z = t.detach().reshape([-1, 1]).to_kind(Kind::Double);
+    let e = Tensor::arange_start(1, m as i64 + 1, (Kind::Double, z.device()));
+    let dims: &[i64] = &[0];
+    let raw = z.pow(&e).sum_dim_intlist(dims, false, Kind::Double);
+    let abs = z.abs().pow(&e).sum_dim_intlist(dims, false, Kind::Double);
+    let both: Vec<f64> =
+        Vec::try_from(Tensor::cat(&[abs, raw], 0).to_device(Device::Cpu)).expect("f64 sums");
+    (both[..m].to_vec(), both[m..].to_vec())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Moments of `v` in f64, computed directly.
+    fn direct(v: &[f64], m: i32) -> (f64, f64) {
+        let n = v.len() as f64;
+        (
+            v.iter().map(|x| x.abs().powi(m)).sum::<f64>() / n,
+            v.iter().map(|x| x.powi(m)).sum::<f64>() / n,
+        )
+    }
+
     #[test]
     fn moments_match_a_direct_computation() {
         let y = Tensor::randn([7, 5], (Kind::Float, Device::Cpu));
         let v: Vec<f32> = Vec::<f32>::try_from(y.flatten(0, -1)).expect("f32");
-        // Tiny values (gradients of a mean loss are often 1e-9 and below): their 4th and 6th
-        // powers underflow f32, not the scaled computation.
-        for scale in [1.0f64, 1e-9, 1e12] {
-            let y = &y * scale;
-            let (abs, raw) = moments(&y, 6);
-            for m in 1..=6i32 {
-                let a: f64 = v
-                    .iter()
-                    .map(|&x| (x as f64 * scale).abs().powi(m))
-                    .sum::<f64>()
-                    / v.len() as f64;
-                let r: f64 =
-                    v.iter().map(|&x| (x as f64 * scale).powi(m)).sum::<f64>() / v.len() as f64;
+        // Tiny values (gradients of a mean loss are often 1e-9 and below): their powers
+        // underflow f32, not the f64 pass.
+        for scale in [1.0f64, 1e-9, 1e-20, 1e12] {
+            let ys = (&y * scale).to_kind(Kind::Float);
+            let vs: Vec<f64> = Vec::<f32>::try_from(ys.flatten(0, -1))
+                .expect("f32")
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let (abs, raw) = moments(&ys, 8);
+            for m in 1..=8i32 {
+                let (a, r) = direct(&vs, m);
                 assert!(
-                    (abs[m as usize - 1] / a - 1.0).abs() < 1e-5,
+                    (abs[m as usize - 1] / a - 1.0).abs() < 1e-12,
                     "m {m}, scale {scale}"
                 );
                 // Raw odd moments can be near zero by cancellation: compare to the abs scale.
                 assert!(
-                    (raw[m as usize - 1] - r).abs() < 1e-5 * a,
+                    (raw[m as usize - 1] - r).abs() < 1e-12 * a,
                     "m {m}, scale {scale}"
                 );
             }
         }
+        assert_eq!(v.len(), 35);
         assert_eq!(
             moments(&Tensor::zeros([3], (Kind::Float, Device::Cpu)), 2),
             (vec![0.0; 2], vec![0.0; 2])
+        );
+        let bad = Tensor::from_slice(&[1.0f32, f32::INFINITY]);
+        assert!(moments(&bad, 2).0.iter().all(|v| !v.is_finite()));
+    }
+
+    /// The fused CPU pass against the tensor expression (the CUDA path, here on CPU), on
+    /// f32 and f64 tensors larger than a chunk, for orders up to 4 and up to 8; and the
+    /// sums are bit-identical on pools of 1, 2 and 5 threads.
+    #[test]
+    fn the_fused_pass_matches_the_expression_and_ignores_the_thread_count() {
+        let t = Tensor::randn([3 * CHUNK as i64 + 17], (Kind::Float, Device::Cpu)) * 1e-3;
+        for kind in [Kind::Float, Kind::Double] {
+            let t = t.to_kind(kind);
+            for m in [3u32, 4, 7] {
+                let fused = SiteSums::of(&t, m);
+                let (abs, raw) = tensor_sums(&t, m as usize);
+                assert_eq!(fused.n, t.numel() as f64);
+                for k in 0..m as usize {
+                    assert!(
+                        (fused.abs[k] / abs[k] - 1.0).abs() < 1e-10,
+                        "{kind:?} m {m} abs {k}"
+                    );
+                    assert!(
+                        (fused.raw[k] - raw[k]).abs() < 1e-10 * abs[k],
+                        "{kind:?} m {m} raw {k}"
+                    );
+                }
+            }
+        }
+        let on = |threads| {
+            let t = t.shallow_clone();
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool")
+                .install(move || SiteSums::of(&t, 4))
+        };
+        let one = on(1);
+        for threads in [2, 5] {
+            let s = on(threads);
+            assert!(
+                s.abs
+                    .iter()
+                    .zip(&one.abs)
+                    .chain(s.raw.iter().zip(&one.raw))
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
+        }
+        // A non-contiguous view is read as its entries.
+        let m = Tensor::randn([40, 30], (Kind::Float, Device::Cpu));
+        assert_eq!(
+            SiteSums::of(&m.tr(), 4),
+            SiteSums::of(&m.tr().contiguous(), 4)
         );
     }
 

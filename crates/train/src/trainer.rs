@@ -17,8 +17,9 @@ use crate::data::{collate, heldout_count, shuffle_split, Dataset, Sequence};
 use crate::inject::{self, module_and_layer};
 use crate::law::Law;
 use crate::limits::OutOfRange;
+use crate::linear::Capture;
 use crate::lora::{save_peft, LoraConfig, LoraInit, PeftAdapterConfig};
-use crate::loss::{self, checkpointed_backward, masked_loss_sum};
+use crate::loss::{self, blockwise_backward, masked_loss_sum};
 use crate::optim::{check_supported, AdamwParams, AdapterOptimizer};
 use crate::probe::{self, delta_norm_and_stable_rank, fro, rows_of, valid_rows, SiteSums};
 use crate::{CausalLm, TrainError};
@@ -587,6 +588,11 @@ fn step_tokens(data: &Dataset, cfg: &TrainConfig, step: usize) -> usize {
         .sum()
 }
 
+/// The highest moment order the probes sum.
+fn max_moment(cfg: &TrainConfig) -> u32 {
+    cfg.moments.iter().copied().max().unwrap_or(4)
+}
+
 /// The forward and backward passes of step `step` over its micro-batches: the loss (its
 /// gradients accumulated into the adapters; the passes stop at a non-finite loss) and,
 /// when probing, the moment sums of every adapter at `fwd`, `grad_out` and `bwd`.
@@ -599,24 +605,50 @@ pub(crate) fn forward_backward(
     device: Device,
     mut law: Option<&mut Law>,
 ) -> (f64, Vec<[SiteSums; 3]>) {
-    let max_m = cfg.moments.iter().copied().max().unwrap_or(4);
+    let max_m = max_moment(cfg);
     let seqs = step_sequences(data, cfg, step);
     let total_tokens = step_tokens(data, cfg, step);
+    let n_adapters = model
+        .linears_mut()
+        .iter()
+        .filter(|(_, l)| l.adapter.is_some())
+        .count();
     let mut sums: Vec<[SiteSums; 3]> = Vec::new();
+    if probing {
+        sums.resize_with(n_adapters, Default::default);
+    }
     let mut lv = 0.0;
     for (k, chunk) in seqs.chunks(cfg.micro()).enumerate() {
         let (ids, mask) = collate(chunk, data.pad_id, device);
+        let valid = probing.then(|| valid_rows(chunk, device)).flatten();
+        if probing {
+            probe::prepare(model, valid.as_ref(), law.is_some() && step <= 1);
+        }
         tch::manual_seed(
             (cfg.seed as i64)
                 .wrapping_mul(1_000_003)
                 .wrapping_add((step * 1000 + k) as i64),
         );
         let scale = 1.0 / total_tokens.max(1) as f64;
-        let l = if cfg.activation_checkpointing {
-            let seed = (cfg.seed as i64)
-                .wrapping_mul(7919)
-                .wrapping_add((step * 1000 + k) as i64 * 1000);
-            checkpointed_backward(model, &ids, &mask, scale, seed)
+        let mut read = |m: &mut CausalLm| {
+            read_probes(
+                m,
+                &mut sums,
+                valid.as_ref(),
+                max_m,
+                step,
+                law.as_deref_mut(),
+            );
+        };
+        let l = if cfg.activation_checkpointing || probing {
+            // Block by block, so that the probes read each block's gradients as soon as
+            // the backward pass has been through it.
+            let seed = cfg.activation_checkpointing.then(|| {
+                (cfg.seed as i64)
+                    .wrapping_mul(7919)
+                    .wrapping_add((step * 1000 + k) as i64 * 1000)
+            });
+            blockwise_backward(model, &ids, &mask, scale, seed, &mut read)
         } else {
             let loss = masked_loss_sum(model, &ids, &mask, true) * scale;
             let l = loss.double_value(&[]);
@@ -629,37 +661,56 @@ pub(crate) fn forward_backward(
         if !l.is_finite() {
             break;
         }
-        if !probing {
-            continue;
-        }
-        let valid = valid_rows(chunk, device);
-        let mut i = 0;
-        for (_, lin) in model.linears_mut() {
-            if lin.adapter.is_none() {
-                continue;
-            }
-            let cap = lin.capture.as_ref().and_then(|c| c.borrow_mut().take());
-            let Some(cap) = cap else { continue };
-            if sums.len() <= i {
-                sums.push(Default::default());
-            }
-            let v = cap.probe.grad();
-            let bwd = cap.probe_in.grad();
-            for (s, t) in sums[i].iter_mut().zip([&cap.output, &v, &bwd]) {
-                s.add(&rows_of(t, valid.as_ref()), max_m);
-            }
-            if let Some(law) = law.as_deref_mut() {
-                let x = rows_of(&cap.input, valid.as_ref());
-                match step {
-                    0 => law.record_step0(i, &x, &rows_of(&v, valid.as_ref())),
-                    1 => law.record_step1(i, &x),
-                    _ => {}
-                }
-            }
-            i += 1;
-        }
     }
     (lv, sums)
+}
+
+/// Reads the probes the backward pass has been through (their output's gradient is
+/// there) into `sums` (one entry per adapter, in the model's order): the capture's `fwd`
+/// sums, and the moment sums of the loss gradient at the adapter's output and through the
+/// adapter into its input, at the real tokens only (`valid`), each read once by the fused
+/// moment pass; at steps 0 and 1 the law's inputs. Each capture is dropped once read.
+fn read_probes(
+    model: &mut CausalLm,
+    sums: &mut [[SiteSums; 3]],
+    valid: Option<&Tensor>,
+    max_m: u32,
+    step: usize,
+    mut law: Option<&mut Law>,
+) {
+    let adapted = model
+        .linears_mut()
+        .into_iter()
+        .filter(|(_, l)| l.adapter.is_some());
+    for (i, (_, lin)) in adapted.enumerate() {
+        let (Some(slot), Some(ad)) = (lin.capture.as_ref(), lin.adapter.as_ref()) else {
+            continue;
+        };
+        let ready = slot
+            .borrow()
+            .cap
+            .as_ref()
+            .is_some_and(|c| c.probe.grad().defined());
+        let Some(cap) = ready.then(|| slot.borrow_mut().cap.take()).flatten() else {
+            continue;
+        };
+        let v = rows_of(&cap.probe.grad(), valid);
+        let mask = cap.mask.as_ref().map(|m| rows_of(m, valid));
+        let bwd = Capture::through_adapter(ad, &v, mask.as_ref());
+        let s = &mut sums[i];
+        s[0].merge(&cap.fwd);
+        s[1].add(&v, max_m);
+        s[2].add(&bwd, max_m);
+        drop(bwd);
+        if let (Some(law), Some(x)) = (law.as_deref_mut(), &cap.input) {
+            let x = rows_of(x, valid);
+            match step {
+                0 => law.record_step0(i, &x, &v),
+                1 => law.record_step1(i, &x),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// The probe rows of a step (moments of every adapter at its three sites, its gradient
@@ -935,7 +986,7 @@ pub fn train(
     for step in resumed_from.unwrap_or(0)..cfg.steps {
         let t_step = std::time::Instant::now();
         let probing = cfg.probe_every > 0 && step % cfg.probe_every == 0;
-        probe::capture(model, probing);
+        probe::capture(model, probing.then(|| max_moment(cfg)));
         opt.zero_grad();
         let (lv, sums) = forward_backward(model, data, cfg, step, probing, device, law.as_mut());
         if !lv.is_finite() {
@@ -1013,7 +1064,7 @@ pub fn train(
             moments: &mrows,
         });
     }
-    probe::capture(model, false);
+    probe::capture(model, None);
     // The last step's evaluation already measured the final adapters.
     let heldout_loss = match final_heldout {
         Some(h) => h,

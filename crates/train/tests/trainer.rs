@@ -325,6 +325,42 @@ fn activation_checkpointing_gives_the_same_training() {
     }
 }
 
+/// Probing does not change the run: with the probes on every adapter at every step (the
+/// backward pass then runs block by block, zero leaves ride on the adapters' outputs, the
+/// dropout masks are kept), the trained adapters and the training losses are bit-identical
+/// to a run with the probes off, with and without dropout.
+#[test]
+fn probing_does_not_change_the_training() {
+    for dropout in [0.0, 0.3] {
+        let mut on = cfg(4, 0.5, Optimizer::Adamw, 3, 7);
+        on.dropout = dropout;
+        let mut off = on.clone();
+        off.probe_every = 0;
+        let (a, _) = run(&on);
+        let (b, _) = run(&off);
+        let (ma, xa) = rows(a.path());
+        let (mb, xb) = rows(b.path());
+        assert!(ma.len() > mb.len(), "the probed run has probe rows");
+        let loss = |x: &[MetricRow]| {
+            x.iter()
+                .filter(|r| r.metric == rankstab_records::Metric::Loss)
+                .map(|r| r.value.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert!(!loss(&xa).is_empty());
+        assert_eq!(loss(&xa), loss(&xb), "dropout {dropout}: losses");
+        let (ta, tb) = (adapter_tensors(a.path()), adapter_tensors(b.path()));
+        assert_eq!(ta.len(), tb.len());
+        for ((na, va), (nb, vb)) in ta.iter().zip(&tb) {
+            assert_eq!(na, nb);
+            assert!(
+                va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "dropout {dropout}: {na} differs"
+            );
+        }
+    }
+}
+
 /// A learning rate that blows the loss up ends the run with "diverged at step k", keeps
 /// the rows before k, and returns normally.
 #[test]
@@ -412,6 +448,7 @@ fn probes_match_an_independent_computation() {
         .as_ref()
         .expect("capture")
         .borrow_mut()
+        .cap
         .take()
         .expect("captured");
     let vv = cap.probe.grad().to_kind(Kind::Double);
@@ -424,29 +461,37 @@ fn probes_match_an_independent_computation() {
         err < 1e-4,
         "grad B vs gamma V^T X A^T: relative error {err}"
     );
-    // The gradient into the input through the adapter (the second zero leaf) is
-    // gamma V B A.
-    let bwd = cap
-        .probe_in
-        .grad()
-        .to_kind(Kind::Double)
-        .reshape([-1, x.size()[1]]);
-    let want = vv
-        .matmul(&ad.b.to_kind(Kind::Double))
-        .matmul(&ad.a.to_kind(Kind::Double))
+    // The gradient into the input through the adapter, recomputed from V after the
+    // backward pass, equals autograd's gradient of <gamma B A x, V> with respect to x (in
+    // f64, independent of the formula the probe uses).
+    let bwd = rankstab_train::linear::Capture::through_adapter(ad, &vv.to_kind(Kind::Float), None)
+        .to_kind(Kind::Double);
+    let xl = x.detach().set_requires_grad(true);
+    let out = xl
+        .matmul(&ad.a.detach().to_kind(Kind::Double).tr())
+        .matmul(&ad.b.detach().to_kind(Kind::Double).tr())
         * ad.scaling;
+    (out * &vv).sum(Kind::Double).backward();
+    let want = xl.grad();
     let err = (&bwd - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
-    assert!(err < 1e-4, "bwd probe vs gamma V B A: relative error {err}");
-    // The captured output is gamma X A^T B^T.
+    assert!(
+        err < 1e-4,
+        "bwd probe vs autograd's (gamma B A)^T V: relative error {err}"
+    );
+    // The fwd sums taken during the forward pass are those of gamma X A^T B^T.
     let y = x
         .matmul(&ad.a.to_kind(Kind::Double).tr())
         .matmul(&ad.b.to_kind(Kind::Double).tr())
         * ad.scaling;
-    let err = (cap.output.to_kind(Kind::Double).reshape([-1, f]) - &y)
-        .abs()
-        .max()
-        .double_value(&[]);
-    assert!(err < 1e-5, "captured output: {err}");
+    let yv: Vec<f64> = Vec::try_from(y.flatten(0, -1)).expect("f64");
+    assert_eq!(cap.fwd.n, yv.len() as f64);
+    for m in 1..=4i32 {
+        let a: f64 = yv.iter().map(|v| v.abs().powi(m)).sum();
+        let r: f64 = yv.iter().map(|v| v.powi(m)).sum();
+        let k = m as usize - 1;
+        assert!((cap.fwd.abs[k] / a - 1.0).abs() < 1e-5, "fwd abs m {m}");
+        assert!((cap.fwd.raw[k] - r).abs() < 1e-5 * a, "fwd raw m {m}");
+    }
 
     // (2) the trainer's fwd moments at step 1 from the adapters after one step.
     let (one, _) = run(&c);
