@@ -170,6 +170,7 @@ mod tests {
             heldout: None,
             metrics: &[],
             moments: &[],
+            times: Default::default(),
         };
         p.step("", &s);
         p.step("", &s);

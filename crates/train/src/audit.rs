@@ -239,7 +239,7 @@ fn measure(
     let mut sums: Vec<[SiteSums; 3]> = Vec::new();
     let mut loss = 0.0;
     for k in 0..cfg.batches {
-        let (lv, s) = forward_backward(model, data, &pass, k, true, device, None);
+        let (lv, s, _) = forward_backward(model, data, &pass, k, true, device, None);
         if !lv.is_finite() {
             probe::capture(model, None);
             return Err(TrainError::Invalid(format!(

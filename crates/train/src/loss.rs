@@ -38,7 +38,7 @@ pub(crate) fn masked_loss_sum(
 /// through the whole graph. `after_block(model)` runs after each block's backward pass:
 /// the probes read that block's gradients there, while the rest of the graph waits, so
 /// only one block's probe gradients are alive at a time. Returns the loss (nothing is
-/// back-propagated when it is not finite).
+/// back-propagated when it is not finite) and the seconds the forward pass took.
 ///
 /// With `checkpoint_seed`, activation checkpointing: the forward pass keeps only each
 /// block's input, and each block is recomputed just before its backward pass, its dropout
@@ -50,7 +50,8 @@ pub(crate) fn blockwise_backward(
     scale: f64,
     checkpoint_seed: Option<i64>,
     after_block: &mut dyn FnMut(&mut CausalLm),
-) -> f64 {
+) -> (f64, f64) {
+    let start = std::time::Instant::now();
     let t = ids.size()[1];
     let n = model.num_layers();
     // hs[i]: the input of block i (hs[n]: the head's); outs[i]: block i's output with its
@@ -80,8 +81,9 @@ pub(crate) fn blockwise_backward(
     let top = hs[n].detach().set_requires_grad(true);
     let loss = nll_sum(&model.head(&top, true), &ids.narrow(1, 1, t - 1), mask) * scale;
     let l = loss.double_value(&[]);
+    let forward_s = start.elapsed().as_secs_f64();
     if !l.is_finite() {
-        return l;
+        return (l, forward_s);
     }
     loss.backward();
     let mut g = top.grad();
@@ -104,7 +106,7 @@ pub(crate) fn blockwise_backward(
         hs.truncate(i + 1);
         after_block(model);
     }
-    l
+    (l, forward_s)
 }
 
 /// Tokens per held-out forward pass: evaluation keeps no activations for a backward

@@ -56,6 +56,44 @@ pub struct StepProgress<'a> {
     pub metrics: &'a [MetricRow],
     /// The step's rows of moments.csv.
     pub moments: &'a [MomentRow],
+    /// Where the step's time went.
+    pub times: StepTimes,
+}
+
+/// Where a step's wall time went, in seconds. On CPU libtorch runs each operation to its
+/// end before returning, so the boundaries are exact; on CUDA kernels run asynchronously
+/// and a phase's time can show up in the next one (the total stays right).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepTimes {
+    /// Batching the step's sequences into tensors.
+    pub data: f64,
+    /// Forward passes, loss included.
+    pub forward: f64,
+    /// Backward passes (the probes' reading excluded).
+    pub backward: f64,
+    /// The probes: the moment passes, the gradient through the adapter, the law's inputs,
+    /// the rows of the statistics (gradient norms of A and B, taken at every step; on
+    /// probed steps norms and stable ranks of gamma B A, Adam's eps share, the law's rows).
+    pub probes: f64,
+    /// Clipping and the optimizer's update.
+    pub optimizer: f64,
+    /// Held-out evaluation.
+    pub evaluation: f64,
+    /// Appending the rows to the tables, and checkpoints.
+    pub records: f64,
+}
+
+impl StepTimes {
+    /// The sum of the phases.
+    pub fn total(&self) -> f64 {
+        self.data
+            + self.forward
+            + self.backward
+            + self.probes
+            + self.optimizer
+            + self.evaluation
+            + self.records
+    }
 }
 
 /// Configuration of one training run (one cell of a sweep).
@@ -604,8 +642,10 @@ pub(crate) fn forward_backward(
     probing: bool,
     device: Device,
     mut law: Option<&mut Law>,
-) -> (f64, Vec<[SiteSums; 3]>) {
+) -> (f64, Vec<[SiteSums; 3]>, StepTimes) {
     let max_m = max_moment(cfg);
+    let mut times = StepTimes::default();
+    let clock = std::time::Instant::now;
     let seqs = step_sequences(data, cfg, step);
     let total_tokens = step_tokens(data, cfg, step);
     let n_adapters = model
@@ -619,8 +659,10 @@ pub(crate) fn forward_backward(
     }
     let mut lv = 0.0;
     for (k, chunk) in seqs.chunks(cfg.micro()).enumerate() {
+        let t = clock();
         let (ids, mask) = collate(chunk, data.pad_id, device);
         let valid = probing.then(|| valid_rows(chunk, device)).flatten();
+        times.data += t.elapsed().as_secs_f64();
         if probing {
             probe::prepare(model, valid.as_ref(), law.is_some() && step <= 1);
         }
@@ -630,17 +672,14 @@ pub(crate) fn forward_backward(
                 .wrapping_add((step * 1000 + k) as i64),
         );
         let scale = 1.0 / total_tokens.max(1) as f64;
+        let mut probes_s = 0.0;
         let mut read = |m: &mut CausalLm| {
-            read_probes(
-                m,
-                &mut sums,
-                valid.as_ref(),
-                max_m,
-                step,
-                law.as_deref_mut(),
-            );
+            let t = clock();
+            read_probes(m, &mut sums, valid.as_ref(), max_m, step, law.as_deref_mut());
+            probes_s += t.elapsed().as_secs_f64();
         };
-        let l = if cfg.activation_checkpointing || probing {
+        let t = clock();
+        let (l, forward_s) = if cfg.activation_checkpointing || probing {
             // Block by block, so that the probes read each block's gradients as soon as
             // the backward pass has been through it.
             let seed = cfg.activation_checkpointing.then(|| {
@@ -652,17 +691,21 @@ pub(crate) fn forward_backward(
         } else {
             let loss = masked_loss_sum(model, &ids, &mask, true) * scale;
             let l = loss.double_value(&[]);
+            let forward_s = t.elapsed().as_secs_f64();
             if l.is_finite() {
                 loss.backward();
             }
-            l
+            (l, forward_s)
         };
+        times.forward += forward_s;
+        times.probes += probes_s;
+        times.backward += t.elapsed().as_secs_f64() - forward_s - probes_s;
         lv += l;
         if !l.is_finite() {
             break;
         }
     }
-    (lv, sums)
+    (lv, sums, times)
 }
 
 /// Reads the probes the backward pass has been through (their output's gradient is
@@ -988,7 +1031,9 @@ pub fn train(
         let probing = cfg.probe_every > 0 && step % cfg.probe_every == 0;
         probe::capture(model, probing.then(|| max_moment(cfg)));
         opt.zero_grad();
-        let (lv, sums) = forward_backward(model, data, cfg, step, probing, device, law.as_mut());
+        let (lv, sums, mut times) =
+            forward_backward(model, data, cfg, step, probing, device, law.as_mut());
+        let clock = std::time::Instant::now;
         if !lv.is_finite() {
             tables
                 .metrics
@@ -1002,6 +1047,7 @@ pub fn train(
             });
         }
         let norms_now = step + 1 == cfg.steps || (norm_every > 0 && step % norm_every == 0);
+        let t = clock();
         let (mut mrows, grad_sq, n_params) = adapter_rows(
             model,
             &cfg.moments,
@@ -1013,15 +1059,20 @@ pub fn train(
         if let (Some(l), 1) = (&law, step) {
             mrows.extend(law_rows(model, &rows, cfg, l));
         }
+        times.probes += t.elapsed().as_secs_f64();
+        let t = clock();
         // The global gradient norm over every A and B: the sum of the squares just taken.
         let grad_norm = grad_sq.sqrt();
         if let Some(c) = cfg.clip_grad_norm {
             opt.clip_grad_norm(c);
         }
         opt.step();
+        times.optimizer += t.elapsed().as_secs_f64();
+        let t = clock();
         if probing {
             mrows.extend(eps_share_rows(model, &rows, step + 1, &opt));
         }
+        times.probes += t.elapsed().as_secs_f64();
         last_loss = lv;
         let mut metrics = vec![
             rows.metric(step, Metric::Loss, lv),
@@ -1036,6 +1087,7 @@ pub fn train(
             rows.metric(step, Metric::Seconds, t0.elapsed().as_secs_f64()),
         ];
         let mut heldout = None;
+        let t = clock();
         if cfg.evaluates_after(step) {
             let h = loss::heldout_loss(model, data, cfg.heldout_max, cfg.micro(), device);
             metrics.push(rows.metric(step, Metric::HeldoutLoss, h));
@@ -1045,6 +1097,8 @@ pub fn train(
             }
             heldout = Some(h);
         }
+        times.evaluation += t.elapsed().as_secs_f64();
+        let t = clock();
         tables.moments.append(&mrows)?;
         tables.metrics.append(&metrics)?;
         if cfg.checkpoint_every > 0
@@ -1053,6 +1107,7 @@ pub fn train(
         {
             save_checkpoint(out, cfg, step, &opt, &tables, law.as_ref())?;
         }
+        times.records += t.elapsed().as_secs_f64();
         progress(&StepProgress {
             step,
             steps: cfg.steps,
@@ -1062,6 +1117,7 @@ pub fn train(
             heldout,
             metrics: &metrics,
             moments: &mrows,
+            times,
         });
     }
     probe::capture(model, None);
