@@ -382,7 +382,11 @@ fn pooled(ms: Vec<Measure>) -> Measure {
     first.phases = Some(phases);
     first.run.median_s = median(first.step_times_s.clone());
     first.run.tokens_per_s = (first.run.batch * first.run.context) as f64 / first.run.median_s;
-    first.min_s = first.step_times_s.iter().copied().fold(f64::INFINITY, f64::min);
+    first.min_s = first
+        .step_times_s
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
     first
 }
 
@@ -562,15 +566,45 @@ fn main() {
         })
     };
     let mut summary = vec![
-        row("probe overhead, step time (median)", probe_overhead, Some(PROBE_TARGET), "<="),
-        row("probe overhead, step time (fastest steps)", probe_overhead_min, Some(PROBE_TARGET), "<="),
-        row("probe overhead, peak memory", probe_memory, Some(PROBE_MEMORY_TARGET), "<="),
+        row(
+            "probe overhead, step time (median)",
+            probe_overhead,
+            Some(PROBE_TARGET),
+            "<=",
+        ),
+        row(
+            "probe overhead, step time (fastest steps)",
+            probe_overhead_min,
+            Some(PROBE_TARGET),
+            "<=",
+        ),
+        row(
+            "probe overhead, peak memory",
+            probe_memory,
+            Some(PROBE_MEMORY_TARGET),
+            "<=",
+        ),
         row("model FLOP utilisation (of f32 GEMM peak)", mfu, None, ">="),
     ];
     if let Some(r) = &ratios {
-        summary.push(row("step time / transformers+peft (median)", r["step_time"].as_f64().unwrap_or(f64::NAN), Some(STEP_TARGET), "<="));
-        summary.push(row("step time / transformers+peft (fastest steps)", r["step_time_fastest_steps"].as_f64().unwrap_or(f64::NAN), Some(STEP_TARGET), "<="));
-        summary.push(row("peak memory / transformers+peft", r["peak_memory"].as_f64().unwrap_or(f64::NAN), Some(MEMORY_TARGET), "<="));
+        summary.push(row(
+            "step time / transformers+peft (median)",
+            r["step_time"].as_f64().unwrap_or(f64::NAN),
+            Some(STEP_TARGET),
+            "<=",
+        ));
+        summary.push(row(
+            "step time / transformers+peft (fastest steps)",
+            r["step_time_fastest_steps"].as_f64().unwrap_or(f64::NAN),
+            Some(STEP_TARGET),
+            "<=",
+        ));
+        summary.push(row(
+            "peak memory / transformers+peft",
+            r["peak_memory"].as_f64().unwrap_or(f64::NAN),
+            Some(MEMORY_TARGET),
+            "<=",
+        ));
     }
     write_result(
         "train_step",

@@ -675,7 +675,14 @@ pub(crate) fn forward_backward(
         let mut probes_s = 0.0;
         let mut read = |m: &mut CausalLm| {
             let t = clock();
-            read_probes(m, &mut sums, valid.as_ref(), max_m, step, law.as_deref_mut());
+            read_probes(
+                m,
+                &mut sums,
+                valid.as_ref(),
+                max_m,
+                step,
+                law.as_deref_mut(),
+            );
             probes_s += t.elapsed().as_secs_f64();
         };
         let t = clock();
