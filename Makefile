@@ -29,9 +29,14 @@ test:
 	RANKSTAB_REQUIRE_PYTHON=1 RANKSTAB_REQUIRE_CHROMIUM=1 $(CARGO) test --workspace --all-targets
 	RANKSTAB_REQUIRE_PYTHON=1 RANKSTAB_REQUIRE_CHROMIUM=1 $(CARGO) test --workspace --doc
 
-bench: setup
+# The training-step benchmark's reference side (torch, transformers, peft, gguf) comes from
+# .deps/bench (setup.sh --bench) unless RANKSTAB_PYTHONPATH names another place. Ends with
+# one table of every figure against its target (scripts/bench_summary.py).
+bench:
+	@bash scripts/setup.sh --python --bench
 	$(CARGO) bench -p rankstab-theory --bench theory_speed
-	$(CARGO) bench -p rankstab-train --bench train_step
+	RANKSTAB_PYTHONPATH="$${RANKSTAB_PYTHONPATH:-$(CURDIR)/.deps/bench}" $(CARGO) bench -p rankstab-train --bench train_step
+	@python3 scripts/bench_summary.py
 
 clean-runs:
 	rm -rf runs

@@ -5,6 +5,8 @@
 #   .deps/python/     pinned NumPy, pandas, polars for the table tests and the benchmark (--python)
 #   .deps/notebooks/  pinned pandas, matplotlib, nbclient, ipykernel for notebooks/ and
 #                     tests/notebooks.rs (--python)
+#   .deps/bench/      pinned torch, transformers, peft, gguf: the reference side of the
+#                     training-step benchmark (--bench, for `make bench`; about 4 GB)
 #   assets/           SmolLM2-135M-Instruct (GGUF), Llama-2 and GPT-2 tokenizers, texts
 #                     (scripts/fetch-assets.sh, sha256-checked)
 # and Debian packages only where a needed command is missing: build tools, and with
@@ -21,11 +23,13 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 want_python=0
 want_browser=0
+want_bench=0
 for arg in "$@"; do
   case "$arg" in
     --python) want_python=1 ;;
     --browser) want_browser=1 ;;
-    *) echo "setup.sh: unknown argument '$arg' (allowed: --python, --browser)" >&2; exit 2 ;;
+    --bench) want_bench=1 ;;
+    *) echo "setup.sh: unknown argument '$arg' (allowed: --python, --browser, --bench)" >&2; exit 2 ;;
   esac
 done
 
@@ -100,6 +104,9 @@ pip_target() {
 if ((want_python)); then
   pip_target python "$ROOT/scripts/python-requirements.txt"
   pip_target notebooks "$ROOT/scripts/notebook-requirements.txt"
+fi
+if ((want_bench)); then
+  pip_target bench "$ROOT/scripts/bench-requirements.txt"
 fi
 
 # --- Headless browser (--browser) ----------------------------------------------------------
