@@ -30,9 +30,9 @@ pub use config::{Activation, AdapterInit, Init, InputDist, Loss, Reuse, TheoryCo
 pub use data::trial_seed;
 pub use fits::fit_rows;
 pub use run::{
-    cells, closed_form_checks, distinct_checks, memory_estimate, run, summarize, trial_flops,
-    trial_rows, ClosedFormCheck, NoProgress, Progress, RunOptions, RunOutcome, TrialRows, CHECKS,
-    SUMMARY,
+    cells, closed_form_checks, distinct_checks, memory_estimate, run, summarize, trial_bytes,
+    trial_flops, trial_rows, ClosedFormCheck, NoProgress, Progress, RunOptions, RunOutcome,
+    TrialRows, CHECKS, SUMMARY,
 };
 
 use std::path::PathBuf;

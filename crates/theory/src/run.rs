@@ -797,6 +797,82 @@ pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
     total
 }
 
+/// Bytes one trial of `cfg` must move between the cores and main memory: the denominator
+/// of the checker's arithmetic intensity (`trial_flops / trial_bytes`), for the roofline of
+/// the benchmark. `cache` is the cache that holds a cell's factors between its products
+/// (the L2 of one core: each worker runs one cell at a time).
+///
+/// The model follows the kernels of `sim.rs` (f32 entries, 4 bytes each), per cell and
+/// adapter (rank r, width d, N training rows, M = N + held-out rows, S steps, s = 0, 1 or
+/// 2 optimizer state matrices per factor for SGD, momentum, Adam):
+///
+/// * Factors (A: r x d, B: d x r, and their state): at the start, A's rows are read from
+///   the trial's draw and A, B and the state written, (1 + 2 + 2s) r d entries. If A, B and
+///   the state together exceed `cache`, every step t = 0..=S also moves them: the forward
+///   products read A and B (2 r d); the fused backward passes read them again (2 r d) and,
+///   on the S steps that update, write them (2 r d), read and write the state (4 s r d)
+///   and, for Adam, read its second moments for the eps share (2 r d). If they fit in
+///   `cache`, they are counted once (the start only).
+/// * Activations (M x d and N x d, re-created every step, so always counted): per step the
+///   products read u (M d) and write the adapter output (M d); the loss reads the frozen
+///   output and target (2 M d) and writes v (N d); the backward passes read v and u (2 N d)
+///   and write the input gradient (N d); the rank-r intermediates gamma A u (written M r,
+///   read M r + N r) and gamma v B (written and read, 2 N r). In all 4 M d + 4 N d +
+///   (2 M + 3 N) r entries.
+/// * Layers above the first: each step reads the frozen weight twice (forward and back,
+///   2 d^2 when it exceeds `cache`) and moves the same activations again.
+///
+/// The trial's set-up (drawing, the frozen layer-0 products shared by every cell) is not
+/// counted, as in [`trial_flops`]. Intermediates smaller than `cache` that live inside one
+/// fused pass (the gradient blocks) are not counted: they never leave the cache.
+///
+/// ```
+/// use rankstab_records::{Optimizer, Scaling};
+/// let cfg = rankstab_theory::TheoryConfig { width: 8, ranks: vec![2], optimizers: vec![Optimizer::Sgd],
+///     scalings: vec![Scaling::LORA], inputs: vec![rankstab_theory::Reuse::Coherent], batch: 1, heldout: 1, steps: 1, ..Default::default() };
+/// // Factors counted every step (no cache): start 3 r d = 48, steps 6 r d + 4 r d = 160;
+/// // activations per step 4*2*8 + 4*1*8 + (2*2 + 3*1)*2 = 110, two steps: 220.
+/// assert_eq!(rankstab_theory::trial_bytes(&cfg, 0.0), 4.0 * (48.0 + 160.0 + 220.0));
+/// ```
+pub fn trial_bytes(cfg: &TheoryConfig, cache: f64) -> f64 {
+    let f = 4.0; // bytes of an f32
+    let d = cfg.width as f64;
+    let n = cfg.batch as f64;
+    let m = (cfg.batch + cfg.heldout) as f64;
+    let steps = cfg.steps as f64;
+    let per_rank_cells = (cfg.inputs.len() * cfg.scalings.len()) as f64;
+    let mut total = 0.0;
+    for &r in &cfg.ranks {
+        let r = r as f64;
+        for &opt in &cfg.optimizers {
+            let s = match opt {
+                Optimizer::Sgd => 0.0,
+                Optimizer::SgdMomentum => 1.0,
+                Optimizer::Adam | Optimizer::Adamw => 2.0,
+            };
+            let eps_reads = if opt.is_adaptive() { 2.0 } else { 0.0 };
+            let start = (3.0 + 2.0 * s) * r * d;
+            let factors = if f * (2.0 + 2.0 * s) * r * d > cache {
+                let mut per =
+                    (steps + 1.0) * 4.0 * r * d + steps * (2.0 + 4.0 * s + eps_reads) * r * d;
+                if cfg.delta_norm {
+                    per += (steps + 1.0) * 2.0 * r * d;
+                }
+                per
+            } else {
+                0.0
+            };
+            let acts = (steps + 1.0) * (4.0 * m * d + 4.0 * n * d + (2.0 * m + 3.0 * n) * r);
+            let above = cfg.layers.saturating_sub(1) as f64;
+            let weights = if f * d * d > cache { 2.0 * d * d } else { 0.0 };
+            let frozen = above * (steps + 1.0) * (weights + 4.0 * m * d + 4.0 * n * d);
+            let per_cell = cfg.layers as f64 * (start + factors + acts) + frozen;
+            total += per_rank_cells * per_cell;
+        }
+    }
+    f * total
+}
+
 /// Up-front estimate of the peak memory of a run of `cfg` on `threads` workers, in bytes,
 /// from the sizes the run allocates (f32 entries): the trial's frozen weights, adapters'
 /// initial A and teacher; its batches, each stacked with the held-out batch (inputs,
@@ -891,5 +967,37 @@ mod tests {
         // A check that differs in anything but the scaling and the input label is distinct.
         checks.push(check(Scaling::LORA, "coherent", Site::Fwd, 16, 0.01));
         assert_eq!(distinct_checks(&checks), (7, 4));
+    }
+
+    /// trial_bytes against the closed form of its model on a small case: SGD and Adam, with
+    /// the factors counted every step (no cache) and once (they fit).
+    #[test]
+    fn trial_bytes_matches_its_closed_form() {
+        let (d, r, n, m, steps) = (16.0, 4.0, 2.0, 5.0, 2.0);
+        let cfg = TheoryConfig {
+            width: 16,
+            ranks: vec![4],
+            optimizers: vec![Optimizer::Sgd, Optimizer::Adam],
+            scalings: vec![Scaling::LORA],
+            inputs: vec![Reuse::Coherent, Reuse::Fresh],
+            batch: 2,
+            heldout: 3,
+            steps: 2,
+            ..Default::default()
+        };
+        let acts = (steps + 1.0) * (4.0 * m * d + 4.0 * n * d + (2.0 * m + 3.0 * n) * r);
+        // SGD: start 3 r d; per step 4 r d, plus 2 r d on the 2 updating steps.
+        let sgd_streamed = 3.0 * r * d + 3.0 * 4.0 * r * d + 2.0 * 2.0 * r * d;
+        // Adam: start 7 r d; per step 4 r d; updating steps 2 + 8 (state) + 2 (eps) r d.
+        let adam_streamed = 7.0 * r * d + 3.0 * 4.0 * r * d + 2.0 * 12.0 * r * d;
+        let cells = 2.0; // two input regimes per optimizer
+        let streamed = 4.0 * cells * (sgd_streamed + adam_streamed + 2.0 * acts);
+        assert_eq!(trial_bytes(&cfg, 0.0), streamed);
+        let resident = 4.0 * cells * (3.0 * r * d + 7.0 * r * d + 2.0 * acts);
+        assert_eq!(trial_bytes(&cfg, 1e9), resident);
+        // The default configuration: every factor of rank >= 16 exceeds a 1 MiB cache.
+        let def = TheoryConfig::default();
+        let i = trial_flops(&def) / trial_bytes(&def, 1024.0 * 1024.0);
+        assert!(i > 1.0 && i < 100.0, "intensity {i}");
     }
 }
