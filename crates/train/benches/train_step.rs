@@ -465,7 +465,7 @@ fn main() {
     }
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "SmolLM2-135M f32 CPU LoRA training step: batch {}, context {}, rank {} on {}, AdamW lr 5e-5, 1 warm-up + {} timed steps, {} threads",
+        "SmolLM2-135M f32 CPU LoRA training step: batch {}, context {}, rank {} on {}, AdamW lr 5e-5, {WARMUP} warm-up + {} timed steps, {} threads",
         sh.batch,
         sh.context,
         sh.rank,

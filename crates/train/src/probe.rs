@@ -32,9 +32,9 @@ pub fn moments(y: &Tensor, max_m: u32) -> (Vec<f64>, Vec<f64>) {
 /// Entries per partial sum of the fused moment pass: the partials are added in their
 /// order, so the result does not depend on how many threads computed them.
 const CHUNK: usize = 1 << 14;
-/// Independent accumulators per power in the fused pass (they let the compiler keep
-/// several additions in flight; fixed, so the rounding is too).
-const LANES: usize = 4;
+/// Independent accumulators per sum in the fused pass (they let the compiler keep
+/// several additions in flight and use vector registers; fixed, so the rounding is too).
+const LANES: usize = 8;
 
 /// Sums of `|x|^m` and `x^m`, m = 1..=M, over `x`, in f64 (each power by repeated
 /// multiplication of the entry converted to f64, so no power of an f32 entry overflows
@@ -72,6 +72,124 @@ fn chunk_sums<T: Copy + Into<f64>, const M: usize>(x: &[T]) -> ([f64; M], [f64; 
         }
     }
     (a, r)
+}
+
+/// The sums of orders 1..=4 over `x` in f64, with the fewest operations: `|x|`, `x`,
+/// `x^2` (absolute and raw alike), `x^2 |x|`, `x^3`, `x^4`, in that order. Entry `i`
+/// goes to lane `i % LANES`; the lanes are added as `(c0 + c1) + (c2 + c3)` with
+/// `c_j = lane_j + lane_(j+4)`, then the entries past the last whole group of lanes: the
+/// order [`chunk_sums4_avx2`] adds in, so both give the same bits.
+fn chunk_sums4<T: Copy + Into<f64>>(x: &[T]) -> [f64; 6] {
+    let mut acc = [[0.0f64; LANES]; 6];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            let v: f64 = c[l].into();
+            let a = v.abs();
+            let p2 = v * v;
+            for (s, t) in acc.iter_mut().zip([a, v, p2, p2 * a, p2 * v, p2 * p2]) {
+                s[l] += t;
+            }
+        }
+    }
+    let mut out = [0.0; 6];
+    for (o, lanes) in out.iter_mut().zip(&acc) {
+        let c: [f64; 4] = std::array::from_fn(|j| lanes[j] + lanes[j + 4]);
+        *o = (c[0] + c[1]) + (c[2] + c[3]);
+    }
+    for &v in it.remainder() {
+        add_entry(&mut out, v.into());
+    }
+    out
+}
+
+/// Adds one entry's six terms to `out` (the entries past the last group of lanes).
+#[inline(always)]
+fn add_entry(out: &mut [f64; 6], v: f64) {
+    let (a, p2) = (v.abs(), v * v);
+    for (o, t) in out.iter_mut().zip([a, v, p2, p2 * a, p2 * v, p2 * p2]) {
+        *o += t;
+    }
+}
+
+/// [`chunk_sums4`] of f32 entries with AVX2 intrinsics: eight entries per iteration, in
+/// two groups of four f64 lanes (entry `i` in lane `i % 8`), the same operations and the
+/// same final order as the portable version, so the same bits, about five times faster
+/// (the compiler's vectorisation of the portable loop keeps its accumulators in memory).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(unsafe_code)]
+fn chunk_sums4_avx2(x: &[f32]) -> [f64; 6] {
+    use std::arch::x86_64::*;
+    const _: () = assert!(LANES == 8);
+    let zero = _mm256_setzero_pd();
+    let mut acc = [zero; 12];
+    let sign = _mm256_set1_pd(-0.0);
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for h in 0..2 {
+            // SAFETY: `c` has 8 entries, so entries 4h..4h+4 are in bounds (unaligned
+            // load).
+            let v = _mm256_cvtps_pd(unsafe { _mm_loadu_ps(c.as_ptr().add(4 * h)) });
+            let a = _mm256_andnot_pd(sign, v);
+            let p2 = _mm256_mul_pd(v, v);
+            let o = 6 * h;
+            acc[o] = _mm256_add_pd(acc[o], a);
+            acc[o + 1] = _mm256_add_pd(acc[o + 1], v);
+            acc[o + 2] = _mm256_add_pd(acc[o + 2], p2);
+            acc[o + 3] = _mm256_add_pd(acc[o + 3], _mm256_mul_pd(p2, a));
+            acc[o + 4] = _mm256_add_pd(acc[o + 4], _mm256_mul_pd(p2, v));
+            acc[o + 5] = _mm256_add_pd(acc[o + 5], _mm256_mul_pd(p2, p2));
+        }
+    }
+    let mut out = [0.0; 6];
+    for (k, o) in out.iter_mut().enumerate() {
+        let mut c = [0.0f64; 4];
+        // SAFETY: `c` holds four f64 (unaligned store).
+        unsafe { _mm256_storeu_pd(c.as_mut_ptr(), _mm256_add_pd(acc[k], acc[k + 6])) };
+        *o = (c[0] + c[1]) + (c[2] + c[3]);
+    }
+    for &v in it.remainder() {
+        add_entry(&mut out, v.into());
+    }
+    out
+}
+
+/// The entries' type, for the fast path: f32 entries on an AVX2 CPU go to
+/// [`chunk_sums4_avx2`], everything else to [`chunk_sums4`] (same bits either way).
+trait Entry: Copy + Into<f64> + Sync {
+    fn sums4(x: &[Self]) -> [f64; 6] {
+        chunk_sums4(x)
+    }
+}
+
+impl Entry for f64 {}
+
+impl Entry for f32 {
+    fn sums4(x: &[f32]) -> [f64; 6] {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { chunk_sums4_avx2(x) };
+        }
+        chunk_sums4(x)
+    }
+}
+
+/// The sums of orders 1..=4 (absolute, raw) over `x`: [`chunk_sums4`] on chunks of
+/// [`CHUNK`] entries on the rayon pool, the partials added in chunk order (bit-identical
+/// at any thread count).
+fn slice_sums4<T: Entry>(x: &[T]) -> ([f64; 4], [f64; 4]) {
+    use rayon::prelude::*;
+    let parts: Vec<[f64; 6]> = x.par_chunks(CHUNK).map(T::sums4).collect();
+    let mut s = [0.0; 6];
+    for p in parts {
+        for k in 0..6 {
+            s[k] += p[k];
+        }
+    }
+    ([s[0], s[2], s[3], s[5]], [s[1], s[2], s[4], s[5]])
 }
 
 /// [`chunk_sums`] over `x` in chunks of [`CHUNK`] entries on the rayon pool, the partials
@@ -267,14 +385,11 @@ impl SiteSums {
 }
 
 /// The fused CPU pass over `t`, a contiguous CPU tensor of `T` entries.
-fn cpu_sums<T: tch::kind::Element + Copy + Into<f64> + Sync>(
-    t: &Tensor,
-    m: usize,
-) -> (Vec<f64>, Vec<f64>) {
+fn cpu_sums<T: tch::kind::Element + Entry>(t: &Tensor, m: usize) -> (Vec<f64>, Vec<f64>) {
     assert!(t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND);
     let (a, r): (Vec<f64>, Vec<f64>) = with_slice::<T, _>(t, |x| {
         if m <= 4 {
-            let (a, r) = slice_sums::<T, 4>(x);
+            let (a, r) = slice_sums4::<T>(x);
             (a.to_vec(), r.to_vec())
         } else {
             let (a, r) = slice_sums::<T, { crate::limits::MAX_MOMENT as usize }>(x);
@@ -407,6 +522,16 @@ mod tests {
                 "{threads} threads"
             );
         }
+        // The f32 fast path (AVX2 where the CPU has it) and the portable loop give the same
+        // bits, with entries past the last group of eight.
+        let v: Vec<f32> = Vec::try_from(t.narrow(0, 0, 1003)).expect("f32");
+        let (fast, portable) = (<f32 as Entry>::sums4(&v), chunk_sums4(&v));
+        assert!(
+            fast.iter()
+                .zip(&portable)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{fast:?} {portable:?}"
+        );
         // A non-contiguous view is read as its entries.
         let m = Tensor::randn([40, 30], (Kind::Float, Device::Cpu));
         assert_eq!(
