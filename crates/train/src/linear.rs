@@ -13,10 +13,13 @@ use tch::Tensor;
 ///   is not kept);
 /// - a zero leaf added to the output, expanded from a single entry (no memory of its
 ///   own), whose gradient after `backward` is the loss gradient `v` there;
-/// - the adapter's input when asked for, and its dropout mask, from which the gradient into the input through the adapter,
-///   `(gamma B A)^T v`, is recomputed after the backward pass
-///   ([`Capture::through_adapter`]): two products of rank r per adapter instead of a
-///   second leaf and gradient buffer of the input's size.
+/// - a zero leaf of the same kind added to the rank-r middle `u = dropout(x) A^T`,
+///   whose gradient is `gamma v B` (which the backward pass computes anyway for A's
+///   gradient), and the dropout mask: from them the gradient into the input through the
+///   adapter, `(gamma B A)^T v`, is recomputed after the backward pass
+///   ([`Capture::through_adapter`]: one product of rank r), instead of a leaf and a
+///   gradient buffer of the input's size;
+/// - the adapter's input, when asked for (the law's first two steps).
 #[derive(Debug)]
 pub struct Capture {
     /// The adapter's input x (detached, in the adapter's dtype, before dropout), when the
@@ -27,18 +30,20 @@ pub struct Capture {
     pub fwd: SiteSums,
     /// Zero leaf added to the output; its `.grad()` is dL/d(output) after backward.
     pub probe: Tensor,
+    /// Zero leaf added to `u = dropout(x) A^T`; its `.grad()` is `gamma v B`.
+    pub probe_u: Tensor,
     /// The dropout mask (true: kept) when dropout was on in this pass.
     pub mask: Option<Tensor>,
 }
 
 impl Capture {
-    /// `(gamma B A)^T v` per token, with the dropout of the pass: `v` (rows, out) is the
-    /// loss gradient at the output (rows of [`Capture::probe`]'s gradient), `mask` the
-    /// same rows of the dropout mask. Computed as `gamma (v B) A`: 2 r (out + in) flops
-    /// per token.
-    pub fn through_adapter(ad: &LoraAdapter, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    /// `(gamma B A)^T v` per token, with the dropout of the pass, from `g_u = gamma v B`
+    /// (rows, r: rows of [`Capture::probe_u`]'s gradient) and `mask`, the same rows of
+    /// the dropout mask: `g_u A` (2 r in flops per token), masked and scaled as dropout's
+    /// backward pass does.
+    pub fn through_adapter(ad: &LoraAdapter, g_u: &Tensor, mask: Option<&Tensor>) -> Tensor {
         tch::no_grad(|| {
-            let g = v.to_kind(ad.b.kind()).matmul(&ad.b).matmul(&ad.a) * ad.scaling;
+            let g = g_u.to_kind(ad.a.kind()).matmul(&ad.a);
             match mask {
                 Some(m) => g * m * (1.0 / (1.0 - ad.dropout)),
                 None => g,
@@ -113,26 +118,32 @@ impl Linear {
         match &self.capture {
             Some(slot) => {
                 let xin = x.to_kind(ad.a.kind());
-                let Some((d, mask)) = ad.delta_with_mask(&xin, train) else {
+                let Some((u, mask)) = ad.down(&xin, train) else {
                     return y;
                 };
                 // Only passes that build a graph are measured: activation checkpointing's
                 // first pass runs without one, and its recomputation is the one measured.
-                if !d.requires_grad() {
-                    y += d.to_kind(y.kind());
+                if !u.requires_grad() {
+                    y += ad.up(&u).to_kind(y.kind());
                     return y;
                 }
+                let zero_leaf = |like: &Tensor| {
+                    Tensor::zeros([1], (like.kind(), like.device()))
+                        .expand(like.size(), false)
+                        .set_requires_grad(true)
+                };
+                let probe_u = zero_leaf(&u);
+                let d = ad.up(&(u + &probe_u));
                 let mut slot = slot.borrow_mut();
                 let fwd = SiteSums::of(&rows_of(&d, slot.rows.as_ref()), slot.max_m);
-                let probe = Tensor::zeros([1], (d.kind(), d.device()))
-                    .expand(d.size(), false)
-                    .set_requires_grad(true);
+                let probe = zero_leaf(&d);
                 let kind = y.kind();
                 y += (d + &probe).to_kind(kind);
                 slot.cap = Some(Capture {
                     input: slot.keep_input.then(|| xin.detach()),
                     fwd,
                     probe,
+                    probe_u,
                     mask,
                 });
             }
@@ -186,7 +197,8 @@ mod tests {
             let ad = lin.adapter.as_ref().expect("adapter");
             assert_eq!(cap.mask.is_some(), dropout > 0.0);
             let mask = cap.mask.as_ref().map(|m| m.reshape([-1, inp]));
-            let bwd = Capture::through_adapter(ad, &v, mask.as_ref());
+            let g_u = cap.probe_u.grad().reshape([-1, r]);
+            let bwd = Capture::through_adapter(ad, &g_u, mask.as_ref());
             let want = x.grad().reshape([-1, inp]) - v.matmul(&w);
             let err = (&bwd - &want).abs().max().double_value(&[]);
             assert!(err < 1e-10, "dropout {dropout}: bwd vs autograd: {err}");

@@ -181,16 +181,18 @@ impl LoraAdapter {
     /// The adapter's contribution `gamma B A dropout(x)` for `x` (..., in); `None` while
     /// merged (the base weight already carries it).
     pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
-        self.delta_with_mask(x, train).map(|(d, _)| d)
+        self.down(x, train).map(|(u, _)| self.up(&u))
     }
 
-    /// [`LoraAdapter::delta`] and the dropout mask it drew (true: kept), when dropout is
-    /// on. Both draw the mask the same way, so probing does not change the run.
-    pub fn delta_with_mask(&self, x: &Tensor, train: bool) -> Option<(Tensor, Option<Tensor>)> {
+    /// The first factor applied, `u = dropout(x) A^T` (..., r), and the dropout mask it
+    /// drew (true: kept) when dropout is on; `None` while merged. Adapters stay in their
+    /// own dtype (f32) when the base model runs in bf16. [`LoraAdapter::delta`] is
+    /// `up(down(x))`, so the probes, which look between the two, draw the same masks and
+    /// compute the same numbers.
+    pub fn down(&self, x: &Tensor, train: bool) -> Option<(Tensor, Option<Tensor>)> {
         if self.saved.is_some() {
             return None;
         }
-        // Adapters stay in their own dtype (f32) when the base model runs in bf16.
         let x = x.to_kind(self.a.kind());
         let (x, mask) = if train && self.dropout > 0.0 {
             let (x, mask) = x.native_dropout(self.dropout, true);
@@ -198,10 +200,12 @@ impl LoraAdapter {
         } else {
             (x, None)
         };
-        Some((
-            x.matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scaling,
-            mask,
-        ))
+        Some((x.matmul(&self.a.tr()), mask))
+    }
+
+    /// The second factor applied: `gamma u B^T` (..., out).
+    pub fn up(&self, u: &Tensor) -> Tensor {
+        u.matmul(&self.b.tr()) * self.scaling
     }
 
     /// `gamma B A` (out x in).

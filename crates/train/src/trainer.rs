@@ -746,7 +746,8 @@ fn read_probes(
         };
         let v = rows_of(&cap.probe.grad(), valid);
         let mask = cap.mask.as_ref().map(|m| rows_of(m, valid));
-        let bwd = Capture::through_adapter(ad, &v, mask.as_ref());
+        let g_u = rows_of(&cap.probe_u.grad(), valid);
+        let bwd = Capture::through_adapter(ad, &g_u, mask.as_ref());
         let s = &mut sums[i];
         s[0].merge(&cap.fwd);
         s[1].add(&v, max_m);
@@ -1065,6 +1066,9 @@ pub fn train(
         );
         if let (Some(l), 1) = (&law, step) {
             mrows.extend(law_rows(model, &rows, cfg, l));
+            // Its rows are written: free step 0's directions and step 1's inputs (a few
+            // hundred MB on a real model) before the steps that follow.
+            law = None;
         }
         times.probes += t.elapsed().as_secs_f64();
         let t = clock();

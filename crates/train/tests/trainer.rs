@@ -492,8 +492,10 @@ fn probes_match_an_independent_computation() {
     // The gradient into the input through the adapter, recomputed from V after the
     // backward pass, equals autograd's gradient of <gamma B A x, V> with respect to x (in
     // f64, independent of the formula the probe uses).
-    let bwd = rankstab_train::linear::Capture::through_adapter(ad, &vv.to_kind(Kind::Float), None)
-        .to_kind(Kind::Double);
+    let g_u = cap.probe_u.grad();
+    let g_u = g_u.reshape([-1, g_u.size()[2]]);
+    let bwd =
+        rankstab_train::linear::Capture::through_adapter(ad, &g_u, None).to_kind(Kind::Double);
     let xl = x.detach().set_requires_grad(true);
     let out = xl
         .matmul(&ad.a.detach().to_kind(Kind::Double).tr())
