@@ -14,7 +14,14 @@ def rss_mb(field):
 
 
 def reset_peak():
-    """Resets the peak resident set (VmHWM), so that it measures what runs from here on and
-    not the loader's buffers."""
+    """Returns the heap's free pages to the system (glibc's malloc_trim, as the Rust side
+    does at the same point), then resets the peak resident set (VmHWM), so that it
+    measures what runs from here on and not the loader's or the warm-up's freed buffers."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

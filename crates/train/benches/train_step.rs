@@ -35,8 +35,9 @@
 //! median over the timed steps. Our side has two warm-up steps ([`WARMUP`]: the first-step
 //! law's own memory at steps 0 and 1 is not the probes'), transformers + peft one. Peak
 //! memory: the process's peak resident set from the end of the warm-up steps to the end
-//! of the last step, the peak being reset there (`/proc/self/clear_refs`), as on the
-//! Python side; the memory ratio uses the probes-off run.
+//! of the last step, the peak being reset there (`/proc/self/clear_refs`, after glibc's
+//! `malloc_trim` returns the freed heap), as on the Python side; the memory ratio uses the
+//! probes-off run.
 mod common;
 use common::{
     assets, cores, env_usize, median, missing, parse_output, smoke, status_mb, write_result,
@@ -237,7 +238,9 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
             phases.push(p.times);
         }
         if step + 1 == WARMUP {
-            // After the warm-up steps: reset the peak resident set.
+            // After the warm-up steps: return the heap's free pages (as the Python side
+            // does) and reset the peak resident set.
+            rankstab_train::memory::release_free_heap();
             rss_loaded = status_mb("VmRSS");
             let _ = std::fs::write("/proc/self/clear_refs", "5");
         } else if step == last {

@@ -323,3 +323,16 @@ mod tests {
         assert!(e.contains("GiB") && e.contains("--max-memory"), "{e}");
     }
 }
+
+/// Returns the heap's free pages to the operating system (glibc's `malloc_trim`), after a
+/// large, one-off release (the first-step law's buffers): libtorch allocates big tensors
+/// through malloc, whose arenas otherwise keep them, so the process's resident memory
+/// would stay at its high-water mark for the rest of the run. A no-op elsewhere.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: malloc_trim only walks and trims glibc's own arenas; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -1069,6 +1069,7 @@ pub fn train(
             // Its rows are written: free step 0's directions and step 1's inputs (a few
             // hundred MB on a real model) before the steps that follow.
             law = None;
+            crate::memory::release_free_heap();
         }
         times.probes += t.elapsed().as_secs_f64();
         let t = clock();
