@@ -257,17 +257,7 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
         .collect();
     let med = median(times.clone());
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-    let n = phases.len().max(1) as f64;
-    let mean = |f: fn(&StepTimes) -> f64| phases.iter().map(f).sum::<f64>() / n;
-    let phases = StepTimes {
-        data: mean(|t| t.data),
-        forward: mean(|t| t.forward),
-        backward: mean(|t| t.backward),
-        probes: mean(|t| t.probes),
-        optimizer: mean(|t| t.optimizer),
-        evaluation: mean(|t| t.evaluation),
-        records: mean(|t| t.records),
-    };
+    let phases = StepTimes::mean(&phases);
     let flops = model_flops(
         &mut lm.model,
         (sh.batch * (sh.context)) as f64,
@@ -354,35 +344,15 @@ fn print(m: &Measure) {
 /// The measurements of one configuration over several processes, pooled: every timed
 /// step's time (median and minimum recomputed), the largest peak, the mean phases.
 fn pooled(ms: Vec<Measure>) -> Measure {
-    let k = ms.len().max(1) as f64;
+    let phases: Vec<StepTimes> = ms.iter().filter_map(|m| m.phases).collect();
     let mut it = ms.into_iter();
     let mut first = it.next().expect("at least one measurement");
-    let mut phases = first.phases.unwrap_or_default();
     for m in it {
         first.step_times_s.extend(&m.step_times_s);
         first.peak_rss_train_mb = first.peak_rss_train_mb.max(m.peak_rss_train_mb);
         first.gemm_gflops = first.gemm_gflops.max(m.gemm_gflops);
-        let p = m.phases.unwrap_or_default();
-        phases.data += p.data;
-        phases.forward += p.forward;
-        phases.backward += p.backward;
-        phases.probes += p.probes;
-        phases.optimizer += p.optimizer;
-        phases.evaluation += p.evaluation;
-        phases.records += p.records;
     }
-    for v in [
-        &mut phases.data,
-        &mut phases.forward,
-        &mut phases.backward,
-        &mut phases.probes,
-        &mut phases.optimizer,
-        &mut phases.evaluation,
-        &mut phases.records,
-    ] {
-        *v /= k;
-    }
-    first.phases = Some(phases);
+    first.phases = Some(StepTimes::mean(&phases));
     first.run.median_s = median(first.step_times_s.clone());
     first.run.tokens_per_s = (first.run.batch * first.run.context) as f64 / first.run.median_s;
     first.min_s = first
@@ -399,18 +369,15 @@ fn print_phases(off: &Measure, on: &Measure) {
         return;
     };
     println!("{:<12} {:>12} {:>12}", "phase", "probes off", "probes on");
-    for (name, x, y) in [
-        ("data", a.data, b.data),
-        ("forward", a.forward, b.forward),
-        ("backward", a.backward, b.backward),
-        ("probes", a.probes, b.probes),
-        ("optimizer", a.optimizer, b.optimizer),
-        ("evaluation", a.evaluation, b.evaluation),
-        ("records", a.records, b.records),
-        ("total", a.total(), b.total()),
-    ] {
+    for ((name, x), (_, y)) in a.phases().into_iter().zip(b.phases()) {
         println!("{name:<12} {x:>10.3} s {y:>10.3} s");
     }
+    println!(
+        "{:<12} {:>10.3} s {:>10.3} s",
+        "total",
+        a.total(),
+        b.total()
+    );
 }
 
 fn verdict(value: f64, target: f64) -> &'static str {

@@ -84,15 +84,38 @@ pub struct StepTimes {
 }
 
 impl StepTimes {
+    /// The phases in their order: data, forward, backward, probes, optimizer,
+    /// evaluation, records.
+    pub fn phases(&self) -> [(&'static str, f64); 7] {
+        [
+            ("data", self.data),
+            ("forward", self.forward),
+            ("backward", self.backward),
+            ("probes", self.probes),
+            ("optimizer", self.optimizer),
+            ("evaluation", self.evaluation),
+            ("records", self.records),
+        ]
+    }
+
     /// The sum of the phases.
     pub fn total(&self) -> f64 {
-        self.data
-            + self.forward
-            + self.backward
-            + self.probes
-            + self.optimizer
-            + self.evaluation
-            + self.records
+        self.phases().iter().map(|(_, s)| s).sum()
+    }
+
+    /// The phase-by-phase mean of `times` (zero when empty).
+    pub fn mean(times: &[StepTimes]) -> StepTimes {
+        let n = times.len().max(1) as f64;
+        let m = |f: fn(&StepTimes) -> f64| times.iter().map(f).sum::<f64>() / n;
+        StepTimes {
+            data: m(|t| t.data),
+            forward: m(|t| t.forward),
+            backward: m(|t| t.backward),
+            probes: m(|t| t.probes),
+            optimizer: m(|t| t.optimizer),
+            evaluation: m(|t| t.evaluation),
+            records: m(|t| t.records),
+        }
     }
 }
 
@@ -1271,6 +1294,27 @@ mod tests {
             let msg = c.validate().expect_err(field).to_string();
             assert!(msg.starts_with(field) && !msg.contains('\n'), "{msg}");
         }
+    }
+
+    #[test]
+    fn step_times_add_up_and_average_phase_by_phase() {
+        let a = StepTimes {
+            data: 1.0,
+            forward: 2.0,
+            backward: 3.0,
+            probes: 4.0,
+            optimizer: 5.0,
+            evaluation: 6.0,
+            records: 7.0,
+        };
+        assert_eq!(a.total(), 28.0);
+        let b = StepTimes {
+            forward: 4.0,
+            ..Default::default()
+        };
+        let m = StepTimes::mean(&[a, b]);
+        assert_eq!((m.data, m.forward, m.records), (0.5, 3.0, 3.5));
+        assert_eq!(StepTimes::mean(&[]), StepTimes::default());
     }
 
     /// The exact first-step law assumes the init (B = 0): a run continuing an adapter has no
