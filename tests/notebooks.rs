@@ -62,8 +62,14 @@ fn notebooks() -> Vec<PathBuf> {
     v
 }
 
+/// One notebook kernel at a time: Jupyter picks a kernel's ports by binding port 0 and
+/// letting it go before the kernel binds it again, so two kernels started at once (the two
+/// tests run in parallel) can pick the same port ("Address already in use", seen once).
+static ONE_KERNEL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Executes every notebook on `runs`; returns what each printed.
 fn execute(deps: &Path, runs: &[PathBuf], scratch: &Path) -> Vec<String> {
+    let _one = ONE_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
     let mut printed = Vec::new();
     let joined = std::env::join_paths(runs).expect("paths");
     for nb in notebooks() {
