@@ -7,6 +7,9 @@
 #                     tests/notebooks.rs (--python)
 #   .deps/bench/      pinned torch, transformers, peft, gguf: the reference side of the
 #                     training-step benchmark (--bench, for `make bench`; about 4 GB)
+#   Slurm             (--slurm) Debian's slurmctld, slurmd, slurm-client and munge, for the
+#                     real-Slurm tests (tests/slurm.rs start and stop their own one-node
+#                     cluster; nothing is configured or started here)
 #   assets/           SmolLM2-135M-Instruct (GGUF), Llama-2 and GPT-2 tokenizers, texts
 #                     (scripts/fetch-assets.sh, sha256-checked)
 # and Debian packages only where a needed command is missing: build tools, and with
@@ -24,12 +27,14 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 want_python=0
 want_browser=0
 want_bench=0
+want_slurm=0
 for arg in "$@"; do
   case "$arg" in
     --python) want_python=1 ;;
     --browser) want_browser=1 ;;
     --bench) want_bench=1 ;;
-    *) echo "setup.sh: unknown argument '$arg' (allowed: --python, --browser, --bench)" >&2; exit 2 ;;
+    --slurm) want_slurm=1 ;;
+    *) echo "setup.sh: unknown argument '$arg' (allowed: --python, --browser, --bench, --slurm)" >&2; exit 2 ;;
   esac
 done
 
@@ -55,6 +60,20 @@ command -v make >/dev/null || need_apt+=(make)
 if ((${#need_apt[@]})); then
   log "installing Debian packages: ${need_apt[*]}"
   as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+# Slurm 22.05 (bookworm) and munge for tests/slurm.rs; the daemons are not started here.
+if ((want_slurm)); then
+  need_slurm=()
+  [[ -x /usr/sbin/slurmctld ]] || need_slurm+=(slurmctld)
+  [[ -x /usr/sbin/slurmd ]] || need_slurm+=(slurmd)
+  command -v sbatch >/dev/null || need_slurm+=(slurm-client)
+  [[ -x /usr/sbin/munged ]] || need_slurm+=(munge)
+  if ((${#need_slurm[@]})); then
+    log "installing Debian packages: ${need_slurm[*]}"
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_slurm[@]}"
+  else
+    log "Slurm and munge already installed"
+  fi
 fi
 command -v cargo >/dev/null || { echo "setup.sh: cargo not found: install the Rust toolchain (rustup) first" >&2; exit 2; }
 

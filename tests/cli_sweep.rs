@@ -171,6 +171,66 @@ fn kill_9_then_the_same_command_resumes_with_identical_numbers() {
     }
 }
 
+/// SIGTERM (what a cluster sends before a preemption or the time limit) in the middle of a
+/// cell without periodic checkpoints: the cell finishes its step, writes a checkpoint and
+/// the sweep exits with status 75; the same command again resumes there and every cell
+/// ends with the numbers of an uninterrupted sweep.
+#[test]
+fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_sweep_resumes_identically() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), "steps = 60\ncheckpoint_every = 0\nprobe_every = 3");
+    let full = dir.path().join("full");
+    let o = sweep(&cfg, &full, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let out = dir.path().join("stopped");
+    let child = Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .arg("sweep")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    let metrics = out.join("cells/001-tiny-r2-rslora-adamw-s0/metrics.csv");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 20 {
+        assert!(t0.elapsed() < Duration::from_secs(300), "cell 1 did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let o = child.wait_with_output().expect("reaped");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains("stops after the step in flight")
+            && stderr.contains("stopped on request after step"),
+        "{stderr}"
+    );
+    assert!(metrics.with_file_name("checkpoint").join("state.json").exists());
+    assert_eq!(cells(&out).len(), 2, "the sweep stopped in cell 1");
+    let o = sweep(&cfg, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(all.contains("resumed at step"), "{all}");
+    let (a, b) = (numbers(&full), numbers(&out));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        assert!(x.1 == y.1 && x.2 == y.2 && x.3 == y.3, "{}: numbers differ", x.0);
+    }
+}
+
 #[test]
 fn a_diverging_cell_is_recorded_and_the_sweep_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");

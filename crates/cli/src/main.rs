@@ -7,6 +7,7 @@ mod eval_cmd;
 mod interrupt;
 mod progress;
 mod report_cmd;
+mod slurm;
 mod sweep_cmd;
 mod tensorboard;
 mod theory_cmd;
@@ -103,11 +104,25 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if stopped(&e) => {
+            eprintln!("rankstab: {}", one_line(&e));
+            ExitCode::from(interrupt::EXIT_STOPPED)
+        }
         Err(e) => {
             eprintln!("rankstab: error: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// Whether `e` is a training run stopped on a signal with a checkpoint.
+fn stopped(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<rankstab_train::TrainError>(),
+            Some(rankstab_train::TrainError::Stopped { .. })
+        )
+    })
 }
 
 /// Runs libtorch's OpenMP threads with `OMP_WAIT_POLICY=PASSIVE` unless the user set a
@@ -206,7 +221,11 @@ const VERSION: &str = concat!(
 /// "cpu (N threads)" or "cuda:N (device name)".
 pub(crate) fn device_description(device: tch::Device) -> String {
     match device {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        // A scheduler's GPU: which physical one it is.
+        tch::Device::Cuda(i) => match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Ok(v) if !v.is_empty() => format!("cuda:{i} (CUDA_VISIBLE_DEVICES={v})"),
+            _ => format!("cuda:{i}"),
+        },
         _ => format!("cpu ({} threads)", tch::get_num_threads()),
     }
 }

@@ -3,11 +3,13 @@
 //! one resumes from its checkpoint.
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use crate::slurm::{self, SlurmOptions};
 use rankstab_train::data::Dataset;
+use rankstab_train::device::DeviceName;
 use rankstab_train::limits::MAX_CONFIG_BYTES;
 use rankstab_train::run::{load_model, run_dir, LoadedModel, RunState};
 use rankstab_train::sweep::{claim_dir, load_data, SweepConfig, AUDIT_SWEEP};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Options of `rankstab sweep`.
@@ -52,9 +54,90 @@ pub struct SweepArgs {
     max_memory: Option<u64>,
     /// Print JSON lines on stdout instead of text: `{"event":"step",...}` per step (with
     /// the cell's index), `{"event":"cell",...}` per cell and a final `{"event":"sweep",...}`;
-    /// with --list, one `{"event":"cell_state",...}` per cell.
+    /// with --list, one `{"event":"cell_state",...}` per cell; with --status, one
+    /// `{"event":"cell_status",...}` per cell and a `{"event":"sweep_status",...}`.
     #[arg(long)]
     json: bool,
+    /// Run on this device instead of the configuration's: cpu, cuda, cuda:N, or auto (the
+    /// GPU a scheduler assigned through CUDA_VISIBLE_DEVICES, else the CPU).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<DeviceName>,
+    /// Submit the unfinished cells to Slurm as a job array (one task per cell, each
+    /// `rankstab sweep --out DIR --cell N`), record the job id in OUT/slurm/jobs.json and
+    /// print it. Cells already queued or running are left alone.
+    #[arg(long)]
+    slurm: bool,
+    /// Where the sweep stands: one line per cell (pending, running, complete, diverged,
+    /// failed; step reached, last loss, the Slurm job's state) and a summary line.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "out", "slurm", "list", "cell"])]
+    status: Option<PathBuf>,
+    /// With --status: submit again the cells that are neither finished nor queued nor
+    /// running, with the last submission's options (those given here replace them).
+    #[arg(long, requires = "status")]
+    resubmit: bool,
+    /// With --slurm or --resubmit: write OUT/slurm/sweep.sbatch and submit nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    sbatch: SbatchArgs,
+}
+
+/// The `sbatch` options of `--slurm` and `--resubmit`.
+#[derive(Args, Debug, Default)]
+struct SbatchArgs {
+    /// Slurm partition.
+    #[arg(long, value_name = "P", help_heading = "Slurm")]
+    partition: Option<String>,
+    /// Generic resources per task, e.g. gpu:1.
+    #[arg(long, value_name = "GRES", help_heading = "Slurm")]
+    gres: Option<String>,
+    /// CPUs per task (also the task's thread count).
+    #[arg(long, value_name = "N", help_heading = "Slurm")]
+    cpus_per_task: Option<u32>,
+    /// Memory per task (Slurm's spelling: 16G, 64000 = MB). Also the bound of the
+    /// up-front memory check (default there: none, the login node's memory says nothing).
+    #[arg(long, value_name = "M", help_heading = "Slurm")]
+    mem: Option<String>,
+    /// Time limit per task (e.g. 2:00:00); a task warned before it stops with a checkpoint.
+    #[arg(long, value_name = "T", help_heading = "Slurm")]
+    time: Option<String>,
+    /// At most K tasks at once (the array's %K throttle).
+    #[arg(long, value_name = "K", help_heading = "Slurm")]
+    max_parallel: Option<usize>,
+}
+
+impl SbatchArgs {
+    fn options(&self, device: Option<DeviceName>) -> SlurmOptions {
+        SlurmOptions {
+            partition: self.partition.clone(),
+            gres: self.gres.clone(),
+            cpus_per_task: self.cpus_per_task,
+            mem: self.mem.clone(),
+            time: self.time.clone(),
+            max_parallel: self.max_parallel,
+            device: device.map(|d| d.to_string()),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.partition.is_some()
+            || self.gres.is_some()
+            || self.cpus_per_task.is_some()
+            || self.mem.is_some()
+            || self.time.is_some()
+            || self.max_parallel.is_some()
+    }
+}
+
+/// Slurm's `--mem` in bytes: a bare number is MB; K, M, G, T suffixes.
+fn slurm_mem_bytes(mem: &str) -> Result<u64> {
+    let m = if mem.chars().all(|c| c.is_ascii_digit()) {
+        format!("{mem}M")
+    } else {
+        mem.to_string()
+    };
+    rankstab_records::guard::parse_memory(&m)
+        .map_err(|e| anyhow::anyhow!("--mem {mem:?}: {e}"))
 }
 
 /// Before the first cell runs: every model's shape from its configuration alone
@@ -130,15 +213,24 @@ pub fn run(a: SweepArgs) -> Result<()> {
         print!("{AUDIT_SWEEP}");
         return Ok(());
     }
-    let cfg = match &a.config {
+    if let Some(dir) = &a.status {
+        return status(&a, dir);
+    }
+    if !a.slurm && (a.dry_run || a.sbatch.any()) {
+        bail!("--dry-run and the Slurm options (--partition, --gres, --cpus-per-task, --mem, --time, --max-parallel) go with --slurm or --resubmit");
+    }
+    let (mut cfg, text) = match &a.config {
         Some(p) => {
             // A regular file of at most 1 MiB: a FIFO or a device cannot hang or fill memory.
             let text = rankstab_records::guard::read_regular_text(p, MAX_CONFIG_BYTES)
                 .with_context(|| format!("{}: cannot read the sweep configuration", p.display()))?;
-            SweepConfig::from_toml(&text, &p.display().to_string())?
+            (SweepConfig::from_toml(&text, &p.display().to_string())?, text)
         }
-        None => SweepConfig::audit(),
+        None => (SweepConfig::audit(), AUDIT_SWEEP.to_string()),
     };
+    if let Some(d) = a.device {
+        cfg.device = d;
+    }
     let cells = cfg.cells();
     if let Some(&bad) = a.cell.iter().find(|&&c| c >= cells.len()) {
         bail!(
@@ -169,6 +261,9 @@ pub fn run(a: SweepArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if a.slurm {
+        return submit(&a, &cfg, &text, &out);
+    }
     preflight(&cfg, &cells, a.max_memory)?;
     let device = cfg.device.device()?;
     // Held for the sweep's life: exclusive for the whole sweep, shared for --cell tasks.
@@ -178,9 +273,14 @@ pub fn run(a: SweepArgs) -> Result<()> {
     } else {
         a.cell.clone()
     };
+    // The device asked for (auto: what it became is `device`), and the Slurm job, task and
+    // node of a cluster task.
     let meta = crate::run_meta(
         device,
-        serde_json::json!({ "sweep": out, "data": cfg.data, "dtype": cfg.dtype }),
+        serde_json::json!({
+            "sweep": out, "data": cfg.data, "dtype": cfg.dtype,
+            "device_requested": cfg.device, "slurm": slurm::task_record(),
+        }),
     );
     let total_steps: u64 = chosen
         .iter()
@@ -209,6 +309,9 @@ pub fn run(a: SweepArgs) -> Result<()> {
             continue;
         }
         crate::interrupt::running(&out, "rankstab sweep");
+        // A signal (Slurm's SIGTERM before a preemption or the time limit) stops the cell
+        // after its step with a checkpoint.
+        crate::interrupt::checkpoint_on_signal(true);
         let t0 = Instant::now();
         if loaded.as_ref().is_none_or(|(n, _)| *n != cell.model) {
             pb.message(&format!("loading {}", cell.model));
@@ -252,6 +355,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
             counted = p.step as u64 + 1;
         })
         .with_context(|| label.clone())?;
+        crate::interrupt::checkpoint_on_signal(false);
         // A diverged cell stops early: count its remaining steps.
         pb.skip((tc.steps as u64).saturating_sub(counted));
         let what = match &o.diverged {
@@ -337,4 +441,149 @@ pub fn run(a: SweepArgs) -> Result<()> {
         crate::print_headline(&h);
     }
     Ok(())
+}
+
+/// `--slurm`: the cells to submit (those asked for with --cell, else all) that are not
+/// finished, queued or running; the up-front checks; the script; `sbatch`.
+fn submit(a: &SweepArgs, cfg: &SweepConfig, text: &str, out: &Path) -> Result<()> {
+    let cells = cfg.cells();
+    let opts = a.sbatch.options(a.device);
+    opts.check()?;
+    // The memory check against what a task asks for, not against this (login) node.
+    let max = match (a.max_memory, &opts.mem) {
+        (Some(m), _) => Some(m),
+        (None, Some(mem)) => Some(slurm_mem_bytes(mem)?),
+        (None, None) => Some(u64::MAX),
+    };
+    preflight(cfg, &cells, max)?;
+    // sweep.json and cells/ before any task starts (the tasks then agree on them).
+    let (manifest, lock) = claim_dir(out, cfg, false)?;
+    drop(lock);
+    let copy = slurm::config_copy(out);
+    std::fs::create_dir_all(slurm::slurm_dir(out))
+        .with_context(|| format!("{}: cannot create", slurm::slurm_dir(out).display()))?;
+    slurm::write_text_atomic(&copy, text)?;
+    let state = slurm::load_state(out)?;
+    let jobs: Vec<String> = state.submissions.iter().map(|s| s.job_id.clone()).collect();
+    let st = slurm::statuses(out, &manifest, &state, &slurm::task_states(&jobs));
+    let mut todo = slurm::unfinished(&st);
+    if !a.cell.is_empty() {
+        todo.retain(|c| a.cell.contains(c));
+    }
+    submit_cells(a, out, &todo, &opts)
+}
+
+/// Submits `todo` (or says there is nothing to submit) and prints what was done.
+fn submit_cells(a: &SweepArgs, out: &Path, todo: &[usize], opts: &SlurmOptions) -> Result<()> {
+    if todo.is_empty() {
+        println!(
+            "nothing to submit: every cell of {} is finished, queued or running (see rankstab sweep --status {})",
+            out.display(),
+            out.display()
+        );
+        return Ok(());
+    }
+    let (script, job) = slurm::submit(out, todo, opts, a.dry_run)?;
+    let cells = slurm::array_spec(todo);
+    match (&job, a.json) {
+        (Some(j), true) => crate::json_line(&serde_json::json!({
+            "event": "slurm_submitted", "job_id": j, "cells": todo, "script": script,
+        })),
+        (None, true) => crate::json_line(&serde_json::json!({
+            "event": "slurm_script", "cells": todo, "script": script,
+        })),
+        (Some(j), false) => {
+            println!(
+                "submitted Slurm job {j}: {} task(s), cells {cells}{}",
+                todo.len(),
+                opts.max_parallel
+                    .map_or(String::new(), |k| format!(", at most {k} at once"))
+            );
+            println!(
+                "script {}; logs {}/logs/cell-N.log; watch it with: rankstab sweep --status {}",
+                script.display(),
+                out.display(),
+                out.display()
+            );
+        }
+        (None, false) => println!(
+            "wrote {} ({} task(s), cells {cells}); submit it with: sbatch {}",
+            script.display(),
+            todo.len(),
+            script.display()
+        ),
+    }
+    Ok(())
+}
+
+/// `--status DIR` (and `--resubmit`).
+fn status(a: &SweepArgs, dir: &Path) -> Result<()> {
+    let path = dir.join("sweep.json");
+    if !path.is_file() {
+        bail!(
+            "--status {}: no sweep.json there: not a sweep directory",
+            dir.display()
+        );
+    }
+    let manifest: rankstab_train::sweep::SweepManifest = rankstab_records::read_json(&path)
+        .with_context(|| format!("{}: the sweep's manifest", path.display()))?;
+    let state = slurm::load_state(dir)?;
+    let jobs: Vec<String> = state.submissions.iter().map(|s| s.job_id.clone()).collect();
+    let st = slurm::statuses(dir, &manifest, &state, &slurm::task_states(&jobs));
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for s in &st {
+        *counts.entry(s.state).or_default() += 1;
+        if a.json {
+            crate::json_line(&serde_json::json!({ "event": "cell_status", "status": s }));
+        } else {
+            let loss = s.last_loss.map_or("-".into(), |l| format!("{l:.4}"));
+            println!(
+                "{:>4}  {:<9} step {:>6}/{:<6} loss {:>8}  {}{}{}",
+                s.cell,
+                s.state,
+                s.steps_done,
+                s.steps,
+                loss,
+                s.name,
+                s.slurm.as_ref().map_or(String::new(), |j| format!("  [{j}]")),
+                if s.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  {}", s.note)
+                }
+            );
+        }
+    }
+    let summary: Vec<String> = ["complete", "diverged", "running", "pending", "failed"]
+        .iter()
+        .map(|k| format!("{} {k}", counts.get(k).copied().unwrap_or(0)))
+        .collect();
+    if a.json {
+        crate::json_line(&serde_json::json!({
+            "event": "sweep_status", "run_dir": dir, "cells": st.len(), "counts": counts,
+            "jobs": jobs,
+        }));
+    } else {
+        println!("{} cells: {}", st.len(), summary.join(", "));
+    }
+    if !a.resubmit {
+        return Ok(());
+    }
+    let copy = slurm::config_copy(dir);
+    if !copy.is_file() {
+        bail!(
+            "--resubmit {}: it was never submitted with --slurm (no {}): use rankstab sweep --config FILE --out {} --slurm",
+            dir.display(),
+            copy.display(),
+            dir.display()
+        );
+    }
+    let last = state
+        .submissions
+        .last()
+        .map(|s| s.options.clone())
+        .unwrap_or_default();
+    let opts = last.overridden_by(&a.sbatch.options(a.device));
+    opts.check()?;
+    submit_cells(a, dir, &slurm::unfinished(&st), &opts)
 }

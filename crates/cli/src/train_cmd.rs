@@ -287,6 +287,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eprintln!("resuming the run in {}", out.display());
     }
     crate::interrupt::running(&out, "rankstab train");
+    // With checkpoints the run can resume: a signal then stops it after its step with one.
+    crate::interrupt::checkpoint_on_signal(a.checkpoint_every > 0);
     let result = train_locked(&a, &spec, &cfg, &out, &lock, extra);
     if result.is_err() && start == Start::New {
         // A new run that failed wrote nothing usable: do not leave it behind.

@@ -257,6 +257,30 @@ impl RunLock {
     }
 }
 
+/// Who holds the exclusive lock of `dir` (the holder line of its lock file: pid and host),
+/// or None when nobody does or there is no lock file. Probes with a shared lock, released
+/// at once; writes nothing.
+pub fn lock_holder(dir: &Path) -> Option<String> {
+    let mut file = File::open(dir.join(LOCK_FILE)).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => {
+            let _ = file.unlock();
+            None
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let line = holder.lines().next().unwrap_or("").trim();
+            Some(if line.is_empty() {
+                "another process".into()
+            } else {
+                line.to_string()
+            })
+        }
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
+}
+
 /// Whether a directory holds nothing but (possibly) a lock file.
 ///
 /// # Errors
@@ -349,6 +373,20 @@ pub fn check_memory(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_holder_is_named_while_held_and_none_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(lock_holder(dir.path()), None, "no lock file");
+        let lock = RunLock::exclusive(dir.path()).expect("lock");
+        let who = lock_holder(dir.path()).expect("held");
+        assert!(who.contains(&format!("pid {}", std::process::id())), "{who}");
+        drop(lock);
+        assert_eq!(lock_holder(dir.path()), None, "released");
+        // A shared holder is not an exclusive one (a sweep's tasks share its directory).
+        let _shared = RunLock::shared(dir.path()).expect("shared");
+        assert_eq!(lock_holder(dir.path()), None);
+    }
 
     #[test]
     fn only_bounded_regular_files_are_read() {

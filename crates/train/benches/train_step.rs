@@ -85,7 +85,7 @@ struct Measure {
     /// Mean seconds per timed step in each phase (our side only).
     #[serde(default)]
     phases: Option<StepTimes>,
-    /// Model FLOPs per step (our side only; see [`model_flops`]).
+    /// Model FLOPs per step (our side only; see `rankstab_train::memory::train_step_flops`).
     #[serde(default)]
     model_flops: f64,
     /// The best f32 GEMM rate of libtorch in this process, GFLOP/s (our side only).
@@ -108,33 +108,6 @@ fn gemm_gflops(n: i64) -> f64 {
             2.0 * (n as f64).powi(3) / s / 1e9
         })
         .fold(0.0, f64::max)
-}
-
-/// The model FLOPs of one training step of `lm` at `tokens` tokens in sequences of
-/// `context`, counted as the work the step needs (not what an implementation spends):
-/// forward, 2 flops per weight of every linear (the head included) per token, and causal
-/// attention, 2 T^2 (heads x head_dim) per sequence and layer (half of the full score
-/// matrix, as a causal kernel skips the rest); backward through the frozen base, the same
-/// again for the inputs' gradients (no weight gradients) and twice the attention; the
-/// adapters, 2 r (in + out) per token forward and twice that backward (the gradients of
-/// A, B and the input).
-fn model_flops(lm: &mut rankstab_train::CausalLm, tokens: f64, context: f64) -> f64 {
-    let head = (lm.vocab_size() * lm.hidden_size()) as f64;
-    let mut weights = head;
-    let mut adapters = 0.0;
-    let mut attention = 0.0;
-    for (path, lin) in lm.linears_mut() {
-        let (out, inp) = lin.dims();
-        weights += (out * inp) as f64;
-        if let Some(ad) = &lin.adapter {
-            adapters += 2.0 * ad.a.size()[0] as f64 * (out + inp) as f64;
-        }
-        if path.ends_with("q_proj") {
-            attention += 2.0 * context * out as f64;
-        }
-    }
-    let forward = 2.0 * weights * tokens + attention * tokens + adapters * tokens;
-    forward + (2.0 * weights * tokens + 2.0 * attention * tokens) + 2.0 * adapters * tokens
 }
 
 #[derive(Clone, Copy)]
@@ -258,7 +231,7 @@ fn rust_run(gguf: &Path, text: &Path, sh: Shape, probe_every: usize) -> Result<M
     let med = median(times.clone());
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
     let phases = StepTimes::mean(&phases);
-    let flops = model_flops(
+    let flops = rankstab_train::memory::train_step_flops(
         &mut lm.model,
         (sh.batch * (sh.context)) as f64,
         sh.context as f64,

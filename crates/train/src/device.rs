@@ -76,8 +76,10 @@ impl Dtype {
     }
 }
 
-/// A device as named on the command line and in sweep files: `cpu`, `cuda` or `cuda:N`.
-/// Parsing checks the spelling only; [`DeviceName::device`] checks that it is there.
+/// A device as named on the command line and in sweep files: `cpu`, `cuda`, `cuda:N` or
+/// `auto` (the first GPU libtorch sees, which on a cluster is the one the scheduler
+/// assigned through `CUDA_VISIBLE_DEVICES`, else the CPU). Parsing checks the spelling
+/// only; [`DeviceName::device`] checks that it is there.
 ///
 /// ```
 /// use rankstab_train::device::DeviceName;
@@ -85,6 +87,7 @@ impl Dtype {
 /// assert_eq!((d, d.to_string()), (DeviceName::Cuda(Some(1)), "cuda:1".to_string()));
 /// assert_eq!("cpu".parse::<DeviceName>().unwrap().device().unwrap(), tch::Device::Cpu);
 /// assert!("tpu".parse::<DeviceName>().unwrap_err().to_string().contains("cpu, cuda"));
+/// assert_eq!("auto".parse::<DeviceName>().unwrap().to_string(), "auto");
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DeviceName {
@@ -93,6 +96,8 @@ pub enum DeviceName {
     Cpu,
     /// A CUDA device: `cuda` (None, the first one) or `cuda:N`.
     Cuda(Option<usize>),
+    /// The first visible GPU when libtorch has CUDA and sees one, else the CPU.
+    Auto,
 }
 
 impl fmt::Display for DeviceName {
@@ -101,6 +106,7 @@ impl fmt::Display for DeviceName {
             DeviceName::Cpu => f.pad("cpu"),
             DeviceName::Cuda(None) => f.pad("cuda"),
             DeviceName::Cuda(Some(i)) => f.pad(&format!("cuda:{i}")),
+            DeviceName::Auto => f.pad("auto"),
         }
     }
 }
@@ -111,6 +117,7 @@ impl FromStr for DeviceName {
         match s {
             "cpu" => Ok(DeviceName::Cpu),
             "cuda" => Ok(DeviceName::Cuda(None)),
+            "auto" => Ok(DeviceName::Auto),
             other => other
                 .strip_prefix("cuda:")
                 .and_then(|i| i.parse::<usize>().ok())
@@ -118,7 +125,7 @@ impl FromStr for DeviceName {
                 .ok_or_else(|| ParseError {
                     axis: "device",
                     value: s.to_string(),
-                    allowed: "cpu, cuda, cuda:N".into(),
+                    allowed: "cpu, cuda, cuda:N, auto".into(),
                 }),
         }
     }
@@ -136,6 +143,11 @@ impl DeviceName {
         let index = match self {
             DeviceName::Cpu => return Ok(Device::Cpu),
             DeviceName::Cuda(i) => i.unwrap_or(0),
+            DeviceName::Auto => {
+                let gpu = tch::Cuda::is_available()
+                    || (load_cuda_backend().is_ok() && tch::Cuda::device_count() > 0);
+                return Ok(if gpu { Device::Cuda(0) } else { Device::Cpu });
+            }
         };
         let name = self.to_string();
         if !tch::Cuda::is_available() {

@@ -81,6 +81,15 @@ pub enum TrainError {
     /// Anything else that is not allowed, with the reason.
     #[error("{0}")]
     Invalid(String),
+    /// Training stopped on request ([`crate::stop::request`]: a signal) after step `step`,
+    /// with a checkpoint in `dir` to resume from.
+    #[error("stopped on request after step {step} with a checkpoint in {}: run the same command again to resume", .dir.display())]
+    Stopped {
+        /// The last step completed (0-based).
+        step: usize,
+        /// The run directory that holds the checkpoint.
+        dir: PathBuf,
+    },
     /// libtorch failed.
     #[error("{context}: {source}")]
     Torch {

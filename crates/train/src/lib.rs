@@ -30,6 +30,7 @@ pub mod peft;
 pub mod probe;
 pub mod random;
 pub mod run;
+pub mod stop;
 pub mod sweep;
 pub mod sweep_lr;
 pub mod text;

@@ -194,11 +194,68 @@ pub fn check(what: &str, estimate: u64, max: Option<u64>) -> Result<(), TrainErr
     rankstab_records::guard::check_memory(what, estimate, max).map_err(TrainError::Invalid)
 }
 
+/// The model FLOPs of one training step of `lm` at `tokens` tokens in sequences of
+/// `context`, counted as the work the step needs (not what an implementation spends):
+/// forward, 2 flops per weight of every linear (the head included) per token, and causal
+/// attention, 2 T^2 (heads x head_dim) per sequence and layer (half of the full score
+/// matrix, as a causal kernel skips the rest); backward through the frozen base, the same
+/// again for the inputs' gradients (no weight gradients) and twice the attention; the
+/// adapters, 2 r (in + out) per token forward and twice that backward (the gradients of
+/// A, B and the input).
+pub fn train_step_flops(lm: &mut crate::CausalLm, tokens: f64, context: f64) -> f64 {
+    let head = (lm.vocab_size() * lm.hidden_size()) as f64;
+    let mut weights = head;
+    let mut adapters = 0.0;
+    let mut attention = 0.0;
+    for (path, lin) in lm.linears_mut() {
+        let (out, inp) = lin.dims();
+        weights += (out * inp) as f64;
+        if let Some(ad) = &lin.adapter {
+            adapters += 2.0 * ad.a.size()[0] as f64 * (out + inp) as f64;
+        }
+        if path.ends_with("q_proj") {
+            attention += 2.0 * context * out as f64;
+        }
+    }
+    let forward = 2.0 * weights * tokens + attention * tokens + adapters * tokens;
+    forward + (2.0 * weights * tokens + 2.0 * attention * tokens) + 2.0 * adapters * tokens
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::random::{gptj_mini, llama2_mini, preset_shape};
     use tch::Device;
+
+    /// The step's FLOPs by hand for llama-2-mini without and with adapters on every
+    /// linear: 4 W T + 3 A T (A = 2 C d per layer) for the frozen base, 6 r (in+out) T more
+    /// for rank r adapters.
+    #[test]
+    fn a_train_steps_flops_are_counted_as_documented() {
+        let c = llama2_mini();
+        let mut m = crate::random::preset("llama-2-mini", Kind::Float, Device::Cpu, 0).expect("builds");
+        let (h, i, l) = (c.hidden_size as f64, c.intermediate_size as f64, c.num_layers as f64);
+        let w = l * (4.0 * h * h + 3.0 * h * i) + c.vocab_size as f64 * h;
+        let (t, ctx) = (64.0, 16.0);
+        let att = l * 2.0 * ctx * h;
+        let base = 4.0 * w * t + 3.0 * att * t;
+        let got = train_step_flops(&mut m, t, ctx);
+        assert!((got - base).abs() <= 1e-9 * base, "{got} vs {base}");
+        let cfg = crate::lora::LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            beta: 0.5,
+            init: crate::lora::LoraInit::KaimingUniform,
+            dropout: 0.0,
+            seed: Some(0),
+        };
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        crate::inject::attach(&mut m, &vs, &cfg, &[], 0).expect("attach");
+        let ad = 8.0 * l * (4.0 * 2.0 * h + 3.0 * (h + i));
+        let got = train_step_flops(&mut m, t, ctx);
+        assert!((got - base - 6.0 * ad * t).abs() <= 1e-9 * base, "{got}");
+    }
 
     /// Resident memory of this process (Linux), in bytes.
     fn rss() -> Option<u64> {

@@ -1136,10 +1136,13 @@ pub fn train(
         let t = clock();
         tables.moments.append(&mrows)?;
         tables.metrics.append(&metrics)?;
-        if cfg.checkpoint_every > 0
+        // A stop request (a scheduler's SIGTERM): checkpoint here and return, unless this
+        // was the last step (then the run finishes normally).
+        let stopping = crate::stop::requested() && step + 1 < cfg.steps;
+        let periodic = cfg.checkpoint_every > 0
             && (step + 1) % cfg.checkpoint_every == 0
-            && step + 1 < cfg.steps
-        {
+            && step + 1 < cfg.steps;
+        if periodic || stopping {
             save_checkpoint(out, cfg, step, &opt, &tables, law.as_ref())?;
         }
         times.records += t.elapsed().as_secs_f64();
@@ -1154,6 +1157,13 @@ pub fn train(
             moments: &mrows,
             times,
         });
+        if stopping {
+            probe::capture(model, None);
+            return Err(TrainError::Stopped {
+                step,
+                dir: out.to_path_buf(),
+            });
+        }
     }
     probe::capture(model, None);
     // The last step's evaluation already measured the final adapters.
