@@ -81,7 +81,7 @@ fn tiny_config(steps: usize) -> TrainConfig {
         beta: 0.5,
         init: LoraInit::KaimingUniform,
         dropout: 0.0,
-        optimizer: Optimizer::AdamW,
+        optimizer: Optimizer::Adamw,
         lr: 1e-2,
         steps,
         batch: 4,

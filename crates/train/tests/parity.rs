@@ -190,8 +190,11 @@ fn the_kv_cache_gives_the_full_forward_logits() {
         }
         assert_eq!(at, 20);
         let cached = Tensor::cat(&parts, 1);
+        // f32 sums in another order (a 20-token GEMM against chunks of 1-5 tokens, whose
+        // kernels libtorch picks by shape and threads): a few ulps of the logits (1.1e-5
+        // seen on a fresh clone beside a compiler). A cache bug moves logits by 0.1 to 1.
         let diff = (&cached - &full).abs().max().double_value(&[]);
-        assert!(diff < 1e-5, "{name}: max |logit difference| {diff}");
+        assert!(diff < 1e-4, "{name}: max |logit difference| {diff}");
         assert_eq!(cache[0].len(), 20);
         // Greedy with the cache against re-running the whole sequence every step.
         let mut seq = ids[..6].to_vec();
