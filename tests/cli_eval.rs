@@ -151,7 +151,7 @@ fn eval_bad_input_is_one_line_and_exit_2() {
         (
             "--device",
             "tpu",
-            "unknown device 'tpu' (allowed: cpu, cuda, cuda:N)",
+            "unknown device 'tpu' (allowed: cpu, cuda, cuda:N, auto)",
         ),
     ] {
         let o = eval(&["--model", m, "--text", &s(&good), flag, value]);

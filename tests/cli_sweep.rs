@@ -231,6 +231,88 @@ fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_sweep_resumes_identica
     }
 }
 
+/// What runs without a Slurm: `--status` of a local sweep, `--slurm --dry-run` (the
+/// script, nothing submitted), and the refusals (one line, exit 2, nothing written).
+#[test]
+fn status_of_a_local_sweep_the_slurm_script_and_its_refusals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), "steps = 2\ncheckpoint_every = 0");
+    let out = dir.path().join("s");
+    let o = sweep(&cfg, &out, &["--cell", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let status = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rankstab"))
+            .args(["sweep", "--status"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .expect("runs")
+    };
+    let o = status(&[]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("4 cells: 1 complete, 0 diverged, 0 running, 3 pending, 0 failed"),
+        "{text}"
+    );
+    assert!(
+        text.lines().nth(1).is_some_and(|l| l.contains("complete")
+            && l.contains("step      2/2")
+            && l.contains("001-tiny-r2-rslora-adamw-s0")),
+        "{text}"
+    );
+    // The script, without sbatch: every unfinished cell, and nothing recorded as submitted.
+    let o = sweep(
+        &cfg,
+        &out,
+        &["--slurm", "--dry-run", "--max-parallel", "2", "--time", "1:00:00", "--device", "cpu"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = std::fs::read_to_string(out.join("slurm/sweep.sbatch")).expect("script");
+    for want in [
+        "#SBATCH --array=0,2-3%2\n",
+        "#SBATCH --time=1:00:00\n",
+        "#SBATCH --requeue\n",
+        "--device 'cpu' --cell \"$SLURM_ARRAY_TASK_ID\"",
+    ] {
+        assert!(script.contains(want), "{want:?} not in\n{script}");
+    }
+    assert!(!out.join("slurm/jobs.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("slurm/sweep.toml")).expect("copy"),
+        std::fs::read_to_string(&cfg).expect("config")
+    );
+    // Refusals: one line naming what is wrong, exit 2.
+    let bad_partition = sweep(&cfg, &out, &["--slurm", "--partition", "a b"]);
+    let nothing_here = Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .args(["sweep", "--status"])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    let never_submitted = {
+        let other = dir.path().join("other");
+        assert!(sweep(&cfg, &other, &["--cell", "0"]).status.success());
+        Command::new(env!("CARGO_BIN_EXE_rankstab"))
+            .args(["sweep", "--resubmit", "--status"])
+            .arg(&other)
+            .output()
+            .expect("runs")
+    };
+    let dry_alone = sweep(&cfg, &out, &["--dry-run"]);
+    let other_device = status(&["--resubmit", "--device", "cuda"]);
+    for (o, want) in [
+        (&bad_partition, "--partition \"a b\""),
+        (&nothing_here, "no sweep.json"),
+        (&never_submitted, "never submitted with --slurm"),
+        (&dry_alone, "go with --slurm"),
+        (&other_device, "a sweep keeps one device"),
+    ] {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{want}: {e}");
+        assert!(e.contains(want) && e.trim().lines().count() == 1, "{want}: {e}");
+    }
+}
+
 #[test]
 fn a_diverging_cell_is_recorded_and_the_sweep_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");

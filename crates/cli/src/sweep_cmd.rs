@@ -214,6 +214,9 @@ pub fn run(a: SweepArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(dir) = &a.status {
+        if !a.resubmit && (a.dry_run || a.sbatch.any() || a.device.is_some()) {
+            bail!("--dry-run, --device and the Slurm options go with --status only together with --resubmit");
+        }
         return status(&a, dir);
     }
     if !a.slurm && (a.dry_run || a.sbatch.any()) {
@@ -568,6 +571,16 @@ fn status(a: &SweepArgs, dir: &Path) -> Result<()> {
     }
     if !a.resubmit {
         return Ok(());
+    }
+    // The tasks check their configuration against sweep.json: another device is refused
+    // here, before anything is submitted.
+    if let Some(d) = a.device {
+        if d != manifest.config.device {
+            bail!(
+                "--device {d}: this sweep runs on {} (its sweep.json); a sweep keeps one device",
+                manifest.config.device
+            );
+        }
     }
     let copy = slurm::config_copy(dir);
     if !copy.is_file() {

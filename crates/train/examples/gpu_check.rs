@@ -167,8 +167,14 @@ fn parity_probes(gpu: Device, rows: &mut Vec<Row>) {
     ));
 }
 
-/// nvidia-smi's memory in use on `index` (MiB), sampled every 100 ms while `f` runs: the peak.
+/// nvidia-smi's memory in use on CUDA device `index` (MiB), sampled every 100 ms while `f`
+/// runs: the peak. nvidia-smi numbers GPUs physically: CUDA_VISIBLE_DEVICES maps ours.
 fn with_peak_memory<T>(index: usize, f: impl FnOnce() -> T) -> (T, Option<f64>) {
+    let id = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .and_then(|v| v.split(',').nth(index).map(|s| s.trim().to_string()))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| index.to_string());
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let stop = Arc::new(AtomicBool::new(false));
@@ -180,7 +186,7 @@ fn with_peak_memory<T>(index: usize, f: impl FnOnce() -> T) -> (T, Option<f64>) 
                 .args([
                     "--query-gpu=memory.used",
                     "--format=csv,noheader,nounits",
-                    &format!("--id={index}"),
+                    &format!("--id={id}"),
                 ])
                 .output();
             match o.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok()) {

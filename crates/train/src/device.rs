@@ -177,6 +177,16 @@ impl DeviceName {
 mod tests {
     use super::*;
 
+    /// auto is the first GPU where libtorch sees one, else the CPU (never an error).
+    #[test]
+    fn auto_is_the_gpu_when_there_is_one_else_the_cpu() {
+        let gpu = DeviceName::Cuda(None).device().ok();
+        assert_eq!(
+            DeviceName::Auto.device().expect("never an error"),
+            gpu.unwrap_or(Device::Cpu)
+        );
+    }
+
     #[test]
     fn cuda_absent_is_a_clear_error_not_a_panic() {
         match DeviceName::Cuda(None).device() {
@@ -192,7 +202,7 @@ mod tests {
 
     #[test]
     fn device_names_round_trip() {
-        for name in ["cpu", "cuda", "cuda:0", "cuda:3"] {
+        for name in ["cpu", "cuda", "cuda:0", "cuda:3", "auto"] {
             let d: DeviceName = name.parse().expect("known");
             assert_eq!(d.to_string(), name);
             let json = serde_json::to_string(&d).expect("serialise");
@@ -206,7 +216,7 @@ mod tests {
                 .parse::<DeviceName>()
                 .expect_err("unknown")
                 .to_string(),
-            "unknown device 'tpu' (allowed: cpu, cuda, cuda:N)"
+            "unknown device 'tpu' (allowed: cpu, cuda, cuda:N, auto)"
         );
     }
 }
