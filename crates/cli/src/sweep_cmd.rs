@@ -458,7 +458,10 @@ fn submit(a: &SweepArgs, cfg: &SweepConfig, text: &str, out: &Path) -> Result<()
         (None, Some(mem)) => Some(slurm_mem_bytes(mem)?),
         (None, None) => Some(u64::MAX),
     };
-    preflight(cfg, &cells, max)?;
+    preflight(cfg, &cells, max).map_err(|e| match (&opts.mem, a.max_memory) {
+        (Some(mem), None) => e.context(format!("--mem {mem} (the cap of each task)")),
+        _ => e,
+    })?;
     // sweep.json and cells/ before any task starts (the tasks then agree on them).
     let (manifest, lock) = claim_dir(out, cfg, false)?;
     drop(lock);
