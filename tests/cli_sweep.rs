@@ -299,12 +299,14 @@ fn status_of_a_local_sweep_the_slurm_script_and_its_refusals() {
             .expect("runs")
     };
     let dry_alone = sweep(&cfg, &out, &["--dry-run"]);
+    let too_little = sweep(&cfg, &out, &["--slurm", "--dry-run", "--mem", "1"]);
     let other_device = status(&["--resubmit", "--device", "cuda"]);
     for (o, want) in [
         (&bad_partition, "--partition \"a b\""),
         (&nothing_here, "no sweep.json"),
         (&never_submitted, "never submitted with --slurm"),
         (&dry_alone, "go with --slurm"),
+        (&too_little, "--mem 1 (the cap of each task): cell 0"),
         (&other_device, "a sweep keeps one device"),
     ] {
         let e = String::from_utf8_lossy(&o.stderr);

@@ -110,12 +110,13 @@ impl Cluster {
             format!("--log-file={}", p("munge/munged.log")),
             format!("--seed-file={}", p("munge/munged.seed")),
         ]));
+        // Addresses given: nothing depends on the host name resolving.
         let host = hostname();
         let conf = d.join("slurm.conf");
         std::fs::write(
             &conf,
             format!(
-                "ClusterName=rankstabtest\nSlurmctldHost={host}\nSlurmUser=root\nSlurmdUser=root\n\
+                "ClusterName=rankstabtest\nSlurmctldHost={host}(127.0.0.1)\nSlurmUser=root\nSlurmdUser=root\n\
                  AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={sock}\n\
                  ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n\
                  SelectType=select/cons_tres\nSelectTypeParameters=CR_Core\nSchedulerType=sched/builtin\n\
@@ -125,7 +126,7 @@ impl Cluster {
                  SlurmctldPort={p1}\nSlurmdPort={p2}\nReturnToService=2\nMpiDefault=none\n\
                  JobCompType=jobcomp/none\nAccountingStorageType=accounting_storage/none\n\
                  MinJobAge=3600\nKillWait=10\n\
-                 NodeName={host} CPUs={cpus} RealMemory=1000 State=UNKNOWN\n\
+                 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN\n\
                  PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
                 sock = p("sock/munge.socket"),
                 state = p("state"),
