@@ -1,33 +1,15 @@
 //! End-to-end tests of `rankstab sweep` on the tiny Llama fixture: cells, --cell, skip,
 //! kill -9 and resume with identical numbers, a diverging cell that does not stop the
 //! sweep, and bad configurations.
+#[path = "common/sweep_config.rs"]
+mod sweep_config;
+use sweep_config::write_config;
 use rankstab_records::{read_table, MetricRow, MomentRow};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/tests/fixtures/tiny-llama")
-}
 
-fn write_config(dir: &Path, extra: &str) -> PathBuf {
-    let text = dir.join("t.txt");
-    let s = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ";
-    std::fs::write(&text, s.repeat(40)).expect("write");
-    let cfg = dir.join("sweep.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data = {:?}\nranks = [2, 8]\nscalings = [\"lora\", \"rslora\"]\noptimizers = [\"adamw\"]\n\
-             batch = 4\nmicro_batch = 2\ncontext = 16\nalpha = 8.0\neval_every = 5\nheldout_fraction = 0.2\n{extra}\n\
-             [lr]\nadamw = 0.01\nsgd = 0.1\n[[models]]\nname = \"tiny\"\npath = {:?}\n",
-            text.display().to_string(),
-            fixture().display().to_string()
-        ),
-    )
-    .expect("write");
-    cfg
-}
 
 fn sweep(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rankstab"))
@@ -39,6 +21,20 @@ fn sweep(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .expect("runs")
+}
+
+/// A sweep in the background (stdout dropped), to be killed or signalled.
+fn spawn_sweep(cfg: &Path, out: &Path, stderr: std::process::Stdio) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_rankstab"))
+        .arg("sweep")
+        .arg("--config")
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawns")
 }
 
 fn cells(out: &Path) -> Vec<PathBuf> {
@@ -124,16 +120,7 @@ fn kill_9_then_the_same_command_resumes_with_identical_numbers() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let out = dir.path().join("killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rankstab"))
-        .arg("sweep")
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawns");
+    let mut child = spawn_sweep(&cfg, &out, std::process::Stdio::null());
     let target = out.join("cells/001-tiny-r2-rslora-adamw-s0/checkpoint/state.json");
     let t0 = Instant::now();
     while !target.exists() {
@@ -184,16 +171,7 @@ fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_sweep_resumes_identica
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let out = dir.path().join("stopped");
-    let child = Command::new(env!("CARGO_BIN_EXE_rankstab"))
-        .arg("sweep")
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawns");
+    let child = spawn_sweep(&cfg, &out, std::process::Stdio::piped());
     let metrics = out.join("cells/001-tiny-r2-rslora-adamw-s0/metrics.csv");
     let t0 = Instant::now();
     while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 20 {

@@ -8,6 +8,9 @@
 //!
 //! Skipped with a message when Slurm is not installed or this is not root, unless
 //! RANKSTAB_REQUIRE_SLURM=1 (`make test` sets it), which turns the skip into a failure.
+#[path = "common/sweep_config.rs"]
+mod sweep_config;
+use sweep_config::write_config;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -16,9 +19,6 @@ use std::time::{Duration, Instant};
 /// One cluster at a time: the tests share this machine's cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/tests/fixtures/tiny-llama")
-}
 
 /// A one-node Slurm cluster in a temporary directory, stopped on drop.
 struct Cluster {
@@ -255,24 +255,6 @@ impl Drop for Cluster {
     }
 }
 
-fn write_config(dir: &Path, extra: &str) -> PathBuf {
-    let text = dir.join("t.txt");
-    let s = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ";
-    std::fs::write(&text, s.repeat(40)).expect("write");
-    let cfg = dir.join("sweep.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data = {:?}\nranks = [2, 8]\nscalings = [\"lora\", \"rslora\"]\noptimizers = [\"adamw\"]\n\
-             batch = 4\nmicro_batch = 2\ncontext = 16\nalpha = 8.0\neval_every = 5\nheldout_fraction = 0.2\n{extra}\n\
-             [lr]\nadamw = 0.01\nsgd = 0.1\n[[models]]\nname = \"tiny\"\npath = {:?}\n",
-            text.display().to_string(),
-            fixture().display().to_string()
-        ),
-    )
-    .expect("write");
-    cfg
-}
 
 fn ok(o: &Output) -> String {
     assert!(
