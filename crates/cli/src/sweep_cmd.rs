@@ -22,12 +22,18 @@ Examples:
                                                   # GPT-J (~12 min on 2 cores)
   rankstab sweep --config paper.toml --out runs/paper --list
   rankstab sweep --config paper.toml --out runs/paper --cell 7      # one cell (a job-array task)
+  rankstab sweep --config paper.toml --out /shared/paper --slurm --gres gpu:1 --time 24:00:00 \
+      --max-parallel 16 --device auto             # one Slurm job array, a task per cell
+  rankstab sweep --status /shared/paper           # every cell's state, with Slurm's
+  rankstab sweep --status /shared/paper --resubmit   # the cells neither finished nor queued
   rankstab sweep --print-default > my.toml
 
 Writes OUT/sweep.json (configuration and cells) and OUT/cells/<NNN-model-rR-scaling-opt-sS>/
 (manifest.json, moments.csv, metrics.csv, adapters/). Run the same command again after a
 kill: finished cells are skipped and an interrupted cell resumes from its last checkpoint.
 A cell whose loss becomes NaN or infinite ends as \"diverged at step k\" and the sweep goes on.
+SIGTERM (Slurm's warning before a preemption or the time limit), SIGINT or SIGHUP stops a cell
+after its step with a checkpoint and exit status 75; a second signal ends it at once.
 With an lrs grid in the configuration ([lrs] adamw = \"1e-4:1e-1:7\", or per model), every
 value is a cell of its own; once all of a model's cells have ended, OUT/transfer-<model>/
 holds its lr x rank study (lr* per rank, the exponent of lr* ~ r^c judged against c = 0).")]
