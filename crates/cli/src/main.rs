@@ -218,7 +218,7 @@ const VERSION: &str = concat!(
     ")"
 );
 
-/// "cpu (N threads)" or "cuda:N (device name)".
+/// "cpu (N threads)", or "cuda:N" with the CUDA_VISIBLE_DEVICES a scheduler set.
 pub(crate) fn device_description(device: tch::Device) -> String {
     match device {
         // A scheduler's GPU: which physical one it is.
