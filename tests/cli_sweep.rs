@@ -3,13 +3,11 @@
 //! sweep, and bad configurations.
 #[path = "common/sweep_config.rs"]
 mod sweep_config;
-use sweep_config::write_config;
 use rankstab_records::{read_table, MetricRow, MomentRow};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-
+use sweep_config::write_config;
 
 fn sweep(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rankstab"))
@@ -165,7 +163,10 @@ fn kill_9_then_the_same_command_resumes_with_identical_numbers() {
 #[test]
 fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_sweep_resumes_identically() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(dir.path(), "steps = 60\ncheckpoint_every = 0\nprobe_every = 3");
+    let cfg = write_config(
+        dir.path(),
+        "steps = 60\ncheckpoint_every = 0\nprobe_every = 3",
+    );
     let full = dir.path().join("full");
     let o = sweep(&cfg, &full, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -175,7 +176,10 @@ fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_sweep_resumes_identica
     let metrics = out.join("cells/001-tiny-r2-rslora-adamw-s0/metrics.csv");
     let t0 = Instant::now();
     while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 20 {
-        assert!(t0.elapsed() < Duration::from_secs(300), "cell 1 did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "cell 1 did not start"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     let kill = Command::new("kill")
@@ -191,7 +195,10 @@ fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_sweep_resumes_identica
             && stderr.contains("stopped on request after step"),
         "{stderr}"
     );
-    assert!(metrics.with_file_name("checkpoint").join("state.json").exists());
+    assert!(metrics
+        .with_file_name("checkpoint")
+        .join("state.json")
+        .exists());
     assert_eq!(cells(&out).len(), 2, "the sweep stopped in cell 1");
     let o = sweep(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -205,7 +212,11 @@ fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_sweep_resumes_identica
     assert_eq!(a.len(), 4);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.0, y.0);
-        assert!(x.1 == y.1 && x.2 == y.2 && x.3 == y.3, "{}: numbers differ", x.0);
+        assert!(
+            x.1 == y.1 && x.2 == y.2 && x.3 == y.3,
+            "{}: numbers differ",
+            x.0
+        );
     }
 }
 
@@ -243,7 +254,16 @@ fn status_of_a_local_sweep_the_slurm_script_and_its_refusals() {
     let o = sweep(
         &cfg,
         &out,
-        &["--slurm", "--dry-run", "--max-parallel", "2", "--time", "1:00:00", "--device", "cpu"],
+        &[
+            "--slurm",
+            "--dry-run",
+            "--max-parallel",
+            "2",
+            "--time",
+            "1:00:00",
+            "--device",
+            "cpu",
+        ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let script = std::fs::read_to_string(out.join("slurm/sweep.sbatch")).expect("script");
@@ -289,7 +309,10 @@ fn status_of_a_local_sweep_the_slurm_script_and_its_refusals() {
     ] {
         let e = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{want}: {e}");
-        assert!(e.contains(want) && e.trim().lines().count() == 1, "{want}: {e}");
+        assert!(
+            e.contains(want) && e.trim().lines().count() == 1,
+            "{want}: {e}"
+        );
     }
 }
 

@@ -10,15 +10,14 @@
 //! RANKSTAB_REQUIRE_SLURM=1 (`make test` sets it), which turns the skip into a failure.
 #[path = "common/sweep_config.rs"]
 mod sweep_config;
-use sweep_config::write_config;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use sweep_config::write_config;
 
 /// One cluster at a time: the tests share this machine's cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 
 /// A one-node Slurm cluster in a temporary directory, stopped on drop.
 struct Cluster {
@@ -201,8 +200,12 @@ impl Cluster {
 
 /// Whether process `pid` is alive (and not a zombie).
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            != Some("Z")
+    })
 }
 
 /// Sends `signal` (TERM, KILL) to `pids` with kill(1).
@@ -254,7 +257,6 @@ impl Drop for Cluster {
         }
     }
 }
-
 
 fn ok(o: &Output) -> String {
     assert!(
@@ -309,10 +311,7 @@ fn wait_for(
                         .join("\n")
                 })
                 .unwrap_or_default();
-            panic!(
-                "waited 10 min for {what}: {s:#?}\n{logs}\n{}",
-                c.logs()
-            );
+            panic!("waited 10 min for {what}: {s:#?}\n{logs}\n{}", c.logs());
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -352,7 +351,10 @@ fn cell_bytes(out: &Path) -> Vec<(String, Vec<u8>)> {
         adapters.sort();
         for a in adapters {
             files.push((
-                format!("{name}/adapters/{}", a.file_name().expect("name").to_string_lossy()),
+                format!(
+                    "{name}/adapters/{}",
+                    a.file_name().expect("name").to_string_lossy()
+                ),
                 std::fs::read(&a).expect("adapter"),
             ));
         }
@@ -367,7 +369,11 @@ fn assert_same_cells(local: &Path, cluster: &Path) {
         b.iter().map(|f| &f.0).collect::<Vec<_>>()
     );
     for (x, y) in a.iter().zip(&b) {
-        assert!(x.1 == y.1, "{} differs between the local and the Slurm sweep", x.0);
+        assert!(
+            x.1 == y.1,
+            "{} differs between the local and the Slurm sweep",
+            x.0
+        );
     }
 }
 
@@ -397,13 +403,27 @@ fn a_sweep_on_slurm_has_the_tables_of_the_sweep_run_here() {
     let s = |p: &Path| p.to_str().expect("utf-8").to_string();
     // --dry-run writes the script and submits nothing.
     let o = cluster.rankstab(&[
-        "sweep", "--config", &s(&cfg), "--out", &s(&out), "--slurm", "--dry-run",
+        "sweep",
+        "--config",
+        &s(&cfg),
+        "--out",
+        &s(&out),
+        "--slurm",
+        "--dry-run",
     ]);
     assert!(ok(&o).contains("wrote "), "{}", ok(&o));
     assert!(!out.join("slurm/jobs.json").exists());
     let o = cluster.rankstab(&[
-        "sweep", "--config", &s(&cfg), "--out", &s(&out), "--slurm",
-        "--cpus-per-task", "1", "--max-parallel", "2",
+        "sweep",
+        "--config",
+        &s(&cfg),
+        "--out",
+        &s(&out),
+        "--slurm",
+        "--cpus-per-task",
+        "1",
+        "--max-parallel",
+        "2",
     ]);
     let job = job_id(&ok(&o));
     let script = std::fs::read_to_string(out.join("slurm/sweep.sbatch")).expect("script");
@@ -427,7 +447,13 @@ fn a_sweep_on_slurm_has_the_tables_of_the_sweep_run_here() {
     assert_eq!(slurm["array_job_id"], job.as_str(), "{m:#}");
     assert_eq!(slurm["array_task_id"], "2");
     assert_eq!(slurm["node"], hostname().as_str());
-    assert!(m["device"].as_str().expect("device").starts_with("cpu (1 threads)"), "{m:#}");
+    assert!(
+        m["device"]
+            .as_str()
+            .expect("device")
+            .starts_with("cpu (1 threads)"),
+        "{m:#}"
+    );
     // Text status and a resubmission with nothing left to do.
     let o = cluster.rankstab(&["sweep", "--status", &s(&out), "--resubmit"]);
     let text = ok(&o);
@@ -458,8 +484,18 @@ fn stopped_and_killed_tasks_resume_and_end_with_the_local_tables() {
     let out = work.path().join("slurm");
     // Cells 0..2, one at a time; cell 3 is never submitted.
     let o = cluster.rankstab(&[
-        "sweep", "--config", &s(&cfg), "--out", &s(&out), "--slurm",
-        "--cell", "0,1,2", "--cpus-per-task", "1", "--max-parallel", "1",
+        "sweep",
+        "--config",
+        &s(&cfg),
+        "--out",
+        &s(&out),
+        "--slurm",
+        "--cell",
+        "0,1,2",
+        "--cpus-per-task",
+        "1",
+        "--max-parallel",
+        "1",
     ]);
     let job = job_id(&ok(&o));
     let started = |s: &[serde_json::Value], cell: usize| {
@@ -480,12 +516,20 @@ fn stopped_and_killed_tasks_resume_and_end_with_the_local_tables() {
     });
     // complete, failed (with a checkpoint), running and never started, all at once.
     assert_eq!(
-        st.iter().map(|c| c["state"].as_str().expect("state")).collect::<Vec<_>>(),
+        st.iter()
+            .map(|c| c["state"].as_str().expect("state"))
+            .collect::<Vec<_>>(),
         ["complete", "failed", "running", "pending"],
         "{st:#?}"
     );
-    assert!(st[1]["note"].as_str().expect("note").contains("resumes from its checkpoint"));
-    assert!(st[1]["slurm"].as_str().expect("slurm").contains("FAILED"), "{st:#?}");
+    assert!(st[1]["note"]
+        .as_str()
+        .expect("note")
+        .contains("resumes from its checkpoint"));
+    assert!(
+        st[1]["slurm"].as_str().expect("slurm").contains("FAILED"),
+        "{st:#?}"
+    );
     assert_eq!(st[3]["note"], "not started");
     let text = ok(&cluster.rankstab(&["sweep", "--status", &s(&out)]));
     assert!(
@@ -507,8 +551,14 @@ fn stopped_and_killed_tasks_resume_and_end_with_the_local_tables() {
     // Cell 1 requeued as a preemption would (now, not after Slurm's 120 s requeue delay):
     // it resumes from its checkpoint.
     run_ok(cluster.cmd("scontrol").args(["requeue", &task1]));
-    run_ok(cluster.cmd("scontrol").args(["update", &format!("JobId={task1}"), "StartTime=now"]));
-    wait_for(&cluster, &out, "cell 1 complete", |s| state(s, 1) == "complete");
+    run_ok(
+        cluster
+            .cmd("scontrol")
+            .args(["update", &format!("JobId={task1}"), "StartTime=now"]),
+    );
+    wait_for(&cluster, &out, "cell 1 complete", |s| {
+        state(s, 1) == "complete"
+    });
     let log1 = std::fs::read_to_string(out.join("logs/cell-1.log")).expect("log");
     assert!(log1.contains("resumed at step"), "{log1}");
 
@@ -528,5 +578,8 @@ fn stopped_and_killed_tasks_resume_and_end_with_the_local_tables() {
     assert_eq!(subs.len(), 2);
     assert_eq!(subs[0]["cells"], serde_json::json!([0, 1, 2]));
     assert_eq!(subs[1]["cells"], serde_json::json!([2, 3]));
-    assert_eq!(subs[1]["options"]["max_parallel"], 1, "the first submission's options");
+    assert_eq!(
+        subs[1]["options"]["max_parallel"], 1,
+        "the first submission's options"
+    );
 }

@@ -412,9 +412,7 @@ fn cell_status(
         .rev()
         .find(|s| s.cells.contains(&c.index))
         .map(|s| s.job_id.clone());
-    let task = job
-        .as_ref()
-        .and_then(|j| tasks.get(&(j.clone(), c.index)));
+    let task = job.as_ref().and_then(|j| tasks.get(&(j.clone(), c.index)));
     let slurm = job.as_ref().map(|j| match task {
         Some(t) => format!("{j}_{} {} ({})", c.index, t.state, t.detail),
         None => format!("{j}_{} (not in squeue or sacct)", c.index),
@@ -431,10 +429,7 @@ fn cell_status(
             ("diverged", note)
         }
         _ if task.is_some_and(TaskState::is_running) => ("running", String::new()),
-        _ if holder.is_some() => (
-            "running",
-            format!("held by {}", holder.unwrap_or_default()),
-        ),
+        _ if holder.is_some() => ("running", format!("held by {}", holder.unwrap_or_default())),
         _ if task.is_some_and(TaskState::is_live) => ("pending", "queued".into()),
         RunState::New if task.is_none_or(|t| t.state == "COMPLETED") => {
             ("pending", "not started".into())
@@ -680,7 +675,14 @@ mod tests {
         };
         assert!(t("PENDING").is_live() && !t("PENDING").is_running());
         assert!(t("RUNNING").is_live() && t("RUNNING").is_running());
-        for s in ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"] {
+        for s in [
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "PREEMPTED",
+            "NODE_FAIL",
+        ] {
             assert!(!t(s).is_live(), "{s}");
         }
     }

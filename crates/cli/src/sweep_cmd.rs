@@ -1,9 +1,9 @@
 //! `rankstab sweep`: a manifest of training cells (models x ranks x scalings x optimizers
 //! x seeds), each run into its own run directory; finished cells are skipped, a killed
 //! one resumes from its checkpoint.
+use crate::slurm::{self, SlurmOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use crate::slurm::{self, SlurmOptions};
 use rankstab_train::data::Dataset;
 use rankstab_train::device::DeviceName;
 use rankstab_train::limits::MAX_CONFIG_BYTES;
@@ -142,8 +142,7 @@ fn slurm_mem_bytes(mem: &str) -> Result<u64> {
     } else {
         mem.to_string()
     };
-    rankstab_records::guard::parse_memory(&m)
-        .map_err(|e| anyhow::anyhow!("--mem {mem:?}: {e}"))
+    rankstab_records::guard::parse_memory(&m).map_err(|e| anyhow::anyhow!("--mem {mem:?}: {e}"))
 }
 
 /// Before the first cell runs: every model's shape from its configuration alone
@@ -233,7 +232,10 @@ pub fn run(a: SweepArgs) -> Result<()> {
             // A regular file of at most 1 MiB: a FIFO or a device cannot hang or fill memory.
             let text = rankstab_records::guard::read_regular_text(p, MAX_CONFIG_BYTES)
                 .with_context(|| format!("{}: cannot read the sweep configuration", p.display()))?;
-            (SweepConfig::from_toml(&text, &p.display().to_string())?, text)
+            (
+                SweepConfig::from_toml(&text, &p.display().to_string())?,
+                text,
+            )
         }
         None => (SweepConfig::audit(), AUDIT_SWEEP.to_string()),
     };
@@ -557,7 +559,9 @@ fn status(a: &SweepArgs, dir: &Path) -> Result<()> {
                 s.steps,
                 loss,
                 s.name,
-                s.slurm.as_ref().map_or(String::new(), |j| format!("  [{j}]")),
+                s.slurm
+                    .as_ref()
+                    .map_or(String::new(), |j| format!("  [{j}]")),
                 if s.note.is_empty() {
                     String::new()
                 } else {

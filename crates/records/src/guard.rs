@@ -380,7 +380,10 @@ mod tests {
         assert_eq!(lock_holder(dir.path()), None, "no lock file");
         let lock = RunLock::exclusive(dir.path()).expect("lock");
         let who = lock_holder(dir.path()).expect("held");
-        assert!(who.contains(&format!("pid {}", std::process::id())), "{who}");
+        assert!(
+            who.contains(&format!("pid {}", std::process::id())),
+            "{who}"
+        );
         drop(lock);
         assert_eq!(lock_holder(dir.path()), None, "released");
         // A shared holder is not an exclusive one (a sweep's tasks share its directory).

@@ -34,10 +34,11 @@ fn fixture(name: &str) -> PathBuf {
 type Row = (String, String, String, Option<bool>);
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double).to_device(Device::Cpu) - b.to_kind(Kind::Double).to_device(Device::Cpu))
-        .abs()
-        .max()
-        .double_value(&[])
+    (a.to_kind(Kind::Double).to_device(Device::Cpu)
+        - b.to_kind(Kind::Double).to_device(Device::Cpu))
+    .abs()
+    .max()
+    .double_value(&[])
 }
 
 fn logits(dir: &Path, kind: Kind, device: Device, ids: &Tensor) -> Tensor {
@@ -51,7 +52,9 @@ fn parity_logits(gpu: Device, rows: &mut Vec<Row>) {
         let vocab = CausalLm::from_dir(&dir, Kind::Float, Device::Cpu)
             .expect("loads")
             .vocab_size();
-        let ids = Tensor::arange(64, (Kind::Int64, Device::Cpu)).remainder(vocab).view([2, 32]);
+        let ids = Tensor::arange(64, (Kind::Int64, Device::Cpu))
+            .remainder(vocab)
+            .view([2, 32]);
         let cpu = logits(&dir, Kind::Float, Device::Cpu, &ids);
         let f32_gpu = logits(&dir, Kind::Float, gpu, &ids);
         let d = max_abs_diff(&cpu, &f32_gpu);
@@ -148,7 +151,10 @@ fn parity_probes(gpu: Device, rows: &mut Vec<Row>) {
         .expect("loads")
         .vocab_size();
     let data = synthetic(16, cfg.context, vocab);
-    let (a, b) = (probe_rows(Device::Cpu, &cfg, &data), probe_rows(gpu, &cfg, &data));
+    let (a, b) = (
+        probe_rows(Device::Cpu, &cfg, &data),
+        probe_rows(gpu, &cfg, &data),
+    );
     let same_rows = a.len() == b.len()
         && a.iter().zip(&b).all(|(x, y)| {
             (x.step, x.layer, &x.module, x.site, x.stat, x.m)
@@ -160,8 +166,14 @@ fn parity_probes(gpu: Device, rows: &mut Vec<Row>) {
         .map(|(x, y)| (x.value - y.value).abs() / (x.value.abs().max(y.value.abs()) + 1e-9))
         .fold(0.0, f64::max);
     rows.push((
-        format!("probe rows, 4 steps, CPU vs CUDA ({} rows; max relative diff)", a.len()),
-        format!("{worst:.2e}{}", if same_rows { "" } else { " (rows differ)" }),
+        format!(
+            "probe rows, 4 steps, CPU vs CUDA ({} rows; max relative diff)",
+            a.len()
+        ),
+        format!(
+            "{worst:.2e}{}",
+            if same_rows { "" } else { " (rows differ)" }
+        ),
         "<= 1e-3".into(),
         Some(same_rows && worst <= 1e-3),
     ));
@@ -189,7 +201,12 @@ fn with_peak_memory<T>(index: usize, f: impl FnOnce() -> T) -> (T, Option<f64>) 
                     &format!("--id={id}"),
                 ])
                 .output();
-            match o.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok()) {
+            match o.ok().and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            }) {
                 Some(v) => peak = Some(peak.map_or(v, |p: f64| p.max(v))),
                 None => return None,
             }
@@ -257,8 +274,10 @@ fn paper_shape(gpu: Device, index: usize, rows: &mut Vec<Row>) {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let vs = nn::VarStore::new(gpu);
         let mut times = Vec::new();
-        train(&mut m, &vs, &data, &cfg, dir.path(), |p| times.push(p.seconds))
-            .map_err(|e| e.to_string())?;
+        train(&mut m, &vs, &data, &cfg, dir.path(), |p| {
+            times.push(p.seconds)
+        })
+        .map_err(|e| e.to_string())?;
         let flops = rankstab_train::memory::train_step_flops(
             &mut m,
             (batch * context) as f64,
@@ -286,7 +305,11 @@ fn paper_shape(gpu: Device, index: usize, rows: &mut Vec<Row>) {
             ));
             rows.push((
                 "  model FLOP utilisation (model FLOPs / s / bf16 peak)".into(),
-                format!("{:.2} ({:.1} TFLOP per step)", flops / s / (peak * 1e12), flops / 1e12),
+                format!(
+                    "{:.2} ({:.1} TFLOP per step)",
+                    flops / s / (peak * 1e12),
+                    flops / 1e12
+                ),
                 String::new(),
                 None,
             ));
@@ -300,7 +323,9 @@ fn paper_shape(gpu: Device, index: usize, rows: &mut Vec<Row>) {
     }
     rows.push((
         "  peak GPU memory (nvidia-smi, CUDA context included)".into(),
-        mem.map_or("n/a (no nvidia-smi)".into(), |m| format!("{:.1} GiB", m / 1024.0)),
+        mem.map_or("n/a (no nvidia-smi)".into(), |m| {
+            format!("{:.1} GiB", m / 1024.0)
+        }),
         String::new(),
         None,
     ));
@@ -326,7 +351,10 @@ fn main() -> std::process::ExitCode {
         paper_shape(gpu, index, &mut rows);
     }
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
-    println!("{:<w$}  {:<28}  {:<10}  result", "check", "measured", "bound");
+    println!(
+        "{:<w$}  {:<28}  {:<10}  result",
+        "check", "measured", "bound"
+    );
     for (what, got, bound, pass) in &rows {
         let r = match pass {
             Some(true) => "ok",

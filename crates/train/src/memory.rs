@@ -221,7 +221,6 @@ pub fn train_step_flops(lm: &mut crate::CausalLm, tokens: f64, context: f64) -> 
     forward + (2.0 * weights * tokens + 2.0 * attention * tokens) + 2.0 * adapters * tokens
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,8 +233,13 @@ mod tests {
     #[test]
     fn a_train_steps_flops_are_counted_as_documented() {
         let c = llama2_mini();
-        let mut m = crate::random::preset("llama-2-mini", Kind::Float, Device::Cpu, 0).expect("builds");
-        let (h, i, l) = (c.hidden_size as f64, c.intermediate_size as f64, c.num_layers as f64);
+        let mut m =
+            crate::random::preset("llama-2-mini", Kind::Float, Device::Cpu, 0).expect("builds");
+        let (h, i, l) = (
+            c.hidden_size as f64,
+            c.intermediate_size as f64,
+            c.num_layers as f64,
+        );
         let w = l * (4.0 * h * h + 3.0 * h * i) + c.vocab_size as f64 * h;
         let (t, ctx) = (64.0, 16.0);
         let att = l * 2.0 * ctx * h;
