@@ -68,6 +68,20 @@ fn numbers(out: &Path) -> Vec<CellNumbers> {
         .collect()
 }
 
+/// The 4 cells of the sweeps in `a` and `b` have the same names, moment rows, metric rows
+/// (wall clock aside) and adapter bytes.
+fn assert_same_numbers(a: &Path, b: &Path) {
+    let (a, b) = (numbers(a), numbers(b));
+    assert_eq!(a.len(), 4);
+    assert_eq!(b.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        assert!(x.1 == y.1, "{}: moments differ", x.0);
+        assert!(x.2 == y.2, "{}: metrics differ", x.0);
+        assert!(x.3 == y.3, "{}: adapters differ", x.0);
+    }
+}
+
 #[test]
 fn sweep_runs_every_cell_skips_finished_ones_and_runs_one_cell_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -145,15 +159,7 @@ fn kill_9_then_the_same_command_resumes_with_identical_numbers() {
         stderr.contains("resumed at step") || stdout.contains("resumed at step"),
         "{stdout}{stderr}"
     );
-    let a = numbers(&full);
-    let b = numbers(&out);
-    assert_eq!(a.len(), 4);
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x.0, y.0);
-        assert!(x.1 == y.1, "{}: moments differ", x.0);
-        assert!(x.2 == y.2, "{}: metrics differ", x.0);
-        assert!(x.3 == y.3, "{}: adapters differ", x.0);
-    }
+    assert_same_numbers(&full, &out);
 }
 
 /// SIGTERM (what a cluster sends before a preemption or the time limit) in the middle of a
@@ -208,16 +214,7 @@ fn sigterm_stops_after_the_step_with_a_checkpoint_and_the_sweep_resumes_identica
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(all.contains("resumed at step"), "{all}");
-    let (a, b) = (numbers(&full), numbers(&out));
-    assert_eq!(a.len(), 4);
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x.0, y.0);
-        assert!(
-            x.1 == y.1 && x.2 == y.2 && x.3 == y.3,
-            "{}: numbers differ",
-            x.0
-        );
-    }
+    assert_same_numbers(&full, &out);
 }
 
 /// What runs without a Slurm: `--status` of a local sweep, `--slurm --dry-run` (the

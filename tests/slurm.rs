@@ -505,12 +505,11 @@ fn stopped_and_killed_tasks_resume_and_end_with_the_local_tables() {
         state(s, 0) == "complete" && started(s, 1)
     });
     let task1 = format!("{job}_1");
-    let term = cluster
-        .cmd("scancel")
-        .args(["--full", "--signal=TERM", &task1])
-        .output()
-        .expect("scancel");
-    assert!(term.status.success());
+    run_ok(
+        cluster
+            .cmd("scancel")
+            .args(["--full", "--signal=TERM", &task1]),
+    );
     let st = wait_for(&cluster, &out, "cell 1 stopped, cell 2 running", |s| {
         state(s, 1) == "failed" && started(s, 2)
     });
@@ -541,12 +540,11 @@ fn stopped_and_killed_tasks_resume_and_end_with_the_local_tables() {
 
     // Cell 2 killed hard (no checkpoint written for the kill).
     let task2 = format!("{job}_2");
-    let kill = cluster
-        .cmd("scancel")
-        .args(["--full", "--signal=KILL", &task2])
-        .output()
-        .expect("scancel");
-    assert!(kill.status.success());
+    run_ok(
+        cluster
+            .cmd("scancel")
+            .args(["--full", "--signal=KILL", &task2]),
+    );
     wait_for(&cluster, &out, "cell 2 killed", |s| state(s, 2) == "failed");
     // Cell 1 requeued as a preemption would (now, not after Slurm's 120 s requeue delay):
     // it resumes from its checkpoint.

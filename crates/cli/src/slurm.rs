@@ -100,6 +100,13 @@ pub struct SlurmState {
     pub submissions: Vec<Submission>,
 }
 
+impl SlurmState {
+    /// The job ids of every submission, oldest first.
+    pub fn job_ids(&self) -> Vec<String> {
+        self.submissions.iter().map(|s| s.job_id.clone()).collect()
+    }
+}
+
 /// The sweep's Slurm folder.
 pub fn slurm_dir(out: &Path) -> PathBuf {
     out.join("slurm")
@@ -383,16 +390,12 @@ fn progress_of(dir: &Path) -> (usize, Option<f64>) {
 }
 
 /// Every cell's status: its run directory, whether a process holds its lock, and the
-/// Slurm state of the task of its last submission.
-pub fn statuses(
-    out: &Path,
-    m: &SweepManifest,
-    state: &SlurmState,
-    tasks: &BTreeMap<(String, usize), TaskState>,
-) -> Vec<CellStatus> {
+/// Slurm state (`task_states`) of the task of its last submission.
+pub fn statuses(out: &Path, m: &SweepManifest, state: &SlurmState) -> Vec<CellStatus> {
+    let tasks = task_states(&state.job_ids());
     m.cells
         .iter()
-        .map(|c| cell_status(out, m, c, state, tasks))
+        .map(|c| cell_status(out, m, c, state, &tasks))
         .collect()
 }
 

@@ -477,9 +477,7 @@ fn submit(a: &SweepArgs, cfg: &SweepConfig, text: &str, out: &Path) -> Result<()
     std::fs::create_dir_all(slurm::slurm_dir(out))
         .with_context(|| format!("{}: cannot create", slurm::slurm_dir(out).display()))?;
     slurm::write_text_atomic(&copy, text)?;
-    let state = slurm::load_state(out)?;
-    let jobs: Vec<String> = state.submissions.iter().map(|s| s.job_id.clone()).collect();
-    let st = slurm::statuses(out, &manifest, &state, &slurm::task_states(&jobs));
+    let st = slurm::statuses(out, &manifest, &slurm::load_state(out)?);
     let mut todo = slurm::unfinished(&st);
     if !a.cell.is_empty() {
         todo.retain(|c| a.cell.contains(c));
@@ -542,8 +540,7 @@ fn status(a: &SweepArgs, dir: &Path) -> Result<()> {
     let manifest: rankstab_train::sweep::SweepManifest = rankstab_records::read_json(&path)
         .with_context(|| format!("{}: the sweep's manifest", path.display()))?;
     let state = slurm::load_state(dir)?;
-    let jobs: Vec<String> = state.submissions.iter().map(|s| s.job_id.clone()).collect();
-    let st = slurm::statuses(dir, &manifest, &state, &slurm::task_states(&jobs));
+    let st = slurm::statuses(dir, &manifest, &state);
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
     for s in &st {
         *counts.entry(s.state).or_default() += 1;
@@ -577,7 +574,7 @@ fn status(a: &SweepArgs, dir: &Path) -> Result<()> {
     if a.json {
         crate::json_line(&serde_json::json!({
             "event": "sweep_status", "run_dir": dir, "cells": st.len(), "counts": counts,
-            "jobs": jobs,
+            "jobs": state.job_ids(),
         }));
     } else {
         println!("{} cells: {}", st.len(), summary.join(", "));
