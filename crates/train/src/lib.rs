@@ -38,7 +38,12 @@ pub mod trainer;
 pub mod weights;
 
 pub use error::TrainError;
+
+// jemalloc serves every allocation of every binary that links this crate, libtorch's
+// included (`memory::ALLOCATOR` says why); naming the crate is what links it.
 pub use model::CausalLm;
+#[cfg(not(target_env = "msvc"))]
+use tikv_jemalloc_sys as _;
 
 #[cfg(test)]
 mod tests {
