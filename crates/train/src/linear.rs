@@ -124,8 +124,7 @@ impl Linear {
                 // Only passes that build a graph are measured: activation checkpointing's
                 // first pass runs without one, and its recomputation is the one measured.
                 if !u.requires_grad() {
-                    y += ad.up(&u).to_kind(y.kind());
-                    return y;
+                    return ad.add_up(&y, &u);
                 }
                 let zero_leaf = |like: &Tensor| {
                     Tensor::zeros([1], (like.kind(), like.device()))
@@ -148,8 +147,8 @@ impl Linear {
                 });
             }
             None => {
-                if let Some(d) = ad.delta(x, train) {
-                    y += d.to_kind(y.kind());
+                if let Some((u, _)) = ad.down(x, train) {
+                    y = ad.add_up(&y, &u);
                 }
             }
         }

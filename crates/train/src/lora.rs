@@ -203,9 +203,26 @@ impl LoraAdapter {
         Some((x.matmul(&self.a.tr()), mask))
     }
 
-    /// The second factor applied: `gamma u B^T` (..., out).
+    /// The second factor applied: `gamma u B^T` (..., out), with gamma applied to the
+    /// rank-r `u` (r entries a token) rather than to the product (`out` entries a token,
+    /// and as many again in the backward pass).
     pub fn up(&self, u: &Tensor) -> Tensor {
-        u.matmul(&self.b.tr()) * self.scaling
+        (u * self.scaling).matmul(&self.b.tr())
+    }
+
+    /// `y + gamma u B^T` for the base layer's output `y` (..., out): one matrix product
+    /// that accumulates into a copy of `y` (GEMM with beta = 1), instead of the product,
+    /// then its sum with `y`, each a pass over (tokens, out) in both directions. When `y`
+    /// is in another dtype than the adapter (a bf16 base), the product is converted first.
+    pub fn add_up(&self, y: &Tensor, u: &Tensor) -> Tensor {
+        if y.kind() != self.b.kind() || y.device() != self.b.device() {
+            return y + self.up(u).to_kind(y.kind());
+        }
+        let shape = y.size();
+        let (out, r) = (self.b.size()[0], self.b.size()[1]);
+        y.reshape([-1, out])
+            .addmm(&(u * self.scaling).reshape([-1, r]), &self.b.tr())
+            .reshape(shape)
     }
 
     /// `gamma B A` (out x in).

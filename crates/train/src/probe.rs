@@ -32,6 +32,14 @@ pub fn moments(y: &Tensor, max_m: u32) -> (Vec<f64>, Vec<f64>) {
 /// Entries per partial sum of the fused moment pass: the partials are added in their
 /// order, so the result does not depend on how many threads computed them.
 const CHUNK: usize = 1 << 14;
+/// Tensors up to this many entries are summed on the calling thread, larger ones on the
+/// rayon pool. A pass comes right after libtorch's kernels, whose OpenMP threads then
+/// spin-wait on the other cores for a while: a rayon worker sharing a core with one of
+/// them took 3x as long over the probes of a SmolLM2-135M step (0.65 s against 0.20 s
+/// for 7 steps' `grad_out` passes). 4 Mi entries take about 1.5 ms on one core, long
+/// enough for a spin-wait to end. The chunks and the order in which their partial sums
+/// are added are the same either way: the same bits.
+const SERIAL_MAX: usize = 1 << 22;
 /// Independent accumulators per sum in the fused pass (they let the compiler keep
 /// several additions in flight and use vector registers; fixed, so the rounding is too).
 const LANES: usize = 8;
@@ -178,11 +186,15 @@ impl Entry for f32 {
 }
 
 /// The sums of orders 1..=4 (absolute, raw) over `x`: [`chunk_sums4`] on chunks of
-/// [`CHUNK`] entries on the rayon pool, the partials added in chunk order (bit-identical
-/// at any thread count).
+/// [`CHUNK`] entries (on the rayon pool above [`SERIAL_MAX`] entries), the partials added
+/// in chunk order (bit-identical at any thread count).
 fn slice_sums4<T: Entry>(x: &[T]) -> ([f64; 4], [f64; 4]) {
     use rayon::prelude::*;
-    let parts: Vec<[f64; 6]> = x.par_chunks(CHUNK).map(T::sums4).collect();
+    let parts: Vec<[f64; 6]> = if x.len() <= SERIAL_MAX {
+        x.chunks(CHUNK).map(T::sums4).collect()
+    } else {
+        x.par_chunks(CHUNK).map(T::sums4).collect()
+    };
     let mut s = [0.0; 6];
     for p in parts {
         for k in 0..6 {
@@ -192,11 +204,16 @@ fn slice_sums4<T: Entry>(x: &[T]) -> ([f64; 4], [f64; 4]) {
     ([s[0], s[2], s[3], s[5]], [s[1], s[2], s[4], s[5]])
 }
 
-/// [`chunk_sums`] over `x` in chunks of [`CHUNK`] entries on the rayon pool, the partials
-/// added in chunk order (bit-identical at any thread count).
+/// [`chunk_sums`] over `x` in chunks of [`CHUNK`] entries (on the rayon pool above
+/// [`SERIAL_MAX`] entries), the partials added in chunk order (bit-identical at any
+/// thread count).
 fn slice_sums<T: Copy + Into<f64> + Sync, const M: usize>(x: &[T]) -> ([f64; M], [f64; M]) {
     use rayon::prelude::*;
-    let parts: Vec<([f64; M], [f64; M])> = x.par_chunks(CHUNK).map(chunk_sums::<T, M>).collect();
+    let parts: Vec<([f64; M], [f64; M])> = if x.len() <= SERIAL_MAX {
+        x.chunks(CHUNK).map(chunk_sums::<T, M>).collect()
+    } else {
+        x.par_chunks(CHUNK).map(chunk_sums::<T, M>).collect()
+    };
     let (mut a, mut r) = ([0.0; M], [0.0; M]);
     for (pa, pr) in parts {
         for m in 0..M {
@@ -502,26 +519,45 @@ mod tests {
                 }
             }
         }
-        let on = |threads| {
-            let t = t.shallow_clone();
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool")
-                .install(move || SiteSums::of(&t, 4))
-        };
-        let one = on(1);
-        for threads in [2, 5] {
-            let s = on(threads);
-            assert!(
-                s.abs
-                    .iter()
-                    .zip(&one.abs)
-                    .chain(s.raw.iter().zip(&one.raw))
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{threads} threads"
-            );
+        // Above SERIAL_MAX entries the chunks are summed on the pool: the same bits at any
+        // thread count, and the same as the chunks summed in order on one thread.
+        let big = Tensor::randn(
+            [SERIAL_MAX as i64 + 3 * CHUNK as i64 + 5],
+            (Kind::Float, Device::Cpu),
+        );
+        for t in [&t, &big] {
+            let on = |threads| {
+                let t = t.shallow_clone();
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool")
+                    .install(move || SiteSums::of(&t, 4))
+            };
+            let one = on(1);
+            for threads in [2, 5] {
+                let s = on(threads);
+                assert!(
+                    s.abs
+                        .iter()
+                        .zip(&one.abs)
+                        .chain(s.raw.iter().zip(&one.raw))
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{threads} threads, {} entries",
+                    t.numel()
+                );
+            }
         }
+        let x: Vec<f32> = Vec::try_from(&big).expect("f32");
+        let mut serial = [0.0f64; 6];
+        for c in x.chunks(CHUNK) {
+            for (s, p) in serial.iter_mut().zip(<f32 as Entry>::sums4(c)) {
+                *s += p;
+            }
+        }
+        let pooled = SiteSums::of(&big, 4);
+        assert_eq!(pooled.abs[1].to_bits(), serial[2].to_bits());
+        assert_eq!(pooled.raw[0].to_bits(), serial[1].to_bits());
         // The f32 fast path (AVX2 where the CPU has it) and the portable loop give the same
         // bits, with entries past the last group of eight.
         let v: Vec<f32> = Vec::try_from(t.narrow(0, 0, 1003)).expect("f32");
