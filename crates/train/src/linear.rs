@@ -52,6 +52,23 @@ impl Capture {
     }
 }
 
+impl Capture {
+    /// The moment sums of [`Capture::through_adapter`]'s result, without storing it where
+    /// [`SiteSums::of_product`] applies (CPU, f32 adapter, orders up to 4), else from the
+    /// product formed by [`Capture::through_adapter`].
+    pub fn through_adapter_sums(
+        ad: &LoraAdapter,
+        g_u: &Tensor,
+        mask: Option<&Tensor>,
+        max_m: u32,
+    ) -> SiteSums {
+        let g = g_u.to_kind(ad.a.kind());
+        let keep = mask.map(|m| (m, 1.0 / (1.0 - ad.dropout)));
+        SiteSums::of_product(&g, &ad.a, keep, max_m)
+            .unwrap_or_else(|| SiteSums::of(&Self::through_adapter(ad, g_u, mask), max_m))
+    }
+}
+
 /// A layer's probe while probing: what the trainer sets before a forward pass (the rows
 /// to measure, the highest moment order) and the capture the pass leaves.
 #[derive(Debug)]
@@ -201,6 +218,24 @@ mod tests {
             let want = x.grad().reshape([-1, inp]) - v.matmul(&w);
             let err = (&bwd - &want).abs().max().double_value(&[]);
             assert!(err < 1e-10, "dropout {dropout}: bwd vs autograd: {err}");
+            // Its moment sums without the product stored (the f32 path of the probes),
+            // against autograd's: the same mask and scale.
+            let ad32 = LoraAdapter::from_tensors(
+                a.detach().to_kind(Kind::Float),
+                b.detach().to_kind(Kind::Float),
+                0.7,
+                dropout,
+            )
+            .expect("adapter");
+            let got =
+                Capture::through_adapter_sums(&ad32, &g_u.to_kind(Kind::Float), mask.as_ref(), 4);
+            let want_sums = SiteSums::of(&want, 4);
+            for (x, y) in got.abs.iter().zip(&want_sums.abs) {
+                assert!(
+                    (x / y - 1.0).abs() < 1e-5,
+                    "dropout {dropout}: bwd sums {x} vs {y}"
+                );
+            }
             // fwd: the adapter's own output, the frozen part subtracted.
             let d = (y.detach() - x.detach().matmul(&w.tr())).reshape([-1]);
             let d: Vec<f64> = Vec::try_from(d).expect("f64");

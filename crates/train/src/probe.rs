@@ -224,6 +224,93 @@ fn slice_sums<T: Copy + Into<f64> + Sync, const M: usize>(x: &[T]) -> ([f64; M],
     (a, r)
 }
 
+/// Rows of the product per partial sum in [`SiteSums::of_product`]: the partials are added
+/// in their order whether one thread or the pool computed them.
+const PRODUCT_ROWS: usize = 64;
+
+/// Row `i` of `g a` (`g`: n x r, `a`: r x cols, row-major) into `row`, the products
+/// over k added in ascending k (f32 multiply, then add: the same bits on every path),
+/// then masked and scaled as dropout's backward pass does (`keep`: row `i` of the mask).
+/// Columns go in groups of 32 (four vectors of independent sums, so that the additions
+/// over k do not wait on each other), then 8, then one at a time.
+#[inline(always)]
+fn product_row(g: &[f32], a: &[f32], r: usize, row: &mut [f32], keep: Option<(&[bool], f32)>) {
+    #[inline(always)]
+    fn group<const W: usize>(g: &[f32], a: &[f32], r: usize, cols: usize, j: usize) -> [f32; W] {
+        let mut acc = [0.0f32; W];
+        for (k, &c) in g.iter().enumerate().take(r) {
+            let ak: &[f32; W] = a[k * cols + j..k * cols + j + W]
+                .try_into()
+                .expect("W entries");
+            for l in 0..W {
+                acc[l] += c * ak[l];
+            }
+        }
+        acc
+    }
+    let cols = row.len();
+    let mut j = 0;
+    while j + 32 <= cols {
+        row[j..j + 32].copy_from_slice(&group::<32>(g, a, r, cols, j));
+        j += 32;
+    }
+    while j + 8 <= cols {
+        row[j..j + 8].copy_from_slice(&group::<8>(g, a, r, cols, j));
+        j += 8;
+    }
+    while j < cols {
+        row[j] = group::<1>(g, a, r, cols, j)[0];
+        j += 1;
+    }
+    if let Some((mask, scale)) = keep {
+        for (x, &m) in row.iter_mut().zip(mask) {
+            *x = if m { *x * scale } else { 0.0 };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn product_row_avx2(g: &[f32], a: &[f32], r: usize, row: &mut [f32], keep: Option<(&[bool], f32)>) {
+    product_row(g, a, r, row, keep)
+}
+
+/// The sums of orders 1..=4 of the rows `rows` of `g a` (see [`product_row`]), rows added
+/// in order.
+fn product_block_sums(
+    g: &[f32],
+    a: &[f32],
+    r: usize,
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    mask: Option<(&[bool], f32)>,
+) -> [f64; 6] {
+    let mut row = vec![0.0f32; cols];
+    let mut s = [0.0f64; 6];
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2");
+    for i in rows {
+        let gi = &g[i * r..(i + 1) * r];
+        let keep = mask.map(|(m, scale)| (&m[i * cols..(i + 1) * cols], scale));
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU supports AVX2, checked above.
+            unsafe {
+                product_row_avx2(gi, a, r, &mut row, keep)
+            };
+        } else {
+            product_row(gi, a, r, &mut row, keep);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        product_row(gi, a, r, &mut row, keep);
+        for (t, p) in s.iter_mut().zip(<f32 as Entry>::sums4(&row)) {
+            *t += p;
+        }
+    }
+    s
+}
+
 /// Frobenius norm (f64 tensors in f64, others by libtorch's f32 norm kernel: no f64
 /// copy of large gradients).
 pub fn fro(t: &Tensor) -> f64 {
@@ -377,6 +464,87 @@ impl SiteSums {
         })
     }
 
+    /// The sums of orders 1..=max_m over the entries of the product `g a`, optionally
+    /// masked and scaled as dropout's backward pass does (`mask`: the entries kept, and
+    /// their scale `1 / (1 - p)`), without the product ever being stored: each row is
+    /// formed in a buffer of one row and summed there. `g`: (rows, r); `a`: (r, cols);
+    /// `mask`: (rows, cols).
+    ///
+    /// For the probes' `bwd` site, `(gamma v B) A` per token: it replaces a matrix product
+    /// that writes (tokens, in) entries and a moment pass that reads them back. CPU, f32
+    /// `g` and `a` and `max_m <= 4` only (`None` otherwise: form the product and use
+    /// [`SiteSums::of`]). The rows are summed in blocks of a fixed number of rows, added
+    /// in block order, on the calling thread up to `SERIAL_MAX` entries and on the rayon
+    /// pool above: the same bits at any thread count. The product's entries are rounded
+    /// as f32 (ascending k, multiply then add), so they can differ from a BLAS product's
+    /// in the last bit.
+    pub fn of_product(
+        g: &Tensor,
+        a: &Tensor,
+        mask: Option<(&Tensor, f64)>,
+        max_m: u32,
+    ) -> Option<Self> {
+        let cpu_f32 =
+            |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.dim() == 2;
+        if !(cpu_f32(g) && cpu_f32(a)) || max_m > 4 || max_m == 0 {
+            return None;
+        }
+        let (n, r) = (g.size()[0] as usize, g.size()[1] as usize);
+        let cols = a.size()[1] as usize;
+        if a.size()[0] as usize != r {
+            return None;
+        }
+        if let Some((m, _)) = mask {
+            if m.device() != Device::Cpu
+                || m.kind() != Kind::Bool
+                || m.size() != [n as i64, cols as i64]
+            {
+                return None;
+            }
+        }
+        tch::no_grad(|| {
+            let (g, a) = (g.detach().contiguous(), a.detach().contiguous());
+            let mask = mask.map(|(m, scale)| (m.contiguous(), scale as f32));
+            with_slice::<f32, _>(&g, |gs| {
+                with_slice::<f32, _>(&a, |as_| {
+                    let sums = |ms: Option<(&[bool], f32)>| {
+                        use rayon::prelude::*;
+                        let blocks: Vec<std::ops::Range<usize>> = (0..n)
+                            .step_by(PRODUCT_ROWS)
+                            .map(|i| i..(i + PRODUCT_ROWS).min(n))
+                            .collect();
+                        let block = |b: &std::ops::Range<usize>| {
+                            product_block_sums(gs, as_, r, cols, b.clone(), ms)
+                        };
+                        let parts: Vec<[f64; 6]> = if n * cols <= SERIAL_MAX {
+                            blocks.iter().map(block).collect()
+                        } else {
+                            blocks.par_iter().map(block).collect()
+                        };
+                        let mut s = [0.0f64; 6];
+                        for p in parts {
+                            for k in 0..6 {
+                                s[k] += p[k];
+                            }
+                        }
+                        s
+                    };
+                    let s = match &mask {
+                        Some((m, scale)) => with_slice::<bool, _>(m, |ms| sums(Some((ms, *scale)))),
+                        None => sums(None),
+                    };
+                    let m = max_m as usize;
+                    let (abs, raw) = ([s[0], s[2], s[3], s[5]], [s[1], s[2], s[4], s[5]]);
+                    Some(Self {
+                        n: (n * cols) as f64,
+                        abs: abs[..m].to_vec(),
+                        raw: raw[..m].to_vec(),
+                    })
+                })
+            })
+        })
+    }
+
     /// Adds the sums of `other` (another batch of the same site).
     pub fn merge(&mut self, other: &SiteSums) {
         if other.n == 0.0 {
@@ -498,6 +666,100 @@ mod tests {
     /// The fused CPU pass against the tensor expression (the CUDA path, here on CPU), on
     /// f32 and f64 tensors larger than a chunk, for orders up to 4 and up to 8; and the
     /// sums are bit-identical on pools of 1, 2 and 5 threads.
+    /// `of_product` against the product formed in f64 by libtorch and summed by `of`:
+    /// without and with a dropout mask, widths that are and are not multiples of the
+    /// kernel's 8 columns; the same bits at 1, 2 and 5 threads above `SERIAL_MAX`
+    /// entries; `None` where it does not apply.
+    #[test]
+    fn product_sums_match_the_formed_product() {
+        tch::manual_seed(3);
+        let close = |a: &SiteSums, b: &SiteSums, what: &str| {
+            assert_eq!(a.n, b.n, "{what}");
+            for (x, y) in a.abs.iter().zip(&b.abs) {
+                assert!((x / y - 1.0).abs() < 1e-5, "{what}: abs {x} vs {y}");
+            }
+            for (x, y, s) in a
+                .raw
+                .iter()
+                .zip(&b.raw)
+                .zip(&b.abs)
+                .map(|((x, y), s)| (x, y, s))
+            {
+                assert!((x - y).abs() < 1e-5 * s, "{what}: raw {x} vs {y}");
+            }
+        };
+        for (n, r, cols) in [(37, 16, 576), (64, 5, 13), (129, 8, 1)] {
+            let g = Tensor::randn([n, r], (Kind::Float, Device::Cpu)) * 1e-3;
+            let a = Tensor::randn([r, cols], (Kind::Float, Device::Cpu));
+            let want = SiteSums::of(&g.to_kind(Kind::Double).matmul(&a.to_kind(Kind::Double)), 4);
+            let got = SiteSums::of_product(&g, &a, None, 4).expect("applies");
+            close(&got, &want, &format!("{n}x{r}x{cols}"));
+            let mask = Tensor::rand([n, cols], (Kind::Float, Device::Cpu)).ge(0.3);
+            let scale = 1.0 / 0.7;
+            let masked = g.to_kind(Kind::Double).matmul(&a.to_kind(Kind::Double))
+                * mask.to_kind(Kind::Double)
+                * scale;
+            let got = SiteSums::of_product(&g, &a, Some((&mask, scale)), 3).expect("applies");
+            close(
+                &got,
+                &SiteSums::of(&masked, 3),
+                &format!("{n}x{r}x{cols} masked"),
+            );
+            // The mask matters: without it the sums are another tensor's.
+            let unmasked = SiteSums::of_product(&g, &a, None, 3).expect("applies");
+            assert!((unmasked.abs[1] / got.abs[1] - 1.0).abs() > 0.05);
+        }
+        let (n, r, cols) = (SERIAL_MAX / 1000 + 70, 4, 1000);
+        let g = Tensor::randn([n as i64, r], (Kind::Float, Device::Cpu));
+        let a = Tensor::randn([r, cols], (Kind::Float, Device::Cpu));
+        let on = |threads| {
+            let (g, a) = (g.shallow_clone(), a.shallow_clone());
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool")
+                .install(move || SiteSums::of_product(&g, &a, None, 4).expect("applies"))
+        };
+        let one = on(1);
+        for threads in [2, 5] {
+            let s = on(threads);
+            assert!(
+                s.abs
+                    .iter()
+                    .zip(&one.abs)
+                    .chain(s.raw.iter().zip(&one.raw))
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
+        }
+        close(
+            &one,
+            &SiteSums::of(&g.to_kind(Kind::Double).matmul(&a.to_kind(Kind::Double)), 4),
+            "large",
+        );
+        // The AVX2 build of the row kernel and the portable one give the same bits.
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            let (r, cols) = (7, 77);
+            let g: Vec<f32> = (0..r).map(|k| (k as f32 * 0.37).sin()).collect();
+            let a: Vec<f32> = (0..r * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+            let (mut x, mut y) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+            product_row(&g, &a, r, &mut x, None);
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU supports AVX2, checked above.
+            unsafe {
+                product_row_avx2(&g, &a, r, &mut y, None)
+            };
+            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+        // Where it does not apply: f64, orders above 4, mismatched shapes.
+        let a = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+        let g = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        assert!(SiteSums::of_product(&g.to_kind(Kind::Double), &a, None, 4).is_none());
+        assert!(SiteSums::of_product(&g, &a, None, 5).is_none());
+        assert!(SiteSums::of_product(&g, &a.narrow(0, 0, 3), None, 4).is_none());
+    }
+
     #[test]
     fn the_fused_pass_matches_the_expression_and_ignores_the_thread_count() {
         let t = Tensor::randn([3 * CHUNK as i64 + 17], (Kind::Float, Device::Cpu)) * 1e-3;

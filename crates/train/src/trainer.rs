@@ -770,12 +770,15 @@ fn read_probes(
         let v = rows_of(&cap.probe.grad(), valid);
         let mask = cap.mask.as_ref().map(|m| rows_of(m, valid));
         let g_u = rows_of(&cap.probe_u.grad(), valid);
-        let bwd = Capture::through_adapter(ad, &g_u, mask.as_ref());
         let s = &mut sums[i];
         s[0].merge(&cap.fwd);
         s[1].add(&v, max_m);
-        s[2].add(&bwd, max_m);
-        drop(bwd);
+        s[2].merge(&Capture::through_adapter_sums(
+            ad,
+            &g_u,
+            mask.as_ref(),
+            max_m,
+        ));
         if let (Some(law), Some(x)) = (law.as_deref_mut(), &cap.input) {
             let x = rows_of(x, valid);
             match step {
