@@ -666,6 +666,32 @@ mod tests {
     /// The fused CPU pass against the tensor expression (the CUDA path, here on CPU), on
     /// f32 and f64 tensors larger than a chunk, for orders up to 4 and up to 8; and the
     /// sums are bit-identical on pools of 1, 2 and 5 threads.
+    /// `f(ts)` on rayon pools of 1, 2 and 5 threads: the same bits on each; returns the
+    /// one-thread result.
+    fn on_pools(ts: &[&Tensor], f: fn(&[Tensor]) -> SiteSums, what: &str) -> SiteSums {
+        let run = |threads| {
+            let owned: Vec<Tensor> = ts.iter().map(|t| t.shallow_clone()).collect();
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool")
+                .install(move || f(&owned))
+        };
+        let one = run(1);
+        for threads in [2, 5] {
+            let s = run(threads);
+            assert!(
+                s.abs
+                    .iter()
+                    .zip(&one.abs)
+                    .chain(s.raw.iter().zip(&one.raw))
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: {threads} threads"
+            );
+        }
+        one
+    }
+
     /// `of_product` against the product formed in f64 by libtorch and summed by `of`:
     /// without and with a dropout mask, widths that are and are not multiples of the
     /// kernel's 8 columns; the same bits at 1, 2 and 5 threads above `SERIAL_MAX`
@@ -712,26 +738,11 @@ mod tests {
         let (n, r, cols) = (SERIAL_MAX / 1000 + 70, 4, 1000);
         let g = Tensor::randn([n as i64, r], (Kind::Float, Device::Cpu));
         let a = Tensor::randn([r, cols], (Kind::Float, Device::Cpu));
-        let on = |threads| {
-            let (g, a) = (g.shallow_clone(), a.shallow_clone());
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool")
-                .install(move || SiteSums::of_product(&g, &a, None, 4).expect("applies"))
-        };
-        let one = on(1);
-        for threads in [2, 5] {
-            let s = on(threads);
-            assert!(
-                s.abs
-                    .iter()
-                    .zip(&one.abs)
-                    .chain(s.raw.iter().zip(&one.raw))
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{threads} threads"
-            );
-        }
+        let one = on_pools(
+            &[&g, &a],
+            |t| SiteSums::of_product(&t[0], &t[1], None, 4).expect("applies"),
+            "of_product",
+        );
         close(
             &one,
             &SiteSums::of(&g.to_kind(Kind::Double).matmul(&a.to_kind(Kind::Double)), 4),
@@ -788,27 +799,11 @@ mod tests {
             (Kind::Float, Device::Cpu),
         );
         for t in [&t, &big] {
-            let on = |threads| {
-                let t = t.shallow_clone();
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .expect("pool")
-                    .install(move || SiteSums::of(&t, 4))
-            };
-            let one = on(1);
-            for threads in [2, 5] {
-                let s = on(threads);
-                assert!(
-                    s.abs
-                        .iter()
-                        .zip(&one.abs)
-                        .chain(s.raw.iter().zip(&one.raw))
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{threads} threads, {} entries",
-                    t.numel()
-                );
-            }
+            on_pools(
+                &[t],
+                |t| SiteSums::of(&t[0], 4),
+                &format!("{} entries", t.numel()),
+            );
         }
         let x: Vec<f32> = Vec::try_from(&big).expect("f32");
         let mut serial = [0.0f64; 6];
