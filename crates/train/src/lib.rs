@@ -38,10 +38,10 @@ pub mod trainer;
 pub mod weights;
 
 pub use error::TrainError;
+pub use model::CausalLm;
 
 // jemalloc serves every allocation of every binary that links this crate, libtorch's
 // included (`memory::ALLOCATOR` says why); naming the crate is what links it.
-pub use model::CausalLm;
 #[cfg(not(target_env = "msvc"))]
 use tikv_jemalloc_sys as _;
 

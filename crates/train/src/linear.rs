@@ -50,9 +50,7 @@ impl Capture {
             }
         })
     }
-}
 
-impl Capture {
     /// The moment sums of [`Capture::through_adapter`]'s result, without storing it where
     /// [`SiteSums::of_product`] applies (CPU, f32 adapter, orders up to 4), else from the
     /// product formed by [`Capture::through_adapter`].

@@ -224,6 +224,8 @@ pub fn train_step_flops(lm: &mut crate::CausalLm, tokens: f64, context: f64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::random::{gptj_mini, llama2_mini, preset_shape};
+    use tch::Device;
 
     /// What glibc's own arenas hold (in use, and mapped for large blocks).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -235,7 +237,8 @@ mod tests {
     }
 
     /// jemalloc, not glibc, serves libtorch's tensors and Rust's heap: 64 MB of each leave
-    /// glibc's arenas as they were (with glibc's malloc both would add 64 MB there).
+    /// glibc's arenas as they were (with glibc's malloc both would add 64 MB there); and
+    /// jemalloc accepts the purge of all its arenas (a debug assertion there).
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn jemalloc_serves_libtorch_and_rust_allocations() {
@@ -253,8 +256,6 @@ mod tests {
         drop((t, v));
         super::release_free_heap();
     }
-    use crate::random::{gptj_mini, llama2_mini, preset_shape};
-    use tch::Device;
 
     /// The step's FLOPs by hand for llama-2-mini without and with adapters on every
     /// linear: 4 W T + 3 A T (A = 2 C d per layer) for the frozen base, 6 r (in+out) T more
@@ -420,7 +421,7 @@ mod tests {
 /// tensor above its mmap threshold afresh, and its first touch faults and zeroes the pages
 /// again (12% of a SmolLM2-135M step's samples under `perf` were the kernel's page
 /// clearing), and its arenas' fragmentation added a fifth to the peak resident memory
-/// (2.16-2.34 GB against 1.70-1.76 GB, the train-step benchmark's shape; see the README's
+/// (2.16-2.34 GB against 1.67-1.76 GB, the train-step benchmark's shape; see the README's
 /// performance section).
 #[cfg(not(target_env = "msvc"))]
 pub const ALLOCATOR: &str = "jemalloc";
@@ -441,13 +442,14 @@ pub fn release_free_heap() {
     unsafe {
         /// jemalloc 5's `MALLCTL_ARENAS_ALL`: the index that names every arena.
         const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
-        tikv_jemalloc_sys::mallctl(
+        let rc = tikv_jemalloc_sys::mallctl(
             PURGE_ALL.as_ptr().cast(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             0,
         );
+        debug_assert_eq!(rc, 0, "jemalloc's arena.4096.purge");
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]
