@@ -174,6 +174,14 @@ impl Cluster {
             .expect("runs")
     }
 
+    /// `rankstab sweep --config CFG --out OUT --slurm EXTRA...` against this cluster.
+    fn submit(&self, cfg: &Path, out: &Path, extra: &[&str]) -> Output {
+        let (cfg, out) = (cfg.to_str().expect("utf-8"), out.to_str().expect("utf-8"));
+        let mut args = vec!["sweep", "--config", cfg, "--out", out, "--slurm"];
+        args.extend_from_slice(extra);
+        self.rankstab(&args)
+    }
+
     fn logs(&self) -> String {
         ["slurmctld.log", "slurmd.log"]
             .iter()
@@ -402,29 +410,10 @@ fn a_sweep_on_slurm_has_the_tables_of_the_sweep_run_here() {
     let out = work.path().join("slurm");
     let s = |p: &Path| p.to_str().expect("utf-8").to_string();
     // --dry-run writes the script and submits nothing.
-    let o = cluster.rankstab(&[
-        "sweep",
-        "--config",
-        &s(&cfg),
-        "--out",
-        &s(&out),
-        "--slurm",
-        "--dry-run",
-    ]);
+    let o = cluster.submit(&cfg, &out, &["--dry-run"]);
     assert!(ok(&o).contains("wrote "), "{}", ok(&o));
     assert!(!out.join("slurm/jobs.json").exists());
-    let o = cluster.rankstab(&[
-        "sweep",
-        "--config",
-        &s(&cfg),
-        "--out",
-        &s(&out),
-        "--slurm",
-        "--cpus-per-task",
-        "1",
-        "--max-parallel",
-        "2",
-    ]);
+    let o = cluster.submit(&cfg, &out, &["--cpus-per-task", "1", "--max-parallel", "2"]);
     let job = job_id(&ok(&o));
     let script = std::fs::read_to_string(out.join("slurm/sweep.sbatch")).expect("script");
     assert!(script.contains("#SBATCH --array=0-3%2\n"), "{script}");
@@ -483,20 +472,18 @@ fn stopped_and_killed_tasks_resume_and_end_with_the_local_tables() {
     let s = |p: &Path| p.to_str().expect("utf-8").to_string();
     let out = work.path().join("slurm");
     // Cells 0..2, one at a time; cell 3 is never submitted.
-    let o = cluster.rankstab(&[
-        "sweep",
-        "--config",
-        &s(&cfg),
-        "--out",
-        &s(&out),
-        "--slurm",
-        "--cell",
-        "0,1,2",
-        "--cpus-per-task",
-        "1",
-        "--max-parallel",
-        "1",
-    ]);
+    let o = cluster.submit(
+        &cfg,
+        &out,
+        &[
+            "--cell",
+            "0,1,2",
+            "--cpus-per-task",
+            "1",
+            "--max-parallel",
+            "1",
+        ],
+    );
     let job = job_id(&ok(&o));
     let started = |s: &[serde_json::Value], cell: usize| {
         state(s, cell) == "running" && s[cell]["steps_done"].as_u64() >= Some(3)
