@@ -86,6 +86,10 @@ pub struct TrainArgs {
     /// Probe every k steps (0: never).
     #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     probe_every: usize,
+    /// Tokens of each micro-batch the probes read from step 2 on, a random sample of its
+    /// real tokens drawn anew every pass (0: every token; steps 0 and 1 read every token)
+    #[arg(long, allow_negative_numbers = true, default_value_t = rankstab_train::trainer::DEFAULT_PROBE_TOKENS)]
+    probe_tokens: usize,
     /// Held-out evaluation after every k-th step and after the last one (0: only the final
     /// held-out loss, printed at the end).
     #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
@@ -182,6 +186,7 @@ fn train_config(a: &TrainArgs, model_name: String) -> Result<TrainConfig> {
         micro_batch: a.micro_batch,
         context: a.context,
         probe_every: a.probe_every,
+        probe_tokens: a.probe_tokens,
         eval_every: a.eval_every,
         eval_at_start: a.eval_at_start,
         heldout_fraction: a.heldout_fraction,

@@ -75,6 +75,7 @@ impl AuditConfig {
             micro_batch: self.micro_batch,
             context: self.context,
             probe_every: 1,
+            probe_tokens: 0,
             eval_every: 0,
             eval_at_start: false,
             norm_every: 0,

@@ -28,12 +28,16 @@ pub struct Capture {
     pub input: Option<Tensor>,
     /// Moment sums of the adapter's output gamma B A x over the probed rows.
     pub fwd: SiteSums,
-    /// Zero leaf added to the output; its `.grad()` is dL/d(output) after backward.
+    /// Zero leaf added to the output at the probed rows (all rows when `rows` is
+    /// `None`); its `.grad()` is dL/d(output) there after backward, (rows, out).
     pub probe: Tensor,
     /// Zero leaf added to `u = dropout(x) A^T`; its `.grad()` is `gamma v B`.
     pub probe_u: Tensor,
     /// The dropout mask (true: kept) when dropout was on in this pass.
     pub mask: Option<Tensor>,
+    /// The probed rows of the flattened (tokens, features) activations (the slot's rows
+    /// during the pass); `None`: all.
+    pub rows: Option<Tensor>,
 }
 
 impl Capture {
@@ -141,25 +145,50 @@ impl Linear {
                 if !u.requires_grad() {
                     return ad.add_up(&y, &u);
                 }
-                let zero_leaf = |like: &Tensor| {
+                // A zero of the given shape that is a leaf without memory of its own: one
+                // entry, expanded. Its gradient after `backward` is the loss gradient there.
+                let zero_leaf = |size: &[i64], like: &Tensor| {
                     Tensor::zeros([1], (like.kind(), like.device()))
-                        .expand(like.size(), false)
+                        .expand(size, false)
                         .set_requires_grad(true)
                 };
-                let probe_u = zero_leaf(&u);
-                let d = ad.up(&(u + &probe_u));
+                let probe_u = zero_leaf(&u.size(), &u);
+                let u = (u + &probe_u).reshape([-1, ad.b.size()[1]]);
                 let mut slot = slot.borrow_mut();
-                let fwd = SiteSums::of(&rows_of(&d, slot.rows.as_ref()), slot.max_m);
-                let probe = zero_leaf(&d);
-                let kind = y.kind();
-                y += (d + &probe).to_kind(kind);
+                let rows = slot.rows.as_ref().map(Tensor::shallow_clone);
+                // The output's moments at the probed rows, from the rank-r middle: the
+                // output itself goes straight into the base's (one GEMM, as unprobed).
+                let fwd = tch::no_grad(|| {
+                    let gu = rows_of(&u, rows.as_ref()) * ad.scaling;
+                    SiteSums::of_product(&gu, &ad.b.tr(), None, slot.max_m)
+                        .unwrap_or_else(|| SiteSums::of(&gu.matmul(&ad.b.tr()), slot.max_m))
+                });
+                let shape = y.size();
+                let out = shape[shape.len() - 1];
+                let mut z = ad.add_up_rows(&y.reshape([-1, out]), &u);
+                // The output's leaf: at the probed rows only (added in place: its
+                // gradient is those rows of the loss gradient), or everywhere.
+                let probe = match &rows {
+                    Some(idx) => {
+                        let p = zero_leaf(&[idx.size()[0], out], &z);
+                        let _ = z.index_add_(0, idx, &p);
+                        p
+                    }
+                    None => {
+                        let p = zero_leaf(&z.size(), &z);
+                        z = z + &p;
+                        p
+                    }
+                };
                 slot.cap = Some(Capture {
                     input: slot.keep_input.then(|| xin.detach()),
                     fwd,
                     probe,
                     probe_u,
                     mask,
+                    rows,
                 });
+                return z.reshape(shape);
             }
             None => {
                 if let Some((u, _)) = ad.down(x, train) {
@@ -178,7 +207,9 @@ mod tests {
 
     /// The probe's three sites against autograd on the whole layer: `fwd` is the adapter's
     /// output, `v` the gradient at the layer's output, and `(gamma B A)^T v` (dropout
-    /// included) is the input's gradient minus the frozen weight's part `v W`.
+    /// included) is the input's gradient minus the frozen weight's part `v W`; at every
+    /// row, and at a sample of rows (what the probes read from step 2 on). The layer's
+    /// output is the unprobed layer's, bit for bit.
     #[test]
     fn the_probe_sites_match_autograd_with_dropout() {
         tch::manual_seed(3);
@@ -187,14 +218,29 @@ mod tests {
         let w = Tensor::randn([out, inp], opts);
         let a = Tensor::randn([r, inp], opts).set_requires_grad(true);
         let b = Tensor::randn([out, r], opts).set_requires_grad(true);
-        for dropout in [0.0, 0.5] {
+        for (dropout, rows) in [
+            (0.0, None),
+            (0.5, None),
+            (0.0, Some([1i64, 4, 6])),
+            (0.5, Some([0, 5, 7])),
+        ] {
+            let rows = rows.map(|r| Tensor::from_slice(&r));
             let ad = LoraAdapter::from_tensors(a.shallow_clone(), b.shallow_clone(), 0.7, dropout)
                 .expect("adapter");
             let mut lin = Linear::new(w.shallow_clone(), None);
             lin.adapter = Some(ad);
-            lin.capture = Some(RefCell::new(ProbeSlot::default()));
+            lin.capture = Some(RefCell::new(ProbeSlot {
+                rows: rows.as_ref().map(Tensor::shallow_clone),
+                ..ProbeSlot::default()
+            }));
             let x = Tensor::randn([2, 4, inp], opts).set_requires_grad(true);
+            tch::manual_seed(11);
             let y = lin.forward(&x, true);
+            let capture = lin.capture.take();
+            tch::manual_seed(11);
+            let unprobed = lin.forward(&x, true);
+            lin.capture = capture;
+            assert!(y.equal(&unprobed), "probing changed the layer's output");
             let target = Tensor::randn([2, 4, out], opts);
             (&y * &target).sum(Kind::Double).backward();
             let cap = lin
@@ -205,15 +251,17 @@ mod tests {
                 .cap
                 .take()
                 .expect("captured");
+            let at = |t: &Tensor| rows_of(t, rows.as_ref());
             let v = cap.probe.grad().reshape([-1, out]);
-            let want_v = target.reshape([-1, out]);
+            let want_v = at(&target);
+            assert_eq!(v.size(), want_v.size());
             assert!((&v - &want_v).abs().max().double_value(&[]) < 1e-12);
             let ad = lin.adapter.as_ref().expect("adapter");
             assert_eq!(cap.mask.is_some(), dropout > 0.0);
-            let mask = cap.mask.as_ref().map(|m| m.reshape([-1, inp]));
-            let g_u = cap.probe_u.grad().reshape([-1, r]);
+            let mask = cap.mask.as_ref().map(|m| at(m));
+            let g_u = at(&cap.probe_u.grad());
             let bwd = Capture::through_adapter(ad, &g_u, mask.as_ref());
-            let want = x.grad().reshape([-1, inp]) - v.matmul(&w);
+            let want = at(&(x.grad() - target.matmul(&w)));
             let err = (&bwd - &want).abs().max().double_value(&[]);
             assert!(err < 1e-10, "dropout {dropout}: bwd vs autograd: {err}");
             // Its moment sums without the product stored (the f32 path of the probes),
@@ -235,8 +283,9 @@ mod tests {
                 );
             }
             // fwd: the adapter's own output, the frozen part subtracted.
-            let d = (y.detach() - x.detach().matmul(&w.tr())).reshape([-1]);
+            let d = at(&(y.detach() - x.detach().matmul(&w.tr()))).reshape([-1]);
             let d: Vec<f64> = Vec::try_from(d).expect("f64");
+            assert_eq!(cap.fwd.n, d.len() as f64);
             for m in 1..=4i32 {
                 let s: f64 = d.iter().map(|v| v.abs().powi(m)).sum();
                 assert!(

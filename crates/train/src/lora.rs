@@ -215,14 +215,19 @@ impl LoraAdapter {
     /// then its sum with `y`, each a pass over (tokens, out) in both directions. When `y`
     /// is in another dtype than the adapter (a bf16 base), the product is converted first.
     pub fn add_up(&self, y: &Tensor, u: &Tensor) -> Tensor {
+        let shape = y.size();
+        let (out, r) = (self.b.size()[0], self.b.size()[1]);
+        self.add_up_rows(&y.reshape([-1, out]), &u.reshape([-1, r]))
+            .reshape(shape)
+    }
+
+    /// [`LoraAdapter::add_up`] on flattened rows: `y` (tokens, out), `u` (tokens, r). The
+    /// result is a new tensor, not a view, so that it can be changed in place.
+    pub fn add_up_rows(&self, y: &Tensor, u: &Tensor) -> Tensor {
         if y.kind() != self.b.kind() || y.device() != self.b.device() {
             return y + self.up(u).to_kind(y.kind());
         }
-        let shape = y.size();
-        let (out, r) = (self.b.size()[0], self.b.size()[1]);
-        y.reshape([-1, out])
-            .addmm(&(u * self.scaling).reshape([-1, r]), &self.b.tr())
-            .reshape(shape)
+        y.addmm(&(u * self.scaling), &self.b.tr())
     }
 
     /// `gamma B A` (out x in).

@@ -384,19 +384,47 @@ pub(crate) fn prepare(model: &mut CausalLm, rows: Option<&Tensor>, keep_input: b
     }
 }
 
-/// Rows (b * T + t) of the flattened (B * T, features) activations that are real tokens
-/// (not padding), or `None` when every position is real.
-pub(crate) fn valid_rows(seqs: &[&Sequence], device: Device) -> Option<Tensor> {
+/// Rows (b * T + t) of the flattened (B * T, features) activations of `seqs` that are
+/// real tokens (not padding), and B * T (every row).
+pub(crate) fn valid_rows(seqs: &[&Sequence]) -> (Vec<i64>, usize) {
     let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(1) - 1;
-    if seqs.iter().all(|s| s.ids.len() - 1 == t) {
-        return None;
-    }
-    let idx: Vec<i64> = seqs
+    let idx = seqs
         .iter()
         .enumerate()
         .flat_map(|(b, s)| (0..s.ids.len() - 1).map(move |i| (b * t + i) as i64))
         .collect();
-    Some(Tensor::from_slice(&idx).to_device(device))
+    (idx, seqs.len() * t)
+}
+
+/// The seed of the token sample of micro-batch `micro` at step `step` of a run seeded
+/// `seed`: its own stream, so that sampling draws nothing from the training's.
+pub(crate) fn sample_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 24).wrapping_add(micro as u64)
+}
+
+/// The rows the probes read in one pass (`None`: every row): of the real tokens
+/// `valid` (from [`valid_rows`]), all when `keep` is 0 or at least their number, else
+/// `keep` of them drawn uniformly without replacement with `seed` (in ascending order).
+/// A simple random sample: a moment over its entries is an unbiased estimate of the
+/// moment over all the real tokens' entries.
+pub(crate) fn probe_rows(
+    valid: &(Vec<i64>, usize),
+    keep: usize,
+    seed: u64,
+    device: Device,
+) -> Option<Tensor> {
+    use rand::SeedableRng;
+    let (rows, total) = valid;
+    if keep == 0 || keep >= rows.len() {
+        return (rows.len() != *total).then(|| Tensor::from_slice(rows).to_device(device));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut pick: Vec<i64> = rand::seq::index::sample(&mut rng, rows.len(), keep)
+        .into_iter()
+        .map(|i| rows[i])
+        .collect();
+    pick.sort_unstable();
+    Some(Tensor::from_slice(&pick).to_device(device))
 }
 
 /// The rows of `t` (flattened to (rows, features)) at `valid`, or all of them.
@@ -663,9 +691,6 @@ mod tests {
         assert!(moments(&bad, 2).0.iter().all(|v| !v.is_finite()));
     }
 
-    /// The fused CPU pass against the tensor expression (the CUDA path, here on CPU), on
-    /// f32 and f64 tensors larger than a chunk, for orders up to 4 and up to 8; and the
-    /// sums are bit-identical on pools of 1, 2 and 5 threads.
     /// `f(ts)` on rayon pools of 1, 2 and 5 threads: the same bits on each; returns the
     /// one-thread result.
     fn on_pools(ts: &[&Tensor], f: fn(&[Tensor]) -> SiteSums, what: &str) -> SiteSums {
@@ -771,6 +796,9 @@ mod tests {
         assert!(SiteSums::of_product(&g, &a.narrow(0, 0, 3), None, 4).is_none());
     }
 
+    /// The fused CPU pass against the tensor expression (the CUDA path, here on CPU), on
+    /// f32 and f64 tensors larger than a chunk, for orders up to 4 and up to 8; and the
+    /// sums are bit-identical on pools of 1, 2 and 5 threads.
     #[test]
     fn the_fused_pass_matches_the_expression_and_ignores_the_thread_count() {
         let t = Tensor::randn([3 * CHUNK as i64 + 17], (Kind::Float, Device::Cpu)) * 1e-3;
@@ -845,5 +873,74 @@ mod tests {
         assert!((f - f2.sqrt()).abs() < 1e-9 * f);
         assert!((sr - f2 / (top * top)).abs() < 1e-9 * sr);
         assert!((f - fro(&full)).abs() < 1e-9 * f);
+    }
+
+    /// The probes' token sample: `keep` distinct real-token rows in ascending order, the
+    /// same for the same seed, every real token when `keep` is 0 or at least their
+    /// number; and a simple random sample: over 4000 seeds each real token is drawn with
+    /// probability keep / n (a binomial count within 5 standard deviations), padding never.
+    #[test]
+    fn probe_rows_are_a_simple_random_sample_of_the_real_tokens() {
+        let seq = |len: usize| crate::data::Sequence {
+            ids: vec![1; len],
+            mask: vec![true; len - 1],
+        };
+        let (a, b, c) = (seq(9), seq(5), seq(9));
+        let valid = valid_rows(&[&a, &b, &c]);
+        // T = 8: rows 0..8, 8..12 (12..16 are padding), 16..24.
+        assert_eq!(valid.1, 24);
+        assert_eq!(valid.0.len(), 20);
+        assert!(valid.0.iter().all(|&r| !(12..16).contains(&r)));
+        let cpu = Device::Cpu;
+        let list =
+            |t: Option<Tensor>| -> Option<Vec<i64>> { t.map(|t| Vec::try_from(t).expect("i64")) };
+        assert_eq!(list(probe_rows(&valid, 0, 1, cpu)), Some(valid.0.clone()));
+        assert_eq!(list(probe_rows(&valid, 20, 1, cpu)), Some(valid.0.clone()));
+        let full = valid_rows(&[&a, &c]);
+        assert_eq!(list(probe_rows(&full, 0, 1, cpu)), None);
+        assert_eq!(list(probe_rows(&full, 100, 1, cpu)), None);
+        let (keep, seeds) = (6usize, 4000u64);
+        let mut count = std::collections::BTreeMap::<i64, usize>::new();
+        for seed in 0..seeds {
+            let got = list(probe_rows(&valid, keep, seed, cpu)).expect("a sample");
+            assert_eq!(got.len(), keep);
+            assert!(
+                got.windows(2).all(|w| w[0] < w[1]),
+                "ascending, distinct: {got:?}"
+            );
+            assert!(got.iter().all(|r| valid.0.contains(r)), "{got:?}");
+            for r in got {
+                *count.entry(r).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            list(probe_rows(&valid, keep, 7, cpu)),
+            list(probe_rows(&valid, keep, 7, cpu))
+        );
+        assert_ne!(
+            list(probe_rows(&valid, keep, 7, cpu)),
+            list(probe_rows(&valid, keep, 8, cpu))
+        );
+        let p = keep as f64 / valid.0.len() as f64;
+        let (mean, sd) = (seeds as f64 * p, (seeds as f64 * p * (1.0 - p)).sqrt());
+        assert_eq!(count.len(), valid.0.len());
+        for (r, n) in count {
+            assert!(
+                (n as f64 - mean).abs() < 5.0 * sd,
+                "row {r} drawn {n} times, expected {mean:.0} +- {sd:.0}"
+            );
+        }
+        // Different steps and micro-batches draw from different streams.
+        let seeds = [
+            sample_seed(0, 2, 0),
+            sample_seed(0, 3, 0),
+            sample_seed(0, 2, 1),
+            sample_seed(1, 2, 0),
+        ];
+        for i in 0..seeds.len() {
+            for j in 0..i {
+                assert_ne!(seeds[i], seeds[j]);
+            }
+        }
     }
 }

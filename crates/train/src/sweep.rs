@@ -136,6 +136,9 @@ fn d_alpha() -> f64 {
 fn d_one() -> usize {
     1
 }
+fn d_probe_tokens() -> usize {
+    crate::trainer::DEFAULT_PROBE_TOKENS
+}
 fn d_eval() -> usize {
     10
 }
@@ -203,6 +206,10 @@ pub struct SweepConfig {
     /// Probe every k steps.
     #[serde(default = "d_one")]
     pub probe_every: usize,
+    /// Tokens per pass the probes read from step 2 on (0: every token; default
+    /// [`crate::trainer::DEFAULT_PROBE_TOKENS`]).
+    #[serde(default = "d_probe_tokens")]
+    pub probe_tokens: usize,
     /// Held-out perplexity every k steps.
     #[serde(default = "d_eval")]
     pub eval_every: usize,
@@ -603,6 +610,7 @@ impl SweepConfig {
             micro_batch: self.micro_batch,
             context: self.context,
             probe_every: self.probe_every,
+            probe_tokens: self.probe_tokens,
             eval_every: self.eval_every,
             eval_at_start: self.eval_at_start,
             heldout_fraction: self.heldout_fraction,

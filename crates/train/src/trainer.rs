@@ -33,6 +33,14 @@ use tch::{Device, Tensor};
 /// held-out split of a book is thousands of sequences). `heldout_max = 0` evaluates all.
 pub const DEFAULT_HELDOUT_MAX: usize = 64;
 
+/// Tokens per micro-batch pass the probes read from step 2 on, unless a run says
+/// otherwise ([`TrainConfig::probe_tokens`]).
+pub const DEFAULT_PROBE_TOKENS: usize = 128;
+
+fn default_probe_tokens() -> usize {
+    DEFAULT_PROBE_TOKENS
+}
+
 fn default_heldout_max() -> usize {
     DEFAULT_HELDOUT_MAX
 }
@@ -150,6 +158,12 @@ pub struct TrainConfig {
     pub context: usize,
     /// Probe every k steps (0: never).
     pub probe_every: usize,
+    /// Tokens of each micro-batch pass whose activations the probes read from step 2 on:
+    /// a simple random sample of its real tokens, drawn anew every pass from a stream of
+    /// its own (0: every token). Steps 0 and 1 read every token (the exact law's steps).
+    /// Default (CLI, sweeps, configs without the field): [`DEFAULT_PROBE_TOKENS`].
+    #[serde(default = "default_probe_tokens")]
+    pub probe_tokens: usize,
     /// Held-out perplexity after every k-th step (steps k-1, 2k-1, ...) and after the last
     /// one; 0: no held-out rows (the final held-out loss is still measured).
     pub eval_every: usize,
@@ -300,6 +314,13 @@ impl TrainConfig {
                 ),
             ));
         }
+        int(
+            "probe_tokens",
+            self.probe_tokens,
+            0,
+            l::MAX_TOKENS_PER_PASS,
+            "tokens per pass the probes read from step 2 on (0: every token)",
+        )?;
         for (field, v) in [
             ("probe_every", self.probe_every),
             ("eval_every", self.eval_every),
@@ -684,10 +705,18 @@ pub(crate) fn forward_backward(
     for (k, chunk) in seqs.chunks(cfg.micro()).enumerate() {
         let t = clock();
         let (ids, mask) = collate(chunk, data.pad_id, device);
-        let valid = probing.then(|| valid_rows(chunk, device)).flatten();
+        // The rows the probes read: every real token at steps 0 and 1 (the exact law's
+        // steps), else a sample of `probe_tokens` of them.
+        let rows = if probing {
+            let keep = if step <= 1 { 0 } else { cfg.probe_tokens };
+            let seed = probe::sample_seed(cfg.seed, step, k);
+            probe::probe_rows(&valid_rows(chunk), keep, seed, device)
+        } else {
+            None
+        };
         times.data += t.elapsed().as_secs_f64();
         if probing {
-            probe::prepare(model, valid.as_ref(), law.is_some() && step <= 1);
+            probe::prepare(model, rows.as_ref(), law.is_some() && step <= 1);
         }
         tch::manual_seed(
             (cfg.seed as i64)
@@ -698,14 +727,7 @@ pub(crate) fn forward_backward(
         let mut probes_s = 0.0;
         let mut read = |m: &mut CausalLm| {
             let t = clock();
-            read_probes(
-                m,
-                &mut sums,
-                valid.as_ref(),
-                max_m,
-                step,
-                law.as_deref_mut(),
-            );
+            read_probes(m, &mut sums, max_m, step, law.as_deref_mut());
             probes_s += t.elapsed().as_secs_f64();
         };
         let t = clock();
@@ -741,12 +763,12 @@ pub(crate) fn forward_backward(
 /// Reads the probes the backward pass has been through (their output's gradient is
 /// there) into `sums` (one entry per adapter, in the model's order): the capture's `fwd`
 /// sums, and the moment sums of the loss gradient at the adapter's output and through the
-/// adapter into its input, at the real tokens only (`valid`), each read once by the fused
-/// moment pass; at steps 0 and 1 the law's inputs. Each capture is dropped once read.
+/// adapter into its input, at the capture's rows only (the real tokens, or a sample of
+/// them), each read once by the fused moment pass; at steps 0 and 1 the law's inputs.
+/// Each capture is dropped once read.
 fn read_probes(
     model: &mut CausalLm,
     sums: &mut [[SiteSums; 3]],
-    valid: Option<&Tensor>,
     max_m: u32,
     step: usize,
     mut law: Option<&mut Law>,
@@ -767,9 +789,11 @@ fn read_probes(
         let Some(cap) = ready.then(|| slot.borrow_mut().cap.take()).flatten() else {
             continue;
         };
-        let v = rows_of(&cap.probe.grad(), valid);
-        let mask = cap.mask.as_ref().map(|m| rows_of(m, valid));
-        let g_u = rows_of(&cap.probe_u.grad(), valid);
+        // The output's leaf holds the probed rows only.
+        let v = rows_of(&cap.probe.grad(), None);
+        let rows = cap.rows.as_ref();
+        let mask = cap.mask.as_ref().map(|m| rows_of(m, rows));
+        let g_u = rows_of(&cap.probe_u.grad(), rows);
         let s = &mut sums[i];
         s[0].merge(&cap.fwd);
         s[1].add(&v, max_m);
@@ -780,7 +804,7 @@ fn read_probes(
             max_m,
         ));
         if let (Some(law), Some(x)) = (law.as_deref_mut(), &cap.input) {
-            let x = rows_of(x, valid);
+            let x = rows_of(x, rows);
             match step {
                 0 => law.record_step0(i, &x, &v),
                 1 => law.record_step1(i, &x),
@@ -1203,6 +1227,7 @@ mod tests {
             micro_batch: 0,
             context: 32,
             probe_every: 1,
+            probe_tokens: 0,
             eval_every: 10,
             eval_at_start: false,
             norm_every: 0,

@@ -1,6 +1,6 @@
 //! The instrumented trainer on the tiny Llama fixture.
-use rankstab_records::Optimizer;
 use rankstab_records::{read_table, MetricRow, MomentRow};
+use rankstab_records::{Optimizer, Site};
 use rankstab_train::data::{DataFormat, Dataset, Sequence};
 use rankstab_train::lora::LoraInit;
 use rankstab_train::text::TextTokenizer;
@@ -32,6 +32,7 @@ fn cfg(rank: usize, beta: f64, optimizer: Optimizer, steps: usize, seed: u64) ->
         batch: 4,
         context: 12,
         probe_every: 1,
+        probe_tokens: 0,
         eval_every: 5,
         eval_at_start: false,
         heldout_fraction: 0.2,
@@ -361,8 +362,16 @@ fn probing_with_dropout_in_its_own_process() {
 }
 
 fn probing_leaves_the_run_identical(dropout: f64) {
+    // Every token read, and (step 2) a sample of 9 of each pass's ~44 tokens.
+    for probe_tokens in [0, 9] {
+        probing_with_tokens_leaves_the_run_identical(dropout, probe_tokens);
+    }
+}
+
+fn probing_with_tokens_leaves_the_run_identical(dropout: f64, probe_tokens: usize) {
     let mut on = cfg(4, 0.5, Optimizer::Adamw, 3, 7);
     on.dropout = dropout;
+    on.probe_tokens = probe_tokens;
     let mut off = on.clone();
     off.probe_every = 0;
     let (a, _) = run(&on);
@@ -370,6 +379,11 @@ fn probing_leaves_the_run_identical(dropout: f64) {
     let (ma, xa) = rows(a.path());
     let (mb, xb) = rows(b.path());
     assert!(ma.len() > mb.len(), "the probed run has probe rows");
+    let at_step_2 = |site| ma.iter().filter(|r| r.step == 2 && r.site == site).count();
+    for site in [Site::Fwd, Site::GradOut, Site::Bwd] {
+        assert!(at_step_2(site) > 0, "{site:?} rows at step 2");
+    }
+    assert!(ma.iter().all(|r| r.value.is_finite()));
     let loss = |x: &[MetricRow]| {
         x.iter()
             .filter(|r| r.metric == rankstab_records::Metric::Loss)
@@ -479,8 +493,9 @@ fn probes_match_an_independent_computation() {
         .cap
         .take()
         .expect("captured");
+    // (tokens, out): the leaf sits on the flattened output.
     let vv = cap.probe.grad().to_kind(Kind::Double);
-    let f = vv.size()[2];
+    let f = vv.size()[1];
     let vv = vv.reshape([-1, f]);
     let want = vv.tr().matmul(&x.matmul(&ad.a.to_kind(Kind::Double).tr())) * ad.scaling;
     let got = ad.b.grad().to_kind(Kind::Double);
