@@ -9,10 +9,11 @@ use tch::Tensor;
 
 /// What a probe keeps from the last forward pass of an adapter (tch has no hooks and no
 /// `retain_grad`, so the loss gradient is read from a leaf):
-/// - the moment sums of the adapter's output, taken during the pass (the output itself
-///   is not kept);
-/// - a zero leaf added to the output, expanded from a single entry (no memory of its
-///   own), whose gradient after `backward` is the loss gradient `v` there;
+/// All of it at the slot's rows (every real token, or the sample the trainer drew):
+/// - the moment sums of the adapter's output, taken during the pass from the rank-r
+///   middle (the output itself goes into the base's output by one GEMM and is not kept);
+/// - a zero leaf added to the output at those rows, expanded from a single entry (no
+///   memory of its own), whose gradient after `backward` is the loss gradient `v` there;
 /// - a zero leaf of the same kind added to the rank-r middle `u = dropout(x) A^T`,
 ///   whose gradient is `gamma v B` (which the backward pass computes anyway for A's
 ///   gradient), and the dropout mask: from them the gradient into the input through the
