@@ -177,7 +177,7 @@ impl Linear {
                     }
                     None => {
                         let p = zero_leaf(&z.size(), &z);
-                        z = z + &p;
+                        z += &p;
                         p
                     }
                 };
@@ -259,7 +259,7 @@ mod tests {
             assert!((&v - &want_v).abs().max().double_value(&[]) < 1e-12);
             let ad = lin.adapter.as_ref().expect("adapter");
             assert_eq!(cap.mask.is_some(), dropout > 0.0);
-            let mask = cap.mask.as_ref().map(|m| at(m));
+            let mask = cap.mask.as_ref().map(at);
             let g_u = at(&cap.probe_u.grad());
             let bwd = Capture::through_adapter(ad, &g_u, mask.as_ref());
             let want = at(&(x.grad() - target.matmul(&w)));

@@ -195,12 +195,23 @@ fn slice_sums4<T: Entry>(x: &[T]) -> ([f64; 4], [f64; 4]) {
     } else {
         x.par_chunks(CHUNK).map(T::sums4).collect()
     };
+    abs_raw4(add_in_order(parts))
+}
+
+/// Partial sums in [`chunk_sums4`]'s layout added in their order (the order fixes the
+/// rounding: callers keep it independent of the thread count).
+fn add_in_order(parts: impl IntoIterator<Item = [f64; 6]>) -> [f64; 6] {
     let mut s = [0.0; 6];
     for p in parts {
-        for k in 0..6 {
-            s[k] += p[k];
+        for (t, v) in s.iter_mut().zip(p) {
+            *t += v;
         }
     }
+    s
+}
+
+/// The (absolute, raw) sums of orders 1..=4 from [`chunk_sums4`]'s layout.
+fn abs_raw4(s: [f64; 6]) -> ([f64; 4], [f64; 4]) {
     ([s[0], s[2], s[3], s[5]], [s[1], s[2], s[4], s[5]])
 }
 
@@ -286,10 +297,9 @@ fn product_block_sums(
     mask: Option<(&[bool], f32)>,
 ) -> [f64; 6] {
     let mut row = vec![0.0f32; cols];
-    let mut s = [0.0f64; 6];
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::is_x86_feature_detected!("avx2");
-    for i in rows {
+    add_in_order(rows.map(|i| {
         let gi = &g[i * r..(i + 1) * r];
         let keep = mask.map(|(m, scale)| (&m[i * cols..(i + 1) * cols], scale));
         #[cfg(target_arch = "x86_64")]
@@ -304,11 +314,8 @@ fn product_block_sums(
         }
         #[cfg(not(target_arch = "x86_64"))]
         product_row(gi, a, r, &mut row, keep);
-        for (t, p) in s.iter_mut().zip(<f32 as Entry>::sums4(&row)) {
-            *t += p;
-        }
-    }
-    s
+        <f32 as Entry>::sums4(&row)
+    }))
 }
 
 /// Frobenius norm (f64 tensors in f64, others by libtorch's f32 norm kernel: no f64
@@ -549,20 +556,14 @@ impl SiteSums {
                         } else {
                             blocks.par_iter().map(block).collect()
                         };
-                        let mut s = [0.0f64; 6];
-                        for p in parts {
-                            for k in 0..6 {
-                                s[k] += p[k];
-                            }
-                        }
-                        s
+                        add_in_order(parts)
                     };
                     let s = match &mask {
                         Some((m, scale)) => with_slice::<bool, _>(m, |ms| sums(Some((ms, *scale)))),
                         None => sums(None),
                     };
                     let m = max_m as usize;
-                    let (abs, raw) = ([s[0], s[2], s[3], s[5]], [s[1], s[2], s[4], s[5]]);
+                    let (abs, raw) = abs_raw4(s);
                     Some(Self {
                         n: (n * cols) as f64,
                         abs: abs[..m].to_vec(),
@@ -834,12 +835,7 @@ mod tests {
             );
         }
         let x: Vec<f32> = Vec::try_from(&big).expect("f32");
-        let mut serial = [0.0f64; 6];
-        for c in x.chunks(CHUNK) {
-            for (s, p) in serial.iter_mut().zip(<f32 as Entry>::sums4(c)) {
-                *s += p;
-            }
-        }
+        let serial = add_in_order(x.chunks(CHUNK).map(<f32 as Entry>::sums4));
         let pooled = SiteSums::of(&big, 4);
         assert_eq!(pooled.abs[1].to_bits(), serial[2].to_bits());
         assert_eq!(pooled.raw[0].to_bits(), serial[1].to_bits());

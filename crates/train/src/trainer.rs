@@ -790,7 +790,7 @@ fn read_probes(
             continue;
         };
         // The output's leaf holds the probed rows only.
-        let v = rows_of(&cap.probe.grad(), None);
+        let v = cap.probe.grad();
         let rows = cap.rows.as_ref();
         let mask = cap.mask.as_ref().map(|m| rows_of(m, rows));
         let g_u = rows_of(&cap.probe_u.grad(), rows);
