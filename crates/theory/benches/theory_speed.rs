@@ -22,6 +22,10 @@
 //! `RANKSTAB_BENCH_TRIALS` sets the trials timed (default 2); `RANKSTAB_BENCH_BATCH=N,M`
 //! the training and held-out batch sizes of the default run (default 16,32);
 //! `RANKSTAB_BENCH_BATCH_LARGE=N,M` those of the large-batch run (default 64,32).
+// The allocator `rankstab` runs with (jemalloc: rankstab-train links it into the CLI), so
+// that the checker is timed as users run it.
+use tikv_jemalloc_sys as _;
+
 use ndarray::Array2;
 use rankstab_theory::{trial_bytes, trial_flops, trial_rows, TheoryConfig};
 use rayon::prelude::*;

@@ -417,6 +417,9 @@ pub struct TrialRows {
     pub metrics: Vec<MetricRow>,
     /// The exact first-step law's data coefficients.
     pub coefficients: Vec<CoefRow>,
+    /// Floating-point operations of the trial's matrix products, counted as they were
+    /// computed (what [`trial_flops`] models).
+    pub flops: f64,
 }
 
 impl FromIterator<TrialRows> for TrialRows {
@@ -427,6 +430,7 @@ impl FromIterator<TrialRows> for TrialRows {
             all.moments.extend(t.moments);
             all.metrics.extend(t.metrics);
             all.coefficients.extend(t.coefficients);
+            all.flops += t.flops;
         }
         all
     }
@@ -493,7 +497,10 @@ fn trial_rows_inner(
         "trial {trial}: cells in {:.2} s",
         t0.elapsed().as_secs_f64()
     );
-    let mut out = TrialRows::default();
+    let mut out = TrialRows {
+        flops: prep.flops + results.iter().map(|(_, r)| r.flops).sum::<f64>(),
+        ..Default::default()
+    };
     for (i, res) in &results {
         let c = &cell_list[*i];
         let base = MomentRow {
@@ -762,37 +769,87 @@ pub fn summarize(rows: &[MomentRow]) -> Vec<SummaryRow> {
         .collect()
 }
 
-/// Floating-point operations of the matrix products of one trial of `cfg` (every cell):
-/// per adapter and step, the forward products (2 x 2 M d r for M = batch + heldout rows),
-/// the backward products (2 x 2 N d r) and, on steps that update, the two gradients
-/// (2 x 2 N d r); plus the frozen products of layers above the first. Used by the benchmark
-/// to turn time into GFLOP/s.
+/// Floating-point operations of the matrix products one trial of `cfg` computes (every
+/// cell). Per adapter and step: the forward products u A^T and (gamma A u) B^T (2 M d r
+/// each, M = batch + held-out rows), the backward products v B and (gamma v B) A (2 N d r
+/// each) and, on the steps that update, the two gradients (2 N d r each); plus the frozen
+/// products of the layers above the first (2 M d^2 and 2 N d^2 a step), and `delta_norm`'s
+/// two r x r Grams (2 x 2 d r^2). Less what the checker knows without computing (`sim.rs`):
+///
+/// * at step 0, B = 0, so (gamma A u) B^T, v B and gamma v B are zero, and A's gradient is
+///   zero, so A is not updated unless Adam's weight decay acts;
+/// * while A is its initial draw (steps 0 and 1 when A was not updated at step 0), layer
+///   0's u A^T is a slice of the trial's one product of each of the first two input stacks
+///   with the draw of the largest rank (2 M d r_max each, counted once per trial).
+///
+/// Used by the benchmark to turn time into GFLOP/s, and tested against the count the
+/// checker keeps as it computes (`TrialRows::flops`).
 ///
 /// ```
 /// use rankstab_records::{Optimizer, Scaling};
 /// let cfg = rankstab_theory::TheoryConfig { width: 8, ranks: vec![2], optimizers: vec![Optimizer::Sgd],
 ///     scalings: vec![Scaling::LORA], inputs: vec![rankstab_theory::Reuse::Coherent], batch: 1, heldout: 1, steps: 1, ..Default::default() };
-/// // M = 2, N = 1, d = 8, r = 2: forward 4*2*8*2 = 128, backward 64, one update 64, two steps measured.
-/// assert_eq!(rankstab_theory::trial_flops(&cfg), 2.0 * 128.0 + 2.0 * 64.0 + 64.0);
+/// // M = 2, N = 1, d = 8, r = 2. Shared: u A^T of stack 0, 2*2*8*2 = 64. Step 0: B's
+/// // gradient only, 2*1*8*2 = 32. Step 1 (A still drawn, no update): (gamma A u) B^T 64,
+/// // v B 32, (gamma v B) A 32.
+/// assert_eq!(rankstab_theory::trial_flops(&cfg), 64.0 + 32.0 + 64.0 + 32.0 + 32.0);
 /// ```
 pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
     let d = cfg.width as f64;
     let n = cfg.batch as f64;
     let m = (cfg.batch + cfg.heldout) as f64;
-    let cells_per_rank = (cfg.inputs.len() * cfg.optimizers.len() * cfg.scalings.len()) as f64;
-    let steps = cfg.steps as f64;
-    let mut total = 0.0;
+    let per_rank_cells = (cfg.inputs.len() * cfg.scalings.len()) as f64;
+    let r_max = cfg.ranks.iter().copied().max().unwrap_or(0) as f64;
+    let stacks = if cfg.inputs.contains(&Reuse::Fresh) {
+        cfg.steps + 1
+    } else {
+        1
+    };
+    let mut total = stacks.min(crate::sim::SHARED_STACKS) as f64 * 2.0 * m * d * r_max;
     for &r in &cfg.ranks {
         let r = r as f64;
-        let mut per_layer =
-            (steps + 1.0) * (4.0 * m * d * r + 4.0 * n * d * r) + steps * 4.0 * n * d * r;
-        if cfg.delta_norm {
-            per_layer += (steps + 1.0) * 4.0 * d * r * r;
+        for &opt in &cfg.optimizers {
+            // A is updated at step 0 (from a zero gradient) only by Adam's weight decay.
+            let a_moves_at_0 = cfg.weight_decay != 0.0 && opt.is_adaptive();
+            let mut per_cell = 0.0;
+            for l in 0..cfg.layers {
+                for t in 0..=cfg.steps {
+                    let updates = t < cfg.steps;
+                    let a_drawn = t == 0 || (t == 1 && !a_moves_at_0);
+                    let mut f = 0.0;
+                    // Forward: u A^T (shared at layer 0 while A is drawn), then B^T.
+                    if l > 0 || !a_drawn {
+                        f += 2.0 * m * d * r;
+                    }
+                    if t > 0 {
+                        f += 2.0 * m * d * r;
+                    }
+                    // B's pass: v B (B = 0 at step 0), then B's gradient.
+                    if t > 0 {
+                        f += 2.0 * n * d * r;
+                    }
+                    if updates {
+                        f += 2.0 * n * d * r;
+                    }
+                    // A's pass: (gamma v B) A (zero at step 0), then A's gradient (zero at
+                    // step 0, computed only when weight decay moves A).
+                    if t > 0 {
+                        f += 2.0 * n * d * r;
+                    }
+                    if updates && (t > 0 || a_moves_at_0) {
+                        f += 2.0 * n * d * r;
+                    }
+                    if cfg.delta_norm {
+                        f += 4.0 * d * r * r;
+                    }
+                    if l > 0 {
+                        f += 2.0 * m * d * d + 2.0 * n * d * d;
+                    }
+                    per_cell += f;
+                }
+            }
+            total += per_rank_cells * per_cell;
         }
-        let frozen = (cfg.layers.saturating_sub(1)) as f64
-            * (steps + 1.0)
-            * (2.0 * m * d * d + 2.0 * n * d * d);
-        total += cells_per_rank * (cfg.layers as f64 * per_layer + frozen);
     }
     total
 }
@@ -808,11 +865,14 @@ pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
 ///
 /// * Factors (A: r x d, B: d x r, and their state): at the start, A's rows are read from
 ///   the trial's draw and A, B and the state written, (1 + 2 + 2s) r d entries. If A, B and
-///   the state together exceed `cache`, every step t = 0..=S also moves them: the forward
-///   products read A and B (2 r d); the fused backward passes read them again (2 r d) and,
-///   on the S steps that update, write them (2 r d), read and write the state (4 s r d)
-///   and, for Adam, read its second moments for the eps share (2 r d). If they fit in
-///   `cache`, they are counted once (the start only).
+///   the state together exceed `cache`, every step also moves them, as far as its products
+///   and updates touch them ([`trial_flops`] lists what is skipped): the forward products
+///   read A (not at layer 0 while A is the draw) and B (not at step 0, where B = 0), r d
+///   each; each fused backward pass reads its factor once (r d) when it computes its
+///   product or updates, and an update writes the factor and reads and writes its state
+///   ((1 + 2s) r d); Adam's eps share reads both second moments on every updating step
+///   (2 r d). Without anything skipped, 4 r d a step and (2 + 4s + 2) r d more on an
+///   updating step. If they fit in `cache`, they are counted once (the start only).
 /// * Activations (M x d and N x d, re-created every step, so always counted): per step the
 ///   products read u (M d) and write the adapter output (M d); the loss reads the frozen
 ///   output and target (2 M d) and writes v (N d); the backward passes read v and u (2 N d)
@@ -830,9 +890,10 @@ pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
 /// use rankstab_records::{Optimizer, Scaling};
 /// let cfg = rankstab_theory::TheoryConfig { width: 8, ranks: vec![2], optimizers: vec![Optimizer::Sgd],
 ///     scalings: vec![Scaling::LORA], inputs: vec![rankstab_theory::Reuse::Coherent], batch: 1, heldout: 1, steps: 1, ..Default::default() };
-/// // Factors counted every step (no cache): start 3 r d = 48, steps 6 r d + 4 r d = 160;
+/// // Factors counted every step (no cache), r d = 16: start 3 r d = 48; step 0 reads and
+/// // writes B for its update (2 r d); step 1 reads B forward and A and B backward (3 r d);
 /// // activations per step 4*2*8 + 4*1*8 + (2*2 + 3*1)*2 = 110, two steps: 220.
-/// assert_eq!(rankstab_theory::trial_bytes(&cfg, 0.0), 4.0 * (48.0 + 160.0 + 220.0));
+/// assert_eq!(rankstab_theory::trial_bytes(&cfg, 0.0), 4.0 * (48.0 + 32.0 + 48.0 + 220.0));
 /// ```
 pub fn trial_bytes(cfg: &TheoryConfig, cache: f64) -> f64 {
     let f = 4.0; // bytes of an f32
@@ -850,23 +911,42 @@ pub fn trial_bytes(cfg: &TheoryConfig, cache: f64) -> f64 {
                 Optimizer::SgdMomentum => 1.0,
                 Optimizer::Adam | Optimizer::Adamw => 2.0,
             };
-            let eps_reads = if opt.is_adaptive() { 2.0 } else { 0.0 };
             let start = (3.0 + 2.0 * s) * r * d;
-            let factors = if f * (2.0 + 2.0 * s) * r * d > cache {
-                let mut per =
-                    (steps + 1.0) * 4.0 * r * d + steps * (2.0 + 4.0 * s + eps_reads) * r * d;
-                if cfg.delta_norm {
-                    per += (steps + 1.0) * 2.0 * r * d;
+            let a_moves_at_0 = cfg.weight_decay != 0.0 && opt.is_adaptive();
+            let mut factors = 0.0;
+            if f * (2.0 + 2.0 * s) * r * d > cache {
+                for l in 0..cfg.layers {
+                    for t in 0..=cfg.steps {
+                        let updates = t < cfg.steps;
+                        let a_drawn = t == 0 || (t == 1 && !a_moves_at_0);
+                        let a_updates = updates && (t > 0 || a_moves_at_0);
+                        let reads = [
+                            l > 0 || !a_drawn,  // A, forward
+                            t > 0,              // B, forward
+                            t > 0 || a_updates, // A's pass
+                            t > 0 || updates,   // B's pass
+                        ];
+                        let mut per = reads.iter().filter(|&&x| x).count() as f64;
+                        for up in [a_updates, updates] {
+                            if up {
+                                per += 1.0 + 2.0 * s;
+                            }
+                        }
+                        if updates && opt.is_adaptive() {
+                            per += 2.0;
+                        }
+                        if cfg.delta_norm {
+                            per += 2.0;
+                        }
+                        factors += per * r * d;
+                    }
                 }
-                per
-            } else {
-                0.0
-            };
+            }
             let acts = (steps + 1.0) * (4.0 * m * d + 4.0 * n * d + (2.0 * m + 3.0 * n) * r);
             let above = cfg.layers.saturating_sub(1) as f64;
             let weights = if f * d * d > cache { 2.0 * d * d } else { 0.0 };
             let frozen = above * (steps + 1.0) * (weights + 4.0 * m * d + 4.0 * n * d);
-            let per_cell = cfg.layers as f64 * (start + factors + acts) + frozen;
+            let per_cell = cfg.layers as f64 * (start + acts) + factors + frozen;
             total += per_rank_cells * per_cell;
         }
     }
@@ -969,6 +1049,41 @@ mod tests {
         assert_eq!(distinct_checks(&checks), (7, 4));
     }
 
+    /// trial_flops (the model) against the products the checker counts as it computes them,
+    /// over the cases its skipped products depend on: steps 1, 2 and 3, one and three
+    /// layers, weight decay that moves A at step 0 (Adam) or not (SGD, and AdamW's decay
+    /// acts on A before any gradient too), both input regimes, delta_norm.
+    #[test]
+    fn trial_flops_matches_the_products_counted() {
+        use rankstab_records::Optimizer;
+        for (steps, layers, wd, delta_norm) in [
+            (3, 1, 0.0, false),
+            (2, 1, 0.0, false),
+            (1, 3, 0.0, true),
+            (3, 2, 0.1, false),
+            (1, 1, 0.1, true),
+        ] {
+            let cfg = TheoryConfig {
+                width: 24,
+                ranks: vec![2, 4, 8],
+                layers,
+                steps,
+                weight_decay: wd,
+                delta_norm,
+                optimizers: vec![Optimizer::Sgd, Optimizer::Adam, Optimizer::Adamw],
+                batch: 3,
+                heldout: 2,
+                ..Default::default()
+            };
+            let counted = trial_rows(&cfg, 0).expect("valid").flops;
+            assert_eq!(
+                trial_flops(&cfg),
+                counted,
+                "steps {steps}, layers {layers}, weight decay {wd}, delta_norm {delta_norm}"
+            );
+        }
+    }
+
     /// trial_bytes against the closed form of its model on a small case: SGD and Adam, with
     /// the factors counted every step (no cache) and once (they fit).
     #[test]
@@ -986,10 +1101,14 @@ mod tests {
             ..Default::default()
         };
         let acts = (steps + 1.0) * (4.0 * m * d + 4.0 * n * d + (2.0 * m + 3.0 * n) * r);
-        // SGD: start 3 r d; per step 4 r d, plus 2 r d on the 2 updating steps.
-        let sgd_streamed = 3.0 * r * d + 3.0 * 4.0 * r * d + 2.0 * 2.0 * r * d;
-        // Adam: start 7 r d; per step 4 r d; updating steps 2 + 8 (state) + 2 (eps) r d.
-        let adam_streamed = 7.0 * r * d + 3.0 * 4.0 * r * d + 2.0 * 12.0 * r * d;
+        // SGD: start 3 r d. Step 0: B read and written for its update (2 r d). Step 1: B
+        // read forward (A is the draw), A and B read backward and written (5 r d). Step 2
+        // (no update): A and B read forward and backward (4 r d).
+        let sgd_streamed = 3.0 * r * d + (2.0 + 5.0 + 4.0) * r * d;
+        // Adam: start 7 r d. Step 0: B read, written with its two states read and written
+        // (1 + 5 r d), both second moments read for the eps share (2 r d). Step 1: 3 reads,
+        // two updates (10 r d), eps (2 r d). Step 2: 4 r d.
+        let adam_streamed = 7.0 * r * d + (8.0 + 15.0 + 4.0) * r * d;
         let cells = 2.0; // two input regimes per optimizer
         let streamed = 4.0 * cells * (sgd_streamed + adam_streamed + 2.0 * acts);
         assert_eq!(trial_bytes(&cfg, 0.0), streamed);

@@ -12,6 +12,7 @@ use crate::data::TrialData;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 use rankstab_records::{Optimizer, Scaling, Site, Stat};
+use rayon::prelude::*;
 
 const RMS_EPS: f32 = 1e-6;
 
@@ -47,7 +48,8 @@ pub struct CellSpec {
 
 /// Per-trial values shared by every cell. Each training batch is stacked with the held-out
 /// batch ([train; heldout], so one pass over A and B serves both); for each stack: the
-/// layer-0 adapter input u_0, the frozen layer-0 output u_0 W_0^T, and the targets.
+/// layer-0 adapter input u_0, the frozen layer-0 output u_0 W_0^T, and the targets; for the
+/// first two stacks also u_0 A_max^T, the layer-0 adapters' first product at every rank.
 pub(crate) struct Prepared {
     /// Rows of the training batch at the top of every stack.
     pub n_train: usize,
@@ -59,6 +61,22 @@ pub(crate) struct Prepared {
     pub base0: Vec<Array2<f32>>,
     /// Targets of each stack (training rows, then held-out rows).
     pub targets: Vec<Target>,
+    /// u_0 A_max^T (rows x largest rank) for stacks 0 and 1 (those that exist), with A_max
+    /// the trial's unscaled draw of the layer-0 A. While a cell's A is still its initial
+    /// draw (steps 0 and 1: the first step's gradient of A is zero because B is), its
+    /// product u_0 A^T is the first r columns of this, times the init's scale: one product
+    /// per trial instead of one per cell and step ([`SHARED_STACKS`]).
+    pub ax0: Vec<Array2<f32>>,
+    /// Floating-point operations of the shared products above.
+    pub flops: f64,
+}
+
+/// Stacks whose layer-0 product with the initial A is computed once per trial.
+pub(crate) const SHARED_STACKS: usize = 2;
+
+/// Floating-point operations of an (m x k) by (k x n) product.
+pub(crate) fn mm_flops(m: usize, k: usize, n: usize) -> f64 {
+    2.0 * m as f64 * k as f64 * n as f64
 }
 
 pub(crate) enum Target {
@@ -121,49 +139,66 @@ fn act_grad(a: Activation, z: f32) -> f32 {
     }
 }
 
-/// Prepares the cell-independent per-batch values of a trial.
+/// Prepares the cell-independent per-batch values of a trial, one batch per worker.
 pub(crate) fn prepare(cfg: &TheoryConfig, data: &TrialData) -> Prepared {
+    let per_batch: Vec<_> = data
+        .batches
+        .par_iter()
+        .enumerate()
+        .map(|(idx, batch)| {
+            let x = ndarray::concatenate(Axis(0), &[batch.view(), data.heldout.view()])
+                .expect("same width");
+            let u = if cfg.rmsnorm {
+                rmsnorm(&x).0
+            } else {
+                x.clone()
+            };
+            let base0 = u.dot(&data.weights[0].t());
+            let ax0 = (idx < SHARED_STACKS).then(|| u.dot(&data.adapters[0].t()));
+            let target = match cfg.loss {
+                Loss::Mse => Target::Mse(x.dot(&data.teacher.t())),
+                Loss::Ce => {
+                    let scores = x.dot(&data.teacher.t());
+                    Target::Ce(
+                        scores
+                            .axis_iter(Axis(0))
+                            .map(|row| {
+                                row.iter()
+                                    .enumerate()
+                                    .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                                        if v > best.1 {
+                                            (i, v)
+                                        } else {
+                                            best
+                                        }
+                                    })
+                                    .0
+                            })
+                            .collect(),
+                    )
+                }
+            };
+            (x, u, base0, ax0, target)
+        })
+        .collect();
     let mut out = Prepared {
         n_train: cfg.batch,
         x: Vec::new(),
         u0: Vec::new(),
         base0: Vec::new(),
         targets: Vec::new(),
+        ax0: Vec::new(),
+        flops: 0.0,
     };
-    for batch in &data.batches {
-        let x = ndarray::concatenate(Axis(0), &[batch.view(), data.heldout.view()])
-            .expect("same width");
-        let u = if cfg.rmsnorm {
-            rmsnorm(&x).0
-        } else {
-            x.clone()
-        };
-        out.base0.push(u.dot(&data.weights[0].t()));
-        out.u0.push(u);
-        out.targets.push(match cfg.loss {
-            Loss::Mse => Target::Mse(x.dot(&data.teacher.t())),
-            Loss::Ce => {
-                let scores = x.dot(&data.teacher.t());
-                Target::Ce(
-                    scores
-                        .axis_iter(Axis(0))
-                        .map(|row| {
-                            row.iter()
-                                .enumerate()
-                                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                                    if v > best.1 {
-                                        (i, v)
-                                    } else {
-                                        best
-                                    }
-                                })
-                                .0
-                        })
-                        .collect(),
-                )
-            }
-        });
+    for (x, u, base0, ax0, target) in per_batch {
+        if let Some(ax0) = ax0 {
+            out.flops += mm_flops(u.nrows(), u.ncols(), ax0.ncols());
+            out.ax0.push(ax0);
+        }
         out.x.push(x);
+        out.u0.push(u);
+        out.base0.push(base0);
+        out.targets.push(target);
     }
     out
 }
@@ -209,6 +244,17 @@ struct Hyper {
     wd: f32,
 }
 
+/// What one [`fused_pass`] produced.
+struct Pass {
+    /// `coef p` with the old `p`.
+    back: Array2<f32>,
+    /// Whether `p` was updated (false when no step was asked for, or when a zero gradient
+    /// from a zero state would change nothing).
+    updated: bool,
+    /// Floating-point operations of the products computed.
+    flops: f64,
+}
+
 /// One fused pass over an adapter matrix `p` (R x C): the backward product through it and,
 /// optionally, its optimizer step.
 ///
@@ -219,12 +265,17 @@ struct Hyper {
 /// q = u, back = (gamma v B) A. The gradient is formed one row at a time inside the update
 /// and never stored: the checker is bound by memory traffic, and one read and one write of
 /// each matrix per step is the least it can do.
+///
+/// `p_zero` says that every entry of `p` is zero (B before its first update): `back` is
+/// then zero without a product, as it is when `coef` is zero (A's pass at step 0, where
+/// coef = gamma v B with B = 0).
 fn fused_pass(
     p: &mut Array2<f32>,
+    p_zero: bool,
     coef: ArrayView2<f32>,
     q: ArrayView2<f32>,
     step: Option<(&Hyper, &mut OptState, i32)>,
-) -> Array2<f32> {
+) -> Pass {
     /// Rows of `p` per block: a block and its gradient stay in L2 between the two products
     /// and the update.
     const BLOCK: usize = 32;
@@ -236,10 +287,24 @@ fn fused_pass(
         None => (None, None, 0),
     };
     let first = t == 1;
+    let coef_zero = coef.iter().all(|&v| v == 0.0);
     // From a zero state a zero gradient changes nothing (unless weight decay acts).
-    let skip_update = h.is_none_or(|h| {
-        first && coef.iter().all(|&v| v == 0.0) && (h.wd == 0.0 || !h.opt.is_adaptive())
-    });
+    let skip_update = h.is_none_or(|h| first && coef_zero && (h.wd == 0.0 || !h.opt.is_adaptive()));
+    let back_zero = p_zero || coef_zero;
+    let mut flops = 0.0;
+    if !back_zero {
+        flops += mm_flops(n, rows, cols);
+    }
+    if !skip_update {
+        flops += mm_flops(rows, n, cols);
+    }
+    if back_zero && skip_update {
+        return Pass {
+            back,
+            updated: false,
+            flops,
+        };
+    }
     let (adam_step, bc2_sqrt) = match h {
         Some(h) => {
             let bc1 = 1.0 - (h.beta1 as f64).powi(t);
@@ -256,7 +321,9 @@ fn fused_pass(
     for i0 in (0..rows).step_by(BLOCK) {
         let i1 = (i0 + BLOCK).min(rows);
         let cblk = coef.slice(s![.., i0..i1]);
-        general_mat_mul(1.0, &cblk, &p.slice(s![i0..i1, ..]), 1.0, &mut back);
+        if !back_zero {
+            general_mat_mul(1.0, &cblk, &p.slice(s![i0..i1, ..]), 1.0, &mut back);
+        }
         if skip_update {
             continue;
         }
@@ -296,7 +363,11 @@ fn fused_pass(
             }
         }
     }
-    back
+    Pass {
+        back,
+        updated: !skip_update,
+        flops,
+    }
 }
 
 /// Adam's regime after an update at step `t`: the share of the state's coordinates whose
@@ -414,6 +485,41 @@ struct Layer {
     b: Array2<f32>,
     sa: OptState,
     sb: OptState,
+    /// A is still its initial draw: the first r rows of the trial's draw times
+    /// [`Net::a_scale`] (its layer-0 product is then [`Prepared::ax0`]'s).
+    a_drawn: bool,
+    /// Every entry of B is zero (B = 0 at init, until its first update).
+    b_zero: bool,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: cells built on this thread know nothing of their factors (every product is
+    /// computed), to compare against the shortcuts.
+    static NO_SHORTCUTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether cells use what is known of their factors (always, outside tests).
+fn shortcuts() -> bool {
+    #[cfg(test)]
+    return !NO_SHORTCUTS.with(|c| c.get());
+    #[cfg(not(test))]
+    true
+}
+
+impl Layer {
+    /// A layer with nothing known of its factors: every product is computed.
+    #[cfg(test)]
+    fn general(a: Array2<f32>, b: Array2<f32>) -> Self {
+        Layer {
+            a,
+            b,
+            sa: OptState::Plain,
+            sb: OptState::Plain,
+            a_drawn: false,
+            b_zero: false,
+        }
+    }
 }
 
 struct Cache {
@@ -470,6 +576,9 @@ pub struct CellResult {
     pub diverged: bool,
     /// (layer, step, summary of the singular values of `gamma B A`).
     pub spectra: Vec<(u32, u32, crate::spectrum::Spectrum)>,
+    /// Floating-point operations of the cell's adapter products, of the frozen products of
+    /// layers above the first and of `delta_norm`'s (what `run::trial_flops` counts).
+    pub flops: f64,
 }
 
 struct Net<'a> {
@@ -477,9 +586,17 @@ struct Net<'a> {
     data: &'a TrialData,
     prep: &'a Prepared,
     gamma: f32,
+    /// The init's scale of the draw (A = a_scale x the draw's first r rows).
+    a_scale: f32,
+    /// Floating-point operations of the forward products so far.
+    flops: std::cell::Cell<f64>,
 }
 
 impl Net<'_> {
+    fn count(&self, flops: f64) {
+        self.flops.set(self.flops.get() + flops);
+    }
+
     /// Forward pass of stack `idx` ([train; heldout]) through every layer.
     fn forward(&self, layers: &[Layer], idx: usize) -> (Array2<f32>, Vec<Cache>) {
         let mut caches = Vec::with_capacity(layers.len());
@@ -498,14 +615,35 @@ impl Net<'_> {
                 } else {
                     (h.clone(), None)
                 };
+                self.count(mm_flops(u.nrows(), u.ncols(), u.ncols()));
                 let base = u.dot(&self.data.weights[l].t());
                 (u, rms, base)
             };
-            let mut ax = u.dot(&layer.a.t());
+            let r = layer.a.nrows();
+            let shared = if l == 0 && layer.a_drawn {
+                self.prep.ax0.get(idx)
+            } else {
+                None
+            };
+            let mut ax = match shared {
+                // The trial's product with the draw, its first r columns, scaled as A is.
+                Some(ax0) => {
+                    let scale = self.a_scale;
+                    ax0.slice(s![.., ..r]).mapv(|v| v * scale)
+                }
+                None => {
+                    self.count(mm_flops(u.nrows(), u.ncols(), r));
+                    u.dot(&layer.a.t())
+                }
+            };
             // gamma folded into the small factor: ad = (gamma ax) B^T.
-            let gax = ax.mapv(|v| v * self.gamma);
-            let ad = gax.dot(&layer.b.t());
-            ax.assign(&gax);
+            ax.mapv_inplace(|v| v * self.gamma);
+            let ad = if layer.b_zero {
+                Array2::zeros((u.nrows(), layer.b.nrows()))
+            } else {
+                self.count(mm_flops(u.nrows(), r, layer.b.nrows()));
+                ax.dot(&layer.b.t())
+            };
             let z = &base + &ad;
             let a = if self.cfg.activation == Activation::Identity {
                 z.clone()
@@ -620,6 +758,9 @@ pub(crate) fn run_cell_with(
         Init::KaimingUniform => 1.0f32,
         Init::Gaussian | Init::PeftGaussian => cfg.init.variance(d, r).sqrt() as f32,
     };
+    // A is the draw and B zero at init (LoRA's init); the other init is not used by the
+    // checker and gets no shortcut.
+    let known = how.adapter_init == AdapterInit::A && shortcuts();
     let mut layers: Vec<Layer> = data
         .adapters
         .iter()
@@ -641,6 +782,8 @@ pub(crate) fn run_cell_with(
                 b,
                 sa: OptState::new(cell.opt, (r, d)),
                 sb: OptState::new(cell.opt, (d, r)),
+                a_drawn: known,
+                b_zero: known,
             }
         })
         .collect();
@@ -665,12 +808,17 @@ pub(crate) fn run_cell_with(
         data,
         prep,
         gamma,
+        a_scale: std_scale,
+        flops: std::cell::Cell::new(0.0),
     };
     let max_m = cfg.moments.iter().copied().max().unwrap_or(1);
     let n = prep.n_train;
     let total = prep.x[0].nrows();
     let mut obs = Vec::new();
     let mut losses = Vec::new();
+    // Floating-point operations of the backward products (the forward's are counted by
+    // `net`), as `run::trial_flops` models them.
+    let mut flops = 0.0;
     let push_moments =
         |obs: &mut Vec<Obs>, l: usize, t: usize, site: Site, y: ArrayView2<f32>, raw_too: bool| {
             let (abs, raw) = moments(y, max_m);
@@ -730,19 +878,29 @@ pub(crate) fn run_cell_with(
             // products computed before they update. B first: its backward product feeds A's.
             let step = (t < cfg.steps).then_some(t as i32 + 1);
             let layer = &mut layers[l];
-            let mut bv = fused_pass(
+            let pass_b = fused_pass(
                 &mut layer.b,
+                layer.b_zero,
                 v.view(),
                 ax,
                 step.map(|s| (&hyper_b, &mut layer.sb, s)),
             );
+            layer.b_zero &= !pass_b.updated;
+            let mut bv = pass_b.back;
             bv.mapv_inplace(|x| x * gamma); // gamma v B
-            let g_in = fused_pass(
+            let pass_a = fused_pass(
                 &mut layer.a,
+                false,
                 bv.view(),
                 u,
                 step.map(|s| (&hyper, &mut layer.sa, s)),
             );
+            layer.a_drawn &= !pass_a.updated;
+            let g_in = pass_a.back;
+            flops += pass_b.flops + pass_a.flops;
+            if l > 0 {
+                flops += mm_flops(n, d, d);
+            }
             if !record {
                 if l > 0 {
                     let mut du = v.dot(&data.weights[l]);
@@ -790,6 +948,7 @@ pub(crate) fn run_cell_with(
                 }
             }
             if cfg.delta_norm {
+                flops += 2.0 * mm_flops(r, d, r);
                 let btb = layer.b.t().dot(&layer.b);
                 let aat = layer.a.dot(&layer.a.t());
                 let sq: f64 = Zip::from(&btb)
@@ -815,6 +974,7 @@ pub(crate) fn run_cell_with(
         losses,
         diverged,
         spectra,
+        flops: flops + net.flops.get(),
     }
 }
 
@@ -834,6 +994,8 @@ pub(crate) fn frozen_pass(
             b: Array2::zeros((d, 1)),
             sa: OptState::Plain,
             sb: OptState::Plain,
+            a_drawn: false,
+            b_zero: true,
         })
         .collect();
     let net = Net {
@@ -841,6 +1003,8 @@ pub(crate) fn frozen_pass(
         data,
         prep,
         gamma: 0.0,
+        a_scale: 0.0,
+        flops: std::cell::Cell::new(0.0),
     };
     let n = prep.n_train;
     let (f, caches) = net.forward(&layers, idx);
@@ -864,6 +1028,76 @@ mod tests {
     use super::*;
     use crate::config::{Loss, TheoryConfig};
     use crate::data::TrialData;
+
+    /// The products skipped or shared (B = 0 at step 0, A still the draw at steps 0 and 1)
+    /// change no result: every observation and loss against the same cells with every
+    /// product computed, bit for bit at scale 1 (Kaiming init); with a Gaussian init the
+    /// shared product is scaled after the product instead of before, so within f32
+    /// rounding. The counted products differ, so the shortcuts did act.
+    #[test]
+    fn the_shortcuts_change_no_result() {
+        use crate::run::cells;
+        for (init, exact) in [(Init::KaimingUniform, true), (Init::Gaussian, false)] {
+            let cfg = TheoryConfig {
+                width: 24,
+                ranks: vec![2, 5],
+                layers: 2,
+                rmsnorm: true,
+                residual: true,
+                activation: Activation::Gelu,
+                init,
+                optimizers: vec![Optimizer::Sgd, Optimizer::SgdMomentum, Optimizer::Adam],
+                batch: 4,
+                heldout: 3,
+                steps: 3,
+                ..Default::default()
+            };
+            let data = TrialData::draw(&cfg, crate::config::InputDist::Gaussian, 0, true);
+            let prep = prepare(&cfg, &data);
+            for cell in cells(&cfg) {
+                let fast = run_cell(&cfg, &data, &prep, &cell);
+                NO_SHORTCUTS.with(|c| c.set(true));
+                let full = run_cell(&cfg, &data, &prep, &cell);
+                NO_SHORTCUTS.with(|c| c.set(false));
+                assert!(fast.flops < full.flops, "{cell:?}");
+                assert_eq!(fast.obs.len(), full.obs.len());
+                // A raw moment's scale is its absolute moment's (an odd raw moment near zero
+                // is a difference of large terms).
+                let scale = |o: &Obs| {
+                    fast.obs
+                        .iter()
+                        .find(|a| {
+                            a.stat == Stat::Abs
+                                && (a.layer, a.step, a.site, a.m) == (o.layer, o.step, o.site, o.m)
+                        })
+                        .map_or(o.value.abs(), |a| a.value)
+                };
+                for (a, b) in fast.obs.iter().zip(&full.obs) {
+                    assert_eq!(
+                        (a.layer, a.step, a.site, a.stat, a.m),
+                        (b.layer, b.step, b.site, b.stat, b.m)
+                    );
+                    if exact {
+                        assert_eq!(
+                            a.value.to_bits(),
+                            b.value.to_bits(),
+                            "{cell:?} {a:?} vs {b:?}"
+                        );
+                    } else {
+                        let err = (a.value - b.value).abs() / scale(a).max(1e-30);
+                        assert!(err < 1e-5, "{cell:?} {a:?} vs {b:?}");
+                    }
+                }
+                for (a, b) in fast.losses.iter().zip(&full.losses) {
+                    if exact {
+                        assert_eq!(a, b, "{cell:?}");
+                    } else {
+                        assert!((a.1 - b.1).abs() < 1e-5 * a.1 && (a.2 - b.2).abs() < 1e-5 * a.2);
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn activation_gradients_match_finite_differences() {
@@ -934,19 +1168,12 @@ mod tests {
             let dir = Array2::from_shape_fn((12, 3), |(i, j)| ((i * 3 + j) % 5) as f32 * 0.1 - 0.2);
             let loss_at = |eps: f32| {
                 let layers: Vec<Layer> = (0..cfg.layers)
-                    .map(|l| Layer {
-                        a: if l == 0 {
-                            a0.clone()
+                    .map(|l| {
+                        if l == 0 {
+                            Layer::general(a0.clone(), &dir * eps)
                         } else {
-                            Array2::zeros((3, 12))
-                        },
-                        b: if l == 0 {
-                            &dir * eps
-                        } else {
-                            Array2::zeros((12, 3))
-                        },
-                        sa: OptState::Plain,
-                        sb: OptState::Plain,
+                            Layer::general(Array2::zeros((3, 12)), Array2::zeros((12, 3)))
+                        }
                     })
                     .collect();
                 let net = Net {
@@ -954,6 +1181,8 @@ mod tests {
                     data: &data,
                     prep: &prep,
                     gamma,
+                    a_scale: 1.0,
+                    flops: std::cell::Cell::new(0.0),
                 };
                 let (f, _) = net.forward(&layers, 0);
                 net.loss(f.view(), 0, 0..n).0
