@@ -1058,6 +1058,8 @@ pub fn train(
             "the dataset needs at least one training and one held-out sequence".into(),
         ));
     }
+    // Each step reuses the pages the step before freed (see `KeepFreedPages`).
+    let _pages = crate::memory::KeepFreedPages::new();
     let device = vs.device();
     let paths = inject::attach(model, vs, &cfg.lora(), &cfg.target_modules, cfg.seed)?;
     if let Some(dir) = &cfg.init_adapter {
