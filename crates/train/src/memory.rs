@@ -468,7 +468,7 @@ pub const ALLOCATOR: &str = "system";
 /// default decay (10 s) jemalloc returned part of them between steps and the next step
 /// faulted and zeroed them again: on the train-step benchmark's shape about 230,000 page
 /// faults and 0.5 CPU-seconds of kernel time a step, against 6,000 and 0.03 s with the
-/// pages kept (README, performance). The price is that the resident set stays at the
+/// pages kept (README, Benchmarks). The price is that the resident set stays at the
 /// step's peak between steps (about a tenth more than the peak reached with the decay on),
 /// which it reaches again at every step anyway.
 ///
