@@ -956,7 +956,8 @@ pub fn trial_bytes(cfg: &TheoryConfig, cache: f64) -> f64 {
 /// Up-front estimate of the peak memory of a run of `cfg` on `threads` workers, in bytes,
 /// from the sizes the run allocates (f32 entries): the trial's frozen weights, adapters'
 /// initial A and teacher; its batches, each stacked with the held-out batch (inputs,
-/// adapter inputs, frozen outputs, targets); per worker, one cell in flight at the largest
+/// adapter inputs, frozen outputs, targets; the first two stacks' product with the largest
+/// rank's A, shared by the cells); per worker, one cell in flight at the largest
 /// rank (A, B, their gradients and optimizer state, cached activations per layer); the rows
 /// of a trial before they are written, and the whole moment table when it is read back to
 /// fit (about 400 bytes a row in memory); and the program itself (128 MiB: the binary with
@@ -989,7 +990,8 @@ pub fn memory_estimate(cfg: &TheoryConfig, threads: usize) -> f64 {
         crate::config::Loss::Ce => 2.0 * c * d,
     };
     let trial = f * (l * d * d + l * r * d + teacher + n_batches * n * d + cfg.heldout as f64 * d);
-    let prepared = f * n_batches * 4.0 * m * d;
+    // Each stack's x, u, frozen output and target; the first two stacks' shared u A_max^T.
+    let prepared = f * (n_batches * 4.0 * m * d + n_batches.min(2.0) * m * r);
     let per_cell = f * l * (6.0 * r * d + 5.0 * m * d + 2.0 * m * r);
     let cells = cells(cfg).len() as f64;
     let rows_per_trial =
@@ -1051,8 +1053,8 @@ mod tests {
 
     /// trial_flops (the model) against the products the checker counts as it computes them,
     /// over the cases its skipped products depend on: steps 1, 2 and 3, one and three
-    /// layers, weight decay that moves A at step 0 (Adam) or not (SGD, and AdamW's decay
-    /// acts on A before any gradient too), both input regimes, delta_norm.
+    /// layers, weight decay that moves A at step 0 (Adam, AdamW) or not (SGD), both input
+    /// regimes, delta_norm.
     #[test]
     fn trial_flops_matches_the_products_counted() {
         use rankstab_records::Optimizer;
