@@ -538,59 +538,42 @@ mod decay {
     /// Reads a `ssize_t` control (tests).
     #[cfg(all(test, not(target_env = "msvc")))]
     pub(super) fn read_isize(name: &str) -> Option<isize> {
-        let name = std::ffi::CString::new(name).ok()?;
-        let mut old: isize = 0;
-        let mut len = std::mem::size_of::<isize>();
-        #[allow(unsafe_code)]
-        // SAFETY: the name is NUL-terminated; `old` is a ssize_t with its size in `len`, as
-        // jemalloc's ssize_t controls read into.
-        let rc = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                name.as_ptr(),
-                (&mut old as *mut isize).cast(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        (rc == 0).then_some(old)
+        ctl::<isize>(name, None)
     }
 
     #[cfg(not(target_env = "msvc"))]
     fn write_isize(name: &str, new: isize) -> Option<isize> {
-        let name = std::ffi::CString::new(name).ok()?;
-        let mut old: isize = 0;
-        let mut len = std::mem::size_of::<isize>();
-        let mut new = new;
-        #[allow(unsafe_code)]
-        // SAFETY: the name is NUL-terminated; `old` and `new` are ssize_t values with their
-        // sizes given, as the decay controls read and write them.
-        let rc = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                name.as_ptr(),
-                (&mut old as *mut isize).cast(),
-                &mut len,
-                (&mut new as *mut isize).cast(),
-                std::mem::size_of::<isize>(),
-            )
-        };
-        (rc == 0).then_some(old)
+        ctl(name, Some(new))
     }
 
     #[cfg(not(target_env = "msvc"))]
     fn read_u32(name: &str) -> Option<u32> {
+        ctl::<u32>(name, None)
+    }
+
+    /// The control `name`'s value, after writing `new` when given (None when jemalloc
+    /// refuses). `T` must be the control's C type: `isize` for `ssize_t`, `u32` for
+    /// `unsigned`.
+    #[cfg(not(target_env = "msvc"))]
+    fn ctl<T: Copy + Default>(name: &str, new: Option<T>) -> Option<T> {
         let name = std::ffi::CString::new(name).ok()?;
-        let mut old: u32 = 0;
-        let mut len = std::mem::size_of::<u32>();
+        let mut old = T::default();
+        let mut len = std::mem::size_of::<T>();
+        let mut new = new;
+        let (new_ptr, new_len) = match new.as_mut() {
+            Some(v) => ((v as *mut T).cast(), std::mem::size_of::<T>()),
+            None => (std::ptr::null_mut(), 0),
+        };
         #[allow(unsafe_code)]
-        // SAFETY: the name is NUL-terminated; `old` is an unsigned with its size in `len`.
+        // SAFETY: the name is NUL-terminated; `old` (and `new` when given) are values of
+        // the control's C type with their sizes passed, as mallctl reads and writes them.
         let rc = unsafe {
             tikv_jemalloc_sys::mallctl(
                 name.as_ptr(),
-                (&mut old as *mut u32).cast(),
+                (&mut old as *mut T).cast(),
                 &mut len,
-                std::ptr::null_mut(),
-                0,
+                new_ptr,
+                new_len,
             )
         };
         (rc == 0).then_some(old)
