@@ -769,6 +769,47 @@ pub fn summarize(rows: &[MomentRow]) -> Vec<SummaryRow> {
         .collect()
 }
 
+/// What one adapter's step touches in the checker's kernels (`sim.rs`), for the models of
+/// [`trial_flops`] and [`trial_bytes`]: which of its products it computes and which factor
+/// it updates. At step 0 B = 0, so neither forward product through B nor either backward
+/// product is computed, and A is updated only if Adam's weight decay moves it (its
+/// gradient is zero); layer 0's u A^T is the trial's shared product while A is the draw.
+struct StepWork {
+    /// u A^T.
+    a_forward: bool,
+    /// (gamma A u) B^T.
+    b_forward: bool,
+    /// (gamma v B) A.
+    a_back: bool,
+    /// v B.
+    b_back: bool,
+    /// A's gradient and update.
+    a_update: bool,
+    /// B's gradient and update.
+    b_update: bool,
+}
+
+/// How many of `xs` are true.
+fn how_many(xs: &[bool]) -> f64 {
+    xs.iter().filter(|&&x| x).count() as f64
+}
+
+impl StepWork {
+    fn of(cfg: &TheoryConfig, opt: Optimizer, layer: usize, t: usize) -> Self {
+        let updates = t < cfg.steps;
+        let a_moves_at_0 = cfg.weight_decay != 0.0 && opt.is_adaptive();
+        let a_drawn = t == 0 || (t == 1 && !a_moves_at_0);
+        StepWork {
+            a_forward: layer > 0 || !a_drawn,
+            b_forward: t > 0,
+            a_back: t > 0,
+            b_back: t > 0,
+            a_update: updates && (t > 0 || a_moves_at_0),
+            b_update: updates,
+        }
+    }
+}
+
 /// Floating-point operations of the matrix products one trial of `cfg` computes (every
 /// cell). Per adapter and step: the forward products u A^T and (gamma A u) B^T (2 M d r
 /// each, M = batch + held-out rows), the backward products v B and (gamma v B) A (2 N d r
@@ -809,36 +850,16 @@ pub fn trial_flops(cfg: &TheoryConfig) -> f64 {
     for &r in &cfg.ranks {
         let r = r as f64;
         for &opt in &cfg.optimizers {
-            // A is updated at step 0 (from a zero gradient) only by Adam's weight decay.
-            let a_moves_at_0 = cfg.weight_decay != 0.0 && opt.is_adaptive();
             let mut per_cell = 0.0;
             for l in 0..cfg.layers {
                 for t in 0..=cfg.steps {
-                    let updates = t < cfg.steps;
-                    let a_drawn = t == 0 || (t == 1 && !a_moves_at_0);
-                    let mut f = 0.0;
-                    // Forward: u A^T (shared at layer 0 while A is drawn), then B^T.
-                    if l > 0 || !a_drawn {
-                        f += 2.0 * m * d * r;
-                    }
-                    if t > 0 {
-                        f += 2.0 * m * d * r;
-                    }
-                    // B's pass: v B (B = 0 at step 0), then B's gradient.
-                    if t > 0 {
-                        f += 2.0 * n * d * r;
-                    }
-                    if updates {
-                        f += 2.0 * n * d * r;
-                    }
-                    // A's pass: (gamma v B) A (zero at step 0), then A's gradient (zero at
-                    // step 0, computed only when weight decay moves A).
-                    if t > 0 {
-                        f += 2.0 * n * d * r;
-                    }
-                    if updates && (t > 0 || a_moves_at_0) {
-                        f += 2.0 * n * d * r;
-                    }
+                    let w = StepWork::of(cfg, opt, l, t);
+                    // Forward: u A^T, then (gamma A u) B^T.
+                    let forward = [w.a_forward, w.b_forward];
+                    // Backward: v B and B's gradient, (gamma v B) A and A's gradient.
+                    let backward = [w.b_back, w.b_update, w.a_back, w.a_update];
+                    let mut f = how_many(&forward) * 2.0 * m * d * r
+                        + how_many(&backward) * 2.0 * n * d * r;
                     if cfg.delta_norm {
                         f += 4.0 * d * r * r;
                     }
@@ -912,27 +933,26 @@ pub fn trial_bytes(cfg: &TheoryConfig, cache: f64) -> f64 {
                 Optimizer::Adam | Optimizer::Adamw => 2.0,
             };
             let start = (3.0 + 2.0 * s) * r * d;
-            let a_moves_at_0 = cfg.weight_decay != 0.0 && opt.is_adaptive();
             let mut factors = 0.0;
             if f * (2.0 + 2.0 * s) * r * d > cache {
                 for l in 0..cfg.layers {
                     for t in 0..=cfg.steps {
-                        let updates = t < cfg.steps;
-                        let a_drawn = t == 0 || (t == 1 && !a_moves_at_0);
-                        let a_updates = updates && (t > 0 || a_moves_at_0);
+                        let w = StepWork::of(cfg, opt, l, t);
+                        // A and B read forward; each read once by its fused pass when the
+                        // pass computes its product or updates.
                         let reads = [
-                            l > 0 || !a_drawn,  // A, forward
-                            t > 0,              // B, forward
-                            t > 0 || a_updates, // A's pass
-                            t > 0 || updates,   // B's pass
+                            w.a_forward,
+                            w.b_forward,
+                            w.a_back || w.a_update,
+                            w.b_back || w.b_update,
                         ];
-                        let mut per = reads.iter().filter(|&&x| x).count() as f64;
-                        for up in [a_updates, updates] {
+                        let mut per = how_many(&reads);
+                        for up in [w.a_update, w.b_update] {
                             if up {
                                 per += 1.0 + 2.0 * s;
                             }
                         }
-                        if updates && opt.is_adaptive() {
+                        if w.b_update && opt.is_adaptive() {
                             per += 2.0;
                         }
                         if cfg.delta_norm {
