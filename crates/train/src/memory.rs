@@ -277,8 +277,7 @@ mod tests {
         let inner = KeepFreedPages::new();
         drop(inner);
         assert_eq!(read_isize("arenas.dirty_decay_ms"), Some(-1));
-        let found = KEEP_FREED.lock().expect("lock").1;
-        let holders = KEEP_FREED.lock().expect("lock").0;
+        let (holders, found) = *KEEP_FREED.lock().expect("lock");
         drop(outer);
         if holders == 1 {
             let (dirty, muzzy) = found.expect("jemalloc's defaults were read");
