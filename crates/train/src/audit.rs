@@ -236,13 +236,13 @@ fn measure(
     device: Device,
 ) -> Result<(Vec<MomentRow>, f64, f64, f64), TrainError> {
     let pass = cfg.pass_config();
-    probe::capture(model, Some(cfg.moments.iter().copied().max().unwrap_or(4)));
+    probe::capture(model, true);
     let mut sums: Vec<[SiteSums; 3]> = Vec::new();
     let mut loss = 0.0;
     for k in 0..cfg.batches {
         let (lv, s, _) = forward_backward(model, data, &pass, k, true, device, None);
         if !lv.is_finite() {
-            probe::capture(model, None);
+            probe::capture(model, false);
             return Err(TrainError::Invalid(format!(
                 "the loss of batch {k} of the sample is {lv}: the adapter makes the model's output non-finite"
             )));
@@ -257,7 +257,7 @@ fn measure(
             }
         }
     }
-    probe::capture(model, None);
+    probe::capture(model, false);
     if cfg.batches > 1 {
         let scale = 1.0 / cfg.batches as f64;
         for (_, ad) in inject::adapters(model) {

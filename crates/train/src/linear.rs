@@ -8,32 +8,35 @@ use std::cell::RefCell;
 use tch::Tensor;
 
 /// What a probe keeps from the last forward pass of an adapter (tch has no hooks and no
-/// `retain_grad`, so the loss gradient is read from a leaf):
-/// All of it at the slot's rows (every real token, or the sample the trainer drew):
-/// - the moment sums of the adapter's output, taken during the pass from the rank-r
-///   middle (the output itself goes into the base's output by one GEMM and is not kept);
+/// `retain_grad`, so the loss gradient is read from a leaf), at the slot's rows (every
+/// real token, or the sample the trainer drew):
+/// - the rank-r middle `dropout(x) A^T` (r entries a token), from which the
+///   adapter's output `gamma dropout(x) A^T B^T` and its moments are formed after the
+///   backward pass ([`Capture::fwd_sums`], where the moment passes of all the adapters
+///   of a block run together): the output itself goes into the base's output by one GEMM
+///   and is not kept;
 /// - a zero leaf added to the output at those rows, expanded from a single entry (no
 ///   memory of its own), whose gradient after `backward` is the loss gradient `v` there;
-/// - a zero leaf of the same kind added to the rank-r middle `u = dropout(x) A^T`,
-///   whose gradient is `gamma v B` (which the backward pass computes anyway for A's
-///   gradient), and the dropout mask: from them the gradient into the input through the
-///   adapter, `(gamma B A)^T v`, is recomputed after the backward pass
-///   ([`Capture::through_adapter`]: one product of rank r), instead of a leaf and a
+/// - the dropout mask: with it and `v`, the gradient into the input through the adapter,
+///   `(gamma B A)^T v`, is recomputed after the backward pass ([`Capture::g_u`], then
+///   [`Capture::through_adapter`]: two products of rank r), instead of a leaf and a
 ///   gradient buffer of the input's size;
 /// - the adapter's input, when asked for (the law's first two steps).
+///
+/// The adapter's factors are read after the backward pass: they must not have changed
+/// since the forward pass (the trainer reads the probes before the optimizer's step).
 #[derive(Debug)]
 pub struct Capture {
     /// The adapter's input x (detached, in the adapter's dtype, before dropout), when the
     /// slot asked for it (the law's first two steps): kept, it would hold every layer's
     /// input until the end of the backward pass.
     pub input: Option<Tensor>,
-    /// Moment sums of the adapter's output gamma B A x over the probed rows.
-    pub fwd: SiteSums,
+    /// `dropout(x) A^T` at every row (tokens, r), detached (the pass's own tensor, not a
+    /// copy).
+    pub middle: Tensor,
     /// Zero leaf added to the output at the probed rows (all rows when `rows` is
     /// `None`); its `.grad()` is dL/d(output) there after backward, (rows, out).
     pub probe: Tensor,
-    /// Zero leaf added to `u = dropout(x) A^T`; its `.grad()` is `gamma v B`.
-    pub probe_u: Tensor,
     /// The dropout mask (true: kept) when dropout was on in this pass.
     pub mask: Option<Tensor>,
     /// The probed rows of the flattened (tokens, features) activations (the slot's rows
@@ -42,10 +45,45 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// The loss gradient at the adapter's output, at the probed rows: (rows, out).
+    pub fn v(&self) -> Tensor {
+        let g = self.probe.grad();
+        let out = g.size()[g.dim() - 1];
+        g.reshape([-1, out])
+    }
+
+    /// `gamma v B` at the probed rows (rows, r): the loss gradient at the rank-r middle
+    /// `u = dropout(x) A^T` (what the backward pass computes for A's gradient), from the
+    /// output's leaf.
+    pub fn g_u(&self, ad: &LoraAdapter) -> Tensor {
+        tch::no_grad(|| self.v().to_kind(ad.b.kind()).matmul(&ad.b) * ad.scaling)
+    }
+
+    /// The moment sums of the adapter's output `gamma dropout(x) A^T B^T` at the probed
+    /// rows, from the kept middle: without storing the product where
+    /// [`SiteSums::of_product`] applies, else from the product.
+    pub fn fwd_sums(&self, ad: &LoraAdapter, max_m: u32) -> SiteSums {
+        tch::no_grad(|| {
+            let (g, bt) = self.fwd_factors(ad);
+            SiteSums::of_product(&g, &bt, None, max_m)
+                .unwrap_or_else(|| SiteSums::of(&g.matmul(&bt), max_m))
+        })
+    }
+
+    /// The factors of the adapter's output at the probed rows: `gamma dropout(x) A^T`
+    /// there (rows, r) and `B^T` (r, out).
+    pub fn fwd_factors(&self, ad: &LoraAdapter) -> (Tensor, Tensor) {
+        tch::no_grad(|| {
+            (
+                rows_of(&self.middle, self.rows.as_ref()) * ad.scaling,
+                ad.b.tr(),
+            )
+        })
+    }
+
     /// `(gamma B A)^T v` per token, with the dropout of the pass, from `g_u = gamma v B`
-    /// (rows, r: rows of [`Capture::probe_u`]'s gradient) and `mask`, the same rows of
-    /// the dropout mask: `g_u A` (2 r in flops per token), masked and scaled as dropout's
-    /// backward pass does.
+    /// (rows, r: [`Capture::g_u`]) and `mask`, the same rows of the dropout mask: `g_u A`
+    /// (2 r in flops per token), masked and scaled as dropout's backward pass does.
     pub fn through_adapter(ad: &LoraAdapter, g_u: &Tensor, mask: Option<&Tensor>) -> Tensor {
         tch::no_grad(|| {
             let g = g_u.to_kind(ad.a.kind()).matmul(&ad.a);
@@ -73,14 +111,12 @@ impl Capture {
 }
 
 /// A layer's probe while probing: what the trainer sets before a forward pass (the rows
-/// to measure, the highest moment order) and the capture the pass leaves.
+/// to measure, whether to keep the input) and the capture the pass leaves.
 #[derive(Debug)]
 pub struct ProbeSlot {
     /// Rows of the flattened (tokens, features) activations that are real tokens (not
     /// padding); `None`: all.
     pub rows: Option<Tensor>,
-    /// Highest moment order summed.
-    pub max_m: u32,
     /// Whether the capture keeps the adapter's input.
     pub keep_input: bool,
     /// The capture of the last forward pass that tracked gradients.
@@ -91,7 +127,6 @@ impl Default for ProbeSlot {
     fn default() -> Self {
         Self {
             rows: None,
-            max_m: 4,
             keep_input: true,
             cap: None,
         }
@@ -153,17 +188,13 @@ impl Linear {
                         .expand(size, false)
                         .set_requires_grad(true)
                 };
-                let probe_u = zero_leaf(&u.size(), &u);
-                let u = (u + &probe_u).reshape([-1, ad.b.size()[1]]);
+                let u = u.reshape([-1, ad.b.size()[1]]);
                 let mut slot = slot.borrow_mut();
                 let rows = slot.rows.as_ref().map(Tensor::shallow_clone);
-                // The output's moments at the probed rows, from the rank-r middle: the
-                // output itself goes straight into the base's (one GEMM, as unprobed).
-                let fwd = tch::no_grad(|| {
-                    let gu = rows_of(&u, rows.as_ref()) * ad.scaling;
-                    SiteSums::of_product(&gu, &ad.b.tr(), None, slot.max_m)
-                        .unwrap_or_else(|| SiteSums::of(&gu.matmul(&ad.b.tr()), slot.max_m))
-                });
+                // The output's moments are taken after the backward pass from the rank-r
+                // middle (kept as it is: r entries a token): the output itself goes
+                // straight into the base's (one GEMM, as unprobed).
+                let middle = u.detach();
                 let shape = y.size();
                 let out = shape[shape.len() - 1];
                 let mut z = ad.add_up_rows(&y.reshape([-1, out]), &u);
@@ -183,9 +214,8 @@ impl Linear {
                 };
                 slot.cap = Some(Capture {
                     input: slot.keep_input.then(|| xin.detach()),
-                    fwd,
+                    middle,
                     probe,
-                    probe_u,
                     mask,
                     rows,
                 });
@@ -260,7 +290,7 @@ mod tests {
             let ad = lin.adapter.as_ref().expect("adapter");
             assert_eq!(cap.mask.is_some(), dropout > 0.0);
             let mask = cap.mask.as_ref().map(at);
-            let g_u = at(&cap.probe_u.grad());
+            let g_u = cap.g_u(ad);
             let bwd = Capture::through_adapter(ad, &g_u, mask.as_ref());
             let want = at(&(x.grad() - target.matmul(&w)));
             let err = (&bwd - &want).abs().max().double_value(&[]);
@@ -286,13 +316,11 @@ mod tests {
             // fwd: the adapter's own output, the frozen part subtracted.
             let d = at(&(y.detach() - x.detach().matmul(&w.tr()))).reshape([-1]);
             let d: Vec<f64> = Vec::try_from(d).expect("f64");
-            assert_eq!(cap.fwd.n, d.len() as f64);
+            let fwd = cap.fwd_sums(ad, 4);
+            assert_eq!(fwd.n, d.len() as f64);
             for m in 1..=4i32 {
                 let s: f64 = d.iter().map(|v| v.abs().powi(m)).sum();
-                assert!(
-                    (cap.fwd.abs[m as usize - 1] / s - 1.0).abs() < 1e-10,
-                    "m {m}"
-                );
+                assert!((fwd.abs[m as usize - 1] / s - 1.0).abs() < 1e-10, "m {m}");
             }
             if dropout > 0.0 {
                 // Some entries were dropped, so the check above is not the no-dropout case.

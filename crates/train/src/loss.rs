@@ -130,7 +130,7 @@ pub(crate) fn heldout_loss(
     micro: usize,
     device: Device,
 ) -> f64 {
-    probe::capture(model, None);
+    probe::capture(model, false);
     let (mut s, mut n) = (0.0, 0.0);
     let held = if max == 0 {
         &data.heldout[..]

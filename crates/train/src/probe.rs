@@ -189,13 +189,44 @@ impl Entry for f32 {
 /// [`CHUNK`] entries (on the rayon pool above [`SERIAL_MAX`] entries), the partials added
 /// in chunk order (bit-identical at any thread count).
 fn slice_sums4<T: Entry>(x: &[T]) -> ([f64; 4], [f64; 4]) {
+    abs_raw4(slice_parts4(x))
+}
+
+/// [`slice_sums4`] in [`chunk_sums4`]'s layout.
+fn slice_parts4<T: Entry>(x: &[T]) -> [f64; 6] {
     use rayon::prelude::*;
     let parts: Vec<[f64; 6]> = if x.len() <= SERIAL_MAX {
         x.chunks(CHUNK).map(T::sums4).collect()
     } else {
         x.par_chunks(CHUNK).map(T::sums4).collect()
     };
-    abs_raw4(add_in_order(parts))
+    add_in_order(parts)
+}
+
+/// The sums of orders 1..=4 of the rows of `g a` in [`chunk_sums4`]'s layout (`g`: n x r,
+/// `a`: r x cols, row-major; `mask`: n x cols, and the kept entries' scale): blocks of
+/// [`PRODUCT_ROWS`] rows, on the calling thread up to [`SERIAL_MAX`] entries and on the
+/// rayon pool above, added in block order (the same bits either way).
+fn product_parts4(
+    g: &[f32],
+    a: &[f32],
+    r: usize,
+    cols: usize,
+    mask: Option<(&[bool], f32)>,
+) -> [f64; 6] {
+    use rayon::prelude::*;
+    let n = g.len().checked_div(r).unwrap_or(0);
+    let blocks: Vec<std::ops::Range<usize>> = (0..n)
+        .step_by(PRODUCT_ROWS)
+        .map(|i| i..(i + PRODUCT_ROWS).min(n))
+        .collect();
+    let block = |b: &std::ops::Range<usize>| product_block_sums(g, a, r, cols, b.clone(), mask);
+    let parts: Vec<[f64; 6]> = if n * cols <= SERIAL_MAX {
+        blocks.iter().map(block).collect()
+    } else {
+        blocks.par_iter().map(block).collect()
+    };
+    add_in_order(parts)
 }
 
 /// Partial sums in [`chunk_sums4`]'s layout added in their order (the order fixes the
@@ -364,17 +395,11 @@ pub fn delta_norm_and_stable_rank(b: &Tensor, a: &Tensor, gamma: f64) -> (f64, f
 }
 
 /// Turns the probes of every attached adapter on (the next forward passes that track
-/// gradients record a [`crate::linear::Capture`] with moments up to order `max_m`) or off
-/// (`None`).
-pub(crate) fn capture(model: &mut CausalLm, max_m: Option<u32>) {
+/// gradients record a [`crate::linear::Capture`]) or off.
+pub(crate) fn capture(model: &mut CausalLm, on: bool) {
     for (_, lin) in model.linears_mut() {
         if lin.adapter.is_some() {
-            lin.capture = max_m.map(|max_m| {
-                RefCell::new(ProbeSlot {
-                    max_m,
-                    ..Default::default()
-                })
-            });
+            lin.capture = on.then(|| RefCell::new(ProbeSlot::default()));
         }
     }
 }
@@ -442,6 +467,24 @@ pub(crate) fn rows_of(t: &Tensor, valid: Option<&Tensor>) -> Tensor {
         Some(idx) => flat.index_select(0, idx),
         None => flat,
     }
+}
+
+/// What [`SiteSums::of_many`] sums: the entries of a tensor, or those of the product `g a`
+/// (`g`: rows x r, `a`: r x cols), optionally masked and scaled as dropout's backward
+/// pass does (`mask`: the entries kept, rows x cols, and their scale `1 / (1 - p)`),
+/// never stored where [`SiteSums::of_product`] applies.
+pub enum SumJob {
+    /// The entries of a tensor.
+    Entries(Tensor),
+    /// The entries of `g a`.
+    Product {
+        /// (rows, r).
+        g: Tensor,
+        /// (r, cols).
+        a: Tensor,
+        /// The entries kept (rows, cols) and their scale.
+        mask: Option<(Tensor, f64)>,
+    },
 }
 
 /// Moment sums of one adapter at one site over the micro-batches of a step: element count
@@ -540,38 +583,139 @@ impl SiteSums {
         tch::no_grad(|| {
             let (g, a) = (g.detach().contiguous(), a.detach().contiguous());
             let mask = mask.map(|(m, scale)| (m.contiguous(), scale as f32));
-            with_slice::<f32, _>(&g, |gs| {
-                with_slice::<f32, _>(&a, |as_| {
-                    let sums = |ms: Option<(&[bool], f32)>| {
-                        use rayon::prelude::*;
-                        let blocks: Vec<std::ops::Range<usize>> = (0..n)
-                            .step_by(PRODUCT_ROWS)
-                            .map(|i| i..(i + PRODUCT_ROWS).min(n))
-                            .collect();
-                        let block = |b: &std::ops::Range<usize>| {
-                            product_block_sums(gs, as_, r, cols, b.clone(), ms)
-                        };
-                        let parts: Vec<[f64; 6]> = if n * cols <= SERIAL_MAX {
-                            blocks.iter().map(block).collect()
-                        } else {
-                            blocks.par_iter().map(block).collect()
-                        };
-                        add_in_order(parts)
-                    };
-                    let s = match &mask {
-                        Some((m, scale)) => with_slice::<bool, _>(m, |ms| sums(Some((ms, *scale)))),
-                        None => sums(None),
-                    };
-                    let m = max_m as usize;
-                    let (abs, raw) = abs_raw4(s);
-                    Some(Self {
-                        n: (n * cols) as f64,
-                        abs: abs[..m].to_vec(),
-                        raw: raw[..m].to_vec(),
-                    })
+            let s = with_slice::<f32, _>(&g, |gs| {
+                with_slice::<f32, _>(&a, |as_| match &mask {
+                    Some((m, scale)) => with_slice::<bool, _>(m, |ms| {
+                        product_parts4(gs, as_, r, cols, Some((ms, *scale)))
+                    }),
+                    None => product_parts4(gs, as_, r, cols, None),
                 })
-            })
+            });
+            Some(Self::of_parts4(s, (n * cols) as f64, max_m))
         })
+    }
+
+    /// The sums of orders 1..=max_m (at most 4) from [`chunk_sums4`]'s layout.
+    fn of_parts4(s: [f64; 6], n: f64, max_m: u32) -> Self {
+        let m = max_m as usize;
+        let (abs, raw) = abs_raw4(s);
+        Self {
+            n,
+            abs: abs[..m].to_vec(),
+            raw: raw[..m].to_vec(),
+        }
+    }
+
+    /// The sums of every job, in order: what [`SiteSums::of`] (for
+    /// [`SumJob::Entries`]) and [`SiteSums::of_product`] (for [`SumJob::Product`]) give,
+    /// the same bits. The passes over CPU f32 entries (orders up to 4) run together: on
+    /// the rayon pool, one job to a task, when they hold more than [`SERIAL_MAX`]
+    /// entries in all (a block's adapters are many passes each too small to share out),
+    /// else on the calling thread; the other jobs one after another on the calling
+    /// thread.
+    pub fn of_many(jobs: &[SumJob], max_m: u32) -> Vec<Self> {
+        use rayon::prelude::*;
+        /// A job's data as contiguous CPU f32 tensors (and its mask), kept alive while
+        /// the pool reads them.
+        enum Ready {
+            Entries(Tensor),
+            Product(Tensor, Tensor, Option<(Tensor, f32)>),
+        }
+        /// What the pool reads: slices of [`Ready`]'s tensors.
+        enum Work<'a> {
+            Entries(&'a [f32]),
+            Product(
+                &'a [f32],
+                &'a [f32],
+                usize,
+                usize,
+                Option<(&'a [bool], f32)>,
+            ),
+        }
+        let cpu_f32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float;
+        let fast = (1..=4).contains(&max_m);
+        let mut out: Vec<Option<Self>> = Vec::with_capacity(jobs.len());
+        let mut ready: Vec<(usize, f64, Ready)> = Vec::new();
+        tch::no_grad(|| {
+            for (i, job) in jobs.iter().enumerate() {
+                match job {
+                    SumJob::Entries(t) if fast && cpu_f32(t) && t.numel() > 0 => {
+                        ready.push((i, t.numel() as f64, Ready::Entries(t.detach().contiguous())));
+                        out.push(None);
+                    }
+                    SumJob::Entries(t) => out.push(Some(Self::of(t, max_m))),
+                    SumJob::Product { g, a, mask } => {
+                        let ok = fast
+                            && cpu_f32(g)
+                            && cpu_f32(a)
+                            && g.dim() == 2
+                            && a.dim() == 2
+                            && g.size()[1] == a.size()[0]
+                            && mask.as_ref().is_none_or(|(m, _)| {
+                                m.device() == Device::Cpu
+                                    && m.kind() == Kind::Bool
+                                    && m.size() == [g.size()[0], a.size()[1]]
+                            });
+                        if ok {
+                            let n = (g.size()[0] * a.size()[1]) as f64;
+                            ready.push((
+                                i,
+                                n,
+                                Ready::Product(
+                                    g.detach().contiguous(),
+                                    a.detach().contiguous(),
+                                    mask.as_ref()
+                                        .map(|(m, scale)| (m.contiguous(), *scale as f32)),
+                                ),
+                            ));
+                            out.push(None);
+                        } else {
+                            let keep = mask.as_ref().map(|(m, scale)| (m, *scale));
+                            out.push(Some(Self::of_product(g, a, keep, max_m).unwrap_or_else(
+                                || {
+                                    let p = g.matmul(a);
+                                    let p = match mask {
+                                        Some((m, scale)) => p * m * *scale,
+                                        None => p,
+                                    };
+                                    Self::of(&p, max_m)
+                                },
+                            )));
+                        }
+                    }
+                }
+            }
+        });
+        let work: Vec<Work> = ready
+            .iter()
+            .map(|(_, _, r)| match r {
+                Ready::Entries(t) => Work::Entries(slice_of(t)),
+                Ready::Product(g, a, mask) => Work::Product(
+                    slice_of(g),
+                    slice_of(a),
+                    g.size()[1] as usize,
+                    a.size()[1] as usize,
+                    mask.as_ref().map(|(m, scale)| (slice_of(m), *scale)),
+                ),
+            })
+            .collect();
+        let sum = |w: &Work| match *w {
+            Work::Entries(x) => slice_parts4(x),
+            Work::Product(g, a, r, cols, mask) => product_parts4(g, a, r, cols, mask),
+        };
+        // The same rule as one pass's: on the pool only above SERIAL_MAX entries in all.
+        let entries: f64 = ready.iter().map(|(_, n, _)| n).sum();
+        let parts: Vec<[f64; 6]> = if entries <= SERIAL_MAX as f64 {
+            work.iter().map(sum).collect()
+        } else {
+            work.par_iter().map(sum).collect()
+        };
+        for ((i, n, _), p) in ready.iter().zip(parts) {
+            out[*i] = Some(Self::of_parts4(p, *n, max_m));
+        }
+        out.into_iter()
+            .map(|s| s.expect("every job summed"))
+            .collect()
     }
 
     /// Adds the sums of `other` (another batch of the same site).
@@ -615,20 +759,25 @@ fn cpu_sums<T: tch::kind::Element + Entry>(t: &Tensor, m: usize) -> (Vec<f64>, V
 
 /// Calls `f` on the entries of `t` in place (no copy: the pass reads the tensor's own
 /// memory once).
-#[allow(unsafe_code)]
 fn with_slice<T: tch::kind::Element, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> R {
+    f(slice_of(t))
+}
+
+/// The entries of `t`, a contiguous CPU tensor, in place, for as long as `t` is borrowed.
+/// Callers only read them between libtorch calls that could write to `t` (the passes
+/// here run in `no_grad`, on tensors nothing else holds a mutable handle to).
+#[allow(unsafe_code)]
+fn slice_of<T: tch::kind::Element>(t: &Tensor) -> &[T] {
     assert!(t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND);
     let n = t.numel();
     let ptr = t.data_ptr() as *const T;
     if n == 0 || ptr.is_null() {
-        return f(&[]);
+        return &[];
     }
     // SAFETY: `t` is a contiguous CPU tensor of `n` entries of type `T` (asserted above),
-    // so its data is `n` initialised, aligned `T`s from `data_ptr`; `t` is borrowed for
-    // the whole call, which keeps its storage alive, and nothing writes to it meanwhile
-    // (the pass runs in `no_grad` between libtorch calls, and `f` only reads).
-    let x = unsafe { std::slice::from_raw_parts(ptr, n) };
-    f(x)
+    // so its data is `n` initialised, aligned `T`s from `data_ptr`; the slice borrows `t`,
+    // which keeps its storage alive, and nothing writes to it meanwhile (see above).
+    unsafe { std::slice::from_raw_parts(ptr, n) }
 }
 
 /// The expression of [`SiteSums::of`] for other devices.
@@ -795,6 +944,98 @@ mod tests {
         assert!(SiteSums::of_product(&g.to_kind(Kind::Double), &a, None, 4).is_none());
         assert!(SiteSums::of_product(&g, &a, None, 5).is_none());
         assert!(SiteSums::of_product(&g, &a.narrow(0, 0, 3), None, 4).is_none());
+    }
+
+    /// `of_many` gives, job by job and in order, the bits of `of` and `of_product` on the
+    /// same job: f32 entries and products (with and without a mask) that run together,
+    /// and the jobs that do not (f64 entries, an f64 product: its sums are those of the
+    /// formed product); below and above `SERIAL_MAX` entries in all, on
+    /// pools of 1, 2 and 5 threads; at orders 3 and 6 (above 4 nothing runs together).
+    #[test]
+    fn many_sums_are_each_jobs_own() {
+        tch::manual_seed(5);
+        let f = (Kind::Float, Device::Cpu);
+        let bits = |a: &SiteSums, b: &SiteSums| {
+            a.n == b.n
+                && a.abs.len() == b.abs.len()
+                && a.abs
+                    .iter()
+                    .chain(&a.raw)
+                    .zip(b.abs.iter().chain(&b.raw))
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        for big in [false, true] {
+            let rows = if big {
+                SERIAL_MAX as i64 / 3000 + 50
+            } else {
+                40
+            };
+            let (r, cols) = (16i64, 1000i64);
+            let g = Tensor::randn([rows, r], f);
+            let a = Tensor::randn([r, cols], f);
+            let v = Tensor::randn([rows, cols], f);
+            let mask = Tensor::rand([rows, cols], f).ge(0.3);
+            let w = Tensor::randn([rows, cols], (Kind::Double, Device::Cpu));
+            let jobs = || {
+                vec![
+                    SumJob::Product {
+                        g: g.shallow_clone(),
+                        a: a.shallow_clone(),
+                        mask: None,
+                    },
+                    SumJob::Entries(v.shallow_clone()),
+                    SumJob::Product {
+                        g: g.shallow_clone(),
+                        a: a.shallow_clone(),
+                        mask: Some((mask.shallow_clone(), 1.0 / 0.7)),
+                    },
+                    SumJob::Entries(w.shallow_clone()),
+                    SumJob::Product {
+                        g: g.to_kind(Kind::Double),
+                        a: a.to_kind(Kind::Double),
+                        mask: Some((mask.shallow_clone(), 2.0)),
+                    },
+                ]
+            };
+            for max_m in [3u32, 6] {
+                let one_job = |i: usize| -> SiteSums {
+                    match i {
+                        0 => SiteSums::of_product(&g, &a, None, max_m)
+                            .unwrap_or_else(|| SiteSums::of(&g.matmul(&a), max_m)),
+                        1 => SiteSums::of(&v, max_m),
+                        2 => SiteSums::of_product(&g, &a, Some((&mask, 1.0 / 0.7)), max_m)
+                            .unwrap_or_else(|| {
+                                SiteSums::of(&(g.matmul(&a) * &mask * (1.0 / 0.7)), max_m)
+                            }),
+                        3 => SiteSums::of(&w, max_m),
+                        _ => SiteSums::of(
+                            &(g.to_kind(Kind::Double).matmul(&a.to_kind(Kind::Double))
+                                * &mask
+                                * 2.0),
+                            max_m,
+                        ),
+                    }
+                };
+                let want: Vec<SiteSums> = (0..5).map(one_job).collect();
+                // The jobs differ, so a mix-up of their order shows.
+                assert!(!bits(&want[0], &want[2]) && !bits(&want[1], &want[3]));
+                for threads in [1, 2, 5] {
+                    let owned = jobs();
+                    let got = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .expect("pool")
+                        .install(move || SiteSums::of_many(&owned, max_m));
+                    assert_eq!(got.len(), want.len());
+                    for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            bits(x, y),
+                            "job {i}, big {big}, order {max_m}, {threads} threads: {x:?} vs {y:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The fused CPU pass against the tensor expression (the CUDA path, here on CPU), on

@@ -17,11 +17,10 @@ use crate::data::{collate, heldout_count, shuffle_split, Dataset, Sequence};
 use crate::inject::{self, module_and_layer};
 use crate::law::Law;
 use crate::limits::OutOfRange;
-use crate::linear::Capture;
 use crate::lora::{save_peft, LoraConfig, LoraInit, PeftAdapterConfig};
 use crate::loss::{self, blockwise_backward, masked_loss_sum};
 use crate::optim::{check_supported, AdamwParams, AdapterOptimizer};
-use crate::probe::{self, delta_norm_and_stable_rank, fro, rows_of, valid_rows, SiteSums};
+use crate::probe::{self, delta_norm_and_stable_rank, fro, rows_of, valid_rows, SiteSums, SumJob};
 use crate::{CausalLm, TrainError};
 use rankstab_records::{Metric, MetricRow, MomentRow, Optimizer, Scaling, Site, Stat, TableWriter};
 use std::path::Path;
@@ -761,11 +760,13 @@ pub(crate) fn forward_backward(
 }
 
 /// Reads the probes the backward pass has been through (their output's gradient is
-/// there) into `sums` (one entry per adapter, in the model's order): the capture's `fwd`
-/// sums, and the moment sums of the loss gradient at the adapter's output and through the
+/// there) into `sums` (one entry per adapter, in the model's order): the moment sums of
+/// the adapter's output, of the loss gradient there and of the gradient through the
 /// adapter into its input, at the capture's rows only (the real tokens, or a sample of
-/// them), each read once by the fused moment pass; at steps 0 and 1 the law's inputs.
-/// Each capture is dropped once read.
+/// them), each formed and read once by the fused moment pass, the passes of all the
+/// adapters read here run together ([`SiteSums::of_many`]); at steps 0 and 1 the law's
+/// inputs. Each capture is dropped once read. The adapters' factors must be those of the
+/// forward pass (read before the optimizer's step).
 fn read_probes(
     model: &mut CausalLm,
     sums: &mut [[SiteSums; 3]],
@@ -777,6 +778,8 @@ fn read_probes(
         .linears_mut()
         .into_iter()
         .filter(|(_, l)| l.adapter.is_some());
+    let mut read = Vec::new();
+    let mut jobs = Vec::new();
     for (i, (_, lin)) in adapted.enumerate() {
         let (Some(slot), Some(ad)) = (lin.capture.as_ref(), lin.adapter.as_ref()) else {
             continue;
@@ -790,19 +793,14 @@ fn read_probes(
             continue;
         };
         // The output's leaf holds the probed rows only.
-        let v = cap.probe.grad();
+        let v = cap.v();
         let rows = cap.rows.as_ref();
-        let mask = cap.mask.as_ref().map(|m| rows_of(m, rows));
-        let g_u = rows_of(&cap.probe_u.grad(), rows);
-        let s = &mut sums[i];
-        s[0].merge(&cap.fwd);
-        s[1].add(&v, max_m);
-        s[2].merge(&Capture::through_adapter_sums(
-            ad,
-            &g_u,
-            mask.as_ref(),
-            max_m,
-        ));
+        let (middle, bt) = cap.fwd_factors(ad);
+        let g_u = cap.g_u(ad).to_kind(ad.a.kind());
+        let mask = cap
+            .mask
+            .as_ref()
+            .map(|m| (rows_of(m, rows), 1.0 / (1.0 - ad.dropout)));
         if let (Some(law), Some(x)) = (law.as_deref_mut(), &cap.input) {
             let x = rows_of(x, rows);
             match step {
@@ -810,6 +808,26 @@ fn read_probes(
                 1 => law.record_step1(i, &x),
                 _ => {}
             }
+        }
+        read.push(i);
+        jobs.extend([
+            SumJob::Product {
+                g: middle,
+                a: bt,
+                mask: None,
+            },
+            SumJob::Entries(v),
+            SumJob::Product {
+                g: g_u,
+                a: ad.a.shallow_clone(),
+                mask,
+            },
+        ]);
+    }
+    let mut got = SiteSums::of_many(&jobs, max_m).into_iter();
+    for i in read {
+        for s in sums[i].iter_mut() {
+            s.merge(&got.next().expect("three sums an adapter"));
         }
     }
 }
@@ -1089,7 +1107,7 @@ pub fn train(
     for step in resumed_from.unwrap_or(0)..cfg.steps {
         let t_step = std::time::Instant::now();
         let probing = cfg.probe_every > 0 && step % cfg.probe_every == 0;
-        probe::capture(model, probing.then(|| max_moment(cfg)));
+        probe::capture(model, probing);
         opt.zero_grad();
         let (lv, sums, mut times) =
             forward_backward(model, data, cfg, step, probing, device, law.as_mut());
@@ -1187,14 +1205,14 @@ pub fn train(
             times,
         });
         if stopping {
-            probe::capture(model, None);
+            probe::capture(model, false);
             return Err(TrainError::Stopped {
                 step,
                 dir: out.to_path_buf(),
             });
         }
     }
-    probe::capture(model, None);
+    probe::capture(model, false);
     // The last step's evaluation already measured the final adapters.
     let heldout_loss = match final_heldout {
         Some(h) => h,

@@ -507,8 +507,7 @@ fn probes_match_an_independent_computation() {
     // The gradient into the input through the adapter, recomputed from V after the
     // backward pass, equals autograd's gradient of <gamma B A x, V> with respect to x (in
     // f64, independent of the formula the probe uses).
-    let g_u = cap.probe_u.grad();
-    let g_u = g_u.reshape([-1, g_u.size()[2]]);
+    let g_u = cap.g_u(ad);
     let bwd =
         rankstab_train::linear::Capture::through_adapter(ad, &g_u, None).to_kind(Kind::Double);
     let xl = x.detach().set_requires_grad(true);
@@ -523,19 +522,21 @@ fn probes_match_an_independent_computation() {
         err < 1e-4,
         "bwd probe vs autograd's (gamma B A)^T V: relative error {err}"
     );
-    // The fwd sums taken during the forward pass are those of gamma X A^T B^T.
+    // The fwd sums, formed after the backward pass from the kept middle, are those of
+    // gamma X A^T B^T.
     let y = x
         .matmul(&ad.a.to_kind(Kind::Double).tr())
         .matmul(&ad.b.to_kind(Kind::Double).tr())
         * ad.scaling;
     let yv: Vec<f64> = Vec::try_from(y.flatten(0, -1)).expect("f64");
-    assert_eq!(cap.fwd.n, yv.len() as f64);
+    let fwd = cap.fwd_sums(ad, 4);
+    assert_eq!(fwd.n, yv.len() as f64);
     for m in 1..=4i32 {
         let a: f64 = yv.iter().map(|v| v.abs().powi(m)).sum();
         let r: f64 = yv.iter().map(|v| v.powi(m)).sum();
         let k = m as usize - 1;
-        assert!((cap.fwd.abs[k] / a - 1.0).abs() < 1e-5, "fwd abs m {m}");
-        assert!((cap.fwd.raw[k] - r).abs() < 1e-5 * a, "fwd raw m {m}");
+        assert!((fwd.abs[k] / a - 1.0).abs() < 1e-5, "fwd abs m {m}");
+        assert!((fwd.raw[k] - r).abs() < 1e-5 * a, "fwd raw m {m}");
     }
 
     // (2) the trainer's fwd moments at step 1 from the adapters after one step.
