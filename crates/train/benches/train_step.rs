@@ -5,13 +5,15 @@
 //! Our side runs as `rankstab train` does (`run::load_model`, `data::load_dataset`,
 //! `run::run_dir` into a temporary run directory), in two configurations: probes off
 //! (probe_every = 0, eval_every = 0) and probes on every adapter at every step
-//! (probe_every = 1), which gives the probe overhead. The two alternate,
-//! RANKSTAB_BENCH_REPS processes each (default 2; ours re-run this binary with
-//! `--rankstab-child`), so that a slow spell of the machine falls on both, and their timed
-//! steps are pooled; each repetition also runs probes every second step (probe_every = 2),
+//! (probe_every = 1), which gives the probe overhead. They and transformers + peft
+//! alternate, RANKSTAB_BENCH_REPS processes each (default 2; ours re-run this binary with
+//! `--rankstab-child`; theirs right after our probes-off process), so that a slow spell
+//! of the machine falls on all of them, and their timed steps are pooled; the step-time
+//! ratio of each repetition's two back-to-back processes is printed beside the pooled
+//! one. Each repetition also runs probes every second step (probe_every = 2),
 //! where each probed step is compared with the unprobed steps on either side of it: the
 //! paired overhead, which a slow spell of a shared machine (minutes long, and landing on
-//! one process rather than the other) does not bias. Then transformers + peft once. Prints the table, where our step time
+//! one process rather than the other) does not bias. Prints the table, where our step time
 //! goes (data, forward, backward, probes, optimizer, evaluation, records: the trainer's
 //! [`StepTimes`]), the model FLOP utilisation against libtorch's f32 GEMM peak measured
 //! in the same process, and the ratios with their targets, and writes them to
@@ -358,7 +360,7 @@ fn pooled(ms: Vec<Measure>) -> Measure {
         first.peak_rss_train_mb = first.peak_rss_train_mb.max(m.peak_rss_train_mb);
         first.gemm_gflops = first.gemm_gflops.max(m.gemm_gflops);
     }
-    first.phases = Some(StepTimes::mean(&phases));
+    first.phases = (!phases.is_empty()).then(|| StepTimes::mean(&phases));
     first.run.median_s = median(first.step_times_s.clone());
     first.run.tokens_per_s = (first.run.batch * first.run.context) as f64 / first.run.median_s;
     first.min_s = first
@@ -451,8 +453,9 @@ fn main() {
         rankstab_train::memory::ALLOCATOR
     );
     println!("load average: {}", load_start.trim());
-    // Our two configurations alternate, `reps` processes each, so that a slow spell of
-    // the machine falls on both; their timed steps are pooled.
+    // Our configurations and transformers + peft alternate, `reps` processes each (ours
+    // probes off, theirs right after it, then ours probes on and every second step), so
+    // that a slow spell of the machine falls on all of them; their timed steps are pooled.
     let reps = if smoke {
         1
     } else {
@@ -460,14 +463,19 @@ fn main() {
     };
     let mut offs = Vec::new();
     let mut ons = Vec::new();
+    let mut theirs_all = Vec::new();
+    let mut theirs_err = None;
     let mut paired = Vec::new();
     for _ in 0..reps {
+        let off = rust_side(sh, 0, smoke);
+        if !smoke && theirs_err.is_none() && off.is_ok() {
+            match python_side(&gguf, &text, sh) {
+                Ok(m) => theirs_all.push(m),
+                Err(e) => theirs_err = Some(e),
+            }
+        }
         let run = || -> Result<_, String> {
-            Ok((
-                rust_side(sh, 0, smoke)?,
-                rust_side(sh, 1, smoke)?,
-                rust_side(sh, 2, smoke)?,
-            ))
+            Ok((off?, rust_side(sh, 1, smoke)?, rust_side(sh, 2, smoke)?))
         };
         match run() {
             Ok((off, on, every2)) => {
@@ -481,6 +489,12 @@ fn main() {
             }
         }
     }
+    // Our step time over theirs in each repetition (the two processes back to back).
+    let rep_ratios: Vec<f64> = offs
+        .iter()
+        .zip(&theirs_all)
+        .map(|(o, t)| o.run.median_s / t.run.median_s)
+        .collect();
     let (off, on) = (pooled(offs), pooled(ons));
     print(&off);
     print(&on);
@@ -523,12 +537,14 @@ fn main() {
         println!("train_step: smoke run only (cargo test); measure with `cargo bench -p rankstab-train --bench train_step`");
         return;
     }
-    let theirs = match python_side(&gguf, &text, sh) {
-        Ok(m) => {
+    let theirs = match theirs_err {
+        None if !theirs_all.is_empty() => {
+            let m = pooled(theirs_all);
             print(&m);
             Some(m)
         }
-        Err(e) => {
+        None => None,
+        Some(e) => {
             println!("transformers side SKIPPED: {e}");
             None
         }
@@ -539,8 +555,9 @@ fn main() {
         let time_min = off.min_s / m.min_s;
         let time_probes = on.run.median_s / m.run.median_s;
         println!(
-            "ratio rankstab / transformers+peft: step time {time:.2}x (target <= {STEP_TARGET}: {}; fastest steps {time_min:.2}x), peak memory during steps {mem:.2}x (target <= {MEMORY_TARGET}: {}); with probes on: step time {time_probes:.2}x",
+            "ratio rankstab / transformers+peft: step time {time:.2}x (target <= {STEP_TARGET}: {}; fastest steps {time_min:.2}x; in each repetition, back to back: {}), peak memory during steps {mem:.2}x (target <= {MEMORY_TARGET}: {}); with probes on: step time {time_probes:.2}x",
             verdict(time, STEP_TARGET),
+            rep_ratios.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", "),
             verdict(mem, MEMORY_TARGET)
         );
         serde_json::json!({
@@ -548,6 +565,7 @@ fn main() {
             "step_time_target": STEP_TARGET,
             "step_time_target_met": time <= STEP_TARGET,
             "step_time_fastest_steps": time_min,
+            "step_time_per_repetition": rep_ratios,
             "peak_memory": mem,
             "peak_memory_target": MEMORY_TARGET,
             "peak_memory_target_met": mem <= MEMORY_TARGET,
