@@ -3,7 +3,7 @@
 //! never look at the adapter, so adapters (and the probes around them) are attached
 //! without touching model code — the `with_tracing` pattern of candle.
 use crate::lora::LoraAdapter;
-use crate::probe::{rows_of, SiteSums};
+use crate::probe::{rows_of, SiteSums, SumJob};
 use std::cell::RefCell;
 use tch::Tensor;
 
@@ -12,7 +12,7 @@ use tch::Tensor;
 /// real token, or the sample the trainer drew):
 /// - the rank-r middle `dropout(x) A^T` (r entries a token), from which the
 ///   adapter's output `gamma dropout(x) A^T B^T` and its moments are formed after the
-///   backward pass ([`Capture::fwd_sums`], where the moment passes of all the adapters
+///   backward pass ([`Capture::jobs`], where the moment passes of all the adapters
 ///   of a block run together): the output itself goes into the base's output by one GEMM
 ///   and is not kept;
 /// - a zero leaf added to the output at those rows, expanded from a single entry (no
@@ -60,25 +60,31 @@ impl Capture {
     }
 
     /// The moment sums of the adapter's output `gamma dropout(x) A^T B^T` at the probed
-    /// rows, from the kept middle: without storing the product where
-    /// [`SiteSums::of_product`] applies, else from the product.
+    /// rows, from the kept middle ([`Capture::fwd_job`]).
     pub fn fwd_sums(&self, ad: &LoraAdapter, max_m: u32) -> SiteSums {
-        tch::no_grad(|| {
-            let (g, bt) = self.fwd_factors(ad);
-            SiteSums::of_product(&g, &bt, None, max_m)
-                .unwrap_or_else(|| SiteSums::of(&g.matmul(&bt), max_m))
+        one_sum(self.fwd_job(ad), max_m)
+    }
+
+    /// The adapter's output at the probed rows as a product never stored:
+    /// `gamma dropout(x) A^T` there (rows, r) times `B^T` (r, out).
+    pub fn fwd_job(&self, ad: &LoraAdapter) -> SumJob {
+        tch::no_grad(|| SumJob::Product {
+            g: rows_of(&self.middle, self.rows.as_ref()) * ad.scaling,
+            a: ad.b.tr(),
+            mask: None,
         })
     }
 
-    /// The factors of the adapter's output at the probed rows: `gamma dropout(x) A^T`
-    /// there (rows, r) and `B^T` (r, out).
-    pub fn fwd_factors(&self, ad: &LoraAdapter) -> (Tensor, Tensor) {
-        tch::no_grad(|| {
-            (
-                rows_of(&self.middle, self.rows.as_ref()) * ad.scaling,
-                ad.b.tr(),
-            )
-        })
+    /// The moment-sum jobs of the three sites at the probed rows, in their order: `fwd`
+    /// (the adapter's output), `grad_out` (`v`, given: [`Capture::v`]) and `bwd`
+    /// (`(gamma B A)^T v` with the pass's dropout).
+    pub fn jobs(&self, ad: &LoraAdapter, v: &Tensor) -> [SumJob; 3] {
+        let mask = self.mask.as_ref().map(|m| rows_of(m, self.rows.as_ref()));
+        [
+            self.fwd_job(ad),
+            SumJob::Entries(v.shallow_clone()),
+            Self::bwd_job(ad, &self.g_u(ad), mask.as_ref()),
+        ]
     }
 
     /// `(gamma B A)^T v` per token, with the dropout of the pass, from `g_u = gamma v B`
@@ -94,20 +100,33 @@ impl Capture {
         })
     }
 
-    /// The moment sums of [`Capture::through_adapter`]'s result, without storing it where
-    /// [`SiteSums::of_product`] applies (CPU, f32 adapter, orders up to 4), else from the
-    /// product formed by [`Capture::through_adapter`].
+    /// The moment sums of [`Capture::through_adapter`]'s result ([`Capture::bwd_job`]).
     pub fn through_adapter_sums(
         ad: &LoraAdapter,
         g_u: &Tensor,
         mask: Option<&Tensor>,
         max_m: u32,
     ) -> SiteSums {
-        let g = g_u.to_kind(ad.a.kind());
-        let keep = mask.map(|m| (m, 1.0 / (1.0 - ad.dropout)));
-        SiteSums::of_product(&g, &ad.a, keep, max_m)
-            .unwrap_or_else(|| SiteSums::of(&Self::through_adapter(ad, g_u, mask), max_m))
+        one_sum(Self::bwd_job(ad, g_u, mask), max_m)
     }
+
+    /// [`Capture::through_adapter`]'s result as a product never stored where
+    /// [`SiteSums::of_product`] applies (CPU, f32 adapter, orders up to 4): `g_u A`, masked
+    /// and scaled as dropout's backward pass does.
+    pub fn bwd_job(ad: &LoraAdapter, g_u: &Tensor, mask: Option<&Tensor>) -> SumJob {
+        SumJob::Product {
+            g: g_u.to_kind(ad.a.kind()),
+            a: ad.a.shallow_clone(),
+            mask: mask.map(|m| (m.shallow_clone(), 1.0 / (1.0 - ad.dropout))),
+        }
+    }
+}
+
+/// The sums of one job.
+fn one_sum(job: SumJob, max_m: u32) -> SiteSums {
+    SiteSums::of_many(&[job], max_m)
+        .pop()
+        .expect("one job, one sum")
 }
 
 /// A layer's probe while probing: what the trainer sets before a forward pass (the rows

@@ -487,6 +487,91 @@ pub enum SumJob {
     },
 }
 
+/// The operands of [`SiteSums::of_product`]'s fused pass, when it applies (CPU, f32 `g`
+/// (n x r) and `a` (r x cols), a CPU bool mask of n x cols, orders 1..=4): contiguous,
+/// the mask's scale in f32.
+struct ProductOperands {
+    g: Tensor,
+    a: Tensor,
+    mask: Option<(Tensor, f32)>,
+    r: usize,
+    cols: usize,
+}
+
+impl ProductOperands {
+    fn of(g: &Tensor, a: &Tensor, mask: Option<(&Tensor, f64)>, max_m: u32) -> Option<Self> {
+        let cpu_f32 =
+            |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.dim() == 2;
+        if !(cpu_f32(g) && cpu_f32(a)) || max_m > 4 || max_m == 0 {
+            return None;
+        }
+        let (n, r) = (g.size()[0], g.size()[1]);
+        let cols = a.size()[1];
+        if a.size()[0] != r {
+            return None;
+        }
+        if let Some((m, _)) = mask {
+            if m.device() != Device::Cpu || m.kind() != Kind::Bool || m.size() != [n, cols] {
+                return None;
+            }
+        }
+        tch::no_grad(|| {
+            Some(Self {
+                g: g.detach().contiguous(),
+                a: a.detach().contiguous(),
+                mask: mask.map(|(m, scale)| (m.contiguous(), scale as f32)),
+                r: r as usize,
+                cols: cols as usize,
+            })
+        })
+    }
+
+    /// The entries of `g a`.
+    fn entries(&self) -> f64 {
+        (self.g.size()[0] as usize * self.cols) as f64
+    }
+
+    /// The fused pass over the operands, in place.
+    fn pass(&self) -> Pass<'_> {
+        Pass::Product {
+            g: slice_of(&self.g),
+            a: slice_of(&self.a),
+            r: self.r,
+            cols: self.cols,
+            mask: self.mask.as_ref().map(|(m, scale)| (slice_of(m), *scale)),
+        }
+    }
+}
+
+/// A fused moment pass (orders 1..=4) over data read in place: the entries of a slice, or
+/// those of a product `g a` never stored (see [`product_parts4`]).
+enum Pass<'a> {
+    Entries(&'a [f32]),
+    Product {
+        g: &'a [f32],
+        a: &'a [f32],
+        r: usize,
+        cols: usize,
+        mask: Option<(&'a [bool], f32)>,
+    },
+}
+
+impl Pass<'_> {
+    /// The sums in [`chunk_sums4`]'s layout.
+    fn sums(&self) -> [f64; 6] {
+        match *self {
+            Pass::Entries(x) => slice_parts4(x),
+            Pass::Product {
+                g,
+                a,
+                r,
+                cols,
+                mask,
+            } => product_parts4(g, a, r, cols, mask),
+        }
+    }
+}
+
 /// Moment sums of one adapter at one site over the micro-batches of a step: element count
 /// and the sums of `|x|^m` and `x^m` (the step's moment of order m is `abs[m - 1] / n`).
 #[derive(Default, Debug, Clone, PartialEq)]
@@ -562,37 +647,8 @@ impl SiteSums {
         mask: Option<(&Tensor, f64)>,
         max_m: u32,
     ) -> Option<Self> {
-        let cpu_f32 =
-            |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.dim() == 2;
-        if !(cpu_f32(g) && cpu_f32(a)) || max_m > 4 || max_m == 0 {
-            return None;
-        }
-        let (n, r) = (g.size()[0] as usize, g.size()[1] as usize);
-        let cols = a.size()[1] as usize;
-        if a.size()[0] as usize != r {
-            return None;
-        }
-        if let Some((m, _)) = mask {
-            if m.device() != Device::Cpu
-                || m.kind() != Kind::Bool
-                || m.size() != [n as i64, cols as i64]
-            {
-                return None;
-            }
-        }
-        tch::no_grad(|| {
-            let (g, a) = (g.detach().contiguous(), a.detach().contiguous());
-            let mask = mask.map(|(m, scale)| (m.contiguous(), scale as f32));
-            let s = with_slice::<f32, _>(&g, |gs| {
-                with_slice::<f32, _>(&a, |as_| match &mask {
-                    Some((m, scale)) => with_slice::<bool, _>(m, |ms| {
-                        product_parts4(gs, as_, r, cols, Some((ms, *scale)))
-                    }),
-                    None => product_parts4(gs, as_, r, cols, None),
-                })
-            });
-            Some(Self::of_parts4(s, (n * cols) as f64, max_m))
-        })
+        let ops = ProductOperands::of(g, a, mask, max_m)?;
+        Some(Self::of_parts4(ops.pass().sums(), ops.entries(), max_m))
     }
 
     /// The sums of orders 1..=max_m (at most 4) from [`chunk_sums4`]'s layout.
@@ -615,100 +671,65 @@ impl SiteSums {
     /// thread.
     pub fn of_many(jobs: &[SumJob], max_m: u32) -> Vec<Self> {
         use rayon::prelude::*;
-        /// A job's data as contiguous CPU f32 tensors (and its mask), kept alive while
-        /// the pool reads them.
+        /// A job's contiguous CPU f32 data, kept alive while the pool reads it.
         enum Ready {
             Entries(Tensor),
-            Product(Tensor, Tensor, Option<(Tensor, f32)>),
+            Product(ProductOperands),
         }
-        /// What the pool reads: slices of [`Ready`]'s tensors.
-        enum Work<'a> {
-            Entries(&'a [f32]),
-            Product(
-                &'a [f32],
-                &'a [f32],
-                usize,
-                usize,
-                Option<(&'a [bool], f32)>,
-            ),
-        }
-        let cpu_f32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float;
         let fast = (1..=4).contains(&max_m);
         let mut out: Vec<Option<Self>> = Vec::with_capacity(jobs.len());
         let mut ready: Vec<(usize, f64, Ready)> = Vec::new();
         tch::no_grad(|| {
             for (i, job) in jobs.iter().enumerate() {
-                match job {
-                    SumJob::Entries(t) if fast && cpu_f32(t) && t.numel() > 0 => {
-                        ready.push((i, t.numel() as f64, Ready::Entries(t.detach().contiguous())));
+                let prepared = match job {
+                    SumJob::Entries(t)
+                        if fast
+                            && t.device() == Device::Cpu
+                            && t.kind() == Kind::Float
+                            && t.numel() > 0 =>
+                    {
+                        Some((t.numel() as f64, Ready::Entries(t.detach().contiguous())))
+                    }
+                    SumJob::Entries(_) => None,
+                    SumJob::Product { g, a, mask } => {
+                        let keep = mask.as_ref().map(|(m, scale)| (m, *scale));
+                        ProductOperands::of(g, a, keep, max_m)
+                            .map(|ops| (ops.entries(), Ready::Product(ops)))
+                    }
+                };
+                match prepared {
+                    Some((n, r)) => {
+                        ready.push((i, n, r));
                         out.push(None);
                     }
-                    SumJob::Entries(t) => out.push(Some(Self::of(t, max_m))),
-                    SumJob::Product { g, a, mask } => {
-                        let ok = fast
-                            && cpu_f32(g)
-                            && cpu_f32(a)
-                            && g.dim() == 2
-                            && a.dim() == 2
-                            && g.size()[1] == a.size()[0]
-                            && mask.as_ref().is_none_or(|(m, _)| {
-                                m.device() == Device::Cpu
-                                    && m.kind() == Kind::Bool
-                                    && m.size() == [g.size()[0], a.size()[1]]
-                            });
-                        if ok {
-                            let n = (g.size()[0] * a.size()[1]) as f64;
-                            ready.push((
-                                i,
-                                n,
-                                Ready::Product(
-                                    g.detach().contiguous(),
-                                    a.detach().contiguous(),
-                                    mask.as_ref()
-                                        .map(|(m, scale)| (m.contiguous(), *scale as f32)),
-                                ),
-                            ));
-                            out.push(None);
-                        } else {
-                            let keep = mask.as_ref().map(|(m, scale)| (m, *scale));
-                            out.push(Some(Self::of_product(g, a, keep, max_m).unwrap_or_else(
-                                || {
-                                    let p = g.matmul(a);
-                                    let p = match mask {
-                                        Some((m, scale)) => p * m * *scale,
-                                        None => p,
-                                    };
-                                    Self::of(&p, max_m)
-                                },
-                            )));
+                    None => out.push(Some(match job {
+                        SumJob::Entries(t) => Self::of(t, max_m),
+                        SumJob::Product { g, a, mask } => {
+                            let p = g.matmul(a);
+                            let p = match mask {
+                                Some((m, scale)) => p * m * *scale,
+                                None => p,
+                            };
+                            Self::of(&p, max_m)
                         }
-                    }
+                    })),
                 }
             }
         });
-        let work: Vec<Work> = ready
+        // What the pool reads: the prepared tensors, in place.
+        let passes: Vec<Pass> = ready
             .iter()
             .map(|(_, _, r)| match r {
-                Ready::Entries(t) => Work::Entries(slice_of(t)),
-                Ready::Product(g, a, mask) => Work::Product(
-                    slice_of(g),
-                    slice_of(a),
-                    g.size()[1] as usize,
-                    a.size()[1] as usize,
-                    mask.as_ref().map(|(m, scale)| (slice_of(m), *scale)),
-                ),
+                Ready::Entries(t) => Pass::Entries(slice_of(t)),
+                Ready::Product(o) => o.pass(),
             })
             .collect();
-        let sum = |w: &Work| match *w {
-            Work::Entries(x) => slice_parts4(x),
-            Work::Product(g, a, r, cols, mask) => product_parts4(g, a, r, cols, mask),
-        };
         // The same rule as one pass's: on the pool only above SERIAL_MAX entries in all.
         let entries: f64 = ready.iter().map(|(_, n, _)| n).sum();
         let parts: Vec<[f64; 6]> = if entries <= SERIAL_MAX as f64 {
-            work.iter().map(sum).collect()
+            passes.iter().map(Pass::sums).collect()
         } else {
-            work.par_iter().map(sum).collect()
+            passes.par_iter().map(Pass::sums).collect()
         };
         for ((i, n, _), p) in ready.iter().zip(parts) {
             out[*i] = Some(Self::of_parts4(p, *n, max_m));
@@ -745,25 +766,19 @@ impl SiteSums {
 /// The fused CPU pass over `t`, a contiguous CPU tensor of `T` entries.
 fn cpu_sums<T: tch::kind::Element + Entry>(t: &Tensor, m: usize) -> (Vec<f64>, Vec<f64>) {
     assert!(t.device() == Device::Cpu && t.is_contiguous() && t.kind() == T::KIND);
-    let (a, r): (Vec<f64>, Vec<f64>) = with_slice::<T, _>(t, |x| {
-        if m <= 4 {
-            let (a, r) = slice_sums4::<T>(x);
-            (a.to_vec(), r.to_vec())
-        } else {
-            let (a, r) = slice_sums::<T, { crate::limits::MAX_MOMENT as usize }>(x);
-            (a.to_vec(), r.to_vec())
-        }
-    });
+    let x = slice_of::<T>(t);
+    let (a, r): (Vec<f64>, Vec<f64>) = if m <= 4 {
+        let (a, r) = slice_sums4::<T>(x);
+        (a.to_vec(), r.to_vec())
+    } else {
+        let (a, r) = slice_sums::<T, { crate::limits::MAX_MOMENT as usize }>(x);
+        (a.to_vec(), r.to_vec())
+    };
     (a[..m].to_vec(), r[..m].to_vec())
 }
 
-/// Calls `f` on the entries of `t` in place (no copy: the pass reads the tensor's own
-/// memory once).
-fn with_slice<T: tch::kind::Element, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> R {
-    f(slice_of(t))
-}
-
-/// The entries of `t`, a contiguous CPU tensor, in place, for as long as `t` is borrowed.
+/// The entries of `t`, a contiguous CPU tensor, in place (no copy: a pass reads the
+/// tensor's own memory once), for as long as `t` is borrowed.
 /// Callers only read them between libtorch calls that could write to `t` (the passes
 /// here run in `no_grad`, on tensors nothing else holds a mutable handle to).
 #[allow(unsafe_code)]

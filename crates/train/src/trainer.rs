@@ -20,7 +20,7 @@ use crate::limits::OutOfRange;
 use crate::lora::{save_peft, LoraConfig, LoraInit, PeftAdapterConfig};
 use crate::loss::{self, blockwise_backward, masked_loss_sum};
 use crate::optim::{check_supported, AdamwParams, AdapterOptimizer};
-use crate::probe::{self, delta_norm_and_stable_rank, fro, rows_of, valid_rows, SiteSums, SumJob};
+use crate::probe::{self, delta_norm_and_stable_rank, fro, rows_of, valid_rows, SiteSums};
 use crate::{CausalLm, TrainError};
 use rankstab_records::{Metric, MetricRow, MomentRow, Optimizer, Scaling, Site, Stat, TableWriter};
 use std::path::Path;
@@ -794,15 +794,9 @@ fn read_probes(
         };
         // The output's leaf holds the probed rows only.
         let v = cap.v();
-        let rows = cap.rows.as_ref();
-        let (middle, bt) = cap.fwd_factors(ad);
-        let g_u = cap.g_u(ad).to_kind(ad.a.kind());
-        let mask = cap
-            .mask
-            .as_ref()
-            .map(|m| (rows_of(m, rows), 1.0 / (1.0 - ad.dropout)));
+        jobs.extend(cap.jobs(ad, &v));
         if let (Some(law), Some(x)) = (law.as_deref_mut(), &cap.input) {
-            let x = rows_of(x, rows);
+            let x = rows_of(x, cap.rows.as_ref());
             match step {
                 0 => law.record_step0(i, &x, &v),
                 1 => law.record_step1(i, &x),
@@ -810,19 +804,6 @@ fn read_probes(
             }
         }
         read.push(i);
-        jobs.extend([
-            SumJob::Product {
-                g: middle,
-                a: bt,
-                mask: None,
-            },
-            SumJob::Entries(v),
-            SumJob::Product {
-                g: g_u,
-                a: ad.a.shallow_clone(),
-                mask,
-            },
-        ]);
     }
     let mut got = SiteSums::of_many(&jobs, max_m).into_iter();
     for i in read {
