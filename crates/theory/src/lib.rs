@@ -19,6 +19,7 @@ pub mod config;
 mod data;
 pub mod exact;
 mod fits;
+pub mod kernel;
 pub mod predict;
 mod run;
 pub mod sim;

@@ -9,7 +9,7 @@
 //! buffers; the exact law is in `exact/`, the data in `data.rs`.
 use crate::config::{Activation, AdapterInit, Init, Loss, Reuse, TheoryConfig};
 use crate::data::TrialData;
-use ndarray::linalg::general_mat_mul;
+use crate::kernel::{matmul, matmul_into};
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 use rankstab_records::{Optimizer, Scaling, Site, Stat};
 use rayon::prelude::*;
@@ -153,12 +153,12 @@ pub(crate) fn prepare(cfg: &TheoryConfig, data: &TrialData) -> Prepared {
             } else {
                 x.clone()
             };
-            let base0 = u.dot(&data.weights[0].t());
-            let ax0 = (idx < SHARED_STACKS).then(|| u.dot(&data.adapters[0].t()));
+            let base0 = matmul(u.view(), data.weights[0].t());
+            let ax0 = (idx < SHARED_STACKS).then(|| matmul(u.view(), data.adapters[0].t()));
             let target = match cfg.loss {
-                Loss::Mse => Target::Mse(x.dot(&data.teacher.t())),
+                Loss::Mse => Target::Mse(matmul(x.view(), data.teacher.t())),
                 Loss::Ce => {
-                    let scores = x.dot(&data.teacher.t());
+                    let scores = matmul(x.view(), data.teacher.t());
                     Target::Ce(
                         scores
                             .axis_iter(Axis(0))
@@ -322,7 +322,7 @@ fn fused_pass(
         let i1 = (i0 + BLOCK).min(rows);
         let cblk = coef.slice(s![.., i0..i1]);
         if !back_zero {
-            general_mat_mul(1.0, &cblk, &p.slice(s![i0..i1, ..]), 1.0, &mut back);
+            matmul_into(cblk, p.slice(s![i0..i1, ..]), true, back.view_mut());
         }
         if skip_update {
             continue;
@@ -331,7 +331,7 @@ fn fused_pass(
             continue;
         };
         let mut g = gbuf.slice_mut(s![..i1 - i0, ..]);
-        general_mat_mul(1.0, &cblk.t(), &q, 0.0, &mut g);
+        matmul_into(cblk.t(), q, false, g.view_mut());
         let pblk = p.slice_mut(s![i0..i1, ..]);
         match state {
             OptState::Plain => Zip::from(pblk).and(&g).for_each(|pj, &gj| *pj -= h.lr * gj),
@@ -473,8 +473,8 @@ mod pool {
 /// Frobenius norm squared of sum_n p_n q_n^T from the Gram matrices of P and Q (rows are
 /// examples): sum over (n, n') of (p_n . p_n')(q_n . q_n'). Costs N^2 (d + r), not d r.
 fn outer_sum_norm_sq(p: ArrayView2<f32>, q: ArrayView2<f32>) -> f64 {
-    let gp = p.dot(&p.t());
-    let gq = q.dot(&q.t());
+    let gp = matmul(p, p.t());
+    let gq = matmul(q, q.t());
     Zip::from(&gp)
         .and(&gq)
         .fold(0.0f64, |acc, &a, &b| acc + (a as f64) * (b as f64))
@@ -616,7 +616,7 @@ impl Net<'_> {
                     (h.clone(), None)
                 };
                 self.count(mm_flops(u.nrows(), u.ncols(), u.ncols()));
-                let base = u.dot(&self.data.weights[l].t());
+                let base = matmul(u.view(), self.data.weights[l].t());
                 (u, rms, base)
             };
             let r = layer.a.nrows();
@@ -633,7 +633,7 @@ impl Net<'_> {
                 }
                 None => {
                     self.count(mm_flops(u.nrows(), u.ncols(), r));
-                    u.dot(&layer.a.t())
+                    matmul(u.view(), layer.a.t())
                 }
             };
             // gamma folded into the small factor: ad = (gamma ax) B^T.
@@ -642,7 +642,7 @@ impl Net<'_> {
                 Array2::zeros((u.nrows(), layer.b.nrows()))
             } else {
                 self.count(mm_flops(u.nrows(), r, layer.b.nrows()));
-                ax.dot(&layer.b.t())
+                matmul(ax.view(), layer.b.t())
             };
             let z = &base + &ad;
             let a = if self.cfg.activation == Activation::Identity {
@@ -903,7 +903,7 @@ pub(crate) fn run_cell_with(
             }
             if !record {
                 if l > 0 {
-                    let mut du = v.dot(&data.weights[l]);
+                    let mut du = matmul(v.view(), data.weights[l].view());
                     du += &g_in;
                     dh = to_layer_input(cfg, c, &dh, du, n);
                 }
@@ -957,7 +957,7 @@ pub(crate) fn run_cell_with(
                 obs.push(param(Stat::DeltaNorm, (gamma as f64) * sq.max(0.0).sqrt()));
             }
             if l > 0 {
-                let mut du = v.dot(&data.weights[l]);
+                let mut du = matmul(v.view(), data.weights[l].view());
                 du += &g_in;
                 dh = to_layer_input(cfg, c, &dh, du, n);
             }
@@ -1014,7 +1014,7 @@ pub(crate) fn frozen_pass(
         let c = &caches[l];
         let v = to_pre_activation(cfg.activation, c, &dh, n);
         if l > 0 {
-            let du = v.dot(&data.weights[l]);
+            let du = matmul(v.view(), data.weights[l].view());
             dh = to_layer_input(cfg, c, &dh, du, n);
         }
         vs.push(v);

@@ -1,0 +1,430 @@
+//! The checker's matrix products, without packing the large operand.
+//!
+//! Every product the checker computes has one small dimension: the rows of a batch (16 to
+//! a few hundred) against a width or a rank (up to 65,536). A general GEMM (matrixmultiply)
+//! copies both operands into panels before its kernel runs; with a small dimension of N,
+//! every entry of the large operand is copied to be used only N times, and on the
+//! checker's default cells that copy took as long as half the arithmetic (perf: 26% of a
+//! trial's samples in `pack_avx512` against 38% in the kernel at batch 64).
+//!
+//! Here the large operand is read where it lies. A register tile of up to 6 rows by 4
+//! vectors of 16 columns accumulates `C[i, j] += A[i, k] B[k, j]`: B's row `k` is loaded
+//! as vectors (B needs unit column stride), A's entries are broadcast from anywhere (any
+//! strides). A product whose large operand is the transposed one (`X P^T`, P row-major) is
+//! computed as its transpose `P X^T`, with only the small `X^T` and `C^T` copied.
+//!
+//! Every entry of the result is the sequential fused multiply-add chain over `k`, from
+//! zero (or from C's value when accumulating): `c = fma(a[0], b[0], c)`, then `a[1]`, ...
+//! whatever the tile it falls in, the shape, or the thread it runs on. [`reference`] is
+//! that chain in scalar code, and the tests hold the kernel to it bit for bit; a column
+//! of a wider product is bit-identical to the same column computed alone (the checker's
+//! shared products rely on this).
+//!
+//! The kernel needs AVX-512F (x86-64, detected at run time); elsewhere, or for strides it
+//! does not handle, the product goes to ndarray's `general_mat_mul` (matrixmultiply),
+//! whose results are deterministic too but not the same bits.
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+
+/// `c = a b`, or `c += a b` when `accumulate`. Shapes must agree (checked).
+pub fn matmul_into(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    accumulate: bool,
+    mut c: ArrayViewMut2<f32>,
+) {
+    let (m, k) = a.dim();
+    let (k2, n) = b.dim();
+    assert_eq!(k, k2, "inner dimensions differ: {k} and {k2}");
+    assert_eq!(c.dim(), (m, n), "output shape");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() && avx512::matmul(a, b, accumulate, c.view_mut()) {
+        return;
+    }
+    general_mat_mul(1.0, &a, &b, if accumulate { 1.0 } else { 0.0 }, &mut c);
+}
+
+/// `a b` as a new array (see [`matmul_into`]).
+pub fn matmul(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+    let mut c = Array2::<f32>::zeros((a.nrows(), b.ncols()));
+    matmul_into(a, b, false, c.view_mut());
+    c
+}
+
+/// Whether [`matmul_into`] runs the kernel on this machine (the bit-exact contract with
+/// [`reference`] holds only then).
+pub fn kernel_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The kernel's arithmetic in scalar code: each entry the fused multiply-add chain over
+/// `k` in order, from zero or from `c`.
+pub fn reference(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    accumulate: bool,
+    mut c: ArrayViewMut2<f32>,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = if accumulate { c[[i, j]] } else { 0.0 };
+            for p in 0..k {
+                acc = a[[i, p]].mul_add(b[[p, j]], acc);
+            }
+            c[[i, j]] = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    /// Rows of the register tile.
+    const MR: usize = 6;
+    /// Vectors of 16 columns in the register tile.
+    const NV: usize = 4;
+    /// Depth of one pass over the inner dimension when B is the large operand: a (KC x
+    /// 64) panel of B is 64 KiB, reused by every row tile; the tile's accumulators go back
+    /// to C between passes (the same bits: the chain resumes where it stopped).
+    const KC: usize = 256;
+
+    /// Computes the product if the operands' strides suit the kernel; false otherwise
+    /// (nothing written).
+    pub(super) fn matmul(
+        a: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        accumulate: bool,
+        mut c: ArrayViewMut2<f32>,
+    ) -> bool {
+        let (m, n) = c.dim();
+        if b.strides()[1] == 1 || n == 1 {
+            // C = A B, B's rows loaded as vectors, in panels of KC rows.
+            if c.strides()[1] == 1 || n == 1 {
+                let ldc = c.strides()[0];
+                // SAFETY: the views address their own shapes; the kernel reads A and B and
+                // writes C only inside them (vector lanes past column n are masked off).
+                unsafe { run(a, b, accumulate, c.as_mut_ptr(), ldc, KC) };
+            } else {
+                let mut tmp = if accumulate {
+                    c.as_standard_layout().into_owned()
+                } else {
+                    Array2::zeros((m, n))
+                };
+                // SAFETY: as above; `tmp` is a standard-layout m x n array.
+                unsafe { run(a, b, accumulate, tmp.as_mut_ptr(), n as isize, KC) };
+                c.assign(&tmp);
+            }
+            return true;
+        }
+        if b.strides()[0] == 1 {
+            // C = X P^T with P row-major: C^T = P X^T, with X^T and C^T copied (small) so
+            // that their rows load and store as vectors. X^T is the small operand here and
+            // stays in cache: no panels of it (one pass over the whole inner dimension).
+            let p = b.t();
+            let xt = transposed(a);
+            let mut ct: Array2<f32> = if accumulate {
+                c.t().as_standard_layout().into_owned()
+            } else {
+                Array2::zeros((n, m))
+            };
+            // SAFETY: as above; `ct` is a standard-layout n x m array.
+            unsafe {
+                run(
+                    p,
+                    xt.view(),
+                    accumulate,
+                    ct.as_mut_ptr(),
+                    m as isize,
+                    usize::MAX,
+                )
+            };
+            c.assign(&ct.t());
+            return true;
+        }
+        false
+    }
+
+    /// `x^T` in standard layout. A row-major `x` is read a row at a time and written in
+    /// blocks of 64 of its columns (the written rows stay in cache); ndarray's copy of a
+    /// transposed view goes entry by entry and cost more than the product at small ranks.
+    fn transposed(x: ArrayView2<f32>) -> Array2<f32> {
+        let (m, k) = x.dim();
+        let Some(src) = x.as_slice() else {
+            return x.t().as_standard_layout().into_owned();
+        };
+        let mut out = vec![0f32; m * k];
+        for p0 in (0..k).step_by(64) {
+            let p1 = (p0 + 64).min(k);
+            for (i, row) in src.chunks_exact(k).enumerate() {
+                for (p, &v) in (p0..p1).zip(&row[p0..p1]) {
+                    out[p * m + i] = v;
+                }
+            }
+        }
+        Array2::from_shape_vec((k, m), out).expect("k x m entries")
+    }
+
+    /// `C (m x n) (+)= A (m x k) B (k x n)`, B with unit column stride, C row-major with
+    /// row stride `ldc`; the inner dimension in passes of `kc`.
+    ///
+    /// # Safety
+    /// `c` addresses an m x n array with row stride `ldc` and unit column stride.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run(
+        a: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        accumulate: bool,
+        c: *mut f32,
+        ldc: isize,
+        kc: usize,
+    ) {
+        let (m, k) = a.dim();
+        let n = b.ncols();
+        let (ars, acs) = (a.strides()[0], a.strides()[1]);
+        let brs = b.strides()[0];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut k0 = 0;
+        while k0 < k {
+            let depth = kc.min(k - k0);
+            let mut j0 = 0;
+            while j0 < n {
+                let nv = (n - j0).div_ceil(16).min(NV);
+                let mut i0 = 0;
+                while i0 < m {
+                    let mr = (m - i0).min(MR);
+                    // SAFETY: every offset is inside its view (i0 < m, j0 < n, k0 < k).
+                    let t = unsafe {
+                        Tile {
+                            a: ap.offset(i0 as isize * ars + k0 as isize * acs),
+                            ars,
+                            acs,
+                            b: bp.offset(k0 as isize * brs + j0 as isize),
+                            brs,
+                            k: depth,
+                            cols: (n - j0).min(nv * 16),
+                            c: c.offset(i0 as isize * ldc + j0 as isize),
+                            ldc,
+                            accumulate: accumulate || k0 > 0,
+                        }
+                    };
+                    // SAFETY: the tile addresses mr rows and `cols` columns inside C.
+                    unsafe { dispatch(&t, mr, nv) };
+                    i0 += mr;
+                }
+                j0 += nv * 16;
+            }
+            k0 += depth;
+        }
+    }
+
+    /// One register tile's operands.
+    struct Tile {
+        a: *const f32,
+        ars: isize,
+        acs: isize,
+        b: *const f32,
+        brs: isize,
+        k: usize,
+        /// Columns of the tile that exist (the last vector is masked past them).
+        cols: usize,
+        c: *mut f32,
+        ldc: isize,
+        accumulate: bool,
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dispatch(t: &Tile, mr: usize, nv: usize) {
+        macro_rules! go {
+            ($($r:literal)*) => {
+                // SAFETY: the caller's contract, for the tile's shape.
+                match (mr, nv) {
+                    $( ($r, 1) => unsafe { tile::<$r, 1>(t) },
+                       ($r, 2) => unsafe { tile::<$r, 2>(t) },
+                       ($r, 3) => unsafe { tile::<$r, 3>(t) },
+                       ($r, 4) => unsafe { tile::<$r, 4>(t) }, )*
+                    _ => unreachable!("tile {mr} x {nv}"),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6)
+    }
+
+    /// The register tile: R rows by V vectors. Every index into the accumulators is a
+    /// constant after unrolling, so that they live in registers.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
+        let mut mask = [0xffffu16; V];
+        let last = t.cols - (V - 1) * 16;
+        mask[V - 1] = if last >= 16 {
+            0xffff
+        } else {
+            (1u16 << last) - 1
+        };
+        let at = |i: usize, v: usize| unsafe { t.c.offset(i as isize * t.ldc + (v * 16) as isize) };
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        if t.accumulate {
+            for i in 0..R {
+                for v in 0..V {
+                    acc[i][v] = unsafe { _mm512_maskz_loadu_ps(mask[v], at(i, v)) };
+                }
+            }
+        }
+        for p in 0..t.k {
+            let brow = unsafe { t.b.offset(p as isize * t.brs) };
+            let mut bv = [_mm512_setzero_ps(); V];
+            for v in 0..V {
+                bv[v] = unsafe { _mm512_maskz_loadu_ps(mask[v], brow.add(v * 16)) };
+            }
+            let acol = unsafe { t.a.offset(p as isize * t.acs) };
+            for i in 0..R {
+                let av = _mm512_set1_ps(unsafe { *acol.offset(i as isize * t.ars) });
+                for v in 0..V {
+                    acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+                }
+            }
+        }
+        for i in 0..R {
+            for v in 0..V {
+                unsafe { _mm512_mask_storeu_ps(at(i, v), mask[v], acc[i][v]) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{s, Array2, ShapeBuilder};
+
+    fn draw(rows: usize, cols: usize, seed: u64) -> Array2<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        Array2::from_shape_fn((rows, cols), |_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+    }
+
+    /// Every layout the checker uses (B row-major, B a transposed row-major matrix, A
+    /// transposed, C accumulated, C a transposed view), on shapes with every remainder of
+    /// the tile and inner dimensions across the panel depth, against the scalar chain:
+    /// bit for bit where the kernel runs, and within rounding of an f64 product everywhere.
+    #[test]
+    fn products_are_the_reference_chain() {
+        let shapes = [
+            (1, 1, 1),
+            (5, 3, 17),
+            (7, 300, 33),
+            (16, 32, 64),
+            (48, 257, 100),
+            (13, 513, 130),
+            (96, 64, 7),
+        ];
+        for &(m, k, n) in &shapes {
+            let a = draw(m, k, 1);
+            let at = draw(k, m, 2);
+            let b = draw(k, n, 3);
+            let bt = draw(n, k, 4);
+            let c0 = draw(m, n, 5);
+            for (label, av, bv) in [
+                ("a b", a.view(), b.view()),
+                ("a b^T", a.view(), bt.t()),
+                ("a^T b", at.t(), b.view()),
+                ("a^T b^T", at.t(), bt.t()),
+            ] {
+                for accumulate in [false, true] {
+                    for c_transposed in [false, true] {
+                        let mut want = c0.clone();
+                        reference(av, bv, accumulate, want.view_mut());
+                        let mut got = if c_transposed {
+                            let data = c0.t().iter().copied().collect();
+                            Array2::from_shape_vec((m, n).f(), data).expect("shape")
+                        } else {
+                            c0.clone()
+                        };
+                        assert_eq!(got, c0);
+                        matmul_into(av, bv, accumulate, got.view_mut());
+                        let mut exact = av.mapv(f64::from).dot(&bv.mapv(f64::from));
+                        if accumulate {
+                            exact += &c0.mapv(f64::from);
+                        }
+                        for ((&g, &w), &e) in got.iter().zip(want.iter()).zip(exact.iter()) {
+                            let tol = 1e-5 * (k as f64).sqrt() * (1.0 + e.abs());
+                            assert!(
+                                (g as f64 - e).abs() <= tol,
+                                "{label} {m}x{k}x{n}: {g} vs {e}"
+                            );
+                            if kernel_available() {
+                                assert_eq!(
+                                    g.to_bits(),
+                                    w.to_bits(),
+                                    "{label} {m}x{k}x{n} accumulate {accumulate}: {g} vs chain {w}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A column of a product is the same bits whether it is computed with the others or
+    /// alone, and a row likewise: no entry depends on where its tile falls.
+    #[test]
+    fn entries_do_not_depend_on_the_tile() {
+        let x = draw(37, 300, 6);
+        let p = draw(90, 300, 7);
+        let whole = matmul(x.view(), p.t());
+        for j in [0, 15, 16, 41, 89] {
+            let alone = matmul(x.view(), p.slice(s![j..j + 1, ..]).t());
+            for i in 0..37 {
+                assert_eq!(whole[[i, j]].to_bits(), alone[[i, 0]].to_bits());
+            }
+        }
+        for i in [0, 5, 6, 36] {
+            let alone = matmul(x.slice(s![i..i + 1, ..]), p.t());
+            assert_eq!(whole.row(i), alone.row(0));
+        }
+        // The contract can fail: the same sums in the reverse order differ in some bits.
+        let mut rev = Array2::<f32>::zeros((37, 90));
+        reference(
+            x.slice(s![.., ..;-1]),
+            p.t().slice(s![..;-1, ..]),
+            false,
+            rev.view_mut(),
+        );
+        assert!(rev
+            .iter()
+            .zip(whole.iter())
+            .any(|(a, b)| a.to_bits() != b.to_bits()));
+    }
+}
