@@ -27,7 +27,7 @@
 use tikv_jemalloc_sys as _;
 
 use ndarray::Array2;
-use rankstab_theory::{trial_bytes, trial_flops, trial_rows, TheoryConfig};
+use rankstab_theory::{trial_bytes, trial_flops, trial_rows, TheoryConfig, TrialSeconds};
 use rayon::prelude::*;
 use std::path::Path;
 use std::process::Command;
@@ -114,23 +114,28 @@ fn l2_bytes() -> f64 {
     read().unwrap_or(1024.0 * 1024.0)
 }
 
-/// (mean, best) seconds per trial of `cfg` over `trials` trials, after one untimed trial:
+/// (mean, best) seconds per trial of `cfg` over `trials` trials and where the best trial's
+/// time went, after one untimed trial:
 /// the first trial of a process also builds the exact law's tables for its ranks (Adam's
 /// fill as cells ask), a cost a run pays once for all its trials (about 3.5 s at the
 /// default). The ratios use the best trial, as the GEMM and STREAM figures use their best
 /// repetitions: on a shared machine the slower trials measure the neighbours.
-fn time_checker(cfg: &TheoryConfig, trials: usize) -> (f64, f64) {
+fn time_checker(cfg: &TheoryConfig, trials: usize) -> (f64, f64, TrialSeconds) {
     trial_rows(cfg, trials).expect("valid config");
     let mut total = 0.0;
     let mut best = f64::INFINITY;
+    let mut split = TrialSeconds::default();
     for t in 0..trials {
         let t0 = Instant::now();
-        trial_rows(cfg, t).expect("valid config");
+        let rows = trial_rows(cfg, t).expect("valid config");
         let dt = t0.elapsed().as_secs_f64();
         total += dt;
-        best = best.min(dt);
+        if dt < best {
+            best = dt;
+            split = rows.seconds;
+        }
     }
-    (total / trials as f64, best)
+    (total / trials as f64, best, split)
 }
 
 fn batch_env(name: &str) -> Option<(usize, usize)> {
@@ -226,9 +231,9 @@ fn main() {
     // The all-core GEMM rate is measured again after each checker timing, the bandwidth
     // after both, and the best of each is kept: a neighbour's load during one measurement
     // would otherwise lower the peak or the bound and flatter the ratios.
-    let (mean, ours) = time_checker(&cfg, trials);
+    let (mean, ours, split) = time_checker(&cfg, trials);
     let mm_after = sgemm_rate(threads);
-    let (mean_large, ours_large) = time_checker(&large, trials);
+    let (mean_large, ours_large, split_large) = time_checker(&large, trials);
     let mm_after_large = sgemm_rate(threads);
     println!("f32 GEMM 2048^3, matrixmultiply, {threads} cores, after the checker: {mm_after:.1} and {mm_after_large:.1} GFLOP/s");
     let gemm_samples = [mm_all, mm_after, mm_after_large];
@@ -298,14 +303,19 @@ fn main() {
     let bytes_large = trial_bytes(&large, cache);
     let mut r_default = roofline(flops, bytes, achieved);
     let mut r_large = roofline(flops_large, bytes_large, achieved_large);
-    for (r, c, secs, mean) in [
-        (&mut r_default, &cfg, ours, mean),
-        (&mut r_large, &large, ours_large, mean_large),
+    for (r, c, secs, mean, split) in [
+        (&mut r_default, &cfg, ours, mean, split),
+        (&mut r_large, &large, ours_large, mean_large, split_large),
     ] {
         r["batch"] = c.batch.into();
         r["heldout"] = c.heldout.into();
         r["seconds_per_trial"] = secs.into();
         r["seconds_per_trial_mean"] = mean.into();
+        r["best_trial_seconds"] = serde_json::json!({
+            "data": split.data,
+            "cells": split.cells,
+            "law": split.law,
+        });
     }
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let ratio_bound = f(&r_default, "achieved_over_bound");
@@ -324,6 +334,11 @@ fn main() {
             "  achieved / bound {:.2}, achieved / GEMM peak {:.2}",
             f(r, "achieved_over_bound"),
             f(r, "achieved_over_gemm_peak")
+        );
+        let split = &r["best_trial_seconds"];
+        println!(
+            "  the best trial: {:.2} s drawing data, {:.2} s in the cells (products, steps, moments), {:.2} s in the exact law's rows",
+            f(split, "data"), f(split, "cells"), f(split, "law")
         );
     }
     println!(

@@ -33,7 +33,7 @@ pub use fits::fit_rows;
 pub use run::{
     cells, closed_form_checks, distinct_checks, memory_estimate, run, summarize, trial_bytes,
     trial_flops, trial_rows, ClosedFormCheck, NoProgress, Progress, RunOptions, RunOutcome,
-    TrialRows, CHECKS, SUMMARY,
+    TrialRows, TrialSeconds, CHECKS, SUMMARY,
 };
 
 use std::path::PathBuf;

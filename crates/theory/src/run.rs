@@ -420,6 +420,20 @@ pub struct TrialRows {
     /// Floating-point operations of the trial's matrix products, counted as they were
     /// computed (what [`trial_flops`] models).
     pub flops: f64,
+    /// Wall-clock seconds of the trial's parts (summed over trials when collected).
+    pub seconds: TrialSeconds,
+}
+
+/// Where a trial's wall-clock time went (`make bench` prints it beside the roofline: the
+/// products and optimizer steps the roofline models are in `cells`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TrialSeconds {
+    /// Drawing the trial's data and the cell-independent products.
+    pub data: f64,
+    /// Running every cell (forward, backward, optimizer steps, moments).
+    pub cells: f64,
+    /// The exact first-step law's coefficients and rows, and the closed forms.
+    pub law: f64,
 }
 
 impl FromIterator<TrialRows> for TrialRows {
@@ -431,6 +445,9 @@ impl FromIterator<TrialRows> for TrialRows {
             all.metrics.extend(t.metrics);
             all.coefficients.extend(t.coefficients);
             all.flops += t.flops;
+            all.seconds.data += t.seconds.data;
+            all.seconds.cells += t.seconds.cells;
+            all.seconds.law += t.seconds.law;
         }
         all
     }
@@ -476,10 +493,8 @@ fn trial_rows_inner(
     let t0 = std::time::Instant::now();
     let data = TrialData::draw(cfg, dist, trial, need_fresh);
     let prep = prepare(cfg, &data);
-    tracing::debug!(
-        "trial {trial}: data drawn in {:.2} s",
-        t0.elapsed().as_secs_f64()
-    );
+    let secs_data = t0.elapsed().as_secs_f64();
+    tracing::debug!("trial {trial}: data drawn in {secs_data:.2} s");
     let t0 = std::time::Instant::now();
     // Largest ranks first so the workers finish together.
     let mut order: Vec<usize> = (0..cell_list.len()).collect();
@@ -493,10 +508,9 @@ fn trial_rows_inner(
         })
         .collect();
     results.sort_by_key(|(i, _)| *i);
-    tracing::debug!(
-        "trial {trial}: cells in {:.2} s",
-        t0.elapsed().as_secs_f64()
-    );
+    let secs_cells = t0.elapsed().as_secs_f64();
+    tracing::debug!("trial {trial}: cells in {secs_cells:.2} s");
+    let t0 = std::time::Instant::now();
     let mut out = TrialRows {
         flops: prep.flops + results.iter().map(|(_, r)| r.flops).sum::<f64>(),
         ..Default::default()
@@ -550,7 +564,6 @@ fn trial_rows_inner(
     let (coefs, closed) = coefficient_rows(cfg, &data, &prep, cell_list, &dist.to_string());
     out.moments.extend(closed);
     out.coefficients = coefs;
-    let t0 = std::time::Instant::now();
     let base = MomentRow {
         source: "theory".into(),
         model: "synthetic".into(),
@@ -563,10 +576,13 @@ fn trial_rows_inner(
     };
     out.moments
         .extend(law_rows(cfg, &data, &prep, cell_list, tables, &base));
-    tracing::debug!(
-        "trial {trial}: law rows in {:.2} s",
-        t0.elapsed().as_secs_f64()
-    );
+    let secs_law = t0.elapsed().as_secs_f64();
+    tracing::debug!("trial {trial}: rows, law rows and closed forms in {secs_law:.2} s");
+    out.seconds = TrialSeconds {
+        data: secs_data,
+        cells: secs_cells,
+        law: secs_law,
+    };
     out
 }
 

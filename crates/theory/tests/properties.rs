@@ -230,12 +230,14 @@ fn same_seed_same_bits_with_one_and_two_threads() {
         metrics: x1,
         coefficients: c1,
         flops: f1,
+        ..
     } = run_with(1);
     let TrialRows {
         moments: m2,
         metrics: x2,
         coefficients: c2,
         flops: f2,
+        ..
     } = run_with(2);
     assert_eq!(c1, c2);
     assert_eq!(f1, f2);
