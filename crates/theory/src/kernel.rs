@@ -26,10 +26,11 @@
 //! both). Elsewhere, or for strides the tiles do not take, the product goes to ndarray's
 //! `general_mat_mul` (matrixmultiply), deterministic too but not the same bits.
 //!
-//! Measured here (one core of the 2-core benchmark machine, best of 5, GFLOP/s; a scratch
-//! timing, not committed): `x A^T` with x 48 x 4096 and A 2048 x 4096, 96-101 against
-//! matrixmultiply's 43-48; `coef p` (48 x 2048 by 2048 x 4096, accumulated) 74-89 against
-//! 54-76; at rank 16 and 96 rows, 35 against 16-22. A default trial of the checker went
+//! Measured here (one core of the 2-core benchmark machine, best of 5 in GFLOP/s, from a
+//! scratch timing that is not committed): `x A^T` with x of 16 to 96 rows by 4096 and A
+//! 2048 x 4096, 84-101 against matrixmultiply's 21-66; `coef p` accumulated (16 to 96
+//! rows by 2048, by 2048 x 4096), 42-89 against 38-76; `x A^T` at rank 64 with 48 rows,
+//! 76 against 28, and at rank 16 with 96 rows, 35 against 16. A default trial of the checker went
 //! from 3.5-3.8 s to 2.5-2.9 s, and 7.0-7.4 s to 5.3-5.8 s at batch 64.
 
 use ndarray::linalg::general_mat_mul;
