@@ -30,8 +30,10 @@
 //! scratch timing that is not committed): `x A^T` with x of 16 to 96 rows by 4096 and A
 //! 2048 x 4096, 84-101 against matrixmultiply's 21-66; `coef p` accumulated (16 to 96
 //! rows by 2048, by 2048 x 4096), 42-89 against 38-76; `x A^T` at rank 64 with 48 rows,
-//! 76 against 28, and at rank 16 with 96 rows, 35 against 16. A default trial of the checker went
-//! from 3.5-3.8 s to 2.5-2.9 s, and 7.0-7.4 s to 5.3-5.8 s at batch 64.
+//! 76 against 28, and at rank 16 with 96 rows, 35 against 16. A default trial of the
+//! checker went from 3.5-3.8 s to 2.5-3.0 s, and from 7.0-7.4 s to 5.3-6.4 s at batch 64
+//! (the spread is the shared host's). With AVX2 forced on the same machine: 3.5-3.6 s and
+//! 7.7-8.4 s, about matrixmultiply's.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};

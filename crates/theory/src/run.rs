@@ -432,7 +432,8 @@ pub struct TrialSeconds {
     pub data: f64,
     /// Running every cell (forward, backward, optimizer steps, moments).
     pub cells: f64,
-    /// The exact first-step law's coefficients and rows, and the closed forms.
+    /// The rows: nearly all of it the exact first-step law's coefficients and rows and the
+    /// closed forms (the cells' own rows are only gathered here).
     pub law: f64,
 }
 
