@@ -33,7 +33,8 @@
 //! 76 against 28, and at rank 16 with 96 rows, 35 against 16. A default trial of the
 //! checker went from 3.5-3.8 s to 2.5-3.0 s, and from 7.0-7.4 s to 5.3-6.4 s at batch 64
 //! (the spread is the shared host's). With AVX2 forced on the same machine: 3.5-3.6 s and
-//! 7.7-8.4 s, about matrixmultiply's.
+//! 7.7-8.4 s (in a slow spell of the host): as matrixmultiply at the default batch, a
+//! tenth slower at batch 64.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
