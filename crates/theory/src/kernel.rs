@@ -316,20 +316,39 @@ mod x86 {
         accumulate: bool,
     }
 
-    /// The tile for each (rows, vectors) of an instruction set's tile function.
+    /// The tile for each (rows, vectors) of an instruction set.
     macro_rules! dispatch {
-        ($f:ident, $t:expr, $mr:expr, $nv:expr, [$($v:literal)*]) => {
+        ($isa:ty, $t:expr, $mr:expr, $nv:expr, [$($v:literal)*]) => {
             // SAFETY: the caller's contract, for the tile's shape.
             match ($mr, $nv) {
-                $( (1, $v) => unsafe { $f::<1, $v>($t) },
-                   (2, $v) => unsafe { $f::<2, $v>($t) },
-                   (3, $v) => unsafe { $f::<3, $v>($t) },
-                   (4, $v) => unsafe { $f::<4, $v>($t) },
-                   (5, $v) => unsafe { $f::<5, $v>($t) },
-                   (6, $v) => unsafe { $f::<6, $v>($t) }, )*
+                $( (1, $v) => unsafe { tile::<$isa, 1, $v>($t) },
+                   (2, $v) => unsafe { tile::<$isa, 2, $v>($t) },
+                   (3, $v) => unsafe { tile::<$isa, 3, $v>($t) },
+                   (4, $v) => unsafe { tile::<$isa, 4, $v>($t) },
+                   (5, $v) => unsafe { tile::<$isa, 5, $v>($t) },
+                   (6, $v) => unsafe { tile::<$isa, 6, $v>($t) }, )*
                 (mr, nv) => unreachable!("tile {mr} x {nv}"),
             }
         };
+    }
+
+    /// An instruction set's operations on vectors of f32 lanes, masked loads and stores
+    /// touching only the mask's lanes.
+    ///
+    /// # Safety
+    /// Every method needs the instruction set; loads and stores need the mask's lanes
+    /// inside their array.
+    pub(super) trait Lanes: Isa {
+        type V: Copy;
+        type M: Copy;
+        /// The first `n` lanes (all of them when `n >= LANES`).
+        unsafe fn mask(n: usize) -> Self::M;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32, m: Self::M) -> Self::V;
+        unsafe fn store(p: *mut f32, m: Self::M, x: Self::V);
+        unsafe fn splat(x: f32) -> Self::V;
+        /// `a b + c`, rounded once.
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     }
 
     impl Isa for Avx512 {
@@ -338,10 +357,51 @@ mod x86 {
         unsafe fn tile(t: &Tile, mr: usize, nv: usize) {
             #[target_feature(enable = "avx512f")]
             unsafe fn go(t: &Tile, mr: usize, nv: usize) {
-                dispatch!(tile512, t, mr, nv, [1 2 3 4])
+                dispatch!(Avx512, t, mr, nv, [1 2 3 4])
             }
             // SAFETY: the caller's contract.
             unsafe { go(t, mr, nv) }
+        }
+    }
+
+    impl Lanes for Avx512 {
+        type V = __m512;
+        type M = u16;
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn mask(n: usize) -> u16 {
+            if n >= 16 {
+                0xffff
+            } else {
+                (1u16 << n) - 1
+            }
+        }
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn load(p: *const f32, m: u16) -> __m512 {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_maskz_loadu_ps(m, p) }
+        }
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn store(p: *mut f32, m: u16, x: __m512) {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_mask_storeu_ps(p, m, x) }
+        }
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
         }
     }
 
@@ -351,92 +411,94 @@ mod x86 {
         unsafe fn tile(t: &Tile, mr: usize, nv: usize) {
             #[target_feature(enable = "avx2,fma")]
             unsafe fn go(t: &Tile, mr: usize, nv: usize) {
-                dispatch!(tile256, t, mr, nv, [1 2])
+                dispatch!(Avx2, t, mr, nv, [1 2])
             }
             // SAFETY: the caller's contract.
             unsafe { go(t, mr, nv) }
         }
     }
 
-    /// The AVX-512 register tile: R rows by V vectors of 16. Every index into the
-    /// accumulators is a constant after unrolling, so that they live in registers.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    #[allow(clippy::needless_range_loop)]
-    unsafe fn tile512<const R: usize, const V: usize>(t: &Tile) {
-        let mut mask = [0xffffu16; V];
-        let last = t.cols - (V - 1) * 16;
-        mask[V - 1] = if last >= 16 {
-            0xffff
-        } else {
-            (1u16 << last) - 1
-        };
-        let at = |i: usize, v: usize| unsafe { t.c.offset(i as isize * t.ldc + (v * 16) as isize) };
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        if t.accumulate {
-            for i in 0..R {
-                for v in 0..V {
-                    acc[i][v] = unsafe { _mm512_maskz_loadu_ps(mask[v], at(i, v)) };
-                }
-            }
+    impl Lanes for Avx2 {
+        type V = __m256;
+        /// Lane l is loaded and stored when its sign bit is set.
+        type M = __m256i;
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn mask(n: usize) -> __m256i {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes)
         }
-        for p in 0..t.k {
-            let brow = unsafe { t.b.offset(p as isize * t.brs) };
-            let mut bv = [_mm512_setzero_ps(); V];
-            for v in 0..V {
-                bv[v] = unsafe { _mm512_maskz_loadu_ps(mask[v], brow.add(v * 16)) };
-            }
-            let acol = unsafe { t.a.offset(p as isize * t.acs) };
-            for i in 0..R {
-                let av = _mm512_set1_ps(unsafe { *acol.offset(i as isize * t.ars) });
-                for v in 0..V {
-                    acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
-                }
-            }
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
         }
-        for i in 0..R {
-            for v in 0..V {
-                unsafe { _mm512_mask_storeu_ps(at(i, v), mask[v], acc[i][v]) };
-            }
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn load(p: *const f32, m: __m256i) -> __m256 {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_maskload_ps(p, m) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn store(p: *mut f32, m: __m256i, x: __m256) {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_maskstore_ps(p, m, x) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
         }
     }
 
-    /// The AVX2 register tile: R rows by V vectors of 8, the same chain as [`tile512`].
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    /// The register tile: R rows by V vectors. Every index into the accumulators is a
+    /// constant after unrolling, so that they live in registers. Inlined into each
+    /// instruction set's `go` (which enables it), where its operations inline in turn.
+    ///
+    /// # Safety
+    /// The CPU has `L`; the tile's contract (see [`Isa::tile`]).
+    #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn tile256<const R: usize, const V: usize>(t: &Tile) {
-        // Lane l of vector v is loaded and stored when its sign bit is set.
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mut mask = [_mm256_set1_epi32(-1); V];
-        let last = (t.cols - (V - 1) * 8) as i32;
-        mask[V - 1] = _mm256_cmpgt_epi32(_mm256_set1_epi32(last), lanes);
-        let at = |i: usize, v: usize| unsafe { t.c.offset(i as isize * t.ldc + (v * 8) as isize) };
-        let mut acc = [[_mm256_setzero_ps(); V]; R];
-        if t.accumulate {
-            for i in 0..R {
-                for v in 0..V {
-                    acc[i][v] = unsafe { _mm256_maskload_ps(at(i, v), mask[v]) };
+    unsafe fn tile<L: Lanes, const R: usize, const V: usize>(t: &Tile) {
+        let w = L::LANES;
+        // SAFETY (every block below): the caller's contract; the offsets stay inside the
+        // tile's rows, columns and inner dimension.
+        unsafe {
+            let mut mask = [L::mask(w); V];
+            mask[V - 1] = L::mask(t.cols - (V - 1) * w);
+            let at = |i: usize, v: usize| t.c.offset(i as isize * t.ldc + (v * w) as isize);
+            let mut acc = [[L::zero(); V]; R];
+            if t.accumulate {
+                for i in 0..R {
+                    for v in 0..V {
+                        acc[i][v] = L::load(at(i, v), mask[v]);
+                    }
                 }
             }
-        }
-        for p in 0..t.k {
-            let brow = unsafe { t.b.offset(p as isize * t.brs) };
-            let mut bv = [_mm256_setzero_ps(); V];
-            for v in 0..V {
-                bv[v] = unsafe { _mm256_maskload_ps(brow.add(v * 8), mask[v]) };
-            }
-            let acol = unsafe { t.a.offset(p as isize * t.acs) };
-            for i in 0..R {
-                let av = _mm256_set1_ps(unsafe { *acol.offset(i as isize * t.ars) });
+            for p in 0..t.k {
+                let brow = t.b.offset(p as isize * t.brs);
+                let mut bv = [L::zero(); V];
                 for v in 0..V {
-                    acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
+                    bv[v] = L::load(brow.add(v * w), mask[v]);
+                }
+                let acol = t.a.offset(p as isize * t.acs);
+                for i in 0..R {
+                    let av = L::splat(*acol.offset(i as isize * t.ars));
+                    for v in 0..V {
+                        acc[i][v] = L::fma(av, bv[v], acc[i][v]);
+                    }
                 }
             }
-        }
-        for i in 0..R {
-            for v in 0..V {
-                unsafe { _mm256_maskstore_ps(at(i, v), mask[v], acc[i][v]) };
+            for i in 0..R {
+                for v in 0..V {
+                    L::store(at(i, v), mask[v], acc[i][v]);
+                }
             }
         }
     }
