@@ -141,18 +141,33 @@ mod x86 {
     use ndarray::{Array2, ArrayView2, ArrayViewMut2};
     use std::arch::x86_64::*;
 
-    /// An instruction set's register tile.
+    /// An instruction set: its register tile and its operations on vectors of f32 lanes
+    /// (masked loads and stores touch only the mask's lanes).
+    ///
+    /// # Safety
+    /// Every method needs the instruction set; loads and stores need the mask's lanes
+    /// inside their array.
     pub(super) trait Isa {
         /// Lanes of a vector.
         const LANES: usize;
         /// Most vectors of a tile's row.
         const NV: usize;
-        /// Runs the tile of `mr` rows (1..=6) and `nv` vectors (1..=NV).
+        type V: Copy;
+        type M: Copy;
+        /// Runs the tile of `mr` rows (1..=6) and `nv` vectors (1..=NV): [`tile`] inlined
+        /// into a function that enables the instruction set.
         ///
         /// # Safety
-        /// The CPU has the instruction set; `t` addresses mr rows and `t.cols` columns
-        /// inside C, and A and B accordingly.
+        /// `t` addresses mr rows and `t.cols` columns inside C, and A and B accordingly.
         unsafe fn tile(t: &Tile, mr: usize, nv: usize);
+        /// The first `n` lanes (all of them when `n >= LANES`).
+        unsafe fn mask(n: usize) -> Self::M;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32, m: Self::M) -> Self::V;
+        unsafe fn store(p: *mut f32, m: Self::M, x: Self::V);
+        unsafe fn splat(x: f32) -> Self::V;
+        /// `a b + c`, rounded once.
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     }
 
     /// AVX-512F: 6 rows by 4 vectors of 16 (24 of the 32 registers accumulate).
@@ -192,11 +207,7 @@ mod x86 {
                 // writes C only inside them (vector lanes past column n are masked off).
                 unsafe { run::<I>(a, b, accumulate, c.as_mut_ptr(), ldc, KC) };
             } else {
-                let mut tmp = if accumulate {
-                    c.as_standard_layout().into_owned()
-                } else {
-                    Array2::zeros((m, n))
-                };
+                let mut tmp = start(c.view(), accumulate);
                 // SAFETY: as above; `tmp` is a standard-layout m x n array.
                 unsafe { run::<I>(a, b, accumulate, tmp.as_mut_ptr(), n as isize, KC) };
                 c.assign(&tmp);
@@ -209,11 +220,7 @@ mod x86 {
             // stays in cache: no panels of it (one pass over the whole inner dimension).
             let p = b.t();
             let xt = transposed(a);
-            let mut ct: Array2<f32> = if accumulate {
-                c.t().as_standard_layout().into_owned()
-            } else {
-                Array2::zeros((n, m))
-            };
+            let mut ct = start(c.t(), accumulate);
             // SAFETY: as above; `ct` is a standard-layout n x m array.
             unsafe {
                 run::<I>(
@@ -229,6 +236,16 @@ mod x86 {
             return true;
         }
         false
+    }
+
+    /// A standard-layout copy of `c` to run the tiles on: its values when accumulating,
+    /// zeros otherwise.
+    fn start(c: ArrayView2<f32>, accumulate: bool) -> Array2<f32> {
+        if accumulate {
+            c.as_standard_layout().into_owned()
+        } else {
+            Array2::zeros(c.dim())
+        }
     }
 
     /// `x^T` in standard layout. A row-major `x` is read a row at a time and written in
@@ -332,28 +349,11 @@ mod x86 {
         };
     }
 
-    /// An instruction set's operations on vectors of f32 lanes, masked loads and stores
-    /// touching only the mask's lanes.
-    ///
-    /// # Safety
-    /// Every method needs the instruction set; loads and stores need the mask's lanes
-    /// inside their array.
-    pub(super) trait Lanes: Isa {
-        type V: Copy;
-        type M: Copy;
-        /// The first `n` lanes (all of them when `n >= LANES`).
-        unsafe fn mask(n: usize) -> Self::M;
-        unsafe fn zero() -> Self::V;
-        unsafe fn load(p: *const f32, m: Self::M) -> Self::V;
-        unsafe fn store(p: *mut f32, m: Self::M, x: Self::V);
-        unsafe fn splat(x: f32) -> Self::V;
-        /// `a b + c`, rounded once.
-        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    }
-
     impl Isa for Avx512 {
         const LANES: usize = 16;
         const NV: usize = 4;
+        type V = __m512;
+        type M = u16;
         unsafe fn tile(t: &Tile, mr: usize, nv: usize) {
             #[target_feature(enable = "avx512f")]
             unsafe fn go(t: &Tile, mr: usize, nv: usize) {
@@ -362,11 +362,6 @@ mod x86 {
             // SAFETY: the caller's contract.
             unsafe { go(t, mr, nv) }
         }
-    }
-
-    impl Lanes for Avx512 {
-        type V = __m512;
-        type M = u16;
         #[target_feature(enable = "avx512f")]
         #[inline]
         unsafe fn mask(n: usize) -> u16 {
@@ -408,6 +403,9 @@ mod x86 {
     impl Isa for Avx2 {
         const LANES: usize = 8;
         const NV: usize = 2;
+        type V = __m256;
+        /// Lane l is loaded and stored when its sign bit is set.
+        type M = __m256i;
         unsafe fn tile(t: &Tile, mr: usize, nv: usize) {
             #[target_feature(enable = "avx2,fma")]
             unsafe fn go(t: &Tile, mr: usize, nv: usize) {
@@ -416,12 +414,6 @@ mod x86 {
             // SAFETY: the caller's contract.
             unsafe { go(t, mr, nv) }
         }
-    }
-
-    impl Lanes for Avx2 {
-        type V = __m256;
-        /// Lane l is loaded and stored when its sign bit is set.
-        type M = __m256i;
         #[target_feature(enable = "avx2,fma")]
         #[inline]
         unsafe fn mask(n: usize) -> __m256i {
@@ -465,7 +457,7 @@ mod x86 {
     /// The CPU has `L`; the tile's contract (see [`Isa::tile`]).
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn tile<L: Lanes, const R: usize, const V: usize>(t: &Tile) {
+    unsafe fn tile<L: Isa, const R: usize, const V: usize>(t: &Tile) {
         let w = L::LANES;
         // SAFETY (every block below): the caller's contract; the offsets stay inside the
         // tile's rows, columns and inner dimension.
@@ -508,15 +500,12 @@ mod x86 {
 mod tests {
     use super::*;
     use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     fn draw(rows: usize, cols: usize, seed: u64) -> Array2<f32> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        Array2::from_shape_fn((rows, cols), |_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Array2::from_shape_fn((rows, cols), |_| rng.random_range(-1.0f32..1.0))
     }
 
     /// Every layout the checker uses (B row-major, B a transposed row-major matrix, A
