@@ -108,6 +108,34 @@ pub fn kernel() -> Kernel {
     })
 }
 
+/// Element-wise work to be compiled for this machine's widest vectors (see [`wide`]).
+/// Implementations mark `run` `#[inline(always)]`, so that its loops are compiled into
+/// [`wide`]'s instruction-set-specific copies.
+pub trait Wide {
+    /// What the work returns.
+    type Out;
+    /// Does the work.
+    fn run(self) -> Self::Out;
+}
+
+/// Runs `work` compiled with AVX-512F or AVX2 enabled where [`kernel`] found them, so
+/// that the compiler vectorises its loops at that width (the crate is built for baseline
+/// x86-64, whose SSE2 vectors hold 4 floats). Only the width changes, not the bits: Rust
+/// never contracts a multiply and an add into a fused multiply-add, and the element-wise
+/// operations (add, multiply, divide, square root, compare) are correctly rounded at any
+/// width. Elsewhere `work` runs as compiled.
+pub fn wide<W: Wide>(work: W) -> W::Out {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match kernel() {
+            Kernel::Avx512 => return x86::wide_avx512(work),
+            Kernel::Avx2 => return x86::wide_avx2(work),
+            Kernel::General => {}
+        }
+    }
+    work.run()
+}
+
 /// Whether [`matmul_into`] runs a register-tile kernel here (the bit-exact contract with
 /// [`reference`] holds only then).
 pub fn kernel_available() -> bool {
@@ -181,6 +209,29 @@ mod x86 {
 
     pub(super) fn avx2() -> bool {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    /// `work` compiled with AVX-512F. Only called where `kernel()` found it.
+    pub(super) fn wide_avx512<W: super::Wide>(work: W) -> W::Out {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn go<W: super::Wide>(work: W) -> W::Out {
+            work.run()
+        }
+        debug_assert!(avx512());
+        // SAFETY: the CPU has AVX-512F (the caller checked, by `kernel()`).
+        unsafe { go(work) }
+    }
+
+    /// `work` compiled with AVX2 (not FMA: nothing to contract). Only called where
+    /// `kernel()` found it.
+    pub(super) fn wide_avx2<W: super::Wide>(work: W) -> W::Out {
+        #[target_feature(enable = "avx2")]
+        unsafe fn go<W: super::Wide>(work: W) -> W::Out {
+            work.run()
+        }
+        debug_assert!(avx2());
+        // SAFETY: the CPU has AVX2 (the caller checked, by `kernel()`).
+        unsafe { go(work) }
     }
 
     /// Rows of the register tile.

@@ -9,7 +9,7 @@
 //! buffers; the exact law is in `exact/`, the data in `data.rs`.
 use crate::config::{Activation, AdapterInit, Init, Loss, Reuse, TheoryConfig};
 use crate::data::TrialData;
-use crate::kernel::{matmul, matmul_into};
+use crate::kernel::{self, matmul, matmul_into};
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 use rankstab_records::{Optimizer, Scaling, Site, Stat};
 use rayon::prelude::*;
@@ -206,17 +206,34 @@ pub(crate) fn prepare(cfg: &TheoryConfig, data: &TrialData) -> Prepared {
 enum OptState {
     Plain,
     Momentum(Array2<f32>),
-    Adam { m: Array2<f32>, v: Array2<f32> },
+    /// `fresh`: m and v are known to be zero, as before the first update. Their buffers
+    /// are then not read (the first update starts from zero without reading them, and
+    /// nothing else reads them) and hold whatever the pool had: Adam's state is the
+    /// largest memory traffic of a cell, and this saves zeroing it and reading it once.
+    Adam {
+        m: Array2<f32>,
+        v: Array2<f32>,
+        fresh: bool,
+    },
 }
 
 impl OptState {
-    fn new(opt: Optimizer, (r, c): (usize, usize)) -> Self {
+    /// The state before the first update. `known`: Adam's state may be left unzeroed
+    /// (`fresh`); otherwise it is zeroed and read like any other (the shortcut-free path
+    /// the tests compare with).
+    fn new(opt: Optimizer, (r, c): (usize, usize), known: bool) -> Self {
         match opt {
             Optimizer::Sgd => OptState::Plain,
             Optimizer::SgdMomentum => OptState::Momentum(pool::zeros(r, c)),
+            Optimizer::Adam | Optimizer::Adamw if known => OptState::Adam {
+                m: pool::any(r, c),
+                v: pool::any(r, c),
+                fresh: true,
+            },
             Optimizer::Adam | Optimizer::Adamw => OptState::Adam {
                 m: pool::zeros(r, c),
                 v: pool::zeros(r, c),
+                fresh: false,
             },
         }
     }
@@ -225,7 +242,7 @@ impl OptState {
         match self {
             OptState::Plain => {}
             OptState::Momentum(b) => pool::give(b),
-            OptState::Adam { m, v } => {
+            OptState::Adam { m, v, .. } => {
                 pool::give(m);
                 pool::give(v);
             }
@@ -251,15 +268,126 @@ struct Pass {
     /// Whether `p` was updated (false when no step was asked for, or when a zero gradient
     /// from a zero state would change nothing).
     updated: bool,
+    /// Adam's regime after the step: the share of the second-moment entries whose
+    /// bias-corrected `sqrt(v_hat)` is below `10 eps` (eps dominates their step), counted
+    /// as they are written. `None` without a step or for optimizers without second moments.
+    eps_share: Option<f64>,
     /// Floating-point operations of the products computed.
     flops: f64,
+}
+
+/// The optimizer step a [`fused_pass`] takes.
+struct Step<'a> {
+    h: &'a Hyper,
+    state: &'a mut OptState,
+    /// The step's number, from 1.
+    t: i32,
+    /// Whether it is the cell's last update: nothing reads the optimizer state after it,
+    /// so Adam's m and v are not written back (their share below eps is still counted).
+    last: bool,
+}
+
+/// Adam's step over a block of entries (`p`, its moments `m` and `v`, its gradient `g`),
+/// run by [`kernel::wide`] at the machine's vector width (Adam's update is the cell's
+/// largest element-wise work). Returns how many new `v` entries are below `limit`.
+struct AdamBlock<'a> {
+    decoupled: bool,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    wd: f32,
+    /// `lr / bc1`.
+    step: f32,
+    bc2_sqrt: f32,
+    limit: f32,
+    /// m and v are known to be zero: not read.
+    fresh: bool,
+    /// The last update: m and v are not written.
+    last: bool,
+    p: &'a mut [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    g: &'a [f32],
+}
+
+impl kernel::Wide for AdamBlock<'_> {
+    type Out = u32;
+
+    #[inline(always)]
+    fn run(self) -> u32 {
+        let AdamBlock {
+            decoupled,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            wd,
+            step,
+            bc2_sqrt,
+            limit,
+            fresh,
+            last,
+            p,
+            m,
+            v,
+            g,
+        } = self;
+        // One entry's step from its old value and moments (0.0 when fresh: `beta * 0.0`
+        // is +0, as from a zeroed state, so the bits are the same); returns the new value
+        // and moments. PyTorch's order of operations.
+        let adam = |pj: f32, mj: f32, vj: f32, gj: f32| {
+            let gj = if decoupled { gj } else { gj + wd * pj };
+            let pj = if decoupled { pj * (1.0 - lr * wd) } else { pj };
+            let mj = beta1 * mj + (1.0 - beta1) * gj;
+            let vj = beta2 * vj + (1.0 - beta2) * gj * gj;
+            (pj - step * mj / (vj.sqrt() / bc2_sqrt + eps), mj, vj)
+        };
+        // A local count in 32 bits, so that the compiler vectorises it with the floats.
+        let mut small = 0u32;
+        match (fresh, last) {
+            (true, false) => {
+                for (((pj, mj), vj), &gj) in p.iter_mut().zip(m).zip(v).zip(g) {
+                    (*pj, *mj, *vj) = adam(*pj, 0.0, 0.0, gj);
+                    small += (*vj < limit) as u32;
+                }
+            }
+            (false, false) => {
+                for (((pj, mj), vj), &gj) in p.iter_mut().zip(m).zip(v).zip(g) {
+                    (*pj, *mj, *vj) = adam(*pj, *mj, *vj, gj);
+                    small += (*vj < limit) as u32;
+                }
+            }
+            (true, true) => {
+                for (pj, &gj) in p.iter_mut().zip(g) {
+                    let (p1, _, v1) = adam(*pj, 0.0, 0.0, gj);
+                    *pj = p1;
+                    small += (v1 < limit) as u32;
+                }
+            }
+            (false, true) => {
+                for (((pj, &mj), &vj), &gj) in p.iter_mut().zip(&*m).zip(&*v).zip(g) {
+                    let (p1, _, v1) = adam(*pj, mj, vj, gj);
+                    *pj = p1;
+                    small += (v1 < limit) as u32;
+                }
+            }
+        }
+        small
+    }
+}
+
+/// Adam's eps limit on v after step `t`: `sqrt(v / bc2) < 10 eps  <=>  v < 100 eps^2 bc2`.
+fn eps_limit(h: &Hyper, t: i32) -> f32 {
+    let bc2 = 1.0 - (h.beta2 as f64).powi(t);
+    (100.0 * (h.eps as f64).powi(2) * bc2) as f32
 }
 
 /// One fused pass over an adapter matrix `p` (R x C): the backward product through it and,
 /// optionally, its optimizer step.
 ///
 /// * returns `back = coef p` (N x C) with the old `p` (the gradient flowing through it);
-/// * if `step` is given, updates `p` with the gradient `coef^T q` (q: N x C) by `state`.
+/// * if `step` is given, updates `p` with the gradient `coef^T q` (q: N x C) by its state.
 ///
 /// For B (d x r): coef = v, q = gamma A u, back = v B. For A (r x d): coef = gamma v B,
 /// q = u, back = (gamma v B) A. The gradient is formed one row at a time inside the update
@@ -274,7 +402,7 @@ fn fused_pass(
     p_zero: bool,
     coef: ArrayView2<f32>,
     q: ArrayView2<f32>,
-    step: Option<(&Hyper, &mut OptState, i32)>,
+    step: Option<Step<'_>>,
 ) -> Pass {
     /// Rows of `p` per block: a block and its gradient stay in L2 between the two products
     /// and the update.
@@ -282,9 +410,9 @@ fn fused_pass(
     let (rows, cols) = p.dim();
     let n = coef.nrows();
     let mut back = Array2::<f32>::zeros((n, cols));
-    let (h, mut state, t) = match step {
-        Some((h, st, t)) => (Some(h), Some(st), t),
-        None => (None, None, 0),
+    let (h, mut state, t, last) = match step {
+        Some(Step { h, state, t, last }) => (Some(h), Some(state), t, last),
+        None => (None, None, 0, false),
     };
     let first = t == 1;
     let coef_zero = coef.iter().all(|&v| v == 0.0);
@@ -298,12 +426,34 @@ fn fused_pass(
     if !skip_update {
         flops += mm_flops(rows, n, cols);
     }
-    if back_zero && skip_update {
-        return Pass {
-            back,
-            updated: false,
-            flops,
-        };
+    // Adam's v entries below the eps limit after the step.
+    let mut small = 0usize;
+    let limit = h.map_or(0.0, |h| eps_limit(h, t));
+    let eps_share = |small: usize, state: Option<&OptState>| match state {
+        Some(OptState::Adam { v, .. }) => Some(small as f64 / v.len().max(1) as f64),
+        _ => None,
+    };
+    if skip_update {
+        // The state is unchanged: count its v as it stands (zero when fresh).
+        if let Some(OptState::Adam { v, fresh, .. }) = state.as_deref() {
+            small = if *fresh {
+                if 0.0 < limit {
+                    v.len()
+                } else {
+                    0
+                }
+            } else {
+                v.iter().filter(|&&x| x < limit).count()
+            };
+        }
+        if back_zero {
+            return Pass {
+                back,
+                updated: false,
+                eps_share: eps_share(small, state.as_deref()),
+                flops,
+            };
+        }
     }
     let (adam_step, bc2_sqrt) = match h {
         Some(h) => {
@@ -345,43 +495,41 @@ fn fused_pass(
                         *pj -= h.lr * *bj;
                     })
             }
-            OptState::Adam { m, v } => {
-                let decoupled = h.opt == Optimizer::Adamw;
-                Zip::from(pblk)
-                    .and(m.slice_mut(s![i0..i1, ..]))
-                    .and(v.slice_mut(s![i0..i1, ..]))
-                    .and(&g)
-                    .for_each(|pj, mj, vj, &gj| {
-                        let gj = if decoupled { gj } else { gj + h.wd * *pj };
-                        if decoupled {
-                            *pj *= 1.0 - h.lr * h.wd;
-                        }
-                        *mj = h.beta1 * *mj + (1.0 - h.beta1) * gj;
-                        *vj = h.beta2 * *vj + (1.0 - h.beta2) * gj * gj;
-                        *pj -= adam_step * *mj / (vj.sqrt() / bc2_sqrt + h.eps);
-                    })
+            OptState::Adam { m, v, fresh } => {
+                // Whole rows of standard-layout matrices: contiguous.
+                let contiguous = "the cell's matrices are in standard layout";
+                small += kernel::wide(AdamBlock {
+                    decoupled: h.opt == Optimizer::Adamw,
+                    lr: h.lr,
+                    beta1: h.beta1,
+                    beta2: h.beta2,
+                    eps: h.eps,
+                    wd: h.wd,
+                    step: adam_step,
+                    bc2_sqrt,
+                    limit,
+                    fresh: *fresh,
+                    last,
+                    p: pblk.into_slice().expect(contiguous),
+                    m: m.slice_mut(s![i0..i1, ..]).into_slice().expect(contiguous),
+                    v: v.slice_mut(s![i0..i1, ..]).into_slice().expect(contiguous),
+                    g: g.as_slice().expect(contiguous),
+                }) as usize;
             }
+        }
+    }
+    if !skip_update {
+        if let Some(OptState::Adam { fresh, .. }) = state.as_deref_mut() {
+            // After the last update m and v were not written: nothing reads them again.
+            *fresh = false;
         }
     }
     Pass {
         back,
         updated: !skip_update,
+        eps_share: eps_share(small, state.as_deref()),
         flops,
     }
-}
-
-/// Adam's regime after an update at step `t`: the share of the state's coordinates whose
-/// bias-corrected `sqrt(v_hat)` is below `10 eps` (eps dominates their step). `None` for
-/// optimizers without second moments.
-fn eps_share(state: &OptState, h: &Hyper, t: i32) -> Option<f64> {
-    let OptState::Adam { v, .. } = state else {
-        return None;
-    };
-    let bc2 = 1.0 - (h.beta2 as f64).powi(t);
-    // sqrt(v / bc2) < 10 eps  <=>  v < 100 eps^2 bc2.
-    let limit = (100.0 * (h.eps as f64).powi(2) * bc2) as f32;
-    let small = v.iter().filter(|&&x| x < limit).count();
-    Some(small as f64 / v.len().max(1) as f64)
 }
 
 /// Absolute and raw moments of order 1..=max_m (max_m <= 8) of the entries of `y`,
@@ -440,7 +588,25 @@ mod pool {
     /// A zeroed rows x cols matrix.
     pub fn zeros(rows: usize, cols: usize) -> Array2<f32> {
         let len = rows * cols;
-        let mut buf = POOL.with(|p| {
+        let mut buf = take(len);
+        buf.clear();
+        buf.resize(len, 0.0);
+        Array2::from_shape_vec((rows, cols), buf).expect("length matches shape")
+    }
+
+    /// A rows x cols matrix whose entries are whatever the pool's buffer held (initialised
+    /// values, zero where it grew): for a caller that writes every entry before it reads
+    /// any, without the cost of zeroing it first.
+    pub fn any(rows: usize, cols: usize) -> Array2<f32> {
+        let len = rows * cols;
+        let mut buf = take(len);
+        buf.resize(len, 0.0);
+        Array2::from_shape_vec((rows, cols), buf).expect("length matches shape")
+    }
+
+    /// The pool's smallest buffer of at least `len` entries, or an empty one.
+    fn take(len: usize) -> Vec<f32> {
+        POOL.with(|p| {
             let mut p = p.borrow_mut();
             let best = p
                 .iter()
@@ -449,10 +615,7 @@ mod pool {
                 .min_by_key(|(_, b)| b.capacity())
                 .map(|(i, _)| i);
             best.map(|i| p.swap_remove(i)).unwrap_or_default()
-        });
-        buf.clear();
-        buf.resize(len, 0.0);
-        Array2::from_shape_vec((rows, cols), buf).expect("length matches shape")
+        })
     }
 
     /// Returns a matrix's buffer to the pool.
@@ -765,23 +928,30 @@ pub(crate) fn run_cell_with(
         .adapters
         .iter()
         .map(|a_max| {
-            let mut a = pool::zeros(r, d);
-            let mut b = pool::zeros(d, r);
-            match how.adapter_init {
+            // The random factor is written whole, so its buffer needs no zeroing.
+            let (a, b) = match how.adapter_init {
                 // A random (the first r rows of the largest rank's draw), B zero.
-                AdapterInit::A => Zip::from(&mut a)
-                    .and(&a_max.slice(s![..r, ..]))
-                    .for_each(|x, &y| *x = y * std_scale),
+                AdapterInit::A => {
+                    let mut a = pool::any(r, d);
+                    Zip::from(&mut a)
+                        .and(&a_max.slice(s![..r, ..]))
+                        .for_each(|x, &y| *x = y * std_scale);
+                    (a, pool::zeros(d, r))
+                }
                 // B random with A's distribution (the same draw, transposed), A zero.
-                AdapterInit::B => Zip::from(&mut b)
-                    .and(&a_max.slice(s![..r, ..]).t())
-                    .for_each(|x, &y| *x = y * std_scale),
-            }
+                AdapterInit::B => {
+                    let mut b = pool::any(d, r);
+                    Zip::from(&mut b)
+                        .and(&a_max.slice(s![..r, ..]).t())
+                        .for_each(|x, &y| *x = y * std_scale);
+                    (pool::zeros(r, d), b)
+                }
+            };
             Layer {
                 a,
                 b,
-                sa: OptState::new(cell.opt, (r, d)),
-                sb: OptState::new(cell.opt, (d, r)),
+                sa: OptState::new(cell.opt, (r, d), known),
+                sb: OptState::new(cell.opt, (d, r), known),
                 a_drawn: known,
                 b_zero: known,
             }
@@ -883,7 +1053,12 @@ pub(crate) fn run_cell_with(
                 layer.b_zero,
                 v.view(),
                 ax,
-                step.map(|s| (&hyper_b, &mut layer.sb, s)),
+                step.map(|t| Step {
+                    h: &hyper_b,
+                    state: &mut layer.sb,
+                    t,
+                    last: t as usize == cfg.steps,
+                }),
             );
             layer.b_zero &= !pass_b.updated;
             let mut bv = pass_b.back;
@@ -893,7 +1068,12 @@ pub(crate) fn run_cell_with(
                 false,
                 bv.view(),
                 u,
-                step.map(|s| (&hyper, &mut layer.sa, s)),
+                step.map(|t| Step {
+                    h: &hyper,
+                    state: &mut layer.sa,
+                    t,
+                    last: t as usize == cfg.steps,
+                }),
             );
             layer.a_drawn &= !pass_a.updated;
             let g_in = pass_a.back;
@@ -938,8 +1118,11 @@ pub(crate) fn run_cell_with(
                 outer_sum_norm_sq(v.view(), ax).max(0.0).sqrt(),
             ));
             if let Some(s) = step {
-                for (stat, state) in [(Stat::EpsShareA, &layer.sa), (Stat::EpsShareB, &layer.sb)] {
-                    if let Some(share) = eps_share(state, &hyper, s) {
+                for (stat, share) in [
+                    (Stat::EpsShareA, pass_a.eps_share),
+                    (Stat::EpsShareB, pass_b.eps_share),
+                ] {
+                    if let Some(share) = share {
                         obs.push(Obs {
                             step: s as u32,
                             ..param(stat, share)
@@ -1028,6 +1211,144 @@ mod tests {
     use super::*;
     use crate::config::{Loss, TheoryConfig};
     use crate::data::TrialData;
+
+    /// Adam's block update against PyTorch's formulas written out in f64 here (within f32
+    /// rounding), and bit for bit between its variants and widths: run directly (baseline
+    /// SSE2) and through `kernel::wide` (AVX-512 or AVX2 where the CPU has them); `fresh`
+    /// on garbage moments as from zeroed ones; `last` the same step and count without
+    /// writing m and v. The count is the number of new v entries below the limit.
+    #[test]
+    fn adam_blocks_are_pytorch_adam_at_every_width() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // 203 entries: several vectors of every width and a remainder.
+        let len = 203;
+        let mut draw = |scale: f32| -> Vec<f32> {
+            (0..len)
+                .map(|_| scale * (rng.random::<f32>() - 0.5))
+                .collect()
+        };
+        let (p0, m0) = (draw(2.0), draw(1e-3));
+        // Gradients and second moments from tiny to large, so that some of the new second
+        // moments fall below the limit and eps matters.
+        let g: Vec<f32> = draw(1e-2)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x * 10f32.powi(-((i % 13) as i32)))
+            .collect();
+        let v0: Vec<f32> = draw(1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x * x * 10f32.powi(-((i % 20) as i32)))
+            .collect();
+        let garbage = draw(1e6);
+        // Adam, Adam with L2 weight decay, AdamW.
+        for (decoupled, wd) in [(false, 0.0f32), (false, 0.05), (true, 0.05)] {
+            let (lr, beta1, beta2, eps, t) = (1e-3f32, 0.9f32, 0.999f32, 1e-8f32, 3);
+            let bc1 = 1.0 - (beta1 as f64).powi(t);
+            let bc2 = 1.0 - (beta2 as f64).powi(t);
+            let limit = (100.0 * (eps as f64).powi(2) * bc2) as f32;
+            let block = |fresh, last, p: &mut [f32], m: &mut [f32], v: &mut [f32], wide: bool| {
+                let b = AdamBlock {
+                    decoupled,
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    wd,
+                    step: (lr as f64 / bc1) as f32,
+                    bc2_sqrt: bc2.sqrt() as f32,
+                    limit,
+                    fresh,
+                    last,
+                    p,
+                    m,
+                    v,
+                    g: &g,
+                };
+                if wide {
+                    kernel::wide(b)
+                } else {
+                    kernel::Wide::run(b)
+                }
+            };
+            for (fresh, m_in, v_in) in [(false, &m0, &v0), (true, &garbage, &garbage)] {
+                // The reference: torch.optim.Adam / AdamW's step from (m0, v0), or from zero.
+                // Each value with the size of its terms (f32 rounding is relative to them).
+                let (mut want_p, mut want_m, mut want_v) = (
+                    vec![(0.0, 0.0); len],
+                    vec![(0.0, 0.0); len],
+                    vec![(0.0, 0.0); len],
+                );
+                let mut want_small = 0;
+                for i in 0..len {
+                    let (mut p, gi) = (p0[i] as f64, g[i] as f64);
+                    let (mi, vi) = if fresh {
+                        (0.0, 0.0)
+                    } else {
+                        (m0[i] as f64, v0[i] as f64)
+                    };
+                    let gi = if decoupled { gi } else { gi + wd as f64 * p };
+                    if decoupled {
+                        p *= 1.0 - lr as f64 * wd as f64;
+                    }
+                    let m_terms = (beta1 as f64 * mi).abs() + ((1.0 - beta1 as f64) * gi).abs();
+                    let mi = beta1 as f64 * mi + (1.0 - beta1 as f64) * gi;
+                    let vi = beta2 as f64 * vi + (1.0 - beta2 as f64) * gi * gi;
+                    let step = lr as f64 / bc1 * mi / ((vi / bc2).sqrt() + eps as f64);
+                    want_p[i] = (p - step, p.abs() + step.abs());
+                    (want_m[i], want_v[i]) = ((mi, m_terms), (vi, vi));
+                    want_small += ((vi as f32) < limit) as u32;
+                }
+                let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>, u32)> = None;
+                for wide in [false, true] {
+                    let (mut p, mut m, mut v) = (p0.clone(), m_in.clone(), v_in.clone());
+                    let small = block(fresh, false, &mut p, &mut m, &mut v, wide);
+                    let close = |a: &[f32], b: &[(f64, f64)], what: &str| {
+                        for (x, (y, size)) in a.iter().zip(b) {
+                            let err = (*x as f64 - y).abs();
+                            assert!(
+                                err <= 1e-6 * size,
+                                "{what}: {x} vs {y} (decoupled {decoupled}, fresh {fresh})"
+                            );
+                        }
+                    };
+                    close(&p, &want_p, "p");
+                    close(&m, &want_m, "m");
+                    close(&v, &want_v, "v");
+                    // (L2 decay adds wd p to every gradient: no second moment stays small.)
+                    if decoupled || wd == 0.0 {
+                        assert!(
+                            want_small > 0 && (want_small as usize) < len,
+                            "the limit splits the entries"
+                        );
+                    }
+                    assert_eq!(small, v.iter().filter(|&&x| x < limit).count() as u32);
+                    assert!(small.abs_diff(want_small) <= 2, "{small} vs {want_small}");
+                    // The last update: the same p and count, m and v left as they were.
+                    let (mut p2, mut m2, mut v2) = (p0.clone(), m_in.clone(), v_in.clone());
+                    let small2 = block(fresh, true, &mut p2, &mut m2, &mut v2, wide);
+                    assert_eq!((&p2, small2), (&p, small));
+                    assert_eq!((&m2, &v2), (m_in, v_in));
+                    let got = (p, m, v, small);
+                    match &first {
+                        // The same bits at both widths.
+                        Some(f) => assert_eq!(f, &got, "wide and baseline differ"),
+                        None => first = Some(got),
+                    }
+                }
+            }
+            // Fresh (moments not read) gives the bits of a zeroed state.
+            let run = |fresh: bool, m: &[f32], v: &[f32]| {
+                let (mut p, mut m, mut v) = (p0.clone(), m.to_vec(), v.to_vec());
+                let small = block(fresh, false, &mut p, &mut m, &mut v, true);
+                (p, m, v, small)
+            };
+            let zeros = vec![0.0f32; len];
+            assert_eq!(run(true, &garbage, &garbage), run(false, &zeros, &zeros));
+            assert_ne!(run(false, &garbage, &garbage), run(false, &zeros, &zeros));
+        }
+    }
 
     /// The products skipped or shared (B = 0 at step 0, A still the draw at steps 0 and 1)
     /// change no result: every observation and loss against the same cells with every
