@@ -35,6 +35,10 @@
 //! (the spread is the shared host's). With AVX2 forced on the same machine: 3.5-3.6 s and
 //! 7.7-8.4 s (in a slow spell of the host): as matrixmultiply at the default batch, a
 //! tenth slower at batch 64.
+//!
+//! [`wide`] runs element-wise work (the checker's Adam update) compiled with AVX-512F or
+//! AVX2 where the machine has them: the crate is built for baseline x86-64, where that
+//! update ran two lanes at a time; the bits do not change with the width.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
