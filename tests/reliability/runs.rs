@@ -67,6 +67,18 @@ fn spawn(args: &[String]) -> Child {
 }
 
 /// Waits until `path` exists (the first process has taken its lock).
+/// Sends `sig` (`-STOP`, `-CONT`, ...) to process `pid`. The tests that start a second
+/// process on a run's folder stop the first one meanwhile: a tiny model's run can otherwise
+/// end before the second process has started, on a loaded machine (seen once in `make
+/// test`: "holds a finished run" instead of "in use"). A stopped process keeps its lock.
+fn signal(pid: u32, sig: &str) {
+    let sent = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill {sig} {pid}");
+}
+
 fn wait_for(path: &Path, limit: Duration) {
     let t0 = Instant::now();
     while !path.exists() {
@@ -101,6 +113,8 @@ fn two_theory_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     let args = args_with_out(SLOW, &out);
     let mut first = spawn(&args);
     wait_for(&out.join(LOCK), Duration::from_secs(60));
+    // The first run is stopped while the second tries (see `signal`).
+    signal(first.id(), "-STOP");
     let t0 = Instant::now();
     let o = run_limited(
         {
@@ -111,6 +125,7 @@ fn two_theory_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
         Duration::from_secs(60),
     );
     let took = t0.elapsed();
+    signal(first.id(), "-CONT");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -178,6 +193,8 @@ fn two_train_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     .collect();
     let mut first = spawn(&args);
     wait_for(&out.join(LOCK), Duration::from_secs(60));
+    // The first run is stopped while the second tries (see `signal`).
+    signal(first.id(), "-STOP");
     let t0 = Instant::now();
     let o = run_limited(
         {
@@ -187,13 +204,15 @@ fn two_train_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
         },
         Duration::from_secs(60),
     );
+    let took = t0.elapsed();
+    signal(first.id(), "-CONT");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains(&format!("in use by pid {}", first.id())),
         "{err}"
     );
-    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(took < Duration::from_secs(10));
     assert!(first.wait().expect("first ends").success());
     // One row per key: no step written twice.
     let rows: Vec<rankstab_records::MomentRow> =
@@ -549,6 +568,8 @@ fn two_sweeps_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     .collect();
     let mut first = spawn(&args);
     wait_for(&out.join(LOCK), Duration::from_secs(60));
+    // The first sweep is stopped while the others try (see `signal`).
+    signal(first.id(), "-STOP");
     for extra in [None, Some("1")] {
         // A second whole sweep, and a task running one cell beside the whole sweep.
         let mut c = bin();
@@ -567,6 +588,7 @@ fn two_sweeps_on_one_out_one_runs_and_the_other_exits_2_at_once() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(t0.elapsed() < Duration::from_secs(10));
     }
+    signal(first.id(), "-CONT");
     assert!(first.wait().expect("ends").success());
     // The tables are those of the same sweep run alone.
     let alone = dir.path().join("alone");
