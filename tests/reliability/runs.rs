@@ -66,11 +66,7 @@ fn spawn(args: &[String]) -> Child {
         .expect("rankstab starts")
 }
 
-/// Waits until `path` exists (the first process has taken its lock).
-/// Sends `sig` (`-STOP`, `-CONT`, ...) to process `pid`. The tests that start a second
-/// process on a run's folder stop the first one meanwhile: a tiny model's run can otherwise
-/// end before the second process has started, on a loaded machine (seen once in `make
-/// test`: "holds a finished run" instead of "in use"). A stopped process keeps its lock.
+/// Sends `sig` (`-STOP`, `-CONT`, ...) to process `pid`.
 fn signal(pid: u32, sig: &str) {
     let sent = Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -79,6 +75,29 @@ fn signal(pid: u32, sig: &str) {
     assert!(sent.success(), "kill {sig} {pid}");
 }
 
+/// A process stopped (SIGSTOP) until this is dropped (SIGCONT, also when an assertion
+/// fails meanwhile). The tests that start a second process on a run's folder stop the
+/// first one meanwhile: a tiny model's run can otherwise end before the second process has
+/// started, on a loaded machine (seen once in `make test`: "holds a finished run" instead
+/// of "in use"). A stopped process keeps its lock.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        signal(pid, "-STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Waits until `path` exists (the first process has taken its lock).
 fn wait_for(path: &Path, limit: Duration) {
     let t0 = Instant::now();
     while !path.exists() {
@@ -113,8 +132,8 @@ fn two_theory_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     let args = args_with_out(SLOW, &out);
     let mut first = spawn(&args);
     wait_for(&out.join(LOCK), Duration::from_secs(60));
-    // The first run is stopped while the second tries (see `signal`).
-    signal(first.id(), "-STOP");
+    // The first run is stopped while the second tries (see `Stopped`).
+    let stopped = Stopped::new(first.id());
     let t0 = Instant::now();
     let o = run_limited(
         {
@@ -125,7 +144,7 @@ fn two_theory_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
         Duration::from_secs(60),
     );
     let took = t0.elapsed();
-    signal(first.id(), "-CONT");
+    drop(stopped);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -193,8 +212,8 @@ fn two_train_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     .collect();
     let mut first = spawn(&args);
     wait_for(&out.join(LOCK), Duration::from_secs(60));
-    // The first run is stopped while the second tries (see `signal`).
-    signal(first.id(), "-STOP");
+    // The first run is stopped while the second tries (see `Stopped`).
+    let stopped = Stopped::new(first.id());
     let t0 = Instant::now();
     let o = run_limited(
         {
@@ -205,7 +224,7 @@ fn two_train_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
         Duration::from_secs(60),
     );
     let took = t0.elapsed();
-    signal(first.id(), "-CONT");
+    drop(stopped);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -568,8 +587,8 @@ fn two_sweeps_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     .collect();
     let mut first = spawn(&args);
     wait_for(&out.join(LOCK), Duration::from_secs(60));
-    // The first sweep is stopped while the others try (see `signal`).
-    signal(first.id(), "-STOP");
+    // The first sweep is stopped while the others try (see `Stopped`).
+    let stopped = Stopped::new(first.id());
     for extra in [None, Some("1")] {
         // A second whole sweep, and a task running one cell beside the whole sweep.
         let mut c = bin();
@@ -588,7 +607,7 @@ fn two_sweeps_on_one_out_one_runs_and_the_other_exits_2_at_once() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(t0.elapsed() < Duration::from_secs(10));
     }
-    signal(first.id(), "-CONT");
+    drop(stopped);
     assert!(first.wait().expect("ends").success());
     // The tables are those of the same sweep run alone.
     let alone = dir.path().join("alone");
