@@ -97,7 +97,21 @@ impl Drop for Stopped {
     }
 }
 
-/// Waits until `path` exists (the first process has taken its lock).
+/// Waits until a process holds the exclusive lock of `dir` (the lock file alone is not
+/// enough: a process stopped between creating it and locking it holds nothing).
+fn wait_for_lock(dir: &Path, limit: Duration) {
+    let t0 = Instant::now();
+    while rankstab_records::guard::lock_holder(dir).is_none() {
+        assert!(
+            t0.elapsed() < limit,
+            "nobody took the lock of {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `path` exists.
 fn wait_for(path: &Path, limit: Duration) {
     let t0 = Instant::now();
     while !path.exists() {
@@ -123,15 +137,13 @@ fn ok(args: &[String]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-const LOCK: &str = rankstab_records::guard::LOCK_FILE;
-
 #[test]
 fn two_theory_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("run");
     let args = args_with_out(SLOW, &out);
     let mut first = spawn(&args);
-    wait_for(&out.join(LOCK), Duration::from_secs(60));
+    wait_for_lock(&out, Duration::from_secs(60));
     // The first run is stopped while the second tries (see `Stopped`).
     let stopped = Stopped::new(first.id());
     let t0 = Instant::now();
@@ -179,6 +191,95 @@ fn two_theory_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     assert_eq!(rows + 1, lines);
 }
 
+/// A run that has taken its lock but not yet written its manifest (here: this test process
+/// holds the lock of a folder with one half-written file) is in use, for every command
+/// that writes a run folder: not "not a run directory", and the folder is left as it was.
+/// Deterministic twin of the two-process tests above (which once met this window).
+#[test]
+fn a_locked_folder_without_a_manifest_is_in_use_for_every_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "A short text for a tiny model. ".repeat(40)).expect("write");
+    let cfg = sweep_config(dir.path());
+    let commands: Vec<(&str, Vec<String>)> = vec![
+        ("theory", SMALL.iter().map(|s| (*s).to_string()).collect()),
+        (
+            "train",
+            [
+                "train",
+                "--model",
+                &tiny_llama().display().to_string(),
+                "--data",
+                &text.display().to_string(),
+                "--rank",
+                "4",
+                "--steps",
+                "2",
+                "--context",
+                "16",
+                "--batch",
+                "2",
+            ]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect(),
+        ),
+        (
+            "sweep",
+            vec!["sweep".into(), "--config".into(), cfg.display().to_string()],
+        ),
+    ];
+    for (name, base) in commands {
+        let out = dir.path().join(format!("{name}-run"));
+        let lock = rankstab_records::RunLock::exclusive(&out).expect("lock");
+        std::fs::write(out.join("half-written.tmp"), b"x").expect("write");
+        let o = run_limited(
+            {
+                let mut c = bin();
+                c.args(args_with_out(
+                    &base.iter().map(String::as_str).collect::<Vec<_>>(),
+                    &out,
+                ));
+                c
+            },
+            Duration::from_secs(120),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert!(
+            err.contains(&format!("in use by pid {}", std::process::id())),
+            "{name}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        let mut left: Vec<String> = std::fs::read_dir(&out)
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [rankstab_records::guard::LOCK_FILE, "half-written.tmp"],
+            "{name}"
+        );
+        drop(lock);
+        // Released, the same folder is a foreign one: refused as such.
+        let o = run_limited(
+            {
+                let mut c = bin();
+                c.args(args_with_out(
+                    &base.iter().map(String::as_str).collect::<Vec<_>>(),
+                    &out,
+                ));
+                c
+            },
+            Duration::from_secs(120),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name} released: {err}");
+        assert!(!err.contains("in use"), "{name} released: {err}");
+    }
+}
+
 #[test]
 fn two_train_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -211,7 +312,7 @@ fn two_train_runs_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     .map(|s| (*s).to_string())
     .collect();
     let mut first = spawn(&args);
-    wait_for(&out.join(LOCK), Duration::from_secs(60));
+    wait_for_lock(&out, Duration::from_secs(60));
     // The first run is stopped while the second tries (see `Stopped`).
     let stopped = Stopped::new(first.id());
     let t0 = Instant::now();
@@ -586,7 +687,7 @@ fn two_sweeps_on_one_out_one_runs_and_the_other_exits_2_at_once() {
     .map(|s| (*s).to_string())
     .collect();
     let mut first = spawn(&args);
-    wait_for(&out.join(LOCK), Duration::from_secs(60));
+    wait_for_lock(&out, Duration::from_secs(60));
     // The first sweep is stopped while the others try (see `Stopped`).
     let stopped = Stopped::new(first.id());
     for extra in [None, Some("1")] {
@@ -647,7 +748,8 @@ fn cell_tasks_run_side_by_side_and_one_cell_is_run_once() {
     while !std::fs::read_dir(out.join("cells")).is_ok_and(|mut d| {
         d.any(|e| {
             e.is_ok_and(|e| {
-                e.file_name().to_string_lossy().starts_with("000") && e.path().join(LOCK).exists()
+                e.file_name().to_string_lossy().starts_with("000")
+                    && rankstab_records::guard::lock_holder(&e.path()).is_some()
             })
         })
     }) {

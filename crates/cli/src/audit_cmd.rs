@@ -136,6 +136,8 @@ pub fn run(a: AuditArgs) -> Result<()> {
             chrono::Utc::now().format("%Y%m%d-%H%M%S")
         ))
     });
+    // An audit that holds the lock is in use, whatever it has written so far.
+    rankstab_records::guard::refuse_if_held(&out)?;
     if out.exists() && !(out.is_dir() && rankstab_records::guard::is_empty_dir(&out)?) {
         bail!(
             "--out {}: exists and is not an empty directory: an audit writes a new run directory (choose another --out)",

@@ -281,6 +281,23 @@ pub fn lock_holder(dir: &Path) -> Option<String> {
     }
 }
 
+/// Refuses `dir` while another process holds its exclusive lock, naming the holder: the
+/// commands call this before they judge what a directory holds, so that a run that has
+/// taken its lock but not yet written its manifest is reported as in use, not as a
+/// foreign directory. Writes nothing.
+///
+/// # Errors
+/// [`RecordsError::Locked`] while an exclusive holder lives.
+pub fn refuse_if_held(dir: &Path) -> Result<()> {
+    match lock_holder(dir) {
+        Some(holder) => Err(RecordsError::Locked {
+            path: dir.to_path_buf(),
+            holder,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Whether a directory holds nothing but (possibly) a lock file.
 ///
 /// # Errors
@@ -384,8 +401,17 @@ mod tests {
             who.contains(&format!("pid {}", std::process::id())),
             "{who}"
         );
+        // A file beside the lock (a run that has not written its manifest yet) does not
+        // change the answer: in use.
+        std::fs::write(dir.path().join("partial.tmp"), b"x").expect("write");
+        let err = refuse_if_held(dir.path()).expect_err("held").to_string();
+        assert!(
+            err.contains(&format!("in use by pid {}", std::process::id())),
+            "{err}"
+        );
         drop(lock);
         assert_eq!(lock_holder(dir.path()), None, "released");
+        refuse_if_held(dir.path()).expect("released");
         // A shared holder is not an exclusive one (a sweep's tasks share its directory).
         let _shared = RunLock::shared(dir.path()).expect("shared");
         assert_eq!(lock_holder(dir.path()), None);

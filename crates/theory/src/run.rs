@@ -230,6 +230,8 @@ pub(crate) fn in_run_dir<T>(
     work: impl FnOnce() -> Result<T, TheoryError>,
 ) -> Result<T, TheoryError> {
     let existed = out.exists();
+    // A run that holds the lock is in use, whatever it has written so far.
+    rankstab_records::guard::refuse_if_held(out)?;
     if existed
         && !out.join(files::MANIFEST).exists()
         && !rankstab_records::guard::is_empty_dir(out)?

@@ -179,6 +179,9 @@ pub fn prepare_out(out: &Path) -> Result<Start, TrainError> {
 /// # Errors
 /// As [`prepare_out`]; another process holds the lock (naming its pid and host).
 pub fn claim_out(out: &Path) -> Result<(Start, RunLock), TrainError> {
+    // A run that holds the lock is in use, whatever it has written so far (checked before
+    // what the directory holds: a run starting has not written its manifest yet).
+    rankstab_records::guard::refuse_if_held(out)?;
     prepare_out(out)?;
     let lock = RunLock::exclusive(out)?;
     // Checked again under the lock: another process may have finished the run meanwhile.

@@ -726,6 +726,8 @@ pub fn claim_dir(
     whole: bool,
 ) -> Result<(SweepManifest, rankstab_records::RunLock), TrainError> {
     let existed = dir.exists();
+    // A whole sweep that holds the lock is in use, whatever it has written so far.
+    rankstab_records::guard::refuse_if_held(dir)?;
     if existed
         && (!dir.is_dir()
             || (!dir.join("sweep.json").exists() && !rankstab_records::guard::is_empty_dir(dir)?))
