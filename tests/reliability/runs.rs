@@ -233,17 +233,15 @@ fn a_locked_folder_without_a_manifest_is_in_use_for_every_command() {
         let out = dir.path().join(format!("{name}-run"));
         let lock = rankstab_records::RunLock::exclusive(&out).expect("lock");
         std::fs::write(out.join("half-written.tmp"), b"x").expect("write");
-        let o = run_limited(
-            {
-                let mut c = bin();
-                c.args(args_with_out(
-                    &base.iter().map(String::as_str).collect::<Vec<_>>(),
-                    &out,
-                ));
-                c
-            },
-            Duration::from_secs(120),
-        );
+        let try_out = || {
+            let mut c = bin();
+            c.args(args_with_out(
+                &base.iter().map(String::as_str).collect::<Vec<_>>(),
+                &out,
+            ));
+            run_limited(c, Duration::from_secs(120))
+        };
+        let o = try_out();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{name}: {err}");
         assert!(
@@ -263,17 +261,7 @@ fn a_locked_folder_without_a_manifest_is_in_use_for_every_command() {
         );
         drop(lock);
         // Released, the same folder is a foreign one: refused as such.
-        let o = run_limited(
-            {
-                let mut c = bin();
-                c.args(args_with_out(
-                    &base.iter().map(String::as_str).collect::<Vec<_>>(),
-                    &out,
-                ));
-                c
-            },
-            Duration::from_secs(120),
-        );
+        let o = try_out();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{name} released: {err}");
         assert!(!err.contains("in use"), "{name} released: {err}");
